@@ -1,0 +1,3 @@
+from cocoon.agent.main import main
+
+main()

@@ -1,0 +1,169 @@
+"""Guest-wide facts and actions: clock, mounts, details, cgroup and net stats."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+
+from cocoon.protocol import messages
+from cocoon.protocol.session import RemoteError
+
+CGROUP_ROOT = "/sys/fs/cgroup"
+CONTAINERS_CGROUP = "cocoon"
+
+
+def set_clock(time_ns: int) -> None:
+    """The guest boots (or resumes from a template) with a stale clock."""
+    if time_ns > 0:
+        with contextlib.suppress(OSError):
+            time.clock_settime_ns(time.CLOCK_REALTIME, time_ns)
+
+
+def details(agent_version: str) -> messages.GuestDetailsReply:
+    u = os.uname()
+    mem_kib = 0
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                mem_kib = int(line.split()[1])
+                break
+    with open("/proc/uptime") as f:
+        uptime = float(f.read().split()[0])
+    mounts = []
+    with open("/proc/mounts") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 3:
+                mounts.append(f"{parts[1]} {parts[2]}")
+    cg = 2 if os.path.exists(f"{CGROUP_ROOT}/cgroup.controllers") else 1
+    return messages.GuestDetailsReply(
+        kernel_release=u.release,
+        kernel_version=u.version,
+        machine=u.machine,
+        cpus=os.cpu_count() or 1,
+        mem_total_kib=mem_kib,
+        uptime_s=uptime,
+        agent_version=agent_version,
+        cgroup_version=cg,
+        mounts=mounts[:256],
+    )
+
+
+def find_block_device(serial: str) -> str:
+    """/dev/vdX whose virtio serial is ``serial``: device order is not stable."""
+    for name in sorted(os.listdir("/sys/block")):
+        if name.startswith("vd") and _read(f"/sys/block/{name}/serial").strip() == serial:
+            return f"/dev/{name}"
+    raise RemoteError("not_found", f"no block device with serial {serial[:40]!r}")
+
+
+def mount_argv(m: messages.Mount) -> list[str]:
+    opts = list(m.options)
+    if m.readonly:
+        opts.append("ro")
+    argv = ["mount"]
+    if m.kind == "block":
+        src = find_block_device(m.source)
+        if m.fstype:
+            argv += ["-t", m.fstype]
+    elif m.kind == "virtiofs":
+        src = m.source
+        argv += ["-t", "virtiofs"]
+    elif m.kind == "9p":
+        src = m.source
+        argv += ["-t", "9p"]
+        opts = ["trans=virtio", "version=9p2000.L", "msize=524288", "cache=mmap", *opts]
+    elif m.kind == "tmpfs":
+        src = "tmpfs"
+        argv += ["-t", "tmpfs"]
+    elif m.kind == "overlay":
+        src = "overlay"
+        argv += ["-t", "overlay"]
+        for o in m.options:
+            if o.startswith(("upperdir=", "workdir=")):
+                os.makedirs(o.split("=", 1)[1], exist_ok=True)
+    else:  # bind
+        src = m.source
+        argv += ["--bind"]
+    if opts:
+        argv += ["-o", ",".join(opts)]
+    return [*argv, src, m.target]
+
+
+def container_cgroup(container_id: str) -> str:
+    return f"{CGROUP_ROOT}/{CONTAINERS_CGROUP}/{container_id}"
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read(1 << 20)
+    except OSError:
+        return ""
+
+
+def _read_int(path: str) -> int:
+    text = _read(path).strip()
+    if text == "max" or not text:
+        return 0
+    try:
+        return int(text.split()[0])
+    except ValueError:
+        return 0
+
+
+def _read_kv(path: str) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for line in _read(path).splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].isdigit():
+            out[parts[0]] = int(parts[1])
+    return out
+
+
+def oom_kills(container_id: str) -> int:
+    return _read_kv(container_cgroup(container_id) + "/memory.events").get("oom_kill", 0)
+
+
+def cgroup_pids(container_id: str) -> list[int]:
+    pids: list[int] = []
+    for dirpath, _, files in os.walk(container_cgroup(container_id)):
+        if "cgroup.procs" in files:
+            pids += [int(x) for x in _read(dirpath + "/cgroup.procs").split() if x.isdigit()]
+    return sorted(set(pids))[: messages.MAX_LIST]
+
+
+def stats(container_id: str) -> messages.StatsReply:
+    cg = container_cgroup(container_id)
+    rd = wr = 0
+    for line in _read(cg + "/io.stat").splitlines():
+        for field in line.split()[1:]:
+            k, _, v = field.partition("=")
+            if k == "rbytes" and v.isdigit():
+                rd += int(v)
+            elif k == "wbytes" and v.isdigit():
+                wr += int(v)
+    net = []
+    for name in sorted(os.listdir("/sys/class/net")):
+        if name == "lo":
+            continue
+        st = f"/sys/class/net/{name}/statistics/"
+        net.append(
+            messages.NetStats(
+                name=name,
+                rx_bytes=_read_int(st + "rx_bytes"),
+                rx_packets=_read_int(st + "rx_packets"),
+                tx_bytes=_read_int(st + "tx_bytes"),
+                tx_packets=_read_int(st + "tx_packets"),
+            )
+        )
+    return messages.StatsReply(
+        cpu_usage_us=_read_kv(cg + "/cpu.stat").get("usage_usec", 0),
+        memory_bytes=_read_int(cg + "/memory.current"),
+        memory_limit_bytes=_read_int(cg + "/memory.max"),
+        pids=_read_int(cg + "/pids.current"),
+        io_read_bytes=rd,
+        io_write_bytes=wr,
+        net=net,
+    )

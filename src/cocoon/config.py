@@ -1,0 +1,221 @@
+"""cocoon's configuration: built-in defaults < TOML file < environment < flags.
+
+One file, like Kata's configuration.toml, but every knob has a working default
+so no file is needed. Each field's comment says what it costs; `cocoon env`
+prints the effective result.
+
+File: ``$COCOON_CONFIG`` or ``/etc/cocoon/config.toml`` (absent is fine).
+Environment: ``COCOON_<SECTION>_<KEY>`` (``COCOON_HYPERVISOR_ACCEL=tcg``) and
+``COCOON_<KEY>`` for top-level keys (``COCOON_ROOT_DIR``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cocoon.errors import ConfigError
+
+DEFAULT_FILE = Path("/etc/cocoon/config.toml")
+
+
+@dataclass
+class HypervisorConfig:
+    #: Backend: "qemu" (others are chosen here once they exist).
+    backend: str = "qemu"
+    qemu_binary: str = "qemu-system-x86_64"
+    #: "microvm" boots fastest (no PCI, no firmware); "q35" allows hotplug, ~0.4 s slower.
+    machine: str = "microvm"
+    #: "auto" probes KVM for real and falls back to TCG; "kvm" or "tcg" force one.
+    accel: str = "auto"
+    #: TCG translation cache in MiB: a large share of QEMU's RSS under TCG.
+    tcg_tb_size_mib: int = 32
+    #: Default vCPUs and memory per sandbox (a container's limits add to these).
+    vcpus: int = 1
+    memory_mib: int = 256
+    #: Guest kernel and root image; empty = the ones `cocoon guest build` made.
+    kernel: str = ""
+    image: str = ""
+    #: Extra guest kernel parameters, appended last.
+    kernel_params: str = ""
+    #: Shared file system for host directories: "virtio-fs", "9p" or "none".
+    #: virtio-fs costs one virtiofsd per VM; 9p is in-QEMU but slower for small files.
+    shared_fs: str = "virtio-fs"
+    virtiofsd: str = "/usr/lib/qemu/virtiofsd"
+    #: Host<->agent channel: "auto" uses vsock where /dev/vhost-vsock exists.
+    channel: str = "auto"
+    #: Seconds from QEMU start to agent ready before the boot counts as failed.
+    boot_timeout_s: float = 30.0
+    #: Seconds any single agent request may take (waits on processes excepted).
+    agent_timeout_s: float = 30.0
+    #: Seconds between liveness pings while the host waits on the guest.
+    keepalive_s: float = 5.0
+
+
+@dataclass
+class GuestConfig:
+    #: "build": kernel built from Debian's linux-source-6.1 with our fragment.
+    #: "debian-cloud": Debian's cloud kernel + its modules (no build; ~1 s slower; no 9p).
+    kernel_source: str = "build"
+    #: make -j for the kernel build; 0 = number of CPUs.
+    build_jobs: int = 0
+    #: erofs compression of the guest root image ("lz4hc", "lz4" or "" for none).
+    image_compression: str = "lz4hc"
+
+
+@dataclass
+class NetworkConfig:
+    #: How a netns veth reaches the VM's tap: "tcfilter" (tc mirred) or "macvtap".
+    model: str = "tcfilter"
+
+
+@dataclass
+class Config:
+    #: Runtime state, one dir per sandbox (tmpfs: gone on reboot with the VMs).
+    root_dir: str = "/run/cocoon"
+    #: Guest assets, images and service metadata (persistent).
+    data_dir: str = "/var/lib/cocoon"
+    hypervisor: HypervisorConfig = field(default_factory=HypervisorConfig)
+    guest: GuestConfig = field(default_factory=GuestConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+
+    @property
+    def root(self) -> Path:
+        return Path(self.root_dir)
+
+    @property
+    def data(self) -> Path:
+        return Path(self.data_dir)
+
+    def validate(self) -> None:
+        h = self.hypervisor
+        _choice("hypervisor.backend", h.backend, ("qemu",))
+        _choice("hypervisor.machine", h.machine, ("microvm", "q35"))
+        _choice("hypervisor.accel", h.accel, ("auto", "kvm", "tcg"))
+        _choice("hypervisor.shared_fs", h.shared_fs, ("virtio-fs", "9p", "none"))
+        _choice("hypervisor.channel", h.channel, ("auto", "vsock", "virtio-serial"))
+        _choice("guest.kernel_source", self.guest.kernel_source, ("build", "debian-cloud"))
+        _choice("guest.image_compression", self.guest.image_compression, ("lz4hc", "lz4", ""))
+        _choice("network.model", self.network.model, ("tcfilter", "macvtap"))
+        if not 1 <= h.vcpus <= 64:
+            raise ConfigError(f"hypervisor.vcpus must be 1..64, not {h.vcpus}")
+        if not 64 <= h.memory_mib <= 256 * 1024:
+            raise ConfigError(f"hypervisor.memory_mib must be 64..262144, not {h.memory_mib}")
+        if not 0 <= h.tcg_tb_size_mib <= 4096:
+            raise ConfigError("hypervisor.tcg_tb_size_mib must be 0..4096")
+        for name in ("boot_timeout_s", "agent_timeout_s", "keepalive_s"):
+            if getattr(h, name) <= 0:
+                raise ConfigError(f"hypervisor.{name} must be > 0")
+        for name in ("root_dir", "data_dir"):
+            if not os.path.isabs(getattr(self, name)):
+                raise ConfigError(f"{name} must be an absolute path")
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name} = {value!r} is not one of {', '.join(map(repr, allowed))}")
+
+
+def load(
+    path: str | os.PathLike[str] | None = None,
+    env: typing.Mapping[str, str] | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> Config:
+    """Build the effective configuration; raise ConfigError naming the bad key."""
+    env = os.environ if env is None else env
+    cfg = Config()
+    file = Path(path) if path else Path(env.get("COCOON_CONFIG") or DEFAULT_FILE)
+    explicit = bool(path or env.get("COCOON_CONFIG"))
+    if file.exists():
+        try:
+            data = tomllib.loads(file.read_text())
+        except (tomllib.TOMLDecodeError, OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"cannot read {file}: {e}") from None
+        _apply(cfg, data, str(file))
+    elif explicit:
+        raise ConfigError(f"config file {file} does not exist")
+    _apply_env(cfg, env)
+    for dotted, value in (overrides or {}).items():
+        if value is not None:
+            _set(cfg, dotted.split("."), value, "flag")
+    cfg.validate()
+    return cfg
+
+
+def _apply(obj: Any, data: dict[str, Any], where: str, prefix: str = "") -> None:
+    for key, value in data.items():
+        _set(obj, [key], value, where, prefix)
+
+
+def _set(obj: Any, path: list[str], value: Any, where: str, prefix: str = "") -> None:
+    key, rest = path[0], path[1:]
+    name = prefix + key
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    if key not in fields:
+        raise ConfigError(f"{where}: unknown setting {name!r} (see `cocoon env`)")
+    hints = typing.get_type_hints(type(obj))
+    tp = hints[key]
+    current = getattr(obj, key)
+    if dataclasses.is_dataclass(current):
+        if rest:
+            _set(current, rest, value, where, name + ".")
+            return
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: [{name}] must be a table")
+        _apply(current, value, where, name + ".")
+        return
+    if rest:
+        raise ConfigError(f"{where}: {name} is not a table")
+    setattr(obj, key, _convert(tp, value, f"{where}: {name}"))
+
+
+def _convert(tp: Any, value: Any, what: str) -> Any:
+    try:
+        if tp is bool:
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            if not isinstance(value, bool):
+                raise ValueError(value)
+            return value
+        if tp is int:
+            if isinstance(value, bool):
+                raise ValueError(value)
+            return int(value)
+        if tp is float:
+            if isinstance(value, bool):
+                raise ValueError(value)
+            return float(value)
+        if tp is str:
+            if not isinstance(value, str):
+                raise ValueError(value)
+            return value
+    except (TypeError, ValueError):
+        raise ConfigError(f"{what}: {value!r} is not a valid {tp.__name__}") from None
+    raise ConfigError(f"{what}: unsupported type")
+
+
+def _apply_env(cfg: Config, env: typing.Mapping[str, str]) -> None:
+    sections = {
+        f.name for f in dataclasses.fields(cfg) if dataclasses.is_dataclass(f.default_factory)
+    }  # type: ignore[arg-type]
+    for var, value in env.items():
+        if not var.startswith("COCOON_") or var == "COCOON_CONFIG":
+            continue
+        rest = var[len("COCOON_") :].lower()
+        section, _, key = rest.partition("_")
+        if section in sections and key:
+            _set(cfg, [section, key], value, f"${var}")
+        elif rest in ("root_dir", "data_dir"):
+            _set(cfg, [rest], value, f"${var}")

@@ -1,0 +1,49 @@
+"""The one exception tree of cocoon.
+
+Every error carries the exit code the CLI returns for it, and ``str(e)`` is a
+single line a user can act on: what was wrong and what to do.
+"""
+
+from __future__ import annotations
+
+
+class CocoonError(Exception):
+    """Base of every error cocoon raises on purpose."""
+
+    exit_code = 125  # docker's "the runtime itself failed"
+
+
+class ConfigError(CocoonError):
+    """The configuration file, an environment override or a flag is invalid."""
+
+
+class HostError(CocoonError):
+    """The host cannot run cocoon (missing QEMU, assets, /dev/... )."""
+
+
+class GuestAssetError(CocoonError):
+    """A guest kernel or root image is missing or could not be built."""
+
+
+class HypervisorError(CocoonError):
+    """The hypervisor process failed to start, or died."""
+
+
+class GuestError(CocoonError):
+    """The guest broke the protocol, lied, flooded, went silent or died.
+
+    Whoever raises it tears the sandbox down: a guest is never trusted again
+    after it misbehaved once.
+    """
+
+
+class AgentError(CocoonError):
+    """The agent understood a request and refused it (e.g. crun failed)."""
+
+
+class SandboxError(CocoonError):
+    """A sandbox is missing, busy, or in the wrong state for a command."""
+
+
+class StateError(CocoonError):
+    """On-disk state is unreadable or locked by another command."""

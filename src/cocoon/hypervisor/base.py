@@ -1,0 +1,75 @@
+"""What a hypervisor backend must do, and nothing more.
+
+The cut is small on purpose (Kata's ~28-method interface is the anti-example):
+a backend turns a ``VmSpec`` into running processes and can stop them. Boot
+readiness is the agent's business (the sandbox layer waits for its hello), so
+backends for Firecracker or Cloud Hypervisor only need these two calls plus a
+name to be chosen by ``hypervisor.backend`` in the configuration.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class Disk:
+    """A raw image handed to the guest as virtio-blk; found there by ``serial``."""
+
+    serial: str
+    path: Path
+    readonly: bool = True
+
+
+@dataclass(frozen=True)
+class Share:
+    """A host directory shared into the guest under ``tag`` (virtio-fs or 9p)."""
+
+    tag: str
+    path: Path
+    readonly: bool = False
+
+
+@dataclass
+class VmSpec:
+    id: str
+    workdir: Path
+    kernel: Path
+    image: Path
+    vcpus: int
+    memory_mib: int
+    accel: str
+    kernel_params: list[str] = field(default_factory=list)
+    disks: list[Disk] = field(default_factory=list)
+    shares: list[Share] = field(default_factory=list)
+    shared_fs: str = "virtio-fs"
+    #: Replace the guest's /sbin/init (tests use it to put a hostile "agent" in).
+    init: list[str] | None = None
+
+
+@dataclass
+class Launched:
+    """What a backend started: processes to record, endpoints to connect to."""
+
+    processes: dict[str, int]
+    agent_socket: Path
+    control_socket: Path
+    console_log: Path
+
+
+class Hypervisor(Protocol):
+    name: str
+
+    def launch(self, spec: VmSpec, record: RecordFn) -> Launched:
+        """Start the VM's processes; call ``record(name, pid)`` right after each spawn."""
+        ...
+
+    async def stop(self, launched: Launched, grace_s: float) -> None:
+        """Ask the VM to quit, then kill whatever is left. Never raises for a dead VM."""
+        ...
+
+
+class RecordFn(Protocol):
+    def __call__(self, name: str, pid: int) -> None: ...

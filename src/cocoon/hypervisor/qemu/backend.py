@@ -1,0 +1,192 @@
+"""The QEMU backend: one qemu-system process per VM, one virtiofsd per share."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from cocoon.config import HypervisorConfig
+from cocoon.errors import HypervisorError
+from cocoon.hypervisor.base import Launched, RecordFn, VmSpec
+from cocoon.hypervisor.qemu import cmdline
+from cocoon.hypervisor.qemu.qmp import Qmp
+from cocoon.util.proc import alive, start_time
+
+SOCKET_WAIT_S = 5.0
+
+
+def host_tsc_khz() -> int | None:
+    """The TSC frequency the guest sees under TCG is the host's.
+
+    Passing it as ``tsc_early_khz`` skips PIT calibration, which hangs 10-25 %
+    of TCG boots on these machines (MACHINE-NOTES).
+    """
+    try:
+        return int(Path("/sys/devices/system/cpu/cpu0/tsc_freq_khz").read_text())
+    except (OSError, ValueError):
+        pass
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("cpu MHz"):
+                    return int(float(line.split(":")[1]) * 1000)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def kernel_cmdline(spec: VmSpec, machine: str) -> str:
+    params = [
+        "console=ttyS0",
+        "root=/dev/vda",
+        "rootfstype=erofs",
+        "ro",
+        # A guest panic must end QEMU (with -no-reboot), not hang or reboot.
+        "panic=-1",
+        "reboot=t",
+        "quiet",
+        "8250.nr_uarts=1",
+        "cryptomgr.notests",
+        "random.trust_cpu=on",
+    ]
+    if machine == "microvm":
+        params.append("pci=off")
+    if spec.accel == "tcg":
+        khz = host_tsc_khz()
+        if khz:
+            params += [f"tsc_early_khz={khz}", "tsc=reliable"]
+    if spec.init:
+        params.append(f"init={spec.init[0]}")
+    params += spec.kernel_params
+    if spec.init and len(spec.init) > 1:
+        params.append("--")
+        params += [f'"{a}"' if " " in a else a for a in spec.init[1:]]
+    return " ".join(params)
+
+
+class QemuBackend:
+    name = "qemu"
+
+    def __init__(self, cfg: HypervisorConfig) -> None:
+        self.cfg = cfg
+        self._children: dict[int, subprocess.Popen[bytes]] = {}
+
+    def launch(self, spec: VmSpec, record: RecordFn) -> Launched:
+        wd = spec.workdir
+        sockets = {"qmp": wd / "qmp.sock", "agent": wd / "agent.sock"}
+        console = wd / "console.log"
+        procs: dict[str, int] = {}
+        try:
+            if spec.shared_fs == "virtio-fs":
+                for i, share in enumerate(spec.shares):
+                    sock = wd / f"virtiofsd{i}.sock"
+                    sockets[f"virtiofsd{i}"] = sock
+                    argv = [
+                        self.cfg.virtiofsd,
+                        f"--socket-path={sock}",
+                        "-o", f"source={share.path}",
+                        "-o", "cache=auto",
+                        "-o", "sandbox=chroot",
+                        "-o", "log_level=err",
+                    ]  # fmt: skip
+                    pid = self._spawn(argv, wd / f"virtiofsd{i}.log")
+                    procs[f"virtiofsd{i}"] = pid
+                    record(f"virtiofsd{i}", pid)
+                for i in range(len(spec.shares)):
+                    self._wait_socket(sockets[f"virtiofsd{i}"], procs[f"virtiofsd{i}"], "virtiofsd")
+            argv = cmdline.build(
+                spec,
+                qemu=self.cfg.qemu_binary,
+                machine=self.cfg.machine,
+                cmdline=kernel_cmdline(spec, self.cfg.machine),
+                sockets=sockets,
+                console_log=console,
+                tb_size_mib=self.cfg.tcg_tb_size_mib,
+            )
+            (wd / "qemu.argv").write_text("\0".join(argv))
+            pid = self._spawn(argv, wd / "qemu.log")
+            procs["qemu"] = pid
+            record("qemu", pid)
+            self._wait_socket(sockets["qmp"], pid, "QEMU")
+        except BaseException:
+            for pid in procs.values():
+                self._kill(pid)
+            raise
+        return Launched(procs, sockets["agent"], sockets["qmp"], console)
+
+    def _spawn(self, argv: list[str], log: Path) -> int:
+        with open(log, "wb") as out:
+            try:
+                p = subprocess.Popen(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            except FileNotFoundError:
+                raise HypervisorError(f"{argv[0]} not found: run `cocoon check`") from None
+        self._children[p.pid] = p
+        return p.pid
+
+    def _exited(self, pid: int) -> bool:
+        p = self._children.get(pid)
+        if p is not None:
+            return p.poll() is not None
+        return not alive(pid, None)
+
+    def _wait_socket(self, path: Path, pid: int, what: str) -> None:
+        deadline = time.monotonic() + SOCKET_WAIT_S
+        while not path.exists():
+            if self._exited(pid):
+                log = path.parent / ("qemu.log" if what == "QEMU" else "virtiofsd0.log")
+                tail = ""
+                with contextlib.suppress(OSError):
+                    tail = log.read_text(errors="replace").strip().splitlines()[-1][:300]
+                raise HypervisorError(f"{what} exited at start: {tail or 'no output'}")
+            if time.monotonic() > deadline:
+                raise HypervisorError(
+                    f"{what} did not create {path.name} within {SOCKET_WAIT_S:g} s"
+                )
+            time.sleep(0.002)
+
+    async def stop(self, launched: Launched, grace_s: float) -> None:
+        qemu = launched.processes.get("qemu")
+        if qemu is not None and not self._exited(qemu):
+            with contextlib.suppress(Exception):
+                q = await Qmp.connect(launched.control_socket, timeout_s=1.0)
+                with contextlib.suppress(Exception):
+                    await q.execute("quit", timeout_s=1.0)
+                q.close()
+            await self._wait_gone([qemu], grace_s)
+        # virtiofsd exits once QEMU hangs up; give it a moment, then insist.
+        await self._wait_gone(list(launched.processes.values()), 1.0)
+        for pid in launched.processes.values():
+            self._kill(pid)
+
+    async def _wait_gone(self, pids: list[int], timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while any(not self._exited(p) for p in pids) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+
+    def _kill(self, pid: int) -> None:
+        p = self._children.pop(pid, None)
+        if p is not None:
+            if p.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    p.wait(timeout=5)
+            return
+        st = start_time(pid)
+        if st is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+    def exited(self, pid: int) -> bool:
+        return self._exited(pid)

@@ -1,0 +1,130 @@
+"""QEMU argv from typed objects.
+
+Each device is a small object that renders its own options, so the rules that
+tie options together (virtio-fs needs a shared memfd backend and modern
+virtio-mmio; microvm has no PCI) live in one place: ``build``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from cocoon.hypervisor.base import VmSpec
+
+
+def opts(head: str, **kv: object) -> str:
+    """``head,k=v,...`` with QEMU's comma escaping for values."""
+    parts = [head]
+    for k, v in kv.items():
+        if v is None:
+            continue
+        if isinstance(v, bool):
+            v = "on" if v else "off"
+        parts.append(f"{k.rstrip('_').replace('_', '-')}={str(v).replace(',', ',,')}")
+    return ",".join(parts)
+
+
+@dataclass(frozen=True)
+class Machine:
+    kind: str  # microvm | q35
+
+    def bus_suffix(self) -> str:
+        return "device" if self.kind == "microvm" else "pci"
+
+    def argv(self, memfd: bool) -> list[str]:
+        if self.kind == "microvm":
+            m = opts(
+                "microvm",
+                x_option_roms=False,
+                isa_serial=True,
+                rtc=True,
+                memory_backend="mem" if memfd else None,
+            )
+        else:
+            m = opts("q35", memory_backend="mem" if memfd else None)
+        return ["-machine", m]
+
+
+def _devices(spec: VmSpec, machine: Machine, sockets: dict[str, Path]) -> Iterable[list[str]]:
+    bus = machine.bus_suffix()
+    yield [
+        "-drive",
+        opts("", id="root", file=spec.image, format="raw", if_="none", readonly=True)[1:],
+        "-device",
+        opts(f"virtio-blk-{bus}", drive="root", serial="cocoon-root"),
+    ]
+    for i, d in enumerate(spec.disks):
+        yield [
+            "-drive",
+            opts("", id=f"disk{i}", file=d.path, format="raw", if_="none", readonly=d.readonly)[1:],
+            "-device",
+            opts(f"virtio-blk-{bus}", drive=f"disk{i}", serial=d.serial),
+        ]
+    yield [
+        "-device",
+        f"virtio-serial-{bus}",
+        "-chardev",
+        opts("socket", id="agent", path=sockets["agent"], server=True, wait=False),
+        "-device",
+        opts("virtserialport", chardev="agent", name="cocoon.agent"),
+    ]
+    for i, s in enumerate(spec.shares):
+        if spec.shared_fs == "virtio-fs":
+            yield [
+                "-chardev",
+                opts("socket", id=f"fs{i}", path=sockets[f"virtiofsd{i}"]),
+                "-device",
+                opts(f"vhost-user-fs-{bus}", chardev=f"fs{i}", tag=s.tag),
+            ]
+        elif spec.shared_fs == "9p":
+            yield [
+                "-fsdev",
+                opts(
+                    "local",
+                    id=f"fs{i}",
+                    path=s.path,
+                    security_model="passthrough",
+                    readonly=s.readonly or None,
+                    multidevs="remap",
+                ),
+                "-device",
+                opts(f"virtio-9p-{bus}", fsdev=f"fs{i}", mount_tag=s.tag),
+            ]
+
+
+def build(
+    spec: VmSpec,
+    *,
+    qemu: str,
+    machine: str,
+    cmdline: str,
+    sockets: dict[str, Path],
+    console_log: Path,
+    tb_size_mib: int,
+) -> list[str]:
+    m = Machine(machine)
+    memfd = spec.shared_fs == "virtio-fs" and bool(spec.shares)
+    argv = [qemu, "-name", f"cocoon-{spec.id}", "-nodefaults", "-no-user-config"]
+    argv += ["-nographic", "-no-reboot", "-display", "none"]
+    argv += m.argv(memfd)
+    if spec.accel == "kvm":
+        argv += ["-accel", "kvm", "-cpu", "host"]
+    else:
+        argv += ["-accel", opts("tcg", tb_size=tb_size_mib or None), "-cpu", "max"]
+    argv += ["-smp", str(spec.vcpus), "-m", f"{spec.memory_mib}M"]
+    if memfd:
+        argv += [
+            "-object",
+            opts("memory-backend-memfd", id="mem", size=f"{spec.memory_mib}M", share=True),
+        ]
+        if machine == "microvm":
+            # virtiofsd aborts (and guest reads hang) on legacy virtio-mmio.
+            argv += ["-global", "virtio-mmio.force-legacy=false"]
+    argv += ["-kernel", str(spec.kernel), "-append", cmdline]
+    argv += ["-chardev", opts("file", id="console", path=console_log), "-serial", "chardev:console"]
+    argv += ["-qmp", opts("unix:" + str(sockets["qmp"]), server=True, wait=False)]
+    for dev in _devices(spec, m, sockets):
+        argv += dev
+    return argv

@@ -1,0 +1,520 @@
+"""Every message of the host<->agent protocol, and its strict decoder.
+
+One module used by both sides (the guest imports it from its read-only image),
+so the two can never disagree on a field. Messages are immutable classes with a
+``TYPE`` tag; the JSON body of a REQUEST/REPLY frame is ``{"type": ..., **fields}``.
+
+``decode`` checks every field's type, every string's and list's length, and
+calls the message's own ``check()`` for ranges and ids. It raises ``ValueError``
+with a short reason; nothing from the peer is echoed unbounded.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+# Not `import typing`/`dataclasses`: in the guest under TCG they cost ~0.2 s of
+# boot (dataclasses exec()s generated code per class). A tiny decorator of our
+# own does the same for flat message classes; mypy reads it via the stub below.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, ClassVar, dataclass_transform
+else:
+
+    def dataclass_transform(**_kw: object):  # type: ignore[no-redef]
+        return lambda f: f
+
+
+#: Bumped on any incompatible change; the host refuses an agent that differs.
+PROTOCOL_VERSION = 1
+
+MAX_STR = 64 << 10
+MAX_LIST = 4096
+MAX_SPEC = (1 << 20) - 4096
+
+ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+def check_id(value: str, what: str) -> None:
+    """The single place container/exec ids are validated (they become paths)."""
+    if not ID_RE.match(value):
+        raise ValueError(f"invalid {what} {value[:40]!r}")
+
+
+def check_range(value: int, lo: int, hi: int, what: str) -> None:
+    if not lo <= value <= hi:
+        raise ValueError(f"{what} {value} outside [{lo}, {hi}]")
+
+
+class Message:
+    """Immutable message; ``FIELDS`` is (name, type) in declaration order."""
+
+    TYPE: ClassVar[str]
+    FIELDS: ClassVar[tuple[tuple[str, str], ...]] = ()
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        names = [n for n, _ in self.FIELDS]
+        if len(args) > len(names):
+            raise TypeError(f"{self.TYPE}: too many arguments")
+        values = dict(zip(names, args, strict=False))
+        for k, v in kwargs.items():
+            if k not in names or k in values:
+                raise TypeError(f"{self.TYPE}: bad argument {k}")
+            values[k] = v
+        for n in names:
+            if n not in values:
+                raise TypeError(f"{self.TYPE}: missing argument {n}")
+            object.__setattr__(self, n, values[n])
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"{self.TYPE} is immutable")
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and all(
+            getattr(self, n) == getattr(other, n) for n, _ in self.FIELDS
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.TYPE, *(repr(getattr(self, n)) for n, _ in self.FIELDS)))
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{n}={getattr(self, n)!r}" for n, _ in self.FIELDS)
+        return f"{type(self).__name__}({inner})"
+
+    def check(self) -> None:
+        """Semantic validation beyond types; overridden where ranges matter."""
+
+
+REGISTRY: dict[str, type[Message]] = {}
+
+
+@dataclass_transform(frozen_default=True)
+def message(cls: type) -> type:
+    """Register cls under its TYPE and record its annotated fields."""
+    fields = tuple(
+        (name, tp)
+        for name, tp in cls.__dict__.get("__annotations__", {}).items()
+        if not str(tp).startswith("ClassVar")
+    )
+    cls.FIELDS = fields  # type: ignore[attr-defined]
+    if cls.TYPE in REGISTRY:  # type: ignore[attr-defined]
+        raise RuntimeError(f"duplicate message type {cls.TYPE}")  # type: ignore[attr-defined]
+    REGISTRY[cls.TYPE] = cls  # type: ignore[attr-defined]
+    return cls
+
+
+# ----------------------------------------------------------------------------
+# Requests (host -> agent) and their replies.
+
+
+@message
+class Hello(Message):
+    """First request on a channel: versions must match; carries host time.
+
+    The guest has no trustworthy clock after boot or snapshot restore, so the
+    host's wall clock rides along and the agent sets it.
+    """
+
+    TYPE = "hello"
+    protocol_version: int
+    time_ns: int
+
+
+@message
+class HelloReply(Message):
+    TYPE = "hello_reply"
+    protocol_version: int
+    agent_version: str
+    kernel_release: str
+
+
+@message
+class Ping(Message):
+    TYPE = "ping"
+
+
+@message
+class Ok(Message):
+    TYPE = "ok"
+
+
+@message
+class GuestDetails(Message):
+    TYPE = "guest_details"
+
+
+@message
+class GuestDetailsReply(Message):
+    TYPE = "guest_details_reply"
+    kernel_release: str
+    kernel_version: str
+    machine: str
+    cpus: int
+    mem_total_kib: int
+    uptime_s: float
+    agent_version: str
+    cgroup_version: int
+    mounts: list[str]
+
+
+MOUNT_KINDS = ("block", "virtiofs", "9p", "tmpfs", "overlay", "bind")
+
+
+@message
+class Mount(Message):
+    """Mount something in the guest.
+
+    ``source`` by kind: block = the disk's serial (the agent finds /dev/vdX by
+    it, so the host never guesses device order); virtiofs/9p = the tag; tmpfs =
+    ignored; overlay = ignored, ``options`` carry lowerdir/upperdir/workdir;
+    bind = a guest path.
+    """
+
+    TYPE = "mount"
+    kind: str
+    source: str
+    target: str
+    fstype: str
+    options: list[str]
+    readonly: bool
+
+    def check(self) -> None:
+        if self.kind not in MOUNT_KINDS:
+            raise ValueError(f"unknown mount kind {self.kind[:20]!r}")
+        _check_guest_path(self.target, "mount target")
+        for opt in self.options:
+            if "," in opt or len(opt) > 4096:
+                raise ValueError("mount option must not contain ','")
+
+
+@message
+class Unmount(Message):
+    TYPE = "unmount"
+    target: str
+
+    def check(self) -> None:
+        _check_guest_path(self.target, "unmount target")
+
+
+@message
+class StdioSpec(Message):
+    """Stream ids the host allocated for one process (0 = not connected)."""
+
+    TYPE = "stdio"
+    stdin: int
+    stdout: int
+    stderr: int
+    terminal: bool
+    rows: int
+    cols: int
+
+    def check(self) -> None:
+        for s in (self.stdin, self.stdout, self.stderr):
+            check_range(s, 0, 0xFFFFFFFF, "stream id")
+        check_range(self.rows, 0, 10000, "rows")
+        check_range(self.cols, 0, 10000, "cols")
+
+
+@message
+class CreateContainer(Message):
+    """Create (not start) a container with crun in the guest.
+
+    ``spec_json`` is the OCI config.json; its root.path is replaced by
+    ``rootfs``, a guest path the host mounted first.
+    """
+
+    TYPE = "create_container"
+    container_id: str
+    rootfs: str
+    spec_json: str
+    stdio: StdioSpec
+
+    def check(self) -> None:
+        check_id(self.container_id, "container id")
+        _check_guest_path(self.rootfs, "rootfs")
+        if len(self.spec_json) > MAX_SPEC:
+            raise ValueError("spec too large")
+        self.stdio.check()
+
+
+@message
+class ProcessStarted(Message):
+    TYPE = "process_started"
+    pid: int
+
+
+@message
+class StartContainer(Message):
+    TYPE = "start_container"
+    container_id: str
+
+    def check(self) -> None:
+        check_id(self.container_id, "container id")
+
+
+@message
+class ExecProcess(Message):
+    """Run an extra process in a container; ``process_json`` is an OCI process."""
+
+    TYPE = "exec_process"
+    container_id: str
+    exec_id: str
+    process_json: str
+    stdio: StdioSpec
+
+    def check(self) -> None:
+        check_id(self.container_id, "container id")
+        check_id(self.exec_id, "exec id")
+        if len(self.process_json) > MAX_STR:
+            raise ValueError("process spec too large")
+        self.stdio.check()
+
+
+@message
+class SignalProcess(Message):
+    """exec_id "" means the container's init; ``all`` signals every process."""
+
+    TYPE = "signal_process"
+    container_id: str
+    exec_id: str
+    signal: int
+    all: bool
+
+    def check(self) -> None:
+        check_id(self.container_id, "container id")
+        if self.exec_id:
+            check_id(self.exec_id, "exec id")
+        check_range(self.signal, 0, 64, "signal")
+
+
+@message
+class WaitProcess(Message):
+    TYPE = "wait_process"
+    container_id: str
+    exec_id: str
+
+    def check(self) -> None:
+        check_id(self.container_id, "container id")
+        if self.exec_id:
+            check_id(self.exec_id, "exec id")
+
+
+@message
+class ProcessExited(Message):
+    """``exit_code`` follows the shell: 128+N when killed by signal N."""
+
+    TYPE = "process_exited"
+    exit_code: int
+    signal: int
+    oom_killed: bool
+
+    def check(self) -> None:
+        check_range(self.exit_code, 0, 255, "exit code")
+        check_range(self.signal, 0, 64, "signal")
+
+
+@message
+class ResizeTty(Message):
+    TYPE = "resize_tty"
+    container_id: str
+    exec_id: str
+    rows: int
+    cols: int
+
+    def check(self) -> None:
+        check_id(self.container_id, "container id")
+        if self.exec_id:
+            check_id(self.exec_id, "exec id")
+        check_range(self.rows, 1, 10000, "rows")
+        check_range(self.cols, 1, 10000, "cols")
+
+
+@message
+class DeleteContainer(Message):
+    TYPE = "delete_container"
+    container_id: str
+
+    def check(self) -> None:
+        check_id(self.container_id, "container id")
+
+
+@message
+class ListProcesses(Message):
+    TYPE = "list_processes"
+    container_id: str
+
+    def check(self) -> None:
+        check_id(self.container_id, "container id")
+
+
+@message
+class ProcessList(Message):
+    TYPE = "process_list"
+    pids: list[int]
+
+
+@message
+class Stats(Message):
+    TYPE = "stats"
+    container_id: str
+
+    def check(self) -> None:
+        check_id(self.container_id, "container id")
+
+
+@message
+class NetStats(Message):
+    TYPE = "net_stats"
+    name: str
+    rx_bytes: int
+    rx_packets: int
+    tx_bytes: int
+    tx_packets: int
+
+
+@message
+class StatsReply(Message):
+    """Read from the container's cgroup (v2) and the guest's interfaces."""
+
+    TYPE = "stats_reply"
+    cpu_usage_us: int
+    memory_bytes: int
+    memory_limit_bytes: int
+    pids: int
+    io_read_bytes: int
+    io_write_bytes: int
+    net: list[NetStats]
+
+
+@message
+class Shutdown(Message):
+    """Sync and power off; the reply is sent before the guest goes down."""
+
+    TYPE = "shutdown"
+
+
+# ----------------------------------------------------------------------------
+# ERROR frame body.
+
+
+@message
+class ErrorReply(Message):
+    """``code`` is a short machine word (e.g. "not_found", "crun_failed")."""
+
+    TYPE = "error"
+    code: str
+    message: str
+
+
+def _check_guest_path(path: str, what: str) -> None:
+    if not path.startswith("/") or "\0" in path or len(path) > 4096:
+        raise ValueError(f"{what} must be an absolute path")
+    if any(part == ".." for part in path.split("/")):
+        raise ValueError(f"{what} must not contain '..'")
+
+
+# ----------------------------------------------------------------------------
+# Codec.
+
+
+def encode(msg: Message) -> bytes:
+    body = {"type": msg.TYPE}
+    body.update(_to_plain(msg))
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def _to_plain(msg: Message) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, _ in msg.FIELDS:
+        v = getattr(msg, name)
+        if isinstance(v, Message):
+            v = _to_plain(v)
+        elif isinstance(v, list):
+            v = [_to_plain(x) if isinstance(x, Message) else x for x in v]
+        out[name] = v
+    return out
+
+
+def decode(payload: bytes, expect: tuple[type[Message], ...] | None = None) -> Message:
+    """Parse and fully validate one message body; raise ValueError if anything is off."""
+    try:
+        body = json.loads(payload)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"not JSON ({e.__class__.__name__})") from None
+    if not isinstance(body, dict):
+        raise ValueError("message is not an object")
+    tag = body.pop("type", None)
+    if not isinstance(tag, str) or tag not in REGISTRY:
+        raise ValueError(f"unknown message type {str(tag)[:40]!r}")
+    cls = REGISTRY[tag]
+    if expect is not None and cls not in expect:
+        names = "/".join(c.TYPE for c in expect)
+        raise ValueError(f"expected {names}, got {tag}")
+    return _build(cls, body)
+
+
+def _build(cls: type[Message], body: Any) -> Message:
+    if not isinstance(body, dict):
+        raise ValueError(f"{cls.TYPE}: not an object")
+    names = {n for n, _ in cls.FIELDS}
+    extra = set(body) - names - {"type"}
+    if extra:
+        raise ValueError(f"{cls.TYPE}: unexpected field {sorted(extra)[0][:40]!r}")
+    kwargs = {}
+    for name, tp in cls.FIELDS:
+        if name not in body:
+            raise ValueError(f"{cls.TYPE}: missing field {name}")
+        kwargs[name] = _coerce(tp, body[name], f"{cls.TYPE}.{name}")
+    msg = cls(**kwargs)
+    msg.check()
+    return msg
+
+
+_CLASSES: dict[str, type[Message]] = {}
+
+
+def _coerce(tp: str, value: Any, where: str) -> Any:
+    """Check ``value`` against the annotation string ``tp`` (flat types only)."""
+    if tp == "bool":
+        if not isinstance(value, bool):
+            raise ValueError(f"{where}: expected bool")
+        return value
+    if tp == "int":
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ValueError(f"{where}: expected int")
+        if not -(1 << 63) <= value < (1 << 64):
+            raise ValueError(f"{where}: int out of range")
+        return value
+    if tp == "float":
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"{where}: expected number")
+        return float(value)
+    if tp == "str":
+        if not isinstance(value, str):
+            raise ValueError(f"{where}: expected string")
+        if len(value) > MAX_SPEC:
+            raise ValueError(f"{where}: string too long")
+        return value
+    if tp.startswith("list[") and tp.endswith("]"):
+        if not isinstance(value, list):
+            raise ValueError(f"{where}: expected list")
+        if len(value) > MAX_LIST:
+            raise ValueError(f"{where}: list too long")
+        item = tp[5:-1]
+        return [_coerce(item, v, where) for v in value]
+    cls = _message_class(tp)
+    if isinstance(value, dict):
+        value = {k: v for k, v in value.items() if k != "type"}
+    return _build(cls, value)
+
+
+def _message_class(name: str) -> type[Message]:
+    cls = _CLASSES.get(name)
+    if cls is None:
+        for c in REGISTRY.values():
+            _CLASSES[c.__name__] = c
+        cls = _CLASSES.get(name)
+    if cls is None:
+        raise TypeError(f"unsupported field type {name}")
+    return cls

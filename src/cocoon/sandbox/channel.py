@@ -1,0 +1,126 @@
+"""The host's end of the agent channel: connect, handshake, call, keep alive.
+
+Everything that crosses from the guest is untrusted: the session underneath
+bounds frames and refuses what was not asked for; this layer adds deadlines to
+every call and turns each failure into a ``GuestError`` (the guest broke or
+died) or an ``AgentError`` (the agent refused a valid request).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from pathlib import Path
+from typing import TypeVar
+
+from cocoon.errors import AgentError, GuestError
+from cocoon.protocol import messages
+from cocoon.protocol.session import InStream, OutStream, RemoteError, Session, SessionClosed
+
+M = TypeVar("M", bound=messages.Message)
+
+
+class AgentChannel:
+    def __init__(self, session: Session, agent_timeout_s: float) -> None:
+        self.session = session
+        self.agent_timeout_s = agent_timeout_s
+        self._reader_task: asyncio.Task[None] | None = None
+        self._keepalive_task: asyncio.Task[None] | None = None
+        self._next_stream = 1
+        self.hello: messages.HelloReply | None = None
+
+    @classmethod
+    async def connect(cls, path: Path, *, deadline: float, agent_timeout_s: float) -> AgentChannel:
+        """Connect to the VM's channel socket (created by the hypervisor) before ``deadline``."""
+        while True:
+            try:
+                reader, writer = await asyncio.open_unix_connection(str(path), limit=1 << 21)
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                if time.monotonic() > deadline:
+                    raise GuestError(f"agent socket {path.name} never appeared") from None
+                await asyncio.sleep(0.005)
+        ch = cls(Session(reader, writer), agent_timeout_s)
+        ch._reader_task = asyncio.get_running_loop().create_task(ch.session.run())
+        return ch
+
+    async def handshake(self, deadline: float) -> messages.HelloReply:
+        """Hello with versions and the host clock; bounded by the boot deadline."""
+        remaining = max(0.1, deadline - time.monotonic())
+        reply = await self.call(
+            messages.Hello(messages.PROTOCOL_VERSION, time.time_ns()),
+            messages.HelloReply,
+            timeout_s=remaining,
+            what="boot",
+        )
+        if reply.protocol_version != messages.PROTOCOL_VERSION:
+            raise GuestError(
+                f"agent speaks protocol {reply.protocol_version}, host {messages.PROTOCOL_VERSION}: "
+                "rebuild the guest image (`cocoon guest build`)"
+            )
+        self.hello = reply
+        return reply
+
+    def start_keepalive(self, interval_s: float) -> None:
+        """Ping while idle so a hung guest is noticed even when nobody calls it."""
+
+        async def loop() -> None:
+            while self.session.closed is None:
+                await asyncio.sleep(interval_s)
+                try:
+                    await self.session.request(
+                        messages.Ping(), (messages.Ok,), self.agent_timeout_s
+                    )
+                except TimeoutError:
+                    self.session.close(
+                        f"agent did not answer a ping within {self.agent_timeout_s:g} s"
+                    )
+                except (SessionClosed, RemoteError):
+                    return
+
+        self._keepalive_task = asyncio.get_running_loop().create_task(loop())
+
+    async def call(
+        self,
+        msg: messages.Message,
+        expect: type[M],
+        *,
+        timeout_s: float | None = -1.0,
+        what: str = "",
+    ) -> M:
+        """One request with a deadline (default: agent_timeout_s; None: unbounded,
+        for waits on processes, which the keepalive still guards)."""
+        t = self.agent_timeout_s if timeout_s == -1.0 else timeout_s
+        try:
+            reply = await self.session.request(msg, (expect,), t)
+        except TimeoutError:
+            self.session.close(f"agent did not answer {msg.TYPE} within {t:g} s")
+            raise GuestError(
+                f"guest agent did not answer {what or msg.TYPE} within {t:g} s"
+            ) from None
+        except SessionClosed as e:
+            raise GuestError(f"guest agent channel failed during {what or msg.TYPE}: {e}") from None
+        except RemoteError as e:
+            raise AgentError(f"{msg.TYPE}: {e.message}") from None
+        assert isinstance(reply, expect)
+        return reply
+
+    def new_stream_id(self) -> int:
+        sid = self._next_stream
+        self._next_stream += 1
+        return sid
+
+    def open_in(self) -> InStream:
+        return self.session.open_in(self.new_stream_id())
+
+    def open_out(self) -> OutStream:
+        return self.session.open_out(self.new_stream_id())
+
+    async def close(self) -> None:
+        self.session.close("host closed the channel")
+        for t in (self._keepalive_task, self._reader_task):
+            if t is not None:
+                t.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await t

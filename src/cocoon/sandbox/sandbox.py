@@ -1,0 +1,372 @@
+"""One sandbox: a VM, its agent channel, its state dir, and what runs inside.
+
+States: creating -> running -> stopping -> (dir removed). The state dir is made
+and the intent written before any process starts, every process is recorded
+right after it is spawned, and the owner holds ``owner.lock`` for the whole
+life: so whatever dies when, ``cocoon gc`` finds and reaps what is left.
+
+A guest that breaks the protocol, goes silent or dies turns into one
+``GuestError`` and the sandbox is torn down: a guest that misbehaved once is
+never trusted again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from cocoon.config import Config
+from cocoon.errors import CocoonError, GuestError, SandboxError
+from cocoon.guestassets.cache import resolve
+from cocoon.hypervisor import accel
+from cocoon.hypervisor.base import Disk, Launched, Share, VmSpec
+from cocoon.hypervisor.qemu.backend import QemuBackend
+from cocoon.protocol import messages
+from cocoon.protocol.session import InStream, OutStream
+from cocoon.sandbox.channel import AgentChannel
+from cocoon.state.store import ProcessRecord, SandboxDir, SandboxState
+from cocoon.util.proc import start_time
+
+M = TypeVar("M", bound=messages.Message)
+CONSOLE_TAIL = 300
+
+
+def new_id() -> str:
+    return secrets.token_hex(6)
+
+
+def backend_for(cfg: Config) -> QemuBackend:
+    """The configured hypervisor backend (QEMU is the only one so far)."""
+    return QemuBackend(cfg.hypervisor)
+
+
+def console_tail(path: Path, lines: int = 3) -> str:
+    try:
+        text = path.read_bytes()[-8192:].decode(errors="replace")
+    except OSError:
+        return ""
+    kept = [ln.strip() for ln in text.splitlines() if ln.strip()][-lines:]
+    return " | ".join(kept)[-CONSOLE_TAIL:]
+
+
+@dataclass
+class Process:
+    """A process in the guest with its stdio streams, as the host sees it."""
+
+    sandbox: Sandbox
+    container_id: str
+    exec_id: str
+    pid: int
+    stdin: OutStream | None
+    stdout: InStream | None
+    stderr: InStream | None
+
+    async def wait(self) -> messages.ProcessExited:
+        return await self.sandbox.call(
+            messages.WaitProcess(self.container_id, self.exec_id),
+            messages.ProcessExited,
+            timeout_s=None,
+        )
+
+    async def signal(self, sig: int) -> None:
+        await self.sandbox.call(
+            messages.SignalProcess(self.container_id, self.exec_id, sig, False), messages.Ok
+        )
+
+    async def resize(self, rows: int, cols: int) -> None:
+        await self.sandbox.call(
+            messages.ResizeTty(self.container_id, self.exec_id, rows, cols), messages.Ok
+        )
+
+    async def write_stdin(self, data: bytes, close: bool = True) -> None:
+        if self.stdin is None:
+            raise SandboxError("process has no stdin")
+        try:
+            if data:
+                await self.stdin.write(data)
+            if close:
+                await self.stdin.close()
+        except ConnectionError as e:
+            raise GuestError(f"stdin of process {self.pid} failed: {e}") from None
+
+    async def output(self, limit: int = 256 << 20) -> tuple[bytes, bytes]:
+        """All of stdout and stderr (bounded by ``limit`` each)."""
+
+        async def drain(s: InStream | None) -> bytes:
+            buf = bytearray()
+            if s is None:
+                return b""
+            try:
+                while chunk := await s.read():
+                    if len(buf) + len(chunk) > limit:
+                        raise SandboxError(f"process output exceeded {limit} bytes")
+                    buf += chunk
+            except ConnectionError as e:
+                raise GuestError(f"output of process {self.pid} cut off: {e}") from None
+            return bytes(buf)
+
+        out, err = await asyncio.gather(drain(self.stdout), drain(self.stderr))
+        return out, err
+
+
+class Sandbox:
+    def __init__(self, cfg: Config, sdir: SandboxDir, state: SandboxState) -> None:
+        self.cfg = cfg
+        self.dir = sdir
+        self.state = state
+        self.backend = backend_for(cfg)
+        self.launched: Launched | None = None
+        self.channel: AgentChannel | None = None
+        self.boot_s: float | None = None
+        self._watch_task: asyncio.Task[None] | None = None
+        self._destroyed = False
+
+    @property
+    def id(self) -> str:
+        return self.dir.id
+
+    # -- lifecycle ----------------------------------------------------------
+
+    @classmethod
+    async def create(
+        cls,
+        cfg: Config,
+        *,
+        sandbox_id: str | None = None,
+        vcpus: int | None = None,
+        memory_mib: int | None = None,
+        shares: Sequence[Share] = (),
+        disks: Sequence[Disk] = (),
+        init: list[str] | None = None,
+        boot_timeout_s: float | None = None,
+        annotations: dict[str, str] | None = None,
+    ) -> Sandbox:
+        """Boot a VM and wait for its agent; on any failure nothing is left behind."""
+        assets = resolve(cfg)
+        accel_name, _ = accel.choose(
+            cfg.hypervisor.accel, accel.cached_probe(cfg.root / "accel.json")
+        )
+        sdir = SandboxDir(cfg.root, sandbox_id or new_id())
+        sdir.create()
+        sdir.take_ownership()
+        st = SandboxState(
+            id=sdir.id,
+            hypervisor=cfg.hypervisor.backend,
+            accel=accel_name,
+            annotations=dict(annotations or {}),
+        )
+        sdir.write(st)
+        sb = cls(cfg, sdir, st)
+        spec = VmSpec(
+            id=sdir.id,
+            workdir=sdir.path,
+            kernel=assets.kernel,
+            image=assets.image,
+            vcpus=vcpus or cfg.hypervisor.vcpus,
+            memory_mib=memory_mib or cfg.hypervisor.memory_mib,
+            accel=accel_name,
+            kernel_params=cfg.hypervisor.kernel_params.split(),
+            disks=list(disks),
+            shares=list(shares),
+            shared_fs=cfg.hypervisor.shared_fs,
+            init=init,
+        )
+        if shares and spec.shared_fs == "none":
+            await sb.destroy()
+            raise SandboxError("host directories need hypervisor.shared_fs = virtio-fs or 9p")
+        timeout = boot_timeout_s or cfg.hypervisor.boot_timeout_s
+        try:
+            await sb._boot(spec, timeout)
+        except BaseException as e:
+            await sb.destroy()
+            if isinstance(e, GuestError):
+                raise GuestError(f"sandbox {sdir.id} failed to boot: {e}") from None
+            raise
+        return sb
+
+    async def _boot(self, spec: VmSpec, timeout_s: float) -> None:
+        t0 = time.monotonic()
+        deadline = t0 + timeout_s
+        self.launched = self.backend.launch(spec, self._record)
+        self._watch_task = asyncio.get_running_loop().create_task(self._watch_vm())
+        self.channel = await AgentChannel.connect(
+            self.launched.agent_socket,
+            deadline=deadline,
+            agent_timeout_s=self.cfg.hypervisor.agent_timeout_s,
+        )
+        await self.channel.handshake(deadline)
+        self.boot_s = time.monotonic() - t0
+        self.channel.start_keepalive(self.cfg.hypervisor.keepalive_s)
+        self.state.status = "running"
+        self.dir.write(self.state)
+
+    def _record(self, name: str, pid: int) -> None:
+        self.state.processes[name] = ProcessRecord(pid, start_time(pid))
+        self.dir.write(self.state)
+
+    async def _watch_vm(self) -> None:
+        """Turn the VM process's death into an immediate, explained channel failure."""
+        assert self.launched is not None
+        qemu = self.launched.processes["qemu"]
+        while not self.backend.exited(qemu):
+            await asyncio.sleep(0.05)
+        if self.channel is not None and not self._destroyed:
+            tail = console_tail(self.launched.console_log)
+            self.channel.session.close("the VM exited" + (f" (console: {tail})" if tail else ""))
+
+    async def destroy(self) -> None:
+        """Stop the VM and remove every trace; safe to call twice or after a crash."""
+        if self._destroyed:
+            return
+        self._destroyed = True
+        with contextlib.suppress(Exception):
+            self.state.status = "stopping"
+            self.dir.write(self.state)
+        if self.channel is not None:
+            if self.channel.session.closed is None:
+                with contextlib.suppress(CocoonError, Exception):
+                    await self.channel.call(messages.Shutdown(), messages.Ok, timeout_s=2.0)
+            await self.channel.close()
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._watch_task
+        if self.launched is not None:
+            await self.backend.stop(self.launched, grace_s=3.0)
+        remove_dir(self.dir.path)
+        self.dir.release_ownership()
+
+    async def __aenter__(self) -> Sandbox:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.destroy()
+
+    # -- calls --------------------------------------------------------------
+
+    async def call(
+        self, msg: messages.Message, expect: type[M], *, timeout_s: float | None = -1.0
+    ) -> M:
+        """Call the agent; a GuestError tears the sandbox down before it propagates."""
+        if self.channel is None or self._destroyed:
+            raise SandboxError(f"sandbox {self.id} is not running")
+        try:
+            return await self.channel.call(msg, expect, timeout_s=timeout_s)
+        except GuestError as e:
+            await self.destroy()
+            raise GuestError(f"sandbox {self.id}: {e}; the sandbox was torn down") from None
+
+    async def ping(self) -> None:
+        await self.call(messages.Ping(), messages.Ok)
+
+    async def details(self) -> messages.GuestDetailsReply:
+        return await self.call(messages.GuestDetails(), messages.GuestDetailsReply)
+
+    async def mount(
+        self,
+        kind: str,
+        source: str,
+        target: str,
+        *,
+        fstype: str = "",
+        options: Sequence[str] = (),
+        readonly: bool = False,
+    ) -> None:
+        await self.call(
+            messages.Mount(kind, source, target, fstype, list(options), readonly), messages.Ok
+        )
+
+    def _stdio(
+        self, stdin: bool, tty: bool, rows: int, cols: int
+    ) -> tuple[messages.StdioSpec, OutStream | None, InStream | None, InStream | None]:
+        assert self.channel is not None
+        sin = self.channel.open_out() if stdin else None
+        sout = self.channel.open_in()
+        serr = None if tty else self.channel.open_in()
+        spec = messages.StdioSpec(
+            stdin=sin.chan if sin else 0,
+            stdout=sout.chan,
+            stderr=serr.chan if serr else 0,
+            terminal=tty,
+            rows=rows,
+            cols=cols,
+        )
+        return spec, sin, sout, serr
+
+    async def create_container(
+        self,
+        container_id: str,
+        rootfs: str,
+        spec: dict[str, Any],
+        *,
+        stdin: bool = False,
+        tty: bool = False,
+        rows: int = 24,
+        cols: int = 80,
+    ) -> Process:
+        """crun create in the guest; the container's init waits for ``start_container``."""
+        stdio, sin, sout, serr = self._stdio(stdin, tty, rows, cols)
+        reply = await self.call(
+            messages.CreateContainer(container_id, rootfs, json.dumps(spec), stdio),
+            messages.ProcessStarted,
+            timeout_s=max(60.0, self.cfg.hypervisor.agent_timeout_s),
+        )
+        return Process(self, container_id, "", reply.pid, sin, sout, serr)
+
+    async def start_container(self, container_id: str) -> None:
+        await self.call(messages.StartContainer(container_id), messages.Ok)
+
+    async def exec(
+        self,
+        container_id: str,
+        exec_id: str,
+        process: dict[str, Any],
+        *,
+        stdin: bool = False,
+        tty: bool = False,
+        rows: int = 24,
+        cols: int = 80,
+    ) -> Process:
+        stdio, sin, sout, serr = self._stdio(stdin, tty, rows, cols)
+        reply = await self.call(
+            messages.ExecProcess(container_id, exec_id, json.dumps(process), stdio),
+            messages.ProcessStarted,
+            timeout_s=max(60.0, self.cfg.hypervisor.agent_timeout_s),
+        )
+        return Process(self, container_id, exec_id, reply.pid, sin, sout, serr)
+
+    async def delete_container(self, container_id: str) -> None:
+        await self.call(messages.DeleteContainer(container_id), messages.Ok)
+
+    async def stats(self, container_id: str) -> messages.StatsReply:
+        return await self.call(messages.Stats(container_id), messages.StatsReply)
+
+    async def list_processes(self, container_id: str) -> list[int]:
+        return (await self.call(messages.ListProcesses(container_id), messages.ProcessList)).pids
+
+
+def remove_dir(path: Path) -> None:
+    """Remove a sandbox dir (sockets, logs, state) without following symlinks out."""
+    if not path.exists():
+        return
+    for dirpath, dirnames, filenames in os.walk(path, topdown=False):
+        for name in filenames:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(dirpath, name))
+        for name in dirnames:
+            p = os.path.join(dirpath, name)
+            with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+                if os.path.islink(p):
+                    os.unlink(p)
+                else:
+                    os.rmdir(p)
+    with contextlib.suppress(FileNotFoundError, OSError):
+        os.rmdir(path)

@@ -1,0 +1,1 @@
+"""Runtime state on disk: one locked dir per sandbox, written atomically."""

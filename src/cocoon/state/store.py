@@ -1,0 +1,161 @@
+"""Sandbox state dirs under ``<root_dir>/sandboxes/<id>``.
+
+Two locks per dir, both ``flock``:
+- ``owner.lock`` is held for the sandbox's whole life by the process that owns
+  its VM. Nobody holding it means the owner died: the sandbox is stale and
+  ``cocoon gc`` may reap it.
+- ``lock`` is taken for the length of one command that changes the state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cocoon.errors import SandboxError, StateError
+from cocoon.util.fs import atomic_write
+
+ID_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+STATUSES = ("creating", "running", "stopping", "stopped")
+
+
+def check_sandbox_id(sid: str) -> str:
+    if not ID_RE.match(sid):
+        raise SandboxError(
+            f"invalid sandbox id {sid[:70]!r}: use 1-64 of [a-z0-9_.-], starting alphanumeric"
+        )
+    return sid
+
+
+@dataclass
+class ProcessRecord:
+    pid: int
+    start_time: int | None
+
+
+@dataclass
+class SandboxState:
+    id: str
+    status: str = "creating"
+    created_at: float = field(default_factory=time.time)
+    owner_pid: int = field(default_factory=os.getpid)
+    hypervisor: str = ""
+    accel: str = ""
+    processes: dict[str, ProcessRecord] = field(default_factory=dict)
+    annotations: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), indent=1, sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> SandboxState:
+        raw: dict[str, Any] = json.loads(data)
+        procs = {k: ProcessRecord(**v) for k, v in raw.pop("processes", {}).items()}
+        st = cls(**raw, processes=procs)
+        if st.status not in STATUSES:
+            raise ValueError(f"bad status {st.status}")
+        return st
+
+
+class SandboxDir:
+    def __init__(self, root: Path, sid: str) -> None:
+        self.id = check_sandbox_id(sid)
+        self.path = root / "sandboxes" / sid
+        self._owner_fd: int | None = None
+
+    # paths every layer agrees on
+    @property
+    def state_file(self) -> Path:
+        return self.path / "state.json"
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def create(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o711)
+        try:
+            self.path.mkdir(mode=0o700)
+        except FileExistsError:
+            raise SandboxError(f"sandbox {self.id} already exists") from None
+
+    def exists(self) -> bool:
+        return self.state_file.exists() or self.path.exists()
+
+    def read(self) -> SandboxState:
+        try:
+            return SandboxState.from_json(self.state_file.read_bytes())
+        except FileNotFoundError:
+            raise SandboxError(f"no such sandbox: {self.id}") from None
+        except (ValueError, TypeError, KeyError) as e:
+            raise StateError(f"state of sandbox {self.id} is corrupt ({e}); run `cocoon gc`") from e
+
+    def write(self, st: SandboxState) -> None:
+        # /run is a tmpfs: rename is what makes it atomic; fsync buys nothing.
+        atomic_write(self.state_file, st.to_json(), durable=False)
+
+    def take_ownership(self) -> None:
+        """Hold owner.lock until release_ownership() or process death."""
+        fd = os.open(self.file("owner.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise SandboxError(f"sandbox {self.id} is owned by another process") from None
+        self._owner_fd = fd
+
+    def release_ownership(self) -> None:
+        if self._owner_fd is not None:
+            os.close(self._owner_fd)
+            self._owner_fd = None
+
+    def owned(self) -> bool:
+        """True if some live process holds owner.lock."""
+        try:
+            fd = os.open(self.file("owner.lock"), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
+    @contextlib.contextmanager
+    def locked(self, timeout_s: float = 10.0) -> Iterator[None]:
+        """Exclusive lock for one state-changing command."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.file("lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        deadline = time.monotonic() + timeout_s
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise StateError(
+                            f"sandbox {self.id} is locked by another command; retry"
+                        ) from None
+                    time.sleep(0.02)
+            yield
+        finally:
+            os.close(fd)
+
+
+def list_ids(root: Path) -> list[str]:
+    d = root / "sandboxes"
+    try:
+        names = os.listdir(d)
+    except FileNotFoundError:
+        return []
+    return sorted(n for n in names if ID_RE.match(n))

@@ -1,0 +1,1 @@
+"""Small helpers shared by host-side layers (never imported by the agent)."""
