@@ -137,6 +137,8 @@ class Agent:
 
 
 def main() -> None:
+    with open("/proc/uptime") as f:
+        log("imports done " + f.read().split()[0])
     port = find_port()
     try:
         asyncio.run(Agent().serve(port))
