@@ -1,0 +1,1 @@
+"""`cocoon` command line: one module per group of verbs."""

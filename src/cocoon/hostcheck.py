@@ -1,0 +1,104 @@
+"""What this host can do for cocoon, each item with a verdict and a reason.
+
+``fatal`` items make `cocoon check` exit non-zero: without them no sandbox can
+start. The rest say what a feature will cost or lack (no vhost-vsock: the agent
+channel is virtio-serial; no vhost-net: network runs through QEMU's userspace).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from cocoon.config import Config
+from cocoon.errors import CocoonError
+from cocoon.guestassets.cache import resolve
+from cocoon.hypervisor import accel
+
+
+@dataclass
+class Item:
+    name: str
+    ok: bool
+    detail: str
+    fatal: bool = False
+
+
+def _qemu_version(binary: str) -> tuple[bool, str]:
+    path = shutil.which(binary)
+    if not path:
+        return False, f"{binary} not found (apt-get install qemu-system-x86)"
+    try:
+        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return False, f"{path} does not run: {e}"
+    m = re.search(r"version (\S+)", out)
+    return True, f"{path} {m.group(1) if m else '?'}"
+
+
+def _cgroups() -> tuple[bool, str]:
+    if Path("/sys/fs/cgroup/cgroup.controllers").exists():
+        ctrl = Path("/sys/fs/cgroup/cgroup.controllers").read_text().split()
+        return True, f"v2 unified ({' '.join(ctrl)})"
+    v1 = sorted(p.name for p in Path("/sys/fs/cgroup").glob("*") if p.is_dir())
+    if v1:
+        return True, f"v1 hierarchies ({', '.join(v1)}); containers use cgroup v2 inside the guest"
+    return False, "no cgroup file system mounted"
+
+
+def run_checks(cfg: Config) -> list[Item]:
+    items: list[Item] = []
+    report = accel.cached_probe(cfg.root / "accel.json")
+    chosen, why = accel.choose(cfg.hypervisor.accel, report)
+    items.append(Item("kvm", report.kvm_usable, report.reason))
+    items.append(Item("accelerator", True, f"{chosen} ({why})"))
+    ok, detail = _qemu_version(cfg.hypervisor.qemu_binary)
+    items.append(Item("qemu", ok, detail, fatal=True))
+    vfsd = cfg.hypervisor.virtiofsd
+    items.append(
+        Item(
+            "virtiofsd",
+            os.access(vfsd, os.X_OK),
+            vfsd if os.access(vfsd, os.X_OK) else f"{vfsd} missing: host dirs fall back to 9p",
+        )
+    )
+    vsock = Path("/dev/vhost-vsock").exists()
+    items.append(
+        Item(
+            "vhost-vsock",
+            vsock,
+            "present" if vsock else "absent: the agent channel uses virtio-serial",
+        )
+    )
+    vnet = Path("/dev/vhost-net").exists()
+    items.append(
+        Item("vhost-net", vnet, "present" if vnet else "absent: virtio-net runs in QEMU userspace")
+    )
+    tun = Path("/dev/net/tun").exists()
+    items.append(Item("tun", tun, "/dev/net/tun" if tun else "/dev/net/tun missing: no networking"))
+    ip = shutil.which("ip")
+    netns = Path("/proc/self/ns/net").exists() and ip is not None
+    items.append(
+        Item("netns", netns, f"{ip} + network namespaces" if netns else "iproute2 or netns missing")
+    )
+    ok, detail = _cgroups()
+    items.append(Item("cgroups", ok, detail))
+    try:
+        assets = resolve(cfg)
+        items.append(Item("guest kernel", True, str(assets.kernel), fatal=True))
+        items.append(Item("guest image", True, str(assets.image), fatal=True))
+    except CocoonError as e:
+        items.append(Item("guest assets", False, str(e), fatal=True))
+    try:
+        cfg.root.mkdir(parents=True, exist_ok=True)
+        writable = os.access(cfg.root, os.W_OK)
+    except OSError:
+        writable = False
+    items.append(
+        Item("state dir", writable, f"{cfg.root}" + ("" if writable else " not writable"), True)
+    )
+    return items

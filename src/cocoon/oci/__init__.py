@@ -1,0 +1,1 @@
+"""OCI runtime-spec types and defaults (the config.json side of containers)."""

@@ -1,0 +1,1 @@
+"""The container runtime library (our libcontainer): what the CLIs call."""

@@ -1,0 +1,103 @@
+"""Find and reap what crashed cocoon processes left behind.
+
+A sandbox whose ``owner.lock`` nobody holds has lost its owner (killed, crashed):
+its recorded processes are killed (pid + start time, so a recycled pid is never
+hit), then any process whose command line still names the sandbox dir (a QEMU
+spawned just before the crash, before its pid was written), then the dir.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from cocoon.errors import CocoonError
+from cocoon.sandbox.sandbox import remove_dir
+from cocoon.state.store import SandboxDir, list_ids
+from cocoon.util.proc import alive
+
+
+@dataclass
+class SandboxInfo:
+    id: str
+    status: str
+    owned: bool
+    processes: dict[str, int]
+    live: dict[str, bool]
+    created_at: float
+    accel: str
+
+
+def describe(root: Path) -> list[SandboxInfo]:
+    out = []
+    for sid in list_ids(root):
+        sdir = SandboxDir(root, sid)
+        try:
+            st = sdir.read()
+            procs = {k: v.pid for k, v in st.processes.items()}
+            live = {k: alive(v.pid, v.start_time) for k, v in st.processes.items()}
+            out.append(
+                SandboxInfo(sid, st.status, sdir.owned(), procs, live, st.created_at, st.accel)
+            )
+        except CocoonError:
+            out.append(SandboxInfo(sid, "corrupt", sdir.owned(), {}, {}, 0.0, ""))
+    return out
+
+
+def processes_naming(root: Path) -> dict[int, str]:
+    """pid -> sandbox id for every process whose argv names a sandbox dir."""
+    marker = (str(root) + "/sandboxes/").encode()
+    found: dict[int, str] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                cmd = f.read(65536)
+        except OSError:
+            continue
+        i = cmd.find(marker)
+        if i < 0:
+            continue
+        rest = cmd[i + len(marker) :]
+        sid = rest.split(b"/", 1)[0].split(b"\0", 1)[0].split(b",", 1)[0]
+        found[int(name)] = sid.decode(errors="replace")
+    return found
+
+
+def _kill_and_wait(pids: list[int], timeout_s: float = 5.0) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + timeout_s
+    while any(alive(p, None) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def reap(root: Path, *, only: str | None = None, force: bool = False) -> list[str]:
+    """Reap stale sandboxes (or ``only`` one; ``force`` even if owned). Returns ids reaped."""
+    reaped = []
+    naming = processes_naming(root)
+    ids = set(list_ids(root)) | set(naming.values())
+    for sid in sorted(ids):
+        if only is not None and sid != only:
+            continue
+        try:
+            sdir = SandboxDir(root, sid)
+        except CocoonError:
+            continue
+        if sdir.owned() and not force:
+            continue
+        pids = []
+        with contextlib.suppress(CocoonError):
+            st = sdir.read()
+            pids += [r.pid for r in st.processes.values() if alive(r.pid, r.start_time)]
+        pids += [p for p, s in naming.items() if s == sid]
+        _kill_and_wait(sorted(set(pids)))
+        remove_dir(sdir.path)
+        reaped.append(sid)
+    return reaped
