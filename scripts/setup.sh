@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# cocoon set-up: everything a fresh Debian bookworm machine is missing, idempotent
+# and cached. System packages (apt-get, only when one is missing), the Python
+# package (editable, with test tools), and the guest kernel + root image
+# (`cocoon guest build`, cached by content hash under /var/lib/cocoon).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PKGS=(
+  qemu-system-x86 qemu-utils erofs-utils e2fsprogs crun busybox-static iproute2
+  linux-source-6.1 bc bison flex libelf-dev libssl-dev kmod cpio make gcc
+  python3.11-minimal libpython3.11-stdlib
+)
+missing=()
+for p in "${PKGS[@]}"; do
+  dpkg-query -W -f='${db:Status-Abbrev}' "$p" 2>/dev/null | grep -q '^ii' || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "setup: installing ${missing[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q
+  apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+PY=${PYTHON:-python3}
+if ! "$PY" -c 'import cocoon, click, pytest, pytest_timeout' 2>/dev/null \
+   || [ "$("$PY" -c 'import cocoon, os; print(os.path.realpath(cocoon.__file__))' 2>/dev/null)" \
+        != "$(realpath src/cocoon/__init__.py)" ]; then
+  echo "setup: installing the cocoon Python package" >&2
+  pip_args=(-q install -e '.[dev]')
+  if ! "$PY" -m pip "${pip_args[@]}" 2>/dev/null; then
+    "$PY" -m pip "${pip_args[@]}" --break-system-packages
+  fi
+fi
+
+cocoon guest build >&2

@@ -1,0 +1,101 @@
+"""Frames and messages: every field the peer sends is checked."""
+
+from __future__ import annotations
+
+import pytest
+
+from cocoon.protocol import framing, messages
+from cocoon.protocol.framing import FrameError, Kind
+
+
+def test_frame_roundtrip() -> None:
+    frame = framing.encode(Kind.DATA, 7, b"abc")
+    kind, chan, length = framing.decode_header(frame[: framing.HEADER_SIZE])
+    assert (kind, chan, length) == (Kind.DATA, 7, 3)
+    assert frame[framing.HEADER_SIZE :] == b"abc"
+
+
+@pytest.mark.parametrize(
+    "header, why",
+    [
+        (b"XX" + bytes(10), "bad magic"),
+        (framing.HEADER.pack(b"CO", 99, 0, 1, 0), "unknown frame kind"),
+        (framing.HEADER.pack(b"CO", 1, 1, 1, 0), "reserved flags"),
+        (framing.HEADER.pack(b"CO", 2, 0, 1, framing.MAX_FRAME + 1), "exceeds"),
+        (framing.HEADER.pack(b"CO", 5, 0, 1, 3), "EOF frame with a payload"),
+        (framing.HEADER.pack(b"CO", 6, 0, 1, 8), "CREDIT frame"),
+    ],
+)
+def test_bad_headers_are_refused(header: bytes, why: str) -> None:
+    with pytest.raises(FrameError, match=why):
+        framing.decode_header(header)
+
+
+def test_encode_refuses_oversize() -> None:
+    with pytest.raises(FrameError):
+        framing.encode(Kind.REPLY, 1, bytes(framing.MAX_FRAME + 1))
+
+
+def test_credit_bounded() -> None:
+    with pytest.raises(FrameError):
+        framing.decode_credit(framing.CREDIT.pack(framing.STREAM_WINDOW + 1))
+
+
+def test_message_roundtrip_nested() -> None:
+    msg = messages.CreateContainer(
+        "c1", "/run/rootfs", "{}", messages.StdioSpec(0, 1, 2, False, 24, 80)
+    )
+    assert messages.decode(messages.encode(msg)) == msg
+    stats = messages.StatsReply(1, 2, 3, 4, 5, 6, [messages.NetStats("eth0", 1, 2, 3, 4)])
+    assert messages.decode(messages.encode(stats)) == stats
+
+
+def test_messages_are_immutable() -> None:
+    m = messages.Hello(1, 2)
+    with pytest.raises(AttributeError):
+        m.time_ns = 3  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    "body, why",
+    [
+        (b"\xff\xfe", "not JSON"),
+        (b"[]", "not an object"),
+        (b'{"type": "nope"}', "unknown message type"),
+        (b'{"type": "ping", "extra": 1}', "unexpected field"),
+        (b'{"type": "hello", "protocol_version": 1}', "missing field"),
+        (b'{"type": "hello", "protocol_version": "1", "time_ns": 0}', "expected int"),
+        (b'{"type": "hello", "protocol_version": true, "time_ns": 0}', "expected int"),
+        (b'{"type": "hello", "protocol_version": 1, "time_ns": 1e400}', "expected int"),
+        (
+            b'{"type":"process_exited","exit_code":300,"signal":0,"oom_killed":false}',
+            "outside",
+        ),
+        (b'{"type":"wait_process","container_id":"../x","exec_id":""}', "invalid container id"),
+        (
+            b'{"type":"mount","kind":"block","source":"s","target":"/a/../b","fstype":"",'
+            b'"options":[],"readonly":false}',
+            "must not contain",
+        ),
+        (
+            b'{"type":"mount","kind":"nfs","source":"s","target":"/a","fstype":"",'
+            b'"options":[],"readonly":false}',
+            "unknown mount kind",
+        ),
+        (b'{"type":"process_list","pids":[[1]]}', "expected int"),
+    ],
+)
+def test_hostile_messages_are_refused(body: bytes, why: str) -> None:
+    with pytest.raises(ValueError, match=why):
+        messages.decode(body)
+
+
+def test_list_length_bounded() -> None:
+    body = b'{"type":"process_list","pids":[' + b",".join([b"1"] * 5000) + b"]}"
+    with pytest.raises(ValueError, match="list too long"):
+        messages.decode(body)
+
+
+def test_expect_restricts_type() -> None:
+    with pytest.raises(ValueError, match="expected"):
+        messages.decode(messages.encode(messages.Ok()), (messages.HelloReply,))
