@@ -301,6 +301,14 @@ class Sandbox:
         )
         return spec, sin, sout, serr
 
+    def _forget_streams(self, *streams: InStream | None) -> None:
+        """A process that never started sends nothing: stop expecting its streams."""
+        if self.channel is None:
+            return
+        for s in streams:
+            if s is not None:
+                self.channel.session.close_in(s.chan)
+
     async def create_container(
         self,
         container_id: str,
@@ -314,11 +322,15 @@ class Sandbox:
     ) -> Process:
         """crun create in the guest; the container's init waits for ``start_container``."""
         stdio, sin, sout, serr = self._stdio(stdin, tty, rows, cols)
-        reply = await self.call(
-            messages.CreateContainer(container_id, rootfs, json.dumps(spec), stdio),
-            messages.ProcessStarted,
-            timeout_s=max(60.0, self.cfg.hypervisor.agent_timeout_s),
-        )
+        try:
+            reply = await self.call(
+                messages.CreateContainer(container_id, rootfs, json.dumps(spec), stdio),
+                messages.ProcessStarted,
+                timeout_s=max(60.0, self.cfg.hypervisor.agent_timeout_s),
+            )
+        except BaseException:
+            self._forget_streams(sout, serr)
+            raise
         return Process(self, container_id, "", reply.pid, sin, sout, serr)
 
     async def start_container(self, container_id: str) -> None:
@@ -336,11 +348,15 @@ class Sandbox:
         cols: int = 80,
     ) -> Process:
         stdio, sin, sout, serr = self._stdio(stdin, tty, rows, cols)
-        reply = await self.call(
-            messages.ExecProcess(container_id, exec_id, json.dumps(process), stdio),
-            messages.ProcessStarted,
-            timeout_s=max(60.0, self.cfg.hypervisor.agent_timeout_s),
-        )
+        try:
+            reply = await self.call(
+                messages.ExecProcess(container_id, exec_id, json.dumps(process), stdio),
+                messages.ProcessStarted,
+                timeout_s=max(60.0, self.cfg.hypervisor.agent_timeout_s),
+            )
+        except BaseException:
+            self._forget_streams(sout, serr)
+            raise
         return Process(self, container_id, exec_id, reply.pid, sin, sout, serr)
 
     async def delete_container(self, container_id: str) -> None:

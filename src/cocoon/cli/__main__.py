@@ -1,0 +1,3 @@
+from cocoon.cli.main import main
+
+main()

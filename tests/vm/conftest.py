@@ -1,0 +1,100 @@
+"""Real QEMU VMs (TCG on these machines): shared fixtures and the leak check.
+
+One booted sandbox is shared by the tests that only read from it or run their
+own containers in it (a boot costs ~2 s under TCG); tests that break or kill a
+VM boot their own. After every test nothing may be left: no QEMU or virtiofsd
+naming the test root, no sandbox dir but the shared one. On failure the
+console of every sandbox still around is printed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import tempfile
+from collections.abc import Coroutine, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from cocoon.config import Config, load
+from cocoon.guestassets.cache import resolve
+from cocoon.hypervisor.base import Share
+from cocoon.runtime.busybox import busybox_rootfs
+from cocoon.sandbox.sandbox import Sandbox
+from cocoon.state import gc
+from cocoon.state.store import list_ids
+
+T = TypeVar("T")
+ROOTFS_TAG = "rootfs"
+GUEST_ROOTFS = "/run/rootfs"
+
+
+class Runner:
+    """A session-long event loop: the shared sandbox's channel lives in it."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+
+    def __call__(self, coro: Coroutine[Any, Any, T], timeout_s: float = 120) -> T:
+        return self.loop.run_until_complete(asyncio.wait_for(coro, timeout_s))
+
+
+@pytest.fixture(scope="session")
+def run() -> Iterator[Runner]:
+    r = Runner()
+    yield r
+    r.loop.close()
+
+
+@pytest.fixture(scope="session")
+def cfg() -> Iterator[Config]:
+    root = Path(tempfile.mkdtemp(prefix="cocoon-test-", dir="/run"))
+    c = load(None, env={k: v for k, v in os.environ.items() if k.startswith("COCOON_")})
+    c.root_dir = str(root)
+    resolve(c)  # clear error if the set-up did not build the guest assets
+    yield c
+    gc.reap(root, force=True)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def rootfs(cfg: Config) -> Path:
+    return busybox_rootfs(cfg)
+
+
+@pytest.fixture(scope="session")
+def booted(cfg: Config, run: Runner, rootfs: Path) -> Iterator[Sandbox]:
+    sb = run(Sandbox.create(cfg, shares=[Share(ROOTFS_TAG, rootfs, readonly=True)]))
+    run(sb.mount("virtiofs", ROOTFS_TAG, GUEST_ROOTFS, readonly=True))
+    yield sb
+    run(sb.destroy())
+
+
+@pytest.fixture(autouse=True)
+def no_leaks(request: pytest.FixtureRequest, cfg: Config) -> Iterator[None]:
+    yield
+    shared = None
+    if "booted" in request.fixturenames:
+        shared = request.getfixturevalue("booted").id
+    root = cfg.root
+    stray = {p: s for p, s in gc.processes_naming(root).items() if s != shared}
+    dirs = [s for s in list_ids(root) if s != shared]
+    if stray or dirs:
+        for s in dirs:
+            console = root / "sandboxes" / s / "console.log"
+            if console.exists():
+                print(f"--- console of {s} ---\n{console.read_text(errors='replace')[-3000:]}")
+        gc.reap(root, force=True)
+        if shared:  # reaping may not touch the shared one
+            pass
+    assert not stray, f"stray VM processes left: {stray}"
+    assert not dirs, f"sandbox dirs left: {dirs}"
+
+
+def spec(args: list[str], **kw: Any) -> dict[str, Any]:
+    from cocoon.oci.spec import default_spec
+
+    return default_spec(args, env=["PATH=/bin", "TERM=xterm"], readonly_rootfs=True, **kw)

@@ -1,0 +1,116 @@
+"""A booted sandbox: agent, guest kernel, containers, stdio, signals, stats."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import os
+import signal
+
+import pytest
+
+from cocoon.errors import AgentError
+from cocoon.sandbox.sandbox import Sandbox
+from tests.vm.conftest import GUEST_ROOTFS, Runner, spec
+
+pytestmark = [pytest.mark.vm, pytest.mark.timeout(300)]
+_ids = itertools.count()
+
+
+def cid() -> str:
+    return f"c{next(_ids)}"
+
+
+async def run_container(sb: Sandbox, args: list[str], stdin: bytes | None = None, **kw: object):
+    c = cid()
+    proc = await sb.create_container(c, GUEST_ROOTFS, spec(args), stdin=stdin is not None, **kw)
+    await sb.start_container(c)
+    if stdin is not None:
+        await proc.write_stdin(stdin)
+    out, err = await proc.output()
+    exited = await proc.wait()
+    await sb.delete_container(c)
+    return out, err, exited
+
+
+def test_agent_answers_from_its_own_kernel(booted: Sandbox, run: Runner) -> None:
+    run(booted.ping())
+    d = run(booted.details())
+    assert d.kernel_release != os.uname().release  # the guest kernel is not the host's
+    assert d.kernel_release.startswith("6.1.")
+    assert d.cgroup_version == 2
+    assert d.cpus == 1
+    assert 200_000 < d.mem_total_kib < 262_144
+    assert "/ erofs" in d.mounts
+    assert booted.state.accel in ("tcg", "kvm")
+    assert booted.boot_s is not None and booted.boot_s < 30
+
+
+def test_process_stdout_stderr_and_exit_code(booted: Sandbox, run: Runner) -> None:
+    out, err, ex = run(
+        run_container(booted, ["sh", "-c", "echo out; echo err >&2; uname -r; exit 3"])
+    )
+    assert out == f"out\n{run(booted.details()).kernel_release}\n".encode()
+    assert err == b"err\n"
+    assert (ex.exit_code, ex.signal, ex.oom_killed) == (3, 0, False)
+
+
+def test_stdin_is_streamed(booted: Sandbox, run: Runner) -> None:
+    data = os.urandom(300_000)
+    out, _, ex = run(run_container(booted, ["sh", "-c", "cat | sha256sum"], stdin=data))
+    assert out.split()[0].decode() == hashlib.sha256(data).hexdigest()
+    assert ex.exit_code == 0
+
+
+def test_large_output_complete_and_in_order(booted: Sandbox, run: Runner) -> None:
+    """20 MB through the credit-windowed stream: every byte, in order."""
+    n = 20_000_000
+    out, _, ex = run(run_container(booted, ["sh", "-c", f"seq 1 9999999 | head -c {n}"]))
+    assert len(out) == n
+    expected = "".join(f"{i}\n" for i in range(1, 3_000_000)).encode()[:n]
+    assert hashlib.sha256(out).hexdigest() == hashlib.sha256(expected).hexdigest()
+    assert ex.exit_code == 0
+
+
+def test_exec_signal_and_kill_exit_status(booted: Sandbox, run: Runner) -> None:
+    c = cid()
+
+    async def body() -> None:
+        init = await booted.create_container(c, GUEST_ROOTFS, spec(["sleep", "1000"]))
+        await booted.start_container(c)
+        e = await booted.exec(c, "e1", spec(["sh", "-c", "echo in-container; exit 4"])["process"])
+        out, _ = await e.output()
+        assert out == b"in-container\n"
+        assert (await e.wait()).exit_code == 4
+        pids = await booted.list_processes(c)
+        assert init.pid in pids
+        st = await booted.stats(c)
+        assert st.memory_bytes > 0 and st.pids >= 1
+        await init.signal(signal.SIGKILL)
+        ex = await init.wait()
+        assert (ex.exit_code, ex.signal) == (137, 9)
+        await booted.delete_container(c)
+
+    run(body())
+
+
+def test_tty_process(booted: Sandbox, run: Runner) -> None:
+    out, err, ex = run(
+        run_container(booted, ["sh", "-c", "tty; stty size"], tty=True, rows=33, cols=101)
+    )
+    text = out.replace(b"\r\n", b"\n").decode()
+    assert text.startswith("/dev/pts/")
+    assert "33 101" in text
+    assert err == b""
+    assert ex.exit_code == 0
+
+
+def test_agent_refusal_is_an_error_not_a_teardown(booted: Sandbox, run: Runner) -> None:
+    with pytest.raises(AgentError, match="not found"):
+        run(run_container(booted, ["/no/such/binary"]))
+    run(booted.ping())  # the sandbox survives a refused request
+
+
+def test_mount_tmpfs_in_guest(booted: Sandbox, run: Runner) -> None:
+    run(booted.mount("tmpfs", "tmpfs", "/run/scratch-test", options=["size=1m"]))
+    assert any(m.startswith("/run/scratch-test tmpfs") for m in run(booted.details()).mounts)
