@@ -33,4 +33,7 @@ if ! "$PY" -c 'import cocoon, click, pytest, pytest_timeout' 2>/dev/null \
   fi
 fi
 
-cocoon guest build >&2
+# pyenv puts console scripts behind shims that exist only after a rehash.
+if command -v pyenv >/dev/null 2>&1; then pyenv rehash || true; fi
+
+"$PY" -m cocoon.cli guest build >&2
