@@ -36,4 +36,8 @@ fi
 # pyenv puts console scripts behind shims that exist only after a rehash.
 if command -v pyenv >/dev/null 2>&1; then pyenv rehash || true; fi
 
+# Both guest kernels: ours (built, the default) and Debian's cloud kernel (the
+# no-build alternative; its .deb is fetched once, so apt needs its lists then).
+"$PY" -m cocoon.cli guest build --kernel-source debian-cloud >&2 \
+  || { apt-get update -q && "$PY" -m cocoon.cli guest build --kernel-source debian-cloud >&2; }
 "$PY" -m cocoon.cli guest build >&2

@@ -55,6 +55,8 @@ def digest(*parts: bytes | str) -> str:
 class Assets:
     kernel: Path
     image: Path
+    #: An initramfs beside the kernel (Debian's cloud kernel needs one for its modules).
+    initrd: Path | None = None
 
 
 def current_file(cfg: Config) -> Path:
@@ -82,5 +84,9 @@ def resolve(cfg: Config) -> Assets:
     image = cfg.hypervisor.image or cur.get("image", "")
     for what, p in (("guest kernel", kernel), ("guest root image", image)):
         if not p or not Path(p).is_file():
-            raise GuestAssetError(f"{what} not built: run `cocoon guest build`")
-    return Assets(Path(kernel), Path(image))
+            raise GuestAssetError(
+                f"{what} not built: run `cocoon guest build`"
+                + ("" if cfg.guest.kernel_source == "build" else " --kernel-source debian-cloud")
+            )
+    initrd = Path(kernel).with_name("initrd.img")
+    return Assets(Path(kernel), Path(image), initrd if initrd.is_file() else None)

@@ -45,6 +45,7 @@ class VmSpec:
     disks: list[Disk] = field(default_factory=list)
     shares: list[Share] = field(default_factory=list)
     shared_fs: str = "virtio-fs"
+    initrd: Path | None = None
     #: Replace the guest's /sbin/init (tests use it to put a hostile "agent" in).
     init: list[str] | None = None
 

@@ -170,6 +170,7 @@ class Sandbox:
             workdir=sdir.path,
             kernel=assets.kernel,
             image=assets.image,
+            initrd=assets.initrd,
             vcpus=vcpus or cfg.hypervisor.vcpus,
             memory_mib=memory_mib or cfg.hypervisor.memory_mib,
             accel=accel_name,

@@ -14,15 +14,21 @@ from pathlib import Path
 from cocoon.hypervisor.base import VmSpec
 
 
-def opts(head: str, **kv: object) -> str:
-    """``head,k=v,...`` with QEMU's comma escaping for values."""
+def opts(head: str, raw: dict[str, object] | None = None, **kv: object) -> str:
+    """``head,k=v,...`` with QEMU's comma escaping for values.
+
+    Keyword names map ``_`` to ``-`` (most QEMU options); the few QEMU spells
+    with underscores (fsdev's security_model, mount_tag) go in ``raw`` as-is.
+    """
+    items = {k.rstrip("_").replace("_", "-"): v for k, v in kv.items()}
+    items.update(raw or {})
     parts = [head]
-    for k, v in kv.items():
+    for k, v in items.items():
         if v is None:
             continue
         if isinstance(v, bool):
             v = "on" if v else "off"
-        parts.append(f"{k.rstrip('_').replace('_', '-')}={str(v).replace(',', ',,')}")
+        parts.append(f"{k}={str(v).replace(',', ',,')}")
     return ",".join(parts)
 
 
@@ -83,14 +89,14 @@ def _devices(spec: VmSpec, machine: Machine, sockets: dict[str, Path]) -> Iterab
                 "-fsdev",
                 opts(
                     "local",
+                    {"security_model": "passthrough"},
                     id=f"fs{i}",
                     path=s.path,
-                    security_model="passthrough",
                     readonly=s.readonly or None,
                     multidevs="remap",
                 ),
                 "-device",
-                opts(f"virtio-9p-{bus}", fsdev=f"fs{i}", mount_tag=s.tag),
+                opts(f"virtio-9p-{bus}", {"mount_tag": s.tag}, fsdev=f"fs{i}"),
             ]
 
 
@@ -123,6 +129,8 @@ def build(
             # virtiofsd aborts (and guest reads hang) on legacy virtio-mmio.
             argv += ["-global", "virtio-mmio.force-legacy=false"]
     argv += ["-kernel", str(spec.kernel), "-append", cmdline]
+    if spec.initrd is not None:
+        argv += ["-initrd", str(spec.initrd)]
     argv += ["-chardev", opts("file", id="console", path=console_log), "-serial", "chardev:console"]
     argv += ["-qmp", opts("unix:" + str(sockets["qmp"]), server=True, wait=False)]
     for dev in _devices(spec, m, sockets):
