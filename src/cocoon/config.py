@@ -47,8 +47,11 @@ class HypervisorConfig:
     #: virtio-fs costs one virtiofsd per VM; 9p is in-QEMU but slower for small files.
     shared_fs: str = "virtio-fs"
     virtiofsd: str = "/usr/lib/qemu/virtiofsd"
-    #: Host<->agent channel: "auto" uses vsock where /dev/vhost-vsock exists.
+    #: Host<->agent channel: "auto" uses vsock where /dev/vhost-vsock exists,
+    #: virtio-serial otherwise (one chardev socket per VM, no host module needed).
     channel: str = "auto"
+    #: virtio-balloon free page reporting: the guest returns freed memory to the host.
+    free_page_reporting: bool = True
     #: Seconds from QEMU start to agent ready before the boot counts as failed.
     boot_timeout_s: float = 30.0
     #: Seconds any single agent request may take (waits on processes excepted).

@@ -46,6 +46,7 @@ class VmSpec:
     shares: list[Share] = field(default_factory=list)
     shared_fs: str = "virtio-fs"
     initrd: Path | None = None
+    free_page_reporting: bool = True
     #: Replace the guest's /sbin/init (tests use it to put a hostile "agent" in).
     init: list[str] | None = None
 

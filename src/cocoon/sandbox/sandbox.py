@@ -179,6 +179,7 @@ class Sandbox:
             shares=list(shares),
             shared_fs=cfg.hypervisor.shared_fs,
             init=init,
+            free_page_reporting=cfg.hypervisor.free_page_reporting,
         )
         if shares and spec.shared_fs == "none":
             await sb.destroy()

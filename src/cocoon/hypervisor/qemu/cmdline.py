@@ -76,6 +76,10 @@ def _devices(spec: VmSpec, machine: Machine, sockets: dict[str, Path]) -> Iterab
         "-device",
         opts("virtserialport", chardev="agent", name="cocoon.agent"),
     ]
+    if spec.free_page_reporting:
+        # The guest hands pages it freed (boot-time decompression, exited
+        # processes) back to the host: lower PSS per idle sandbox.
+        yield ["-device", opts(f"virtio-balloon-{bus}", free_page_reporting=True)]
     for i, s in enumerate(spec.shares):
         if spec.shared_fs == "virtio-fs":
             yield [
