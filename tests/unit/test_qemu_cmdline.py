@@ -58,3 +58,10 @@ def test_kernel_cmdline_for_tcg() -> None:
     hostile = kernel_cmdline(spec(init=["/bin/sh", "-c", "echo a b"]), "q35")
     assert hostile.endswith('init=/bin/sh -- -c "echo a b"')
     assert "pci=off" not in hostile
+
+
+def test_vsock_channel_replaces_virtio_serial() -> None:
+    s = " ".join(build(spec(channel="vsock", vsock_cid=77)))
+    assert "vhost-vsock-device,guest-cid=77" in s
+    assert "virtserialport" not in s
+    assert "cocoon.channel=vsock" in kernel_cmdline(spec(channel="vsock"), "microvm")

@@ -47,8 +47,14 @@ class VmSpec:
     shared_fs: str = "virtio-fs"
     initrd: Path | None = None
     free_page_reporting: bool = True
+    #: "virtio-serial" or "vsock" (then the guest is reachable at vsock_cid:AGENT_VSOCK_PORT).
+    channel: str = "virtio-serial"
+    vsock_cid: int = 0
     #: Replace the guest's /sbin/init (tests use it to put a hostile "agent" in).
     init: list[str] | None = None
+
+
+AGENT_VSOCK_PORT = 1024
 
 
 @dataclass
@@ -56,7 +62,7 @@ class Launched:
     """What a backend started: processes to record, endpoints to connect to."""
 
     processes: dict[str, int]
-    agent_socket: Path
+    agent_socket: Path  # the virtio-serial chardev socket (unused with vsock)
     control_socket: Path
     console_log: Path
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import time
 from pathlib import Path
 from typing import TypeVar
@@ -41,6 +42,27 @@ class AgentChannel:
                 if time.monotonic() > deadline:
                     raise GuestError(f"agent socket {path.name} never appeared") from None
                 await asyncio.sleep(0.005)
+        ch = cls(Session(reader, writer), agent_timeout_s)
+        ch._reader_task = asyncio.get_running_loop().create_task(ch.session.run())
+        return ch
+
+    @classmethod
+    async def connect_vsock(
+        cls, cid: int, port: int, *, deadline: float, agent_timeout_s: float
+    ) -> AgentChannel:
+        """Connect to the agent's vsock listener; it appears only once the guest booted."""
+        while True:
+            sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            try:
+                await asyncio.get_running_loop().sock_connect(sock, (cid, port))
+                break
+            except OSError:
+                sock.close()
+                if time.monotonic() > deadline:
+                    raise GuestError(f"agent never listened on vsock {cid}:{port}") from None
+                await asyncio.sleep(0.01)
+        reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 21)
         ch = cls(Session(reader, writer), agent_timeout_s)
         ch._reader_task = asyncio.get_running_loop().create_task(ch.session.run())
         return ch

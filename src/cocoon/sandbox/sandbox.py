@@ -27,7 +27,7 @@ from cocoon.config import Config
 from cocoon.errors import CocoonError, GuestError, SandboxError
 from cocoon.guestassets.cache import resolve
 from cocoon.hypervisor import accel
-from cocoon.hypervisor.base import Disk, Launched, Share, VmSpec
+from cocoon.hypervisor.base import AGENT_VSOCK_PORT, Disk, Launched, Share, VmSpec
 from cocoon.hypervisor.qemu.backend import QemuBackend
 from cocoon.protocol import messages
 from cocoon.protocol.session import InStream, OutStream
@@ -46,6 +46,13 @@ def new_id() -> str:
 def backend_for(cfg: Config) -> QemuBackend:
     """The configured hypervisor backend (QEMU is the only one so far)."""
     return QemuBackend(cfg.hypervisor)
+
+
+def choose_channel(setting: str) -> str:
+    """vsock where the host has vhost-vsock (or when forced), virtio-serial otherwise."""
+    if setting == "vsock" or (setting == "auto" and os.path.exists("/dev/vhost-vsock")):
+        return "vsock"
+    return "virtio-serial"
 
 
 def console_tail(path: Path, lines: int = 3) -> str:
@@ -180,6 +187,9 @@ class Sandbox:
             shared_fs=cfg.hypervisor.shared_fs,
             init=init,
             free_page_reporting=cfg.hypervisor.free_page_reporting,
+            channel=choose_channel(cfg.hypervisor.channel),
+            # Guest CIDs are host-global: a random one, QEMU refuses a taken one.
+            vsock_cid=3 + secrets.randbelow(0x7FFFFFF0),
         )
         if shares and spec.shared_fs == "none":
             await sb.destroy()
@@ -199,11 +209,19 @@ class Sandbox:
         deadline = t0 + timeout_s
         self.launched = self.backend.launch(spec, self._record)
         self._watch_task = asyncio.get_running_loop().create_task(self._watch_vm())
-        self.channel = await AgentChannel.connect(
-            self.launched.agent_socket,
-            deadline=deadline,
-            agent_timeout_s=self.cfg.hypervisor.agent_timeout_s,
-        )
+        if spec.channel == "vsock":
+            self.channel = await AgentChannel.connect_vsock(
+                spec.vsock_cid,
+                AGENT_VSOCK_PORT,
+                deadline=deadline,
+                agent_timeout_s=self.cfg.hypervisor.agent_timeout_s,
+            )
+        else:
+            self.channel = await AgentChannel.connect(
+                self.launched.agent_socket,
+                deadline=deadline,
+                agent_timeout_s=self.cfg.hypervisor.agent_timeout_s,
+            )
         await self.channel.handshake(deadline)
         self.boot_s = time.monotonic() - t0
         self.channel.start_keepalive(self.cfg.hypervisor.keepalive_s)

@@ -60,6 +60,8 @@ def kernel_cmdline(spec: VmSpec, machine: str) -> str:
         khz = host_tsc_khz()
         if khz:
             params += [f"tsc_early_khz={khz}", "tsc=reliable"]
+    if spec.channel == "vsock":
+        params.append("cocoon.channel=vsock")
     if spec.init:
         params.append(f"init={spec.init[0]}")
     params += spec.kernel_params

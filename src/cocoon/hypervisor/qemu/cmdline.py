@@ -68,14 +68,17 @@ def _devices(spec: VmSpec, machine: Machine, sockets: dict[str, Path]) -> Iterab
             "-device",
             opts(f"virtio-blk-{bus}", drive=f"disk{i}", serial=d.serial),
         ]
-    yield [
-        "-device",
-        f"virtio-serial-{bus}",
-        "-chardev",
-        opts("socket", id="agent", path=sockets["agent"], server=True, wait=False),
-        "-device",
-        opts("virtserialport", chardev="agent", name="cocoon.agent"),
-    ]
+    if spec.channel == "vsock":
+        yield ["-device", opts(f"vhost-vsock-{bus}", guest_cid=spec.vsock_cid)]
+    else:
+        yield [
+            "-device",
+            f"virtio-serial-{bus}",
+            "-chardev",
+            opts("socket", id="agent", path=sockets["agent"], server=True, wait=False),
+            "-device",
+            opts("virtserialport", chardev="agent", name="cocoon.agent"),
+        ]
     if spec.free_page_reporting:
         # The guest hands pages it freed (boot-time decompression, exited
         # processes) back to the host: lower PSS per idle sandbox.
