@@ -56,7 +56,8 @@ class AgentChannel:
         )
         if reply.protocol_version != messages.PROTOCOL_VERSION:
             raise GuestError(
-                f"agent speaks protocol {reply.protocol_version}, host {messages.PROTOCOL_VERSION}: "
+                f"agent speaks protocol {reply.protocol_version}, "
+                f"host {messages.PROTOCOL_VERSION}: "
                 "rebuild the guest image (`cocoon guest build`)"
             )
         self.hello = reply
