@@ -1,40 +1,54 @@
 """Containers inside the guest, driven through crun.
 
 crun does the namespace, cgroup and seccomp work; the agent keeps the table of
-containers and processes, wires their stdio to protocol streams and turns wait
-statuses (and cgroup OOM counters) into exit reports.
+containers and processes, wires their stdio to protocol streams (one pump
+thread per direction, blocking reads and writes) and turns wait statuses (and
+cgroup OOM counters) into exit reports.
 """
 
 from __future__ import annotations
 
-import asyncio
+import _socket  # not `socket`: its enum set-up costs ~30 ms of boot under TCG
 import contextlib
 import fcntl
 import json
 import os
-import signal
-import socket
 import struct
 import termios
+import threading
+import time
 
 from cocoon.agent import spawn, system
-from cocoon.agent.reaper import Reaper, exit_code
+from cocoon.agent.reaper import Exit, Reaper, exit_code
+from cocoon.agent.session import InStream, OutStream, RemoteError, Session, SessionClosed
 from cocoon.protocol import framing, messages
-from cocoon.protocol.session import RemoteError, Session
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 CRUN = "crun"
 CRUN_ROOT = "/run/crun"
 BUNDLES = "/run/cocoon/containers"
 MAX_CONTAINERS = 256
 MAX_EXECS = 1024
+CRUN_TIMEOUT_S = 60.0
+#: Bound on holding back an exit report for output still being forwarded.
+OUTPUT_DRAIN_S = 5.0
+SIGKILL = 9  # not from `signal`: that module's enum set-up costs boot time
 
 
 class Process:
-    def __init__(self, pid: int, exit: asyncio.Future[int], master_fd: int = -1) -> None:
+    """A process crun started: pid, exit, terminal and the threads forwarding its stdio."""
+
+    def __init__(self, pid: int, exit: Exit, master_fd: int = -1) -> None:
         self.pid = pid
         self.exit = exit
         self.master_fd = master_fd
-        self.tasks: list[asyncio.Task[None]] = []
+        #: stdout/stderr pumps: the exit report waits for them (bounded).
+        self.output_pumps: list[threading.Thread] = []
+        #: The session and stream feeding stdin, dropped when the container goes.
+        self.stdin: tuple[Session, int] | None = None
         self.oom_before = 0
 
 
@@ -44,6 +58,8 @@ class Container:
         self.bundle = bundle
         self.init: Process | None = None
         self.execs: dict[str, Process] = {}
+        #: Exec ids being launched: reserved so two requests cannot both take one.
+        self.pending: set[str] = set()
 
     def path(self, name: str) -> str:
         return os.path.join(self.bundle, name)
@@ -74,18 +90,17 @@ def _write(path: str, text: str) -> None:
 
 
 class Containers:
+    """The container table. Requests run on parallel threads, so every check
+    and update of the table happens under one lock; crun runs outside it."""
+
     def __init__(self, reaper: Reaper) -> None:
         self._reaper = reaper
         self._containers: dict[str, Container] = {}
-        self.session: Session | None = None
+        self._lock = threading.Lock()
 
     # -- lifecycle ----------------------------------------------------------
 
-    async def create(self, req: messages.CreateContainer) -> messages.ProcessStarted:
-        if req.container_id in self._containers:
-            raise RemoteError("exists", f"container {req.container_id} already exists")
-        if len(self._containers) >= MAX_CONTAINERS:
-            raise RemoteError("limit", "too many containers in this sandbox")
+    def create(self, session: Session, req: messages.CreateContainer) -> messages.ProcessStarted:
         try:
             spec = json.loads(req.spec_json)
         except json.JSONDecodeError as e:
@@ -93,39 +108,44 @@ class Containers:
         if not isinstance(spec, dict) or not isinstance(spec.get("process"), dict):
             raise RemoteError("invalid", "spec must be an object with a process")
         spec["process"]["terminal"] = req.stdio.terminal
-        root = spec.get("root") if isinstance(spec.get("root"), dict) else {}
+        root = spec.get("root")
+        if not isinstance(root, dict):
+            root = {}
         spec["root"] = {"path": req.rootfs, "readonly": bool(root.get("readonly", False))}
         linux = spec.setdefault("linux", {})
         if not isinstance(linux, dict):
             raise RemoteError("invalid", "spec.linux must be an object")
         linux["cgroupsPath"] = f"/{system.CONTAINERS_CGROUP}/{req.container_id}"
         bundle = os.path.join(BUNDLES, req.container_id)
-        rmtree(bundle)
-        os.makedirs(bundle)
-        _write(os.path.join(bundle, "config.json"), json.dumps(spec))
         c = Container(req.container_id, bundle)
-        self._containers[c.id] = c
+        with self._lock:
+            if c.id in self._containers:
+                raise RemoteError("exists", f"container {c.id} already exists")
+            if len(self._containers) >= MAX_CONTAINERS:
+                raise RemoteError("limit", "too many containers in this sandbox")
+            self._containers[c.id] = c
         try:
+            rmtree(bundle)
+            os.makedirs(bundle)
+            _write(os.path.join(bundle, "config.json"), json.dumps(spec))
             argv = ["create", "--bundle", bundle, "--pid-file", c.path("init.pid")]
-            c.init = await self._launch(c, argv, req.stdio, "init")
+            c.init = self._launch(session, c, argv, req.stdio, "init")
         except BaseException:
-            await self._crun(["delete", "--force", c.id], check=False)
-            self._containers.pop(c.id, None)
+            with contextlib.suppress(Exception):
+                self._crun(["delete", "--force", c.id], check=False)
+            with self._lock:
+                self._containers.pop(c.id, None)
             rmtree(bundle)
             raise
         return messages.ProcessStarted(c.init.pid)
 
-    async def start(self, req: messages.StartContainer) -> messages.Ok:
+    def start(self, req: messages.StartContainer) -> messages.Ok:
         self._get(req.container_id)
-        await self._crun(["start", req.container_id])
+        self._crun(["start", req.container_id])
         return messages.Ok()
 
-    async def exec(self, req: messages.ExecProcess) -> messages.ProcessStarted:
+    def exec(self, session: Session, req: messages.ExecProcess) -> messages.ProcessStarted:
         c = self._get(req.container_id)
-        if req.exec_id in c.execs:
-            raise RemoteError("exists", f"exec {req.exec_id} already exists")
-        if len(c.execs) >= MAX_EXECS:
-            raise RemoteError("limit", "too many exec processes")
         try:
             proc = json.loads(req.process_json)
         except json.JSONDecodeError as e:
@@ -133,24 +153,35 @@ class Containers:
         if not isinstance(proc, dict) or not isinstance(proc.get("args"), list):
             raise RemoteError("invalid", "process must be an object with args")
         proc["terminal"] = req.stdio.terminal
-        pfile = c.path(f"exec-{req.exec_id}.json")
-        _write(pfile, json.dumps(proc))
-        argv = [
-            "exec",
-            "--detach",
-            "--process",
-            pfile,
-            "--pid-file",
-            c.path(f"exec-{req.exec_id}.pid"),
-        ]
-        p = await self._launch(c, argv, req.stdio, req.exec_id)
-        c.execs[req.exec_id] = p
+        with self._lock:
+            if req.exec_id in c.execs or req.exec_id in c.pending:
+                raise RemoteError("exists", f"exec {req.exec_id} already exists")
+            if len(c.execs) + len(c.pending) >= MAX_EXECS:
+                raise RemoteError("limit", "too many exec processes")
+            c.pending.add(req.exec_id)
+        try:
+            pfile = c.path(f"exec-{req.exec_id}.json")
+            _write(pfile, json.dumps(proc))
+            argv = [
+                "exec",
+                "--detach",
+                "--process",
+                pfile,
+                "--pid-file",
+                c.path(f"exec-{req.exec_id}.pid"),
+            ]
+            p = self._launch(session, c, argv, req.stdio, req.exec_id)
+            with self._lock:
+                c.execs[req.exec_id] = p
+        finally:
+            with self._lock:
+                c.pending.discard(req.exec_id)
         return messages.ProcessStarted(p.pid)
 
-    async def signal(self, req: messages.SignalProcess) -> messages.Ok:
+    def signal(self, req: messages.SignalProcess) -> messages.Ok:
         c = self._get(req.container_id)
         if req.all:
-            await self._crun(["kill", "--all", c.id, str(req.signal)])
+            self._crun(["kill", "--all", c.id, str(req.signal)])
             return messages.Ok()
         p = self._proc(c, req.exec_id)
         if not p.exit.done():
@@ -158,79 +189,87 @@ class Containers:
                 os.kill(p.pid, req.signal)
         return messages.Ok()
 
-    async def wait(self, req: messages.WaitProcess) -> messages.ProcessExited:
+    def wait(self, session: Session, req: messages.WaitProcess) -> messages.ProcessExited:
         c = self._get(req.container_id)
         p = self._proc(c, req.exec_id)
-        status = await asyncio.shield(p.exit)
+        status = session.wait_exit(p.exit)
         code, sig = exit_code(status)
-        oom = sig == signal.SIGKILL and system.oom_kills(c.id) > p.oom_before
+        oom = sig == SIGKILL and system.oom_kills(c.id) > p.oom_before
         # Output first, then the exit report: the host sees complete stdout.
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(asyncio.gather(*p.tasks, return_exceptions=True), 5.0)
+        deadline = time.monotonic() + OUTPUT_DRAIN_S
+        for t in p.output_pumps:
+            t.join(max(0.0, deadline - time.monotonic()))
         return messages.ProcessExited(exit_code=min(code, 255), signal=sig, oom_killed=oom)
 
-    async def resize(self, req: messages.ResizeTty) -> messages.Ok:
+    def resize(self, req: messages.ResizeTty) -> messages.Ok:
         p = self._proc(self._get(req.container_id), req.exec_id)
         if p.master_fd < 0:
             raise RemoteError("invalid", "process has no terminal")
-        fcntl.ioctl(p.master_fd, termios.TIOCSWINSZ, struct.pack("HHHH", req.rows, req.cols, 0, 0))
+        _set_winsize(p.master_fd, req.rows, req.cols)
         return messages.Ok()
 
-    async def delete(self, req: messages.DeleteContainer) -> messages.Ok:
+    def delete(self, req: messages.DeleteContainer) -> messages.Ok:
         c = self._get(req.container_id)
-        await self._crun(["delete", "--force", c.id], check=False)
+        self._crun(["delete", "--force", c.id], check=False)
         for p in [c.init, *c.execs.values()]:
             if p is not None:
-                self._close_process(p)
-        self._containers.pop(c.id, None)
+                _close_process(p)
+        with self._lock:
+            self._containers.pop(c.id, None)
         rmtree(c.bundle)
         return messages.Ok()
 
-    async def list_processes(self, req: messages.ListProcesses) -> messages.ProcessList:
+    def list_processes(self, req: messages.ListProcesses) -> messages.ProcessList:
         self._get(req.container_id)
         return messages.ProcessList(system.cgroup_pids(req.container_id))
 
-    async def stats(self, req: messages.Stats) -> messages.StatsReply:
+    def stats(self, req: messages.Stats) -> messages.StatsReply:
         self._get(req.container_id)
         return system.stats(req.container_id)
 
     # -- internals ----------------------------------------------------------
 
     def _get(self, cid: str) -> Container:
-        c = self._containers.get(cid)
+        with self._lock:
+            c = self._containers.get(cid)
         if c is None:
             raise RemoteError("not_found", f"no container {cid}")
         return c
 
     def _proc(self, c: Container, exec_id: str) -> Process:
-        p = c.execs.get(exec_id) if exec_id else c.init
+        with self._lock:
+            p = c.execs.get(exec_id) if exec_id else c.init
         if p is None:
             raise RemoteError("not_found", f"no process {exec_id or 'init'} in {c.id}")
         return p
 
-    async def _crun(self, args: list[str], check: bool = True) -> str:
-        code, out = await spawn.run([CRUN, "--root", CRUN_ROOT, *args], self._reaper)
+    def _crun(self, args: list[str], check: bool = True) -> str:
+        code, out = spawn.run([CRUN, "--root", CRUN_ROOT, *args], self._reaper)
         if check and code != 0:
             raise RemoteError("crun_failed", _last_error(out) or f"crun {args[0]} exited {code}")
         return out
 
-    async def _launch(
-        self, c: Container, verb_args: list[str], stdio: messages.StdioSpec, tag: str
+    def _launch(
+        self,
+        session: Session,
+        c: Container,
+        verb_args: list[str],
+        stdio: messages.StdioSpec,
+        tag: str,
     ) -> Process:
         """Run ``crun create|exec`` with the process's stdio and collect its pid."""
-        session = self.session
-        if session is None:
-            raise RemoteError("no_session", "no host session")
+        session.check_alive()
         child_fds: list[int] = []
         ours: list[int] = []
-        console: socket.socket | None = None
+        master = -1
+        console: _socket.socket | None = None
         sock_path = c.path(f"console-{tag}.sock")
         try:
             if stdio.terminal:
-                console = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                console = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
                 console.bind(sock_path)
                 console.listen(1)
-                console.setblocking(False)
+                console.settimeout(0.1)
                 verb_args = [*verb_args, "--console-socket", sock_path]
                 null = os.open("/dev/null", os.O_RDWR)
                 child_fds = [null, null, null]
@@ -245,41 +284,46 @@ class Containers:
             for fd in set(child_fds):
                 os.close(fd)
             child_fds = []
-            master = -1
             if console is not None:
-                master = await _receive_pty(console, crun_exit)
-            async with asyncio.timeout(60):
-                status = await crun_exit
+                master = _receive_pty(console, crun_exit)
+            status = crun_exit.wait(CRUN_TIMEOUT_S)
+            if status is None:
+                raise TimeoutError(f"crun did not finish within {CRUN_TIMEOUT_S:g} s")
             code, _ = exit_code(status)
             if code != 0:
-                if master >= 0:
-                    os.close(master)
                 raise RemoteError("crun_failed", _crun_log_error(c.bundle) or f"crun exited {code}")
             with open(pidfile) as f:
                 pid = int(f.read().strip())
             p = Process(pid=pid, exit=self._reaper.expect(pid), master_fd=master)
             p.oom_before = system.oom_kills(c.id)
             if master >= 0:
-                p.tasks = _pump_tty(session, master, stdio)
+                master = -1  # the process owns it now
+                _pump_tty(session, p, stdio)
             else:
-                p.tasks = _pump_pipes(session, ours, stdio)
+                _pump_pipes(session, p, ours, stdio)
             ours = []
             return p
         finally:
-            for fd in set(child_fds) | set(x for x in ours if x >= 0):
+            for fd in set(child_fds) | {x for x in ours if x >= 0}:
                 os.close(fd)
+            if master >= 0:
+                os.close(master)
             if console is not None:
                 console.close()
                 with contextlib.suppress(OSError):
                     os.unlink(sock_path)
 
-    def _close_process(self, p: Process) -> None:
-        for t in p.tasks:
-            t.cancel()
-        if p.master_fd >= 0:
-            with contextlib.suppress(OSError):
-                os.close(p.master_fd)
-            p.master_fd = -1
+
+def _close_process(p: Process) -> None:
+    """Let go of a process whose container is being deleted."""
+    if p.stdin is not None:
+        session, chan = p.stdin
+        session.close_in(chan)  # its pump sees the end and closes the pipe
+        p.stdin = None
+    if p.master_fd >= 0:
+        with contextlib.suppress(OSError):
+            os.close(p.master_fd)
+        p.master_fd = -1
 
 
 def _pipes(stdio: messages.StdioSpec) -> tuple[list[int], list[int]]:
@@ -304,86 +348,111 @@ def _pipes(stdio: messages.StdioSpec) -> tuple[list[int], list[int]]:
     return child, ours
 
 
-async def _receive_pty(console: socket.socket, crun_exit: asyncio.Future[int]) -> int:
-    loop = asyncio.get_running_loop()
-    accept = asyncio.ensure_future(loop.sock_accept(console))
-    async with asyncio.timeout(60):
-        done, _ = await asyncio.wait({accept, crun_exit}, return_when=asyncio.FIRST_COMPLETED)
-    if accept not in done:
-        accept.cancel()
-        return -1
-    conn, _ = accept.result()
-    with conn:
-        conn.setblocking(True)
+def _receive_pty(console: _socket.socket, crun_exit: Exit) -> int:
+    """The terminal master crun passes over the console socket; -1 if crun exits
+    without connecting (it failed, and its log says why)."""
+    deadline = time.monotonic() + CRUN_TIMEOUT_S
+    while True:
+        # Sampled before accepting: if crun had already exited then, an empty
+        # backlog means it never will connect.
+        finished = crun_exit.done()
+        try:
+            # The C socket's accept (socket.py wraps it): returns the new fd.
+            fd, _ = console._accept()  # type: ignore[attr-defined]
+            break
+        except TimeoutError:
+            if finished:
+                return -1
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"crun sent no terminal within {CRUN_TIMEOUT_S:g} s") from None
+    conn = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM, 0, fd)
+    try:
         conn.settimeout(10)
-        _, fds, _, _ = socket.recv_fds(conn, 4096, 1)
+        _, ancillary, _, _ = conn.recvmsg(4096, _socket.CMSG_SPACE(4), _socket.MSG_CMSG_CLOEXEC)
+    finally:
+        conn.close()
+    fds: list[int] = []
+    for level, kind, data in ancillary:
+        if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
+            n = len(data) // 4
+            fds += struct.unpack(f"{n}i", data[: n * 4])
     if not fds:
         raise RemoteError("crun_failed", "crun sent no terminal")
+    for extra in fds[1:]:
+        os.close(extra)
+    os.set_blocking(fds[0], True)  # the pumps use blocking reads and writes
     return fds[0]
 
 
-def _pump_pipes(
-    session: Session, ours: list[int], stdio: messages.StdioSpec
-) -> list[asyncio.Task[None]]:
+def _set_winsize(fd: int, rows: int, cols: int) -> None:
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
+def _start(target: Callable[..., None], *args: object) -> threading.Thread:
+    """A daemon pump thread: it must never keep PID 1 from powering off."""
+    t = threading.Thread(target=target, args=args, daemon=True)
+    t.start()
+    return t
+
+
+def _pump_pipes(session: Session, p: Process, ours: list[int], stdio: messages.StdioSpec) -> None:
     stdin_w, out_r, err_r = ours
-    tasks = []
-    loop = asyncio.get_running_loop()
-    if stdin_w >= 0:
-        tasks.append(loop.create_task(_stdin_to_fd(session, stdio.stdin, stdin_w)))
-    if out_r >= 0:
-        tasks.append(loop.create_task(_fd_to_stream(session, out_r, stdio.stdout)))
-    if err_r >= 0:
-        tasks.append(loop.create_task(_fd_to_stream(session, err_r, stdio.stderr)))
-    return tasks
+    # Streams first: opening one can fail, and then no pump owns an fd yet.
+    out = session.open_out(stdio.stdout) if out_r >= 0 else None
+    err = session.open_out(stdio.stderr) if err_r >= 0 else None
+    sin = session.in_stream(stdio.stdin) if stdin_w >= 0 else None
+    if out is not None:
+        p.output_pumps.append(_start(_fd_to_stream, out_r, out))
+    if err is not None:
+        p.output_pumps.append(_start(_fd_to_stream, err_r, err))
+    if sin is not None:
+        p.stdin = (session, stdio.stdin)
+        _start(_stdin_to_fd, session, sin, stdin_w)
 
 
-def _pump_tty(session: Session, master: int, stdio: messages.StdioSpec) -> list[asyncio.Task[None]]:
+def _pump_tty(session: Session, p: Process, stdio: messages.StdioSpec) -> None:
     if stdio.rows and stdio.cols:
-        fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", stdio.rows, stdio.cols, 0, 0))
-    loop = asyncio.get_running_loop()
-    tasks = [loop.create_task(_fd_to_stream(session, os.dup(master), stdio.stdout))]
-    if stdio.stdin:
-        tasks.append(loop.create_task(_stdin_to_fd(session, stdio.stdin, os.dup(master))))
-    return tasks
+        _set_winsize(p.master_fd, stdio.rows, stdio.cols)
+    out = session.open_out(stdio.stdout)
+    sin = session.in_stream(stdio.stdin) if stdio.stdin else None
+    p.output_pumps.append(_start(_fd_to_stream, os.dup(p.master_fd), out))
+    if sin is not None:
+        p.stdin = (session, stdio.stdin)
+        _start(_stdin_to_fd, session, sin, os.dup(p.master_fd))
 
 
-async def _fd_to_stream(session: Session, fd: int, chan: int) -> None:
-    loop = asyncio.get_running_loop()
-    out = session.open_out(chan)
-    reader = asyncio.StreamReader(limit=framing.MAX_DATA)
-    transport, _ = await loop.connect_read_pipe(
-        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(fd, "rb", buffering=0)
-    )
+def _fd_to_stream(fd: int, out: OutStream) -> None:
+    """Forward a process's output until it closes (EOF, or EIO on a pty master
+    once the last slave is gone) or the session dies; then EOF the stream."""
     try:
         while True:
             try:
-                data = await reader.read(framing.MAX_DATA)
-            except OSError:  # EIO on a pty master once the last slave closes
+                data = os.read(fd, framing.MAX_DATA)
+            except OSError:
                 break
             if not data:
                 break
-            await out.write(data)
-    finally:
-        transport.close()
-        await out.close()
-
-
-async def _stdin_to_fd(session: Session, chan: int, fd: int) -> None:
-    loop = asyncio.get_running_loop()
-    stream = session.in_stream(chan)
-    transport, protocol = await loop.connect_write_pipe(
-        lambda: asyncio.streams.FlowControlMixin(), os.fdopen(fd, "wb", buffering=0)
-    )
-    writer = asyncio.StreamWriter(transport, protocol, None, loop)
-    try:
-        while data := await stream.read():
-            writer.write(data)
-            await writer.drain()
-    except (OSError, ConnectionError):
+            out.write(data)
+    except SessionClosed:
         pass
     finally:
-        session.close_in(chan)
-        transport.close()
+        os.close(fd)
+        out.close()
+
+
+def _stdin_to_fd(session: Session, stream: InStream, fd: int) -> None:
+    """Forward the host's stdin into the process until EOF; credit goes back as
+    we read, so a process that stops reading stalls the host, not our memory."""
+    try:
+        while data := stream.read():
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+    except OSError:  # the process closed its end; SessionClosed too
+        pass
+    finally:
+        session.close_in(stream.chan)
+        os.close(fd)
 
 
 def _crun_log_error(bundle: str) -> str:

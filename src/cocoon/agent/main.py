@@ -3,11 +3,14 @@
 The channel outlives any one session: the host may disconnect (a restarted
 monitor, a restored snapshot) and a new session starts on the same port while
 containers keep running.
+
+Plain threads and blocking calls, no asyncio: under TCG importing asyncio (and
+the logging, concurrent.futures, subprocess, inspect... it pulls in) cost ~1 s
+of a boot budget of 1.2 s.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import sys
@@ -17,10 +20,13 @@ from cocoon import __version__
 from cocoon.agent import spawn, system
 from cocoon.agent.containers import Containers
 from cocoon.agent.reaper import Reaper
+from cocoon.agent.session import RemoteError, Session
 from cocoon.protocol import messages
-from cocoon.protocol.session import RemoteError, Session
 
 PORT_NAME = "cocoon.agent"
+#: Reconnect backoff while no host is on the port (reads then hit EOF at once).
+BACKOFF_MIN_S = 0.01
+BACKOFF_MAX_S = 0.5
 
 
 def log(msg: str) -> None:
@@ -48,7 +54,8 @@ class Agent:
         self.containers = Containers(self.reaper)
         self.shutting_down = False
 
-    async def handle(self, msg: messages.Message) -> messages.Message:
+    def handle(self, session: Session, msg: messages.Message) -> messages.Message:
+        """Serve one request (on its own thread); RemoteError becomes an ERROR frame."""
         c = self.containers
         match msg:
             case messages.Hello():
@@ -66,73 +73,71 @@ class Agent:
                 return system.details(__version__)
             case messages.Mount():
                 os.makedirs(msg.target, exist_ok=True)
-                code, out = await spawn.run(system.mount_argv(msg), self.reaper)
+                code, out = spawn.run(system.mount_argv(msg), self.reaper)
                 if code != 0:
                     raise RemoteError("mount_failed", out.strip()[-300:] or f"mount exited {code}")
                 return messages.Ok()
             case messages.Unmount():
-                code, out = await spawn.run(["umount", msg.target], self.reaper)
+                code, out = spawn.run(["umount", msg.target], self.reaper)
                 if code != 0:
                     raise RemoteError("umount_failed", out.strip()[-300:])
                 return messages.Ok()
             case messages.CreateContainer():
-                return await c.create(msg)
+                return c.create(session, msg)
             case messages.StartContainer():
-                return await c.start(msg)
+                return c.start(msg)
             case messages.ExecProcess():
-                return await c.exec(msg)
+                return c.exec(session, msg)
             case messages.SignalProcess():
-                return await c.signal(msg)
+                return c.signal(msg)
             case messages.WaitProcess():
-                return await c.wait(msg)
+                return c.wait(session, msg)
             case messages.ResizeTty():
-                return await c.resize(msg)
+                return c.resize(msg)
             case messages.DeleteContainer():
-                return await c.delete(msg)
+                return c.delete(msg)
             case messages.ListProcesses():
-                return await c.list_processes(msg)
+                return c.list_processes(msg)
             case messages.Stats():
-                return await c.stats(msg)
+                return c.stats(msg)
             case messages.Shutdown():
                 self.shutting_down = True
-                asyncio.get_running_loop().call_later(0.05, self.power_off)
                 return messages.Ok()
         raise RemoteError("unsupported", f"agent does not serve {msg.TYPE}")
+
+    def after_reply(self, msg: messages.Message) -> None:
+        """Power off only once the Shutdown reply is on the wire (or undeliverable)."""
+        if isinstance(msg, messages.Shutdown):
+            self.power_off()
 
     def power_off(self) -> None:
         """Never returns: PID 1 exiting would panic the guest instead."""
         os.sync()
         # reboot=t on the kernel command line + QEMU's -no-reboot: QEMU exits.
-        with contextlib.suppress(OSError):
+        try:
             os.execv("/bin/busybox", ["reboot", "-f"])
+        except OSError as e:
+            log(f"cannot power off: {e}")
+        while True:
+            time.sleep(3600)
 
-    async def serve(self, port: str) -> None:
-        loop = asyncio.get_running_loop()
-        self.reaper.install(loop)
-        backoff = 0.01
+    def serve(self, port: str) -> None:
+        """Serve one session after another on the port until a Shutdown."""
+        self.reaper.start()
+        backoff = BACKOFF_MIN_S
         while not self.shutting_down:
             fd = os.open(port, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
-            reader = asyncio.StreamReader(limit=1 << 21)
-            rtrans, _ = await loop.connect_read_pipe(
-                lambda r=reader: asyncio.StreamReaderProtocol(r),  # type: ignore[misc]
-                os.fdopen(fd, "rb", buffering=0),
-            )
-            wtrans, wproto = await loop.connect_write_pipe(
-                lambda: asyncio.streams.FlowControlMixin(),
-                os.fdopen(os.dup(fd), "wb", buffering=0),
-            )
-            writer = asyncio.StreamWriter(wtrans, wproto, None, loop)
-            session = Session(reader, writer, handler=self.handle, lazy_streams=True)
-            self.containers.session = session
+            session = Session(fd, self.handle, after_reply=self.after_reply)
             started = time.monotonic()
-            await session.run()
+            session.run()  # closes fd
             if session.closed is not None:
                 log(f"session ended: {session.closed}")
-            rtrans.close()
-            wtrans.close()
             # No host on the other end reads as EOF at once: back off a little.
-            backoff = 0.01 if time.monotonic() - started > 1 else min(backoff * 2, 0.5)
-            await asyncio.sleep(backoff)
+            if time.monotonic() - started > 1:
+                backoff = BACKOFF_MIN_S
+            else:
+                backoff = min(backoff * 2, BACKOFF_MAX_S)
+            time.sleep(backoff)
         self.power_off()
 
 
@@ -141,7 +146,7 @@ def main() -> None:
         log("imports done " + f.read().split()[0])
     port = find_port()
     try:
-        asyncio.run(Agent().serve(port))
+        Agent().serve(port)
     except BaseException as e:  # PID 1 must not just vanish: say why, then halt
         log(f"fatal: {e.__class__.__name__}: {e}")
         sys.stderr.flush()

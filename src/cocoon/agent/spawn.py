@@ -1,56 +1,68 @@
 """Starting helper programs (crun, mount) from the agent.
 
 posix_spawn rather than subprocess: the reaper owns waitpid, and Popen would
-race it for the exit status.
+race it for the exit status (subprocess is also a costly import at boot).
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
+import select
+import time
 
-from cocoon.agent.reaper import Reaper, exit_code
+from cocoon.agent.reaper import Exit, Reaper, exit_code
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import NoReturn
 
 ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/", "LANG": "C.UTF-8"}
 OUTPUT_CAP = 64 << 10
 
 
-def spawn(
-    argv: list[str], reaper: Reaper, stdio: tuple[int, int, int]
-) -> tuple[int, asyncio.Future[int]]:
+def spawn(argv: list[str], reaper: Reaper, stdio: tuple[int, int, int]) -> tuple[int, Exit]:
+    """Start argv in its own session with stdio as fds 0/1/2; return (pid, its Exit)."""
     actions = [(os.POSIX_SPAWN_DUP2, fd, i) for i, fd in enumerate(stdio)]
     pid = os.posix_spawnp(argv[0], argv, ENV, file_actions=actions, setsid=True)
+    reaper.spawned()
     return pid, reaper.expect(pid)
 
 
-async def run(argv: list[str], reaper: Reaper, timeout_s: float = 60.0) -> tuple[int, str]:
+def run(argv: list[str], reaper: Reaper, timeout_s: float = 60.0) -> tuple[int, str]:
     """Run to completion; return (exit code, combined output tail). Kills on timeout."""
     r, w = os.pipe()
-    devnull = os.open("/dev/null", os.O_RDONLY)
     try:
-        pid, fut = spawn(argv, reaper, (devnull, w, w))
+        devnull = os.open("/dev/null", os.O_RDONLY)
+        try:
+            pid, ex = spawn(argv, reaper, (devnull, w, w))
+        finally:
+            os.close(w)
+            os.close(devnull)
+        deadline = time.monotonic() + timeout_s
+        poller = select.poll()
+        poller.register(r, select.POLLIN)
+        out = bytearray()
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not poller.poll(left * 1000 + 1):
+                _timed_out(argv, pid, timeout_s)
+            chunk = os.read(r, 65536)
+            if not chunk:
+                break
+            out += chunk
+            if len(out) > OUTPUT_CAP:
+                del out[: len(out) - OUTPUT_CAP]
     finally:
-        os.close(w)
-        os.close(devnull)
-    loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader()
-    transport, _ = await loop.connect_read_pipe(
-        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(r, "rb", buffering=0)
-    )
-    out = bytearray()
-    try:
-        async with asyncio.timeout(timeout_s):
-            while chunk := await reader.read(65536):
-                out += chunk
-                if len(out) > OUTPUT_CAP:
-                    del out[: len(out) - OUTPUT_CAP]
-            status = await fut
-    except TimeoutError:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pid, 9)
-        raise TimeoutError(f"{argv[0]} did not finish within {timeout_s:g} s") from None
-    finally:
-        transport.close()
+        os.close(r)
+    status = ex.wait(max(0.0, deadline - time.monotonic()))
+    if status is None:
+        _timed_out(argv, pid, timeout_s)
     code, _ = exit_code(status)
     return code, out.decode(errors="replace")
+
+
+def _timed_out(argv: list[str], pid: int, timeout_s: float) -> NoReturn:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, 9)
+    raise TimeoutError(f"{argv[0]} did not finish within {timeout_s:g} s")

@@ -6,8 +6,8 @@ import contextlib
 import os
 import time
 
+from cocoon.agent.session import RemoteError
 from cocoon.protocol import messages
-from cocoon.protocol.session import RemoteError
 
 CGROUP_ROOT = "/sys/fs/cgroup"
 CONTAINERS_CGROUP = "cocoon"

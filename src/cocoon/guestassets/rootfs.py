@@ -117,7 +117,10 @@ def python_modules(agent_dir: Path) -> list[str]:
         "    f = getattr(m, '__file__', None)\n"
         "    if f: print(f)\n"
     )
-    cp = run([PYTHON, "-I", "-S", "-c", code], timeout_s=60, error=GuestAssetError)
+    # -B: the scan imports from the image tree; timestamp .pyc left there would
+    # make compileall skip those files, and mkfs -T0 zeroes the sources' mtimes,
+    # so the guest would find them stale and recompile the agent at every boot.
+    cp = run([PYTHON, "-I", "-S", "-B", "-c", code], timeout_s=60, error=GuestAssetError)
     files = [ln for ln in cp.stdout.decode().splitlines() if ln.startswith(PYLIB + "/")]
     return sorted(set(files))
 
