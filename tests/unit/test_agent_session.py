@@ -25,7 +25,7 @@ from cocoon.protocol.framing import Kind
 from cocoon.protocol.session import RemoteError as HostRemoteError
 from cocoon.protocol.session import Session as HostSession
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = Path(__file__).resolve().parents[2] / "src"
 
 Handler = Callable[[Session, messages.Message], messages.Message]
 

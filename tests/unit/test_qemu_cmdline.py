@@ -65,3 +65,10 @@ def test_vsock_channel_replaces_virtio_serial() -> None:
     assert "vhost-vsock-device,guest-cid=77" in s
     assert "virtserialport" not in s
     assert "cocoon.channel=vsock" in kernel_cmdline(spec(channel="vsock"), "microvm")
+
+
+def test_agent_and_host_agree_on_the_vsock_port() -> None:
+    from cocoon.agent.main import VSOCK_PORT
+    from cocoon.hypervisor.base import AGENT_VSOCK_PORT
+
+    assert VSOCK_PORT == AGENT_VSOCK_PORT

@@ -29,6 +29,8 @@ from cocoon.state.store import list_ids
 
 T = TypeVar("T")
 ROOTFS_TAG = "rootfs"
+#: Ids of session-long sandboxes: the leak check leaves them alone.
+SHARED: set[str] = set()
 GUEST_ROOTFS = "/run/rootfs"
 
 
@@ -68,28 +70,26 @@ def rootfs(cfg: Config) -> Path:
 @pytest.fixture(scope="session")
 def booted(cfg: Config, run: Runner, rootfs: Path) -> Iterator[Sandbox]:
     sb = run(Sandbox.create(cfg, shares=[Share(ROOTFS_TAG, rootfs, readonly=True)]))
+    SHARED.add(sb.id)
     run(sb.mount("virtiofs", ROOTFS_TAG, GUEST_ROOTFS, readonly=True))
     yield sb
     run(sb.destroy())
+    SHARED.discard(sb.id)
 
 
 @pytest.fixture(autouse=True)
-def no_leaks(request: pytest.FixtureRequest, cfg: Config) -> Iterator[None]:
+def no_leaks(cfg: Config) -> Iterator[None]:
     yield
-    shared = None
-    if "booted" in request.fixturenames:
-        shared = request.getfixturevalue("booted").id
     root = cfg.root
-    stray = {p: s for p, s in gc.processes_naming(root).items() if s != shared}
-    dirs = [s for s in list_ids(root) if s != shared]
+    stray = {p: s for p, s in gc.processes_naming(root).items() if s not in SHARED}
+    dirs = [s for s in list_ids(root) if s not in SHARED]
     if stray or dirs:
         for s in dirs:
             console = root / "sandboxes" / s / "console.log"
             if console.exists():
                 print(f"--- console of {s} ---\n{console.read_text(errors='replace')[-3000:]}")
-        gc.reap(root, force=True)
-        if shared:  # reaping may not touch the shared one
-            pass
+        for s in set(dirs) | set(stray.values()):
+            gc.reap(root, only=s, force=True)
     assert not stray, f"stray VM processes left: {stray}"
     assert not dirs, f"sandbox dirs left: {dirs}"
 

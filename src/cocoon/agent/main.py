@@ -15,6 +15,7 @@ import contextlib
 import os
 import sys
 import time
+from collections.abc import Callable
 
 from cocoon import __version__
 from cocoon.agent import spawn, system
@@ -24,6 +25,8 @@ from cocoon.agent.session import RemoteError, Session
 from cocoon.protocol import messages
 
 PORT_NAME = "cocoon.agent"
+#: Must equal cocoon.hypervisor.base.AGENT_VSOCK_PORT (the agent cannot import it).
+VSOCK_PORT = 1024
 #: Reconnect backoff while no host is on the port (reads then hit EOF at once).
 BACKOFF_MIN_S = 0.01
 BACKOFF_MAX_S = 0.5
@@ -121,12 +124,12 @@ class Agent:
         while True:
             time.sleep(3600)
 
-    def serve(self, port: str) -> None:
-        """Serve one session after another on the port until a Shutdown."""
+    def serve(self, open_channel: Callable[[], int]) -> None:
+        """Serve one session after another on the channel until a Shutdown."""
         self.reaper.start()
         backoff = BACKOFF_MIN_S
         while not self.shutting_down:
-            fd = os.open(port, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+            fd = open_channel()
             session = Session(fd, self.handle, after_reply=self.after_reply)
             started = time.monotonic()
             session.run()  # closes fd
@@ -141,12 +144,38 @@ class Agent:
         self.power_off()
 
 
+def open_port(port: str) -> Callable[[], int]:
+    return lambda: os.open(port, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+
+
+def vsock_listener() -> Callable[[], int]:
+    """Hosts with vhost-vsock connect to us on AGENT_VSOCK_PORT; one session per connection."""
+    import _socket  # only here: `socket` costs ~30 ms of boot under TCG
+
+    lst = _socket.socket(_socket.AF_VSOCK, _socket.SOCK_STREAM)
+    lst.bind((_socket.VMADDR_CID_ANY, VSOCK_PORT))
+    lst.listen(1)
+
+    def accept() -> int:
+        fd, _ = lst._accept()  # type: ignore[attr-defined]
+        os.set_blocking(fd, False)
+        os.set_inheritable(fd, False)
+        return int(fd)
+
+    return accept
+
+
+def channel_kind() -> str:
+    with open("/proc/cmdline") as f:
+        return "vsock" if "cocoon.channel=vsock" in f.read().split() else "virtio-serial"
+
+
 def main() -> None:
     with open("/proc/uptime") as f:
         log("imports done " + f.read().split()[0])
-    port = find_port()
+    opener = vsock_listener() if channel_kind() == "vsock" else open_port(find_port())
     try:
-        Agent().serve(port)
+        Agent().serve(opener)
     except BaseException as e:  # PID 1 must not just vanish: say why, then halt
         log(f"fatal: {e.__class__.__name__}: {e}")
         sys.stderr.flush()
