@@ -67,8 +67,9 @@ class GuestConfig:
     kernel_source: str = "build"
     #: make -j for the kernel build; 0 = number of CPUs.
     build_jobs: int = 0
-    #: erofs compression of the guest root image ("lz4hc", "lz4" or "" for none).
-    image_compression: str = "lz4hc"
+    #: erofs compression of the guest root image: "none" boots ~70 ms faster under TCG
+    #: (no decompression in the guest) at ~20 MB instead of ~12 MB; "lz4" or "lz4hc".
+    image_compression: str = "none"
 
 
 @dataclass
@@ -103,7 +104,7 @@ class Config:
         _choice("hypervisor.shared_fs", h.shared_fs, ("virtio-fs", "9p", "none"))
         _choice("hypervisor.channel", h.channel, ("auto", "vsock", "virtio-serial"))
         _choice("guest.kernel_source", self.guest.kernel_source, ("build", "debian-cloud"))
-        _choice("guest.image_compression", self.guest.image_compression, ("lz4hc", "lz4", ""))
+        _choice("guest.image_compression", self.guest.image_compression, ("none", "lz4", "lz4hc"))
         _choice("network.model", self.network.model, ("tcfilter", "macvtap"))
         if not 1 <= h.vcpus <= 64:
             raise ConfigError(f"hypervisor.vcpus must be 1..64, not {h.vcpus}")

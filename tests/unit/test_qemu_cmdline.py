@@ -36,7 +36,8 @@ def test_microvm_tcg_defaults() -> None:
     assert "tcg,tb-size=32" in s and "-cpu max" in s
     assert "file=/i,,x" in s  # a comma in a path cannot inject options
     assert "virtserialport,chardev=agent,name=cocoon.agent" in s
-    assert "memory-backend-memfd" not in s  # only needed with virtio-fs shares
+    assert "memory-backend-memfd" in s  # 4 KiB pages, not THP-inflated anonymous RAM
+    assert "force-legacy" not in s  # only virtio-fs needs modern virtio-mmio
 
 
 def test_virtiofs_needs_memfd_and_modern_mmio() -> None:

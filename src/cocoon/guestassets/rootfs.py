@@ -196,7 +196,7 @@ def build(cfg: Config, log: Log) -> Path:
         root.mkdir()
         populate(root)
         argv = ["mkfs.erofs", "--quiet", "--all-root", "-T0"]
-        if cfg.guest.image_compression:
+        if cfg.guest.image_compression != "none":
             argv.append(f"-z{cfg.guest.image_compression}")
         tmp_img = Path(tmp) / "image.erofs"
         run([*argv, str(tmp_img), str(root)], timeout_s=300, error=GuestAssetError)

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from cocoon.config import Config
-from cocoon.errors import CocoonError, GuestError, SandboxError
+from cocoon.errors import CocoonError, GuestError, HypervisorError, SandboxError
 from cocoon.guestassets.cache import resolve
 from cocoon.hypervisor import accel
 from cocoon.hypervisor.base import AGENT_VSOCK_PORT, Disk, Launched, Share, VmSpec
@@ -198,7 +198,10 @@ class Sandbox:
         try:
             await sb._boot(spec, timeout)
         except BaseException as e:
+            qemu_said = sb._qemu_exit_reason()
             await sb.destroy()
+            if qemu_said:
+                raise HypervisorError(f"sandbox {sdir.id}: QEMU exited: {qemu_said}") from None
             if isinstance(e, GuestError):
                 raise GuestError(f"sandbox {sdir.id} failed to boot: {e}") from None
             raise
@@ -227,6 +230,17 @@ class Sandbox:
         self.channel.start_keepalive(self.cfg.hypervisor.keepalive_s)
         self.state.status = "running"
         self.dir.write(self.state)
+
+    def _qemu_exit_reason(self) -> str:
+        """QEMU's own last words if it died (bad option, missing file), else ""."""
+        if self.launched is None or not self.backend.exited(self.launched.processes["qemu"]):
+            return ""
+        log = self.dir.file("qemu.log")
+        with contextlib.suppress(OSError):
+            lines = log.read_text(errors="replace").strip().splitlines()
+            if lines:
+                return lines[-1][:300]
+        return ""
 
     def _record(self, name: str, pid: int) -> None:
         self.state.processes[name] = ProcessRecord(pid, start_time(pid))

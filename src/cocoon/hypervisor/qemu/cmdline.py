@@ -73,7 +73,9 @@ def _devices(spec: VmSpec, machine: Machine, sockets: dict[str, Path]) -> Iterab
     else:
         yield [
             "-device",
-            f"virtio-serial-{bus}",
+            # Two ports (0 reserved, 1 the agent): the default 31 fill ~8 MiB of guest
+            # memory with receive buffers.
+            opts(f"virtio-serial-{bus}", {"max_ports": 2}),
             "-chardev",
             opts("socket", id="agent", path=sockets["agent"], server=True, wait=False),
             "-device",
@@ -118,7 +120,10 @@ def build(
     tb_size_mib: int,
 ) -> list[str]:
     m = Machine(machine)
-    memfd = spec.shared_fs == "virtio-fs" and bool(spec.shares)
+    # Always memfd: virtio-fs needs shared memory anyway, and anonymous guest RAM gets
+    # transparent huge pages, so every touched 4 KiB costs the host 2 MiB: measured
+    # ~78 MiB vs ~60 MiB of guest RAM resident for an idle sandbox.
+    memfd = True
     argv = [qemu, "-name", f"cocoon-{spec.id}", "-nodefaults", "-no-user-config"]
     argv += ["-nographic", "-no-reboot", "-display", "none"]
     argv += m.argv(memfd)
