@@ -137,7 +137,7 @@ def build(
             "-object",
             opts("memory-backend-memfd", id="mem", size=f"{spec.memory_mib}M", share=True),
         ]
-        if machine == "microvm":
+        if machine == "microvm" and spec.shared_fs == "virtio-fs" and spec.shares:
             # virtiofsd aborts (and guest reads hang) on legacy virtio-mmio.
             argv += ["-global", "virtio-mmio.force-legacy=false"]
     argv += ["-kernel", str(spec.kernel), "-append", cmdline]
