@@ -114,3 +114,38 @@ def test_agent_refusal_is_an_error_not_a_teardown(booted: Sandbox, run: Runner) 
 def test_mount_tmpfs_in_guest(booted: Sandbox, run: Runner) -> None:
     run(booted.mount("tmpfs", "tmpfs", "/run/scratch-test", options=["size=1m"]))
     assert any(m.startswith("/run/scratch-test tmpfs") for m in run(booted.details()).mounts)
+
+
+def test_memory_limit_oom_kill_is_reported(booted: Sandbox, run: Runner) -> None:
+    s = spec(["dd", "if=/dev/zero", "of=/dev/null", "bs=64M", "count=1"])
+    s["linux"]["resources"] = {"memory": {"limit": 32 << 20}}
+
+    async def body() -> None:
+        c = cid()
+        p = await booted.create_container(c, GUEST_ROOTFS, s)
+        await booted.start_container(c)
+        await p.output()
+        ex = await p.wait()
+        await booted.delete_container(c)
+        assert (ex.exit_code, ex.signal, ex.oom_killed) == (137, 9, True)
+
+    run(body())
+
+
+def test_cpu_and_pids_limits_reach_the_cgroup(booted: Sandbox, run: Runner) -> None:
+    s = spec(["sh", "-c", "cat /sys/fs/cgroup/cpu.max /sys/fs/cgroup/pids.max"])
+    s["linux"]["resources"] = {"cpu": {"quota": 50000, "period": 100000}, "pids": {"limit": 64}}
+    s["mounts"].append(
+        {"destination": "/sys/fs/cgroup", "type": "cgroup2", "source": "cgroup2", "options": ["ro"]}
+    )
+
+    async def body() -> None:
+        c = cid()
+        p = await booted.create_container(c, GUEST_ROOTFS, s)
+        await booted.start_container(c)
+        out, err = await p.output()
+        await p.wait()
+        await booted.delete_container(c)
+        assert out.split() == [b"50000", b"100000", b"64"], err
+
+    run(body())

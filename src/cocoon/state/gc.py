@@ -92,12 +92,14 @@ def reap(root: Path, *, only: str | None = None, force: bool = False) -> list[st
             continue
         if sdir.owned() and not force:
             continue
-        pids = []
-        with contextlib.suppress(CocoonError):
-            st = sdir.read()
-            pids += [r.pid for r in st.processes.values() if alive(r.pid, r.start_time)]
-        pids += [p for p, s in naming.items() if s == sid]
-        _kill_and_wait(sorted(set(pids)))
-        remove_dir(sdir.path)
+        # One reaper per sandbox at a time (two `cocoon gc` racing each other).
+        with sdir.locked():
+            pids = []
+            with contextlib.suppress(CocoonError):
+                st = sdir.read()
+                pids += [r.pid for r in st.processes.values() if alive(r.pid, r.start_time)]
+            pids += [p for p, s in naming.items() if s == sid]
+            _kill_and_wait(sorted(set(pids)))
+            remove_dir(sdir.path)
         reaped.append(sid)
     return reaped
