@@ -212,8 +212,8 @@ def _convert(tp: Any, value: Any, what: str) -> Any:
 
 def _apply_env(cfg: Config, env: typing.Mapping[str, str]) -> None:
     sections = {
-        f.name for f in dataclasses.fields(cfg) if dataclasses.is_dataclass(f.default_factory)
-    }  # type: ignore[arg-type]
+        f.name for f in dataclasses.fields(cfg) if dataclasses.is_dataclass(getattr(cfg, f.name))
+    }
     for var, value in env.items():
         if not var.startswith("COCOON_") or var == "COCOON_CONFIG":
             continue

@@ -64,8 +64,12 @@ async def run_in_sandbox(
         proc = await sb.create_container("main", GUEST_ROOTFS, spec, stdin=stdin)
         await sb.start_container("main")
         loop = asyncio.get_running_loop()
+
+        def forward(sig: int) -> None:
+            loop.create_task(proc.signal(sig))
+
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            loop.add_signal_handler(sig, lambda s=sig: loop.create_task(proc.signal(s)))
+            loop.add_signal_handler(sig, forward, sig)
         feeder = loop.create_task(_feed_stdin(proc)) if stdin else None
         try:
             await asyncio.gather(
