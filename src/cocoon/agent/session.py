@@ -25,6 +25,8 @@ import threading
 import time
 
 from cocoon.protocol import framing, messages
+from cocoon.protocol.errors import RemoteError as RemoteError  # re-exported
+from cocoon.protocol.errors import SessionClosed as SessionClosed  # re-exported
 from cocoon.protocol.framing import Kind
 
 TYPE_CHECKING = False
@@ -40,19 +42,6 @@ if TYPE_CHECKING:
 #: also bounds how long closing the session waits for a writer to let go.
 WRITE_POLL_MS = 100
 READ_SIZE = 1 << 16
-
-
-class SessionClosed(ConnectionError):
-    """The session ended; the message says why (EOF, violation, local close)."""
-
-
-class RemoteError(Exception):
-    """Raised by a handler to answer with an ERROR frame of this code."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 class InStream:

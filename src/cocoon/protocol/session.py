@@ -1,9 +1,10 @@
 """One multiplexed protocol session over an asyncio byte stream.
 
-Both ends run the same class: the host as the client of the agent, the agent as
-its server. The cut is here because request ids, stream credit and the frame
-limits must behave identically on both sides, and the host's copy is the one
-that defends it against a hostile guest: it bounds every frame, refuses
+This is the host's side (the agent runs a threaded twin, ``cocoon.agent.session``,
+because asyncio costs ~0.5 s of guest boot under TCG); request ids, stream
+credit and frame limits behave identically on both, and
+``tests/unit/test_agent_session.py`` holds the two together. This copy is the one
+that defends the host against a hostile guest: it bounds every frame, refuses
 replies nobody asked for, data beyond the granted window, and a frame whose
 payload does not arrive in time.
 
@@ -19,22 +20,11 @@ import contextlib
 from collections.abc import Awaitable, Callable
 
 from cocoon.protocol import framing, messages
+from cocoon.protocol.errors import RemoteError as RemoteError  # re-exported
+from cocoon.protocol.errors import SessionClosed as SessionClosed  # re-exported
 from cocoon.protocol.framing import Kind
 
 Handler = Callable[[messages.Message], Awaitable[messages.Message]]
-
-
-class SessionClosed(ConnectionError):
-    """The session ended; ``reason`` says why (EOF, violation, local close)."""
-
-
-class RemoteError(Exception):
-    """The peer answered a request with an ERROR frame."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 class InStream:

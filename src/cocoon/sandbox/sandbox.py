@@ -18,7 +18,7 @@ import json
 import os
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -318,14 +318,26 @@ class Sandbox:
             messages.Mount(kind, source, target, fstype, list(options), readonly), messages.Ok
         )
 
-    def _stdio(
-        self, stdin: bool, tty: bool, rows: int, cols: int
-    ) -> tuple[messages.StdioSpec, OutStream | None, InStream | None, InStream | None]:
+    async def _launch(
+        self,
+        container_id: str,
+        exec_id: str,
+        make: Callable[[messages.StdioSpec], messages.Message],
+        stdin: bool,
+        tty: bool,
+        rows: int,
+        cols: int,
+    ) -> Process:
+        """Open the process's streams, send the request ``make`` builds, wrap the result.
+
+        Streams are registered before the request goes out (the host refuses
+        DATA on streams it does not know) and dropped if the process never started.
+        """
         assert self.channel is not None
         sin = self.channel.open_out() if stdin else None
         sout = self.channel.open_in()
         serr = None if tty else self.channel.open_in()
-        spec = messages.StdioSpec(
+        stdio = messages.StdioSpec(
             stdin=sin.chan if sin else 0,
             stdout=sout.chan,
             stderr=serr.chan if serr else 0,
@@ -333,15 +345,18 @@ class Sandbox:
             rows=rows,
             cols=cols,
         )
-        return spec, sin, sout, serr
-
-    def _forget_streams(self, *streams: InStream | None) -> None:
-        """A process that never started sends nothing: stop expecting its streams."""
-        if self.channel is None:
-            return
-        for s in streams:
-            if s is not None:
-                self.channel.session.close_in(s.chan)
+        try:
+            reply = await self.call(
+                make(stdio),
+                messages.ProcessStarted,
+                timeout_s=max(60.0, self.cfg.hypervisor.agent_timeout_s),
+            )
+        except BaseException:
+            for s in (sout, serr):
+                if s is not None and self.channel is not None:
+                    self.channel.session.close_in(s.chan)
+            raise
+        return Process(self, container_id, exec_id, reply.pid, sin, sout, serr)
 
     async def create_container(
         self,
@@ -355,17 +370,13 @@ class Sandbox:
         cols: int = 80,
     ) -> Process:
         """crun create in the guest; the container's init waits for ``start_container``."""
-        stdio, sin, sout, serr = self._stdio(stdin, tty, rows, cols)
-        try:
-            reply = await self.call(
-                messages.CreateContainer(container_id, rootfs, json.dumps(spec), stdio),
-                messages.ProcessStarted,
-                timeout_s=max(60.0, self.cfg.hypervisor.agent_timeout_s),
-            )
-        except BaseException:
-            self._forget_streams(sout, serr)
-            raise
-        return Process(self, container_id, "", reply.pid, sin, sout, serr)
+        body = json.dumps(spec)
+        return await self._launch(
+            container_id,
+            "",
+            lambda stdio: messages.CreateContainer(container_id, rootfs, body, stdio),
+            stdin, tty, rows, cols,
+        )  # fmt: skip
 
     async def start_container(self, container_id: str) -> None:
         await self.call(messages.StartContainer(container_id), messages.Ok)
@@ -381,17 +392,14 @@ class Sandbox:
         rows: int = 24,
         cols: int = 80,
     ) -> Process:
-        stdio, sin, sout, serr = self._stdio(stdin, tty, rows, cols)
-        try:
-            reply = await self.call(
-                messages.ExecProcess(container_id, exec_id, json.dumps(process), stdio),
-                messages.ProcessStarted,
-                timeout_s=max(60.0, self.cfg.hypervisor.agent_timeout_s),
-            )
-        except BaseException:
-            self._forget_streams(sout, serr)
-            raise
-        return Process(self, container_id, exec_id, reply.pid, sin, sout, serr)
+        """A further process in a running container (crun exec in the guest)."""
+        body = json.dumps(process)
+        return await self._launch(
+            container_id,
+            exec_id,
+            lambda stdio: messages.ExecProcess(container_id, exec_id, body, stdio),
+            stdin, tty, rows, cols,
+        )  # fmt: skip
 
     async def delete_container(self, container_id: str) -> None:
         await self.call(messages.DeleteContainer(container_id), messages.Ok)
