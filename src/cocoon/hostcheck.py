@@ -17,6 +17,7 @@ from pathlib import Path
 from cocoon.config import Config
 from cocoon.errors import CocoonError
 from cocoon.guestassets.cache import resolve
+from cocoon.guestassets.rootfs import image_key, image_path
 from cocoon.hypervisor import accel
 
 
@@ -90,7 +91,16 @@ def run_checks(cfg: Config) -> list[Item]:
     try:
         assets = resolve(cfg)
         items.append(Item("guest kernel", True, str(assets.kernel), fatal=True))
-        items.append(Item("guest image", True, str(assets.image), fatal=True))
+        fresh = cfg.hypervisor.image or assets.image == image_path(cfg, image_key(cfg))
+        items.append(
+            Item(
+                "guest image",
+                True,
+                str(assets.image)
+                + ("" if fresh else " (stale: the agent changed; run `cocoon guest build`)"),
+                fatal=True,
+            )
+        )
     except CocoonError as e:
         items.append(Item("guest assets", False, str(e), fatal=True))
     try:

@@ -21,6 +21,7 @@ import pytest
 
 from cocoon.config import Config, load
 from cocoon.guestassets.cache import resolve
+from cocoon.guestassets.rootfs import image_key, image_path
 from cocoon.hypervisor.base import Share
 from cocoon.runtime.busybox import busybox_rootfs
 from cocoon.sandbox.sandbox import Sandbox
@@ -56,7 +57,10 @@ def cfg() -> Iterator[Config]:
     root = Path(tempfile.mkdtemp(prefix="cocoon-test-", dir="/run"))
     c = load(None, env={k: v for k, v in os.environ.items() if k.startswith("COCOON_")})
     c.root_dir = str(root)
-    resolve(c)  # clear error if the set-up did not build the guest assets
+    assets = resolve(c)  # clear error if the set-up did not build the guest assets
+    # The VM tests must test this tree's agent, not an image built from older sources.
+    expected = image_path(c, image_key(c))
+    assert assets.image == expected, "guest image is stale: run `cocoon guest build`"
     yield c
     gc.reap(root, force=True)
     shutil.rmtree(root, ignore_errors=True)
