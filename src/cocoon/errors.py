@@ -47,3 +47,7 @@ class SandboxError(CocoonError):
 
 class StateError(CocoonError):
     """On-disk state is unreadable or locked by another command."""
+
+
+class ImageError(CocoonError):
+    """An image, a registry, an archive or a layer is missing, invalid or hostile."""

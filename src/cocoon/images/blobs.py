@@ -15,14 +15,10 @@ import os
 import re
 from pathlib import Path
 
-from cocoon.errors import CocoonError
+from cocoon.errors import ImageError as ImageError  # re-exported for the images layer
 from cocoon.util.fs import fsync_dir
 
 DIGEST_RE = re.compile(r"^sha256:([a-f0-9]{64})$")
-
-
-class ImageError(CocoonError):
-    """An image, a registry, an archive or a layer is missing, invalid or hostile."""
 
 
 def check_digest(digest: str) -> str:
