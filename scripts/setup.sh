@@ -10,6 +10,7 @@ PKGS=(
   qemu-system-x86 qemu-utils erofs-utils e2fsprogs crun busybox-static iproute2
   linux-source-6.1 bc bison flex libelf-dev libssl-dev kmod cpio make gcc
   python3.11-minimal libpython3.11-stdlib
+  docker-registry skopeo umoci apache2-utils
 )
 missing=()
 for p in "${PKGS[@]}"; do
@@ -23,7 +24,7 @@ if [ "${#missing[@]}" -gt 0 ]; then
 fi
 
 PY=${PYTHON:-python3}
-if ! "$PY" -c 'import cocoon, click, pytest, pytest_timeout, mypy' 2>/dev/null \
+if ! "$PY" -c 'import cocoon, click, httpx, zstandard, rich, pytest, pytest_timeout, mypy' 2>/dev/null \
    || [ "$("$PY" -c 'import cocoon, os; print(os.path.realpath(cocoon.__file__))' 2>/dev/null)" \
         != "$(realpath src/cocoon/__init__.py)" ]; then
   echo "setup: installing the cocoon Python package" >&2

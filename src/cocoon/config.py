@@ -73,6 +73,21 @@ class GuestConfig:
 
 
 @dataclass
+class ImagesConfig:
+    #: Registries reached over plain HTTP (and unverified TLS never): only these.
+    insecure_registries: list[str] = field(
+        default_factory=lambda: ["localhost", "127.0.0.1", "[::1]"]
+    )
+    #: Layers fetched at once per pull.
+    pull_concurrency: int = 4
+    #: Caps against decompression bombs and absurd layers (per image, unpacked).
+    max_unpacked_bytes: int = 32 << 30
+    max_entries: int = 1_000_000
+    #: Cap on one compressed layer blob.
+    max_layer_bytes: int = 16 << 30
+
+
+@dataclass
 class NetworkConfig:
     #: How a netns veth reaches the VM's tap: "tcfilter" (tc mirred) or "macvtap".
     model: str = "tcfilter"
@@ -87,6 +102,7 @@ class Config:
     hypervisor: HypervisorConfig = field(default_factory=HypervisorConfig)
     guest: GuestConfig = field(default_factory=GuestConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
+    images: ImagesConfig = field(default_factory=ImagesConfig)
 
     @property
     def root(self) -> Path:
@@ -115,6 +131,12 @@ class Config:
         for name in ("boot_timeout_s", "agent_timeout_s", "keepalive_s"):
             if getattr(h, name) <= 0:
                 raise ConfigError(f"hypervisor.{name} must be > 0")
+        im = self.images
+        if not 1 <= im.pull_concurrency <= 64:
+            raise ConfigError("images.pull_concurrency must be 1..64")
+        for name in ("max_unpacked_bytes", "max_entries", "max_layer_bytes"):
+            if getattr(im, name) <= 0:
+                raise ConfigError(f"images.{name} must be > 0")
         for name in ("root_dir", "data_dir"):
             if not os.path.isabs(getattr(self, name)):
                 raise ConfigError(f"{name} must be an absolute path")
@@ -205,8 +227,16 @@ def _convert(tp: Any, value: Any, what: str) -> Any:
             if not isinstance(value, str):
                 raise ValueError(value)
             return value
+        if tp == list[str]:
+            if isinstance(value, str):  # from the environment: comma-separated
+                return [v.strip() for v in value.split(",") if v.strip()]
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ValueError(value)
+            return list(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"{what}: {value!r} is not a valid {tp.__name__}") from None
+        raise ConfigError(
+            f"{what}: {value!r} is not a valid {getattr(tp, '__name__', tp)}"
+        ) from None
     raise ConfigError(f"{what}: unsupported type")
 
 
