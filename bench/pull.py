@@ -43,8 +43,12 @@ def start_registry(work: Path) -> tuple[subprocess.Popen[bytes], str]:
         f"storage: {{filesystem: {{rootdirectory: {work / 'registry'}}}}}\n"
         f"http: {{addr: 127.0.0.1:{port}}}\n"
     )
-    p = subprocess.Popen(["docker-registry", "serve", str(cfg)], stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    p = subprocess.Popen(
+        ["docker-registry", "serve", str(cfg)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}/v2/"
     for _ in range(200):
         try:
@@ -82,19 +86,51 @@ def build_layout(dest: Path, total_mb: int, layers: int) -> None:
         gz = gzip.compress(tar, compresslevel=1, mtime=0)
         (blobs / sha(gz)[7:]).write_bytes(gz)
         diff_ids.append(sha(tar))
-        descs.append({"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
-                      "digest": sha(gz), "size": len(gz)})  # fmt: skip
-    config = json.dumps({"architecture": "amd64", "os": "linux", "config": {"Cmd": ["sh"]},
-                         "rootfs": {"type": "layers", "diff_ids": diff_ids}}).encode()  # fmt: skip
+        descs.append(
+            {
+                "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                "digest": sha(gz),
+                "size": len(gz),
+            }
+        )
+    config = json.dumps(
+        {
+            "architecture": "amd64",
+            "os": "linux",
+            "config": {"Cmd": ["sh"]},
+            "rootfs": {"type": "layers", "diff_ids": diff_ids},
+        }
+    ).encode()
     (blobs / sha(config)[7:]).write_bytes(config)
-    manifest = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": sha(config),
-                   "size": len(config)}, "layers": descs}).encode()  # fmt: skip
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {
+                "mediaType": "application/vnd.oci.image.config.v1+json",
+                "digest": sha(config),
+                "size": len(config),
+            },
+            "layers": descs,
+        }
+    ).encode()
     (blobs / sha(manifest)[7:]).write_bytes(manifest)
     (dest / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
-    (dest / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [
-        {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": sha(manifest),
-         "size": len(manifest), "annotations": {"org.opencontainers.image.ref.name": "latest"}}]}))  # fmt: skip
+    (dest / "index.json").write_text(
+        json.dumps(
+            {
+                "schemaVersion": 2,
+                "manifests": [
+                    {
+                        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                        "digest": sha(manifest),
+                        "size": len(manifest),
+                        "annotations": {"org.opencontainers.image.ref.name": "latest"},
+                    }
+                ],
+            }
+        )
+    )
 
 
 def timed(argv: list[str], env: dict[str, str] | None = None) -> float:
@@ -117,8 +153,17 @@ def main() -> None:
     try:
         build_layout(work / "layout", args.mb, args.layers)
         ref = f"{host}/bench/big:latest"
-        subprocess.run(["skopeo", "copy", "-q", "--dest-tls-verify=false",
-                        f"oci:{work / 'layout'}:latest", f"docker://{ref}"], check=True)  # fmt: skip
+        subprocess.run(
+            [
+                "skopeo",
+                "copy",
+                "-q",
+                "--dest-tls-verify=false",
+                f"oci:{work / 'layout'}:latest",
+                f"docker://{ref}",
+            ],
+            check=True,
+        )
         ours, peer = [], []
         for i in range(args.runs):
             data = work / f"cocoon-data-{i}"
@@ -126,18 +171,30 @@ def main() -> None:
             ours.append(timed([sys.executable, "-m", "cocoon.cli", "pull", ref], env=env))
             shutil.rmtree(data, ignore_errors=True)
             oci, bundle = work / f"oci-{i}", work / f"bundle-{i}"
-            t = timed(["skopeo", "copy", "-q", "--src-tls-verify=false", f"docker://{ref}",
-                       f"oci:{oci}:latest"])  # fmt: skip
+            t = timed(
+                [
+                    "skopeo",
+                    "copy",
+                    "-q",
+                    "--src-tls-verify=false",
+                    f"docker://{ref}",
+                    f"oci:{oci}:latest",
+                ]
+            )
             t += timed(["umoci", "unpack", "--image", f"{oci}:latest", str(bundle)])
             peer.append(t)
             shutil.rmtree(oci, ignore_errors=True)
             shutil.rmtree(bundle, ignore_errors=True)
         mo, mp = statistics.median(ours), statistics.median(peer)
-        print(f"pull of a {args.mb} MB, {args.layers}-layer image from a local registry "
-              f"(median of {args.runs})")  # fmt: skip
+        print(
+            f"pull of a {args.mb} MB, {args.layers}-layer image from a local registry "
+            f"(median of {args.runs})"
+        )
         print(f"{'path':<52} {'median s':>9} {'min':>7} {'max':>7}")
-        print(f"{'cocoon pull (fetch+verify+unpack+erofs image)':<52} {mo:>9.2f} {min(ours):>7.2f} "
-              f"{max(ours):>7.2f}")  # fmt: skip
+        print(
+            f"{'cocoon pull (fetch+verify+unpack+erofs image)':<52} {mo:>9.2f} {min(ours):>7.2f} "
+            f"{max(ours):>7.2f}"
+        )
         print(f"{'skopeo copy + umoci unpack':<52} {mp:>9.2f} {min(peer):>7.2f} {max(peer):>7.2f}")
         print(f"ratio cocoon / (skopeo+umoci): {mo / mp:.2f}")
     finally:
