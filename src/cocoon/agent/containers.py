@@ -53,9 +53,10 @@ class Process:
 
 
 class Container:
-    def __init__(self, cid: str, bundle: str) -> None:
+    def __init__(self, cid: str, bundle: str, rootfs: str = "") -> None:
         self.id = cid
         self.bundle = bundle
+        self.rootfs = rootfs
         self.init: Process | None = None
         self.execs: dict[str, Process] = {}
         #: Exec ids being launched: reserved so two requests cannot both take one.
@@ -108,6 +109,7 @@ class Containers:
         if not isinstance(spec, dict) or not isinstance(spec.get("process"), dict):
             raise RemoteError("invalid", "spec must be an object with a process")
         spec["process"]["terminal"] = req.stdio.terminal
+        system.resolve_user(req.rootfs, spec["process"])
         root = spec.get("root")
         if not isinstance(root, dict):
             root = {}
@@ -117,7 +119,7 @@ class Containers:
             raise RemoteError("invalid", "spec.linux must be an object")
         linux["cgroupsPath"] = f"/{system.CONTAINERS_CGROUP}/{req.container_id}"
         bundle = os.path.join(BUNDLES, req.container_id)
-        c = Container(req.container_id, bundle)
+        c = Container(req.container_id, bundle, req.rootfs)
         with self._lock:
             if c.id in self._containers:
                 raise RemoteError("exists", f"container {c.id} already exists")
@@ -153,6 +155,7 @@ class Containers:
         if not isinstance(proc, dict) or not isinstance(proc.get("args"), list):
             raise RemoteError("invalid", "process must be an object with args")
         proc["terminal"] = req.stdio.terminal
+        system.resolve_user(c.rootfs, proc)
         with self._lock:
             if req.exec_id in c.execs or req.exec_id in c.pending:
                 raise RemoteError("exists", f"exec {req.exec_id} already exists")

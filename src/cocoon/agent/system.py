@@ -167,3 +167,67 @@ def stats(container_id: str) -> messages.StatsReply:
         io_write_bytes=wr,
         net=net,
     )
+
+
+def _table(path: str) -> list[list[str]]:
+    """Rows of a colon-separated file (passwd, group); bounded, garbage-tolerant."""
+    rows = []
+    for line in _read(path).splitlines()[:100000]:
+        if line and not line.startswith("#"):
+            rows.append(line.split(":"))
+    return rows
+
+
+def resolve_user(rootfs: str, process: dict[str, object]) -> None:
+    """Turn ``process.user.username`` ("name|uid[:group|gid]", docker's -u) into the
+    numeric uid/gid/additionalGids crun needs, from the container's own
+    /etc/passwd and /etc/group (the container's, not the guest's: it is the
+    image that defines its users). The key is removed either way."""
+    user = process.get("user")
+    if not isinstance(user, dict):
+        return
+    spec = user.pop("username", None)
+    if not isinstance(spec, str) or not spec:
+        return
+    name, _, group = spec.partition(":")
+    base = rootfs.rstrip("/")
+    # Read through the rootfs path: a hostile image's symlinked /etc/passwd can
+    # only point inside the guest, which holds nothing of another tenant.
+    passwd = _table(base + "/etc/passwd")
+    uid = gid = -1
+    uname = ""
+    for row in passwd:
+        if (
+            len(row) >= 4
+            and row[2].isdigit()
+            and row[3].isdigit()
+            and (row[0] == name or row[2] == name)
+        ):
+            uid, gid, uname = int(row[2]), int(row[3]), row[0]
+            break
+    if uid < 0:
+        if not name.isdigit():
+            raise RemoteError("invalid", f"user {name[:64]!r} not found in the image's /etc/passwd")
+        uid, gid = int(name), 0
+    groups = _table(base + "/etc/group")
+    if group:
+        gid = -1
+        for row in groups:
+            if len(row) >= 3 and row[2].isdigit() and (row[0] == group or row[2] == group):
+                gid = int(row[2])
+                break
+        if gid < 0:
+            if not group.isdigit():
+                raise RemoteError("invalid", f"group {group[:64]!r} not found in /etc/group")
+            gid = int(group)
+    extra = sorted(
+        {
+            int(r[2])
+            for r in groups
+            if len(r) >= 4 and r[2].isdigit() and uname and uname in r[3].split(",")
+        }
+        - {gid}
+    )
+    user["uid"], user["gid"] = uid, gid
+    if extra:
+        user["additionalGids"] = extra

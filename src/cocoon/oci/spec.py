@@ -116,3 +116,37 @@ def default_spec(
             ],
         },
     }
+
+
+#: The agent resolves a user name against the container's /etc/passwd and
+#: /etc/group (the host cannot read inside the image cheaply; the guest has it mounted).
+USER_ANNOTATION = "io.cocoon.user"
+
+
+def merge_env(base: list[str], extra: list[str]) -> list[str]:
+    """Docker's rule: later KEY=VALUE replaces an earlier KEY, order kept."""
+    out: dict[str, str] = {}
+    for item in [*base, *extra]:
+        key = item.split("=", 1)[0]
+        out.pop(key, None)
+        out[key] = item
+    return list(out.values())
+
+
+def process_args(
+    entrypoint: list[str], cmd: list[str], *, entrypoint_override: str | None, args: list[str]
+) -> list[str]:
+    """argv as docker builds it from the image and the command line."""
+    if entrypoint_override is not None:
+        ep = [entrypoint_override] if entrypoint_override else []
+        return ep + args  # --entrypoint drops the image's Cmd
+    return entrypoint + (args or cmd)
+
+
+def parse_user(user: str) -> tuple[int, int]:
+    """Numeric best effort for ``uid[:gid]``; names (and a uid's primary group) are
+    resolved by the agent against the container's own /etc/passwd (USER_ANNOTATION)."""
+    u, _, g = user.partition(":")
+    uid = int(u) if u.isdigit() else 0
+    gid = int(g) if g.isdigit() else 0
+    return uid, gid
