@@ -8,39 +8,17 @@ forwarded to the container's process.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import os
-import signal
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from cocoon.config import Config
 from cocoon.hypervisor.base import Share
 from cocoon.oci.spec import default_spec
-from cocoon.protocol.session import InStream
-from cocoon.sandbox.sandbox import Process, Sandbox
+from cocoon.runtime.stdio import attach
+from cocoon.sandbox.sandbox import Sandbox
 
 ROOTFS_TAG = "cocoon-rootfs"
 GUEST_ROOTFS = "/run/cocoon/rootfs"
-
-
-async def _relay(stream: InStream | None, fd: int) -> None:
-    if stream is None:
-        return
-    while data := await stream.read():
-        view = memoryview(data)
-        while view:
-            n = await asyncio.to_thread(os.write, fd, view)
-            view = view[n:]
-
-
-async def _feed_stdin(proc: Process) -> None:
-    loop = asyncio.get_running_loop()
-    while data := await loop.run_in_executor(None, os.read, 0, 65536):
-        await proc.write_stdin(data, close=False)
-    await proc.write_stdin(b"", close=True)
 
 
 async def run_in_sandbox(
@@ -63,26 +41,6 @@ async def run_in_sandbox(
                        ROOTFS_TAG, GUEST_ROOTFS, readonly=True)  # fmt: skip
         proc = await sb.create_container("main", GUEST_ROOTFS, spec, stdin=stdin)
         await sb.start_container("main")
-        loop = asyncio.get_running_loop()
-
-        def forward(sig: int) -> None:
-            loop.create_task(proc.signal(sig))
-
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            loop.add_signal_handler(sig, forward, sig)
-        feeder = loop.create_task(_feed_stdin(proc)) if stdin else None
-        try:
-            await asyncio.gather(
-                _relay(proc.stdout, sys.stdout.fileno()), _relay(proc.stderr, sys.stderr.fileno())
-            )
-            exited = await proc.wait()
-        finally:
-            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-                loop.remove_signal_handler(sig)
-            if feeder is not None:
-                feeder.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await feeder
-        return exited.exit_code
+        return await attach(proc, stdin=stdin)
     finally:
         await sb.destroy()
