@@ -65,3 +65,16 @@ def test_resume_after_interruption(tmp_path: Path) -> None:
 def test_malformed_digests(bad: str) -> None:
     with pytest.raises(ImageError):
         check_digest(bad)
+
+
+def test_ingest_computes_the_digest(tmp_path: Path) -> None:
+    import io
+
+    s = BlobStore(tmp_path)
+    data = b"a docker-save layer" * 1000
+    d, n = s.ingest(io.BytesIO(data), len(data))
+    assert (d, n) == (dg(data), len(data)) and s.read(d, n) == data
+    assert s.ingest(io.BytesIO(data), len(data)) == (d, n)  # already there: deduplicated
+    with pytest.raises(ImageError, match="larger than"):
+        s.ingest(io.BytesIO(data), 10)
+    assert list((tmp_path / "ingest").iterdir()) == []

@@ -13,10 +13,19 @@ import contextlib
 import hashlib
 import os
 import re
+import tempfile
 from pathlib import Path
+from typing import Protocol
 
 from cocoon.errors import ImageError as ImageError  # re-exported for the images layer
 from cocoon.util.fs import fsync_dir
+
+CHUNK = 1 << 20
+
+
+class Readable(Protocol):
+    def read(self, n: int, /) -> bytes: ...
+
 
 DIGEST_RE = re.compile(r"^sha256:([a-f0-9]{64})$")
 
@@ -110,6 +119,39 @@ class BlobStore:
         w = self.writer(digest, len(data))
         w.write(data)
         return w.commit()
+
+    def ingest(self, src: Readable, max_size: int) -> tuple[str, int]:
+        """Store a stream nobody announced a digest for (docker-save layers); (digest, size).
+
+        The digest is computed while copying, so the blob is still stored
+        under what its bytes hash to; the copy goes to ingest/ first and is
+        renamed into place whole, like every other blob.
+        """
+        fd, tmp = tempfile.mkstemp(prefix="anon-", suffix=".partial", dir=self.root / "ingest")
+        h = hashlib.sha256()
+        n = 0
+        try:
+            with os.fdopen(fd, "wb") as f:
+                while chunk := src.read(CHUNK):
+                    n += len(chunk)
+                    if n > max_size:
+                        raise ImageError(f"blob is larger than the {max_size} B allowed")
+                    h.update(chunk)
+                    f.write(chunk)
+                f.flush()
+                os.fsync(f.fileno())
+            digest = "sha256:" + h.hexdigest()
+            final = self.path(digest)
+            if final.is_file():
+                os.unlink(tmp)
+            else:
+                os.replace(tmp, final)
+                fsync_dir(final.parent)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        return digest, n
 
     def read(self, digest: str, max_size: int) -> bytes:
         p = self.path(digest)

@@ -1,0 +1,591 @@
+"""Unpack image layers into a staging root: streamed, verified, and safe against hostile tars.
+
+A layer is untrusted input that runs as root on the host, so the unpacker
+trusts nothing in it:
+
+- The blob is streamed (file -> decompressor -> tar reader), never held in
+  memory; the uncompressed stream is hashed on the way (the layer's diff_id)
+  and counted against ``images.max_unpacked_bytes`` for the whole image, and
+  entries against ``images.max_entries``.
+- Paths are split into components and written with ``*at`` calls relative to
+  directory fds opened with ``O_NOFOLLOW | O_DIRECTORY``: a symlink is never
+  followed while writing, so ``a -> /etc`` then ``a/passwd`` is refused
+  instead of overwriting the host's ``/etc/passwd``. Absolute names, ``..``,
+  over-long names/paths and too-deep paths are refused outright.
+- A hardlink may only point at a regular file already in the root, found
+  the same way (no symlink on the way, no ``..``).
+- Device nodes are refused (a container gets its devices from the runtime,
+  and a block device node in an image is a way to reach host disks). FIFOs
+  are fine.
+- Setuid/setgid/sticky bits are kept: the staging tree sits in a root-only
+  0700 directory, so no host user can reach it, and the erofs image built
+  from it is only ever mounted inside a guest VM, where containers expect
+  ``su``/``ping``/``passwd`` to work as in docker.
+- Extended attributes: only ``security.capability`` and ``user.*`` on regular
+  files are applied (file capabilities are what ``ping`` needs in newer
+  images; ``user.*`` is harmless), best effort; ``trusted.*`` and
+  ``security.selinux`` are dropped (the host's policy is not the guest's,
+  and ``trusted.overlay.*`` would steer the guest's overlayfs).
+- tarfile's own memory bombs are closed: pax/GNU long-name headers are capped
+  at 1 MiB, global pax headers at 64, GNU sparse files refused (their maps are
+  read into memory without bound).
+
+Whiteouts follow the OCI image spec: ``.wh.<name>`` deletes ``<name>`` as the
+lower layers left it, ``.wh..wh..opq`` empties its directory of everything the
+lower layers put there. Both apply only to lower layers: entries of the same
+layer survive whatever order the tar lists them in (we track this layer's
+paths, as containerd does). Other ``.wh..wh.*`` names are AUFS metadata and
+are skipped, as docker does. Nothing named ``.wh.*`` is ever created.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import gzip
+import hashlib
+import os
+import shutil
+import stat
+import tarfile
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import zstandard
+
+from cocoon.config import ImagesConfig
+from cocoon.errors import ImageError
+from cocoon.images.blobs import Readable
+
+#: Linux NAME_MAX and PATH_MAX, in bytes.
+MAX_NAME_BYTES = 255
+MAX_PATH_BYTES = 4096
+#: Deeper paths are refused: real images stay far below, and the recursive
+#: clean-ups (opaque dirs, rmtree) must stay under Python's recursion limit.
+MAX_DEPTH = 256
+#: pax extended headers and GNU long names are read into memory by tarfile.
+MAX_META_HEADER_BYTES = 1 << 20
+MAX_GLOBAL_HEADERS = 64
+CHUNK = 1 << 20
+
+GZIP_MAGIC = b"\x1f\x8b"
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+ZSTD_SKIPPABLE = (b"\x50\x2a\x4d\x18", b"\x5f\x2a\x4d\x18")  # first and last of 16
+
+WHITEOUT_PREFIX = ".wh."
+WHITEOUT_META_PREFIX = ".wh..wh."
+OPAQUE_MARKER = ".wh..wh..opq"
+
+#: Extended attributes copied from pax ``SCHILY.xattr.*`` records.
+KEPT_XATTR_PREFIXES = ("user.",)
+KEPT_XATTRS = ("security.capability",)
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_META_TYPES = (
+    tarfile.XHDTYPE,
+    tarfile.XGLTYPE,
+    tarfile.SOLARIS_XHDTYPE,
+    tarfile.GNUTYPE_LONGNAME,
+    tarfile.GNUTYPE_LONGLINK,
+)
+
+Path_ = tuple[str, ...]
+
+
+@dataclass
+class Budget:
+    """Caps for one image, shared by its layers: a bomb may be spread over many."""
+
+    max_bytes: int
+    max_entries: int
+    bytes: int = 0
+    entries: int = 0
+
+    @classmethod
+    def from_config(cls, cfg: ImagesConfig) -> Budget:
+        return cls(cfg.max_unpacked_bytes, cfg.max_entries)
+
+    def add_bytes(self, n: int, what: str) -> None:
+        self.bytes += n
+        if self.bytes > self.max_bytes:
+            raise ImageError(
+                f"{what}: the image unpacks to more than {self.max_bytes} B "
+                "(images.max_unpacked_bytes); refusing a likely decompression bomb"
+            )
+
+
+class _CountingReader:
+    """The uncompressed tar stream: hashed (diff_id) and counted against the budget."""
+
+    def __init__(self, src: Readable, budget: Budget, what: str) -> None:
+        self._src = src
+        self._budget = budget
+        self._what = what
+        self.hash = hashlib.sha256()
+
+    def read(self, n: int = CHUNK) -> bytes:
+        data = self._src.read(n if n >= 0 else CHUNK)
+        self._budget.add_bytes(len(data), self._what)
+        self.hash.update(data)
+        return data
+
+    def drain(self) -> None:
+        """Hash what follows the tar's end blocks too: the diff_id covers every byte."""
+        while self.read(CHUNK):
+            pass
+
+
+def _show(name: str) -> str:
+    """An untrusted name, fit for one line of an error message."""
+    return repr(name if len(name) <= 200 else name[:200] + "...")
+
+
+def safe_tarinfo(what: str) -> type[tarfile.TarInfo]:
+    """A TarInfo that refuses the headers tarfile would buffer without bound."""
+    globals_seen = [0]
+
+    class SafeTarInfo(tarfile.TarInfo):
+        @classmethod
+        def frombuf(cls, buf: bytes | bytearray, encoding: str, errors: str) -> SafeTarInfo:
+            obj = super().frombuf(buf, encoding, errors)
+            if obj.type in _META_TYPES and obj.size > MAX_META_HEADER_BYTES:
+                raise ImageError(
+                    f"{what}: a tar extended header of {obj.size} B "
+                    f"(more than {MAX_META_HEADER_BYTES} B) near {_show(obj.name)}"
+                )
+            if obj.type == tarfile.XGLTYPE:
+                globals_seen[0] += 1
+                if globals_seen[0] > MAX_GLOBAL_HEADERS:
+                    raise ImageError(f"{what}: more than {MAX_GLOBAL_HEADERS} global tar headers")
+            if obj.type == tarfile.GNUTYPE_SPARSE:
+                raise ImageError(f"{what}: entry {_show(obj.name)}: GNU sparse files are refused")
+            return obj
+
+        def _proc_gnusparse_10(self, *args: Any) -> Any:
+            # The 1.0 sparse map is read from the data into memory with no cap.
+            raise ImageError(f"{what}: entry {_show(self.name)}: GNU sparse files are refused")
+
+    return SafeTarInfo
+
+
+def split_path(name: str, entry: str, what: str) -> Path_:
+    """A tar name as checked components; refuses anything that could leave the root."""
+    if "\0" in name:
+        raise ImageError(f"{what}: entry {entry}: NUL byte in path")
+    if name.startswith("/"):
+        raise ImageError(f"{what}: entry {entry}: absolute path")
+    if len(os.fsencode(name)) > MAX_PATH_BYTES:
+        raise ImageError(f"{what}: entry {entry}: path longer than {MAX_PATH_BYTES} B")
+    parts: list[str] = []
+    for comp in name.split("/"):
+        if comp in ("", "."):
+            continue
+        if comp == "..":
+            raise ImageError(f"{what}: entry {entry}: '..' in path")
+        if len(os.fsencode(comp)) > MAX_NAME_BYTES:
+            raise ImageError(f"{what}: entry {entry}: a name is longer than {MAX_NAME_BYTES} B")
+        parts.append(comp)
+    if len(parts) > MAX_DEPTH:
+        raise ImageError(f"{what}: entry {entry}: more than {MAX_DEPTH} levels deep")
+    return tuple(parts)
+
+
+def _mtime_ns(m: tarfile.TarInfo) -> int:
+    # pax mtimes are floats and may be negative or absurd; erofs stores u64 seconds.
+    return int(min(max(float(m.mtime), 0.0), float(1 << 40)) * 1_000_000_000)
+
+
+def _check_ids(m: tarfile.TarInfo, entry: str, what: str) -> None:
+    for kind, v in (("uid", m.uid), ("gid", m.gid)):
+        if not isinstance(v, int) or not 0 <= v < 0xFFFFFFFF:
+            raise ImageError(f"{what}: entry {entry}: {kind} {v!r} out of range")
+
+
+def _open_stream(raw: IO[bytes], compression: str, what: str) -> Readable:
+    """The decompressed stream of a layer blob, after checking its magic bytes."""
+    head = raw.read(4)
+    raw.seek(0)
+    if not head:
+        raise ImageError(f"{what}: the layer blob is empty")
+    if compression == "gzip":
+        if head[:2] != GZIP_MAGIC:
+            raise ImageError(f"{what}: media type says gzip, but the blob is not gzip data")
+        return gzip.GzipFile(fileobj=raw, mode="rb")
+    if compression == "zstd":
+        if head != ZSTD_MAGIC and head not in ZSTD_SKIPPABLE:
+            raise ImageError(f"{what}: media type says zstd, but the blob is not zstd data")
+        reader: Readable = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+        return reader
+    if compression == "none":
+        if head[:2] == GZIP_MAGIC or head == ZSTD_MAGIC:
+            raise ImageError(f"{what}: media type says plain tar, but the blob is compressed")
+        return raw
+    raise ImageError(f"{what}: unsupported layer compression {compression!r}")
+
+
+class _Unpacker:
+    """One layer onto one root. Holds the root's fd and this layer's bookkeeping."""
+
+    def __init__(self, root_fd: int, budget: Budget, what: str) -> None:
+        self.root_fd = root_fd
+        self.budget = budget
+        self.what = what
+        self.chown = os.geteuid() == 0
+        #: Paths this layer wrote (and their ancestors): whiteouts spare them.
+        self.created: set[Path_] = set()
+        #: Directory mtimes, applied when the layer is done (writing inside bumps them).
+        self.dir_times: list[tuple[Path_, int]] = []
+
+    # -- helpers -------------------------------------------------------------
+
+    def _err(self, entry: str, msg: str) -> ImageError:
+        return ImageError(f"{self.what}: entry {entry}: {msg}")
+
+    def _mark(self, parts: Path_) -> None:
+        while parts and parts not in self.created:
+            self.created.add(parts)
+            parts = parts[:-1]
+
+    def open_dir(self, parts: Path_, create: bool, entry: str) -> int | None:
+        """An fd on root/parts, walked one component at a time without following symlinks.
+
+        Missing directories are made (0755, as docker does) when ``create``,
+        else None is returned. A symlink or non-directory on the way is an error:
+        writing through it could land outside the root.
+        """
+        fd = os.dup(self.root_fd)
+        try:
+            for i, comp in enumerate(parts):
+                try:
+                    nfd = os.open(comp, _DIR_FLAGS, dir_fd=fd)
+                except FileNotFoundError:
+                    if not create:
+                        os.close(fd)
+                        return None
+                    os.mkdir(comp, 0o755, dir_fd=fd)
+                    self._mark(parts[: i + 1])
+                    nfd = os.open(comp, _DIR_FLAGS, dir_fd=fd)
+                except OSError as e:
+                    if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                        where = _show("/".join(parts[: i + 1]))
+                        msg = f"{where} is a symlink or not a directory; not writing through it"
+                        raise self._err(entry, msg) from None
+                    raise
+                os.close(fd)
+                fd = nfd
+            return fd
+        except BaseException:
+            os.close(fd)
+            raise
+
+    @staticmethod
+    def _lstat(dfd: int, name: str) -> os.stat_result | None:
+        try:
+            return os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+
+    def _remove(self, dfd: int, name: str) -> None:
+        st = self._lstat(dfd, name)
+        if st is None:
+            return
+        if stat.S_ISDIR(st.st_mode):
+            shutil.rmtree(name, dir_fd=dfd)  # fd-based: never follows a symlink out
+        else:
+            os.unlink(name, dir_fd=dfd)
+
+    def _prune(self, dfd: int, prefix: Path_) -> None:
+        """Delete what lower layers left under prefix; keep what this layer wrote."""
+        for name in os.listdir(dfd):
+            p = (*prefix, name)
+            if p not in self.created:
+                self._remove(dfd, name)
+                continue
+            st = self._lstat(dfd, name)
+            if st is not None and stat.S_ISDIR(st.st_mode):
+                cfd = os.open(name, _DIR_FLAGS, dir_fd=dfd)
+                try:
+                    self._prune(cfd, p)
+                finally:
+                    os.close(cfd)
+
+    def _owner_mode(self, fd: int, m: tarfile.TarInfo) -> None:
+        if self.chown:
+            os.fchown(fd, m.uid, m.gid)
+        # After chown, which clears setuid/setgid: the bits are kept (see module doc).
+        os.fchmod(fd, m.mode & 0o7777)
+
+    # -- entries -------------------------------------------------------------
+
+    def entry(self, tf: tarfile.TarFile, m: tarfile.TarInfo) -> None:
+        entry = _show(m.name)
+        self.budget.entries += 1
+        if self.budget.entries > self.budget.max_entries:
+            cap = self.budget.max_entries
+            raise self._err(entry, f"the image has more than {cap} entries (images.max_entries)")
+        parts = split_path(m.name, entry, self.what)
+        _check_ids(m, entry, self.what)
+        for comp in parts[:-1]:
+            if comp.startswith(WHITEOUT_META_PREFIX):
+                return  # inside AUFS metadata (.wh..wh.plnk/...): skipped, as docker does
+            if comp.startswith(WHITEOUT_PREFIX):
+                raise self._err(entry, "a whiteout name used as a directory")
+        if parts and parts[-1].startswith(WHITEOUT_PREFIX):
+            self._whiteout(parts, entry)
+            return
+        if m.isreg():
+            if self.budget.bytes + m.size > self.budget.max_bytes:
+                raise self._err(
+                    entry,
+                    f"{m.size} B would take the image over {self.budget.max_bytes} B "
+                    "(images.max_unpacked_bytes)",
+                )
+            self._file(tf, m, parts, entry)
+        elif m.isdir():
+            self._dir(m, parts, entry)
+        elif m.issym():
+            self._symlink(m, parts, entry)
+        elif m.islnk():
+            self._hardlink(m, parts, entry)
+        elif m.isfifo():
+            self._fifo(m, parts, entry)
+        elif m.ischr() or m.isblk():
+            raise self._err(entry, "device nodes are refused in image layers")
+        else:
+            raise self._err(entry, f"unsupported tar entry type {m.type!r}")
+
+    def _whiteout(self, parts: Path_, entry: str) -> None:
+        parent, base = parts[:-1], parts[-1]
+        if base == OPAQUE_MARKER:
+            dfd = self.open_dir(parent, True, entry)
+            assert dfd is not None
+            try:
+                self._prune(dfd, parent)
+            finally:
+                os.close(dfd)
+            return
+        if base.startswith(WHITEOUT_META_PREFIX):
+            return  # AUFS metadata (.wh..wh.plnk, .wh..wh.aufs): skipped, as docker does
+        target = base[len(WHITEOUT_PREFIX) :]
+        if target in ("", ".", ".."):
+            raise self._err(entry, "malformed whiteout")
+        dfd = self.open_dir(parent, False, entry)
+        if dfd is None:
+            return  # nothing below to hide
+        try:
+            tparts = (*parent, target)
+            if tparts not in self.created:
+                self._remove(dfd, target)
+            else:
+                st = self._lstat(dfd, target)
+                if st is not None and stat.S_ISDIR(st.st_mode):
+                    cfd = os.open(target, _DIR_FLAGS, dir_fd=dfd)
+                    try:
+                        self._prune(cfd, tparts)
+                    finally:
+                        os.close(cfd)
+        finally:
+            os.close(dfd)
+
+    def _in_parent(self, parts: Path_, entry: str, fn: Callable[[int, str], None]) -> None:
+        """Run fn(parent_fd, name) after replacing whatever was at parts (but a dir by a dir)."""
+        if not parts:
+            raise self._err(entry, "only a directory may stand for the root")
+        dfd = self.open_dir(parts[:-1], True, entry)
+        assert dfd is not None
+        try:
+            fn(dfd, parts[-1])
+        finally:
+            os.close(dfd)
+        self._mark(parts)
+
+    def _file(self, tf: tarfile.TarFile, m: tarfile.TarInfo, parts: Path_, entry: str) -> None:
+        src = tf.extractfile(m)
+        if src is None:
+            raise self._err(entry, "no data for a regular file")
+
+        def create(dfd: int, name: str) -> None:
+            self._remove(dfd, name)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            fd = os.open(name, flags, 0o600, dir_fd=dfd)
+            try:
+                written = 0
+                while chunk := src.read(CHUNK):
+                    _write_all(fd, chunk)
+                    written += len(chunk)
+                if written != m.size:
+                    raise self._err(entry, f"truncated: {written} of {m.size} B")
+                self._owner_mode(fd, m)
+                self._xattrs(fd, m)
+                ns = _mtime_ns(m)
+                os.utime(fd, ns=(ns, ns))
+            finally:
+                os.close(fd)
+
+        self._in_parent(parts, entry, create)
+
+    def _xattrs(self, fd: int, m: tarfile.TarInfo) -> None:
+        for key, value in m.pax_headers.items():
+            if not key.startswith("SCHILY.xattr."):
+                continue
+            name = key[len("SCHILY.xattr.") :]
+            if name in KEPT_XATTRS or name.startswith(KEPT_XATTR_PREFIXES):
+                # Best effort: a file system without user xattrs, or a malformed
+                # capability, costs the attribute, not the image.
+                with contextlib.suppress(OSError):
+                    os.setxattr(fd, name, value.encode("utf-8", "surrogateescape"))
+
+    def _dir(self, m: tarfile.TarInfo, parts: Path_, entry: str) -> None:
+        if not parts:  # "./": the root's own owner, mode and time
+            self._owner_mode(self.root_fd, m)
+            self.dir_times.append(((), _mtime_ns(m)))
+            return
+
+        def create(dfd: int, name: str) -> None:
+            st = self._lstat(dfd, name)
+            if st is None or not stat.S_ISDIR(st.st_mode):
+                self._remove(dfd, name)
+                os.mkdir(name, 0o700, dir_fd=dfd)
+            fd = os.open(name, _DIR_FLAGS, dir_fd=dfd)
+            try:
+                self._owner_mode(fd, m)
+            finally:
+                os.close(fd)
+
+        self._in_parent(parts, entry, create)
+        self.dir_times.append((parts, _mtime_ns(m)))
+
+    def _symlink(self, m: tarfile.TarInfo, parts: Path_, entry: str) -> None:
+        target = m.linkname
+        if not target or "\0" in target or len(os.fsencode(target)) > MAX_PATH_BYTES:
+            raise self._err(entry, "empty, NUL-bearing or over-long symlink target")
+
+        def create(dfd: int, name: str) -> None:
+            self._remove(dfd, name)
+            # The target is stored, never resolved: it may point anywhere.
+            os.symlink(target, name, dir_fd=dfd)
+            if self.chown:
+                os.chown(name, m.uid, m.gid, dir_fd=dfd, follow_symlinks=False)
+            ns = _mtime_ns(m)
+            os.utime(name, ns=(ns, ns), dir_fd=dfd, follow_symlinks=False)
+
+        self._in_parent(parts, entry, create)
+
+    def _hardlink(self, m: tarfile.TarInfo, parts: Path_, entry: str) -> None:
+        tparts = split_path(m.linkname, entry, self.what)
+        if not tparts or tparts == parts:
+            raise self._err(entry, f"bad hardlink target {_show(m.linkname)}")
+        tdfd = self.open_dir(tparts[:-1], False, entry)
+        if tdfd is None:
+            raise self._err(entry, f"hardlink target {_show(m.linkname)} does not exist")
+        try:
+            st = self._lstat(tdfd, tparts[-1])
+            if st is None or not stat.S_ISREG(st.st_mode):
+                raise self._err(
+                    entry, f"hardlink target {_show(m.linkname)} is not an extracted regular file"
+                )
+
+            def create(dfd: int, name: str) -> None:
+                self._remove(dfd, name)
+                os.link(tparts[-1], name, src_dir_fd=tdfd, dst_dir_fd=dfd, follow_symlinks=False)
+
+            self._in_parent(parts, entry, create)
+        finally:
+            os.close(tdfd)
+
+    def _fifo(self, m: tarfile.TarInfo, parts: Path_, entry: str) -> None:
+        def create(dfd: int, name: str) -> None:
+            self._remove(dfd, name)
+            os.mkfifo(name, 0o600, dir_fd=dfd)
+            flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC
+            fd = os.open(name, flags, dir_fd=dfd)
+            try:
+                self._owner_mode(fd, m)
+                ns = _mtime_ns(m)
+                os.utime(fd, ns=(ns, ns))
+            finally:
+                os.close(fd)
+
+        self._in_parent(parts, entry, create)
+
+    def finish(self) -> None:
+        """Directory mtimes last: every write inside a directory bumped its mtime."""
+        for parts, ns in self.dir_times:
+            try:
+                fd = self.open_dir(parts, False, "")
+            except ImageError:
+                continue  # replaced by a symlink later in this layer
+            if fd is None:
+                continue
+            try:
+                os.utime(fd, ns=(ns, ns))
+            finally:
+                os.close(fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def unpack_layer(
+    blob: Path,
+    compression: str,
+    root: Path,
+    budget: Budget,
+    *,
+    diff_id: str | None = None,
+    what: str = "layer",
+) -> str:
+    """Apply one layer blob on top of ``root``; return its diff_id.
+
+    ``compression`` is the media type's ("none", "gzip", "zstd"); the blob's
+    magic bytes must agree. With ``diff_id``, a mismatch raises ImageError:
+    the caller must then discard ``root`` (the tree is already written).
+    Any refusal leaves ``root`` partly written and nothing outside it touched.
+    """
+    try:
+        raw = open(blob, "rb")  # noqa: SIM115 (closed below)
+    except FileNotFoundError:
+        raise ImageError(f"{what}: blob {blob.name[:12]} is not in the store") from None
+    try:
+        root_fd = os.open(root, _DIR_FLAGS)
+    except OSError as e:
+        raw.close()
+        raise ImageError(f"{what}: cannot open staging root {root}: {e.strerror}") from None
+    current = ""
+    try:
+        reader = _CountingReader(_open_stream(raw, compression, what), budget, what)
+        un = _Unpacker(root_fd, budget, what)
+        with tarfile.open(
+            fileobj=reader,  # type: ignore[call-overload]
+            mode="r|",
+            tarinfo=safe_tarinfo(what),
+            encoding="utf-8",
+            errors="surrogateescape",
+        ) as tf:
+            while (m := tf.next()) is not None:
+                tf.members = []  # stream mode would keep every member in memory
+                current = m.name
+                un.entry(tf, m)
+            current = ""
+            reader.drain()
+        un.finish()
+    except (tarfile.TarError, EOFError, zlib.error, zstandard.ZstdError, OSError) as e:
+        at = f" (at entry {_show(current)})" if current else ""
+        raise ImageError(f"{what}: corrupt or unwritable layer{at}: {e}") from e
+    finally:
+        os.close(root_fd)
+        raw.close()
+    got = "sha256:" + reader.hash.hexdigest()
+    if diff_id is not None and got != diff_id:
+        raise ImageError(
+            f"{what}: uncompressed content is {got}, but the image config says {diff_id} "
+            "(corrupt or tampered layer)"
+        )
+    return got

@@ -1,0 +1,239 @@
+"""Layer unpacking: whiteouts as the OCI spec says, and hostile tars refused without harm."""
+
+from __future__ import annotations
+
+import os
+import stat
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from cocoon.errors import ImageError
+from cocoon.images.layers import Budget, unpack_layer
+from tests.unit.imagekit import Tar, compress, dg, snapshot
+
+ROOT = os.geteuid() == 0
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> tuple[Path, Path]:
+    """(staging root, an 'outside' dir with a secret the layers aim at)."""
+    root = tmp_path / "root"
+    root.mkdir()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret").write_text("keep me")
+    return root, outside
+
+
+def apply(
+    tmp: Path, root: Path, tar: bytes, how: str = "none", budget: Budget | None = None
+) -> str:
+    blob = tmp / f"blob-{dg(tar)[7:19]}-{how}"
+    blob.write_bytes(compress(tar, how))
+    return unpack_layer(blob, how, root, budget or Budget(1 << 30, 100_000), what="test layer")
+
+
+def tree(root: Path) -> dict[str, str]:
+    """path -> 'd' | 'f:<content>' | 'l:<target>' | 'p' for everything under root."""
+    out = {}
+    for dirpath, dirs, files in os.walk(root):
+        for n in dirs + files:
+            p = Path(dirpath) / n
+            rel = str(p.relative_to(root))
+            if p.is_symlink():
+                out[rel] = "l:" + os.readlink(p)
+            elif p.is_dir():
+                out[rel] = "d"
+            elif stat.S_ISFIFO(p.lstat().st_mode):
+                out[rel] = "p"
+            else:
+                out[rel] = "f:" + p.read_text()
+    return out
+
+
+@pytest.mark.parametrize("how", ["none", "gzip", "zstd"])
+def test_unpack_entries_and_metadata(tmp_path: Path, env: tuple[Path, Path], how: str) -> None:
+    root, _ = env
+    t = (
+        Tar()
+        .dir("./", mode=0o755)
+        .dir("etc", mode=0o750, uid=3, gid=4, mtime=1234)
+        .file("etc/passwd", b"root:x:0:0", mode=0o640, uid=5, gid=6, mtime=777)
+        .file("bin/su", b"ELF", mode=0o4755)
+        .symlink("bin/sh", "busybox", uid=7, gid=8)
+        .hardlink("bin/su2", "bin/su")
+        .fifo("run/fifo")
+        .file("usr/share/cap", b"ping", pax={
+            "SCHILY.xattr.security.capability":
+                bytes.fromhex("0100000200200000000000000000000000000000").decode("latin-1"),
+            "SCHILY.xattr.user.note": "hi", "SCHILY.xattr.trusted.overlay.opaque": "y"})
+        .bytes()
+    )  # fmt: skip
+    assert apply(tmp_path, root, t, how) == dg(t)
+    assert tree(root)["etc/passwd"] == "f:root:x:0:0"
+    assert tree(root)["bin/sh"] == "l:busybox"
+    assert tree(root)["run/fifo"] == "p"
+    st = (root / "etc/passwd").stat()
+    assert stat.S_IMODE(st.st_mode) == 0o640 and st.st_mtime == 777
+    assert (root / "etc").stat().st_mtime == 1234  # applied after its children were written
+    assert stat.S_IMODE((root / "etc").stat().st_mode) == 0o750
+    assert stat.S_IMODE((root / "bin/su").stat().st_mode) == 0o4755  # setuid kept
+    assert (root / "bin/su2").stat().st_ino == (root / "bin/su").stat().st_ino
+    if ROOT:
+        assert (st.st_uid, st.st_gid) == (5, 6)
+        assert ((root / "etc").stat().st_uid, (root / "etc").stat().st_gid) == (3, 4)
+        assert (root / "bin/sh").lstat().st_uid == 7
+        names = os.listxattr(root / "usr/share/cap")
+        assert "user.note" in names and "security.capability" in names
+        assert "trusted.overlay.opaque" not in names
+
+
+def test_whiteouts_and_opaque_dirs_across_layers(tmp_path: Path, env: tuple[Path, Path]) -> None:
+    root, _ = env
+    l1 = (
+        Tar()
+        .file("a/x", b"1").file("a/y", b"2").file("b/z", b"3")
+        .file("c/old", b"4").file("c/sub/old", b"5")
+        .file("d/sub/old", b"6").file("keep", b"7")
+        .bytes()
+    )  # fmt: skip
+    l2 = (
+        Tar()
+        .file("a/.wh.x", b"")
+        .file(".wh.b", b"")
+        # this layer's c/new is listed before the marker: it must survive it
+        .file("c/new", b"8")
+        .file("c/.wh..wh..opq", b"")
+        .file("d/sub/new", b"9")
+        .file("d/.wh..wh..opq", b"")
+        # a whiteout of a file this same layer wrote does not apply to it
+        .file("e", b"10")
+        .file(".wh.e", b"")
+        .file(".wh..wh.plnk/123", b"aufs metadata")
+        .bytes()
+    )
+    l3 = Tar().file("b/again", b"11").file("a/.wh.y", b"").file(".wh.nothing", b"").bytes()
+    for layer in (l1, l2, l3):
+        apply(tmp_path, root, layer)
+    assert tree(root) == {
+        "a": "d",
+        "b": "d",
+        "b/again": "f:11",
+        "c": "d",
+        "c/new": "f:8",
+        "d": "d",
+        "d/sub": "d",
+        "d/sub/new": "f:9",
+        "e": "f:10",
+        "keep": "f:7",
+    }
+
+
+def test_later_layers_replace_types(tmp_path: Path, env: tuple[Path, Path]) -> None:
+    root, _ = env
+    apply(tmp_path, root, Tar().file("lib/libc.so", b"c").file("f", b"file").bytes())
+    apply(tmp_path, root, Tar().symlink("lib", "usr/lib").dir("f").file("f/inner", b"i").bytes())
+    assert tree(root) == {"lib": "l:usr/lib", "f": "d", "f/inner": "f:i"}
+    # a whiteout of a symlink removes the link, not what it points at
+    apply(tmp_path, root, Tar().file(".wh.lib", b"").bytes())
+    assert "lib" not in tree(root)
+
+
+HOSTILE = {
+    "dotdot": lambda o: Tar().file("../outside/secret", b"pwned"),
+    "dotdot-inner": lambda o: Tar().file("a/../../outside/secret", b"pwned"),
+    "absolute": lambda o: Tar().file(f"{o}/secret", b"pwned"),
+    "symlink-abs-then-write": lambda o: Tar().symlink("a", str(o)).file("a/secret", b"pwned"),
+    "symlink-rel-then-write": lambda o: Tar().symlink("a", "../outside").file("a/secret", b"pw"),
+    "symlink-deep-then-mkdir": lambda o: Tar().dir("d").symlink("d/l", str(o)).dir("d/l/new"),
+    "symlink-then-hardlink": lambda o: Tar().symlink("a", str(o)).hardlink("h", "a/secret"),
+    "hardlink-dotdot": lambda o: Tar().hardlink("h", "../outside/secret"),
+    "hardlink-to-symlink": lambda o: Tar().symlink("l", f"{o}/secret").hardlink("h", "l"),
+    "hardlink-missing": lambda o: Tar().hardlink("h", "nothing"),
+    "symlink-then-whiteout": lambda o: Tar().symlink("a", str(o)).file("a/.wh.secret", b""),
+    "symlink-then-opaque": lambda o: Tar().symlink("a", str(o)).file("a/.wh..wh..opq", b""),
+    "char-device": lambda o: Tar().device("dev/mem"),
+    "block-device": lambda o: Tar().device("dev/sda", tarfile.BLKTYPE),
+    "long-name": lambda o: Tar().file("a/" + "n" * 256, b""),
+    "long-path": lambda o: Tar().file("/".join(["d" * 200] * 21), b""),
+    "too-deep": lambda o: Tar().file("d/" * 300 + "f", b""),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_hostile_layers_refused(tmp_path: Path, env: tuple[Path, Path], case: str) -> None:
+    root, outside = env
+    before = snapshot(outside)
+    tar = HOSTILE[case](outside).bytes()
+    with pytest.raises(ImageError, match="test layer: entry '") as e:
+        apply(tmp_path, root, tar)
+    assert snapshot(outside) == before, str(e.value)
+    assert not (tmp_path / "secret").exists()
+    assert len(str(e.value).splitlines()) == 1
+
+
+def test_decompression_bomb_against_image_budget(tmp_path: Path, env: tuple[Path, Path]) -> None:
+    root, _ = env
+    budget = Budget(max_bytes=3 << 20, max_entries=1000)
+    layer = Tar().file("zeros", bytes(2 << 20)).bytes()  # 2 MiB: ~2 KiB gzipped
+    assert len(compress(layer, "gzip")) < 10_000
+    apply(tmp_path, root, layer, "gzip", budget)
+    # a second layer of the same image takes it over: the budget is per image
+    with pytest.raises(ImageError, match="max_unpacked_bytes"):
+        apply(tmp_path, root, Tar().file("more", bytes(2 << 20)).bytes(), "gzip", budget)
+    # bytes after the tar's end count too (and are hashed into the diff_id)
+    with pytest.raises(ImageError, match="max_unpacked_bytes"):
+        apply(tmp_path, root, Tar().bytes() + bytes(4 << 20), "zstd", Budget(3 << 20, 10))
+
+
+def test_entry_count_cap(tmp_path: Path, env: tuple[Path, Path]) -> None:
+    root, _ = env
+    t = Tar()
+    for i in range(11):
+        t.file(f"f{i}")
+    with pytest.raises(ImageError, match=r"entry 'f10'.*max_entries"):
+        apply(tmp_path, root, t.bytes(), budget=Budget(1 << 30, 10))
+
+
+def test_huge_extended_header_refused(tmp_path: Path, env: tuple[Path, Path]) -> None:
+    root, _ = env
+    t = Tar().file("f", b"x", pax={"comment": "c" * ((1 << 20) + 10)}).bytes()
+    with pytest.raises(ImageError, match="extended header"):
+        apply(tmp_path, root, t)
+
+
+def test_gnu_sparse_refused(tmp_path: Path, env: tuple[Path, Path]) -> None:
+    root, _ = env
+    ti = tarfile.TarInfo("sparse")
+    ti.type = tarfile.GNUTYPE_SPARSE
+    t = Tar(fmt=tarfile.GNU_FORMAT).raw(ti).bytes()
+    with pytest.raises(ImageError, match="sparse"):
+        apply(tmp_path, root, t)
+
+
+def test_compression_must_match_media_type(tmp_path: Path, env: tuple[Path, Path]) -> None:
+    root, _ = env
+    t = Tar().file("f").bytes()
+    blob = tmp_path / "blob"
+    for data, claimed, msg in [
+        (t, "gzip", "not gzip"),
+        (t, "zstd", "not zstd"),
+        (compress(t, "gzip"), "none", "compressed"),
+        (compress(t, "gzip")[:40], "gzip", "corrupt"),
+        (b"", "none", "empty"),
+    ]:
+        blob.write_bytes(data)
+        with pytest.raises(ImageError, match=msg):
+            unpack_layer(blob, claimed, root, Budget(1 << 30, 100))
+
+
+def test_diff_id_checked(tmp_path: Path, env: tuple[Path, Path]) -> None:
+    root, _ = env
+    t = Tar().file("f").bytes()
+    blob = tmp_path / "blob"
+    blob.write_bytes(compress(t, "gzip"))
+    assert unpack_layer(blob, "gzip", root, Budget(1 << 30, 100), diff_id=dg(t)) == dg(t)
+    with pytest.raises(ImageError, match="image config says"):
+        unpack_layer(blob, "gzip", root, Budget(1 << 30, 100), diff_id=dg(b"other"))

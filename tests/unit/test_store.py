@@ -1,0 +1,227 @@
+"""The image store: records, tags, blob GC, and no half image after a failure or crash."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from cocoon.config import Config
+from cocoon.errors import ImageError, StateError
+from cocoon.images import store as store_mod
+from cocoon.images.store import ImageStore, repository_of
+from tests.unit.imagekit import Tar, add_image, dg, make_image, mounted
+
+BASE = Tar().dir("bin").file("bin/sh", b"#!shell", mode=0o755).file("etc/os", b"base").bytes()
+APP = Tar().file("app/run", b"app", mode=0o4755, uid=1000, gid=1000).file(".wh.etc", b"").bytes()
+OTHER = Tar().file("other", b"o").bytes()
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> ImageStore:
+    return ImageStore(Config(data_dir=str(tmp_path / "data")))
+
+
+def leftovers(s: ImageStore) -> tuple[list[str], list[str], list[str]]:
+    return (
+        sorted(os.listdir(s.erofs_dir)),
+        sorted(os.listdir(s.tmp_dir)),
+        sorted(os.listdir(s.blobs.root / "ingest")),
+    )
+
+
+def test_add_list_resolve_inspect(store: ImageStore, tmp_path: Path) -> None:
+    img = add_image(store, [BASE, APP], tags=("docker.io/library/app:1",), cmd=("run",))
+    assert img.repo_tags == ["docker.io/library/app:1"]
+    assert img.repo_digests == [f"docker.io/library/app@{img.manifest_digest}"]
+    assert img.platform == "linux/amd64" and img.created == "2024-01-02T03:04:05Z"
+    assert [x.diff_id for x in img.layers] == [dg(BASE), dg(APP)]
+    assert Path(img.erofs).is_file() and img.size == Path(img.erofs).stat().st_size
+    assert [i.id for i in store.list()] == [img.id]
+    for ref in (
+        "docker.io/library/app:1",
+        img.repo_digests[0],
+        img.id,
+        img.id[7:],
+        img.id[7:19],
+        "sha256:" + img.id[7:19],
+        img.manifest_digest,
+    ):
+        assert store.resolve(ref).id == img.id, ref
+    for bad in (img.id[7:18], "app:1", "nope"):
+        with pytest.raises(ImageError, match="no such image"):
+            store.resolve(bad)
+    info = store.inspect("docker.io/library/app:1")
+    assert info.config.cmd == ["run"] and info.image.id == img.id
+    # the erofs is the unpacked image: layer 2 deleted etc/, kept setuid and owners
+    with mounted(img.erofs, tmp_path / "mnt") as m:
+        assert sorted(os.listdir(m)) == ["app", "bin"]
+        st = (m / "app/run").stat()
+        assert stat.S_IMODE(st.st_mode) == 0o4755 and (st.st_uid, st.st_gid) == (1000, 1000)
+        assert (m / "bin/sh").read_bytes() == b"#!shell"
+
+
+def test_add_is_idempotent_and_merges_tags(
+    store: ImageStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    md, mb, cb = make_image(store, [BASE])
+    a = store.add(md, mb, cb, ["x.io/a:1"])
+    mtime = Path(a.erofs).stat().st_mtime_ns
+
+    def no_build(*args: object) -> None:
+        raise AssertionError("rebuilt an image that was there")
+
+    monkeypatch.setattr(ImageStore, "_build", no_build)
+    b = store.add(md, mb, cb, ["x.io/a:2"])
+    assert b.id == a.id and b.repo_tags == ["x.io/a:1", "x.io/a:2"]
+    assert Path(a.erofs).stat().st_mtime_ns == mtime
+    assert len(store.list()) == 1
+
+
+def test_tags_move_and_remove_collects_blobs(store: ImageStore) -> None:
+    one = add_image(store, [BASE, APP], tags=("r.io/app:1", "r.io/app:latest"))
+    two = add_image(store, [BASE, OTHER], tags=("r.io/other:1",))
+    # a tag moves: the image that had it stays, without it
+    store.tag("r.io/other:1", "r.io/app:latest")
+    assert store.resolve("r.io/app:latest").id == two.id
+    assert store.resolve("r.io/app:1").repo_tags == ["r.io/app:1"]
+    store.tag(one.id, "r.io/app:2")
+    # by id with two tags: refused without force
+    with pytest.raises(ImageError, match="force"):
+        store.remove(one.id[7:19])
+    # by tag while another remains: untag only
+    r = store.remove("r.io/app:2")
+    assert r.untagged == ["r.io/app:2"] and r.deleted == []
+    # the last tag goes: the image, its erofs and its own blobs go; the shared base stays
+    base_blob = one.layers[0].digest
+    r = store.remove("r.io/app:1")
+    assert r.deleted == [one.id]
+    assert f"r.io/app@{one.manifest_digest}" in r.untagged
+    assert not Path(one.erofs).exists()
+    assert store.blobs.has(base_blob)
+    for b in one.blobs:
+        if b not in two.blobs:
+            assert not store.blobs.has(b), b
+    store.remove(two.id, force=True)
+    assert store.list() == [] and store.blobs.digests() == []
+    assert leftovers(store) == ([], [], [])
+
+
+def test_add_refuses_inconsistent_input(store: ImageStore) -> None:
+    md, mb, cb = make_image(store, [BASE])
+    with pytest.raises(ImageError, match="manifest bytes"):
+        store.add(dg(b"x"), mb, cb)
+    with pytest.raises(ImageError, match="image config does not match"):
+        store.add(md, mb, cb + b" ")
+    md, mb, cb = make_image(store, [BASE], diff_ids=[dg(BASE), dg(APP)])
+    with pytest.raises(ImageError, match="2 diff_ids for 1 layers"):
+        store.add(md, mb, cb)
+    md, mb, cb = make_image(store, [OTHER])
+    store.blobs.remove(json.loads(mb)["layers"][0]["digest"])
+    with pytest.raises(ImageError, match="not in the blob store"):
+        store.add(md, mb, cb)
+    with pytest.raises(ImageError, match="invalid image reference"):
+        store.add(*make_image(store, [BASE]), ["bad tag"])
+    assert store.list() == []
+
+
+def test_diff_id_mismatch_leaves_nothing(store: ImageStore) -> None:
+    md, mb, cb = make_image(store, [BASE, APP], diff_ids=[dg(BASE), dg(OTHER)])
+    with pytest.raises(ImageError, match=r"layer 2/2 .*image config says"):
+        store.add(md, mb, cb, ["r.io/x:1"])
+    assert store.list() == [] and leftovers(store) == ([], [], [])
+
+
+def test_hostile_layer_leaves_nothing(store: ImageStore, tmp_path: Path) -> None:
+    evil = Tar().symlink("etc", str(tmp_path)).file("etc/pwned", b"x").bytes()
+    with pytest.raises(ImageError, match="not writing through it"):
+        add_image(store, [BASE, evil], tags=("r.io/evil:1",))
+    assert not (tmp_path / "pwned").exists()
+    assert store.list() == [] and leftovers(store) == ([], [], [])
+
+
+def test_failure_mid_unpack_then_retry(store: ImageStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = store_mod.unpack_layer
+    calls = []
+
+    def failing(*args: object, **kw: object) -> str:
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # as good as a crash for what is left behind
+        return real(*args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(store_mod, "unpack_layer", failing)
+    md, mb, cb = make_image(store, [BASE, APP])
+    with pytest.raises(KeyboardInterrupt):
+        store.add(md, mb, cb, ["r.io/x:1"])
+    assert store.list() == [] and leftovers(store) == ([], [], [])
+    monkeypatch.setattr(store_mod, "unpack_layer", real)
+    assert store.add(md, mb, cb, ["r.io/x:1"]).repo_tags == ["r.io/x:1"]
+
+
+def test_mkfs_failure_leaves_nothing(store: ImageStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(ImageError, match="mkfs.erofs not found"):
+        add_image(store, [BASE])
+    assert store.list() == [] and leftovers(store) == ([], [], [])
+
+
+def test_crash_leftovers_are_cleaned_or_reused(store: ImageStore) -> None:
+    # a process killed mid-unpack: its staging dir stays, its flock is gone
+    dead = store.tmp_dir / "dead-1234"
+    (dead / "rootfs/etc").mkdir(parents=True)
+    (dead / "lock").touch()
+    # one that was killed before it could lock its dir: removed once old
+    unlocked = store.tmp_dir / ".new-old"
+    unlocked.mkdir()
+    os.utime(unlocked, (0, 0))
+    # one just being made by a live add, not yet locked: kept
+    fresh = store.tmp_dir / ".new-fresh"
+    fresh.mkdir()
+    # a live add elsewhere: its flock is held, its dir must survive
+    live = store.tmp_dir / "live-5678"
+    live.mkdir()
+    fd = os.open(live / "lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        # killed after the erofs rename, before the record: the retry reuses the erofs
+        md, mb, cb = make_image(store, [BASE])
+        img = store.add(md, mb, cb)
+        erofs = Path(img.erofs)
+        store.remove(img.id)
+        img_bytes = b"complete erofs from the crashed run"
+        erofs.write_bytes(img_bytes)
+        assert store.gc() == [erofs]  # nobody records it: gc removes it
+        erofs.write_bytes(img_bytes)
+        md, mb, cb = make_image(store, [BASE])  # (remove took the blobs: pull again)
+        again = store.add(md, mb, cb)
+        assert erofs.read_bytes() == img_bytes and again.id == img.id
+        assert not dead.exists() and not unlocked.exists()
+        assert live.exists() and fresh.exists()
+    finally:
+        os.close(fd)
+    assert store.gc() == [live]
+    fresh.rmdir()
+
+
+def test_corrupt_index_is_a_state_error(store: ImageStore) -> None:
+    store.index_path.write_text("{not json")
+    with pytest.raises(StateError, match="corrupt"):
+        store.list()
+
+
+@pytest.mark.parametrize(
+    ("ref", "repo"),
+    [
+        ("docker.io/library/busybox:latest", "docker.io/library/busybox"),
+        ("localhost:5000/a/b", "localhost:5000/a/b"),
+        ("localhost:5000/a/b:v1", "localhost:5000/a/b"),
+        ("r.io/x@sha256:" + "a" * 64, "r.io/x"),
+    ],
+)
+def test_repository_of(ref: str, repo: str) -> None:
+    assert repository_of(ref) == repo
