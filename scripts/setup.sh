@@ -42,3 +42,5 @@ if command -v pyenv >/dev/null 2>&1; then pyenv rehash || true; fi
 "$PY" -m cocoon.cli guest build --kernel-source debian-cloud >&2 \
   || { apt-get update -q && "$PY" -m cocoon.cli guest build --kernel-source debian-cloud >&2; }
 "$PY" -m cocoon.cli guest build >&2
+# The default image, built offline from busybox-static: `cocoon run busybox ...`.
+"$PY" -m cocoon.cli image default >&2

@@ -32,15 +32,19 @@ def digest_of(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def tar_of(files: dict[str, bytes]) -> bytes:
-    """A deterministic tar (fixed mtime, owner) of regular files."""
+Files = dict[str, bytes | tuple[bytes, int]]
+
+
+def tar_of(files: Files) -> bytes:
+    """A deterministic tar (fixed mtime, owner) of regular files; (data, mode) sets a mode."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for name, data in sorted(files.items()):
+        for name, item in sorted(files.items()):
+            data, mode = item if isinstance(item, tuple) else (item, 0o644)
             info = tarfile.TarInfo(name)
             info.size = len(data)
             info.mtime = 1_700_000_000
-            info.mode = 0o644
+            info.mode = mode
             tar.addfile(info, io.BytesIO(data))
     return buf.getvalue()
 
@@ -97,9 +101,7 @@ class Layout:
         (self.root / "blobs" / "sha256" / d[7:]).write_bytes(data)
         return d
 
-    def image(
-        self, layers: list[tuple[dict[str, bytes], str]], platform: str = "linux/amd64"
-    ) -> Image:
+    def image(self, layers: list[tuple[Files, str]], platform: str = "linux/amd64") -> Image:
         """An image of ``layers`` (files, compression), for ``platform`` (os/arch)."""
         built = []
         for files, how in layers:

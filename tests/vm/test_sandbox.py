@@ -135,9 +135,6 @@ def test_memory_limit_oom_kill_is_reported(booted: Sandbox, run: Runner) -> None
 def test_cpu_and_pids_limits_reach_the_cgroup(booted: Sandbox, run: Runner) -> None:
     s = spec(["sh", "-c", "cat /sys/fs/cgroup/cpu.max /sys/fs/cgroup/pids.max"])
     s["linux"]["resources"] = {"cpu": {"quota": 50000, "period": 100000}, "pids": {"limit": 64}}
-    s["mounts"].append(
-        {"destination": "/sys/fs/cgroup", "type": "cgroup2", "source": "cgroup2", "options": ["ro"]}
-    )
 
     async def body() -> None:
         c = cid()

@@ -50,7 +50,7 @@ def cli(
 
 
 def main() -> None:
-    from cocoon.cli import check, guest, sandbox  # noqa: F401  (registers verbs)
+    from cocoon.cli import check, containers, guest, images, sandbox  # noqa: F401  (verbs)
 
     debug = "--debug" in sys.argv
     try:

@@ -21,8 +21,7 @@ Archives with both (docker >= 25) load through the OCI layout, with the
 RepoTags of manifest.json added.
 
 Tags are normalised the way docker does (``busybox`` ->
-``docker.io/library/busybox:latest``). TODO: use reference.py's parser once
-it lands, so this and `pull` share one grammar.
+``docker.io/library/busybox:latest``) by reference.py, the grammar `pull` uses.
 """
 
 from __future__ import annotations
@@ -59,6 +58,7 @@ from cocoon.images.manifest import (
     parse_index,
     parse_manifest,
 )
+from cocoon.images.reference import parse as parse_reference
 from cocoon.images.store import Image, ImageStore
 
 MAX_MEMBERS = 100_000
@@ -85,20 +85,15 @@ _REF_RE = re.compile(
 
 
 def canonical_tag(ref: str) -> str:
-    """docker's normalisation of a tagged name: domain, library/ for official images, tag."""
-    m = _REF_RE.match(ref) if len(ref) <= 255 else None
-    if not m:
-        raise ImageError(f"archive names an invalid image reference {ref[:100]!r}")
-    domain, path, tag = m.group(1), m.group(2), m.group(3) or "latest"
-    # "foo/bar": foo is a domain only if it looks like one, as docker decides.
-    if domain and not ("." in domain or ":" in domain or domain == "localhost"):
-        path, domain = f"{domain}/{path}", None
-    domain = domain or "docker.io"
-    if domain == "index.docker.io":
-        domain = "docker.io"
-    if domain == "docker.io" and "/" not in path:
-        path = f"library/{path}"
-    return f"{domain}/{path}:{tag}"
+    """docker's normalisation of a tagged name (``busybox`` -> docker.io/library/busybox:latest),
+    by the same parser `pull` uses."""
+    try:
+        r = parse_reference(ref)
+    except ImageError as e:
+        raise ImageError(f"archive names an invalid image reference: {e}") from None
+    if r.digest and not r.tag:
+        raise ImageError(f"archive tag {ref[:100]!r} is a digest, not a tag")
+    return f"{r.name}:{r.tag or 'latest'}"
 
 
 def _sha256(data: bytes) -> str:

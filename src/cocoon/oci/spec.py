@@ -90,6 +90,12 @@ def default_spec(
                 "options": ["nosuid", "noexec", "nodev", "ro"],
             },
             {
+                "destination": "/sys/fs/cgroup",
+                "type": "cgroup",
+                "source": "cgroup",
+                "options": ["nosuid", "noexec", "nodev", "relatime", "ro"],
+            },
+            {
                 "destination": "/tmp",
                 "type": "tmpfs",
                 "source": "tmpfs",

@@ -1,0 +1,115 @@
+"""`cocoon run`: a container from an image, in its own VM, docker's flags."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+
+import click
+
+from cocoon.cli.main import State, cli
+from cocoon.errors import CocoonError
+from cocoon.images import service
+from cocoon.images.store import ImageStore
+from cocoon.runtime.run import RunOptions, UsageError, run_container
+from cocoon.util.units import parse_size
+
+
+def _env_file(path: str) -> list[str]:
+    out = []
+    try:
+        lines = open(path).read().splitlines()  # noqa: SIM115
+    except OSError as e:
+        raise UsageError(f"cannot read env file {path}: {e.strerror}") from None
+    for line in lines:
+        line = line.strip()
+        if line and not line.startswith("#"):
+            out.append(line)
+    return out
+
+
+@cli.command(context_settings={"ignore_unknown_options": False, "allow_interspersed_args": False})
+@click.option("--rm", is_flag=True, help="Remove the container when it exits (always, for now).")
+@click.option("-i", "--interactive", is_flag=True, help="Relay stdin.")
+@click.option("-t", "--tty", is_flag=True, help="Allocate a terminal (not yet in `run`).")
+@click.option("-d", "--detach", is_flag=True, help="Run in the background (not yet).")
+@click.option("--name", help="Container name.")
+@click.option("-e", "--env", "envs", multiple=True, metavar="K=V")
+@click.option("--env-file", "env_files", multiple=True, metavar="FILE")
+@click.option("-w", "--workdir", default="")
+@click.option("-u", "--user", default="", metavar="USER[:GROUP]")
+@click.option("--entrypoint", default=None)
+@click.option("--hostname", default="")
+@click.option("--memory", "-m", default="", metavar="SIZE", help="Memory limit, e.g. 256m.")
+@click.option("--cpus", type=float, default=0.0, help="CPU limit, e.g. 1.5.")
+@click.option("--read-only", is_flag=True, help="Mount the image read-only as the root.")
+@click.option("--pull", "pull_policy", type=click.Choice(["missing", "always", "never"]),
+              default="missing")  # fmt: skip
+@click.option("--platform", default=None)
+@click.argument("image")
+@click.argument("command", nargs=-1)
+@click.pass_obj
+def run(
+    state: State,
+    rm: bool,
+    interactive: bool,
+    tty: bool,
+    detach: bool,
+    name: str | None,
+    envs: tuple[str, ...],
+    env_files: tuple[str, ...],
+    workdir: str,
+    user: str,
+    entrypoint: str | None,
+    hostname: str,
+    memory: str,
+    cpus: float,
+    read_only: bool,
+    pull_policy: str,
+    platform: str | None,
+    image: str,
+    command: tuple[str, ...],
+) -> None:
+    """Run COMMAND in a new container from IMAGE, in its own VM; exit with its code."""
+    try:
+        if tty or detach:
+            raise UsageError("-t and -d are not supported by `cocoon run` yet")
+        if cpus < 0 or cpus > 64:
+            raise UsageError("--cpus must be between 0 and 64")
+        try:
+            mem = parse_size(memory) if memory else 0
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        if mem and mem < 6 << 20:
+            raise UsageError("--memory must be at least 6m")
+        env = [x for f in env_files for x in _env_file(f)] + list(envs)
+        for item in env:
+            if "=" not in item:
+                raise UsageError(f"invalid -e {item!r}: use KEY=VALUE")
+        cfg = state.cfg
+        img = asyncio.run(service.get(cfg, image, policy=pull_policy, platform=platform))
+        config = ImageStore(cfg).inspect(img.id).config
+        opts = RunOptions(
+            args=list(command),
+            entrypoint=entrypoint,
+            env=env,
+            workdir=workdir,
+            user=user,
+            hostname=hostname or (name or ""),
+            memory_bytes=mem,
+            cpus=cpus,
+            read_only=read_only,
+            stdin=interactive,
+        )
+        code = asyncio.run(run_container(cfg, img.id, Path(img.erofs), config, opts))
+    except CocoonError as e:
+        click.echo(f"cocoon: {e}", err=True)
+        # docker: 125 the runtime failed, 126 not executable, 127 not found
+        msg = str(e)
+        if "not found" in msg and ("executable" in msg or "$PATH" in msg):
+            sys.exit(127)
+        if "permission denied" in msg.lower() and "exec" in msg.lower():
+            sys.exit(126)
+        sys.exit(e.exit_code)
+    sys.exit(code)

@@ -1,0 +1,70 @@
+"""What the CLI verbs call: reference in, image record out (pull, find, load).
+
+The one place that knows how a typed name maps to a stored image: names are
+canonicalized by ``reference.parse`` (``busybox`` is
+``docker.io/library/busybox:latest``); anything that does not parse as a
+reference is tried as an image id (prefix).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cocoon.config import Config
+from cocoon.errors import ImageError
+from cocoon.images import archive, reference, registry
+from cocoon.images.manifest import MAX_CONFIG, MAX_MANIFEST, Platform
+from cocoon.images.store import Image, ImageStore
+
+
+def canonical(text: str) -> str | None:
+    try:
+        return reference.parse(text).canonical
+    except ImageError:
+        return None
+
+
+def find(store: ImageStore, text: str) -> Image | None:
+    """The stored image ``text`` names (tag, name@digest, or id prefix), or None."""
+    for key in (canonical(text), text):
+        if key is None:
+            continue
+        try:
+            return store.resolve(key)
+        except ImageError:
+            continue
+    return None
+
+
+async def pull(cfg: Config, text: str, platform: str | None = None, progress: bool = True) -> Image:
+    ref = reference.parse(text)
+    store = ImageStore(cfg)
+    plat = Platform.parse(platform) if platform else None
+    pulled = await registry.pull(cfg, store.blobs, ref, plat, progress=progress)
+    manifest = store.blobs.read(pulled.manifest_digest, MAX_MANIFEST)
+    config = store.blobs.read(pulled.config_digest, MAX_CONFIG)
+    tags = [ref.name + f":{ref.tag}"] if ref.tag else []
+    repo_digest = f"{ref.name}@{pulled.index_digest or pulled.manifest_digest}"
+    return store.add(pulled.manifest_digest, manifest, config, tags, repo_digests=[repo_digest])
+
+
+async def get(
+    cfg: Config, text: str, *, policy: str = "missing", platform: str | None = None
+) -> Image:
+    """The image for `run`: from the store, pulled if missing (or always, or never)."""
+    store = ImageStore(cfg)
+    have = find(store, text)
+    if policy == "never" or (policy == "missing" and have is not None):
+        if have is None:
+            raise ImageError(f"image {text} is not in the store and --pull=never was given")
+        return have
+    try:
+        return await pull(cfg, text, platform)
+    except ImageError as e:
+        if have is None:
+            raise ImageError(f"image {text} is not here and cannot be pulled: {e}") from None
+        raise
+
+
+def load(cfg: Config, path: Path) -> list[Image]:
+    return archive.load(ImageStore(cfg), path)

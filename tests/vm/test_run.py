@@ -1,0 +1,120 @@
+"""`cocoon run IMAGE ...` as a user types it: the image's block device in a VM."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cocoon.config import Config
+from cocoon.guestassets.cache import resolve
+from cocoon.images.default import ensure_default_image
+from tests.images.layout import Layout
+from tests.images.servers import REGISTRY, SKOPEO, Registry, push, require, running
+
+pytestmark = [pytest.mark.vm, pytest.mark.timeout(300)]
+
+
+@pytest.fixture(scope="module")
+def busybox(cfg: Config) -> None:
+    ensure_default_image(cfg)
+
+
+def cocoon(
+    cfg: Config, *args: str, input: bytes | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [sys.executable, "-m", "cocoon.cli", "--root", str(cfg.root), *args],
+        capture_output=True,
+        input=input,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_run_busybox_echo(cfg: Config, busybox: None) -> None:
+    r = cocoon(cfg, "run", "--rm", "busybox", "echo", "hello")
+    assert (r.returncode, r.stdout, r.stderr) == (0, b"hello\n", b"")
+
+
+@pytest.mark.parametrize(
+    "script, code", [("exit 0", 0), ("exit 1", 1), ("sleep 60 & kill -9 $!; wait $!", 137)]
+)
+def test_exit_codes(cfg: Config, busybox: None, script: str, code: int) -> None:
+    assert cocoon(cfg, "run", "--rm", "busybox", "sh", "-c", script).returncode == code
+
+
+def test_signals_to_run_are_forwarded(cfg: Config, busybox: None) -> None:
+    p = subprocess.Popen(
+        [sys.executable, "-m", "cocoon.cli", "--root", str(cfg.root), "run", "--rm", "busybox",
+         "sh", "-c", 'trap "echo got TERM; exit 42" TERM; echo ready; sleep 60 & wait'],
+        stdout=subprocess.PIPE,
+    )  # fmt: skip
+    assert p.stdout is not None
+    assert p.stdout.readline() == b"ready\n"
+    p.terminate()
+    assert p.wait(timeout=60) == 42
+    assert p.stdout.read() == b"got TERM\n"
+
+
+def test_env_workdir_user_entrypoint(cfg: Config, busybox: None) -> None:
+    r = cocoon(cfg, "run", "--rm", "-e", "GREETING=hi there", "-w", "/tmp", "-u", "nobody",
+               "--entrypoint", "sh", "busybox", "-c",
+               'echo "$GREETING"; pwd; id -u; id -g')  # fmt: skip
+    assert r.stdout.decode().split("\n")[:4] == ["hi there", "/tmp", "65534", "65534"], r.stderr
+
+
+def test_image_cmd_and_stdin(cfg: Config, busybox: None) -> None:
+    # No command: the image's Cmd ("sh") reads the script from stdin.
+    r = cocoon(cfg, "run", "--rm", "-i", "busybox", input=b"echo from stdin; exit 3\n")
+    assert (r.returncode, r.stdout) == (3, b"from stdin\n")
+
+
+def test_read_only_and_limits(cfg: Config, busybox: None) -> None:
+    r = cocoon(cfg, "run", "--rm", "--read-only", "busybox", "sh", "-c", "touch /x")
+    assert r.returncode == 1 and b"Read-only file system" in r.stderr
+    r = cocoon(cfg, "run", "--rm", "--memory", "64m", "--cpus", "0.5", "busybox", "sh", "-c",
+               "cat /sys/fs/cgroup/memory.max /sys/fs/cgroup/cpu.max; nproc")  # fmt: skip
+    assert r.stdout.split() == [b"67108864", b"50000", b"100000", b"1"], r.stderr
+
+
+def test_errors_are_one_line(cfg: Config, busybox: None) -> None:
+    r = cocoon(cfg, "run", "--rm", "busybox", "/no/such/cmd")
+    assert r.returncode == 127 and r.stderr.decode().count("\n") == 1
+    r = cocoon(cfg, "run", "--rm", "--pull", "never", "nosuchimage:1", "true")
+    assert r.returncode == 125
+    assert r.stderr.decode().startswith("cocoon: ") and r.stderr.decode().count("\n") == 1
+
+
+def test_pull_from_registry_then_run(cfg: Config, tmp_path: Path) -> None:
+    """A real pull (gzip + zstd layers, skopeo-pushed) unpacked to a block image and run."""
+    require(REGISTRY, SKOPEO)
+    lay = Layout(tmp_path / "layout")
+    script = b"#!/bin/busybox sh\n/bin/busybox cat /etc/greeting\nexit 7\n"
+    img = lay.image(
+        [
+            ({"bin/busybox": (Path("/bin/busybox").read_bytes(), 0o755)}, "gzip"),
+            (
+                {"etc/greeting": b"hello from a pulled layer\n", "app/run.sh": (script, 0o755)},
+                "zstd",
+            ),  # fmt: skip
+        ]
+    )
+    lay.tag("app", img.manifest_digest, img.manifest_size)
+    assets = resolve(cfg)
+    env = {
+        "COCOON_DATA_DIR": str(tmp_path / "data"),  # a store of its own
+        "COCOON_HYPERVISOR_KERNEL": str(assets.kernel),
+        "COCOON_HYPERVISOR_IMAGE": str(assets.image),
+    }
+    with running(Registry(tmp_path / "registry")) as reg:
+        ref = f"{reg.host}/test/app:1"
+        push(lay.root, "app", ref)
+        pulled = cocoon(cfg, "pull", "-q", ref, env=env)
+        assert pulled.returncode == 0, pulled.stderr
+        assert pulled.stdout.decode().strip() == img.config_digest
+    r = cocoon(cfg, "run", "--rm", "--pull", "never", ref, "/app/run.sh", env=env)
+    assert (r.returncode, r.stdout) == (7, b"hello from a pulled layer\n"), r.stderr
