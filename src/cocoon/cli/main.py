@@ -6,6 +6,7 @@ one line on stderr and their exit code (traceback only with --debug).
 
 from __future__ import annotations
 
+import importlib
 import sys
 import traceback
 from typing import Any
@@ -31,7 +32,36 @@ class State:
         return self._cfg
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+#: verb -> module that defines it. Imported on use: `cocoon run` should not pay
+#: for the registry client's imports, nor `cocoon pull` for the sandbox's.
+LAZY_VERBS = {
+    "check": "check",
+    "env": "check",
+    "guest": "guest",
+    "sandbox": "sandbox",
+    "gc": "sandbox",
+    "run": "containers",
+    "pull": "images",
+    "images": "images",
+    "image": "images",
+    "rmi": "images",
+    "load": "images",
+    "login": "images",
+    "logout": "images",
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(super().list_commands(ctx)) | set(LAZY_VERBS))
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands and cmd_name in LAZY_VERBS:
+            importlib.import_module(f"cocoon.cli.{LAZY_VERBS[cmd_name]}")
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="cocoon")
 @click.option("--config", "config_path", metavar="FILE", help="Configuration file (TOML).")
 @click.option("--root", metavar="DIR", help="Runtime state dir (default /run/cocoon).")
@@ -50,8 +80,6 @@ def cli(
 
 
 def main() -> None:
-    from cocoon.cli import check, containers, guest, images, sandbox  # noqa: F401  (verbs)
-
     debug = "--debug" in sys.argv
     try:
         cli.main(standalone_mode=False)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from cocoon.config import Config
 from cocoon.errors import ImageError
-from cocoon.images import archive, reference, registry
+from cocoon.images import reference
 from cocoon.images.manifest import MAX_CONFIG, MAX_MANIFEST, Platform
 from cocoon.images.store import Image, ImageStore
 
@@ -37,6 +37,8 @@ def find(store: ImageStore, text: str) -> Image | None:
 
 
 async def pull(cfg: Config, text: str, platform: str | None = None, progress: bool = True) -> Image:
+    from cocoon.images import registry  # httpx & co. only when a pull really happens
+
     ref = reference.parse(text)
     store = ImageStore(cfg)
     plat = Platform.parse(platform) if platform else None
@@ -67,4 +69,6 @@ async def get(
 
 
 def load(cfg: Config, path: Path) -> list[Image]:
+    from cocoon.images import archive
+
     return archive.load(ImageStore(cfg), path)
