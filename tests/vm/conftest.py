@@ -54,13 +54,13 @@ def run() -> Iterator[Runner]:
 
 @pytest.fixture(scope="session")
 def cfg() -> Iterator[Config]:
-    root = Path(tempfile.mkdtemp(prefix="cocoon-test-", dir="/run"))
     c = load(None, env={k: v for k, v in os.environ.items() if k.startswith("COCOON_")})
-    c.root_dir = str(root)
     assets = resolve(c)  # clear error if the set-up did not build the guest assets
     # The VM tests must test this tree's agent, not an image built from older sources.
     expected = image_path(c, image_key(c))
     assert assets.image == expected, "guest image is stale: run `cocoon guest build`"
+    root = Path(tempfile.mkdtemp(prefix="cocoon-test-", dir="/run"))
+    c.root_dir = str(root)
     yield c
     gc.reap(root, force=True)
     shutil.rmtree(root, ignore_errors=True)
