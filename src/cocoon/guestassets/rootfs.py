@@ -202,4 +202,19 @@ def build(cfg: Config, log: Log) -> Path:
         run([*argv, str(tmp_img), str(root)], timeout_s=300, error=GuestAssetError)
         os.replace(tmp_img, out)
     log(f"image {key}: built {out} ({out.stat().st_size >> 10} KiB)")
+    prune(out)
     return out
+
+
+def prune(keep: Path, also_keep: int = 1) -> None:
+    """Drop superseded images (every agent change makes one), newest few excepted.
+
+    A VM still running from a deleted image keeps its open file: nothing breaks.
+    """
+    old = sorted(
+        (p for p in keep.parent.glob("*.erofs") if p != keep),
+        key=lambda p: p.stat().st_mtime,
+        reverse=True,
+    )
+    for p in old[also_keep:]:
+        p.unlink(missing_ok=True)
