@@ -55,7 +55,7 @@ from cocoon.images.manifest import (
     parse_config,
     parse_manifest,
 )
-from cocoon.util.fs import atomic_write, fsync_dir
+from cocoon.util.fs import atomic_write, fsync_dir, locked_file
 from cocoon.util.proc import run
 
 INDEX_VERSION = 1
@@ -188,23 +188,12 @@ class ImageStore:
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
-        fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            deadline = time.monotonic() + LOCK_TIMEOUT_S
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() > deadline:
-                        raise StateError(
-                            f"the image store is locked by another cocoon command "
-                            f"for {LOCK_TIMEOUT_S:g} s ({self.root / 'lock'})"
-                        ) from None
-                    time.sleep(0.05)
+        busy = (
+            f"the image store is locked by another cocoon command "
+            f"for {LOCK_TIMEOUT_S:g} s ({self.root / 'lock'})"
+        )
+        with locked_file(self.root / "lock", LOCK_TIMEOUT_S, busy):
             yield
-        finally:
-            os.close(fd)
 
     def _load(self) -> dict[str, Image]:
         try:

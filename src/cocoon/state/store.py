@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from cocoon.errors import SandboxError, StateError
-from cocoon.util.fs import atomic_write
+from cocoon.util.fs import atomic_write, locked_file
 
 ID_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 STATUSES = ("creating", "running", "stopping", "stopped")
@@ -134,22 +134,9 @@ class SandboxDir:
     def locked(self, timeout_s: float = 10.0) -> Iterator[None]:
         """Exclusive lock for one state-changing command."""
         self.path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.file("lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        deadline = time.monotonic() + timeout_s
-        try:
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() > deadline:
-                        raise StateError(
-                            f"sandbox {self.id} is locked by another command; retry"
-                        ) from None
-                    time.sleep(0.02)
+        busy = f"sandbox {self.id} is locked by another command; retry"
+        with locked_file(self.file("lock"), timeout_s, busy):
             yield
-        finally:
-            os.close(fd)
 
 
 def list_ids(root: Path) -> list[str]:
