@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from collections.abc import Coroutine, Iterator
 from pathlib import Path
@@ -102,3 +104,16 @@ def spec(args: list[str], **kw: Any) -> dict[str, Any]:
     from cocoon.oci.spec import default_spec
 
     return default_spec(args, env=["PATH=/bin", "TERM=xterm"], readonly_rootfs=True, **kw)
+
+
+def cocoon(
+    cfg: Config, *args: str, input: bytes | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[bytes]:
+    """The `cocoon` command against the test root, as a user would run it."""
+    return subprocess.run(
+        [sys.executable, "-m", "cocoon.cli", "--root", str(cfg.root), *args],
+        capture_output=True,
+        input=input,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+    )

@@ -8,19 +8,9 @@ import sys
 import pytest
 
 from cocoon.config import Config
+from tests.vm.conftest import cocoon
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(300)]
-
-
-def cocoon(
-    cfg: Config, *args: str, input: bytes | None = None
-) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run(
-        [sys.executable, "-m", "cocoon.cli", "--root", str(cfg.root), *args],
-        capture_output=True,
-        input=input,
-        timeout=120,
-    )
 
 
 def test_check_reports_accelerator(cfg: Config) -> None:

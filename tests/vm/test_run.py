@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ from cocoon.guestassets.cache import resolve
 from cocoon.images.default import ensure_default_image
 from tests.images.layout import Layout
 from tests.images.servers import REGISTRY, SKOPEO, Registry, push, require, running
+from tests.vm.conftest import cocoon
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(300)]
 
@@ -21,18 +21,6 @@ pytestmark = [pytest.mark.vm, pytest.mark.timeout(300)]
 @pytest.fixture(scope="module")
 def busybox(cfg: Config) -> None:
     ensure_default_image(cfg)
-
-
-def cocoon(
-    cfg: Config, *args: str, input: bytes | None = None, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run(
-        [sys.executable, "-m", "cocoon.cli", "--root", str(cfg.root), *args],
-        capture_output=True,
-        input=input,
-        timeout=120,
-        env={**os.environ, **(env or {})},
-    )
 
 
 def test_run_busybox_echo(cfg: Config, busybox: None) -> None:
