@@ -1,0 +1,143 @@
+#!/usr/bin/env python3
+"""Cold start: `cocoon run --rm busybox true` beside `crun run` of the same
+busybox root file system on the host, medians of 10 in one run, plus the host
+memory (PSS) one running container costs each way.
+
+crun refuses this kind of host ("cgroups in hybrid mode") while the cgroup v2
+mount still holds the hugetlb controller; like MACHINE-NOTES says, the script
+mounts hugetlb as its own v1 hierarchy first (and says so) when that is needed.
+
+    python3 bench/run.py [--runs 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from cocoon.config import load
+from cocoon.runtime.busybox import busybox_rootfs
+from cocoon.state import gc
+
+
+def pss_kib(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def tree_pss_mib(root_pid: int) -> float:
+    """PSS of a process and all its descendants."""
+    kids: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                ppid = int(Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            kids.setdefault(ppid, []).append(int(name))
+    total, todo = 0, [root_pid]
+    while todo:
+        p = todo.pop()
+        total += pss_kib(p)
+        todo += kids.get(p, [])
+    return total / 1024
+
+
+def make_crun_ready() -> None:
+    unified = Path("/sys/fs/cgroup/unified/cgroup.controllers")
+    if unified.exists() and "hugetlb" in unified.read_text().split():
+        hp = Path("/sys/fs/cgroup/hugetlb")
+        if not hp.is_dir() or not os.path.ismount(hp):
+            hp.mkdir(exist_ok=True)
+            subprocess.run(["mount", "-t", "cgroup", "-o", "hugetlb", "none", str(hp)], check=True)
+            print("(mounted the hugetlb cgroup v1 hierarchy so crun accepts this hybrid host)")
+
+
+def bundle(work: Path, rootfs: Path, args: list[str]) -> Path:
+    b = work / "bundle"
+    if b.exists():
+        shutil.rmtree(b)
+    b.mkdir()
+    shutil.copytree(rootfs, b / "rootfs", symlinks=True)
+    subprocess.run(["crun", "spec"], cwd=b, check=True)
+    spec = json.loads((b / "config.json").read_text())
+    spec["process"].update(args=args, terminal=False)
+    (b / "config.json").write_text(json.dumps(spec))
+    return b
+
+
+def timed(argv: list[str], **kw: object) -> float:
+    t0 = time.monotonic()
+    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, **kw)  # type: ignore[call-overload]
+    return time.monotonic() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--runs", type=int, default=10)
+    args = ap.parse_args()
+    if not shutil.which("crun"):
+        raise SystemExit("crun not found: run scripts/setup.sh")
+    make_crun_ready()
+    cfg = load()
+    root = tempfile.mkdtemp(prefix="cocoon-runbench-", dir="/run")
+    work = Path(tempfile.mkdtemp(prefix="cocoon-runbench-"))
+    cli = [sys.executable, "-m", "cocoon.cli", "--root", root]
+    try:
+        b = bundle(work, busybox_rootfs(cfg), ["true"])
+        ours, peer = [], []
+        for i in range(args.runs):
+            ours.append(timed([*cli, "run", "--rm", "busybox", "true"]))
+            peer.append(timed(["crun", "run", "--bundle", str(b), f"bench-{os.getpid()}-{i}"]))
+
+        # Memory of one running container, each way.
+        p = subprocess.Popen([*cli, "run", "--rm", "busybox", "sleep", "30"])
+        deadline = time.monotonic() + 60
+        while not any(i.status == "running" for i in gc.describe(Path(root))):
+            if time.monotonic() > deadline:
+                raise SystemExit("cocoon run never came up")
+            time.sleep(0.1)
+        time.sleep(3)
+        ours_pss = tree_pss_mib(p.pid)
+        p.terminate()
+        p.wait()
+        b = bundle(work, busybox_rootfs(cfg), ["sleep", "30"])
+        cid = f"bench-{os.getpid()}-mem"
+        c = subprocess.Popen(["crun", "run", "--bundle", str(b), cid])
+        time.sleep(1)
+        crun_pss = tree_pss_mib(c.pid)
+        subprocess.run(["crun", "kill", cid, "KILL"], check=False)
+        c.wait()
+        subprocess.run(["crun", "delete", "--force", cid], check=False)
+
+        accel = json.loads((Path(root) / "accel.json").read_text()).get("kvm_usable")
+        print(
+            f"cold start, busybox `true` (median of {args.runs}; accel={'kvm' if accel else 'tcg'})"
+        )
+        print(f"{'runtime':<36} {'median s':>9} {'min':>7} {'max':>7}")
+        for name, xs in (("cocoon run --rm (VM per container)", ours), ("crun run (host)", peer)):
+            print(f"{name:<36} {statistics.median(xs):>9.3f} {min(xs):>7.3f} {max(xs):>7.3f}")
+        print(f"ratio cocoon / crun: {statistics.median(ours) / statistics.median(peer):.1f}")
+        print("host PSS of one running container (CLI + VM, or crun's container process):")
+        print(f"  cocoon {ours_pss:.1f} MiB   crun {crun_pss:.1f} MiB")
+    finally:
+        gc.reap(Path(root), force=True)
+        shutil.rmtree(root, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
