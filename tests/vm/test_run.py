@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
+import pty
+import select
+import struct
 import subprocess
 import sys
+import termios
+import time
 from pathlib import Path
 
 import pytest
@@ -106,3 +113,48 @@ def test_pull_from_registry_then_run(cfg: Config, tmp_path: Path) -> None:
         assert pulled.stdout.decode().strip() == img.config_digest
     r = cocoon(cfg, "run", "--rm", "--pull", "never", ref, "/app/run.sh", env=env)
     assert (r.returncode, r.stdout) == (7, b"hello from a pulled layer\n"), r.stderr
+
+
+def _read_until(fd: int, needle: bytes, timeout_s: float = 60) -> bytes:
+    buf = b""
+    deadline = time.monotonic() + timeout_s
+    while needle not in buf:
+        assert time.monotonic() < deadline, f"never saw {needle!r} in {buf[-500:]!r}"
+        r, _, _ = select.select([fd], [], [], 0.5)
+        if r:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:  # EIO: the other side closed
+                break
+            if not chunk:
+                break
+            buf += chunk
+    return buf
+
+
+def test_interactive_tty_through_a_pty(cfg: Config, busybox: None) -> None:
+    """`cocoon run -it` as from a terminal: size, raw mode (Ctrl-C reaches the container)."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 33, 101, 0, 0))
+    p = subprocess.Popen(
+        [sys.executable, "-m", "cocoon.cli", "--root", str(cfg.root), "run", "--rm", "-it",
+         "busybox", "sh"],
+        stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
+    )  # fmt: skip
+    os.close(slave)
+    try:
+        _read_until(master, b"# ")  # the shell's prompt, through the guest's pty
+        os.write(master, b"stty size; echo $((6*7))\r")
+        out = _read_until(master, b"42")
+        assert b"33 101" in out
+        os.write(master, b"sleep 30\r")
+        time.sleep(1.5)
+        os.write(master, b"\x03")  # Ctrl-C: a byte in raw mode, SIGINT inside the container
+        _read_until(master, b"# ", timeout_s=20)
+        os.write(master, b"exit 5\r")
+        assert p.wait(timeout=60) == 5
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        os.close(master)

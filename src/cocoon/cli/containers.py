@@ -32,7 +32,7 @@ def _env_file(path: str) -> list[str]:
 @cli.command(context_settings={"ignore_unknown_options": False, "allow_interspersed_args": False})
 @click.option("--rm", is_flag=True, help="Remove the container when it exits (always, for now).")
 @click.option("-i", "--interactive", is_flag=True, help="Relay stdin.")
-@click.option("-t", "--tty", is_flag=True, help="Allocate a terminal (not yet in `run`).")
+@click.option("-t", "--tty", is_flag=True, help="Give the process a terminal (raw mode with -i).")
 @click.option("-d", "--detach", is_flag=True, help="Run in the background (not yet).")
 @click.option("--name", help="Container name.")
 @click.option("-e", "--env", "envs", multiple=True, metavar="K=V")
@@ -73,8 +73,8 @@ def run(
 ) -> None:
     """Run COMMAND in a new container from IMAGE, in its own VM; exit with its code."""
     try:
-        if tty or detach:
-            raise UsageError("-t and -d are not supported by `cocoon run` yet")
+        if detach:
+            raise UsageError("-d is not supported by `cocoon run` yet")
         if cpus < 0 or cpus > 64:
             raise UsageError("--cpus must be between 0 and 64")
         try:
@@ -101,6 +101,7 @@ def run(
             cpus=cpus,
             read_only=read_only,
             stdin=interactive,
+            tty=tty,
         )
         code = asyncio.run(run_container(cfg, img.id, Path(img.erofs), config, opts))
     except CocoonError as e:

@@ -22,7 +22,7 @@ from cocoon.errors import CocoonError
 from cocoon.hypervisor.base import Disk
 from cocoon.images.manifest import ImageConfig
 from cocoon.oci.spec import default_spec, merge_env, parse_user, process_args
-from cocoon.runtime.stdio import attach
+from cocoon.runtime.stdio import attach, terminal_size
 from cocoon.sandbox.sandbox import Sandbox
 
 #: Guest kernel + agent + page cache headroom added on top of --memory.
@@ -47,6 +47,7 @@ class RunOptions:
     cpus: float = 0.0
     read_only: bool = False
     stdin: bool = False
+    tty: bool = False
 
 
 def build_spec(image: ImageConfig, opts: RunOptions) -> dict[str, Any]:
@@ -68,6 +69,7 @@ def build_spec(image: ImageConfig, opts: RunOptions) -> dict[str, Any]:
         gid=gid,
         hostname=opts.hostname or "cocoon",
         readonly_rootfs=opts.read_only,
+        terminal=opts.tty,
     )
     if user:
         spec["process"]["user"]["username"] = user  # resolved by the agent in the rootfs
@@ -113,8 +115,11 @@ async def run_container(
                 rootfs,
                 options=[f"lowerdir={lower}", f"upperdir={base}/upper", f"workdir={base}/work"],
             )
-        proc = await sb.create_container(CONTAINER_ID, rootfs, spec, stdin=opts.stdin)
+        rows, cols = terminal_size()
+        proc = await sb.create_container(
+            CONTAINER_ID, rootfs, spec, stdin=opts.stdin, tty=opts.tty, rows=rows, cols=cols
+        )
         await sb.start_container(CONTAINER_ID)
-        return await attach(proc, stdin=opts.stdin)
+        return await attach(proc, stdin=opts.stdin, tty=opts.tty)
     finally:
         await sb.destroy()

@@ -12,6 +12,8 @@ import contextlib
 import os
 import signal
 import sys
+import termios
+import tty as ttymod
 
 from cocoon.protocol.session import InStream
 from cocoon.sandbox.sandbox import Process
@@ -30,20 +32,68 @@ async def relay(stream: InStream | None, fd: int) -> None:
 
 
 async def feed_stdin(proc: Process) -> None:
+    """Pump our stdin to the process until EOF.
+
+    Readiness comes from the event loop (no thread parked in read(): after the
+    container exits, a terminal that never sends EOF must not keep us alive);
+    regular files, which epoll refuses, are read in a thread (they hit EOF).
+    """
     loop = asyncio.get_running_loop()
-    while data := await loop.run_in_executor(None, os.read, 0, 65536):
-        await proc.write_stdin(data, close=False)
+    try:
+        while True:
+            ready: asyncio.Future[None] = loop.create_future()
+
+            def wake(fut: asyncio.Future[None] = ready) -> None:
+                if not fut.done():
+                    fut.set_result(None)
+
+            loop.add_reader(0, wake)
+            try:
+                await ready
+            finally:
+                loop.remove_reader(0)
+            data = os.read(0, 65536)
+            if not data:
+                break
+            await proc.write_stdin(data, close=False)
+    except PermissionError:
+        while data := await loop.run_in_executor(None, os.read, 0, 65536):
+            await proc.write_stdin(data, close=False)
     await proc.write_stdin(b"", close=True)
 
 
-async def attach(proc: Process, *, stdin: bool) -> int:
+def terminal_size() -> tuple[int, int]:
+    """(rows, cols) of our terminal, docker's 24x80 when there is none."""
+    for fd in (1, 0, 2):
+        with contextlib.suppress(OSError):
+            size = os.get_terminal_size(fd)
+            return size.lines, size.columns
+    return 24, 80
+
+
+async def attach(proc: Process, *, stdin: bool, tty: bool = False) -> int:
+    """Relay, forward signals (and window size changes with a TTY), return the exit code.
+
+    With a TTY and a terminal on stdin, that terminal is put in raw mode for the
+    container's life (Ctrl-C then reaches the container as a byte, as with
+    docker -it) and restored however we leave.
+    """
     loop = asyncio.get_running_loop()
 
     def forward(sig: int) -> None:
         loop.create_task(proc.signal(sig))
 
+    def resized() -> None:
+        loop.create_task(proc.resize(*terminal_size()))
+
+    saved = None
+    if tty and stdin and os.isatty(0):
+        saved = termios.tcgetattr(0)
+        ttymod.setraw(0)
     for s in FORWARDED:
         loop.add_signal_handler(s, forward, s)
+    if tty:
+        loop.add_signal_handler(signal.SIGWINCH, resized)
     feeder = loop.create_task(feed_stdin(proc)) if stdin else None
     try:
         await asyncio.gather(
@@ -53,8 +103,12 @@ async def attach(proc: Process, *, stdin: bool) -> int:
     finally:
         for s in FORWARDED:
             loop.remove_signal_handler(s)
+        if tty:
+            loop.remove_signal_handler(signal.SIGWINCH)
         if feeder is not None:
             feeder.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await feeder
+        if saved is not None:
+            termios.tcsetattr(0, termios.TCSADRAIN, saved)
     return exited.exit_code
