@@ -15,22 +15,12 @@ import shutil
 import statistics
 import tempfile
 import time
-from pathlib import Path
+
+from memory import pss_kib  # bench/memory.py (the script's dir is on sys.path)
 
 from cocoon.config import load
 from cocoon.sandbox.sandbox import Sandbox
 from cocoon.state import gc
-
-
-def pss_kib(pid: int) -> int:
-    """Proportional set size: shared pages (QEMU binary, page cache) split fairly."""
-    try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
 
 
 def sandbox_pss_mib(sb: Sandbox) -> float:

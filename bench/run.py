@@ -23,19 +23,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from memory import pss_kib  # bench/memory.py (the script's dir is on sys.path)
+
 from cocoon.config import load
 from cocoon.runtime.busybox import busybox_rootfs
 from cocoon.state import gc
-
-
-def pss_kib(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
 
 
 def tree_pss_mib(root_pid: int) -> float:

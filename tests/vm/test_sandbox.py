@@ -146,3 +146,10 @@ def test_cpu_and_pids_limits_reach_the_cgroup(booted: Sandbox, run: Runner) -> N
         assert out.split() == [b"50000", b"100000", b"64"], err
 
     run(body())
+
+
+def test_bad_oci_spec_is_refused_in_one_line(booted: Sandbox, run: Runner) -> None:
+    with pytest.raises(AgentError, match="spec must be an object with a process") as ei:
+        run(booted.create_container(cid(), GUEST_ROOTFS, {"ociVersion": "1.0.2"}))
+    assert "\n" not in str(ei.value)
+    run(booted.ping())
