@@ -40,6 +40,11 @@ class GuestError(CocoonError):
 class AgentError(CocoonError):
     """The agent understood a request and refused it (e.g. crun failed)."""
 
+    def __init__(self, message: str, code: str = "") -> None:
+        super().__init__(message)
+        #: the agent's (or monitor's) short machine word, e.g. "not_running"
+        self.code = code
+
 
 class SandboxError(CocoonError):
     """A sandbox is missing, busy, or in the wrong state for a command."""

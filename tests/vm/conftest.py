@@ -10,6 +10,7 @@ console of every sandbox still around is printed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import subprocess
@@ -26,6 +27,8 @@ from cocoon.guestassets.cache import resolve
 from cocoon.guestassets.rootfs import image_key, image_path
 from cocoon.hypervisor.base import Share
 from cocoon.runtime.busybox import busybox_rootfs
+from cocoon.runtime.containers import ContainerDir, ContainerStore
+from cocoon.runtime.lifecycle import remove
 from cocoon.sandbox.sandbox import Sandbox
 from cocoon.state import gc
 from cocoon.state.store import list_ids
@@ -61,7 +64,8 @@ def cfg() -> Iterator[Config]:
     # The VM tests must test this tree's agent, not an image built from older sources.
     expected = image_path(c, image_key(c))
     assert assets.image == expected, "guest image is stale: run `cocoon guest build`"
-    root = Path(tempfile.mkdtemp(prefix="cocoon-test-", dir="/run"))
+    # Short: a container's control socket path must stay under 108 bytes.
+    root = Path(tempfile.mkdtemp(prefix="cct-", dir="/run"))
     c.root_dir = str(root)
     yield c
     gc.reap(root, force=True)
@@ -89,6 +93,14 @@ def no_leaks(cfg: Config) -> Iterator[None]:
     root = cfg.root
     stray = {p: s for p, s in gc.processes_naming(root).items() if s not in SHARED}
     dirs = [s for s in list_ids(root) if s not in SHARED]
+    store = ContainerStore(cfg)
+    containers = store.ids()
+    for cid in containers:  # what a container left: its monitor's log says why
+        log = root / "containers" / cid / "monitor.log"
+        if log.exists():
+            print(f"--- monitor of {cid[:12]} ---\n{log.read_text(errors='replace')[-3000:]}")
+        with contextlib.suppress(Exception):
+            remove(cfg, ContainerDir(store.root, cid), force=True)
     if stray or dirs:
         for s in dirs:
             console = root / "sandboxes" / s / "console.log"
@@ -98,6 +110,7 @@ def no_leaks(cfg: Config) -> Iterator[None]:
             gc.reap(root, only=s, force=True)
     assert not stray, f"stray VM processes left: {stray}"
     assert not dirs, f"sandbox dirs left: {dirs}"
+    assert not containers, f"containers left: {[c[:12] for c in containers]}"
 
 
 def spec(args: list[str], **kw: Any) -> dict[str, Any]:

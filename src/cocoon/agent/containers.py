@@ -231,6 +231,10 @@ class Containers:
         self._get(req.container_id)
         return system.stats(req.container_id)
 
+    def top(self, req: messages.Top) -> messages.TopReply:
+        c = self._get(req.container_id)
+        return messages.TopReply(system.process_table(req.container_id, c.rootfs))
+
     # -- internals ----------------------------------------------------------
 
     def _get(self, cid: str) -> Container:

@@ -103,6 +103,8 @@ class Agent:
                 return c.list_processes(msg)
             case messages.Stats():
                 return c.stats(msg)
+            case messages.Top():
+                return c.top(msg)
             case messages.Shutdown():
                 self.shutting_down = True
                 return messages.Ok()

@@ -134,6 +134,39 @@ def cgroup_pids(container_id: str) -> list[int]:
     return sorted(set(pids))[: messages.MAX_LIST]
 
 
+def process_table(container_id: str, rootfs: str) -> list[messages.ProcessInfo]:
+    """``docker top`` rows, user names from the container's own /etc/passwd."""
+    names = {
+        row[2]: row[0][:256]
+        for row in _table(rootfs.rstrip("/") + "/etc/passwd")
+        if len(row) >= 3 and row[2].isdigit()
+    }
+    tick_ms = 1000 // (os.sysconf("SC_CLK_TCK") or 100)
+    rows = []
+    for pid in cgroup_pids(container_id):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read(4096).rstrip(b"\0").split(b"\0")
+            stat = _read(f"/proc/{pid}/stat")
+            status = _read(f"/proc/{pid}/status")
+        except OSError:
+            continue  # exited meanwhile
+        # comm may hold spaces and parens: the fields after the last ")" are fixed.
+        fields = stat.rpartition(")")[2].split()
+        if len(fields) < 13:
+            continue
+        cpu_ms = (int(fields[11]) + int(fields[12])) * tick_ms
+        uid = ""
+        for line in status.splitlines():
+            if line.startswith("Uid:"):
+                uid = (line.split()[1:2] or [""])[0]
+        command = " ".join(a.decode(errors="replace") for a in argv if a)
+        if not command:  # a kernel thread or a zombie: show its name like ps does
+            command = "[" + stat.partition("(")[2].rpartition(")")[0][:64] + "]"
+        rows.append(messages.ProcessInfo(pid, names.get(uid, uid), cpu_ms, command[:4096]))
+    return rows
+
+
 def stats(container_id: str) -> messages.StatsReply:
     cg = container_cgroup(container_id)
     rd = wr = 0

@@ -12,7 +12,9 @@ from cocoon.cli.main import State, cli
 from cocoon.errors import CocoonError
 from cocoon.images import service
 from cocoon.images.store import ImageStore
-from cocoon.runtime.run import RunOptions, UsageError, run_container
+from cocoon.runtime import run as runner
+from cocoon.runtime.logs import DEFAULT_MAX_BYTES, DEFAULT_MAX_FILES
+from cocoon.runtime.run import RunOptions, UsageError
 from cocoon.util.units import parse_size
 
 
@@ -29,12 +31,33 @@ def _env_file(path: str) -> list[str]:
     return out
 
 
+def _log_opts(opts: tuple[str, ...]) -> tuple[int, int]:
+    size, files = DEFAULT_MAX_BYTES, DEFAULT_MAX_FILES
+    for o in opts:
+        k, _, v = o.partition("=")
+        try:
+            if k == "max-size":
+                size = parse_size(v)
+            elif k == "max-file":
+                files = int(v)
+            else:
+                raise UsageError(f"unknown --log-opt {k!r}: use max-size or max-file")
+        except ValueError:
+            raise UsageError(f"invalid --log-opt {o!r}") from None
+    if size < 4096 or not 1 <= files <= 100:
+        raise UsageError("--log-opt max-size must be >= 4k and max-file 1..100")
+    return size, files
+
+
 @cli.command(context_settings={"ignore_unknown_options": False, "allow_interspersed_args": False})
-@click.option("--rm", is_flag=True, help="Remove the container when it exits (always, for now).")
+@click.option("--rm", is_flag=True, help="Remove the container when it exits.")
 @click.option("-i", "--interactive", is_flag=True, help="Relay stdin.")
 @click.option("-t", "--tty", is_flag=True, help="Give the process a terminal (raw mode with -i).")
-@click.option("-d", "--detach", is_flag=True, help="Run in the background (not yet).")
-@click.option("--name", help="Container name.")
+@click.option("-d", "--detach", is_flag=True, help="Run in the background, print the id.")
+@click.option("--name", default="", help="Container name (default: a generated one).")
+@click.option("-l", "--label", "labels", multiple=True, metavar="K=V")
+@click.option("--log-opt", "log_opts", multiple=True, metavar="max-size=10m|max-file=3",
+              help="CRI log rotation.")  # fmt: skip
 @click.option("-e", "--env", "envs", multiple=True, metavar="K=V")
 @click.option("--env-file", "env_files", multiple=True, metavar="FILE")
 @click.option("-w", "--workdir", default="")
@@ -56,7 +79,9 @@ def run(
     interactive: bool,
     tty: bool,
     detach: bool,
-    name: str | None,
+    name: str,
+    labels: tuple[str, ...],
+    log_opts: tuple[str, ...],
     envs: tuple[str, ...],
     env_files: tuple[str, ...],
     workdir: str,
@@ -73,8 +98,8 @@ def run(
 ) -> None:
     """Run COMMAND in a new container from IMAGE, in its own VM; exit with its code."""
     try:
-        if detach:
-            raise UsageError("-d is not supported by `cocoon run` yet")
+        if detach and (interactive or tty):
+            raise UsageError("-d cannot be combined with -i/-t: there is no attach yet")
         if cpus < 0 or cpus > 64:
             raise UsageError("--cpus must be between 0 and 64")
         try:
@@ -87,6 +112,13 @@ def run(
         for item in env:
             if "=" not in item:
                 raise UsageError(f"invalid -e {item!r}: use KEY=VALUE")
+        label_map = {}
+        for item in labels:
+            k, eq, v = item.partition("=")
+            if not k:
+                raise UsageError(f"invalid --label {item!r}: use KEY=VALUE")
+            label_map[k] = v
+        log_max_bytes, log_max_files = _log_opts(log_opts)
         cfg = state.cfg
         img = asyncio.run(service.get(cfg, image, policy=pull_policy, platform=platform))
         config = ImageStore(cfg).inspect(img.id).config
@@ -96,14 +128,25 @@ def run(
             env=env,
             workdir=workdir,
             user=user,
-            hostname=hostname or (name or ""),
+            hostname=hostname or name,
             memory_bytes=mem,
             cpus=cpus,
             read_only=read_only,
             stdin=interactive,
             tty=tty,
+            name=name,
+            labels=label_map,
+            auto_remove=rm,
+            detach=detach,
+            log_max_bytes=log_max_bytes,
+            log_max_files=log_max_files,
         )
-        code = asyncio.run(run_container(cfg, img.id, Path(img.erofs), config, opts))
+        cdir, cconf = runner.create(cfg, image, img.id, config, opts)
+        runner.start(cfg, cdir, cconf, Path(img.erofs), opts)
+        if detach:
+            click.echo(cdir.id)
+            return
+        code = asyncio.run(runner.attach_run(cdir, opts))
     except CocoonError as e:
         click.echo(f"cocoon: {e}", err=True)
         # docker: 125 the runtime failed, 126 not executable, 127 not found

@@ -27,7 +27,7 @@ else:
 
 
 #: Bumped on any incompatible change; the host refuses an agent that differs.
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 MAX_STR = 64 << 10
 MAX_LIST = 4096
@@ -352,6 +352,52 @@ class ListProcesses(Message):
 class ProcessList(Message):
     TYPE = "process_list"
     pids: list[int]
+
+
+@message
+class Top(Message):
+    """The container's processes with owner, CPU time and command line (docker top)."""
+
+    TYPE = "top"
+    container_id: str
+
+    def check(self) -> None:
+        check_id(self.container_id, "container id")
+
+
+@message
+class ProcessInfo(Message):
+    """One row of ``top``: guest pid, user name (or uid), CPU ms, command line."""
+
+    TYPE = "process_info"
+    pid: int
+    user: str
+    cpu_ms: int
+    command: str
+
+    def check(self) -> None:
+        check_range(self.pid, 1, 1 << 22, "pid")
+        if len(self.user) > 256 or len(self.command) > 4096:
+            raise ValueError("process_info field too long")
+
+
+@message
+class TopReply(Message):
+    TYPE = "top_reply"
+    processes: list[ProcessInfo]
+
+
+@message
+class Attach(Message):
+    """Host-only (client -> container monitor): stream the main process's stdio
+    on the client's streams; a monitor waiting for its first client starts the
+    container now. Never sent to the agent."""
+
+    TYPE = "attach"
+    stdio: StdioSpec
+
+    def check(self) -> None:
+        self.stdio.check()
 
 
 @message

@@ -1,8 +1,11 @@
 """`cocoon run`: one container from an image, in its own VM.
 
-The image's read-only erofs block image goes to the VM as a virtio-blk disk; the
-guest stacks an overlay on it with a tmpfs upper (bounded: the writable layer
-lives in guest memory), or uses it as is with --read-only. The process comes
+The container is recorded first (runtime.containers), then a monitor process
+is forked to own its VM (runtime.monitor); an attached run talks to that
+monitor like any other command would (runtime.control). The image's read-only
+erofs block image goes to the VM as a virtio-blk disk; the guest stacks an
+overlay on it with a tmpfs upper (bounded: the writable layer lives in guest
+memory), or uses it as is with --read-only. The process comes
 from the image config (Entrypoint, Cmd, Env, WorkingDir, User) with docker's
 override rules; limits go to the container's cgroup in the guest and size the
 VM (limit + a documented overhead), so the guest kernel and agent never
@@ -11,24 +14,25 @@ compete with the container for its own memory.
 
 from __future__ import annotations
 
+import asyncio
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cocoon.config import Config
 from cocoon.errors import CocoonError
-from cocoon.hypervisor.base import Disk
 from cocoon.images.manifest import ImageConfig
 from cocoon.oci.spec import default_spec, merge_env, parse_user, process_args
+from cocoon.runtime.containers import ContainerConfig, ContainerDir, ContainerStore
+from cocoon.runtime.control import MonitorClient
+from cocoon.runtime.logs import DEFAULT_MAX_BYTES, DEFAULT_MAX_FILES
+from cocoon.runtime.monitor import LaunchPlan, spawn
 from cocoon.runtime.stdio import attach, terminal_size
-from cocoon.sandbox.sandbox import Sandbox
 
 #: Guest kernel + agent + page cache headroom added on top of --memory.
 VM_OVERHEAD_MIB = 128
 DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-CONTAINER_ID = "main"
 
 
 class UsageError(CocoonError):
@@ -48,6 +52,12 @@ class RunOptions:
     read_only: bool = False
     stdin: bool = False
     tty: bool = False
+    name: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+    auto_remove: bool = False
+    detach: bool = False
+    log_max_bytes: int = DEFAULT_MAX_BYTES
+    log_max_files: int = DEFAULT_MAX_FILES
 
 
 def build_spec(image: ImageConfig, opts: RunOptions) -> dict[str, Any]:
@@ -92,34 +102,70 @@ def vm_size(cfg: Config, opts: RunOptions) -> tuple[int, int]:
     return vcpus, mem
 
 
-async def run_container(
-    cfg: Config, image_id: str, erofs: os.PathLike[str], config: ImageConfig, opts: RunOptions
-) -> int:
-    """Boot, run, relay stdio, forward signals, tear down; return the exit code."""
-    spec = build_spec(config, opts)
+def create(
+    cfg: Config, image_ref: str, image_id: str, image: ImageConfig, opts: RunOptions
+) -> tuple[ContainerDir, ContainerConfig]:
+    """Record a new container (name reserved, nothing running yet)."""
+    spec = build_spec(image, opts)
     vcpus, mem = vm_size(cfg, opts)
-    serial = "img-" + image_id.removeprefix("sha256:")[:16]
-    sb = await Sandbox.create(cfg, vcpus=vcpus, memory_mib=mem, disks=[Disk(serial, Path(erofs))])
+    store = ContainerStore(cfg)
+    config = ContainerConfig(
+        id=store.new_id(),
+        name=opts.name,
+        image=image_ref,
+        image_id=image_id,
+        command=list(spec["process"]["args"]),
+        spec=spec,
+        labels=dict(opts.labels),
+        auto_remove=opts.auto_remove,
+        tty=opts.tty,
+        stdin=opts.stdin,
+        read_only=opts.read_only,
+        memory_bytes=opts.memory_bytes,
+        cpus=opts.cpus,
+        vcpus=vcpus,
+        vm_memory_mib=mem,
+        stop_signal=image.stop_signal or "SIGTERM",
+    )
+    return store.create(config), config
+
+
+def start(
+    cfg: Config, cdir: ContainerDir, config: ContainerConfig, erofs: Path, opts: RunOptions
+) -> None:
+    """Fork the monitor; back once the container is created (attached run) or
+    running (-d). A container that could not start is not kept."""
+    rows, cols = terminal_size()
+    plan = LaunchPlan(
+        cfg=cfg,
+        cdir=cdir,
+        config=config,
+        erofs=erofs,
+        attach=not opts.detach,
+        rows=rows,
+        cols=cols,
+        log_max_bytes=opts.log_max_bytes,
+        log_max_files=opts.log_max_files,
+    )
     try:
-        lower = f"/run/cocoon/images/{serial}"
-        await sb.mount("block", serial, lower, fstype="erofs", readonly=True)
-        if opts.read_only:
-            rootfs = lower
-        else:
-            base = f"/run/cocoon/c/{CONTAINER_ID}"
-            await sb.mount("tmpfs", "tmpfs", base, options=["size=50%", "mode=0700"])
-            rootfs = f"{base}/rootfs"
-            await sb.mount(
-                "overlay",
-                "overlay",
-                rootfs,
-                options=[f"lowerdir={lower}", f"upperdir={base}/upper", f"workdir={base}/work"],
-            )
-        rows, cols = terminal_size()
-        proc = await sb.create_container(
-            CONTAINER_ID, rootfs, spec, stdin=opts.stdin, tty=opts.tty, rows=rows, cols=cols
-        )
-        await sb.start_container(CONTAINER_ID)
-        return await attach(proc, stdin=opts.stdin, tty=opts.tty)
+        spawn(plan)
+    except BaseException:
+        # The monitor removes what it made; wait for it so nothing outlives us.
+        cdir.life.wait_released(30.0)
+        ContainerStore(cfg).remove(cdir)
+        raise
+
+
+async def attach_run(cdir: ContainerDir, opts: RunOptions) -> int:
+    """Attach to a container the monitor holds for us, relay until it exits,
+    and return its exit code once the monitor has torn its VM down."""
+    rows, cols = terminal_size()
+    client = await MonitorClient.connect(cdir)
+    try:
+        proc = await client.attach(stdin=opts.stdin, tty=opts.tty, rows=rows, cols=cols)
+        code = await attach(proc, stdin=opts.stdin, tty=opts.tty)
     finally:
-        await sb.destroy()
+        await client.close()
+    # --rm and the leak-free promise: the monitor is gone before we are.
+    await asyncio.to_thread(cdir.life.wait_released, 30.0)
+    return code

@@ -124,7 +124,7 @@ class AgentChannel:
         except SessionClosed as e:
             raise GuestError(f"guest agent channel failed during {what or msg.TYPE}: {e}") from None
         except RemoteError as e:
-            raise AgentError(f"{msg.TYPE}: {e.message}") from None
+            raise AgentError(f"{msg.TYPE}: {e.message}", e.code) from None
         assert isinstance(reply, expect)
         return reply
 

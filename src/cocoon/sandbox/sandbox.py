@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from cocoon.config import Config
 from cocoon.errors import CocoonError, GuestError, HypervisorError, SandboxError
@@ -64,11 +64,20 @@ def console_tail(path: Path, lines: int = 3) -> str:
     return " | ".join(kept)[-CONSOLE_TAIL:]
 
 
+class Caller(Protocol):
+    """What a Process needs to reach its guest: a Sandbox, or a container's
+    monitor relaying for another cocoon command (runtime.control)."""
+
+    async def call(
+        self, msg: messages.Message, expect: type[M], *, timeout_s: float | None = -1.0
+    ) -> M: ...
+
+
 @dataclass
 class Process:
     """A process in the guest with its stdio streams, as the host sees it."""
 
-    sandbox: Sandbox
+    sandbox: Caller
     container_id: str
     exec_id: str
     pid: int
@@ -409,6 +418,17 @@ class Sandbox:
 
     async def list_processes(self, container_id: str) -> list[int]:
         return (await self.call(messages.ListProcesses(container_id), messages.ProcessList)).pids
+
+    def release(self, proc: Process) -> None:
+        """Forget a finished process's output streams: a long-lived sandbox
+        running many execs would otherwise hit the session's stream limit."""
+        if self.channel is not None:
+            for s in (proc.stdout, proc.stderr):
+                if s is not None:
+                    self.channel.session.close_in(s.chan)
+
+    async def top(self, container_id: str) -> list[messages.ProcessInfo]:
+        return (await self.call(messages.Top(container_id), messages.TopReply)).processes
 
 
 def remove_dir(path: Path) -> None:

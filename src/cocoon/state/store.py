@@ -10,7 +10,6 @@ Two locks per dir, both ``flock``:
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import re
@@ -21,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from cocoon.errors import SandboxError, StateError
-from cocoon.util.fs import atomic_write, locked_file
+from cocoon.util.fs import LifeLock, atomic_write, locked_file
 
 ID_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 STATUSES = ("creating", "running", "stopping", "stopped")
@@ -69,7 +68,7 @@ class SandboxDir:
     def __init__(self, root: Path, sid: str) -> None:
         self.id = check_sandbox_id(sid)
         self.path = root / "sandboxes" / sid
-        self._owner_fd: int | None = None
+        self._owner = LifeLock(self.path / "owner.lock")
 
     # paths every layer agrees on
     @property
@@ -103,32 +102,15 @@ class SandboxDir:
 
     def take_ownership(self) -> None:
         """Hold owner.lock until release_ownership() or process death."""
-        fd = os.open(self.file("owner.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise SandboxError(f"sandbox {self.id} is owned by another process") from None
-        self._owner_fd = fd
+        if not self._owner.take():
+            raise SandboxError(f"sandbox {self.id} is owned by another process")
 
     def release_ownership(self) -> None:
-        if self._owner_fd is not None:
-            os.close(self._owner_fd)
-            self._owner_fd = None
+        self._owner.release()
 
     def owned(self) -> bool:
         """True if some live process holds owner.lock."""
-        try:
-            fd = os.open(self.file("owner.lock"), os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        finally:
-            os.close(fd)
-        return False
+        return self._owner.held()
 
     @contextlib.contextmanager
     def locked(self, timeout_s: float = 10.0) -> Iterator[None]:

@@ -1,0 +1,123 @@
+"""Other cocoon commands talking to a container's monitor over ``ctl.sock``.
+
+The monitor speaks the agent's own framed protocol, so the client is the same
+AgentChannel and the processes it hands out are the same ``Process`` objects a
+Sandbox gives: attach/exec code does not care whether the guest is one hop or two.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from typing import Any, TypeVar
+
+from cocoon.errors import AgentError, CocoonError, GuestError, StateError
+from cocoon.protocol import messages
+from cocoon.runtime.containers import ContainerDir
+from cocoon.runtime.monitor import CONTAINER_ID
+from cocoon.sandbox.channel import AgentChannel
+from cocoon.sandbox.sandbox import Process
+
+M = TypeVar("M", bound=messages.Message)
+
+
+class NotRunning(CocoonError):
+    exit_code = 1
+
+
+class VmExited(CocoonError):
+    """The container's VM died under it; the monitor recorded why."""
+
+    exit_code = 137
+
+
+class MonitorClient:
+    def __init__(self, cdir: ContainerDir, channel: AgentChannel) -> None:
+        self.cdir = cdir
+        self.channel = channel
+
+    @classmethod
+    async def connect(cls, cdir: ContainerDir, timeout_s: float = 10.0) -> MonitorClient:
+        if not cdir.life.held():
+            raise NotRunning(f"container {cdir.id[:12]} is not running")
+        deadline = time.monotonic() + timeout_s
+        try:
+            ch = await AgentChannel.connect(cdir.ctl_socket, deadline=deadline, agent_timeout_s=60)
+            await ch.handshake(deadline)
+        except GuestError:
+            raise NotRunning(f"container {cdir.id[:12]} is not running") from None
+        return cls(cdir, ch)
+
+    async def call(
+        self, msg: messages.Message, expect: type[M], *, timeout_s: float | None = -1.0
+    ) -> M:
+        try:
+            return await self.channel.call(msg, expect, timeout_s=timeout_s)
+        except AgentError as e:
+            text = str(e).partition(": ")[2] or str(e)
+            if e.code == "vm_exited":
+                raise VmExited(text) from None
+            if e.code == "start_failed":
+                raise AgentError(text, e.code) from None
+            if e.code == "not_running":
+                raise NotRunning(f"container {self.cdir.id[:12]}: {text}") from None
+            raise
+        except GuestError:
+            raise StateError(
+                f"lost the monitor of container {self.cdir.id[:12]} during {msg.TYPE}"
+            ) from None
+
+    def _stdio(
+        self, stdin: bool, tty: bool, rows: int, cols: int
+    ) -> tuple[messages.StdioSpec, Any, Any, Any]:
+        sin = self.channel.open_out() if stdin else None
+        sout = self.channel.open_in()
+        serr = None if tty else self.channel.open_in()
+        spec = messages.StdioSpec(
+            stdin=sin.chan if sin else 0,
+            stdout=sout.chan,
+            stderr=serr.chan if serr else 0,
+            terminal=tty,
+            rows=rows,
+            cols=cols,
+        )
+        return spec, sin, sout, serr
+
+    async def attach(self, *, stdin: bool, tty: bool, rows: int = 0, cols: int = 0) -> Process:
+        """The container's init process: its output from now on, our stdin to it."""
+        spec, sin, sout, serr = self._stdio(stdin, tty, rows, cols)
+        reply = await self.call(messages.Attach(spec), messages.ProcessStarted)
+        return Process(self, CONTAINER_ID, "", reply.pid, sin, sout, serr)
+
+    async def exec(
+        self,
+        process: dict[str, Any],
+        *,
+        stdin: bool,
+        tty: bool,
+        rows: int = 24,
+        cols: int = 80,
+    ) -> Process:
+        spec, sin, sout, serr = self._stdio(stdin, tty, rows, cols)
+        eid = "exec-" + secrets.token_hex(6)
+        msg = messages.ExecProcess(CONTAINER_ID, eid, json.dumps(process), spec)
+        reply = await self.call(msg, messages.ProcessStarted, timeout_s=120.0)
+        return Process(self, CONTAINER_ID, eid, reply.pid, sin, sout, serr)
+
+    async def signal(self, sig: int, *, all_processes: bool = False) -> None:
+        await self.call(messages.SignalProcess(CONTAINER_ID, "", sig, all_processes), messages.Ok)
+
+    async def wait(self, timeout_s: float | None = None) -> messages.ProcessExited:
+        """The init's exit, once the monitor has recorded it and torn the VM down."""
+        msg = messages.WaitProcess(CONTAINER_ID, "")
+        return await self.call(msg, messages.ProcessExited, timeout_s=timeout_s)
+
+    async def stats(self) -> messages.StatsReply:
+        return await self.call(messages.Stats(CONTAINER_ID), messages.StatsReply)
+
+    async def top(self) -> list[messages.ProcessInfo]:
+        return (await self.call(messages.Top(CONTAINER_ID), messages.TopReply)).processes
+
+    async def close(self) -> None:
+        await self.channel.close()

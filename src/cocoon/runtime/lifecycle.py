@@ -1,0 +1,256 @@
+"""What the docker-like verbs do to a container once it exists: exec, stop,
+kill, rm, wait, inspect, top, stats. Each goes through the container's monitor
+while it lives; once it is gone, the container dir is all there is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+from dataclasses import asdict
+from typing import Any
+
+from cocoon.config import Config
+from cocoon.errors import CocoonError, StateError
+from cocoon.oci.spec import merge_env, parse_user
+from cocoon.protocol import messages
+from cocoon.runtime.containers import ContainerConfig, ContainerDir, ContainerStore
+from cocoon.runtime.control import MonitorClient, NotRunning
+from cocoon.runtime.stdio import attach, terminal_size
+from cocoon.state import gc
+from cocoon.util.proc import alive
+
+#: How long a monitor gets to tear its VM down after the container died.
+TEARDOWN_S = 30.0
+
+
+def parse_signal(text: str) -> int:
+    """docker's forms: 9, KILL, SIGKILL (any case)."""
+    t = text.strip().upper()
+    if t.isdigit() and 0 < int(t) <= 64:
+        return int(t)
+    name = t if t.startswith("SIG") else "SIG" + t
+    try:
+        return int(signal.Signals[name])
+    except KeyError:
+        raise StateError(
+            f"invalid signal {text[:20]!r}: use a name (TERM, SIGKILL) or number"
+        ) from None
+
+
+async def exec_process(
+    cdir: ContainerDir,
+    args: list[str],
+    *,
+    env: list[str],
+    workdir: str,
+    user: str,
+    stdin: bool,
+    tty: bool,
+) -> int:
+    """docker exec: a new process in the running container, attached; its exit code."""
+    config = cdir.config()
+    base = config.spec["process"]
+    process: dict[str, Any] = {
+        "args": args,
+        "env": merge_env(list(base.get("env", [])), env),
+        "cwd": workdir or base.get("cwd", "/"),
+        "terminal": tty,
+        "user": dict(base.get("user", {"uid": 0, "gid": 0})),
+        "capabilities": base.get("capabilities", {}),
+        "noNewPrivileges": base.get("noNewPrivileges", True),
+    }
+    if user:
+        uid, gid = parse_user(user)
+        process["user"] = {"uid": uid, "gid": gid, "username": user}
+    rows, cols = terminal_size()
+    client = await MonitorClient.connect(cdir)
+    try:
+        proc = await client.exec(process, stdin=stdin, tty=tty, rows=rows, cols=cols)
+        return await attach(proc, stdin=stdin, tty=tty)
+    finally:
+        await client.close()
+
+
+async def kill(cdir: ContainerDir, sig: int) -> None:
+    client = await MonitorClient.connect(cdir)
+    try:
+        await client.signal(sig, all_processes=sig == signal.SIGKILL)
+    finally:
+        await client.close()
+
+
+async def stop(cdir: ContainerDir, timeout_s: float) -> None:
+    """The image's StopSignal, SIGKILL after ``timeout_s``; back once the VM is gone."""
+    sig = parse_signal(cdir.config().stop_signal or "SIGTERM")
+    try:
+        client = await MonitorClient.connect(cdir)
+    except NotRunning:
+        return
+    try:
+        with contextlib.suppress(NotRunning):
+            await client.signal(sig)
+            if not await asyncio.to_thread(_wait_exited, cdir, timeout_s):
+                await client.signal(signal.SIGKILL, all_processes=True)
+    finally:
+        await client.close()
+    await asyncio.to_thread(cdir.life.wait_released, TEARDOWN_S)
+
+
+def _wait_exited(cdir: ContainerDir, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(CocoonError):
+            if cdir.state().status == "exited" or not cdir.life.held():
+                return True
+        time.sleep(0.05)
+    return False
+
+
+async def wait(cdir: ContainerDir) -> int:
+    """Block until the container exits; its exit code (from the record)."""
+    await asyncio.to_thread(cdir.life.wait_released, None)
+    return cdir.state().exit_code
+
+
+def remove(cfg: Config, cdir: ContainerDir, *, force: bool) -> None:
+    """Delete a container; a running one only with ``force`` (killed first).
+
+    Works after any crash: a monitor that cannot be reached is killed by pid
+    (checked against its start time), its sandbox reaped like `cocoon gc` would.
+    """
+    if cdir.life.held():
+        if not force:
+            raise StateError(f"container {cdir.id[:12]} is running: stop it first or use `rm -f`")
+        with contextlib.suppress(CocoonError, OSError, TimeoutError):
+            asyncio.run(asyncio.wait_for(kill(cdir, signal.SIGKILL), 10.0))
+        if not cdir.life.wait_released(TEARDOWN_S):
+            pid = cdir.state().monitor_pid
+            if pid and alive(pid, None):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            cdir.life.wait_released(5.0)
+    with contextlib.suppress(FileNotFoundError, CocoonError):
+        gc.reap(cfg.root, only=cdir.config().sandbox_id)
+    ContainerStore(cfg).remove(cdir)
+
+
+def status_text(cdir: ContainerDir, now: float | None = None) -> str:
+    """docker ps's STATUS column."""
+    now = now or time.time()
+    st = cdir.state()
+    status = cdir.status()
+    if status == "running":
+        return f"Up {ago(now - st.started_at)}"
+    if status == "exited":
+        return f"Exited ({st.exit_code}) {ago(now - st.finished_at)} ago"
+    if status == "dead":
+        return "Dead (its monitor died; `cocoon rm` cleans up)"
+    return "Created"
+
+
+def ago(seconds: float) -> str:
+    s = int(max(0, seconds))
+    if s < 60:
+        return "Less than a second" if s < 1 else f"{s} second{'s' * (s != 1)}"
+    if s < 3600:
+        return f"{s // 60} minute{'s' * (s // 60 != 1)}"
+    if s < 86400:
+        return f"{s // 3600} hour{'s' * (s // 3600 != 1)}"
+    return f"{s // 86400} day{'s' * (s // 86400 != 1)}"
+
+
+def iso(ts: float) -> str:
+    if not ts:
+        return "0001-01-01T00:00:00Z"
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1e9):09d}Z"
+
+
+def inspect(cdir: ContainerDir) -> dict[str, Any]:
+    """docker inspect's shape for the fields that mean something here."""
+    c: ContainerConfig = cdir.config()
+    st = cdir.state()
+    status = cdir.status()
+    proc = c.spec.get("process", {})
+    return {
+        "Id": c.id,
+        "Name": "/" + c.name,
+        "Created": iso(c.created_at),
+        "Image": c.image_id,
+        "Path": c.command[0] if c.command else "",
+        "Args": c.command[1:],
+        "State": {
+            "Status": status,
+            "Running": status == "running",
+            "Dead": status == "dead",
+            "OOMKilled": st.oom_killed,
+            "ExitCode": st.exit_code,
+            "Error": st.error,
+            "StartedAt": iso(st.started_at),
+            "FinishedAt": iso(st.finished_at),
+            "Pid": st.monitor_pid if status == "running" else 0,
+            "GuestPid": st.pid,
+        },
+        "Config": {
+            "Image": c.image,
+            "Cmd": c.command,
+            "Env": proc.get("env", []),
+            "WorkingDir": proc.get("cwd", "/"),
+            "User": proc.get("user", {}).get("username", ""),
+            "Tty": c.tty,
+            "OpenStdin": c.stdin,
+            "Hostname": c.spec.get("hostname", ""),
+            "Labels": c.labels,
+            "StopSignal": c.stop_signal,
+        },
+        "HostConfig": {
+            "AutoRemove": c.auto_remove,
+            "Memory": c.memory_bytes,
+            "NanoCpus": int(c.cpus * 1e9),
+            "ReadonlyRootfs": c.read_only,
+            "Binds": c.volumes,
+        },
+        "Sandbox": {
+            "Id": c.sandbox_id,
+            "Vcpus": c.vcpus,
+            "MemoryMiB": c.vm_memory_mib,
+            "Accel": st.accel,
+            "BootSeconds": round(st.boot_s, 3),
+        },
+        "LogPath": str(cdir.log_path),
+        "RawState": asdict(st),
+    }
+
+
+async def top(cdir: ContainerDir) -> list[messages.ProcessInfo]:
+    client = await MonitorClient.connect(cdir)
+    try:
+        return await client.top()
+    finally:
+        await client.close()
+
+
+async def stats_sample(cdir: ContainerDir, interval_s: float) -> dict[str, Any]:
+    """One `docker stats` row: CPU % over ``interval_s``, the rest as read now."""
+    client = await MonitorClient.connect(cdir)
+    try:
+        a = await client.stats()
+        t0 = time.monotonic()
+        await asyncio.sleep(interval_s)
+        b = await client.stats()
+        dt = time.monotonic() - t0
+    finally:
+        await client.close()
+    return {
+        "cpu_percent": (b.cpu_usage_us - a.cpu_usage_us) / (dt * 1e6) * 100 if dt > 0 else 0.0,
+        "memory_bytes": b.memory_bytes,
+        "memory_limit_bytes": b.memory_limit_bytes,
+        "net_rx_bytes": sum(n.rx_bytes for n in b.net),
+        "net_tx_bytes": sum(n.tx_bytes for n in b.net),
+        "block_read_bytes": b.io_read_bytes,
+        "block_write_bytes": b.io_write_bytes,
+        "pids": b.pids,
+    }
