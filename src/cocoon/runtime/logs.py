@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ MAX_LINE = 16 << 10
 DEFAULT_MAX_BYTES = 10 << 20
 DEFAULT_MAX_FILES = 3
 STREAMS = ("stdout", "stderr")
+_LONG_LINE = re.compile(rb"[^\n]{%d}" % (MAX_LINE + 1))
 
 
 def timestamp(ns: int) -> str:
@@ -42,12 +44,17 @@ class CriLogWriter:
     def write(self, stream: str, data: bytes) -> None:
         """Log ``data``; a line still open at the end waits for its newline."""
         buf = self._partial[stream] + data
-        lines = buf.split(b"\n")
-        rest = lines.pop()
+        cut = buf.rfind(b"\n") + 1
+        body, rest = buf[:cut], buf[cut:]
         head = f"{timestamp(time.time_ns())} {stream} ".encode()
         out = []
-        for line in lines:
-            out += self._pieces(head, line)
+        if body:
+            if len(body) > MAX_LINE and _LONG_LINE.search(body):
+                for line in body[:-1].split(b"\n"):
+                    out += self._pieces(head, line)
+            else:  # the common case, at C speed: 100 MB of short lines is millions
+                full = head + b"F "
+                out.append(full + body[:-1].replace(b"\n", b"\n" + full) + b"\n")
         while len(rest) >= MAX_LINE:
             out.append(head + b"P " + rest[:MAX_LINE] + b"\n")
             rest = rest[MAX_LINE:]

@@ -304,8 +304,29 @@ class Sandbox:
         try:
             return await self.channel.call(msg, expect, timeout_s=timeout_s)
         except GuestError as e:
+            died = await self._vm_death()
             await self.destroy()
+            if died:
+                why = f"sandbox {self.id}: the VM exited unexpectedly ({died}); torn down"
+                raise GuestError(why) from None
             raise GuestError(f"sandbox {self.id}: {e}; the sandbox was torn down") from None
+
+    async def _vm_death(self) -> str:
+        """Why QEMU is gone, if it is (a channel reset can beat the watcher to it)."""
+        if self.launched is None:
+            return ""
+        qemu = self.launched.processes["qemu"]
+        for _ in range(20):  # the socket may break a moment before the exit is reaped
+            if self.backend.exited(qemu):
+                break
+            await asyncio.sleep(0.005)
+        else:
+            return ""
+        how = self.backend.exit_reason(qemu) or "QEMU exited"
+        if how.startswith("killed"):  # from outside: the guest's last words are beside the point
+            return f"QEMU was {how}"
+        tail = self._qemu_exit_reason() or console_tail(self.launched.console_log)
+        return f"QEMU {how}" + (f"; console: {tail}" if tail else "")
 
     async def ping(self) -> None:
         await self.call(messages.Ping(), messages.Ok)

@@ -192,3 +192,17 @@ class QemuBackend:
 
     def exited(self, pid: int) -> bool:
         return self._exited(pid)
+
+    def exit_reason(self, pid: int) -> str:
+        """How a child we started ended ("" if running or not ours): for the one
+        line that tells a user their VM was killed rather than their code failing."""
+        p = self._children.get(pid)
+        if p is None or p.poll() is None:
+            return ""
+        if p.returncode < 0:
+            try:
+                name = signal.Signals(-p.returncode).name
+            except ValueError:
+                name = f"signal {-p.returncode}"
+            return f"killed by {name}"
+        return f"exit status {p.returncode}"
