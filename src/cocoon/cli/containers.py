@@ -12,6 +12,7 @@ from cocoon.cli.main import State, cli
 from cocoon.errors import CocoonError
 from cocoon.images import service
 from cocoon.images.store import ImageStore
+from cocoon.runtime import volumes
 from cocoon.runtime.run import RunOptions, UsageError, run_container
 from cocoon.util.units import parse_size
 
@@ -44,6 +45,22 @@ def _env_file(path: str) -> list[str]:
 @click.option("--memory", "-m", default="", metavar="SIZE", help="Memory limit, e.g. 256m.")
 @click.option("--cpus", type=float, default=0.0, help="CPU limit, e.g. 1.5.")
 @click.option("--read-only", is_flag=True, help="Mount the image read-only as the root.")
+@click.option(
+    "-v",
+    "--volume",
+    "volume_flags",
+    multiple=True,
+    metavar="HOST:CTR[:ro|:rw]",
+    help="Share a host directory (read-only enforced on the host).",
+)
+@click.option(
+    "--mount",
+    "mount_flags",
+    multiple=True,
+    metavar="type=bind|tmpfs|scratch,...",
+    help="docker's --mount; type=scratch,target=CTR,size=1g is a sized empty disk.",
+)
+@click.option("--tmpfs", "tmpfs_flags", multiple=True, metavar="CTR[:size=64m,mode=1777]")
 @click.option("--pull", "pull_policy", type=click.Choice(["missing", "always", "never"]),
               default="missing")  # fmt: skip
 @click.option("--platform", default=None)
@@ -66,6 +83,9 @@ def run(
     memory: str,
     cpus: float,
     read_only: bool,
+    volume_flags: tuple[str, ...],
+    mount_flags: tuple[str, ...],
+    tmpfs_flags: tuple[str, ...],
     pull_policy: str,
     platform: str | None,
     image: str,
@@ -87,6 +107,7 @@ def run(
         for item in env:
             if "=" not in item:
                 raise UsageError(f"invalid -e {item!r}: use KEY=VALUE")
+        vols = volumes.parse_all(volume_flags, mount_flags, tmpfs_flags)
         cfg = state.cfg
         img = asyncio.run(service.get(cfg, image, policy=pull_policy, platform=platform))
         config = ImageStore(cfg).inspect(img.id).config
@@ -102,6 +123,7 @@ def run(
             read_only=read_only,
             stdin=interactive,
             tty=tty,
+            volumes=vols,
         )
         code = asyncio.run(run_container(cfg, img.id, Path(img.erofs), config, opts))
     except CocoonError as e:

@@ -22,7 +22,9 @@ from cocoon.errors import CocoonError
 from cocoon.hypervisor.base import Disk
 from cocoon.images.manifest import ImageConfig
 from cocoon.oci.spec import default_spec, merge_env, parse_user, process_args
+from cocoon.runtime import volumes
 from cocoon.runtime.stdio import attach, terminal_size
+from cocoon.runtime.volumes import VolumeSpec
 from cocoon.sandbox.sandbox import Sandbox
 
 #: Guest kernel + agent + page cache headroom added on top of --memory.
@@ -48,6 +50,7 @@ class RunOptions:
     read_only: bool = False
     stdin: bool = False
     tty: bool = False
+    volumes: list[VolumeSpec] = field(default_factory=list)
 
 
 def build_spec(image: ImageConfig, opts: RunOptions) -> dict[str, Any]:
@@ -97,9 +100,18 @@ async def run_container(
 ) -> int:
     """Boot, run, relay stdio, forward signals, tear down; return the exit code."""
     spec = build_spec(config, opts)
+    vols = volumes.prepare(cfg, opts.volumes)
+    spec["mounts"] += vols.oci_mounts
     vcpus, mem = vm_size(cfg, opts)
     serial = "img-" + image_id.removeprefix("sha256:")[:16]
-    sb = await Sandbox.create(cfg, vcpus=vcpus, memory_mib=mem, disks=[Disk(serial, Path(erofs))])
+    sb = await Sandbox.create(
+        cfg,
+        vcpus=vcpus,
+        memory_mib=mem,
+        disks=[Disk(serial, Path(erofs))],
+        shares=vols.shares,
+        scratch=vols.scratch,
+    )
     try:
         lower = f"/run/cocoon/images/{serial}"
         await sb.mount("block", serial, lower, fstype="erofs", readonly=True)
@@ -115,6 +127,7 @@ async def run_container(
                 rootfs,
                 options=[f"lowerdir={lower}", f"upperdir={base}/upper", f"workdir={base}/work"],
             )
+        await volumes.apply(sb, vols)
         rows, cols = terminal_size()
         proc = await sb.create_container(
             CONTAINER_ID, rootfs, spec, stdin=opts.stdin, tty=opts.tty, rows=rows, cols=cols
