@@ -43,6 +43,7 @@ def test_volume_flag(tmp_path: Path) -> None:
         ("name:/data", "named volumes are not supported"),
         ("{d}/missing:/data", "does not exist"),
         ("{d}/file:/data", "is not a directory"),
+        ("{d}/a,b:/data", "contains ','"),
         ("{d}:data", "must be absolute"),
         ("{d}:/a/../b", "must not contain '..'"),
         ("{d}:/", "over the container's /"),

@@ -109,12 +109,17 @@ def check_source(path: str) -> Path:
 
     Directories only: virtio-fs and 9p share directories, and sharing a file's
     parent to reach the file would hand the guest its siblings too.
+    A path swapped between this check and virtiofsd's start is the host
+    user's own doing: the guest never names host paths.
     """
     if not path:
         raise VolumeError("a bind volume needs a host path")
     if "\0" in path or "\n" in path:
         raise VolumeError(f"invalid host path {path[:80]!r}")
     real = Path(os.path.realpath(path))
+    if "," in str(real):
+        # virtiofsd reads its -o source=... as a comma-separated option list.
+        raise VolumeError(f"host path {path[:200]} contains ',': not supported")
     if not real.exists():
         raise VolumeError(f"host path {path[:200]} does not exist")
     if not real.is_dir():
