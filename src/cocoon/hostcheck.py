@@ -86,6 +86,14 @@ def run_checks(cfg: Config) -> list[Item]:
     items.append(
         Item("netns", netns, f"{ip} + network namespaces" if netns else "iproute2 or netns missing")
     )
+    e2fs = [shutil.which(b) for b in ("mkfs.ext4", "debugfs")]
+    items.append(
+        Item(
+            "scratch volumes",
+            all(e2fs),
+            "mkfs.ext4 + debugfs" if all(e2fs) else "e2fsprogs missing: no --mount type=scratch",
+        )
+    )
     ok, detail = _cgroups()
     items.append(Item("cgroups", ok, detail))
     try:

@@ -3,7 +3,7 @@
 One booted sandbox is shared by the tests that only read from it or run their
 own containers in it (a boot costs ~2 s under TCG); tests that break or kill a
 VM boot their own. After every test nothing may be left: no QEMU or virtiofsd
-naming the test root, no sandbox dir but the shared one. On failure the
+naming the test root, no sandbox dir but the shared one, no mount under the root. On failure the
 console of every sandbox still around is printed.
 """
 
@@ -29,7 +29,7 @@ from cocoon.hypervisor.base import Share
 from cocoon.runtime.busybox import busybox_rootfs
 from cocoon.runtime.containers import ContainerDir, ContainerStore
 from cocoon.runtime.lifecycle import remove
-from cocoon.sandbox.sandbox import Sandbox
+from cocoon.sandbox.sandbox import Sandbox, mount_points_under
 from cocoon.state import gc
 from cocoon.state.store import list_ids
 
@@ -109,6 +109,7 @@ def no_leaks(cfg: Config) -> Iterator[None]:
         for s in set(dirs) | set(stray.values()):
             gc.reap(root, only=s, force=True)
     assert not stray, f"stray VM processes left: {stray}"
+    assert not mount_points_under(root), "mounts left under the state root"
     assert not dirs, f"sandbox dirs left: {dirs}"
     assert not containers, f"containers left: {[c[:12] for c in containers]}"
 

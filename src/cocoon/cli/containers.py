@@ -13,6 +13,7 @@ from cocoon.errors import CocoonError
 from cocoon.images import service
 from cocoon.images.store import ImageStore
 from cocoon.runtime import run as runner
+from cocoon.runtime import volumes
 from cocoon.runtime.logs import DEFAULT_MAX_BYTES, DEFAULT_MAX_FILES
 from cocoon.runtime.run import RunOptions, UsageError
 from cocoon.util.units import parse_size
@@ -67,6 +68,22 @@ def _log_opts(opts: tuple[str, ...]) -> tuple[int, int]:
 @click.option("--memory", "-m", default="", metavar="SIZE", help="Memory limit, e.g. 256m.")
 @click.option("--cpus", type=float, default=0.0, help="CPU limit, e.g. 1.5.")
 @click.option("--read-only", is_flag=True, help="Mount the image read-only as the root.")
+@click.option(
+    "-v",
+    "--volume",
+    "volume_flags",
+    multiple=True,
+    metavar="HOST:CTR[:ro|:rw]",
+    help="Share a host directory (read-only enforced on the host).",
+)
+@click.option(
+    "--mount",
+    "mount_flags",
+    multiple=True,
+    metavar="type=bind|tmpfs|scratch,...",
+    help="docker's --mount; type=scratch,target=CTR,size=1g is a sized empty disk.",
+)
+@click.option("--tmpfs", "tmpfs_flags", multiple=True, metavar="CTR[:size=64m,mode=1777]")
 @click.option("--pull", "pull_policy", type=click.Choice(["missing", "always", "never"]),
               default="missing")  # fmt: skip
 @click.option("--platform", default=None)
@@ -91,6 +108,9 @@ def run(
     memory: str,
     cpus: float,
     read_only: bool,
+    volume_flags: tuple[str, ...],
+    mount_flags: tuple[str, ...],
+    tmpfs_flags: tuple[str, ...],
     pull_policy: str,
     platform: str | None,
     image: str,
@@ -119,6 +139,7 @@ def run(
                 raise UsageError(f"invalid --label {item!r}: use KEY=VALUE")
             label_map[k] = v
         log_max_bytes, log_max_files = _log_opts(log_opts)
+        vols = volumes.parse_all(volume_flags, mount_flags, tmpfs_flags)
         cfg = state.cfg
         img = asyncio.run(service.get(cfg, image, policy=pull_policy, platform=platform))
         config = ImageStore(cfg).inspect(img.id).config
@@ -140,9 +161,10 @@ def run(
             detach=detach,
             log_max_bytes=log_max_bytes,
             log_max_files=log_max_files,
+            volumes=vols,
         )
-        cdir, cconf = runner.create(cfg, image, img.id, config, opts)
-        runner.start(cfg, cdir, cconf, Path(img.erofs), opts)
+        cdir, cconf, vplan = runner.create(cfg, image, img.id, config, opts)
+        runner.start(cfg, cdir, cconf, Path(img.erofs), opts, vplan)
         if detach:
             click.echo(cdir.id)
             return

@@ -96,5 +96,5 @@ def rm(state: State, force: bool, ids: tuple[str, ...]) -> None:
 @click.pass_obj
 def gc_cmd(state: State) -> None:
     """Reap everything crashed cocoon processes left: VM processes, sockets, state."""
-    for sid in gc.reap(state.cfg.root):
+    for sid in gc.reap(state.cfg.root, data=state.cfg.data):
         click.echo(sid)

@@ -35,8 +35,10 @@ from cocoon.errors import AgentError, CocoonError, GuestError, SandboxError
 from cocoon.hypervisor.base import Disk
 from cocoon.protocol import messages
 from cocoon.protocol.session import OutStream, RemoteError, Session
+from cocoon.runtime import volumes
 from cocoon.runtime.containers import ContainerConfig, ContainerDir, ContainerState
 from cocoon.runtime.logs import CriLogWriter
+from cocoon.runtime.volumes import VolumePlan
 from cocoon.sandbox.sandbox import Process, Sandbox
 
 #: The container's id inside its VM (one container per VM on this path).
@@ -57,6 +59,7 @@ class LaunchPlan:
     cdir: ContainerDir
     config: ContainerConfig
     erofs: Path
+    volumes: VolumePlan
     attach: bool  # hold the start until the first client attaches
     rows: int = 24
     cols: int = 80
@@ -249,11 +252,14 @@ class Monitor:
             vcpus=c.vcpus,
             memory_mib=c.vm_memory_mib or None,
             disks=[Disk(serial, self.plan.erofs)],
+            shares=self.plan.volumes.shares,
+            scratch=self.plan.volumes.scratch,
             annotations={"cocoon.container": c.id, "cocoon.container.name": c.name},
         )
         self.state.boot_s = self.sb.boot_s or 0.0
         self.state.accel = self.sb.state.accel
         rootfs = await mount_rootfs(self.sb, serial, c.read_only)
+        await volumes.apply(self.sb, self.plan.volumes)
         self.main = await self.sb.create_container(
             CONTAINER_ID,
             rootfs,

@@ -24,11 +24,13 @@ from cocoon.config import Config
 from cocoon.errors import CocoonError
 from cocoon.images.manifest import ImageConfig
 from cocoon.oci.spec import default_spec, merge_env, parse_user, process_args
+from cocoon.runtime import volumes
 from cocoon.runtime.containers import ContainerConfig, ContainerDir, ContainerStore
 from cocoon.runtime.control import MonitorClient
 from cocoon.runtime.logs import DEFAULT_MAX_BYTES, DEFAULT_MAX_FILES
 from cocoon.runtime.monitor import LaunchPlan, spawn
 from cocoon.runtime.stdio import attach, terminal_size
+from cocoon.runtime.volumes import VolumeSpec
 
 #: Guest kernel + agent + page cache headroom added on top of --memory.
 VM_OVERHEAD_MIB = 128
@@ -58,6 +60,7 @@ class RunOptions:
     detach: bool = False
     log_max_bytes: int = DEFAULT_MAX_BYTES
     log_max_files: int = DEFAULT_MAX_FILES
+    volumes: list[VolumeSpec] = field(default_factory=list)
 
 
 def build_spec(image: ImageConfig, opts: RunOptions) -> dict[str, Any]:
@@ -102,11 +105,21 @@ def vm_size(cfg: Config, opts: RunOptions) -> tuple[int, int]:
     return vcpus, mem
 
 
+def describe(v: VolumeSpec) -> str:
+    """One volume as inspect's HostConfig.Binds shows it."""
+    text = f"{v.source}:{v.target}" if v.source else f"{v.kind}:{v.target}"
+    if v.size_bytes:
+        text += f":size={v.size_bytes}"
+    return text + (":ro" if v.readonly else "")
+
+
 def create(
     cfg: Config, image_ref: str, image_id: str, image: ImageConfig, opts: RunOptions
-) -> tuple[ContainerDir, ContainerConfig]:
+) -> tuple[ContainerDir, ContainerConfig, volumes.VolumePlan]:
     """Record a new container (name reserved, nothing running yet)."""
     spec = build_spec(image, opts)
+    plan = volumes.prepare(cfg, opts.volumes)
+    spec["mounts"] += plan.oci_mounts
     vcpus, mem = vm_size(cfg, opts)
     store = ContainerStore(cfg)
     config = ContainerConfig(
@@ -126,12 +139,18 @@ def create(
         vcpus=vcpus,
         vm_memory_mib=mem,
         stop_signal=image.stop_signal or "SIGTERM",
+        volumes=[describe(v) for v in opts.volumes],
     )
-    return store.create(config), config
+    return store.create(config), config, plan
 
 
 def start(
-    cfg: Config, cdir: ContainerDir, config: ContainerConfig, erofs: Path, opts: RunOptions
+    cfg: Config,
+    cdir: ContainerDir,
+    config: ContainerConfig,
+    erofs: Path,
+    opts: RunOptions,
+    vols: volumes.VolumePlan,
 ) -> None:
     """Fork the monitor; back once the container is created (attached run) or
     running (-d). A container that could not start is not kept."""
@@ -141,6 +160,7 @@ def start(
         cdir=cdir,
         config=config,
         erofs=erofs,
+        volumes=vols,
         attach=not opts.detach,
         rows=rows,
         cols=cols,

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import secrets
 import time
 from collections.abc import Callable, Sequence
@@ -33,6 +34,8 @@ from cocoon.protocol import messages
 from cocoon.protocol.session import InStream, OutStream
 from cocoon.sandbox.channel import AgentChannel
 from cocoon.state.store import ProcessRecord, SandboxDir, SandboxState
+from cocoon.storage import scratch as scratch_files
+from cocoon.storage.scratch import ScratchDisk
 from cocoon.util.proc import start_time
 
 M = TypeVar("M", bound=messages.Message)
@@ -161,11 +164,16 @@ class Sandbox:
         memory_mib: int | None = None,
         shares: Sequence[Share] = (),
         disks: Sequence[Disk] = (),
+        scratch: Sequence[ScratchDisk] = (),
         init: list[str] | None = None,
         boot_timeout_s: float | None = None,
         annotations: dict[str, str] | None = None,
     ) -> Sandbox:
-        """Boot a VM and wait for its agent; on any failure nothing is left behind."""
+        """Boot a VM and wait for its agent; on any failure nothing is left behind.
+
+        ``scratch`` disks are created here (recorded in the state first, so gc
+        finds them after a crash) and deleted by ``destroy``.
+        """
         assets = resolve(cfg)
         accel_name, _ = accel.choose(
             cfg.hypervisor.accel, accel.cached_probe(cfg.root / "accel.json")
@@ -181,6 +189,14 @@ class Sandbox:
         )
         sdir.write(st)
         sb = cls(cfg, sdir, st)
+        if shares and cfg.hypervisor.shared_fs == "none":
+            await sb.destroy()
+            raise SandboxError("host directories need hypervisor.shared_fs = virtio-fs or 9p")
+        try:
+            scratch_disks = sb._make_scratch(scratch)
+        except BaseException:
+            await sb.destroy()
+            raise
         spec = VmSpec(
             id=sdir.id,
             workdir=sdir.path,
@@ -191,7 +207,7 @@ class Sandbox:
             memory_mib=memory_mib or cfg.hypervisor.memory_mib,
             accel=accel_name,
             kernel_params=cfg.hypervisor.kernel_params.split(),
-            disks=list(disks),
+            disks=[*disks, *scratch_disks],
             shares=list(shares),
             shared_fs=cfg.hypervisor.shared_fs,
             init=init,
@@ -200,9 +216,6 @@ class Sandbox:
             # Guest CIDs are host-global: a random one, QEMU refuses a taken one.
             vsock_cid=3 + secrets.randbelow(0x7FFFFFF0),
         )
-        if shares and spec.shared_fs == "none":
-            await sb.destroy()
-            raise SandboxError("host directories need hypervisor.shared_fs = virtio-fs or 9p")
         timeout = boot_timeout_s or cfg.hypervisor.boot_timeout_s
         try:
             await sb._boot(spec, timeout)
@@ -239,6 +252,20 @@ class Sandbox:
         self.channel.start_keepalive(self.cfg.hypervisor.keepalive_s)
         self.state.status = "running"
         self.dir.write(self.state)
+
+    def _make_scratch(self, scratch: Sequence[ScratchDisk]) -> list[Disk]:
+        if not scratch:
+            return []
+        d = scratch_files.scratch_dir(self.cfg.data, self.id)
+        self.state.scratch_dir = str(d)
+        self.dir.write(self.state)  # intent before the files: gc removes them after a crash
+        scratch_files.make_dir(d, self.cfg.root)
+        out = []
+        for i, s in enumerate(scratch):
+            path = d / f"{i}{scratch_files.IMAGE_SUFFIX}"
+            scratch_files.create(path, s.size_bytes)
+            out.append(Disk(s.serial, path, readonly=False))
+        return out
 
     def _qemu_exit_reason(self) -> str:
         """QEMU's own last words if it died (bad option, missing file), else ""."""
@@ -284,8 +311,11 @@ class Sandbox:
                 await self._watch_task
         if self.launched is not None:
             await self.backend.stop(self.launched, grace_s=3.0)
-        remove_dir(self.dir.path)
-        self.dir.release_ownership()
+        try:
+            release_host(self.state)
+            remove_dir(self.dir.path)
+        finally:
+            self.dir.release_ownership()
 
     async def __aenter__(self) -> Sandbox:
         return self
@@ -452,20 +482,73 @@ class Sandbox:
         return (await self.call(messages.Top(container_id), messages.TopReply)).processes
 
 
+def release_host(st: SandboxState) -> None:
+    """Delete what the sandbox made on the host outside its state dir (VM already gone)."""
+    if st.scratch_dir:
+        scratch_files.remove_dir(Path(st.scratch_dir))
+
+
+def _unescape_mountinfo(field: str) -> str:
+    """mountinfo writes space, tab, newline and backslash as octal escapes."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def mount_points_under(path: str | os.PathLike[str]) -> list[str]:
+    """Mount points at or below ``path`` in this mount namespace."""
+    top = os.path.realpath(path)
+    out = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split(" ")
+            if len(fields) < 5:
+                continue
+            mp = _unescape_mountinfo(fields[4])
+            if mp == top or mp.startswith(top.rstrip("/") + "/"):
+                out.append(mp)
+    return out
+
+
 def remove_dir(path: Path) -> None:
-    """Remove a sandbox dir (sockets, logs, state) without following symlinks out."""
-    if not path.exists():
+    """Remove a sandbox dir (sockets, logs, state) without leaving it for anything else.
+
+    Never follows a symlink, never crosses into another file system or into a
+    mount point (bind mounts of the same file system included): whatever is
+    mounted below a state dir may be a user's own directory. Such a dir is left
+    in place and reported, so nothing of the user's is ever deleted.
+    """
+    if not os.path.lexists(path):
         return
-    for dirpath, dirnames, filenames in os.walk(path, topdown=False):
-        for name in filenames:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(dirpath, name))
-        for name in dirnames:
-            p = os.path.join(dirpath, name)
-            with contextlib.suppress(FileNotFoundError, NotADirectoryError):
-                if os.path.islink(p):
-                    os.unlink(p)
+    top = os.path.realpath(path)
+    mounts = set(mount_points_under(top))
+    if top in mounts:
+        raise SandboxError(f"{top} is a mount point: not removing it; unmount it first")
+    dev = os.lstat(top).st_dev
+    refused: list[str] = []
+
+    def empty(d: str) -> bool:
+        clean = True
+        with os.scandir(d) as it:
+            entries = list(it)
+        for e in entries:
+            try:
+                if e.is_dir(follow_symlinks=False):
+                    if e.path in mounts or e.stat(follow_symlinks=False).st_dev != dev:
+                        refused.append(e.path)
+                        clean = False
+                    elif empty(e.path):
+                        os.rmdir(e.path)
+                    else:
+                        clean = False
                 else:
-                    os.rmdir(p)
-    with contextlib.suppress(FileNotFoundError, OSError):
-        os.rmdir(path)
+                    os.unlink(e.path)
+            except FileNotFoundError:
+                continue
+        return clean
+
+    if empty(top):
+        with contextlib.suppress(FileNotFoundError):
+            os.rmdir(top)
+    if refused:
+        raise SandboxError(
+            f"{refused[0]} is a mount point: left in place with {top}; unmount it, then `cocoon gc`"
+        )

@@ -3,7 +3,12 @@
 A sandbox whose ``owner.lock`` nobody holds has lost its owner (killed, crashed):
 its recorded processes are killed (pid + start time, so a recycled pid is never
 hit), then any process whose command line still names the sandbox dir (a QEMU
-spawned just before the crash, before its pid was written), then the dir.
+spawned just before the crash, before its pid was written), then what it
+made on the host outside its dir (scratch images), then the dir.
+
+Scratch images live in the data dir, which outlives a reboot while the state
+root (a tmpfs) does not: given the data dir, ``reap`` also removes scratch dirs
+stamped with this root whose sandbox dir is gone.
 """
 
 from __future__ import annotations
@@ -16,8 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cocoon.errors import CocoonError
-from cocoon.sandbox.sandbox import remove_dir
+from cocoon.sandbox.sandbox import release_host, remove_dir
 from cocoon.state.store import SandboxDir, list_ids
+from cocoon.storage import scratch
 from cocoon.util.proc import alive
 
 
@@ -78,9 +84,21 @@ def _kill_and_wait(pids: list[int], timeout_s: float = 5.0) -> None:
         time.sleep(0.01)
 
 
-def reap(root: Path, *, only: str | None = None, force: bool = False) -> list[str]:
-    """Reap stale sandboxes (or ``only`` one; ``force`` even if owned). Returns ids reaped."""
+def reap(
+    root: Path, *, only: str | None = None, force: bool = False, data: Path | None = None
+) -> list[str]:
+    """Reap stale sandboxes (or ``only`` one; ``force`` even if owned). Returns ids reaped.
+
+    With ``data`` (the data dir), scratch dirs of this root left without a
+    sandbox (a reboot emptied the root) are removed too.
+    """
     reaped = []
+    if data is not None and only is None:
+        stamped = scratch.stamped(data, root)  # before listing sandboxes: see stamped()
+        live = set(list_ids(root))
+        for sid, path in stamped.items():
+            if sid not in live:
+                scratch.remove_dir(path)
     naming = processes_naming(root)
     ids = set(list_ids(root)) | set(naming.values())
     for sid in sorted(ids):
@@ -95,11 +113,14 @@ def reap(root: Path, *, only: str | None = None, force: bool = False) -> list[st
         # One reaper per sandbox at a time (two `cocoon gc` racing each other).
         with sdir.locked():
             pids = []
+            st = None
             with contextlib.suppress(CocoonError):
                 st = sdir.read()
                 pids += [r.pid for r in st.processes.values() if alive(r.pid, r.start_time)]
             pids += [p for p, s in naming.items() if s == sid]
             _kill_and_wait(sorted(set(pids)))
+            if st is not None:
+                release_host(st)
             remove_dir(sdir.path)
         reaped.append(sid)
     return reaped

@@ -50,6 +50,8 @@ class SandboxState:
     accel: str = ""
     processes: dict[str, ProcessRecord] = field(default_factory=dict)
     annotations: dict[str, str] = field(default_factory=dict)
+    #: Dir of the sandbox's scratch images under the data dir ("" = none).
+    scratch_dir: str = ""
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), indent=1, sort_keys=True).encode()

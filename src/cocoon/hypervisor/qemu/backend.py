@@ -7,6 +7,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from cocoon.hypervisor.qemu.qmp import Qmp
 from cocoon.util.proc import alive, start_time
 
 SOCKET_WAIT_S = 5.0
+#: Runs virtiofsd on a host-enforced read-only view of a share (see its docstring).
+ROSHARE = Path(__file__).with_name("roshare.py")
 
 
 def host_tsc_khz() -> int | None:
@@ -96,11 +99,18 @@ class QemuBackend:
                         "-o", "sandbox=chroot",
                         "-o", "log_level=err",
                     ]  # fmt: skip
+                    if share.readonly:
+                        # The guest is untrusted and virtiofsd has no read-only
+                        # option: the host kernel refuses the writes instead.
+                        argv = [sys.executable, "-I", "-S", str(ROSHARE), str(share.path),
+                                "--", *argv]  # fmt: skip
                     pid = self._spawn(argv, wd / f"virtiofsd{i}.log")
                     procs[f"virtiofsd{i}"] = pid
                     record(f"virtiofsd{i}", pid)
                 for i in range(len(spec.shares)):
-                    self._wait_socket(sockets[f"virtiofsd{i}"], procs[f"virtiofsd{i}"], "virtiofsd")
+                    self._wait_socket(
+                        sockets[f"virtiofsd{i}"], procs[f"virtiofsd{i}"], f"virtiofsd{i}"
+                    )
             argv = cmdline.build(
                 spec,
                 qemu=self.cfg.qemu_binary,
@@ -146,7 +156,7 @@ class QemuBackend:
         deadline = time.monotonic() + SOCKET_WAIT_S
         while not path.exists():
             if self._exited(pid):
-                log = path.parent / ("qemu.log" if what == "QEMU" else "virtiofsd0.log")
+                log = path.parent / ("qemu.log" if what == "QEMU" else f"{what}.log")
                 tail = ""
                 with contextlib.suppress(OSError):
                     tail = log.read_text(errors="replace").strip().splitlines()[-1][:300]

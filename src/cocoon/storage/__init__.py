@@ -1,0 +1,1 @@
+"""Host-side storage a sandbox owns: sized scratch block files."""

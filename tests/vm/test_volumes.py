@@ -1,0 +1,192 @@
+"""`cocoon run -v/--mount/--tmpfs` on real VMs: what the container sees, what the host keeps.
+
+Each boot costs ~2 s under TCG, so one boot checks everything one command line
+can honestly show; the container waits on stdin while the test looks at the
+host side (virtiofsd's mounts, the scratch file) of the running sandbox.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cocoon.config import Config
+from cocoon.images.default import ensure_default_image
+from cocoon.sandbox.sandbox import mount_points_under
+from cocoon.state import gc
+from cocoon.state.store import SandboxDir
+from cocoon.storage.scratch import scratch_dir, stamped
+from tests.vm.conftest import SHARED, cocoon
+
+pytestmark = [pytest.mark.vm, pytest.mark.timeout(300)]
+
+
+@pytest.fixture(scope="module")
+def busybox(cfg: Config) -> None:
+    ensure_default_image(cfg)
+
+
+class Running:
+    """`cocoon run -i ...` in the background, its container paused on `read`."""
+
+    def __init__(self, cfg: Config, *args: str, env: dict[str, str] | None = None) -> None:
+        self.cfg = cfg
+        self.p = subprocess.Popen(
+            [sys.executable, "-m", "cocoon.cli", "--root", str(cfg.root), "run", "--rm", "-i",
+             *args],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env={**os.environ, **(env or {})},
+        )  # fmt: skip
+        assert self.p.stdout is not None
+        self.before = b""
+        while not self.before.endswith(b"ready\n"):
+            line = self.p.stdout.readline()
+            assert line, f"container ended early: {self.before!r} {self.stderr()!r}"
+            self.before += line
+
+    def stderr(self) -> bytes:
+        self.p.wait(timeout=60)
+        assert self.p.stderr is not None
+        return self.p.stderr.read()
+
+    def sandbox(self) -> gc.SandboxInfo:
+        [info] = [s for s in gc.describe(self.cfg.root) if s.id not in SHARED]
+        return info
+
+    def __enter__(self) -> Running:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """On a failed check, end the run as a user would (the signal reaches the container)."""
+        if exc[0] is not None and self.p.poll() is None:
+            self.p.terminate()
+            self.p.communicate(timeout=60)
+
+    def finish(self) -> tuple[int, bytes, bytes]:
+        out, err = self.p.communicate(b"go\n", timeout=120)
+        return self.p.returncode, self.before + out, err
+
+
+def _dirs(tmp_path: Path) -> tuple[Path, Path]:
+    rw, ro = tmp_path / "rw", tmp_path / "ro"
+    rw.mkdir()
+    ro.mkdir()
+    (rw / "from-host").write_text("host data\n")
+    (ro / "hello").write_text("read me\n")
+    return rw, ro
+
+
+SCRIPT = """
+cat /data/from-host; echo written > /data/from-guest
+cat /ro/hello; touch /ro/new 2>&1; echo touch=$?
+echo t > /scratch/f && grep ' /scratch ' /proc/mounts | cut -d' ' -f3
+echo ready; read go
+"""
+
+
+def test_bind_rw_ro_and_tmpfs(cfg: Config, busybox: None, tmp_path: Path) -> None:
+    rw, ro = _dirs(tmp_path)
+    run = Running(cfg, "-v", f"{rw}:/data", "-v", f"{ro}:/ro:ro", "--tmpfs", "/scratch",
+                  "busybox", "sh", "-c", SCRIPT)  # fmt: skip
+    # While it runs: the read-only share is a read-only mount, but only in the
+    # mount namespace of its virtiofsd; the rw share is served as is; the host
+    # itself has no new mount at all.
+    with run:
+        procs = run.sandbox().processes
+        # virtiofsd is chrooted into its share: its mountinfo shows what is at its "/".
+        [ro_mount] = Path(f"/proc/{procs['virtiofsd1']}/mountinfo").read_text().splitlines()
+        fields = ro_mount.split()
+        assert fields[4] == "/" and "ro" in fields[5].split(","), ro_mount
+        assert Path(f"/proc/{procs['virtiofsd0']}/mountinfo").read_text() == ""
+        # Even root in virtiofsd's namespace cannot write there.
+        r = subprocess.run(["nsenter", "-t", str(procs["virtiofsd1"]), "-m", "touch",
+                            str(ro / "x")], capture_output=True)  # fmt: skip
+        assert r.returncode != 0 and b"Read-only file system" in r.stderr, r.stderr
+        assert mount_points_under(tmp_path) == []  # nothing mounted on the host
+    code, out, err = run.finish()
+    assert code == 0, err
+    assert out.decode().splitlines() == [
+        "host data",
+        "read me",
+        "touch: /ro/new: Read-only file system",
+        "touch=1",
+        "tmpfs",
+        "ready",
+    ]
+    assert (rw / "from-guest").read_text() == "written\n"
+    assert sorted(p.name for p in ro.iterdir()) == ["hello"]
+    assert not os.path.exists(f"/proc/{procs['virtiofsd1']}")
+
+
+def test_9p_fallback(cfg: Config, busybox: None, tmp_path: Path) -> None:
+    rw, ro = _dirs(tmp_path)
+    r = cocoon(cfg, "run", "--rm", "-v", f"{rw}:/data", "-v", f"{ro}:/ro:ro", "busybox", "sh",
+               "-c", "grep -c ' 9p ' /proc/mounts; cat /ro/hello; echo x > /data/f; touch /ro/f",
+               env={"COCOON_HYPERVISOR_SHARED_FS": "9p"})  # fmt: skip
+    assert (r.returncode, r.stdout) == (1, b"2\nread me\n"), r.stderr
+    assert b"Read-only file system" in r.stderr
+    assert (rw / "f").read_text() == "x\n" and not (ro / "f").exists()
+
+
+def test_scratch_is_bounded_and_removed(cfg: Config, busybox: None) -> None:
+    run = Running(cfg, "--mount", "type=scratch,target=/data,size=32m", "busybox", "sh", "-c",
+                  "dd if=/dev/zero of=/data/big bs=1M count=64 2>&1; echo dd=$?; "
+                  "df -k /data | tail -1; echo ready; read go")  # fmt: skip
+    with run:
+        image = scratch_dir(cfg.data, run.sandbox().id) / "0.img"
+        st = image.stat()
+        assert st.st_size == 32 << 20
+        assert st.st_blocks * 512 <= 33 << 20  # sparse, and never past its size
+    code, out, err = run.finish()
+    assert code == 0, err
+    assert b"No space left on device" in out and b"dd=1" in out
+    assert not image.exists() and not image.parent.exists()
+
+
+def test_gc_after_a_crash_removes_scratch(cfg: Config, busybox: None, tmp_path: Path) -> None:
+    """SIGKILL the container's monitor (the VM's owner) and the CLI mid-run:
+    `cocoon gc` kills the VM and deletes the scratch file; `rm` drops the record."""
+    _, ro = _dirs(tmp_path)
+    run = Running(cfg, "-v", f"{ro}:/ro:ro", "--mount", "type=scratch,target=/s,size=8m",
+                  "busybox", "sh", "-c", "echo ready; read go")  # fmt: skip
+    with run:
+        sid = run.sandbox().id
+        sdir = scratch_dir(cfg.data, sid)
+        assert (sdir / "0.img").exists()
+    owner = SandboxDir(cfg.root, sid).read().owner_pid
+    os.kill(owner, signal.SIGKILL)
+    run.p.send_signal(signal.SIGKILL)
+    run.p.wait(timeout=30)
+    r = cocoon(cfg, "gc")
+    assert r.returncode == 0 and sid in r.stdout.decode().split(), r.stderr
+    assert not sdir.exists()
+    assert (ro / "hello").read_text() == "read me\n"
+    [cid] = cocoon(cfg, "ps", "-aq").stdout.decode().split()
+    assert cocoon(cfg, "rm", cid).returncode == 0
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["-v", "/no/such/dir:/data"],
+        ["-v", "/tmp:data"],
+        ["--mount", "type=scratch,target=/data,size=lots"],
+        ["--mount", "type=volume,source=x,target=/data"],
+        ["--mount", "type=bind,source=/tmp,target=/data,propagation=shared"],
+        ["--tmpfs", "/t:size=1m,uid=0"],
+        # Boots, then crun cannot make /new in a read-only root: the sandbox
+        # and its scratch file must still go.
+        ["--read-only", "--mount", "type=scratch,target=/new,size=8m"],
+    ],
+)
+def test_bad_specs_one_line_and_nothing_left(cfg: Config, busybox: None, flags: list[str]) -> None:
+    r = cocoon(cfg, "run", "--rm", *flags, "busybox", "true")
+    err = r.stderr.decode()
+    assert r.returncode == 125 and err.startswith("cocoon: ") and err.count("\n") == 1, err
+    assert mount_points_under(cfg.root) == []
+    assert stamped(cfg.data, cfg.root) == {}
