@@ -25,8 +25,9 @@ from pathlib import Path
 
 from memory import pss_kib  # bench/memory.py (the script's dir is on sys.path)
 
-from cocoon.config import load
+from cocoon.config import Config, load
 from cocoon.runtime.busybox import busybox_rootfs
+from cocoon.runtime.containers import ContainerStore
 from cocoon.state import gc
 
 
@@ -77,6 +78,12 @@ def timed(argv: list[str], **kw: object) -> float:
     return time.monotonic() - t0
 
 
+def cfg_for(root: str) -> Config:
+    c = load()
+    c.root_dir = root
+    return c
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--runs", type=int, default=10)
@@ -95,17 +102,17 @@ def main() -> None:
             ours.append(timed([*cli, "run", "--rm", "busybox", "true"]))
             peer.append(timed(["crun", "run", "--bundle", str(b), f"bench-{os.getpid()}-{i}"]))
 
-        # Memory of one running container, each way.
-        p = subprocess.Popen([*cli, "run", "--rm", "busybox", "sleep", "30"])
-        deadline = time.monotonic() + 60
-        while not any(i.status == "running" for i in gc.describe(Path(root))):
-            if time.monotonic() > deadline:
-                raise SystemExit("cocoon run never came up")
-            time.sleep(0.1)
+        # Memory of one running container, each way: cocoon's is its monitor
+        # (the host process that owns the VM) with QEMU under it; no CLI stays.
+        run = subprocess.run(
+            [*cli, "run", "-d", "busybox", "sleep", "60"], check=True, capture_output=True
+        )
+        cid = run.stdout.decode().strip()
         time.sleep(3)
-        ours_pss = tree_pss_mib(p.pid)
-        p.terminate()
-        p.wait()
+        monitor = ContainerStore(cfg_for(root)).resolve(cid).state().monitor_pid
+        ours_pss = tree_pss_mib(monitor)
+        monitor_pss = pss_kib(monitor) / 1024
+        subprocess.run([*cli, "rm", "-f", cid], check=True, capture_output=True)
         b = bundle(work, busybox_rootfs(cfg), ["sleep", "30"])
         cid = f"bench-{os.getpid()}-mem"
         c = subprocess.Popen(["crun", "run", "--bundle", str(b), cid])
@@ -123,8 +130,8 @@ def main() -> None:
         for name, xs in (("cocoon run --rm (VM per container)", ours), ("crun run (host)", peer)):
             print(f"{name:<36} {statistics.median(xs):>9.3f} {min(xs):>7.3f} {max(xs):>7.3f}")
         print(f"ratio cocoon / crun: {statistics.median(ours) / statistics.median(peer):.1f}")
-        print("host PSS of one running container (CLI + VM, or crun's container process):")
-        print(f"  cocoon {ours_pss:.1f} MiB   crun {crun_pss:.1f} MiB")
+        print("host PSS of one running container (monitor + VM, or crun's container process):")
+        print(f"  cocoon {ours_pss:.1f} MiB (monitor {monitor_pss:.1f})   crun {crun_pss:.1f} MiB")
     finally:
         gc.reap(Path(root), force=True)
         shutil.rmtree(root, ignore_errors=True)

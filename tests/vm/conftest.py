@@ -64,8 +64,7 @@ def cfg() -> Iterator[Config]:
     # The VM tests must test this tree's agent, not an image built from older sources.
     expected = image_path(c, image_key(c))
     assert assets.image == expected, "guest image is stale: run `cocoon guest build`"
-    # Short: a container's control socket path must stay under 108 bytes.
-    root = Path(tempfile.mkdtemp(prefix="cct-", dir="/run"))
+    root = Path(tempfile.mkdtemp(prefix="cocoon-test-", dir="/run"))
     c.root_dir = str(root)
     yield c
     gc.reap(root, force=True)
@@ -112,6 +111,8 @@ def no_leaks(cfg: Config) -> Iterator[None]:
     assert not mount_points_under(root), "mounts left under the state root"
     assert not dirs, f"sandbox dirs left: {dirs}"
     assert not containers, f"containers left: {[c[:12] for c in containers]}"
+    sockets = list((root / "ctl").glob("*")) if (root / "ctl").exists() else []
+    assert not sockets, f"control sockets left: {sockets}"
 
 
 def spec(args: list[str], **kw: Any) -> dict[str, Any]:

@@ -98,7 +98,9 @@ class ContainerDir:
 
     @property
     def ctl_socket(self) -> Path:
-        return self.path / "ctl.sock"
+        """Beside, not inside, the container dir: a unix socket path must stay
+        under 108 bytes whatever the root dir, so it is named by the short id."""
+        return self.path.parent.parent / "ctl" / f"{self.id[:12]}.sock"
 
     @property
     def log_path(self) -> Path:
@@ -147,7 +149,7 @@ class ContainerStore:
 
     def new_id(self) -> str:
         cid = secrets.token_hex(32)
-        if len(str(self.root / cid / "ctl.sock")) > MAX_SOCKET_PATH:
+        if len(str(ContainerDir(self.root, cid).ctl_socket)) > MAX_SOCKET_PATH:
             raise StateError(f"root_dir {self.cfg.root} is too long for a control socket path")
         return cid
 
@@ -219,4 +221,6 @@ class ContainerStore:
 
     def remove(self, d: ContainerDir) -> None:
         """Drop the dir (logs included); the caller made sure nothing runs."""
+        with contextlib.suppress(FileNotFoundError):
+            d.ctl_socket.unlink()
         shutil.rmtree(d.path, ignore_errors=True)

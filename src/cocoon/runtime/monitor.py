@@ -197,6 +197,7 @@ class Monitor:
         server = None
         try:
             await self._create()
+            self.cdir.ctl_socket.parent.mkdir(mode=0o700, exist_ok=True)
             server = await asyncio.start_unix_server(
                 self._serve_client, path=str(self.cdir.ctl_socket), limit=1 << 21
             )
@@ -218,6 +219,8 @@ class Monitor:
         await self._supervise()
         if server is not None:
             server.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.cdir.ctl_socket.unlink()
         self.cdir.life.release()
         return 0
 
@@ -232,6 +235,8 @@ class Monitor:
         await self._teardown()
         with contextlib.suppress(OSError):
             self.log.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.cdir.ctl_socket.unlink()
         shutil.rmtree(self.cdir.path, ignore_errors=True)
         await self._let_clients_go()
         self.cdir.life.release()
@@ -360,6 +365,9 @@ class Monitor:
             try:
                 return await self._dispatch(holder[0], msg)
             except (AgentError, GuestError, SandboxError) as e:
+                if self.state.status == "exited" or (self.exited and self.exited.done()):
+                    # raced with the container's own exit and the VM's teardown
+                    raise RemoteError("not_running", "the container has exited") from None
                 raise RemoteError("failed", str(e)) from None
             except (ValueError, KeyError) as e:
                 raise RemoteError("invalid", str(e)[:300]) from None

@@ -334,6 +334,8 @@ class Sandbox:
         try:
             return await self.channel.call(msg, expect, timeout_s=timeout_s)
         except GuestError as e:
+            if self._destroyed:  # we are stopping it ourselves: not the guest's doing
+                raise SandboxError(f"sandbox {self.id} is shutting down") from None
             died = await self._vm_death()
             await self.destroy()
             if died:
