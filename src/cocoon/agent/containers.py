@@ -231,6 +231,27 @@ class Containers:
         self._get(req.container_id)
         return system.stats(req.container_id)
 
+    def pause(self, req: messages.PauseContainer) -> messages.Ok:
+        self._crun(["pause", self._get(req.container_id).id])
+        return messages.Ok()
+
+    def resume(self, req: messages.ResumeContainer) -> messages.Ok:
+        self._crun(["resume", self._get(req.container_id).id])
+        return messages.Ok()
+
+    def update(self, req: messages.UpdateResources) -> messages.Ok:
+        c = self._get(req.container_id)
+        try:
+            resources = json.loads(req.resources_json)
+        except ValueError:
+            raise RemoteError("invalid", "resources are not JSON") from None
+        if not isinstance(resources, dict):
+            raise RemoteError("invalid", "resources must be an object")
+        path = c.path("resources.json")
+        _write(path, json.dumps(resources))
+        self._crun(["update", "--resources", path, c.id])
+        return messages.Ok()
+
     def top(self, req: messages.Top) -> messages.TopReply:
         c = self._get(req.container_id)
         return messages.TopReply(system.process_table(req.container_id, c.rootfs))

@@ -105,6 +105,12 @@ class Agent:
                 return c.stats(msg)
             case messages.Top():
                 return c.top(msg)
+            case messages.PauseContainer():
+                return c.pause(msg)
+            case messages.ResumeContainer():
+                return c.resume(msg)
+            case messages.UpdateResources():
+                return c.update(msg)
             case messages.Shutdown():
                 self.shutting_down = True
                 return messages.Ok()

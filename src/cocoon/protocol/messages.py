@@ -355,6 +355,40 @@ class ProcessList(Message):
 
 
 @message
+class PauseContainer(Message):
+    """Freeze every process of the container (its cgroup), as `runc pause`."""
+
+    TYPE = "pause_container"
+    container_id: str
+
+    def check(self) -> None:
+        check_id(self.container_id, "container id")
+
+
+@message
+class ResumeContainer(Message):
+    TYPE = "resume_container"
+    container_id: str
+
+    def check(self) -> None:
+        check_id(self.container_id, "container id")
+
+
+@message
+class UpdateResources(Message):
+    """New cgroup limits (an OCI ``linux.resources`` object) for a running container."""
+
+    TYPE = "update_resources"
+    container_id: str
+    resources_json: str
+
+    def check(self) -> None:
+        check_id(self.container_id, "container id")
+        if len(self.resources_json) > MAX_STR:
+            raise ValueError("resources too large")
+
+
+@message
 class Top(Message):
     """The container's processes with owner, CPU time and command line (docker top)."""
 
@@ -395,6 +429,7 @@ class Attach(Message):
 
     TYPE = "attach"
     stdio: StdioSpec
+    bind: bool  # the client stands for the init: its end kills the container
 
     def check(self) -> None:
         self.stdio.check()

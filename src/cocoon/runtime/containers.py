@@ -10,6 +10,7 @@ monitor (killed, crashed) and shows as ``dead`` until ``cocoon rm`` cleans it.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -26,7 +27,7 @@ from cocoon.util.fs import LifeLock, atomic_write, locked_file
 
 ID_RE = re.compile(r"^[0-9a-f]{64}$")
 NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}$")
-STATUSES = ("created", "running", "exited")
+STATUSES = ("created", "running", "paused", "exited")
 #: unix socket paths are limited to 107 bytes; the dir path must leave room.
 MAX_SOCKET_PATH = 107
 
@@ -69,7 +70,11 @@ class ContainerConfig:
 
     @property
     def sandbox_id(self) -> str:
-        return self.id[:12]
+        """Our 64-hex ids give their first 12; any other id (an OCI runtime
+        caller's) is hashed into the sandbox id alphabet."""
+        if ID_RE.match(self.id):
+            return self.id[:12]
+        return hashlib.sha256(self.id.encode()).hexdigest()[:12]
 
 
 @dataclass
@@ -89,8 +94,8 @@ class ContainerState:
 
 
 class ContainerDir:
-    def __init__(self, root: Path, cid: str) -> None:
-        if not ID_RE.match(cid):
+    def __init__(self, root: Path, cid: str, id_re: re.Pattern[str] = ID_RE) -> None:
+        if not id_re.match(cid):
             raise StateError(f"invalid container id {cid[:70]!r}")
         self.id = cid
         self.path = root / cid
@@ -99,8 +104,9 @@ class ContainerDir:
     @property
     def ctl_socket(self) -> Path:
         """Beside, not inside, the container dir: a unix socket path must stay
-        under 108 bytes whatever the root dir, so it is named by the short id."""
-        return self.path.parent.parent / "ctl" / f"{self.id[:12]}.sock"
+        under 108 bytes whatever the root dir and id, so it is named by a hash."""
+        name = hashlib.sha256(str(self.path).encode()).hexdigest()[:16]
+        return self.path.parent.parent / "ctl" / f"{name}.sock"
 
     @property
     def log_path(self) -> Path:

@@ -84,10 +84,13 @@ class MonitorClient:
         )
         return spec, sin, sout, serr
 
-    async def attach(self, *, stdin: bool, tty: bool, rows: int = 0, cols: int = 0) -> Process:
-        """The container's init process: its output from now on, our stdin to it."""
+    async def attach(
+        self, *, stdin: bool, tty: bool, rows: int = 0, cols: int = 0, bind: bool = False
+    ) -> Process:
+        """The container's init process: its output from now on, our stdin to it.
+        ``bind``: we stand for it on the host, our end kills it."""
         spec, sin, sout, serr = self._stdio(stdin, tty, rows, cols)
-        reply = await self.call(messages.Attach(spec), messages.ProcessStarted)
+        reply = await self.call(messages.Attach(spec, bind), messages.ProcessStarted)
         return Process(self, CONTAINER_ID, "", reply.pid, sin, sout, serr)
 
     async def exec(

@@ -26,20 +26,20 @@ import signal
 import sys
 import time
 import traceback
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cocoon.config import Config
 from cocoon.errors import AgentError, CocoonError, GuestError, SandboxError
-from cocoon.hypervisor.base import Disk
+from cocoon.hypervisor.base import Disk, Share
 from cocoon.protocol import messages
 from cocoon.protocol.session import OutStream, RemoteError, Session
-from cocoon.runtime import volumes
 from cocoon.runtime.containers import ContainerConfig, ContainerDir, ContainerState
 from cocoon.runtime.logs import CriLogWriter
-from cocoon.runtime.volumes import VolumePlan
 from cocoon.sandbox.sandbox import Process, Sandbox
+from cocoon.storage.scratch import ScratchDisk
 
 #: The container's id inside its VM (one container per VM on this path).
 CONTAINER_ID = "main"
@@ -53,18 +53,29 @@ CLIENT_GRACE_S = 5.0
 SUBSCRIBER_STALL_S = 60.0
 
 
+#: How the container is started once created: at the first client's Attach
+#: (an attached `cocoon run`), at once (`run -d`), or on a StartContainer
+#: request (`cocoon-runtime start`).
+START_MODES = ("attach", "now", "request")
+
+
 @dataclass
 class LaunchPlan:
     cfg: Config
     cdir: ContainerDir
     config: ContainerConfig
-    erofs: Path
-    volumes: VolumePlan
-    attach: bool  # hold the start until the first client attaches
+    #: Mounts what the container needs in the booted guest; returns its rootfs path.
+    setup: Callable[[Sandbox], Awaitable[str]]
+    disks: list[Disk] = field(default_factory=list)
+    shares: list[Share] = field(default_factory=list)
+    scratch: list[ScratchDisk] = field(default_factory=list)
+    start: str = "attach"
     rows: int = 24
     cols: int = 80
-    log_max_bytes: int = 10 << 20
+    log_max_bytes: int = 10 << 20  # 0: no log (the OCI runtime's caller keeps it)
     log_max_files: int = 3
+    #: Tear the VM down when the init exits (else only on Shutdown: pods).
+    annotations: dict[str, str] = field(default_factory=dict)
 
 
 def spawn(plan: LaunchPlan) -> None:
@@ -133,27 +144,6 @@ def log(msg: str) -> None:
     print(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {msg}", file=sys.stderr)
 
 
-async def mount_rootfs(sb: Sandbox, serial: str, read_only: bool) -> str:
-    """The image's erofs, read-only, with a tmpfs-backed overlay unless --read-only.
-
-    The writable layer lives in guest memory (bounded by the VM), never on the host.
-    """
-    lower = f"/run/cocoon/images/{serial}"
-    await sb.mount("block", serial, lower, fstype="erofs", readonly=True)
-    if read_only:
-        return lower
-    base = f"/run/cocoon/c/{CONTAINER_ID}"
-    await sb.mount("tmpfs", "tmpfs", base, options=["size=50%", "mode=0700"])
-    rootfs = f"{base}/rootfs"
-    await sb.mount(
-        "overlay",
-        "overlay",
-        rootfs,
-        options=[f"lowerdir={lower}", f"upperdir={base}/upper", f"workdir={base}/work"],
-    )
-    return rootfs
-
-
 class Monitor:
     def __init__(self, plan: LaunchPlan, ready_fd: int) -> None:
         self.plan = plan
@@ -169,9 +159,16 @@ class Monitor:
         self.execs: dict[str, Process] = {}
         self.clients: set[Session] = set()
         self.tasks: set[asyncio.Task[Any]] = set()
-        self.log = CriLogWriter(
-            self.cdir.log_path, max_bytes=plan.log_max_bytes, max_files=plan.log_max_files
+        self.log = (
+            CriLogWriter(
+                self.cdir.log_path, max_bytes=plan.log_max_bytes, max_files=plan.log_max_files
+            )
+            if plan.log_max_bytes
+            else None
         )
+        self._started = False
+        self._pumps: list[asyncio.Task[None]] = []
+        self.shutdown_requested = asyncio.Event()
 
     def _ready(self, line: str) -> None:
         if self.ready_fd < 0:
@@ -201,13 +198,17 @@ class Monitor:
             server = await asyncio.start_unix_server(
                 self._serve_client, path=str(self.cdir.ctl_socket), limit=1 << 21
             )
-            if self.plan.attach:
+            if self.plan.start == "attach":
                 self._ready("ready")
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(ATTACH_WAIT_S):
                         await self.attached.wait()
-            await self._start()
-            self._ready("ready")
+                await self._start()
+            elif self.plan.start == "now":
+                await self._start()
+                self._ready("ready")
+            else:
+                self._ready("ready")  # `start` comes as a request, whenever it comes
         except (CocoonError, OSError) as e:
             log(f"start failed: {e}")
             await self._fail_start(str(e))
@@ -233,8 +234,9 @@ class Monitor:
             self.exited.set_exception(RemoteError("start_failed", reason))
             self.exited.exception()  # retrieved here; clients get it via shield
         await self._teardown()
-        with contextlib.suppress(OSError):
-            self.log.close()
+        if self.log is not None:
+            with contextlib.suppress(OSError):
+                self.log.close()
         with contextlib.suppress(FileNotFoundError):
             self.cdir.ctl_socket.unlink()
         shutil.rmtree(self.cdir.path, ignore_errors=True)
@@ -250,21 +252,23 @@ class Monitor:
 
     async def _create(self) -> None:
         c, cfg = self.config, self.plan.cfg
-        serial = "img-" + c.image_id.removeprefix("sha256:")[:16]
         self.sb = await Sandbox.create(
             cfg,
             sandbox_id=c.sandbox_id,
             vcpus=c.vcpus,
             memory_mib=c.vm_memory_mib or None,
-            disks=[Disk(serial, self.plan.erofs)],
-            shares=self.plan.volumes.shares,
-            scratch=self.plan.volumes.scratch,
-            annotations={"cocoon.container": c.id, "cocoon.container.name": c.name},
+            disks=self.plan.disks,
+            shares=self.plan.shares,
+            scratch=self.plan.scratch,
+            annotations={
+                "cocoon.container": c.id,
+                "cocoon.container.name": c.name,
+                **self.plan.annotations,
+            },
         )
         self.state.boot_s = self.sb.boot_s or 0.0
         self.state.accel = self.sb.state.accel
-        rootfs = await mount_rootfs(self.sb, serial, c.read_only)
-        await volumes.apply(self.sb, self.plan.volumes)
+        rootfs = await self.plan.setup(self.sb)
         self.main = await self.sb.create_container(
             CONTAINER_ID,
             rootfs,
@@ -279,6 +283,9 @@ class Monitor:
 
     async def _start(self) -> None:
         assert self.sb is not None and self.main is not None
+        if self.state.status != "created" or self._started:
+            raise RemoteError("not_created", f"the container is {self.state.status}")
+        self._started = True
         # Output is pumped from before the start: nothing the process prints is lost.
         self._pumps = [
             self._task(self._pump("stdout", self.main)),
@@ -296,7 +303,8 @@ class Monitor:
             return
         try:
             while data := await src.read():
-                self.log.write(stream, data)
+                if self.log is not None:
+                    self.log.write(stream, data)
                 for sub in list(self.subscribers[stream]):
                     try:
                         async with asyncio.timeout(SUBSCRIBER_STALL_S):
@@ -306,7 +314,8 @@ class Monitor:
         except ConnectionError as e:  # the guest went away: what we have is logged
             log(f"{stream} cut off: {e}")
         finally:
-            self.log.end(stream)
+            if self.log is not None:
+                self.log.end(stream)
             if self.sb is not None and src is not None and self.sb.channel is not None:
                 self.sb.channel.session.close_in(src.chan)
             for sub in self.subscribers[stream]:
@@ -321,7 +330,24 @@ class Monitor:
         result: messages.ProcessExited | None = None
         error = ""
         try:
-            result = await self.main.wait()
+            waiter = asyncio.ensure_future(self.main.wait())
+            stop = asyncio.ensure_future(self.shutdown_requested.wait())
+            await asyncio.wait([waiter, stop], return_when=asyncio.FIRST_COMPLETED)
+            if not waiter.done():
+                # deleted before it exited (e.g. created but never started): end it
+                with contextlib.suppress(CocoonError):
+                    await self.sb.call(
+                        messages.SignalProcess(CONTAINER_ID, "", signal.SIGKILL, True),
+                        messages.Ok,
+                    )
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(10):
+                        await asyncio.shield(waiter)
+            stop.cancel()
+            result = waiter.result() if waiter.done() else None
+            if result is None:
+                waiter.cancel()
+                error = "deleted before it exited"
             await asyncio.gather(*self._pumps, return_exceptions=True)
         except (GuestError, SandboxError) as e:
             error = str(e)
@@ -335,7 +361,8 @@ class Monitor:
             self.state.exit_code = 137
             self.state.error = error or "the VM exited"
         self.cdir.write_state(self.state)  # `stop` watches for this
-        self.log.close()
+        if self.log is not None:
+            self.log.close()
         await self._teardown()
         self.cdir.write_state(self.state)
         if result is not None:
@@ -394,7 +421,26 @@ class Monitor:
             case messages.Ping():
                 return messages.Ok()
             case messages.Attach():
-                return await self._attach(session, msg.stdio)
+                return await self._attach(session, msg)
+            case messages.StartContainer():
+                self._check_container(msg.container_id)
+                await self._start()
+                return messages.Ok()
+            case messages.PauseContainer() | messages.ResumeContainer():
+                self._check_container(msg.container_id)
+                paused = isinstance(msg, messages.PauseContainer)
+                if self.state.status != ("running" if paused else "paused"):
+                    raise RemoteError("not_running", f"the container is {self.state.status}")
+                await sb.call(msg, messages.Ok)
+                self.state.status = "paused" if paused else "running"
+                self.cdir.write_state(self.state)
+                return messages.Ok()
+            case messages.UpdateResources():
+                self._check_container(msg.container_id)
+                return await sb.call(msg, messages.Ok)
+            case messages.Shutdown():
+                self.shutdown_requested.set()
+                return messages.Ok()
             case messages.ExecProcess():
                 self._check_running(msg.container_id)
                 return await self._exec(session, msg)
@@ -428,9 +474,16 @@ class Monitor:
         if self.state.status != "running":
             raise RemoteError("not_running", f"the container is {self.state.status}")
 
-    async def _attach(self, session: Session, stdio: messages.StdioSpec) -> messages.Message:
-        """Subscribe the client to the init process's output (and feed its stdin)."""
+    async def _attach(self, session: Session, msg: messages.Attach) -> messages.Message:
+        """Subscribe the client to the init process's output (and feed its stdin).
+
+        A ``bind`` client stands for the init process on the host (cocoon-runtime's
+        stand-in): if it goes away while the container lives, the container is killed.
+        """
         assert self.main is not None and self.sb is not None
+        stdio = msg.stdio
+        if msg.bind:
+            self._task(self._bound(session))
         for stream, chan in (("stdout", stdio.stdout), ("stderr", stdio.stderr)):
             if chan:
                 out = session.open_out(chan)
@@ -445,6 +498,17 @@ class Monitor:
                 await self.main.resize(stdio.rows, stdio.cols)
         self.attached.set()
         return messages.ProcessStarted(self.main.pid)
+
+    async def _bound(self, session: Session) -> None:
+        await session.done
+        if self.state.status in ("running", "paused", "created") and self.sb is not None:
+            log("the init's stand-in went away: killing the container")
+            with contextlib.suppress(CocoonError):
+                await self.sb.call(
+                    messages.SignalProcess(CONTAINER_ID, "", signal.SIGKILL, True), messages.Ok
+                )
+            if not self._started:
+                self.shutdown_requested.set()
 
     async def _exec(self, session: Session, msg: messages.ExecProcess) -> messages.Message:
         assert self.sb is not None

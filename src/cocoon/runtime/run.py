@@ -22,15 +22,17 @@ from typing import Any
 
 from cocoon.config import Config
 from cocoon.errors import CocoonError
+from cocoon.hypervisor.base import Disk
 from cocoon.images.manifest import ImageConfig
 from cocoon.oci.spec import default_spec, merge_env, parse_user, process_args
 from cocoon.runtime import volumes
 from cocoon.runtime.containers import ContainerConfig, ContainerDir, ContainerStore
 from cocoon.runtime.control import MonitorClient
 from cocoon.runtime.logs import DEFAULT_MAX_BYTES, DEFAULT_MAX_FILES
-from cocoon.runtime.monitor import LaunchPlan, spawn
+from cocoon.runtime.monitor import CONTAINER_ID, LaunchPlan, spawn
 from cocoon.runtime.stdio import attach, terminal_size
 from cocoon.runtime.volumes import VolumeSpec
+from cocoon.sandbox.sandbox import Sandbox
 
 #: Guest kernel + agent + page cache headroom added on top of --memory.
 VM_OVERHEAD_MIB = 128
@@ -105,6 +107,27 @@ def vm_size(cfg: Config, opts: RunOptions) -> tuple[int, int]:
     return vcpus, mem
 
 
+async def mount_rootfs(sb: Sandbox, serial: str, read_only: bool) -> str:
+    """The image's erofs, read-only, with a tmpfs-backed overlay unless --read-only.
+
+    The writable layer lives in guest memory (bounded by the VM), never on the host.
+    """
+    lower = f"/run/cocoon/images/{serial}"
+    await sb.mount("block", serial, lower, fstype="erofs", readonly=True)
+    if read_only:
+        return lower
+    base = f"/run/cocoon/c/{CONTAINER_ID}"
+    await sb.mount("tmpfs", "tmpfs", base, options=["size=50%", "mode=0700"])
+    rootfs = f"{base}/rootfs"
+    await sb.mount(
+        "overlay",
+        "overlay",
+        rootfs,
+        options=[f"lowerdir={lower}", f"upperdir={base}/upper", f"workdir={base}/work"],
+    )
+    return rootfs
+
+
 def describe(v: VolumeSpec) -> str:
     """One volume as inspect's HostConfig.Binds shows it."""
     text = f"{v.source}:{v.target}" if v.source else f"{v.kind}:{v.target}"
@@ -155,13 +178,22 @@ def start(
     """Fork the monitor; back once the container is created (attached run) or
     running (-d). A container that could not start is not kept."""
     rows, cols = terminal_size()
+    serial = "img-" + config.image_id.removeprefix("sha256:")[:16]
+
+    async def setup(sb: Sandbox) -> str:
+        rootfs = await mount_rootfs(sb, serial, config.read_only)
+        await volumes.apply(sb, vols)
+        return rootfs
+
     plan = LaunchPlan(
         cfg=cfg,
         cdir=cdir,
         config=config,
-        erofs=erofs,
-        volumes=vols,
-        attach=not opts.detach,
+        setup=setup,
+        disks=[Disk(serial, erofs)],
+        shares=vols.shares,
+        scratch=vols.scratch,
+        start="now" if opts.detach else "attach",
         rows=rows,
         cols=cols,
         log_max_bytes=opts.log_max_bytes,
