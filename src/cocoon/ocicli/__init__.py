@@ -1,0 +1,1 @@
+"""`cocoon-runtime`: the runc-compatible command line (one module per concern)."""

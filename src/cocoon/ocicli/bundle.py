@@ -1,0 +1,137 @@
+"""An OCI bundle (config.json + rootfs dir) turned into what one VM needs.
+
+The bundle is written for a host runtime; inside a VM some of it means
+something else, and this module is the one place that decides what:
+- the rootfs directory and every bind-mounted host path become virtio-fs (or
+  9p) shares, mounted in the guest and bound into the container from there
+  (a bind of a file shares its directory: podman binds /etc/hosts and friends);
+- namespace paths name host namespaces the guest cannot see: dropped, the
+  guest's crun makes fresh ones (the VM is the boundary; networking of a given
+  netns is plumbed to the VM's NIC by the network layer);
+- hooks name host binaries: run on the host by the runtime, never in the guest;
+- cgroup resources go to the guest's crun and also size the VM.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cocoon.errors import CocoonError
+from cocoon.hypervisor.base import Share
+from cocoon.sandbox.sandbox import Sandbox
+
+#: Guest kernel + agent headroom on top of the container's memory limit.
+VM_OVERHEAD_MIB = 128
+GUEST_BASE = "/run/cocoon/oci"
+#: Host paths the guest has its own of: a bind from these stays the guest's.
+GUEST_OWN = ("/dev", "/proc", "/sys")
+
+
+class BundleError(CocoonError):
+    exit_code = 1
+
+
+@dataclass
+class BundlePlan:
+    bundle: Path
+    spec: dict[str, Any]  # as the guest's crun gets it
+    original: dict[str, Any]  # as the caller wrote it (hooks, annotations, state)
+    shares: list[Share] = field(default_factory=list)
+    guest_mounts: list[tuple[str, str, bool]] = field(default_factory=list)  # tag, target, ro
+    rootfs_tag: str = "rootfs"
+    readonly_rootfs: bool = False
+    vcpus: int = 1
+    memory_mib: int = 0
+    terminal: bool = False
+
+    async def setup(self, sb: Sandbox, fs: str) -> str:
+        """Mount the shares in the guest; the container's rootfs path."""
+        kind = "9p" if fs == "9p" else "virtiofs"
+        for tag, target, ro in self.guest_mounts:
+            await sb.mount(kind, tag, target, readonly=ro)
+        return f"{GUEST_BASE}/rootfs"
+
+
+def load(bundle: Path) -> dict[str, Any]:
+    path = bundle / "config.json"
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise BundleError(f"cannot read {path}: {e.strerror}") from None
+    if len(raw) > 4 << 20:
+        raise BundleError(f"{path} is over 4 MiB")
+    try:
+        spec = json.loads(raw)
+    except ValueError as e:
+        raise BundleError(f"{path} is not JSON: {e}") from None
+    if not isinstance(spec, dict) or not isinstance(spec.get("process", {}), dict):
+        raise BundleError(f"{path}: not an OCI runtime spec")
+    return spec
+
+
+def plan(bundle: Path, spec: dict[str, Any], *, default_vcpus: int, default_mib: int) -> BundlePlan:
+    bundle = bundle.resolve()
+    guest = copy.deepcopy(spec)
+    root = guest.get("root") or {}
+    rootfs = Path(root.get("path", "rootfs"))
+    if not rootfs.is_absolute():
+        rootfs = bundle / rootfs
+    if not rootfs.is_dir():
+        raise BundleError(f"rootfs {rootfs} is not a directory")
+    ro_root = bool(root.get("readonly", False))
+    p = BundlePlan(bundle=bundle, spec=guest, original=spec, readonly_rootfs=ro_root)
+    p.terminal = bool(guest.get("process", {}).get("terminal", False))
+    p.shares.append(Share("rootfs", rootfs, readonly=ro_root))
+    p.guest_mounts.append(("rootfs", f"{GUEST_BASE}/rootfs", ro_root))
+
+    shared: dict[tuple[str, bool], str] = {}  # (host dir, ro) -> guest dir
+    for m in guest.get("mounts", []) or []:
+        if not isinstance(m, dict):
+            raise BundleError("mounts: every entry must be an object")
+        opts = m.get("options") or []
+        if m.get("type") != "bind" and "bind" not in opts and "rbind" not in opts:
+            continue
+        src = m.get("source", "")
+        if not isinstance(src, str) or not os.path.isabs(src):
+            raise BundleError(f"bind mount source {str(src)[:80]!r} must be an absolute path")
+        if any(src == d or src.startswith(d + "/") for d in GUEST_OWN):
+            continue
+        if not os.path.exists(src):
+            raise BundleError(f"bind mount source {src} does not exist")
+        ro = "ro" in opts
+        is_dir = os.path.isdir(src)
+        host_dir = src if is_dir else os.path.dirname(src)
+        key = (host_dir, ro)
+        if key not in shared:
+            n = len(shared)
+            tag = f"m{n}"
+            gdir = f"{GUEST_BASE}/m{n}"
+            p.shares.append(Share(tag, Path(host_dir), readonly=ro))
+            p.guest_mounts.append((tag, gdir, ro))
+            shared[key] = gdir
+        m["source"] = shared[key] if is_dir else f"{shared[key]}/{os.path.basename(src)}"
+        if "bind" not in opts and "rbind" not in opts:
+            m["options"] = [*opts, "rbind"]
+
+    linux = guest.setdefault("linux", {})
+    linux["namespaces"] = [
+        {"type": ns["type"]}
+        for ns in linux.get("namespaces", []) or []
+        if isinstance(ns, dict) and isinstance(ns.get("type"), str)
+    ]
+    guest.pop("hooks", None)
+    res = linux.get("resources") or {}
+    mem = (res.get("memory") or {}).get("limit") or 0
+    cpu = res.get("cpu") or {}
+    vcpus = default_vcpus
+    if cpu.get("quota") and cpu.get("period") and cpu["quota"] > 0:
+        vcpus = max(vcpus, min(64, math.ceil(cpu["quota"] / cpu["period"])))
+    p.vcpus = vcpus
+    p.memory_mib = max(default_mib, (int(mem) >> 20) + VM_OVERHEAD_MIB) if mem > 0 else 0
+    return p

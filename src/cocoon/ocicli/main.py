@@ -1,0 +1,661 @@
+"""`cocoon-runtime`: runc's command line, each container in its own VM.
+
+containerd's runc shim, conmon (podman) and docker drive it exactly as they
+drive runc. Errors are one line on stderr and, with --log, a runc-style
+``{"level","msg","time"}`` JSON line there (the shim shows the last one); the
+exit code is 1 as with runc.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from cocoon import __version__
+from cocoon.config import Config, load
+from cocoon.errors import CocoonError
+from cocoon.oci.spec import default_spec
+from cocoon.ocicli import bundle as bundles
+from cocoon.ocicli import standin
+from cocoon.ocicli.state import (
+    OCI_VERSION,
+    OciRecord,
+    RuntimeError_,
+    Store,
+    now_rfc3339,
+    oci_state,
+    record,
+    status,
+    write_standin,
+)
+from cocoon.protocol import messages
+from cocoon.runtime.containers import ContainerConfig, ContainerDir
+from cocoon.runtime.control import MonitorClient, NotRunning
+from cocoon.runtime.lifecycle import parse_signal
+from cocoon.runtime.monitor import CONTAINER_ID, LaunchPlan, spawn
+from cocoon.state import gc
+from cocoon.util.fs import atomic_write
+from cocoon.util.proc import alive
+
+DEFAULT_ROOT = "/run/cocoon-runtime"
+HOOK_TIMEOUT_S = 30.0
+
+
+class Ctx:
+    def __init__(self, root: str, log: str | None, log_format: str, debug: bool) -> None:
+        self.root = root
+        self.log = log
+        self.log_format = log_format
+        self.debug = debug
+        self._cfg: Config | None = None
+
+    @property
+    def cfg(self) -> Config:
+        if self._cfg is None:
+            self._cfg = load(None, overrides={"root_dir": self.root})
+        return self._cfg
+
+    @property
+    def store(self) -> Store:
+        return Store(self.cfg)
+
+    def log_line(self, level: str, msg: str) -> None:
+        if not self.log:
+            return
+        if self.log_format == "json":
+            line = json.dumps({"level": level, "msg": msg, "time": now_rfc3339()})
+        else:
+            line = f'time="{now_rfc3339()}" level={level} msg="{msg}"'
+        with contextlib.suppress(OSError), open(self.log, "a") as f:
+            f.write(line + "\n")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="cocoon-runtime")
+@click.option("--root", default=DEFAULT_ROOT, show_default=True, help="State dir.")
+@click.option("--log", default=None, help="Log file (runc's --log).")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text")
+@click.option("--debug", is_flag=True)
+@click.option("--systemd-cgroup", is_flag=True,
+              help="Accepted for compatibility: cgroups live inside each VM, where the "
+                   "guest's crun manages them; the host sees one VM process.")  # fmt: skip
+@click.option("--criu", default=None, hidden=True)
+@click.option("--rootless", default=None, hidden=True)
+@click.pass_context
+def cli(
+    ctx: click.Context,
+    root: str,
+    log: str | None,
+    log_format: str,
+    debug: bool,
+    systemd_cgroup: bool,
+    criu: str | None,
+    rootless: str | None,
+) -> None:
+    """A runc-compatible OCI runtime that runs every container in its own VM."""
+    ctx.obj = Ctx(os.path.abspath(root), log, log_format, debug)
+
+
+def _ctx() -> Ctx:
+    obj = click.get_current_context().obj
+    assert isinstance(obj, Ctx)
+    return obj
+
+
+def _client(d: ContainerDir) -> MonitorClient:
+    try:
+        return asyncio.run(MonitorClient.connect(d))
+    except NotRunning:
+        raise RuntimeError_(f"container {d.id} is not running") from None
+
+
+def _call(d: ContainerDir, msg: messages.Message, expect: type[messages.Message]) -> Any:
+    async def go() -> Any:
+        try:
+            client = await MonitorClient.connect(d)
+        except NotRunning:
+            raise RuntimeError_(f"container {d.id} is not running") from None
+        try:
+            return await client.call(msg, expect)
+        finally:
+            await client.close()
+
+    return asyncio.run(go())
+
+
+# -- hooks -------------------------------------------------------------------
+
+
+def run_hooks(d: ContainerDir, kind: str, *, strict: bool) -> None:
+    """The caller's hooks of one kind, on the host, with the OCI state on stdin."""
+    hooks = record(d).hooks.get(kind) or []
+    if not hooks:
+        return
+    state = json.dumps(oci_state(d)).encode()
+    for h in hooks:
+        path = h.get("path", "")
+        argv = h.get("args") or [path]
+        try:
+            subprocess.run(
+                argv,
+                executable=path,
+                input=state,
+                env=dict(e.split("=", 1) for e in h.get("env", []) if "=" in e),
+                timeout=h.get("timeout") or HOOK_TIMEOUT_S,
+                check=True,
+                capture_output=True,
+            )
+        except (OSError, subprocess.SubprocessError) as e:
+            msg = f"{kind} hook {path} failed: {e}"
+            if strict:
+                raise RuntimeError_(msg) from None
+            _ctx().log_line("warning", msg)
+
+
+# -- lifecycle verbs -----------------------------------------------------------
+
+
+@cli.command()
+@click.option("--bundle", "-b", default=".", help="Path to the bundle.")
+@click.option("--pid-file", default=None)
+@click.option("--console-socket", default=None)
+@click.option("--no-pivot", is_flag=True)
+@click.option("--no-new-keyring", is_flag=True)
+@click.option("--preserve-fds", type=int, default=0)
+@click.argument("container_id")
+def create(
+    bundle: str,
+    pid_file: str | None,
+    console_socket: str | None,
+    no_pivot: bool,
+    no_new_keyring: bool,
+    preserve_fds: int,
+    container_id: str,
+) -> None:
+    """Create a container (its VM boots; the process waits for `start`)."""
+    do_create(container_id, Path(bundle), pid_file, console_socket)
+
+
+def do_create(cid: str, bundle: Path, pid_file: str | None, console_socket: str | None) -> int:
+    c = _ctx()
+    cfg = c.cfg
+    spec = bundles.load(bundle)
+    p = bundles.plan(
+        bundle, spec, default_vcpus=cfg.hypervisor.vcpus, default_mib=cfg.hypervisor.memory_mib
+    )
+    if p.terminal and not console_socket:
+        raise RuntimeError_("process.terminal is true: --console-socket is required")
+    proc = p.spec.get("process") or {}
+    res = (p.spec.get("linux") or {}).get("resources") or {}
+    config = ContainerConfig(
+        id=cid,
+        name=cid,
+        image="",
+        image_id="",
+        command=list(proc.get("args") or []),
+        spec=p.spec,
+        tty=p.terminal,
+        stdin=True,
+        read_only=p.readonly_rootfs,
+        memory_bytes=int((res.get("memory") or {}).get("limit") or 0),
+        vcpus=p.vcpus,
+        vm_memory_mib=p.memory_mib,
+    )
+    annotations = {
+        str(k): str(v) for k, v in (spec.get("annotations") or {}).items() if isinstance(k, str)
+    }
+    rec = OciRecord(str(p.bundle), now_rfc3339(), annotations, spec.get("hooks") or {})
+    d = c.store.create(config, rec)
+    fs = cfg.hypervisor.shared_fs
+
+    async def setup(sb: Any) -> str:
+        return await p.setup(sb, fs)
+
+    plan = LaunchPlan(
+        cfg=cfg,
+        cdir=d,
+        config=config,
+        setup=setup,
+        shares=p.shares,
+        start="request",
+        log_max_bytes=0,
+        annotations={"cocoon.oci.bundle": str(p.bundle)},
+    )
+    try:
+        spawn(plan)
+        pid = standin.spawn(d, process=None, console_socket=console_socket, tty=p.terminal)
+        write_standin(d, pid)
+        if pid_file:
+            atomic_write(Path(pid_file).absolute(), str(pid).encode(), durable=False)
+        run_hooks(d, "createRuntime", strict=True)
+        run_hooks(d, "prestart", strict=True)
+    except BaseException:
+        _destroy(d)
+        raise
+    return pid
+
+
+@cli.command()
+@click.argument("container_id")
+def start(container_id: str) -> None:
+    """Start a created container's process."""
+    d = _ctx().store.get(container_id)
+    if status(d) != "created":
+        raise RuntimeError_(f"cannot start a container that is {status(d)}")
+    _call(d, messages.StartContainer(CONTAINER_ID), messages.Ok)
+    run_hooks(d, "poststart", strict=False)
+
+
+@cli.command("state")
+@click.argument("container_id")
+def state_cmd(container_id: str) -> None:
+    """The container's OCI state as JSON."""
+    click.echo(json.dumps(oci_state(_ctx().store.get(container_id)), indent=2))
+
+
+@cli.command()
+@click.option("--all", "-a", "all_processes", is_flag=True, help="Every process, not just init.")
+@click.argument("container_id")
+@click.argument("sig", default="SIGTERM")
+def kill(all_processes: bool, container_id: str, sig: str) -> None:
+    """Send a signal to the container's init (or every process with --all)."""
+    d = _ctx().store.get(container_id)
+    num = parse_signal(sig)
+    if status(d) not in ("created", "running", "paused"):
+        raise RuntimeError_("container not running")
+    _call(d, messages.SignalProcess(CONTAINER_ID, "", num, all_processes), messages.Ok)
+
+
+def _destroy(d: ContainerDir) -> None:
+    """Kill whatever still runs, reap the VM, drop the state: works after any crash."""
+    if d.life.held():
+        with contextlib.suppress(CocoonError, OSError):
+            _call(d, messages.Shutdown(), messages.Ok)
+        if not d.life.wait_released(30.0):
+            pid = d.state().monitor_pid
+            if pid and alive(pid, None):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            d.life.wait_released(5.0)
+    with contextlib.suppress(CocoonError):
+        gc.reap(_ctx().cfg.root, only=d.config().sandbox_id)
+    _ctx().store.remove(d)
+
+
+@cli.command()
+@click.option("--force", "-f", is_flag=True, help="Kill it first if it runs.")
+@click.argument("container_id")
+def delete(force: bool, container_id: str) -> None:
+    """Delete a container (its VM and state)."""
+    try:
+        d = _ctx().store.get(container_id)
+    except RuntimeError_:
+        if force:
+            return
+        raise
+    s = status(d)
+    if s in ("running", "paused") and not force:
+        raise RuntimeError_(f"cannot delete container {container_id} that is not stopped: {s}")
+    rec_hooks = bool(record(d).hooks.get("poststop"))
+    if rec_hooks:
+        with contextlib.suppress(CocoonError):
+            run_hooks(d, "poststop", strict=False)
+    _destroy(d)
+
+
+@cli.command()
+@click.option("--bundle", "-b", default=".")
+@click.option("--pid-file", default=None)
+@click.option("--console-socket", default=None)
+@click.option("--detach", "-d", is_flag=True)
+@click.option("--no-pivot", is_flag=True)
+@click.option("--no-new-keyring", is_flag=True)
+@click.option("--preserve-fds", type=int, default=0)
+@click.argument("container_id")
+def run(
+    bundle: str,
+    pid_file: str | None,
+    console_socket: str | None,
+    detach: bool,
+    no_pivot: bool,
+    no_new_keyring: bool,
+    preserve_fds: int,
+    container_id: str,
+) -> None:
+    """create + start (+ wait and delete unless --detach)."""
+    pid = do_create(container_id, Path(bundle), pid_file, console_socket)
+    d = _ctx().store.get(container_id)
+    _call(d, messages.StartContainer(CONTAINER_ID), messages.Ok)
+    run_hooks(d, "poststart", strict=False)
+    if detach:
+        return
+    code = _wait_child(pid)
+    with contextlib.suppress(CocoonError):
+        _destroy(d)
+    sys.exit(code)
+
+
+def _wait_child(pid: int) -> int:
+    """Our stand-in's status the shell's way (128+N for signal N)."""
+    while True:
+        try:
+            _, st = os.waitpid(pid, 0)
+            break
+        except InterruptedError:
+            continue
+        except ChildProcessError:
+            return 0
+    return os.waitstatus_to_exitcode(st) if os.WIFEXITED(st) else 128 + os.WTERMSIG(st)
+
+
+@cli.command("exec", context_settings={"allow_interspersed_args": False})
+@click.option("--process", "-p", "process_file", default=None, help="process.json")
+@click.option("--console-socket", default=None)
+@click.option("--tty", "-t", is_flag=True)
+@click.option("--detach", "-d", is_flag=True)
+@click.option("--pid-file", default=None)
+@click.option("--cwd", default=None)
+@click.option("--env", "-e", "envs", multiple=True)
+@click.option("--user", "-u", default=None, metavar="UID[:GID]")
+@click.option("--additional-gids", "-g", multiple=True, type=int)
+@click.option("--no-new-privs", is_flag=True)
+@click.option("--cap", "-c", "caps", multiple=True)
+@click.option("--preserve-fds", type=int, default=0)
+@click.option("--process-label", default=None)
+@click.option("--apparmor", default=None)
+@click.option("--ignore-paused", is_flag=True)
+@click.argument("container_id")
+@click.argument("command", nargs=-1)
+def exec_cmd(
+    process_file: str | None,
+    console_socket: str | None,
+    tty: bool,
+    detach: bool,
+    pid_file: str | None,
+    cwd: str | None,
+    envs: tuple[str, ...],
+    user: str | None,
+    additional_gids: tuple[int, ...],
+    no_new_privs: bool,
+    caps: tuple[str, ...],
+    preserve_fds: int,
+    process_label: str | None,
+    apparmor: str | None,
+    ignore_paused: bool,
+    container_id: str,
+    command: tuple[str, ...],
+) -> None:
+    """Run a further process in a running container."""
+    d = _ctx().store.get(container_id)
+    if status(d) != "running":
+        raise RuntimeError_(f"cannot exec in a container that is {status(d)}")
+    if process_file:
+        try:
+            process = json.loads(Path(process_file).read_text())
+        except (OSError, ValueError) as e:
+            raise RuntimeError_(f"cannot read process {process_file}: {e}") from None
+        if not isinstance(process, dict):
+            raise RuntimeError_("process must be a JSON object")
+    else:
+        if not command:
+            raise RuntimeError_("exec needs --process or a command")
+        base = d.config().spec.get("process") or {}
+        process = {
+            "args": list(command),
+            "env": list(base.get("env") or []) + list(envs),
+            "cwd": cwd or base.get("cwd", "/"),
+            "user": dict(base.get("user") or {"uid": 0, "gid": 0}),
+            "terminal": tty,
+            "capabilities": base.get("capabilities") or {},
+            "noNewPrivileges": no_new_privs or base.get("noNewPrivileges", False),
+        }
+        if user:
+            uid, _, gid = user.partition(":")
+            process["user"] = {"uid": int(uid), "gid": int(gid or 0)}
+        if additional_gids:
+            process["user"]["additionalGids"] = list(additional_gids)
+        if caps:
+            for k in ("bounding", "effective", "permitted"):
+                process["capabilities"].setdefault(k, [])
+                process["capabilities"][k] += list(caps)
+    terminal = bool(process.get("terminal", False))
+    if terminal and not console_socket:
+        raise RuntimeError_("process.terminal is true: --console-socket is required")
+    pid = standin.spawn(d, process=process, console_socket=console_socket, tty=terminal)
+    if pid_file:
+        atomic_write(Path(pid_file).absolute(), str(pid).encode(), durable=False)
+    if detach:
+        return
+    sys.exit(_wait_child(pid))
+
+
+@cli.command()
+@click.argument("container_id")
+def pause(container_id: str) -> None:
+    """Freeze every process of the container."""
+    d = _ctx().store.get(container_id)
+    if status(d) != "running":
+        raise RuntimeError_(f"cannot pause a container that is {status(d)}")
+    _call(d, messages.PauseContainer(CONTAINER_ID), messages.Ok)
+
+
+@cli.command()
+@click.argument("container_id")
+def resume(container_id: str) -> None:
+    """Thaw a paused container."""
+    d = _ctx().store.get(container_id)
+    if status(d) != "paused":
+        raise RuntimeError_(f"cannot resume a container that is {status(d)}")
+    _call(d, messages.ResumeContainer(CONTAINER_ID), messages.Ok)
+
+
+@cli.command()
+@click.option("--resources", "-r", default=None, help="linux.resources JSON file, - for stdin")
+@click.option("--memory", default=None, type=int)
+@click.option("--cpu-quota", default=None, type=int)
+@click.option("--cpu-period", default=None, type=int)
+@click.option("--pids-limit", default=None, type=int)
+@click.argument("container_id")
+def update(
+    resources: str | None,
+    memory: int | None,
+    cpu_quota: int | None,
+    cpu_period: int | None,
+    pids_limit: int | None,
+    container_id: str,
+) -> None:
+    """New cgroup limits for a running container (applied in its guest)."""
+    d = _ctx().store.get(container_id)
+    res: dict[str, Any] = {}
+    if resources:
+        text = sys.stdin.read() if resources == "-" else Path(resources).read_text()
+        try:
+            res = json.loads(text)
+        except ValueError as e:
+            raise RuntimeError_(f"resources are not JSON: {e}") from None
+    if memory is not None:
+        res.setdefault("memory", {})["limit"] = memory
+    if cpu_quota is not None:
+        res.setdefault("cpu", {})["quota"] = cpu_quota
+    if cpu_period is not None:
+        res.setdefault("cpu", {})["period"] = cpu_period
+    if pids_limit is not None:
+        res.setdefault("pids", {})["limit"] = pids_limit
+    _call(d, messages.UpdateResources(CONTAINER_ID, json.dumps(res)), messages.Ok)
+
+
+@cli.command()
+@click.option("--format", "-f", "fmt", type=click.Choice(["table", "json"]), default="table")
+@click.argument("container_id")
+@click.argument("ps_args", nargs=-1)
+def ps(fmt: str, container_id: str, ps_args: tuple[str, ...]) -> None:
+    """The container's processes: host pids (json) or the guest's table."""
+    d = _ctx().store.get(container_id)
+    if fmt == "json":
+        pid = oci_state(d)["pid"]
+        click.echo(json.dumps([pid] if pid else []))
+        return
+    procs = _call(d, messages.Top(CONTAINER_ID), messages.TopReply).processes
+    click.echo("PID   USER     TIME  COMMAND")
+    for p in procs:
+        click.echo(f"{p.pid:<5} {p.user:<8} {p.cpu_ms // 1000:>4}s {p.command}")
+
+
+def _stats_event(d: ContainerDir) -> dict[str, Any]:
+    st = _call(d, messages.Stats(CONTAINER_ID), messages.StatsReply)
+    return {
+        "type": "stats",
+        "id": d.id,
+        "data": {
+            "cpu": {"usage": {"total": st.cpu_usage_us * 1000}},
+            "memory": {"usage": {"usage": st.memory_bytes, "limit": st.memory_limit_bytes}},
+            "pids": {"current": st.pids},
+            "blkio": {
+                "ioServiceBytesRecursive": [
+                    {"op": "Read", "value": st.io_read_bytes},
+                    {"op": "Write", "value": st.io_write_bytes},
+                ]
+            },
+            "network_interfaces": [
+                {"name": n.name, "rx_bytes": n.rx_bytes, "tx_bytes": n.tx_bytes} for n in st.net
+            ],
+        },
+    }
+
+
+@cli.command()
+@click.option("--stats", is_flag=True, help="One stats event, then exit.")
+@click.option("--interval", default="5s", help="Time between stats events.")
+@click.argument("container_id")
+def events(stats: bool, interval: str, container_id: str) -> None:
+    """Stats events as JSON lines, read from the guest."""
+    d = _ctx().store.get(container_id)
+    secs = float(interval.rstrip("s")) if interval.rstrip("s") else 5.0
+    if stats:
+        click.echo(json.dumps(_stats_event(d)))
+        return
+    while status(d) in ("running", "paused", "created"):
+        with contextlib.suppress(RuntimeError_, CocoonError):
+            click.echo(json.dumps(_stats_event(d)), nl=True)
+            sys.stdout.flush()
+        time.sleep(secs)
+
+
+@cli.command("list")
+@click.option("--format", "-f", "fmt", type=click.Choice(["table", "json"]), default="table")
+@click.option("--quiet", "-q", is_flag=True)
+def list_cmd(fmt: str, quiet: bool) -> None:
+    """Every container this runtime knows."""
+    store = _ctx().store
+    rows = []
+    for cid in store.ids():
+        with contextlib.suppress(CocoonError):
+            d = store.dir(cid)
+            st = oci_state(d)
+            rows.append({**st, "created": record(d).created, "owner": "root"})
+    if quiet:
+        for r in rows:
+            click.echo(r["id"])
+    elif fmt == "json":
+        click.echo(json.dumps(rows))
+    else:
+        click.echo(f"{'ID':<20} {'PID':<8} {'STATUS':<10} {'BUNDLE':<40} CREATED")
+        for r in rows:
+            click.echo(
+                f"{r['id']:<20} {r['pid']:<8} {r['status']:<10} {r['bundle']:<40} {r['created']}"
+            )
+
+
+@cli.command("spec")
+@click.option("--bundle", "-b", default=".")
+@click.option("--rootless", is_flag=True)
+def spec_cmd(bundle: str, rootless: bool) -> None:
+    """Write a starting config.json (busybox sh on a terminal, like runc's)."""
+    path = Path(bundle) / "config.json"
+    if path.exists():
+        raise RuntimeError_(f"{path} exists: remove it first")
+    spec = default_spec(["sh"], terminal=True, hostname="cocoon")
+    spec["ociVersion"] = OCI_VERSION
+    path.write_text(json.dumps(spec, indent=2) + "\n")
+
+
+@cli.command()
+def features() -> None:
+    """What this runtime supports (runtime-spec features.md)."""
+    click.echo(
+        json.dumps(
+            {
+                "ociVersionMin": "1.0.0",
+                "ociVersionMax": OCI_VERSION,
+                "hooks": [
+                    "prestart",
+                    "createRuntime",
+                    "createContainer",
+                    "startContainer",
+                    "poststart",
+                    "poststop",
+                ],  # fmt: skip
+                "mountOptions": ["ro", "rw", "bind", "rbind", "nosuid", "nodev", "noexec"],
+                "linux": {
+                    "namespaces": ["cgroup", "ipc", "mount", "network", "pid", "uts", "user"],
+                    "cgroup": {"v1": False, "v2": True, "systemd": False},
+                    "seccomp": {"enabled": True},
+                },
+                "annotations": {
+                    "io.cocoon.runtime": "every container in its own VM",
+                    "org.opencontainers.runc.version": "compatible CLI",
+                },
+            },
+            indent=2,
+        )
+    )
+
+
+@cli.command(context_settings={"ignore_unknown_options": True})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def checkpoint(args: tuple[str, ...]) -> None:
+    """Not supported (VM snapshots are not wired to checkpoint/restore yet)."""
+    raise RuntimeError_("checkpoint is not supported by cocoon-runtime")
+
+
+@cli.command(context_settings={"ignore_unknown_options": True})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def restore(args: tuple[str, ...]) -> None:
+    """Not supported (VM snapshots are not wired to checkpoint/restore yet)."""
+    raise RuntimeError_("restore is not supported by cocoon-runtime")
+
+
+def main() -> None:
+    log, fmt = None, "text"
+    argv = sys.argv[1:]
+    for i, a in enumerate(argv):  # for errors raised before click parsed them
+        if a == "--log" and i + 1 < len(argv):
+            log = argv[i + 1]
+        elif a.startswith("--log="):
+            log = a.split("=", 1)[1]
+        elif a == "--log-format" and i + 1 < len(argv):
+            fmt = argv[i + 1]
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(1 if e.exit_code != 2 else 2)
+    except CocoonError as e:
+        msg = str(e)
+        Ctx("", log, fmt, False).log_line("error", msg)
+        click.echo(f"cocoon-runtime: {msg}", err=True)
+        sys.exit(1)
+    except click.exceptions.Abort:
+        sys.exit(130)
