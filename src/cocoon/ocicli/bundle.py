@@ -87,8 +87,11 @@ def plan(bundle: Path, spec: dict[str, Any], *, default_vcpus: int, default_mib:
     ro_root = bool(root.get("readonly", False))
     p = BundlePlan(bundle=bundle, spec=guest, original=spec, readonly_rootfs=ro_root)
     p.terminal = bool(guest.get("process", {}).get("terminal", False))
-    p.shares.append(Share("rootfs", rootfs, readonly=ro_root))
-    p.guest_mounts.append(("rootfs", f"{GUEST_BASE}/rootfs", ro_root))
+    # Shared read-write even for root.readonly: like runc, the guest's crun makes
+    # the mount points the spec needs (podman binds /etc/hosts) and only then
+    # remounts the root read-only. The rootfs is the container's own layer.
+    p.shares.append(Share("rootfs", rootfs, readonly=False))
+    p.guest_mounts.append(("rootfs", f"{GUEST_BASE}/rootfs", False))
 
     shared: dict[tuple[str, bool], str] = {}  # (host dir, ro) -> guest dir
     for m in guest.get("mounts", []) or []:

@@ -1,0 +1,64 @@
+"""podman --runtime cocoon-runtime: the runc contract as conmon expects it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.compat.conftest import DEFAULT_ROOT, IMAGE, Podman, assert_clean
+
+pytestmark = [pytest.mark.vm, pytest.mark.timeout(300)]
+
+NET = "--network=none"
+
+
+@pytest.fixture(autouse=True)
+def clean() -> Iterator[None]:
+    yield
+    assert_clean(DEFAULT_ROOT)
+
+
+def test_run_echo_exit_codes_env_workdir_user(podman: Podman) -> None:
+    r = podman("run", "--rm", NET, IMAGE, "echo", "hi")
+    assert (r.returncode, r.stdout) == (0, b"hi\n"), r.stderr
+    assert podman("run", "--rm", NET, IMAGE, "sh", "-c", "exit 3").returncode == 3
+    r = podman("run", "--rm", NET, "-e", "FOO=bar", "-w", "/tmp", "-u", "65534:65534", IMAGE,
+               "sh", "-c", "echo $FOO $(pwd) $(id -u):$(id -g)")  # fmt: skip
+    assert r.stdout == b"bar /tmp 65534:65534\n", r.stderr
+    r = podman("run", "--rm", NET, "-i", IMAGE, "sh", "-c", "tr a-z A-Z", input=b"stdin\n")
+    assert r.stdout == b"STDIN\n", r.stderr
+
+
+def test_read_only_rootfs_and_a_volume(podman: Podman, tmp_path: Path) -> None:
+    r = podman("run", "--rm", NET, "--read-only", IMAGE, "touch", "/x")
+    assert r.returncode == 1 and b"Read-only file system" in r.stderr
+    (tmp_path / "in").write_text("from host\n")
+    r = podman("run", "--rm", NET, "-v", f"{tmp_path}:/data", IMAGE,
+               "sh", "-c", "cat /data/in; echo from container > /data/out")  # fmt: skip
+    assert r.stdout == b"from host\n", r.stderr
+    assert (tmp_path / "out").read_text() == "from container\n"
+    r = podman("run", "--rm", NET, "-v", f"{tmp_path}:/data:ro", IMAGE, "touch", "/data/x")
+    assert r.returncode == 1 and not (tmp_path / "x").exists()
+
+
+def test_detached_logs_exec_pause_stop_rm(podman: Podman) -> None:
+    script = "trap 'echo bye; exit 0' TERM; while true; do echo tick; sleep 0.3; done"
+    r = podman("run", "-d", "--name", "web", NET, IMAGE, "sh", "-c", script)
+    assert r.returncode == 0, r.stderr
+    try:
+        r = podman("exec", "web", "sh", "-c", "echo exec $((2+3)); exit 4")
+        assert (r.returncode, r.stdout) == (4, b"exec 5\n"), r.stderr
+        assert podman("pause", "web").returncode == 0
+        st = podman("inspect", "--format", "{{.State.Status}}", "web").stdout.strip()
+        assert st == b"paused"
+        assert podman("unpause", "web").returncode == 0
+        r = podman("stop", "-t", "5", "web")
+        assert r.returncode == 0, r.stderr
+        logs = podman("logs", "web").stdout
+        assert b"tick\n" in logs and logs.endswith(b"bye\n")
+        code = podman("inspect", "--format", "{{.State.ExitCode}}", "web").stdout.strip()
+        assert code == b"0"
+    finally:
+        assert podman("rm", "-f", "web").returncode == 0
