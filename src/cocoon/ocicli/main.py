@@ -237,8 +237,11 @@ def do_create(cid: str, bundle: Path, pid_file: str | None, console_socket: str 
         write_standin(d, pid)
         if pid_file:
             atomic_write(Path(pid_file).absolute(), str(pid).encode(), durable=False)
-        run_hooks(d, "createRuntime", strict=True)
+        # All on the host: a hook names a host binary, and the guest has none of
+        # them. createContainer runs here too, not in the container's namespaces.
         run_hooks(d, "prestart", strict=True)
+        run_hooks(d, "createRuntime", strict=True)
+        run_hooks(d, "createContainer", strict=True)
     except BaseException:
         _destroy(d)
         raise
@@ -252,6 +255,7 @@ def start(container_id: str) -> None:
     d = _ctx().store.get(container_id)
     if status(d) != "created":
         raise RuntimeError_(f"cannot start a container that is {status(d)}")
+    run_hooks(d, "startContainer", strict=True)
     _call(d, messages.StartContainer(CONTAINER_ID), messages.Ok)
     run_hooks(d, "poststart", strict=False)
 
