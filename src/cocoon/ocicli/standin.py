@@ -162,7 +162,9 @@ async def _main(
     if exited.signal:
         sig = exited.signal
         with contextlib.suppress(OSError, ValueError):
-            signal.signal(sig, signal.SIG_DFL)
+            if sig not in (signal.SIGKILL, signal.SIGSTOP):  # those have no handler to reset
+                asyncio.get_running_loop().remove_signal_handler(sig)
+                signal.signal(sig, signal.SIG_DFL)
             signal.pthread_sigmask(signal.SIG_UNBLOCK, [sig])
             sys.stdout.flush()
             os.kill(os.getpid(), sig)

@@ -1,0 +1,182 @@
+"""`cocoon-runtime` driven directly, the way a shim does: state transitions,
+the stand-in process contract, hooks, errors. Real VMs."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cocoon.config import Config
+from cocoon.oci.spec import default_spec
+from cocoon.state import gc
+
+pytestmark = [pytest.mark.vm, pytest.mark.timeout(300)]
+
+PR_SET_CHILD_SUBREAPER = 36
+
+
+@pytest.fixture(scope="module", autouse=True)
+def subreaper() -> Iterator[None]:
+    """We reap stand-ins as containerd's shim and conmon do."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    yield
+    libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+
+
+@pytest.fixture()
+def rt(cfg: Config) -> Iterator[list[str]]:
+    root = cfg.root / "oci-rt"
+    argv = [shutil.which("cocoon-runtime") or "cocoon-runtime", "--root", str(root)]
+    yield argv
+    ids = subprocess.run([*argv, "list", "-q"], capture_output=True, text=True).stdout.split()
+    for cid in ids:
+        subprocess.run([*argv, "delete", "--force", cid], capture_output=True)
+    left = gc.processes_naming(root)
+    gc.reap(root, force=True)
+    assert not ids and not left, f"left behind: {ids} {left}"
+
+
+def make_bundle(tmp: Path, rootfs: Path, args: list[str], **extra: Any) -> Path:
+    b = tmp / "bundle"
+    shutil.copytree(rootfs, b / "rootfs", symlinks=True)
+    (b / "rootfs").chmod(0o755)
+    spec = default_spec(args, env=["PATH=/bin"])
+    spec.update(extra)
+    (b / "config.json").write_text(json.dumps(spec))
+    return b
+
+
+def state(rt: list[str], cid: str) -> dict[str, Any]:
+    r = subprocess.run([*rt, "state", cid], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)  # type: ignore[no-any-return]
+
+
+def reap(pid: int, timeout_s: float = 60) -> int:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        got, st = os.waitpid(pid, os.WNOHANG)
+        if got:
+            return st
+        assert time.monotonic() < deadline, "the stand-in never exited"
+        time.sleep(0.05)
+
+
+def test_lifecycle_states_hooks_and_stand_in(
+    cfg: Config, rootfs: Path, rt: list[str], tmp_path: Path
+) -> None:
+    log = tmp_path / "hooks.log"
+    hook = {"path": "/bin/sh", "args": ["sh", "-c", f"cat >> {log}; echo >> {log}"]}
+    b = make_bundle(
+        tmp_path, rootfs, ["sh", "-c", "echo out; echo err >&2; read x; exit $x"],
+        hooks={"prestart": [hook], "poststart": [hook], "poststop": [hook]},
+        annotations={"org.example/k": "v"},
+    )  # fmt: skip
+    out, err = tmp_path / "out", tmp_path / "err"
+    with open(out, "wb") as o, open(err, "wb") as e:
+        r = subprocess.run(
+            [*rt, "create", "--bundle", str(b), "--pid-file", str(tmp_path / "pid"), "c1"],
+            stdout=o, stderr=e, input=b"7\n",
+        )  # fmt: skip
+    assert r.returncode == 0, err.read_text()
+    pid = int((tmp_path / "pid").read_text())
+    st = state(rt, "c1")
+    assert st["status"] == "created" and st["pid"] == pid and st["bundle"] == str(b)
+    assert st["annotations"] == {"org.example/k": "v"} and st["ociVersion"]
+    assert json.loads(log.read_text().splitlines()[0])["status"] == "created"
+    assert subprocess.run([*rt, "start", "c1"]).returncode == 0
+    # the stand-in holds the stdio create was given and exits with the code
+    assert os.waitstatus_to_exitcode(reap(pid)) == 7
+    assert out.read_bytes() == b"out\n" and err.read_bytes() == b"err\n"
+    deadline = time.monotonic() + 30
+    while state(rt, "c1")["status"] != "stopped":
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    again = subprocess.run([*rt, "start", "c1"], capture_output=True, text=True)
+    assert again.returncode == 1 and again.stderr.count("\n") == 1
+    assert subprocess.run([*rt, "delete", "c1"]).returncode == 0
+    statuses = [json.loads(x)["status"] for x in log.read_text().splitlines() if x.strip()]
+    assert statuses == ["created", "running", "stopped"]
+    gone = subprocess.run([*rt, "state", "c1"], capture_output=True, text=True)
+    assert gone.returncode == 1 and "does not exist" in gone.stderr
+
+
+def test_signals_kill_and_stand_in_death(
+    cfg: Config, rootfs: Path, rt: list[str], tmp_path: Path
+) -> None:
+    loop = "trap 'exit 9' USR1; echo ready; while true; do sleep 0.1; done"
+    b = make_bundle(tmp_path, rootfs, ["sh", "-c", loop])
+    pidf = tmp_path / "pid"
+    for cid in ("s1", "s2"):
+        out = tmp_path / f"{cid}.out"
+        with open(out, "wb") as o:
+            cp = subprocess.run([*rt, "create", "--bundle", str(b), "--pid-file", str(pidf), cid],
+                                stdin=subprocess.DEVNULL, stdout=o)  # fmt: skip
+        assert cp.returncode == 0
+        pid = int(pidf.read_text())
+        assert subprocess.run([*rt, "start", cid]).returncode == 0
+        deadline = time.monotonic() + 30
+        while out.read_bytes() != b"ready\n":  # the trap is set
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        if cid == "s1":
+            # a signal sent to the stand-in reaches the container's process
+            os.kill(pid, signal.SIGUSR1)
+            assert os.waitstatus_to_exitcode(reap(pid)) == 9
+        else:
+            # SIGKILL of the stand-in kills what it stood for
+            os.kill(pid, signal.SIGKILL)
+            reap(pid)
+            deadline = time.monotonic() + 30
+            while state(rt, cid)["status"] != "stopped":
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+        r = subprocess.run([*rt, "kill", cid, "KILL"], capture_output=True, text=True)
+        assert r.returncode == 1 and "not running" in r.stderr
+        assert subprocess.run([*rt, "delete", cid]).returncode == 0
+
+
+def test_kill_by_runtime_dies_by_signal(
+    cfg: Config, rootfs: Path, rt: list[str], tmp_path: Path
+) -> None:
+    b = make_bundle(tmp_path, rootfs, ["sleep", "100"])
+    pidf = tmp_path / "pid"
+    subprocess.run([*rt, "create", "--bundle", str(b), "--pid-file", str(pidf), "k1"],
+                   stdin=subprocess.DEVNULL, check=True)  # fmt: skip
+    pid = int(pidf.read_text())
+    subprocess.run([*rt, "start", "k1"], check=True)
+    r = subprocess.run([*rt, "delete", "k1"], capture_output=True, text=True)
+    assert r.returncode == 1 and "not stopped" in r.stderr
+    subprocess.run([*rt, "kill", "k1", "KILL"], check=True)
+    st = reap(pid)
+    assert os.WIFSIGNALED(st) and os.WTERMSIG(st) == signal.SIGKILL
+    subprocess.run([*rt, "delete", "k1"], check=True)
+
+
+def test_errors_are_one_line_and_logged(rt: list[str], tmp_path: Path) -> None:
+    log = tmp_path / "rt.log"
+    r = subprocess.run([*rt, "--log", str(log), "--log-format", "json", "create",
+                        "--bundle", str(tmp_path), "e1"],
+                       capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "config.json" in r.stderr
+    entry = json.loads(log.read_text().splitlines()[-1])
+    assert entry["level"] == "error" and "config.json" in entry["msg"] and entry["time"]
+    r = subprocess.run([*rt, "start", "nosuch"], capture_output=True, text=True)
+    assert r.returncode == 1 and "does not exist" in r.stderr
+    feats = json.loads(subprocess.run([*rt, "features"], capture_output=True, text=True).stdout)
+    assert feats["ociVersionMax"].startswith("1.")
+    r = subprocess.run([*rt, "checkpoint", "x"], capture_output=True, text=True)
+    assert r.returncode == 1 and "not supported" in r.stderr
+    assert subprocess.run([*rt, "spec", "--bundle", str(tmp_path)]).returncode == 0
+    assert json.loads((tmp_path / "config.json").read_text())["process"]["args"] == ["sh"]
