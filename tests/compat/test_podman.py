@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
+import pty
+import select
+import struct
+import subprocess
+import termios
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -62,3 +70,36 @@ def test_detached_logs_exec_pause_stop_rm(podman: Podman) -> None:
         assert code == b"0"
     finally:
         assert podman("rm", "-f", "web").returncode == 0
+
+
+def test_interactive_tty(podman: Podman) -> None:
+    """podman run -it from a terminal: conmon gets our pty master over
+    --console-socket; size, input and output pass through the stand-in."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 33, 101, 0, 0))
+    p = subprocess.Popen(
+        [*podman.argv, "run", "--rm", "-it", NET, IMAGE, "sh", "-c",
+         "tty; stty size; read x; echo got $x; exit 3"],
+        stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
+    )  # fmt: skip
+    os.close(slave)
+    buf = b""
+    sent = False
+    deadline = time.monotonic() + 60
+    try:
+        while b"got hello" not in buf and time.monotonic() < deadline:
+            if select.select([master], [], [], 0.5)[0]:
+                try:
+                    buf += os.read(master, 4096)
+                except OSError:
+                    break
+            if b"101" in buf and not sent:
+                os.write(master, b"hello\r")
+                sent = True
+        assert p.wait(timeout=60) == 3
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        os.close(master)
+    assert b"/dev/pts/0\r\n33 101\r\n" in buf and b"got hello\r\n" in buf, buf

@@ -25,6 +25,7 @@ import socket
 import struct
 import sys
 import termios
+import tty as tty_mod
 import time
 from typing import Any
 
@@ -120,11 +121,16 @@ async def _main(
         if console_socket:
             send_console(console_socket, master)
         os.close(master)
+        # Raw: the guest's pty does the line discipline, ours must pass bytes as
+        # they are (no second \r, no local echo, no line buffering).
+        tty_mod.setraw(slave)
         # The slave becomes our controlling tty: its size changes reach us as SIGWINCH.
-        with contextlib.suppress(OSError):
+        try:
             if os.getsid(0) != os.getpid():
                 os.setsid()
             fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
+        except OSError as e:
+            print(f"cocoon-runtime stand-in: no controlling tty, no resizes: {e}", file=sys.stderr)
     os.write(ready_fd, f"ready {proc.pid}\n".encode())
     os.close(ready_fd)
 

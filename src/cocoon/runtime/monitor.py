@@ -454,8 +454,14 @@ class Monitor:
                 if proc is not None:
                     sb.release(proc)
                 return reply
-            case messages.SignalProcess() | messages.ResizeTty():
-                self._check_running(msg.container_id)
+            case messages.ResizeTty():
+                # before the start too: a terminal gets its size between create and start
+                self._check_container(msg.container_id)
+                return await sb.call(msg, messages.Ok)
+            case messages.SignalProcess():
+                self._check_container(msg.container_id)
+                if self.state.status not in ("created", "running", "paused"):
+                    raise RemoteError("not_running", f"the container is {self.state.status}")
                 return await sb.call(msg, messages.Ok)
             case messages.Stats():
                 self._check_running(msg.container_id)
