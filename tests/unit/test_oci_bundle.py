@@ -1,0 +1,92 @@
+"""What an OCI bundle becomes for a VM: shares, rewritten mounts, namespaces, size."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cocoon.oci.spec import default_spec
+from cocoon.ocicli import bundle
+
+
+def make(tmp_path: Path, **extra: object) -> tuple[Path, dict]:  # type: ignore[type-arg]
+    (tmp_path / "rootfs").mkdir(parents=True)
+    spec = default_spec(["true"])
+    spec.update(extra)
+    (tmp_path / "config.json").write_text(json.dumps(spec))
+    return tmp_path, bundle.load(tmp_path)
+
+
+def test_rootfs_and_binds_become_shares(tmp_path: Path) -> None:
+    host = tmp_path / "host"
+    host.mkdir()
+    (host / "hosts").write_text("x")
+    (host / "resolv.conf").write_text("y")
+    data = tmp_path / "data"
+    data.mkdir()
+    b, spec = make(tmp_path / "b", mounts=[
+        {"destination": "/proc", "type": "proc", "source": "proc"},
+        {"destination": "/etc/hosts", "type": "bind", "source": str(host / "hosts"),
+         "options": ["rbind", "ro"]},
+        {"destination": "/etc/resolv.conf", "type": "bind", "source": str(host / "resolv.conf"),
+         "options": ["rbind", "ro"]},
+        {"destination": "/data", "source": str(data), "options": ["bind", "rw"]},
+        {"destination": "/dev/null", "type": "bind", "source": "/dev/null", "options": ["bind"]},
+    ])  # fmt: skip
+    p = bundle.plan(b, spec, default_vcpus=1, default_mib=256)
+    tags = {s.tag: (s.path, s.readonly) for s in p.shares}
+    # the rootfs is shared read-write (crun makes mount points, then remounts ro)
+    assert tags["rootfs"] == ((b / "rootfs").resolve(), False)
+    # two files of one dir share that dir once, read-only; the rw dir on its own
+    assert sorted(v for v in tags.values() if v[0] != (b / "rootfs").resolve()) == sorted(
+        [(host, True), (data, False)]
+    )
+    mounts = {m["destination"]: m for m in p.spec["mounts"]}
+    assert mounts["/etc/hosts"]["source"].startswith(bundle.GUEST_BASE + "/m")
+    assert mounts["/etc/hosts"]["source"].endswith("/hosts")
+    assert (
+        mounts["/etc/hosts"]["source"].rsplit("/", 1)[0]
+        == (mounts["/etc/resolv.conf"]["source"].rsplit("/", 1)[0])
+    )
+    assert mounts["/dev/null"]["source"] == "/dev/null"  # the guest's own
+    assert mounts["/proc"] == {"destination": "/proc", "type": "proc", "source": "proc"}
+    # the caller's spec is left as it was
+    assert spec["mounts"][1]["source"] == str(host / "hosts")
+
+
+def test_namespace_paths_and_hooks_stay_on_the_host(tmp_path: Path) -> None:
+    b, spec = make(tmp_path, hooks={"prestart": [{"path": "/bin/true"}]})
+    spec["linux"]["namespaces"] = [
+        {"type": "network", "path": "/run/netns/x"}, {"type": "pid"},
+    ]  # fmt: skip
+    p = bundle.plan(b, spec, default_vcpus=1, default_mib=256)
+    assert p.spec["linux"]["namespaces"] == [{"type": "network"}, {"type": "pid"}]
+    assert "hooks" not in p.spec and "hooks" in p.original
+
+
+def test_resources_size_the_vm(tmp_path: Path) -> None:
+    b, spec = make(tmp_path)
+    spec["linux"]["resources"] = {
+        "memory": {"limit": 512 << 20}, "cpu": {"quota": 250000, "period": 100000},
+    }  # fmt: skip
+    p = bundle.plan(b, spec, default_vcpus=1, default_mib=256)
+    assert (p.vcpus, p.memory_mib) == (3, 512 + bundle.VM_OVERHEAD_MIB)
+    p = bundle.plan(b, bundle.load(b), default_vcpus=1, default_mib=256)
+    assert (p.vcpus, p.memory_mib) == (1, 0)
+
+
+def test_bad_bundles_say_why(tmp_path: Path) -> None:
+    with pytest.raises(bundle.BundleError, match="config.json"):
+        bundle.load(tmp_path)
+    (tmp_path / "config.json").write_text("{nope")
+    with pytest.raises(bundle.BundleError, match="not JSON"):
+        bundle.load(tmp_path)
+    b, spec = make(tmp_path / "x", mounts=[{"destination": "/d", "type": "bind",
+                                            "source": "/no/such/dir"}])  # fmt: skip
+    with pytest.raises(bundle.BundleError, match="does not exist"):
+        bundle.plan(b, spec, default_vcpus=1, default_mib=256)
+    (b / "rootfs").rmdir()
+    with pytest.raises(bundle.BundleError, match="rootfs"):
+        bundle.plan(b, spec, default_vcpus=1, default_mib=256)
