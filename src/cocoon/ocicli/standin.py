@@ -25,8 +25,8 @@ import socket
 import struct
 import sys
 import termios
-import tty as tty_mod
 import time
+import tty as tty_mod
 from typing import Any
 
 from cocoon.errors import CocoonError

@@ -355,6 +355,25 @@ class ProcessList(Message):
 
 
 @message
+class AddContainer(Message):
+    """Host-only (cocoon-runtime -> a pod's monitor): create a further container
+    in the pod's running VM. ``record_dir`` is its record on the host (the
+    monitor writes its state there); ``rootfs`` a guest path. Never sent to the agent."""
+
+    TYPE = "add_container"
+    record_dir: str
+    container_id: str
+    rootfs: str
+    tty: bool
+
+    def check(self) -> None:
+        check_id(self.container_id, "container id")
+        _check_guest_path(self.rootfs, "rootfs")
+        if not self.record_dir.startswith("/") or len(self.record_dir) > 4096:
+            raise ValueError("record_dir must be an absolute path")
+
+
+@message
 class PauseContainer(Message):
     """Freeze every process of the container (its cgroup), as `runc pause`."""
 

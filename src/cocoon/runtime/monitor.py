@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import select
 import shutil
 import signal
@@ -144,31 +145,48 @@ def log(msg: str) -> None:
     print(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {msg}", file=sys.stderr)
 
 
+class Member:
+    """One container of the sandbox, as its monitor tracks it: the first is the
+    one the monitor was started for; a pod's further containers join later.
+    Each has its own record dir (state.json, life lock) and control socket."""
+
+    def __init__(
+        self, cdir: ContainerDir, config: ContainerConfig, guest_id: str, log: CriLogWriter | None
+    ) -> None:
+        self.cdir = cdir
+        self.config = config
+        self.guest_id = guest_id
+        self.state = ContainerState(monitor_pid=os.getpid())
+        self.proc: Process | None = None
+        self.subscribers: dict[str, list[OutStream]] = {"stdout": [], "stderr": []}
+        self.attached = asyncio.Event()
+        self.exited: asyncio.Future[messages.ProcessExited] = (
+            asyncio.get_running_loop().create_future()
+        )
+        self.started = False
+        self.pumps: list[asyncio.Task[None]] = []
+        self.log = log
+        self.server: asyncio.AbstractServer | None = None
+        self.shutdown_requested = asyncio.Event()
+
+    def write_state(self) -> None:
+        with contextlib.suppress(OSError):
+            self.cdir.write_state(self.state)
+
+
 class Monitor:
     def __init__(self, plan: LaunchPlan, ready_fd: int) -> None:
         self.plan = plan
-        self.cdir = plan.cdir
-        self.config = plan.config
         self.ready_fd = ready_fd
-        self.state = ContainerState(monitor_pid=os.getpid())
         self.sb: Sandbox | None = None
-        self.main: Process | None = None
-        self.subscribers: dict[str, list[OutStream]] = {"stdout": [], "stderr": []}
-        self.attached = asyncio.Event()
-        self.exited: asyncio.Future[messages.ProcessExited] | None = None
-        self.execs: dict[str, Process] = {}
+        self.members: dict[str, Member] = {}
+        self.execs: dict[tuple[str, str], Process] = {}
         self.clients: set[Session] = set()
         self.tasks: set[asyncio.Task[Any]] = set()
-        self.log = (
-            CriLogWriter(
-                self.cdir.log_path, max_bytes=plan.log_max_bytes, max_files=plan.log_max_files
-            )
-            if plan.log_max_bytes
-            else None
-        )
-        self._started = False
-        self._pumps: list[asyncio.Task[None]] = []
-        self.shutdown_requested = asyncio.Event()
+
+    @property
+    def main(self) -> Member:
+        return self.members[CONTAINER_ID]
 
     def _ready(self, line: str) -> None:
         if self.ready_fd < 0:
@@ -185,27 +203,31 @@ class Monitor:
         return t
 
     async def run(self) -> int:
-        self.exited = asyncio.get_running_loop().create_future()
-        if not self.cdir.life.take():
-            self._ready(f"error container {self.config.id[:12]} already has a monitor")
+        plan = self.plan
+        log_writer = (
+            CriLogWriter(
+                plan.cdir.log_path, max_bytes=plan.log_max_bytes, max_files=plan.log_max_files
+            )
+            if plan.log_max_bytes
+            else None
+        )
+        m = Member(plan.cdir, plan.config, CONTAINER_ID, log_writer)
+        self.members[CONTAINER_ID] = m
+        if not m.cdir.life.take():
+            self._ready(f"error container {m.config.id[:12]} already has a monitor")
             return 1
-        self.state.status = "created"
-        self.cdir.write_state(self.state)
-        server = None
+        m.write_state()
         try:
             await self._create()
-            self.cdir.ctl_socket.parent.mkdir(mode=0o700, exist_ok=True)
-            server = await asyncio.start_unix_server(
-                self._serve_client, path=str(self.cdir.ctl_socket), limit=1 << 21
-            )
-            if self.plan.start == "attach":
+            await self._serve(m)
+            if plan.start == "attach":
                 self._ready("ready")
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(ATTACH_WAIT_S):
-                        await self.attached.wait()
-                await self._start()
-            elif self.plan.start == "now":
-                await self._start()
+                        await m.attached.wait()
+                await self._start(m)
+            elif plan.start == "now":
+                await self._start(m)
                 self._ready("ready")
             else:
                 self._ready("ready")  # `start` comes as a request, whenever it comes
@@ -217,31 +239,43 @@ class Monitor:
             log(traceback.format_exc())
             await self._fail_start("internal error in the container monitor (see monitor.log)")
             raise
-        await self._supervise()
-        if server is not None:
-            server.close()
-        with contextlib.suppress(FileNotFoundError):
-            self.cdir.ctl_socket.unlink()
-        self.cdir.life.release()
+        await self._supervise(m)
         return 0
+
+    async def _serve(self, m: Member) -> None:
+        m.cdir.ctl_socket.parent.mkdir(mode=0o700, exist_ok=True)
+
+        async def serve(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            await self._serve_client(m, r, w)
+
+        m.server = await asyncio.start_unix_server(
+            serve, path=str(m.cdir.ctl_socket), limit=1 << 21
+        )
+
+    def _close(self, m: Member) -> None:
+        """Stop serving a member and let go of its life lock: it is not running."""
+        if m.server is not None:
+            m.server.close()
+            m.server = None
+        with contextlib.suppress(FileNotFoundError):
+            m.cdir.ctl_socket.unlink()
+        m.cdir.life.release()
 
     async def _fail_start(self, reason: str) -> None:
         """Nothing is kept of a container that never started; an attached
         client already waiting hears the reason instead of a dropped line."""
         self._ready(f"error {reason}")
-        assert self.exited is not None
-        if not self.exited.done():
-            self.exited.set_exception(RemoteError("start_failed", reason))
-            self.exited.exception()  # retrieved here; clients get it via shield
+        m = self.main
+        if not m.exited.done():
+            m.exited.set_exception(RemoteError("start_failed", reason))
+            m.exited.exception()  # retrieved here; clients get it via shield
         await self._teardown()
-        if self.log is not None:
+        if m.log is not None:
             with contextlib.suppress(OSError):
-                self.log.close()
-        with contextlib.suppress(FileNotFoundError):
-            self.cdir.ctl_socket.unlink()
-        shutil.rmtree(self.cdir.path, ignore_errors=True)
+                m.log.close()
+        shutil.rmtree(m.cdir.path, ignore_errors=True)
         await self._let_clients_go()
-        self.cdir.life.release()
+        self._close(m)
 
     async def _let_clients_go(self) -> None:
         deadline = time.monotonic() + CLIENT_GRACE_S
@@ -251,7 +285,8 @@ class Monitor:
             s.close("the container exited")
 
     async def _create(self) -> None:
-        c, cfg = self.config, self.plan.cfg
+        m, cfg = self.main, self.plan.cfg
+        c = m.config
         self.sb = await Sandbox.create(
             cfg,
             sandbox_id=c.sandbox_id,
@@ -266,10 +301,10 @@ class Monitor:
                 **self.plan.annotations,
             },
         )
-        self.state.boot_s = self.sb.boot_s or 0.0
-        self.state.accel = self.sb.state.accel
+        m.state.boot_s = self.sb.boot_s or 0.0
+        m.state.accel = self.sb.state.accel
         rootfs = await self.plan.setup(self.sb)
-        self.main = await self.sb.create_container(
+        m.proc = await self.sb.create_container(
             CONTAINER_ID,
             rootfs,
             c.spec,
@@ -278,66 +313,97 @@ class Monitor:
             rows=self.plan.rows,
             cols=self.plan.cols,
         )
-        self.state.pid = self.main.pid
-        self.cdir.write_state(self.state)
+        m.state.pid = m.proc.pid
+        m.write_state()
 
-    async def _start(self) -> None:
-        assert self.sb is not None and self.main is not None
-        if self.state.status != "created" or self._started:
-            raise RemoteError("not_created", f"the container is {self.state.status}")
-        self._started = True
+    async def _add(self, msg: messages.AddContainer) -> messages.Message:
+        """A pod's further container, created in this VM (Baidu's "start the pod
+        first, insert the container later"); it gets its own control socket."""
+        assert self.sb is not None
+        main_dir = self.main.cdir
+        cid = Path(msg.record_dir).name
+        if Path(msg.record_dir) != main_dir.path.parent / cid or msg.container_id in self.members:
+            raise RemoteError("invalid", "not a container of this runtime, or taken")
+        cdir = ContainerDir(main_dir.path.parent, cid, re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$"))
+        config = cdir.config()
+        m = Member(cdir, config, msg.container_id, None)
+        if not cdir.life.take():
+            raise RemoteError("exists", f"container {cid} already has a monitor")
+        try:
+            m.proc = await self.sb.create_container(
+                msg.container_id, msg.rootfs, config.spec, stdin=True, tty=msg.tty
+            )
+        except BaseException:
+            cdir.life.release()
+            raise
+        m.state.pid = m.proc.pid
+        m.state.accel = self.main.state.accel
+        m.write_state()
+        self.members[msg.container_id] = m
+        await self._serve(m)
+        self._task(self._supervise(m))
+        return messages.Ok()
+
+    async def _start(self, m: Member) -> None:
+        assert self.sb is not None and m.proc is not None
+        if m.state.status != "created" or m.started:
+            raise RemoteError("not_created", f"the container is {m.state.status}")
+        m.started = True
         # Output is pumped from before the start: nothing the process prints is lost.
-        self._pumps = [
-            self._task(self._pump("stdout", self.main)),
-            self._task(self._pump("stderr", self.main)),
+        m.pumps = [
+            self._task(self._pump(m, "stdout")),
+            self._task(self._pump(m, "stderr")),
         ]
-        await self.sb.start_container(CONTAINER_ID)
-        self.state.status = "running"
-        self.state.started_at = time.time()
-        self.cdir.write_state(self.state)
+        await self.sb.start_container(m.guest_id)
+        m.state.status = "running"
+        m.state.started_at = time.time()
+        m.write_state()
 
-    async def _pump(self, stream: str, proc: Process) -> None:
+    async def _pump(self, m: Member, stream: str) -> None:
         """Agent -> log -> attached clients, in that order, with backpressure."""
-        src = proc.stdout if stream == "stdout" else proc.stderr
+        assert m.proc is not None
+        src = m.proc.stdout if stream == "stdout" else m.proc.stderr
         if src is None:
             return
         try:
             while data := await src.read():
-                if self.log is not None:
-                    self.log.write(stream, data)
-                for sub in list(self.subscribers[stream]):
+                if m.log is not None:
+                    m.log.write(stream, data)
+                for sub in list(m.subscribers[stream]):
                     try:
                         async with asyncio.timeout(SUBSCRIBER_STALL_S):
                             await sub.write(data)
                     except Exception:  # gone or stuck: it loses its copy, the log has it
-                        self.subscribers[stream].remove(sub)
+                        m.subscribers[stream].remove(sub)
         except ConnectionError as e:  # the guest went away: what we have is logged
             log(f"{stream} cut off: {e}")
         finally:
-            if self.log is not None:
-                self.log.end(stream)
-            if self.sb is not None and src is not None and self.sb.channel is not None:
+            if m.log is not None:
+                m.log.end(stream)
+            if self.sb is not None and self.sb.channel is not None:
                 self.sb.channel.session.close_in(src.chan)
-            for sub in self.subscribers[stream]:
+            for sub in m.subscribers[stream]:
                 with contextlib.suppress(Exception):
                     await sub.close()
-            self.subscribers[stream] = []
+            m.subscribers[stream] = []
 
-    async def _supervise(self) -> None:
-        """Wait for the init process, record how it ended, tear down, answer waiters."""
-        assert self.sb is not None and self.main is not None and self.exited is not None
-        c = self.config
+    async def _supervise(self, m: Member) -> None:
+        """Wait for a member's init, record how it ended, answer its waiters. The
+        first member's end is the sandbox's: every other member ends with it."""
+        assert self.sb is not None and m.proc is not None
+        c = m.config
+        is_main = m.guest_id == CONTAINER_ID
         result: messages.ProcessExited | None = None
         error = ""
         try:
-            waiter = asyncio.ensure_future(self.main.wait())
-            stop = asyncio.ensure_future(self.shutdown_requested.wait())
+            waiter = asyncio.ensure_future(m.proc.wait())
+            stop = asyncio.ensure_future(m.shutdown_requested.wait())
             await asyncio.wait([waiter, stop], return_when=asyncio.FIRST_COMPLETED)
             if not waiter.done():
                 # deleted before it exited (e.g. created but never started): end it
                 with contextlib.suppress(CocoonError):
                     await self.sb.call(
-                        messages.SignalProcess(CONTAINER_ID, "", signal.SIGKILL, True),
+                        messages.SignalProcess(m.guest_id, "", signal.SIGKILL, True),
                         messages.Ok,
                     )
                 with contextlib.suppress(TimeoutError):
@@ -348,55 +414,72 @@ class Monitor:
             if result is None:
                 waiter.cancel()
                 error = "deleted before it exited"
-            await asyncio.gather(*self._pumps, return_exceptions=True)
+            await asyncio.gather(*m.pumps, return_exceptions=True)
         except (GuestError, SandboxError) as e:
             error = str(e)
             log(f"container {c.id[:12]} lost its VM: {error}")
-        self.state.status = "exited"
-        self.state.finished_at = time.time()
+        m.state.status = "exited"
+        m.state.finished_at = time.time()
         if result is not None:
-            self.state.exit_code = result.exit_code
-            self.state.oom_killed = result.oom_killed
+            m.state.exit_code = result.exit_code
+            m.state.oom_killed = result.oom_killed
         else:
-            self.state.exit_code = 137
-            self.state.error = error or "the VM exited"
-        self.cdir.write_state(self.state)  # `stop` watches for this
-        if self.log is not None:
-            self.log.close()
+            m.state.exit_code = 137
+            m.state.error = error or "the VM exited"
+        m.write_state()  # `stop` watches for this
+        if m.log is not None:
+            m.log.close()
+        if not is_main:
+            with contextlib.suppress(CocoonError):
+                await self.sb.call(messages.DeleteContainer(m.guest_id), messages.Ok)
+            self._answer(m, result)
+            self._close(m)
+            self.members.pop(m.guest_id, None)
+            return
+        for other in list(self.members.values()):
+            if other is not m:
+                other.shutdown_requested.set()
         await self._teardown()
-        self.cdir.write_state(self.state)
-        if result is not None:
-            self.exited.set_result(result)
-        else:
-            self.exited.set_exception(RemoteError("vm_exited", self.state.error))
-            self.exited.exception()
+        m.write_state()
+        self._answer(m, result)
         if c.auto_remove:
-            shutil.rmtree(self.cdir.path, ignore_errors=True)
+            shutil.rmtree(m.cdir.path, ignore_errors=True)
         # Clients collect the exit (a `cocoon run` waiting on it), then we go.
         await self._let_clients_go()
+        for other in list(self.members.values()):
+            self._close(other)
+
+    def _answer(self, m: Member, result: messages.ProcessExited | None) -> None:
+        if m.exited.done():
+            return
+        if result is not None:
+            m.exited.set_result(result)
+        else:
+            m.exited.set_exception(RemoteError("vm_exited", m.state.error))
+            m.exited.exception()
 
     async def _teardown(self) -> None:
         if self.sb is not None:
             with contextlib.suppress(Exception):
                 await self.sb.destroy()
 
-    # -- the control socket -------------------------------------------------
+    # -- the control sockets ------------------------------------------------
 
     async def _serve_client(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self, m: Member, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         # The session must exist before its handler can name it: a one-slot holder.
         holder: list[Session] = []
 
         async def handler(msg: messages.Message) -> messages.Message:
             try:
-                return await self._dispatch(holder[0], msg)
+                return await self._dispatch(m, holder[0], msg)
             except (AgentError, GuestError, SandboxError) as e:
-                if self.state.status == "exited" or (self.exited and self.exited.done()):
+                if m.state.status == "exited" or m.exited.done():
                     # raced with the container's own exit and the VM's teardown
                     raise RemoteError("not_running", "the container has exited") from None
                 raise RemoteError("failed", str(e)) from None
-            except (ValueError, KeyError) as e:
+            except (ValueError, KeyError, CocoonError) as e:
                 raise RemoteError("invalid", str(e)[:300]) from None
 
         # The peer is another root cocoon command, but a confused one must not
@@ -411,121 +494,129 @@ class Monitor:
             with contextlib.suppress(Exception):
                 writer.close()
 
-    async def _dispatch(self, session: Session, msg: messages.Message) -> messages.Message:
-        sb, main = self.sb, self.main
-        if sb is None or main is None:
+    async def _dispatch(
+        self, m: Member, session: Session, msg: messages.Message
+    ) -> messages.Message:
+        """Requests name the container "main": the socket they came on says which."""
+        sb = self.sb
+        if sb is None or m.proc is None:
             raise RemoteError("not_running", "the container is not running")
+        cid = getattr(msg, "container_id", CONTAINER_ID)
+        if not isinstance(msg, messages.AddContainer) and cid != CONTAINER_ID:
+            raise RemoteError("not_found", f"no container {str(cid)[:40]!r} on this socket")
+        gid = m.guest_id
         match msg:
             case messages.Hello():
                 return messages.HelloReply(messages.PROTOCOL_VERSION, "monitor", "")
             case messages.Ping():
                 return messages.Ok()
             case messages.Attach():
-                return await self._attach(session, msg)
+                return await self._attach(m, session, msg)
+            case messages.AddContainer():
+                if m.guest_id != CONTAINER_ID:
+                    raise RemoteError("invalid", "add containers through the pod's sandbox")
+                return await self._add(msg)
             case messages.StartContainer():
-                self._check_container(msg.container_id)
-                await self._start()
+                await self._start(m)
                 return messages.Ok()
             case messages.PauseContainer() | messages.ResumeContainer():
-                self._check_container(msg.container_id)
                 paused = isinstance(msg, messages.PauseContainer)
-                if self.state.status != ("running" if paused else "paused"):
-                    raise RemoteError("not_running", f"the container is {self.state.status}")
-                await sb.call(msg, messages.Ok)
-                self.state.status = "paused" if paused else "running"
-                self.cdir.write_state(self.state)
+                if m.state.status != ("running" if paused else "paused"):
+                    raise RemoteError("not_running", f"the container is {m.state.status}")
+                await sb.call(type(msg)(gid), messages.Ok)
+                m.state.status = "paused" if paused else "running"
+                m.write_state()
                 return messages.Ok()
             case messages.UpdateResources():
-                self._check_container(msg.container_id)
-                return await sb.call(msg, messages.Ok)
+                return await sb.call(messages.UpdateResources(gid, msg.resources_json), messages.Ok)
             case messages.Shutdown():
-                self.shutdown_requested.set()
+                m.shutdown_requested.set()
                 return messages.Ok()
             case messages.ExecProcess():
-                self._check_running(msg.container_id)
-                return await self._exec(session, msg)
+                self._check_running(m)
+                return await self._exec(m, session, msg)
             case messages.WaitProcess(exec_id=""):
-                assert self.exited is not None
-                return await asyncio.shield(self.exited)
+                return await asyncio.shield(m.exited)
             case messages.WaitProcess():
-                self._check_container(msg.container_id)
-                reply: messages.Message = await sb.call(msg, messages.ProcessExited, timeout_s=None)
-                proc = self.execs.pop(msg.exec_id, None)
+                reply: messages.Message = await sb.call(
+                    messages.WaitProcess(gid, msg.exec_id), messages.ProcessExited, timeout_s=None
+                )
+                proc = self.execs.pop((gid, msg.exec_id), None)
                 if proc is not None:
                     sb.release(proc)
                 return reply
             case messages.ResizeTty():
                 # before the start too: a terminal gets its size between create and start
-                self._check_container(msg.container_id)
-                return await sb.call(msg, messages.Ok)
+                return await sb.call(
+                    messages.ResizeTty(gid, msg.exec_id, msg.rows, msg.cols), messages.Ok
+                )
             case messages.SignalProcess():
-                self._check_container(msg.container_id)
-                if self.state.status not in ("created", "running", "paused"):
-                    raise RemoteError("not_running", f"the container is {self.state.status}")
-                return await sb.call(msg, messages.Ok)
+                if m.state.status not in ("created", "running", "paused"):
+                    raise RemoteError("not_running", f"the container is {m.state.status}")
+                return await sb.call(
+                    messages.SignalProcess(gid, msg.exec_id, msg.signal, msg.all), messages.Ok
+                )
             case messages.Stats():
-                self._check_running(msg.container_id)
-                return await sb.call(msg, messages.StatsReply)
+                self._check_running(m)
+                return await sb.call(messages.Stats(gid), messages.StatsReply)
             case messages.Top():
-                self._check_running(msg.container_id)
-                return await sb.call(msg, messages.TopReply)
+                self._check_running(m)
+                return await sb.call(messages.Top(gid), messages.TopReply)
         raise RemoteError("unsupported", f"the monitor does not serve {msg.TYPE}")
 
-    def _check_container(self, cid: str) -> None:
-        if cid != CONTAINER_ID:
-            raise RemoteError("not_found", f"no container {cid[:40]!r} in this sandbox")
+    def _check_running(self, m: Member) -> None:
+        if m.state.status != "running":
+            raise RemoteError("not_running", f"the container is {m.state.status}")
 
-    def _check_running(self, cid: str) -> None:
-        self._check_container(cid)
-        if self.state.status != "running":
-            raise RemoteError("not_running", f"the container is {self.state.status}")
-
-    async def _attach(self, session: Session, msg: messages.Attach) -> messages.Message:
+    async def _attach(self, m: Member, session: Session, msg: messages.Attach) -> messages.Message:
         """Subscribe the client to the init process's output (and feed its stdin).
 
         A ``bind`` client stands for the init process on the host (cocoon-runtime's
         stand-in): if it goes away while the container lives, the container is killed.
         """
-        assert self.main is not None and self.sb is not None
+        assert m.proc is not None and self.sb is not None
         stdio = msg.stdio
         if msg.bind:
-            self._task(self._bound(session))
+            self._task(self._bound(m, session))
         for stream, chan in (("stdout", stdio.stdout), ("stderr", stdio.stderr)):
             if chan:
                 out = session.open_out(chan)
-                if self.exited is not None and self.exited.done():
+                if m.exited.done():
                     await out.close()  # nothing more will come
                 else:
-                    self.subscribers[stream].append(out)
-        if stdio.stdin and self.main.stdin is not None:
-            self._task(self._feed(session, stdio.stdin, self.main))
-        if self.config.tty and stdio.rows and stdio.cols:
+                    m.subscribers[stream].append(out)
+        if stdio.stdin and m.proc.stdin is not None:
+            self._task(self._feed(session, stdio.stdin, m.proc))
+        if m.config.tty and stdio.rows and stdio.cols:
             with contextlib.suppress(CocoonError):
-                await self.main.resize(stdio.rows, stdio.cols)
-        self.attached.set()
-        return messages.ProcessStarted(self.main.pid)
+                await m.proc.resize(stdio.rows, stdio.cols)
+        m.attached.set()
+        return messages.ProcessStarted(m.proc.pid)
 
-    async def _bound(self, session: Session) -> None:
+    async def _bound(self, m: Member, session: Session) -> None:
         await session.done
-        if self.state.status in ("running", "paused", "created") and self.sb is not None:
-            log("the init's stand-in went away: killing the container")
+        if m.state.status in ("running", "paused", "created") and self.sb is not None:
+            log(f"the stand-in of {m.config.id[:12]} went away: killing the container")
             with contextlib.suppress(CocoonError):
                 await self.sb.call(
-                    messages.SignalProcess(CONTAINER_ID, "", signal.SIGKILL, True), messages.Ok
+                    messages.SignalProcess(m.guest_id, "", signal.SIGKILL, True), messages.Ok
                 )
-            if not self._started:
-                self.shutdown_requested.set()
+            if not m.started:
+                m.shutdown_requested.set()
 
-    async def _exec(self, session: Session, msg: messages.ExecProcess) -> messages.Message:
+    async def _exec(
+        self, m: Member, session: Session, msg: messages.ExecProcess
+    ) -> messages.Message:
         assert self.sb is not None
-        if msg.exec_id in self.execs:
+        key = (m.guest_id, msg.exec_id)
+        if key in self.execs:
             raise RemoteError("exists", f"exec id {msg.exec_id} is taken")
         process = json.loads(msg.process_json)
         if not isinstance(process, dict):
             raise ValueError("process must be a JSON object")
         st = msg.stdio
         proc = await self.sb.exec(
-            CONTAINER_ID,
+            m.guest_id,
             msg.exec_id,
             process,
             stdin=bool(st.stdin),
@@ -533,7 +624,7 @@ class Monitor:
             rows=st.rows or 24,
             cols=st.cols or 80,
         )
-        self.execs[msg.exec_id] = proc
+        self.execs[key] = proc
         for src, chan in ((proc.stdout, st.stdout), (proc.stderr, st.stderr)):
             if src is None:
                 continue
