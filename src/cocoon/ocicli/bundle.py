@@ -18,6 +18,7 @@ import copy
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,8 @@ from cocoon.sandbox.sandbox import Sandbox
 #: Guest kernel + agent headroom on top of the container's memory limit.
 VM_OVERHEAD_MIB = 128
 GUEST_BASE = "/run/cocoon/oci"
+#: Where a pod's shared dir appears in its VM (its members' rootfs and binds).
+POD_GUEST = "/run/cocoon/pod"
 #: Host paths the guest has its own of: a bind from these stays the guest's.
 GUEST_OWN = ("/dev", "/proc", "/sys")
 
@@ -94,6 +97,27 @@ def plan(bundle: Path, spec: dict[str, Any], *, default_vcpus: int, default_mib:
     p.guest_mounts.append(("rootfs", f"{GUEST_BASE}/rootfs", False))
 
     shared: dict[tuple[str, bool], str] = {}  # (host dir, ro) -> guest dir
+
+    def expose(src: str, is_dir: bool, ro: bool) -> str:
+        host_dir = src if is_dir else os.path.dirname(src)
+        key = (host_dir, ro)
+        if key not in shared:
+            n = len(shared)
+            tag = f"m{n}"
+            gdir = f"{GUEST_BASE}/m{n}"
+            p.shares.append(Share(tag, Path(host_dir), readonly=ro))
+            p.guest_mounts.append((tag, gdir, ro))
+            shared[key] = gdir
+        return shared[key] if is_dir else f"{shared[key]}/{os.path.basename(src)}"
+
+    rewrite_binds(guest, expose)
+    finish(guest, p, default_vcpus, default_mib)
+    return p
+
+
+def rewrite_binds(guest: dict[str, Any], expose: Callable[[str, bool, bool], str]) -> None:
+    """Point every bind mount of a host path at where ``expose`` makes it
+    appear in the guest (the guest's own /dev, /proc, /sys stay)."""
     for m in guest.get("mounts", []) or []:
         if not isinstance(m, dict):
             raise BundleError("mounts: every entry must be an object")
@@ -107,21 +131,13 @@ def plan(bundle: Path, spec: dict[str, Any], *, default_vcpus: int, default_mib:
             continue
         if not os.path.exists(src):
             raise BundleError(f"bind mount source {src} does not exist")
-        ro = "ro" in opts
-        is_dir = os.path.isdir(src)
-        host_dir = src if is_dir else os.path.dirname(src)
-        key = (host_dir, ro)
-        if key not in shared:
-            n = len(shared)
-            tag = f"m{n}"
-            gdir = f"{GUEST_BASE}/m{n}"
-            p.shares.append(Share(tag, Path(host_dir), readonly=ro))
-            p.guest_mounts.append((tag, gdir, ro))
-            shared[key] = gdir
-        m["source"] = shared[key] if is_dir else f"{shared[key]}/{os.path.basename(src)}"
+        m["source"] = expose(src, os.path.isdir(src), "ro" in opts)
         if "bind" not in opts and "rbind" not in opts:
             m["options"] = [*opts, "rbind"]
 
+
+def finish(guest: dict[str, Any], p: BundlePlan, default_vcpus: int, default_mib: int) -> None:
+    """What every plan shares: namespaces, hooks, VM size."""
     linux = guest.setdefault("linux", {})
     linux["namespaces"] = [
         {"type": ns["type"]}
@@ -137,4 +153,37 @@ def plan(bundle: Path, spec: dict[str, Any], *, default_vcpus: int, default_mib:
         vcpus = max(vcpus, min(64, math.ceil(cpu["quota"] / cpu["period"])))
     p.vcpus = vcpus
     p.memory_mib = max(default_mib, (int(mem) >> 20) + VM_OVERHEAD_MIB) if mem > 0 else 0
-    return p
+
+
+@dataclass
+class MemberPlan:
+    """A pod member: its rootfs and binds are bind-mounted on the host under
+    the pod's shared dir (which propagates into the running VM's virtio-fs)."""
+
+    plan: BundlePlan
+    binds: list[tuple[str, Path, bool]]  # host source, host target, read-only
+    rootfs_guest: str
+
+
+def plan_member(bundle: Path, spec: dict[str, Any], pod_dir: Path, key: str) -> MemberPlan:
+    bundle = bundle.resolve()
+    guest = copy.deepcopy(spec)
+    root = guest.get("root") or {}
+    rootfs = Path(root.get("path", "rootfs"))
+    if not rootfs.is_absolute():
+        rootfs = bundle / rootfs
+    if not rootfs.is_dir():
+        raise BundleError(f"rootfs {rootfs} is not a directory")
+    p = BundlePlan(bundle=bundle, spec=guest, original=spec)
+    p.readonly_rootfs = bool(root.get("readonly", False))
+    p.terminal = bool(guest.get("process", {}).get("terminal", False))
+    binds: list[tuple[str, Path, bool]] = [(str(rootfs), pod_dir / key / "rootfs", False)]
+
+    def expose(src: str, is_dir: bool, ro: bool) -> str:
+        n = len(binds)
+        binds.append((src, pod_dir / key / f"m{n}", ro))
+        return f"{POD_GUEST}/{key}/m{n}"
+
+    rewrite_binds(guest, expose)
+    finish(guest, p, 1, 0)
+    return MemberPlan(p, binds, f"{POD_GUEST}/{key}/rootfs")

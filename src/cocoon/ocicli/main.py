@@ -24,9 +24,10 @@ import click
 from cocoon import __version__
 from cocoon.config import Config, load
 from cocoon.errors import CocoonError
+from cocoon.hypervisor.base import Share
 from cocoon.oci.spec import default_spec
 from cocoon.ocicli import bundle as bundles
-from cocoon.ocicli import standin
+from cocoon.ocicli import pod, standin
 from cocoon.ocicli.state import (
     OCI_VERSION,
     OciRecord,
@@ -214,7 +215,15 @@ def do_create(cid: str, bundle: Path, pid_file: str | None, console_socket: str 
     annotations = {
         str(k): str(v) for k, v in (spec.get("annotations") or {}).items() if isinstance(k, str)
     }
+    kind, sandbox_ref = pod.role(annotations)
+    if kind == "container" and sandbox_ref:
+        return create_member(cid, bundle, spec, annotations, sandbox_ref, pid_file, console_socket)
     rec = OciRecord(str(p.bundle), now_rfc3339(), annotations, spec.get("hooks") or {})
+    if kind == "sandbox":
+        pdir = pod.pod_dir(cfg, cid)
+        rec.pod_dir = str(pdir)
+        p.shares.append(Share("pod", pdir, readonly=False))
+        p.guest_mounts.append(("pod", bundles.POD_GUEST, False))
     d = c.store.create(config, rec)
     fs = cfg.hypervisor.shared_fs
 
@@ -232,20 +241,75 @@ def do_create(cid: str, bundle: Path, pid_file: str | None, console_socket: str 
         annotations={"cocoon.oci.bundle": str(p.bundle)},
     )
     try:
+        if rec.pod_dir:
+            pod.make_pod_dir(Path(rec.pod_dir))
         spawn(plan)
-        pid = standin.spawn(d, process=None, console_socket=console_socket, tty=p.terminal)
-        write_standin(d, pid)
-        if pid_file:
-            atomic_write(Path(pid_file).absolute(), str(pid).encode(), durable=False)
-        # All on the host: a hook names a host binary, and the guest has none of
-        # them. createContainer runs here too, not in the container's namespaces.
-        run_hooks(d, "prestart", strict=True)
-        run_hooks(d, "createRuntime", strict=True)
-        run_hooks(d, "createContainer", strict=True)
+        return _stand_in(d, pid_file, console_socket, p.terminal)
     except BaseException:
         _destroy(d)
         raise
+
+
+def _stand_in(d: ContainerDir, pid_file: str | None, console: str | None, tty: bool) -> int:
+    pid = standin.spawn(d, process=None, console_socket=console, tty=tty)
+    write_standin(d, pid)
+    if pid_file:
+        atomic_write(Path(pid_file).absolute(), str(pid).encode(), durable=False)
+    # All on the host: a hook names a host binary, and the guest has none of
+    # them. createContainer runs here too, not in the container's namespaces.
+    run_hooks(d, "prestart", strict=True)
+    run_hooks(d, "createRuntime", strict=True)
+    run_hooks(d, "createContainer", strict=True)
     return pid
+
+
+def create_member(
+    cid: str,
+    bundle: Path,
+    spec: dict[str, Any],
+    annotations: dict[str, str],
+    sandbox_ref: str,
+    pid_file: str | None,
+    console_socket: str | None,
+) -> int:
+    """A further container of a pod, created in the pod's running VM."""
+    c = _ctx()
+    sandbox = c.store.get(sandbox_ref)
+    srec = record(sandbox)
+    if not srec.pod_dir:
+        raise RuntimeError_(f"container {sandbox_ref} is not a pod sandbox")
+    if status(sandbox) not in ("created", "running"):
+        raise RuntimeError_(f"the pod's sandbox {sandbox_ref} is {status(sandbox)}")
+    k = pod.key(cid)
+    mp = bundles.plan_member(bundle, spec, Path(srec.pod_dir), k)
+    if mp.plan.terminal and not console_socket:
+        raise RuntimeError_("process.terminal is true: --console-socket is required")
+    proc = mp.plan.spec.get("process") or {}
+    config = ContainerConfig(
+        id=cid,
+        name=cid,
+        image="",
+        image_id="",
+        command=list(proc.get("args") or []),
+        spec=mp.plan.spec,
+        tty=mp.plan.terminal,
+        stdin=True,
+        read_only=mp.plan.readonly_rootfs,
+    )
+    rec = OciRecord(
+        str(mp.plan.bundle), now_rfc3339(), annotations, spec.get("hooks") or {},
+        pod_sandbox=sandbox_ref, binds=[str(dst) for _, dst, _ in mp.binds],
+    )  # fmt: skip
+    d = c.store.create(config, rec)
+    try:
+        for src, dst, ro in mp.binds:
+            pod.bind(src, dst, ro)
+        msg = messages.AddContainer(str(d.path), f"c-{k}", mp.rootfs_guest, mp.plan.terminal)
+        _call(sandbox, msg, messages.Ok)
+        return _stand_in(d, pid_file, console_socket, mp.plan.terminal)
+    except BaseException:
+        _destroy(d)
+        raise
 
 
 @cli.command()
@@ -291,8 +355,16 @@ def _destroy(d: ContainerDir) -> None:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             d.life.wait_released(5.0)
+    rec = None
     with contextlib.suppress(CocoonError):
-        gc.reap(_ctx().cfg.root, only=d.config().sandbox_id)
+        rec = record(d)
+    if rec is not None and rec.binds:
+        pod.unbind(rec.binds)
+    if rec is None or not rec.pod_sandbox:
+        with contextlib.suppress(CocoonError):
+            gc.reap(_ctx().cfg.root, only=d.config().sandbox_id)
+    if rec is not None and rec.pod_dir:
+        pod.remove_pod_dir(Path(rec.pod_dir))
     _ctx().store.remove(d)
 
 

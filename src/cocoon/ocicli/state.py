@@ -15,7 +15,7 @@ import os
 import re
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from cocoon.config import Config
@@ -41,6 +41,9 @@ class OciRecord:
     created: str
     annotations: dict[str, str]
     hooks: dict[str, Any]
+    pod_dir: str = ""  # a pod's sandbox container: the dir shared into its VM
+    pod_sandbox: str = ""  # a pod's further container: the sandbox container's id
+    binds: list[str] = field(default_factory=list)  # host mounts made for it
 
 
 class Store:
