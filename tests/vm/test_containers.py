@@ -4,13 +4,18 @@ inspect, wait, top, stats, and what survives a crash. Real VMs, real monitors.""
 from __future__ import annotations
 
 import concurrent.futures
+import fcntl
 import hashlib
 import json
 import os
+import pty
 import re
+import select
 import signal
+import struct
 import subprocess
 import sys
+import termios
 import time
 from pathlib import Path
 
@@ -254,3 +259,36 @@ def test_names_and_errors(cfg: Config, busybox: None) -> None:
     r = cocoon(cfg, "exec", "dup", "true")
     assert r.returncode != 0 and b"not running" in r.stderr and r.stderr.count(b"\n") == 1
     ok(cocoon(cfg, "rm", "dup"))
+
+
+def test_exec_with_a_tty(cfg: Config, busybox: None) -> None:
+    """`cocoon exec -it` from a terminal: a guest pty of our size, input and output."""
+    ok(cocoon(cfg, "run", "-d", "--name", "tty1", "busybox", "sleep", "300"))
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    p = subprocess.Popen(
+        [sys.executable, "-m", "cocoon.cli", "--root", str(cfg.root), "exec", "-it", "tty1",
+         "sh", "-c", "tty; stty size; read x; echo got $x; exit 3"],
+        stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
+    )  # fmt: skip
+    os.close(slave)
+    buf, sent = b"", False
+    deadline = time.monotonic() + 60
+    try:
+        while b"got hi" not in buf and time.monotonic() < deadline:
+            if select.select([master], [], [], 0.5)[0]:
+                try:
+                    buf += os.read(master, 4096)
+                except OSError:
+                    break
+            if b"120" in buf and not sent:
+                os.write(master, b"hi\r")
+                sent = True
+        assert p.wait(timeout=60) == 3
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        os.close(master)
+        cocoon(cfg, "rm", "-f", "tty1")
+    assert b"/dev/pts/" in buf and b"40 120" in buf and b"got hi" in buf, buf
