@@ -180,3 +180,24 @@ def test_errors_are_one_line_and_logged(rt: list[str], tmp_path: Path) -> None:
     assert r.returncode == 1 and "not supported" in r.stderr
     assert subprocess.run([*rt, "spec", "--bundle", str(tmp_path)]).returncode == 0
     assert json.loads((tmp_path / "config.json").read_text())["process"]["args"] == ["sh"]
+
+
+def test_killed_monitor_leaves_nothing_after_delete(
+    cfg: Config, rootfs: Path, rt: list[str], tmp_path: Path
+) -> None:
+    """kill -9 of the process that owns the VM: the container reads as stopped,
+    its stand-in ends, and `delete` reaps the VM and the state."""
+    b = make_bundle(tmp_path, rootfs, ["sleep", "100"])
+    pidf = tmp_path / "pid"
+    subprocess.run([*rt, "create", "--bundle", str(b), "--pid-file", str(pidf), "m1"],
+                   stdin=subprocess.DEVNULL, check=True)  # fmt: skip
+    pid = int(pidf.read_text())
+    subprocess.run([*rt, "start", "m1"], check=True)
+    root = Path(rt[2])
+    monitor = json.loads((root / "oci" / "m1" / "state.json").read_text())["monitor_pid"]
+    os.kill(monitor, signal.SIGKILL)
+    reap(pid)  # the stand-in lost its guest process: it ends too
+    assert state(rt, "m1")["status"] == "stopped"
+    assert gc.processes_naming(root), "the VM outlives its owner until delete"
+    subprocess.run([*rt, "delete", "m1"], check=True)
+    assert not gc.processes_naming(root)
