@@ -237,3 +237,48 @@ def test_diff_id_checked(tmp_path: Path, env: tuple[Path, Path]) -> None:
     assert unpack_layer(blob, "gzip", root, Budget(1 << 30, 100), diff_id=dg(t)) == dg(t)
     with pytest.raises(ImageError, match="image config says"):
         unpack_layer(blob, "gzip", root, Budget(1 << 30, 100), diff_id=dg(b"other"))
+
+
+def _gz_blob(tmp_path: Path, data: bytes, name: str) -> Path:
+    p = tmp_path / name
+    p.write_bytes(data)
+    return p
+
+
+def test_threaded_gunzip_members_truncation_garbage(tmp_path: Path, env: tuple[Path, Path]) -> None:
+    """gzip is inflated by a thread: multi-member streams work, a cut or
+    garbage-tailed stream fails, and the diff_id is the uncompressed stream's."""
+    import gzip
+    import hashlib
+
+    root, _ = env
+    layer = Tar().file("a", b"x" * 300_000).file("b", os.urandom(200_000)).bytes()
+    half = len(layer) // 2
+    two = gzip.compress(layer[:half]) + gzip.compress(layer[half:])
+    blob = _gz_blob(tmp_path, two, "two")
+    got = unpack_layer(blob, "gzip", root, Budget(1 << 30, 100))
+    assert got == "sha256:" + hashlib.sha256(layer).hexdigest()
+    assert (root / "b").stat().st_size == 200_000
+    whole = gzip.compress(layer)
+    for name, data in (("cut", whole[: len(whole) // 2]), ("tail", whole + b"garbage!")):
+        with pytest.raises(ImageError, match="corrupt"):
+            unpack_layer(_gz_blob(tmp_path, data, name), "gzip", root, Budget(1 << 30, 100))
+
+
+def test_gzip_bomb_stops_at_the_budget_in_bounded_steps(
+    tmp_path: Path, env: tuple[Path, Path]
+) -> None:
+    """1 GiB of zeros in ~1 MiB of gzip: refused at a 64 MiB budget, quickly."""
+    import time
+    import zlib
+
+    root, _ = env
+    c = zlib.compressobj(9, zlib.DEFLATED, 31)
+    chunk = bytes(16 << 20)
+    data = b"".join(c.compress(Tar().bytes()[:512]) for _ in range(1))
+    data += b"".join(c.compress(chunk) for _ in range(64)) + c.flush()
+    blob = _gz_blob(tmp_path, data, "bomb")
+    t0 = time.monotonic()
+    with pytest.raises(ImageError):
+        unpack_layer(blob, "gzip", root, Budget(64 << 20, 100))
+    assert time.monotonic() - t0 < 10

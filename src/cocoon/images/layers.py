@@ -42,12 +42,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import gzip
 import hashlib
 import os
+import queue
 import shutil
 import stat
 import tarfile
+import threading
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -124,12 +125,16 @@ class _CountingReader:
         self._src = src
         self._budget = budget
         self._what = what
-        self.hash = hashlib.sha256()
+        # A source that hashes as it produces (the threaded gunzip) is not hashed twice.
+        own = getattr(src, "hash", None)
+        self._hashing = own is None
+        self.hash = own if own is not None else hashlib.sha256()
 
     def read(self, n: int = CHUNK) -> bytes:
         data = self._src.read(n if n >= 0 else CHUNK)
         self._budget.add_bytes(len(data), self._what)
-        self.hash.update(data)
+        if self._hashing:
+            self.hash.update(data)
         return data
 
     def drain(self) -> None:
@@ -213,7 +218,7 @@ def _open_stream(raw: IO[bytes], compression: str, what: str) -> Readable:
     if compression == "gzip":
         if head[:2] != GZIP_MAGIC:
             raise ImageError(f"{what}: media type says gzip, but the blob is not gzip data")
-        return gzip.GzipFile(fileobj=raw, mode="rb")
+        return _ThreadedGunzip(raw)
     if compression == "zstd":
         if head != ZSTD_MAGIC and head not in ZSTD_SKIPPABLE:
             raise ImageError(f"{what}: media type says zstd, but the blob is not zstd data")
@@ -224,6 +229,83 @@ def _open_stream(raw: IO[bytes], compression: str, what: str) -> Readable:
             raise ImageError(f"{what}: media type says plain tar, but the blob is compressed")
         return raw
     raise ImageError(f"{what}: unsupported layer compression {compression!r}")
+
+
+#: Compressed bytes per read and the most one inflate call may produce: small
+#: in, big out, so a well-compressed chunk needs few calls (each call copies
+#: the input it did not consume) while a bomb still inflates in bounded steps.
+IN_CHUNK = 256 << 10
+OUT_CHUNK = 1 << 20
+
+
+class _ThreadedGunzip:
+    """gzip decompressed by a thread ahead of the reader: zlib releases the GIL,
+    so inflating overlaps the tar parsing and file writes of this thread (taking
+    turns, as GzipFile does, left one of the two cores idle). Multi-member
+    streams are followed; anything after the last member must be zeros."""
+
+    DEPTH = 8
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        self._raw = raw
+        #: the diff_id, hashed here too: hashlib also lets go of the GIL
+        self.hash = hashlib.sha256()
+        self._q: queue.Queue[bytes | BaseException | None] = queue.Queue(self.DEPTH)
+        self._buf = b""
+        self._eof = False
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+
+    def _run(self) -> None:
+        try:
+            d = zlib.decompressobj(wbits=31)
+            while not self._stop.is_set():
+                data = self._raw.read(IN_CHUNK)
+                if not data:
+                    if not d.eof:
+                        raise EOFError("compressed data ended before the end of the gzip stream")
+                    break
+                while data and not self._stop.is_set():
+                    # Bounded output per call: a bomb inflates a chunk at a time,
+                    # and the reader's budget stops it; the queue bounds what waits.
+                    out = d.decompress(data, OUT_CHUNK)
+                    if out:
+                        self.hash.update(out)
+                        self._q.put(out)
+                    if d.eof:
+                        rest = d.unused_data
+                        if rest.strip(b"\0") and rest[:2] == GZIP_MAGIC:
+                            d = zlib.decompressobj(wbits=31)  # the next member
+                            data = rest
+                            continue
+                        if rest.strip(b"\0"):
+                            raise zlib.error("trailing garbage after the gzip stream")
+                        break
+                    data = d.unconsumed_tail
+            self._q.put(None)
+        except BaseException as e:  # handed to the reader, raised there
+            self._q.put(e)
+
+    def read(self, n: int = CHUNK) -> bytes:
+        n = CHUNK if n < 0 else n
+        while len(self._buf) < n and not self._eof:
+            item = self._q.get()
+            if item is None:
+                self._eof = True
+            elif isinstance(item, BaseException):
+                self._eof = True
+                raise item
+            else:
+                self._buf = self._buf + item if self._buf else item
+        data, self._buf = self._buf[:n], self._buf[n:]
+        return data
+
+    def close(self) -> None:
+        self._stop.set()
+        while self._t.is_alive():
+            with contextlib.suppress(queue.Empty):
+                self._q.get(timeout=0.05)
 
 
 class _Unpacker:
@@ -559,8 +641,10 @@ def unpack_layer(
         raw.close()
         raise ImageError(f"{what}: cannot open staging root {root}: {e.strerror}") from None
     current = ""
+    stream: Readable | None = None
     try:
-        reader = _CountingReader(_open_stream(raw, compression, what), budget, what)
+        stream = _open_stream(raw, compression, what)
+        reader = _CountingReader(stream, budget, what)
         un = _Unpacker(root_fd, budget, what)
         with tarfile.open(
             fileobj=reader,  # type: ignore[call-overload]
@@ -583,6 +667,8 @@ def unpack_layer(
         at = f" (at entry {_show(current)})" if current else ""
         raise ImageError(f"{what}: corrupt or unwritable layer{at}: {e}") from e
     finally:
+        if isinstance(stream, _ThreadedGunzip):
+            stream.close()
         os.close(root_fd)
         raw.close()
     got = "sha256:" + reader.hash.hexdigest()
