@@ -63,6 +63,7 @@ def test_namespace_paths_and_hooks_stay_on_the_host(tmp_path: Path) -> None:
     ]  # fmt: skip
     p = bundle.plan(b, spec, default_vcpus=1, default_mib=256)
     assert p.spec["linux"]["namespaces"] == [{"type": "network"}, {"type": "pid"}]
+    assert p.netns_path == "/run/netns/x"
     assert "hooks" not in p.spec and "hooks" in p.original
 
 

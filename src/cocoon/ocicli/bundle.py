@@ -52,6 +52,9 @@ class BundlePlan:
     vcpus: int = 1
     memory_mib: int = 0
     terminal: bool = False
+    #: The network namespace the caller made for the container (CNI, podman,
+    #: containerd): where the VM's NICs must be plumbed to.
+    netns_path: str = ""
 
     async def setup(self, sb: Sandbox, fs: str) -> str:
         """Mount the shares in the guest; the container's rootfs path."""
@@ -139,6 +142,9 @@ def rewrite_binds(guest: dict[str, Any], expose: Callable[[str, bool, bool], str
 def finish(guest: dict[str, Any], p: BundlePlan, default_vcpus: int, default_mib: int) -> None:
     """What every plan shares: namespaces, hooks, VM size."""
     linux = guest.setdefault("linux", {})
+    for ns in linux.get("namespaces", []) or []:
+        if isinstance(ns, dict) and ns.get("type") == "network" and ns.get("path"):
+            p.netns_path = str(ns["path"])
     linux["namespaces"] = [
         {"type": ns["type"]}
         for ns in linux.get("namespaces", []) or []
