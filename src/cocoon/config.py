@@ -91,6 +91,16 @@ class ImagesConfig:
 class NetworkConfig:
     #: How a netns veth reaches the VM's tap: "tcfilter" (tc mirred) or "macvtap".
     model: str = "tcfilter"
+    #: The default network's bridge and its IPv4 subnet (the bridge takes the first address).
+    #: What `cocoon run` gets without --network: "bridge", "none" or "ns:PATH".
+    default: str = "bridge"
+    bridge: str = "cocoon0"
+    #: The bridge's address table: host-global like the bridge itself, so every
+    #: cocoon state root on the host shares it.
+    state_dir: str = "/run/cocoon-network"
+    bridge_subnet: str = "10.213.0.0/16"
+    #: vhost-net for the VM's NICs: "auto" where /dev/vhost-net exists, "on", "off".
+    vhost: str = "auto"
 
 
 @dataclass
@@ -122,6 +132,7 @@ class Config:
         _choice("guest.kernel_source", self.guest.kernel_source, ("build", "debian-cloud"))
         _choice("guest.image_compression", self.guest.image_compression, ("none", "lz4", "lz4hc"))
         _choice("network.model", self.network.model, ("tcfilter", "macvtap"))
+        _choice("network.vhost", self.network.vhost, ("auto", "on", "off"))
         if not 1 <= h.vcpus <= 64:
             raise ConfigError(f"hypervisor.vcpus must be 1..64, not {h.vcpus}")
         if not 64 <= h.memory_mib <= 256 * 1024:

@@ -56,3 +56,7 @@ class StateError(CocoonError):
 
 class ImageError(CocoonError):
     """An image, a registry, an archive or a layer is missing, invalid or hostile."""
+
+
+class NetworkError(CocoonError):
+    """A network namespace, tap, bridge, NAT rule or published port could not be set up."""

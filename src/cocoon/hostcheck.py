@@ -86,6 +86,17 @@ def run_checks(cfg: Config) -> list[Item]:
     items.append(
         Item("netns", netns, f"{ip} + network namespaces" if netns else "iproute2 or netns missing")
     )
+    tools = {t: shutil.which(t) for t in ("tc", "iptables", "nsenter")}
+    missing = [t for t, p in tools.items() if p is None]
+    items.append(
+        Item(
+            "bridge network",
+            not missing,
+            "tc (mirred), iptables (NAT), nsenter"
+            if not missing
+            else f"{', '.join(missing)} missing: only --network none works",
+        )
+    )
     e2fs = [shutil.which(b) for b in ("mkfs.ext4", "debugfs")]
     items.append(
         Item(

@@ -76,3 +76,13 @@ def test_a_pod_shares_one_vm(containerd: Containerd) -> None:
             ctr("task", "delete", "-f", name)
             ctr("container", "rm", name)
     assert_clean(containerd.runtime_root)
+
+
+def test_the_given_network_namespace_reaches_the_vm(containerd: Containerd, make_pair) -> None:  # type: ignore[no-untyped-def]
+    """ctr --with-ns network:PATH (as the CRI plugin does with CNI's netns)."""
+    pair = make_pair(237)
+    r = containerd.ctr("run", "--rm", "--runc-binary", runtime(),
+                       "--with-ns", f"network:{pair.ctr}", IMAGE, "n1", "sh", "-c",
+                       f"ping -c1 -W10 {pair.peer_ip} >/dev/null && echo PEER-OK")  # fmt: skip
+    assert (r.returncode, r.stdout) == (0, b"PEER-OK\n"), r.stderr
+    assert_clean(containerd.runtime_root)

@@ -9,6 +9,7 @@ import select
 import struct
 import subprocess
 import termios
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.compat.conftest import DEFAULT_ROOT, IMAGE, Podman, assert_clean
+from tests.netpair import listen_in
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(300)]
 
@@ -103,3 +105,32 @@ def test_interactive_tty(podman: Podman) -> None:
             p.wait()
         os.close(master)
     assert b"/dev/pts/0\r\n33 101\r\n" in buf and b"got hello\r\n" in buf, buf
+
+
+def test_the_given_network_namespace_reaches_the_vm(podman: Podman, make_pair) -> None:  # type: ignore[no-untyped-def]
+    """podman --network ns:PATH puts the path in the spec: the VM's NIC is
+    plumbed to the veth there (tcfilter), with its MAC and address."""
+    pair = make_pair(236)
+    srv = listen_in(pair.peer, pair.peer_ip, 5000)
+    srv.settimeout(120)
+    got: list[bytes] = []
+
+    def accept() -> None:
+        conn, _ = srv.accept()
+        with conn:
+            got.append(conn.recv(100))
+
+    t = threading.Thread(target=accept)
+    t.start()
+    script = (
+        f"ip -o link show eth0; ip -o -4 addr show eth0; echo via-podman | nc {pair.peer_ip} 5000"
+    )
+    r = podman("run", "--rm", "--network", f"ns:{pair.ctr}", IMAGE, "sh", "-c", script)
+    t.join(120)
+    srv.close()
+    assert r.returncode == 0, r.stderr
+    assert pair.ctr_mac.encode() in r.stdout and f"{pair.ctr_ip}/24".encode() in r.stdout
+    assert got == [b"via-podman\n"]
+    ns = pair.ctr.rsplit("/", 1)[1]
+    left = subprocess.run(["ip", "-n", ns, "-o", "link"], capture_output=True, text=True).stdout
+    assert "cctap" not in left

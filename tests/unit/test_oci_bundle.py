@@ -62,9 +62,26 @@ def test_namespace_paths_and_hooks_stay_on_the_host(tmp_path: Path) -> None:
         {"type": "network", "path": "/run/netns/x"}, {"type": "pid"},
     ]  # fmt: skip
     p = bundle.plan(b, spec, default_vcpus=1, default_mib=256)
-    assert p.spec["linux"]["namespaces"] == [{"type": "network"}, {"type": "pid"}]
+    # the given netns is the VM's (its NICs are plumbed there): the container
+    # stays in the guest's network namespace
+    assert p.spec["linux"]["namespaces"] == [{"type": "pid"}]
     assert p.netns_path == "/run/netns/x"
     assert "hooks" not in p.spec and "hooks" in p.original
+
+
+def test_net_sysctls_go_to_the_vm_when_it_holds_the_network(tmp_path: Path) -> None:
+    b, spec = make(tmp_path)
+    sysctl = {"net.ipv4.ping_group_range": "0 0", "kernel.shm_rmid_forced": "1"}
+    spec["linux"]["sysctl"] = dict(sysctl)
+    spec["linux"]["namespaces"] = [{"type": "network", "path": "/run/netns/x"}]
+    p = bundle.plan(b, spec, default_vcpus=1, default_mib=256)
+    assert p.net_sysctls == {"net.ipv4.ping_group_range": "0 0"}
+    assert p.spec["linux"]["sysctl"] == {"kernel.shm_rmid_forced": "1"}
+    # a fresh network namespace in the guest keeps them (crun sets them there)
+    spec["linux"]["namespaces"] = [{"type": "network"}]
+    spec["linux"]["sysctl"] = dict(sysctl)
+    p = bundle.plan(b, spec, default_vcpus=1, default_mib=256)
+    assert p.net_sysctls == {} and p.spec["linux"]["sysctl"] == sysctl
 
 
 def test_resources_size_the_vm(tmp_path: Path) -> None:

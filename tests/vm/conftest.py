@@ -26,6 +26,7 @@ from cocoon.config import Config, load
 from cocoon.guestassets.cache import resolve
 from cocoon.guestassets.rootfs import image_key, image_path
 from cocoon.hypervisor.base import Share
+from cocoon.images.default import ensure_default_image
 from cocoon.runtime.busybox import busybox_rootfs
 from cocoon.runtime.containers import ContainerDir, ContainerStore
 from cocoon.runtime.lifecycle import remove
@@ -88,6 +89,7 @@ def booted(cfg: Config, run: Runner, rootfs: Path) -> Iterator[Sandbox]:
 
 @pytest.fixture(autouse=True)
 def no_leaks(cfg: Config) -> Iterator[None]:
+    nets_before = our_netns()
     yield
     root = cfg.root
     stray = {p: s for p, s in gc.processes_naming(root).items() if s not in SHARED}
@@ -113,6 +115,25 @@ def no_leaks(cfg: Config) -> Iterator[None]:
     assert not containers, f"containers left: {[c[:12] for c in containers]}"
     sockets = list((root / "ctl").glob("*")) if (root / "ctl").exists() else []
     assert not sockets, f"control sockets left: {sockets}"
+    assert our_netns() <= nets_before, f"network namespaces left: {our_netns() - nets_before}"
+
+
+def our_netns() -> set[str]:
+    """Namespaces cocoon made for bridged sandboxes (/run/netns/cocoon-<id>)."""
+    d = Path("/run/netns")
+    return {p.name for p in d.glob("cocoon-*")} if d.is_dir() else set()
+
+
+@pytest.fixture(scope="session")
+def busybox(cfg: Config) -> None:
+    """The default image in the store (the README's set-up builds it too)."""
+    ensure_default_image(cfg)
+
+
+def ok(r: subprocess.CompletedProcess[bytes]) -> str:
+    """stdout of a command that must succeed (its stderr says why not)."""
+    assert r.returncode == 0, r.stderr.decode()
+    return r.stdout.decode()
 
 
 def spec(args: list[str], **kw: Any) -> dict[str, Any]:

@@ -22,24 +22,13 @@ from pathlib import Path
 import pytest
 
 from cocoon.config import Config
-from cocoon.images.default import ensure_default_image
 from cocoon.runtime.containers import ContainerStore
 from cocoon.state import gc
-from tests.vm.conftest import cocoon
+from tests.vm.conftest import cocoon, ok
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(300)]
 
 CRI_LINE = re.compile(rb"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}Z (stdout|stderr) [FP] ")
-
-
-@pytest.fixture(scope="module")
-def busybox(cfg: Config) -> None:
-    ensure_default_image(cfg)
-
-
-def ok(r: subprocess.CompletedProcess[bytes]) -> str:
-    assert r.returncode == 0, r.stderr.decode()
-    return r.stdout.decode()
 
 
 def inspect(cfg: Config, name: str) -> dict:  # type: ignore[type-arg]

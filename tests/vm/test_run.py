@@ -17,17 +17,11 @@ import pytest
 
 from cocoon.config import Config
 from cocoon.guestassets.cache import resolve
-from cocoon.images.default import ensure_default_image
 from tests.images.layout import Layout
 from tests.images.servers import REGISTRY, SKOPEO, Registry, push, require, running
 from tests.vm.conftest import cocoon
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(300)]
-
-
-@pytest.fixture(scope="module")
-def busybox(cfg: Config) -> None:
-    ensure_default_image(cfg)
 
 
 def test_run_busybox_echo(cfg: Config, busybox: None) -> None:

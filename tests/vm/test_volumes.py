@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 
 from cocoon.config import Config
-from cocoon.images.default import ensure_default_image
 from cocoon.sandbox.sandbox import mount_points_under
 from cocoon.state import gc
 from cocoon.state.store import SandboxDir
@@ -24,11 +23,6 @@ from cocoon.storage.scratch import scratch_dir, stamped
 from tests.vm.conftest import SHARED, cocoon
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(300)]
-
-
-@pytest.fixture(scope="module")
-def busybox(cfg: Config) -> None:
-    ensure_default_image(cfg)
 
 
 class Running:

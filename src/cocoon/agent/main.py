@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 
 from cocoon import __version__
-from cocoon.agent import spawn, system
+from cocoon.agent import network, spawn, system
 from cocoon.agent.containers import Containers
 from cocoon.agent.reaper import Reaper
 from cocoon.agent.session import RemoteError, Session
@@ -111,6 +111,8 @@ class Agent:
                 return c.resume(msg)
             case messages.UpdateResources():
                 return c.update(msg)
+            case messages.ConfigureNetwork():
+                return network.configure(msg, self.reaper)
             case messages.Shutdown():
                 self.shutting_down = True
                 return messages.Ok()

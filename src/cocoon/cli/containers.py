@@ -12,6 +12,8 @@ from cocoon.cli.main import State, cli
 from cocoon.errors import CocoonError
 from cocoon.images import service
 from cocoon.images.store import ImageStore
+from cocoon.network import NetworkPlan
+from cocoon.network.ports import parse as parse_port
 from cocoon.runtime import run as runner
 from cocoon.runtime import volumes
 from cocoon.runtime.logs import DEFAULT_MAX_BYTES, DEFAULT_MAX_FILES
@@ -84,6 +86,31 @@ def _log_opts(opts: tuple[str, ...]) -> tuple[int, int]:
     help="docker's --mount; type=scratch,target=CTR,size=1g is a sized empty disk.",
 )
 @click.option("--tmpfs", "tmpfs_flags", multiple=True, metavar="CTR[:size=64m,mode=1777]")
+@click.option(
+    "--network",
+    "--net",
+    "networks",
+    multiple=True,
+    metavar="bridge|none|ns:PATH",
+    help="Where the NICs come from (repeat for several; default: network.default).",
+)
+@click.option(
+    "-p",
+    "--publish",
+    "publish",
+    multiple=True,
+    metavar="[IP:]HOST:CTR[/udp]",
+    help="Relay a host port to the container (bridge network).",
+)
+@click.option(
+    "--net-rate",
+    default="",
+    metavar="RATE",
+    help="Rate limit per interface, each direction, e.g. 10mbit.",
+)
+@click.option("--dns", "dns", multiple=True, metavar="IP")
+@click.option("--dns-search", "dns_search", multiple=True, metavar="DOMAIN")
+@click.option("--add-host", "add_hosts", multiple=True, metavar="NAME:IP")
 @click.option("--pull", "pull_policy", type=click.Choice(["missing", "always", "never"]),
               default="missing")  # fmt: skip
 @click.option("--platform", default=None)
@@ -111,6 +138,12 @@ def run(
     volume_flags: tuple[str, ...],
     mount_flags: tuple[str, ...],
     tmpfs_flags: tuple[str, ...],
+    networks: tuple[str, ...],
+    publish: tuple[str, ...],
+    net_rate: str,
+    dns: tuple[str, ...],
+    dns_search: tuple[str, ...],
+    add_hosts: tuple[str, ...],
     pull_policy: str,
     platform: str | None,
     image: str,
@@ -141,6 +174,19 @@ def run(
         log_max_bytes, log_max_files = _log_opts(log_opts)
         vols = volumes.parse_all(volume_flags, mount_flags, tmpfs_flags)
         cfg = state.cfg
+        net_plan = NetworkPlan(
+            networks=list(networks) or [cfg.network.default],
+            model=cfg.network.model,
+            rate=net_rate,
+            hostname=hostname or name or "cocoon",
+            dns=list(dns),
+            dns_search=list(dns_search),
+            add_hosts=list(add_hosts),
+        )
+        net_plan.check()
+        ports = [parse_port(p) for p in publish]
+        if ports and "bridge" not in net_plan.networks:
+            raise UsageError("-p needs --network bridge (the host reaches the container there)")
         img = asyncio.run(service.get(cfg, image, policy=pull_policy, platform=platform))
         config = ImageStore(cfg).inspect(img.id).config
         opts = RunOptions(
@@ -162,6 +208,8 @@ def run(
             log_max_bytes=log_max_bytes,
             log_max_files=log_max_files,
             volumes=vols,
+            network=net_plan,
+            publish=ports,
         )
         cdir, cconf, vplan = runner.create(cfg, image, img.id, config, opts)
         runner.start(cfg, cdir, cconf, Path(img.erofs), opts, vplan)

@@ -32,6 +32,15 @@ class Share:
     readonly: bool = False
 
 
+@dataclass(frozen=True)
+class Nic:
+    """A virtio-net NIC on a tap (or macvtap) fd the caller opened; QEMU inherits it."""
+
+    mac: str
+    fd: int
+    vhost: bool = False
+
+
 @dataclass
 class VmSpec:
     id: str
@@ -44,6 +53,7 @@ class VmSpec:
     kernel_params: list[str] = field(default_factory=list)
     disks: list[Disk] = field(default_factory=list)
     shares: list[Share] = field(default_factory=list)
+    nics: list[Nic] = field(default_factory=list)
     shared_fs: str = "virtio-fs"
     initrd: Path | None = None
     free_page_reporting: bool = True

@@ -55,6 +55,8 @@ class BundlePlan:
     #: The network namespace the caller made for the container (CNI, podman,
     #: containerd): where the VM's NICs must be plumbed to.
     netns_path: str = ""
+    #: The spec's net.* sysctls when its network namespace is the VM's.
+    net_sysctls: dict[str, str] = field(default_factory=dict)
 
     async def setup(self, sb: Sandbox, fs: str) -> str:
         """Mount the shares in the guest; the container's rootfs path."""
@@ -145,11 +147,22 @@ def finish(guest: dict[str, Any], p: BundlePlan, default_vcpus: int, default_mib
     for ns in linux.get("namespaces", []) or []:
         if isinstance(ns, dict) and ns.get("type") == "network" and ns.get("path"):
             p.netns_path = str(ns["path"])
+    # A given network namespace is the VM's own (its NICs are plumbed to it), so
+    # the container stays in the guest's; a fresh one stays fresh (loopback only).
     linux["namespaces"] = [
         {"type": ns["type"]}
         for ns in linux.get("namespaces", []) or []
-        if isinstance(ns, dict) and isinstance(ns.get("type"), str)
+        if isinstance(ns, dict)
+        and isinstance(ns.get("type"), str)
+        and not (ns["type"] == "network" and ns.get("path"))
     ]
+    if p.netns_path:
+        # The container shares the guest's network namespace (the VM's NICs are
+        # the given namespace's): its net.* sysctls belong to the VM's.
+        sysctl = linux.get("sysctl") or {}
+        if isinstance(sysctl, dict):
+            for k in [k for k in sysctl if isinstance(k, str) and k.startswith("net.")]:
+                p.net_sysctls[k] = str(sysctl.pop(k))
     guest.pop("hooks", None)
     res = linux.get("resources") or {}
     mem = (res.get("memory") or {}).get("limit") or 0

@@ -25,6 +25,7 @@ from cocoon import __version__
 from cocoon.config import Config, load
 from cocoon.errors import CocoonError
 from cocoon.hypervisor.base import Share
+from cocoon.network import NetworkPlan
 from cocoon.oci.spec import default_spec
 from cocoon.ocicli import bundle as bundles
 from cocoon.ocicli import pod, standin
@@ -239,6 +240,17 @@ def do_create(cid: str, bundle: Path, pid_file: str | None, console_socket: str 
         start="request",
         log_max_bytes=0,
         annotations={"cocoon.oci.bundle": str(p.bundle)},
+        # The caller's namespace (CNI, podman, containerd) is plumbed to the
+        # VM's NICs; the caller keeps its own hosts/resolv.conf files.
+        network=NetworkPlan(
+            networks=[f"ns:{p.netns_path}"],
+            model=cfg.network.model,
+            files=False,
+            allow_empty=True,
+            sysctls=p.net_sysctls,
+        )
+        if p.netns_path
+        else None,
     )
     try:
         if rec.pod_dir:

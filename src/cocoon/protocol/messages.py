@@ -27,7 +27,7 @@ else:
 
 
 #: Bumped on any incompatible change; the host refuses an agent that differs.
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 
 MAX_STR = 64 << 10
 MAX_LIST = 4096
@@ -505,6 +505,114 @@ class ErrorReply(Message):
     TYPE = "error"
     code: str
     message: str
+
+
+@message
+class NetInterface(Message):
+    """One guest NIC, found by its MAC (QEMU gave it the host link's), renamed and addressed."""
+
+    TYPE = "net_interface"
+    name: str
+    mac: str
+    mtu: int
+    addresses: list[str]  # CIDRs, IPv4 or IPv6
+
+    def check(self) -> None:
+        _check_ifname(self.name)
+        _check_mac(self.mac)
+        check_range(self.mtu, 68, 65535, "mtu")
+        if len(self.addresses) > 64:
+            raise ValueError("too many addresses")
+        for a in self.addresses:
+            _check_cidr(a)
+
+
+@message
+class NetRoute(Message):
+    TYPE = "net_route"
+    dest: str  # "default" or a CIDR
+    gateway: str  # "" = on-link
+    device: str
+
+    def check(self) -> None:
+        if self.dest != "default":
+            _check_cidr(self.dest)
+        if self.gateway and not _IP_RE.match(self.gateway):
+            raise ValueError("bad gateway address")
+        _check_ifname(self.device)
+
+
+@message
+class NetNeighbor(Message):
+    TYPE = "net_neighbor"
+    address: str
+    mac: str
+    device: str
+
+    def check(self) -> None:
+        if not _IP_RE.match(self.address):
+            raise ValueError("bad neighbour address")
+        _check_mac(self.mac)
+        _check_ifname(self.device)
+
+
+@message
+class ConfigureNetwork(Message):
+    """Give the guest's NICs the host links' identity, and the container its
+    hosts/resolv.conf/hostname files (written under a guest dir; "" = none)."""
+
+    TYPE = "configure_network"
+    interfaces: list[NetInterface]
+    routes: list[NetRoute]
+    neighbors: list[NetNeighbor]
+    hosts: str
+    resolv: str
+    hostname: str
+    #: "net.x.y=value": the VM's network namespace is the container's, so the
+    #: spec's net.* sysctls are set there rather than in a namespace of its own.
+    sysctls: list[str]
+
+    def check(self) -> None:
+        for kv in self.sysctls:
+            key, sep, value = kv.partition("=")
+            if not sep or not _SYSCTL_RE.match(key) or len(value) > 4096 or "\n" in value:
+                raise ValueError("bad network sysctl")
+        if len(self.interfaces) > 16 or len(self.routes) > 256 or len(self.neighbors) > 256:
+            raise ValueError("too many interfaces, routes or neighbours")
+        for part in (*self.interfaces, *self.routes, *self.neighbors):
+            part.check()
+        names = {i.name for i in self.interfaces}
+        if len(names) != len(self.interfaces):
+            raise ValueError("duplicate interface name")
+        for dev in [r.device for r in self.routes] + [n.device for n in self.neighbors]:
+            if dev not in names:
+                raise ValueError("route or neighbour on an unknown interface")
+        for f in (self.hosts, self.resolv, self.hostname):
+            if len(f) > 64 << 10:
+                raise ValueError("network file too large")
+
+
+_SYSCTL_RE = re.compile(r"^net\.[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+){1,6}$")
+_IFNAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
+_MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+_IP_RE = re.compile(r"^(?:[0-9]{1,3}(?:\.[0-9]{1,3}){3}|[0-9a-fA-F:.]{2,45})$")
+
+
+def _check_ifname(name: str) -> None:
+    if not _IFNAME_RE.match(name) or name in (".", ".."):
+        raise ValueError("bad interface name")
+
+
+def _check_mac(mac: str) -> None:
+    if not _MAC_RE.match(mac):
+        raise ValueError("bad MAC address")
+
+
+def _check_cidr(text: str) -> None:
+    addr, sep, plen = text.partition("/")
+    if not sep or not _IP_RE.match(addr) or not plen.isdigit():
+        raise ValueError("bad address/prefix")
+    check_range(int(plen), 0, 32 if "." in addr and ":" not in addr else 128, "prefix length")
 
 
 def _check_guest_path(path: str, what: str) -> None:

@@ -67,6 +67,10 @@ class ContainerConfig:
     vm_memory_mib: int = 0
     stop_signal: str = "SIGTERM"
     volumes: list[str] = field(default_factory=list)
+    #: network.NetworkPlan as a dict ({} = no networking: OCI pods' members).
+    network: dict[str, Any] = field(default_factory=dict)
+    #: -p as given, e.g. "127.0.0.1:8080:80/tcp".
+    ports: list[str] = field(default_factory=list)
 
     @property
     def sandbox_id(self) -> str:
@@ -91,6 +95,9 @@ class ContainerState:
     error: str = ""
     boot_s: float = 0.0
     accel: str = ""
+    #: The container's addresses (CIDR) and its published ports as bound.
+    addresses: list[str] = field(default_factory=list)
+    ports: list[str] = field(default_factory=list)
 
 
 class ContainerDir:

@@ -212,6 +212,13 @@ def inspect(cdir: ContainerDir) -> dict[str, Any]:
             "NanoCpus": int(c.cpus * 1e9),
             "ReadonlyRootfs": c.read_only,
             "Binds": c.volumes,
+            "NetworkMode": ",".join(c.network.get("networks", [])) or "none",
+            "PortBindings": c.ports,
+        },
+        "NetworkSettings": {
+            "IPAddress": next((x.split("/")[0] for x in st.addresses if ":" not in x), ""),
+            "Addresses": st.addresses,
+            "Ports": st.ports,
         },
         "Sandbox": {
             "Id": c.sandbox_id,

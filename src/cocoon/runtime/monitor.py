@@ -33,8 +33,10 @@ from pathlib import Path
 from typing import Any
 
 from cocoon.config import Config
-from cocoon.errors import AgentError, CocoonError, GuestError, SandboxError
+from cocoon.errors import AgentError, CocoonError, GuestError, NetworkError, SandboxError
 from cocoon.hypervisor.base import Disk, Share
+from cocoon.network import NetworkPlan
+from cocoon.network.ports import PortSpec, Publisher
 from cocoon.protocol import messages
 from cocoon.protocol.session import OutStream, RemoteError, Session
 from cocoon.runtime.containers import ContainerConfig, ContainerDir, ContainerState
@@ -77,6 +79,9 @@ class LaunchPlan:
     log_max_files: int = 3
     #: Tear the VM down when the init exits (else only on Shutdown: pods).
     annotations: dict[str, str] = field(default_factory=dict)
+    #: None: no NIC, no network files (an OCI caller without a netns path).
+    network: NetworkPlan | None = None
+    publish: list[PortSpec] = field(default_factory=list)
 
 
 def spawn(plan: LaunchPlan) -> None:
@@ -179,6 +184,7 @@ class Monitor:
         self.plan = plan
         self.ready_fd = ready_fd
         self.sb: Sandbox | None = None
+        self.publisher = Publisher()
         self.members: dict[str, Member] = {}
         self.execs: dict[tuple[str, str], Process] = {}
         self.clients: set[Session] = set()
@@ -300,7 +306,17 @@ class Monitor:
                 "cocoon.container.name": c.name,
                 **self.plan.annotations,
             },
+            network=self.plan.network,
         )
+        m.state.addresses = list(self.sb.addresses)
+        if self.plan.publish:
+            ips = [a.split("/")[0] for a in self.sb.addresses if "." in a.split("/")[0]]
+            if not ips:
+                raise NetworkError(
+                    "-p needs an IPv4 address on the container: use --network bridge"
+                )
+            await self.publisher.publish(self.plan.publish, ips[0])
+            m.state.ports = [str(p) for p in self.publisher.bound]
         m.state.boot_s = self.sb.boot_s or 0.0
         m.state.accel = self.sb.state.accel
         rootfs = await self.plan.setup(self.sb)
@@ -459,6 +475,7 @@ class Monitor:
             m.exited.exception()
 
     async def _teardown(self) -> None:
+        self.publisher.close()
         if self.sb is not None:
             with contextlib.suppress(Exception):
                 await self.sb.destroy()

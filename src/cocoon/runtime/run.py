@@ -24,6 +24,8 @@ from cocoon.config import Config
 from cocoon.errors import CocoonError
 from cocoon.hypervisor.base import Disk
 from cocoon.images.manifest import ImageConfig
+from cocoon.network import GUEST_FILES, NetworkPlan
+from cocoon.network.ports import PortSpec
 from cocoon.oci.spec import default_spec, merge_env, parse_user, process_args
 from cocoon.runtime import volumes
 from cocoon.runtime.containers import ContainerConfig, ContainerDir, ContainerStore
@@ -63,6 +65,8 @@ class RunOptions:
     log_max_bytes: int = DEFAULT_MAX_BYTES
     log_max_files: int = DEFAULT_MAX_FILES
     volumes: list[VolumeSpec] = field(default_factory=list)
+    network: NetworkPlan = field(default_factory=NetworkPlan)
+    publish: list[PortSpec] = field(default_factory=list)
 
 
 def build_spec(image: ImageConfig, opts: RunOptions) -> dict[str, Any]:
@@ -95,6 +99,18 @@ def build_spec(image: ImageConfig, opts: RunOptions) -> dict[str, Any]:
         res["cpu"] = {"quota": int(opts.cpus * 100_000), "period": 100_000}
     if res:
         spec["linux"]["resources"] = res
+    if opts.network.files and not opts.read_only:
+        # The agent writes these in the guest from the network's addresses; a
+        # read-only image root may lack the mount points, so it keeps its own.
+        for name in ("hosts", "resolv.conf", "hostname"):
+            spec["mounts"].append(
+                {
+                    "destination": f"/etc/{name}",
+                    "type": "bind",
+                    "source": f"{GUEST_FILES}/{name}",
+                    "options": ["rbind", "rw"],
+                }
+            )
     return spec
 
 
@@ -163,6 +179,8 @@ def create(
         vm_memory_mib=mem,
         stop_signal=image.stop_signal or "SIGTERM",
         volumes=[describe(v) for v in opts.volumes],
+        network=opts.network.to_dict(),
+        ports=[str(p) for p in opts.publish],
     )
     return store.create(config), config, plan
 
@@ -197,6 +215,8 @@ def start(
         rows=rows,
         cols=cols,
         log_max_bytes=opts.log_max_bytes,
+        network=opts.network,
+        publish=list(opts.publish),
         log_max_files=opts.log_max_files,
     )
     try:

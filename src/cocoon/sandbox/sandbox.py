@@ -24,11 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+from cocoon import network as net
 from cocoon.config import Config
 from cocoon.errors import CocoonError, GuestError, HypervisorError, SandboxError
 from cocoon.guestassets.cache import resolve
 from cocoon.hypervisor import accel
-from cocoon.hypervisor.base import AGENT_VSOCK_PORT, Disk, Launched, Share, VmSpec
+from cocoon.hypervisor.base import AGENT_VSOCK_PORT, Disk, Launched, Nic, Share, VmSpec
 from cocoon.hypervisor.qemu.backend import QemuBackend
 from cocoon.protocol import messages
 from cocoon.protocol.session import InStream, OutStream
@@ -147,6 +148,8 @@ class Sandbox:
         self.boot_s: float | None = None
         self._watch_task: asyncio.Task[None] | None = None
         self._destroyed = False
+        #: CIDRs of the guest's NICs (the first is the container's address).
+        self.addresses: list[str] = []
 
     @property
     def id(self) -> str:
@@ -168,6 +171,7 @@ class Sandbox:
         init: list[str] | None = None,
         boot_timeout_s: float | None = None,
         annotations: dict[str, str] | None = None,
+        network: net.NetworkPlan | None = None,
     ) -> Sandbox:
         """Boot a VM and wait for its agent; on any failure nothing is left behind.
 
@@ -192,11 +196,20 @@ class Sandbox:
         if shares and cfg.hypervisor.shared_fs == "none":
             await sb.destroy()
             raise SandboxError("host directories need hypervisor.shared_fs = virtio-fs or 9p")
+        attached: net.Attachment | None = None
         try:
             scratch_disks = sb._make_scratch(scratch)
+            if network is not None:
+                attached = net.attach(
+                    cfg, sdir.id, network, st.network, lambda: sdir.write(st), sdir.path
+                )
+                sb.addresses = attached.addresses
         except BaseException:
             await sb.destroy()
             raise
+        vhost = cfg.network.vhost == "on" or (
+            cfg.network.vhost == "auto" and os.path.exists("/dev/vhost-net")
+        )
         spec = VmSpec(
             id=sdir.id,
             workdir=sdir.path,
@@ -209,6 +222,7 @@ class Sandbox:
             kernel_params=cfg.hypervisor.kernel_params.split(),
             disks=[*disks, *scratch_disks],
             shares=list(shares),
+            nics=[Nic(mac, fd, vhost) for mac, fd in (attached.nics if attached else [])],
             shared_fs=cfg.hypervisor.shared_fs,
             init=init,
             free_page_reporting=cfg.hypervisor.free_page_reporting,
@@ -218,7 +232,13 @@ class Sandbox:
         )
         timeout = boot_timeout_s or cfg.hypervisor.boot_timeout_s
         try:
-            await sb._boot(spec, timeout)
+            try:
+                await sb._boot(spec, timeout)
+            finally:
+                if attached is not None:
+                    attached.close_fds()  # QEMU has them: the taps now live as long as it does
+            if attached is not None:
+                await sb.call(attached.message, messages.Ok)
         except BaseException as e:
             qemu_said = sb._qemu_exit_reason()
             await sb.destroy()
@@ -488,6 +508,8 @@ def release_host(st: SandboxState) -> None:
     """Delete what the sandbox made on the host outside its state dir (VM already gone)."""
     if st.scratch_dir:
         scratch_files.remove_dir(Path(st.scratch_dir))
+    if st.network:
+        net.release(st.network, st.id)
 
 
 def _unescape_mountinfo(field: str) -> str:

@@ -52,6 +52,8 @@ class SandboxState:
     annotations: dict[str, str] = field(default_factory=dict)
     #: Dir of the sandbox's scratch images under the data dir ("" = none).
     scratch_dir: str = ""
+    #: What network.attach made on the host (taps' filters, a bridge slot...).
+    network: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), indent=1, sort_keys=True).encode()

@@ -121,7 +121,7 @@ class QemuBackend:
                 tb_size_mib=self.cfg.tcg_tb_size_mib,
             )
             (wd / "qemu.argv").write_text("\0".join(argv))
-            pid = self._spawn(argv, wd / "qemu.log")
+            pid = self._spawn(argv, wd / "qemu.log", pass_fds=[n.fd for n in spec.nics])
             procs["qemu"] = pid
             record("qemu", pid)
             self._wait_socket(sockets["qmp"], pid, "QEMU")
@@ -131,7 +131,7 @@ class QemuBackend:
             raise
         return Launched(procs, sockets["agent"], sockets["qmp"], console)
 
-    def _spawn(self, argv: list[str], log: Path) -> int:
+    def _spawn(self, argv: list[str], log: Path, pass_fds: list[int] | None = None) -> int:
         with open(log, "wb") as out:
             try:
                 p = subprocess.Popen(
@@ -140,6 +140,7 @@ class QemuBackend:
                     stdout=out,
                     stderr=subprocess.STDOUT,
                     start_new_session=True,
+                    pass_fds=pass_fds or (),
                 )
             except FileNotFoundError:
                 raise HypervisorError(f"{argv[0]} not found: run `cocoon check`") from None

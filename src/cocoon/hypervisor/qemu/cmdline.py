@@ -81,6 +81,13 @@ def _devices(spec: VmSpec, machine: Machine, sockets: dict[str, Path]) -> Iterab
             "-device",
             opts("virtserialport", chardev="agent", name="cocoon.agent"),
         ]
+    for i, nic in enumerate(spec.nics):
+        yield [
+            "-netdev",
+            opts("tap", id=f"net{i}", fd=nic.fd, vhost=nic.vhost),
+            "-device",
+            opts(f"virtio-net-{bus}", netdev=f"net{i}", mac=nic.mac),
+        ]
     if spec.free_page_reporting:
         # The guest hands pages it freed (boot-time decompression, exited
         # processes) back to the host: lower PSS per idle sandbox.
