@@ -277,3 +277,41 @@ def test_network_errors(cfg: Config, busybox: None) -> None:
         assert word in err and len(err.strip().splitlines()) == 1, err
     out = ok(cocoon(cfg, "run", "--rm", "--network", "none", "busybox", "ip", "-o", "link"))
     assert "lo:" in out and "eth0" not in out
+
+
+def test_agent_netlink_in_a_test_namespace(make_pair) -> None:  # type: ignore[no-untyped-def]
+    """The agent's rtnetlink requests, run on the host inside a namespace of
+    the test's (the guest kernel speaks the same netlink): rename, MTU, v4/v6
+    addresses, routes, a permanent neighbour, and the kernel's errno on refusal."""
+    from cocoon.agent.netlink import Netlink
+
+    pair = make_pair(238)
+
+    def configure() -> None:
+        idx = socket.if_nametoindex("eth0")
+        with Netlink() as nl:
+            nl.set_link(idx, name="cc-renamed", up=False)
+            assert socket.if_indextoname(idx) == "cc-renamed"
+            nl.set_link(idx, name="eth0", up=False)
+            nl.set_link(idx, mtu=1400)
+            nl.add_address(idx, "10.238.1.2/24")
+            nl.add_address(idx, "fd00:238:1::2/64")
+            nl.add_route(idx, "10.99.0.0/16", "10.238.1.1")
+            nl.add_route(idx, "10.98.0.0/16", "")
+            nl.set_neighbor(idx, "10.238.1.1", "02:00:00:00:00:01")
+            with pytest.raises(OSError) as e:
+                nl.add_address(idx, "10.238.1.2/24")
+            assert e.value.errno == 17  # EEXIST
+
+    in_netns(pair.ctr, configure)
+    ns = os.path.basename(pair.ctr)
+
+    def ip(*args: str) -> str:
+        return subprocess.run(["ip", "-n", ns, *args], capture_output=True, text=True).stdout
+
+    assert "10.238.1.2/24" in ip("-o", "addr") and "fd00:238:1::2/64" in ip("-o", "addr")
+    assert "mtu 1400" in ip("-o", "link", "show", "eth0")
+    routes = ip("route")
+    assert "10.99.0.0/16 via 10.238.1.1 dev eth0" in routes
+    assert "10.98.0.0/16 dev eth0 scope link" in routes
+    assert "10.238.1.1 dev eth0 lladdr 02:00:00:00:00:01 PERMANENT" in ip("neigh")

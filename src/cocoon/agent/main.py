@@ -112,7 +112,7 @@ class Agent:
             case messages.UpdateResources():
                 return c.update(msg)
             case messages.ConfigureNetwork():
-                return network.configure(msg, self.reaper)
+                return network.configure(msg)
             case messages.Shutdown():
                 self.shutting_down = True
                 return messages.Ok()
