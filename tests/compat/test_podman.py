@@ -11,6 +11,7 @@ import subprocess
 import termios
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -134,3 +135,26 @@ def test_the_given_network_namespace_reaches_the_vm(podman: Podman, make_pair) -
     ns = pair.ctr.rsplit("/", 1)[1]
     left = subprocess.run(["ip", "-n", ns, "-o", "link"], capture_output=True, text=True).stdout
     assert "cctap" not in left
+
+
+def test_podman_bridge_network_and_published_port(podman: Podman) -> None:
+    """podman's own networking, unchanged: CNI's bridge plugin makes the netns
+    and veth, the portmap plugin publishes the port; the VM's NIC takes the
+    veth's place and the host's loopback reaches httpd in the guest."""
+    script = "mkdir /w && echo via-cni > /w/index.html && httpd -f -p 80 -h /w"
+    r = podman("run", "-d", "--name", "cni", "-p", "127.0.0.1:18089:80", IMAGE, "sh", "-c", script)
+    assert r.returncode == 0, r.stderr
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                body = urllib.request.urlopen("http://127.0.0.1:18089/", timeout=10).read()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the published port never answered"
+                time.sleep(0.5)
+        assert body == b"via-cni\n"
+        r = podman("exec", "cni", "ip", "-o", "-4", "addr", "show", "eth0")
+        assert b"10.88." in r.stdout, r.stdout + r.stderr  # podman's CNI subnet
+    finally:
+        assert podman("rm", "-f", "-t", "0", "cni").returncode == 0
