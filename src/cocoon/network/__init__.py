@@ -188,12 +188,17 @@ def attach(
 def release(record: dict[str, Any], sandbox_id: str) -> None:
     """Undo what ``attach`` recorded (VM already gone); safe to repeat."""
     errors = []
+    br = record.get("bridge")
+    # Our own namespace goes as a whole (taps, filters and all): no need to undo
+    # its links one by one first.
+    own = str(bridge.NETNS_DIR / bridge.netns_name(sandbox_id)) if br else None
     for rec in record.get("links", []):
+        if rec.get("netns") == own:
+            continue
         try:
             plumb.unplumb(rec)
         except NetworkError as e:
             errors.append(str(e))
-    br = record.get("bridge")
     if isinstance(br, dict):
         try:
             bridge.release(str(br["state_dir"]), str(br["subnet"]), str(br["name"]), sandbox_id)

@@ -79,20 +79,39 @@ class Ipam:
         raise NetworkError(f"bridge subnet {self.subnet} is full: remove containers or widen it")
 
 
-def _iptables_rules(subnet: str, bridge: str) -> list[list[str]]:
-    tag = ["-m", "comment", "--comment", COMMENT]
+def _rules(subnet: str, bridge: str) -> list[tuple[str, str, str]]:
+    """(table, chain, rule) spelled the way iptables-save prints them."""
+    tag = f"-m comment --comment {COMMENT}"
     return [
-        ["-t", "nat", "POSTROUTING", "-s", subnet, "!", "-o", bridge, "-j", "MASQUERADE", *tag],
-        ["-t", "filter", "FORWARD", "-i", bridge, "-j", "ACCEPT", *tag],
-        ["-t", "filter", "FORWARD", "-o", bridge, "-j", "ACCEPT", *tag],
+        ("nat", "POSTROUTING", f"-s {subnet} ! -o {bridge} {tag} -j MASQUERADE"),
+        ("filter", "FORWARD", f"-i {bridge} {tag} -j ACCEPT"),
+        ("filter", "FORWARD", f"-o {bridge} {tag} -j ACCEPT"),
     ]
 
 
-def _iptables(op: str, rule: list[str]) -> bool:
-    table, chain, rest = rule[0:2], rule[2], rule[3:]
-    cp = run(["iptables", "-w", "5", *table, op, chain, *rest], timeout_s=15, error=NetworkError,
-             check=False)  # fmt: skip
-    return cp.returncode == 0
+def _present(rules: list[tuple[str, str, str]]) -> list[bool]:
+    saved = run(["iptables-save"], timeout_s=15, error=NetworkError).stdout.decode()
+    tables: dict[str, set[str]] = {}
+    table = ""
+    for line in saved.splitlines():
+        if line.startswith("*"):
+            table = line[1:].strip()
+        elif line.startswith("-A "):
+            tables.setdefault(table, set()).add(line[3:].strip())
+    return [f"{chain} {rule}" in tables.get(t, set()) for t, chain, rule in rules]
+
+
+def _apply(op: str, rules: list[tuple[str, str, str]]) -> None:
+    """One iptables-restore for all of them (atomic per table, no flush)."""
+    if not rules:
+        return
+    lines: list[str] = []
+    for table in sorted({t for t, _, _ in rules}):
+        lines.append(f"*{table}")
+        lines += [f"{op} {chain} {rule}" for t, chain, rule in rules if t == table]
+        lines.append("COMMIT")
+    run(["iptables-restore", "-n", "-w", "5"], timeout_s=15, error=NetworkError,
+        input=("\n".join(lines) + "\n").encode())  # fmt: skip
 
 
 def ensure_bridge(ipam: Ipam) -> None:
@@ -108,17 +127,13 @@ def ensure_bridge(ipam: Ipam) -> None:
             ],
         )
     Path("/proc/sys/net/ipv4/ip_forward").write_text("1")
-    for rule in _iptables_rules(str(ipam.subnet), ipam.bridge):
-        if not _iptables("-C", rule):
-            table, chain, rest = rule[0:2], rule[2], rule[3:]
-            run(["iptables", "-w", "5", *table, "-I", chain, "1", *rest], timeout_s=15,
-                error=NetworkError)  # fmt: skip
+    rules = _rules(str(ipam.subnet), ipam.bridge)
+    _apply("-I", [r for r, here in zip(rules, _present(rules), strict=True) if not here])
 
 
 def remove_bridge(ipam: Ipam) -> None:
-    for rule in _iptables_rules(str(ipam.subnet), ipam.bridge):
-        while _iptables("-D", rule):
-            pass
+    rules = _rules(str(ipam.subnet), ipam.bridge)
+    _apply("-D", [r for r, here in zip(rules, _present(rules), strict=True) if here])
     NetNs().ip("link", "del", "dev", ipam.bridge, check=False)
 
 
