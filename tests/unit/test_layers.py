@@ -282,3 +282,24 @@ def test_gzip_bomb_stops_at_the_budget_in_bounded_steps(
     with pytest.raises(ImageError):
         unpack_layer(blob, "gzip", root, Budget(64 << 20, 100))
     assert time.monotonic() - t0 < 10
+
+
+@pytest.mark.parametrize("how", ["none", "gzip", "zstd"])
+def test_file_data_across_chunks_and_cut_mid_file(
+    tmp_path: Path, env: tuple[Path, Path], how: str
+) -> None:
+    """File data goes straight from the decompressor's chunks to the files: sizes
+    that straddle chunk (1 MiB) and block (512 B) boundaries come out whole, and
+    a stream cut inside a file's data is refused, not written short."""
+    root, _ = env
+    big, odd = os.urandom((3 << 20) + 517), os.urandom(1001)
+    layer = Tar().file("a", odd).file("big", big).file("b", b"x" * 513).file("e", b"").bytes()
+    apply(tmp_path, root, layer, how)
+    assert (root / "big").read_bytes() == big
+    assert (root / "a").read_bytes() == odd
+    assert (root / "b").read_bytes() == b"x" * 513
+    assert (root / "e").read_bytes() == b""
+    cut = layer[: 512 * 3 + (2 << 20)]  # inside big's data
+    with pytest.raises(ImageError, match=r"entry 'big'.*truncated") as e:
+        apply(tmp_path, root, cut, how)
+    assert len(str(e.value).splitlines()) == 1

@@ -118,29 +118,96 @@ class Budget:
             )
 
 
-class _CountingReader:
-    """The uncompressed tar stream: hashed (diff_id) and counted against the budget."""
+class _TarStream:
+    """The uncompressed tar stream, as tarfile's file object and as the file data's source.
+
+    Every byte is counted against the budget and hashed (the diff_id) as it
+    arrives from the decompressor. tarfile reads headers through ``read`` and
+    skips through ``seek`` (forward only: it is a stream); file data bypasses
+    tarfile: ``copy_to`` writes the decompressor's chunks straight to the file
+    (memoryviews, no copies in Python). tarfile's own stream mode (``r|``)
+    joined and sliced every MiB three times over and allocated anew for each:
+    most of the unpacking thread's time.
+    """
 
     def __init__(self, src: Readable, budget: Budget, what: str) -> None:
-        self._src = src
         self._budget = budget
         self._what = what
         # A source that hashes as it produces (the threaded gunzip) is not hashed twice.
         own = getattr(src, "hash", None)
         self._hashing = own is None
         self.hash = own if own is not None else hashlib.sha256()
+        chunk = getattr(src, "read_chunk", None)
+        self._next: Callable[[], bytes] = chunk if chunk is not None else lambda: src.read(CHUNK)
+        self._view = memoryview(b"")
+        self._eof = False
+        self.pos = 0
 
-    def read(self, n: int = CHUNK) -> bytes:
-        data = self._src.read(n if n >= 0 else CHUNK)
+    def _fill(self) -> bool:
+        """The next chunk as the current one; False at the end of the stream."""
+        if self._eof:
+            return False
+        data = self._next()
+        if not data:
+            self._eof = True
+            return False
         self._budget.add_bytes(len(data), self._what)
         if self._hashing:
             self.hash.update(data)
-        return data
+        self._view = memoryview(data)
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def read(self, n: int = CHUNK) -> bytes:
+        """``n`` bytes, fewer only at the end of the stream (tarfile's _Stream.read)."""
+        if n < 0:
+            n = CHUNK
+        if len(self._view) >= n:
+            out = bytes(self._view[:n])
+            self._view = self._view[n:]
+            self.pos += n
+            return out
+        parts = []
+        left = n
+        while left and (self._view or self._fill()):
+            take = self._view[:left]
+            parts.append(bytes(take))
+            self._view = self._view[len(take) :]
+            left -= len(take)
+        self.pos += n - left
+        return b"".join(parts)
+
+    def seek(self, pos: int) -> int:
+        """Skip ahead to ``pos`` (data nobody reads is still counted and hashed)."""
+        if pos < self.pos:
+            raise tarfile.StreamError("seeking backwards is not allowed")
+        left = pos - self.pos
+        while left and (self._view or self._fill()):
+            take = min(left, len(self._view))
+            self._view = self._view[take:]
+            left -= take
+            self.pos += take
+        return self.pos
+
+    def copy_to(self, fd: int, n: int) -> int:
+        """Write the next ``n`` bytes to ``fd``; how many there were (fewer at the end)."""
+        left = n
+        while left and (self._view or self._fill()):
+            take = self._view[:left]
+            _write_all(fd, take)
+            self._view = self._view[len(take) :]
+            left -= len(take)
+            self.pos += len(take)
+        return n - left
 
     def drain(self) -> None:
         """Hash what follows the tar's end blocks too: the diff_id covers every byte."""
-        while self.read(CHUNK):
-            pass
+        self._view = memoryview(b"")
+        while self._fill():
+            self.pos += len(self._view)
+        self._view = memoryview(b"")
 
 
 def _show(name: str) -> str:
@@ -287,6 +354,22 @@ class _ThreadedGunzip:
         except BaseException as e:  # handed to the reader, raised there
             self._q.put(e)
 
+    def read_chunk(self) -> bytes:
+        """The next inflated piece, whatever its size; b"" at the end."""
+        if self._buf:
+            data, self._buf = self._buf, b""
+            return data
+        if self._eof:
+            return b""
+        item = self._q.get()
+        if item is None:
+            self._eof = True
+            return b""
+        if isinstance(item, BaseException):
+            self._eof = True
+            raise item
+        return item
+
     def read(self, n: int = CHUNK) -> bytes:
         n = CHUNK if n < 0 else n
         while len(self._buf) < n and not self._eof:
@@ -402,7 +485,7 @@ class _Unpacker:
 
     # -- entries -------------------------------------------------------------
 
-    def entry(self, tf: tarfile.TarFile, m: tarfile.TarInfo) -> None:
+    def entry(self, stream: _TarStream, m: tarfile.TarInfo) -> None:
         entry = _show(m.name)
         self.budget.entries += 1
         if self.budget.entries > self.budget.max_entries:
@@ -425,7 +508,7 @@ class _Unpacker:
                     f"{m.size} B would take the image over {self.budget.max_bytes} B "
                     "(images.max_unpacked_bytes)",
                 )
-            self._file(tf, m, parts, entry)
+            self._file(stream, m, parts, entry)
         elif m.isdir():
             self._dir(m, parts, entry)
         elif m.issym():
@@ -484,20 +567,16 @@ class _Unpacker:
             os.close(dfd)
         self._mark(parts)
 
-    def _file(self, tf: tarfile.TarFile, m: tarfile.TarInfo, parts: Path_, entry: str) -> None:
-        src = tf.extractfile(m)
-        if src is None:
-            raise self._err(entry, "no data for a regular file")
+    def _file(self, stream: _TarStream, m: tarfile.TarInfo, parts: Path_, entry: str) -> None:
+        if stream.tell() != m.offset_data:  # tarfile and we disagree on where the data is
+            raise self._err(entry, f"data at {m.offset_data}, stream at {stream.tell()}")
 
         def create(dfd: int, name: str) -> None:
             self._remove(dfd, name)
             flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
             fd = os.open(name, flags, 0o600, dir_fd=dfd)
             try:
-                written = 0
-                while chunk := src.read(CHUNK):
-                    _write_all(fd, chunk)
-                    written += len(chunk)
+                written = stream.copy_to(fd, m.size)
                 if written != m.size:
                     raise self._err(entry, f"truncated: {written} of {m.size} B")
                 self._owner_mode(fd, m)
@@ -608,7 +687,7 @@ class _Unpacker:
                 os.close(fd)
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def _write_all(fd: int, data: bytes | memoryview) -> None:
     view = memoryview(data)
     while view:
         n = os.write(fd, view)
@@ -644,22 +723,21 @@ def unpack_layer(
     stream: Readable | None = None
     try:
         stream = _open_stream(raw, compression, what)
-        reader = _CountingReader(stream, budget, what)
+        reader = _TarStream(stream, budget, what)
         un = _Unpacker(root_fd, budget, what)
-        with tarfile.open(
-            fileobj=reader,  # type: ignore[call-overload]
-            mode="r|",
-            # Stream mode reads in bufsize steps (10 KiB by default): through the
-            # decompressor and the byte counter that was most of the unpack time.
-            bufsize=1 << 20,
+        # A TarFile on our forward-only stream is what tarfile.open(mode="r|")
+        # builds on its own _Stream; it only ever calls read, tell and seek ahead.
+        with tarfile.TarFile(
+            fileobj=reader,  # type: ignore[arg-type]
+            mode="r",
             tarinfo=safe_tarinfo(what),
             encoding="utf-8",
             errors="surrogateescape",
         ) as tf:
             while (m := tf.next()) is not None:
-                tf.members = []  # stream mode would keep every member in memory
+                tf.members = []  # type: ignore[attr-defined]  # else kept, every one
                 current = m.name
-                un.entry(tf, m)
+                un.entry(reader, m)
             current = ""
             reader.drain()
         un.finish()
