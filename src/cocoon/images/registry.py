@@ -29,18 +29,9 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TransferSpeedColumn,
-)
 
 import cocoon
 from cocoon.config import Config
@@ -66,6 +57,9 @@ from cocoon.images.manifest import (
     parse_manifest,
 )
 from cocoon.images.reference import DOCKER_HUB, DOCKER_HUB_API, Reference, parse
+
+if TYPE_CHECKING:  # rich is imported only for a terminal (_Bars)
+    from rich.progress import Progress, TaskID
 
 log = logging.getLogger(__name__)
 
@@ -257,6 +251,16 @@ class _Bars:
     def __init__(self, enabled: bool) -> None:
         self._p: Progress | None = None
         if enabled and sys.stderr.isatty():
+            # rich only here: ~30 ms of imports that a pull without a terminal never needs.
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                DownloadColumn,
+                Progress,
+                TextColumn,
+                TransferSpeedColumn,
+            )
+
             self._p = Progress(
                 TextColumn("{task.description}"),
                 BarColumn(),
