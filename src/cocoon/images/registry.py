@@ -26,6 +26,7 @@ import re
 import socket
 import ssl
 import sys
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from types import TracebackType
@@ -314,11 +315,30 @@ class RegistryClient:
         self._scheme = ""
         self._auth_lock = asyncio.Lock()
         self._logging_in = False
-        self._http = httpx.AsyncClient(
+        # Plain HTTP to an insecure registry needs no CA bundle: loading certifi's
+        # costs ~35 ms. Its client gets a context with no CA at all (so an https
+        # URL sent there would fail closed); a redirect or token realm on https
+        # gets a verifying client, made when first needed. With proxies from the
+        # environment (which may be https) everything goes the verifying way.
+        self._plain = not self.secure and not urllib.request.getproxies()
+        self._http = self._client(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT) if self._plain else True)
+        self._https: httpx.AsyncClient | None = None
+
+    @staticmethod
+    def _client(verify: ssl.SSLContext | bool) -> httpx.AsyncClient:
+        return httpx.AsyncClient(
             timeout=httpx.Timeout(READ_TIMEOUT_S, connect=CONNECT_TIMEOUT_S),
             follow_redirects=False,  # followed by hand: see _follow
             headers={"User-Agent": USER_AGENT},
+            verify=verify,
         )
+
+    def _client_for(self, url: httpx.URL) -> httpx.AsyncClient:
+        if self._plain and url.scheme != "http":
+            if self._https is None:
+                self._https = self._client(True)
+            return self._https
+        return self._http
 
     async def __aenter__(self) -> RegistryClient:
         return self
@@ -330,6 +350,8 @@ class RegistryClient:
         tb: TracebackType | None,
     ) -> None:
         await self._http.aclose()
+        if self._https is not None:
+            await self._https.aclose()
 
     # -- errors -------------------------------------------------------------
 
@@ -408,8 +430,8 @@ class RegistryClient:
             h = dict(headers)
             if self._authorization and _origin(url) == _origin(self.base):
                 h["Authorization"] = self._authorization
-            request = self._http.build_request(method, url, headers=h)
-            resp = await self._http.send(request, stream=True)
+            http = self._client_for(url)
+            resp = await http.send(http.build_request(method, url, headers=h), stream=True)
             location = resp.headers.get("location")
             if resp.status_code not in REDIRECT_STATUS or not location:
                 return resp
@@ -532,8 +554,8 @@ class RegistryClient:
         attempt = 0
         while True:
             try:
-                request = self._http.build_request("GET", url, headers=headers)
-                resp = await self._http.send(request, stream=True)
+                http = self._client_for(url)
+                resp = await http.send(http.build_request("GET", url, headers=headers), stream=True)
                 break
             except httpx.TransportError as e:
                 attempt += 1
