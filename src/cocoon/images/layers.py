@@ -53,13 +53,13 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import zstandard
 
 from cocoon.config import ImagesConfig
 from cocoon.errors import ImageError
-from cocoon.images.blobs import Readable
+from cocoon.images.blobs import BlobFile, Readable
 
 #: Linux NAME_MAX and PATH_MAX, in bytes.
 MAX_NAME_BYTES = 255
@@ -276,7 +276,7 @@ def _check_ids(m: tarfile.TarInfo, entry: str, what: str) -> None:
             raise ImageError(f"{what}: entry {entry}: {kind} {v!r} out of range")
 
 
-def _open_stream(raw: IO[bytes], compression: str, what: str) -> Readable:
+def _open_stream(raw: BlobFile, compression: str, what: str) -> Readable:
     """The decompressed stream of a layer blob, after checking its magic bytes."""
     head = raw.read(4)
     raw.seek(0)
@@ -289,7 +289,11 @@ def _open_stream(raw: IO[bytes], compression: str, what: str) -> Readable:
     if compression == "zstd":
         if head != ZSTD_MAGIC and head not in ZSTD_SKIPPABLE:
             raise ImageError(f"{what}: media type says zstd, but the blob is not zstd data")
-        reader: Readable = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+        # zstandard only calls read() on it (typed as IO).
+        reader: Readable = zstandard.ZstdDecompressor().stream_reader(
+            raw,  # type: ignore[arg-type]
+            read_across_frames=True,
+        )
         return reader
     if compression == "none":
         if head[:2] == GZIP_MAGIC or head == ZSTD_MAGIC:
@@ -313,7 +317,7 @@ class _ThreadedGunzip:
 
     DEPTH = 8
 
-    def __init__(self, raw: IO[bytes]) -> None:
+    def __init__(self, raw: Readable) -> None:
         self._raw = raw
         #: the diff_id, hashed here too: hashlib also lets go of the GIL
         self.hash = hashlib.sha256()
@@ -695,7 +699,7 @@ def _write_all(fd: int, data: bytes | memoryview) -> None:
 
 
 def unpack_layer(
-    blob: Path,
+    blob: Path | BlobFile,
     compression: str,
     root: Path,
     budget: Budget,
@@ -709,15 +713,20 @@ def unpack_layer(
     magic bytes must agree. With ``diff_id``, a mismatch raises ImageError:
     the caller must then discard ``root`` (the tree is already written).
     Any refusal leaves ``root`` partly written and nothing outside it touched.
+    ``blob`` is a path, or an open file (a blob still arriving: BlobFollower).
     """
-    try:
-        raw = open(blob, "rb")  # noqa: SIM115 (closed below)
-    except FileNotFoundError:
-        raise ImageError(f"{what}: blob {blob.name[:12]} is not in the store") from None
+    if isinstance(blob, Path):
+        try:
+            raw: BlobFile = open(blob, "rb")  # noqa: SIM115 (closed below)
+        except FileNotFoundError:
+            raise ImageError(f"{what}: blob {blob.name[:12]} is not in the store") from None
+    else:
+        raw = blob  # the caller's to close
     try:
         root_fd = os.open(root, _DIR_FLAGS)
     except OSError as e:
-        raw.close()
+        if raw is not blob:
+            raw.close()
         raise ImageError(f"{what}: cannot open staging root {root}: {e.strerror}") from None
     current = ""
     stream: Readable | None = None
@@ -748,7 +757,8 @@ def unpack_layer(
         if isinstance(stream, _ThreadedGunzip):
             stream.close()
         os.close(root_fd)
-        raw.close()
+        if raw is not blob:
+            raw.close()
     got = "sha256:" + reader.hash.hexdigest()
     if diff_id is not None and got != diff_id:
         raise ImageError(

@@ -27,7 +27,7 @@ import socket
 import ssl
 import sys
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -801,6 +801,18 @@ class RegistryClient:
     async def pull(
         self, store: BlobStore, ref: Reference, platform: Platform | None, progress: bool
     ) -> PulledImage:
+        pulled = await self.resolve(store, ref, platform)
+        await self.fetch_layers(store, pulled.layers, progress, f"pull {ref.familiar}")
+        log.info(
+            "pulled %s (%s, %d layers)", ref.canonical, pulled.manifest_digest, len(pulled.layers)
+        )
+        return pulled
+
+    async def resolve(
+        self, store: BlobStore, ref: Reference, platform: Platform | None
+    ) -> PulledImage:
+        """Manifest (through the index, if any) and config into ``store``, verified and
+        checked; the layers are left to fetch_layers."""
         what = f"pull {ref.familiar}"
         if ref.digest:
             data, media_type, digest = await self._by_digest(store, ref.digest, what)
@@ -849,8 +861,6 @@ class RegistryClient:
                     f"{what}: layer {layer.digest[:19]} is {layer.size} B, more than "
                     f"images.max_layer_bytes = {cap}"
                 )
-        await self.fetch_layers(store, manifest.layers, progress, what)
-        log.info("pulled %s (%s, %d layers)", ref.canonical, digest, len(manifest.layers))
         return PulledImage(
             reference=ref.canonical,
             manifest_digest=digest,
@@ -876,11 +886,19 @@ async def pull(
     ``auth.lookup`` (cocoon's auth.json, then docker's config.json).
     """
     r = ref if isinstance(ref, Reference) else parse(ref)
-    creds = auth.lookup(cfg, r.domain)
-    async with RegistryClient(cfg, r.domain, creds, repository=r.repository) as client:
+    async with connect(cfg, r) as client:
+        return await client.pull(store, r, platform, progress)
+
+
+@contextlib.asynccontextmanager
+async def connect(cfg: Config, ref: Reference) -> AsyncIterator[RegistryClient]:
+    """A client for ``ref``'s registry and repository, with the credentials
+    ``auth.lookup`` finds (cocoon's auth.json, then docker's config.json)."""
+    creds = auth.lookup(cfg, ref.domain)
+    async with RegistryClient(cfg, ref.domain, creds, repository=ref.repository) as client:
         try:
-            return await client.pull(store, r, platform, progress)
+            yield client
         except httpx.HTTPError as e:
             # Every expected failure is mapped where it happens; this is the layer
             # edge, so that an unforeseen one (a broken Content-Encoding) is one line too.
-            raise ImageError(f"pull {r.familiar}: {_reason(e)}") from None
+            raise ImageError(f"pull {ref.familiar}: {_reason(e)}") from None
