@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+import httpcore
 import httpx
 
 import cocoon
@@ -64,6 +65,8 @@ if TYPE_CHECKING:  # rich is imported only for a terminal (_Bars)
 
 log = logging.getLogger(__name__)
 
+#: Bytes per socket read of a response body (httpcore's default is 64 KiB).
+READ_BYTES = 256 << 10
 #: A registry that accepts no TCP connection in this long is down, not slow.
 CONNECT_TIMEOUT_S = 15.0
 #: Longest silence inside one response (a stalled CDN); the whole layer may take longer.
@@ -81,6 +84,12 @@ ACCEPT = ", ".join((OCI_INDEX, DOCKER_LIST, OCI_MANIFEST, DOCKER_MANIFEST))
 RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
 REDIRECT_STATUS = frozenset({301, 302, 303, 307, 308})
 USER_AGENT = f"cocoon/{cocoon.__version__}"
+
+# httpcore reads a response 64 KiB at a time, and every read goes through h11,
+# httpcore and httpx in Python: for layer bodies 256 KiB reads cut the CPU of a
+# download by a fifth. A class attribute of httpcore's HTTP/1.1 connection.
+if getattr(httpcore.AsyncHTTP11Connection, "READ_NUM_BYTES", 0) < READ_BYTES:
+    httpcore.AsyncHTTP11Connection.READ_NUM_BYTES = READ_BYTES
 
 _CHALLENGE_PARAM = re.compile(r'\s*([A-Za-z0-9_-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^,\s]*)\s*,?')
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
@@ -714,7 +723,8 @@ class RegistryClient:
                 w.abort()  # cancelled by a sibling's failure or Ctrl-C: keep it for a resume
                 raise
             try:
-                w.commit()
+                # fsync + rename off the event loop: the other layers keep downloading.
+                await asyncio.to_thread(w.commit)
             except ImageError as e:
                 if resumed and not from_zero:
                     log.info("%s: resumed blob failed verification; fetching it again", label)
