@@ -133,10 +133,9 @@ class _TarStream:
     def __init__(self, src: Readable, budget: Budget, what: str) -> None:
         self._budget = budget
         self._what = what
-        # A source that hashes as it produces (the threaded gunzip) is not hashed twice.
-        own = getattr(src, "hash", None)
-        self._hashing = own is None
-        self.hash = own if own is not None else hashlib.sha256()
+        # Hashed here, not in the gunzip thread: inflating is the slower half of
+        # the two, and this thread mostly waits on it (hashlib lets go of the GIL).
+        self.hash = hashlib.sha256()
         chunk = getattr(src, "read_chunk", None)
         self._next: Callable[[], bytes] = chunk if chunk is not None else lambda: src.read(CHUNK)
         self._view = memoryview(b"")
@@ -152,8 +151,7 @@ class _TarStream:
             self._eof = True
             return False
         self._budget.add_bytes(len(data), self._what)
-        if self._hashing:
-            self.hash.update(data)
+        self.hash.update(data)
         self._view = memoryview(data)
         return True
 
@@ -319,8 +317,6 @@ class _ThreadedGunzip:
 
     def __init__(self, raw: Readable) -> None:
         self._raw = raw
-        #: the diff_id, hashed here too: hashlib also lets go of the GIL
-        self.hash = hashlib.sha256()
         self._q: queue.Queue[bytes | BaseException | None] = queue.Queue(self.DEPTH)
         self._buf = b""
         self._eof = False
@@ -342,7 +338,6 @@ class _ThreadedGunzip:
                     # and the reader's budget stops it; the queue bounds what waits.
                     out = d.decompress(data, OUT_CHUNK)
                     if out:
-                        self.hash.update(out)
                         self._q.put(out)
                     if d.eof:
                         rest = d.unused_data
