@@ -303,3 +303,35 @@ def test_file_data_across_chunks_and_cut_mid_file(
     with pytest.raises(ImageError, match=r"entry 'big'.*truncated") as e:
         apply(tmp_path, root, cut, how)
     assert len(str(e.value).splitlines()) == 1
+
+
+def test_opened_layer_inflates_ahead_without_waiting(
+    tmp_path: Path, env: tuple[Path, Path]
+) -> None:
+    """open_layer of a gzip blob still arriving returns at once (its thread waits);
+    a layer opened and never applied is closed with its thread."""
+    import threading
+    import time
+
+    from cocoon.images.blobs import BlobStore
+    from cocoon.images.layers import open_layer
+
+    root, _ = env
+    store = BlobStore(tmp_path / "blobs")
+    tar = Tar().file("f", b"late").bytes()
+    gz = compress(tar, "gzip")
+    stop = threading.Event()
+    t0 = time.monotonic()
+    layer = open_layer(store.follow(dg(gz), stop), "gzip", "test layer")
+    assert time.monotonic() - t0 < 0.5
+    store.put(dg(gz), gz)
+    assert unpack_layer(layer, "gzip", root, Budget(1 << 30, 100)) == dg(tar)
+    assert (root / "f").read_bytes() == b"late"
+
+    before = threading.active_count()
+    never = open_layer(store.follow(dg(b"never"), stop), "gzip", "test layer")
+    assert threading.active_count() == before + 1
+    stop.set()
+    store.wake_followers()
+    never.close()
+    assert threading.active_count() == before

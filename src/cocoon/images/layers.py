@@ -275,15 +275,14 @@ def _check_ids(m: tarfile.TarInfo, entry: str, what: str) -> None:
 
 
 def _open_stream(raw: BlobFile, compression: str, what: str) -> Readable:
-    """The decompressed stream of a layer blob, after checking its magic bytes."""
+    """The decompressed stream of a layer blob, after checking its magic bytes
+    (gzip's are checked by its thread: opening one never waits for the blob)."""
+    if compression == "gzip":
+        return _ThreadedGunzip(raw, what)
     head = raw.read(4)
     raw.seek(0)
     if not head:
         raise ImageError(f"{what}: the layer blob is empty")
-    if compression == "gzip":
-        if head[:2] != GZIP_MAGIC:
-            raise ImageError(f"{what}: media type says gzip, but the blob is not gzip data")
-        return _ThreadedGunzip(raw)
     if compression == "zstd":
         if head != ZSTD_MAGIC and head not in ZSTD_SKIPPABLE:
             raise ImageError(f"{what}: media type says zstd, but the blob is not zstd data")
@@ -315,8 +314,9 @@ class _ThreadedGunzip:
 
     DEPTH = 8
 
-    def __init__(self, raw: Readable) -> None:
+    def __init__(self, raw: Readable, what: str = "layer") -> None:
         self._raw = raw
+        self._what = what
         self._q: queue.Queue[bytes | BaseException | None] = queue.Queue(self.DEPTH)
         self._buf = b""
         self._eof = False
@@ -326,9 +326,18 @@ class _ThreadedGunzip:
 
     def _run(self) -> None:
         try:
+            pending = self._raw.read(IN_CHUNK)
+            while 0 < len(pending) < 2 and (more := self._raw.read(IN_CHUNK)):
+                pending += more
+            if not pending:
+                raise ImageError(f"{self._what}: the layer blob is empty")
+            if pending[:2] != GZIP_MAGIC:
+                raise ImageError(
+                    f"{self._what}: media type says gzip, but the blob is not gzip data"
+                )
             d = zlib.decompressobj(wbits=31)
             while not self._stop.is_set():
-                data = self._raw.read(IN_CHUNK)
+                data, pending = (pending, b"") if pending else (self._raw.read(IN_CHUNK), b"")
                 if not data:
                     if not d.eof:
                         raise EOFError("compressed data ended before the end of the gzip stream")
@@ -693,8 +702,50 @@ def _write_all(fd: int, data: bytes | memoryview) -> None:
         view = view[n:]
 
 
+class OpenedLayer:
+    """A layer blob opened for unpacking: a gzip one is already being inflated by
+    its thread. So the store opens layer N+1 while it applies layer N, and the
+    two inflate at once (on two cores); at most the gunzip queue is held ahead.
+    Closed by unpack_layer, or by ``close`` if it never gets there.
+    """
+
+    def __init__(
+        self, blob: Path | BlobFile, compression: str, what: str, *, close_blob: bool = True
+    ) -> None:
+        self.compression = compression
+        self.what = what
+        self._close_raw = close_blob or isinstance(blob, Path)
+        if isinstance(blob, Path):
+            try:
+                self.raw: BlobFile = open(blob, "rb")  # noqa: SIM115 (closed by close)
+            except FileNotFoundError:
+                raise ImageError(f"{what}: blob {blob.name[:12]} is not in the store") from None
+        else:
+            self.raw = blob
+        self._stream: Readable | None = None
+        if compression == "gzip":
+            self._stream = _open_stream(self.raw, compression, what)
+
+    def stream(self) -> Readable:
+        if self._stream is None:
+            self._stream = _open_stream(self.raw, self.compression, self.what)
+        return self._stream
+
+    def close(self) -> None:
+        """Stop the inflating thread, then close the blob (unless told not to)."""
+        if isinstance(self._stream, _ThreadedGunzip):
+            self._stream.close()
+        if self._close_raw:
+            self.raw.close()
+
+
+def open_layer(blob: Path | BlobFile, compression: str, what: str = "layer") -> OpenedLayer:
+    """Open a layer blob for unpack_layer; a gzip one starts inflating now."""
+    return OpenedLayer(blob, compression, what)
+
+
 def unpack_layer(
-    blob: Path | BlobFile,
+    blob: Path | BlobFile | OpenedLayer,
     compression: str,
     root: Path,
     budget: Budget,
@@ -708,26 +759,22 @@ def unpack_layer(
     magic bytes must agree. With ``diff_id``, a mismatch raises ImageError:
     the caller must then discard ``root`` (the tree is already written).
     Any refusal leaves ``root`` partly written and nothing outside it touched.
-    ``blob`` is a path, or an open file (a blob still arriving: BlobFollower).
+    ``blob`` is a path, an open file (the caller's to close), or an OpenedLayer
+    (closed here).
     """
-    if isinstance(blob, Path):
-        try:
-            raw: BlobFile = open(blob, "rb")  # noqa: SIM115 (closed below)
-        except FileNotFoundError:
-            raise ImageError(f"{what}: blob {blob.name[:12]} is not in the store") from None
-    else:
-        raw = blob  # the caller's to close
+    layer = (
+        blob
+        if isinstance(blob, OpenedLayer)
+        else OpenedLayer(blob, compression, what, close_blob=False)
+    )
     try:
         root_fd = os.open(root, _DIR_FLAGS)
     except OSError as e:
-        if raw is not blob:
-            raw.close()
+        layer.close()
         raise ImageError(f"{what}: cannot open staging root {root}: {e.strerror}") from None
     current = ""
-    stream: Readable | None = None
     try:
-        stream = _open_stream(raw, compression, what)
-        reader = _TarStream(stream, budget, what)
+        reader = _TarStream(layer.stream(), budget, what)
         un = _Unpacker(root_fd, budget, what)
         # A TarFile on our forward-only stream is what tarfile.open(mode="r|")
         # builds on its own _Stream; it only ever calls read, tell and seek ahead.
@@ -749,11 +796,8 @@ def unpack_layer(
         at = f" (at entry {_show(current)})" if current else ""
         raise ImageError(f"{what}: corrupt or unwritable layer{at}: {e}") from e
     finally:
-        if isinstance(stream, _ThreadedGunzip):
-            stream.close()
+        layer.close()
         os.close(root_fd)
-        if raw is not blob:
-            raw.close()
     got = "sha256:" + reader.hash.hexdigest()
     if diff_id is not None and got != diff_id:
         raise ImageError(

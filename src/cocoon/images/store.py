@@ -57,7 +57,7 @@ from typing import Any
 from cocoon.config import Config
 from cocoon.errors import ImageError, StateError
 from cocoon.images.blobs import BlobFile, BlobRestarted, BlobStore, check_digest
-from cocoon.images.layers import Budget, unpack_layer
+from cocoon.images.layers import Budget, OpenedLayer, open_layer, unpack_layer
 from cocoon.images.manifest import (
     MAX_CONFIG,
     MAX_MANIFEST,
@@ -601,20 +601,33 @@ class ImageStore:
     ) -> None:
         budget = Budget.from_config(self.cfg.images)
         n = len(mf.layers)
+
+        def what(i: int) -> str:
+            return f"layer {i + 1}/{n} ({mf.layers[i].digest[:19]})"
+
+        def opened(i: int) -> OpenedLayer | None:
+            if i >= n:
+                return None
+            d = mf.layers[i]
+            return open_layer(open_blob(d), d.compression, what(i))
+
+        nxt = opened(0)
         for i, (d, diff_id) in enumerate(zip(mf.layers, config.diff_ids, strict=True)):
-            blob = open_blob(d)
+            cur = nxt
+            assert cur is not None
             try:
-                unpack_layer(
-                    blob,
-                    d.compression,
-                    rootfs,
-                    budget,
-                    diff_id=diff_id,
-                    what=f"layer {i + 1}/{n} ({d.digest[:19]})",
-                )
-            finally:
-                if not isinstance(blob, Path):
-                    blob.close()
+                # The next layer is opened now: a gzip one inflates (its own
+                # thread) while this one is applied.
+                nxt = opened(i + 1)
+            except BaseException:
+                cur.close()
+                raise
+            try:
+                unpack_layer(cur, d.compression, rootfs, budget, diff_id=diff_id, what=what(i))
+            except BaseException:
+                if nxt is not None:
+                    nxt.close()
+                raise
 
     def _mkfs(self, mf: Manifest, staging: Path) -> Path:
         """mkfs.erofs of staging/rootfs into staging/image.erofs, fsync'd: the image path.
