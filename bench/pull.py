@@ -6,7 +6,8 @@
 Everything stays on 127.0.0.1: Debian's docker-registry with its own config
 and storage, the image built here from generated files and pushed with skopeo.
 Each side pays its process start-up and its own durability (skopeo fsyncs the
-blobs; cocoon fsyncs the blobs and the erofs image; umoci syncs nothing); the
+blobs; cocoon fsyncs the blobs and the erofs image; umoci syncs nothing); both
+run quiet (`-q`: no progress bars even when the bench runs on a terminal); the
 two alternate which goes first; cocoon's package is byte-compiled first, as an
 installed one is.
 
@@ -184,7 +185,7 @@ def main() -> None:
         def cocoon_pull(i: int) -> None:
             data = work / f"cocoon-data-{i}"
             env = dict(os.environ, COCOON_DATA_DIR=str(data))
-            ours.append(timed([sys.executable, "-m", "cocoon.cli", "pull", ref], env=env))
+            ours.append(timed([sys.executable, "-m", "cocoon.cli", "pull", "-q", ref], env=env))
             shutil.rmtree(data, ignore_errors=True)
 
         def skopeo_umoci(i: int) -> None:
