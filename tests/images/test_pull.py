@@ -37,6 +37,7 @@ from cocoon.images.manifest import (
     parse_config,
 )
 from cocoon.images.registry import PulledImage, pull
+from cocoon.images.store import ImageStore
 
 from .conftest import Pushed
 from .layout import Image
@@ -141,6 +142,36 @@ def test_second_pull_downloads_no_blob(pushed: Pushed, cfg: Config, store: BlobS
     before = blob_gets()
     assert_complete(store, run_pull(cfg, store, ref), pushed.mixed)
     assert blob_gets() == before
+
+
+def test_cocoon_pull_command(pushed: Pushed, tmp_path: Path) -> None:
+    """`cocoon pull`: the image id alone on stdout, the digest on stderr, the image
+    recorded with its erofs (layers unpacked as they arrived); again: same id."""
+    ref = f"{pushed.host}/test/mixed:1"
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(Path(cocoon.__file__).parents[1]),
+        COCOON_DATA_DIR=str(tmp_path / "data"),
+    )
+    ids = []
+    for _ in range(2):
+        p = subprocess.run(
+            [sys.executable, "-m", "cocoon.cli", "pull", ref],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert p.returncode == 0, p.stderr
+        assert p.stderr.strip() == f"Digest: {pushed.mixed.manifest_digest}"
+        ids.append(p.stdout)
+    assert ids[0] == ids[1] and re.fullmatch(r"sha256:[0-9a-f]{64}\n", ids[0])
+    images = ImageStore(Config(data_dir=str(tmp_path / "data")))
+    (img,) = images.list()
+    assert img.id == ids[0].strip() and img.repo_tags == [ref]
+    assert Path(img.erofs).stat().st_size == img.size > 0
+    assert list(images.tmp_dir.iterdir()) == []
+    assert list((images.blobs.root / "ingest").iterdir()) == []
 
 
 @pytest.mark.parametrize("arch", ["amd64", "arm64"])
