@@ -8,6 +8,7 @@ reference is tried as an image id (prefix).
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from cocoon.config import Config
@@ -15,6 +16,8 @@ from cocoon.errors import ImageError
 from cocoon.images import reference
 from cocoon.images.manifest import Platform
 from cocoon.images.store import Image, ImageStore
+
+log = logging.getLogger(__name__)
 
 
 def canonical(text: str) -> str | None:
@@ -48,9 +51,11 @@ async def pull(cfg: Config, text: str, platform: str | None = None, progress: bo
         fetch = client.fetch_layers(store.blobs, pulled.layers, progress, f"pull {ref.familiar}")
         tags = [ref.name + f":{ref.tag}"] if ref.tag else []
         repo_digest = f"{ref.name}@{pulled.index_digest or pulled.manifest_digest}"
-        return await store.add_pulled(
+        img = await store.add_pulled(
             pulled.manifest_digest, fetch, tags, repo_digests=[repo_digest]
         )
+    log.info("pulled %s (%s, %d layers)", ref.canonical, img.manifest_digest, len(img.layers))
+    return img
 
 
 async def get(
