@@ -12,6 +12,7 @@ import hashlib
 import os
 import pty
 import re
+import ssl
 import subprocess
 import sys
 import threading
@@ -36,6 +37,7 @@ from cocoon.images.manifest import (
     parse_config,
 )
 from cocoon.images.registry import PulledImage, pull
+from cocoon.images.store import ImageStore
 
 from .conftest import Pushed
 from .layout import Image
@@ -142,6 +144,36 @@ def test_second_pull_downloads_no_blob(pushed: Pushed, cfg: Config, store: BlobS
     assert blob_gets() == before
 
 
+def test_cocoon_pull_command(pushed: Pushed, tmp_path: Path) -> None:
+    """`cocoon pull`: the image id alone on stdout, the digest on stderr, the image
+    recorded with its erofs (layers unpacked as they arrived); again: same id."""
+    ref = f"{pushed.host}/test/mixed:1"
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(Path(cocoon.__file__).parents[1]),
+        COCOON_DATA_DIR=str(tmp_path / "data"),
+    )
+    ids = []
+    for _ in range(2):
+        p = subprocess.run(
+            [sys.executable, "-m", "cocoon.cli", "pull", ref],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert p.returncode == 0, p.stderr
+        assert p.stderr.strip() == f"Digest: {pushed.mixed.manifest_digest}"
+        ids.append(p.stdout)
+    assert ids[0] == ids[1] and re.fullmatch(r"sha256:[0-9a-f]{64}\n", ids[0])
+    images = ImageStore(Config(data_dir=str(tmp_path / "data")))
+    (img,) = images.list()
+    assert img.id == ids[0].strip() and img.repo_tags == [ref]
+    assert Path(img.erofs).stat().st_size == img.size > 0
+    assert list(images.tmp_dir.iterdir()) == []
+    assert list((images.blobs.root / "ingest").iterdir()) == []
+
+
 @pytest.mark.parametrize("arch", ["amd64", "arm64"])
 def test_index_picks_platform(pushed: Pushed, cfg: Config, store: BlobStore, arch: str) -> None:
     got = run_pull(cfg, store, f"{pushed.host}/test/multi:1", f"linux/{arch}")
@@ -237,7 +269,8 @@ class _Redirector:
                 if "/blobs/" in self.path:
                     front.redirects += 1
                     self.send_response(307)
-                    self.send_header("Location", f"http://{blob_host}{self.path}")
+                    base = blob_host if "://" in blob_host else f"http://{blob_host}"
+                    self.send_header("Location", f"{base}{self.path}")
                     self.send_header("Content-Length", "0")
                     self.end_headers()
                     return
@@ -283,6 +316,68 @@ def test_blobs_redirected_to_storage(
     got = run_pull(cfg, store, f"{redirector.host}/test/mixed:1")
     assert_complete(store, got, pushed.mixed)
     assert redirector.redirects == 1 + len(pushed.mixed.layers)  # config + layers
+
+
+class _TLSProxy:
+    """Blob storage on https (a cert for IP 127.0.0.1 made here): proxies GETs to the registry."""
+
+    def __init__(self, target: str, tmp: Path) -> None:
+        self.cert = tmp / "cert.pem"
+        key = tmp / "key.pem"
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"]
+            + ["-nodes", "-keyout", str(key), "-out", str(self.cert), "-days", "2"]
+            + ["-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+            check=True,
+            capture_output=True,
+        )
+        self.served = 0
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                proxy.served += 1
+                with urllib.request.urlopen(f"http://{target}{self.path}", timeout=10) as r:
+                    body = r.read()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(self.cert, key)
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.socket = ctx.wrap_socket(self.httpd.socket, server_side=True)
+        self.url = f"https://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_plain_http_registry_redirected_to_https_verifies_tls(
+    pushed: Pushed, cfg: Config, store: BlobStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An insecure (plain HTTP) registry's client carries no CA bundle; a hop to
+    https still gets a verifying one: an untrusted cert is refused, the same
+    cert made trusted (SSL_CERT_FILE) is accepted."""
+    tls = _TLSProxy(pushed.host, tmp_path)
+    front = _Redirector(pushed.host, tls.url)
+    try:
+        ref = f"{front.host}/test/mixed:1"
+        with pytest.raises(ImageError, match="TLS certificate not trusted"):
+            run_pull(cfg, store, ref)
+        monkeypatch.setenv("SSL_CERT_FILE", str(tls.cert))
+        got = run_pull(cfg, store, ref)
+        assert_complete(store, got, pushed.mixed)
+        assert tls.served >= len(pushed.mixed.layers)
+    finally:
+        front.close()
+        tls.close()
 
 
 @pytest.mark.parametrize("redirector", ["127.0.0.2:9"], indirect=True)

@@ -15,9 +15,10 @@ import pytest
 
 from cocoon.config import Config
 from cocoon.errors import ImageError
-from cocoon.images import registry
+from cocoon.images import registry, service
 from cocoon.images.blobs import BlobStore, BlobWriter
 from cocoon.images.registry import PulledImage, pull
+from cocoon.images.store import ImageStore
 
 from .layout import Layout
 from .servers import Registry, push
@@ -132,3 +133,41 @@ def test_registry_killed_mid_pull_then_resumed(
         rf'"GET /v2/big/app/blobs/{big.digest} HTTP/1.1" (\d+) (\d+)', own_registry.log_text()
     )
     assert sent[-1] == ("206", str(big.size - kept))
+
+
+@pytest.mark.timeout(90)
+def test_registry_killed_while_layers_are_unpacked_then_pulled_again(
+    own_registry: Registry, tmp_path: Path, cfg: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`cocoon pull` unpacks layers as they arrive: a registry that dies meanwhile
+    leaves no image, no erofs and no staging dir, only the partial to resume."""
+    lay = Layout(tmp_path / "layout")
+    big_data = os.urandom(BIG // 2)
+    image = lay.image([({"small": b"small"}, "gzip"), ({"big.bin": big_data}, "gzip")])
+    lay.tag("big", image.manifest_digest, image.manifest_size)
+    own_registry.start()
+    ref = f"{own_registry.host}/big/app:1"
+    push(lay.root, "big", ref)
+    big = image.layers[1]
+    real_write = BlobWriter.write
+
+    def write_then_kill(self: BlobWriter, data: bytes) -> None:
+        real_write(self, data)
+        if self.digest == big.digest and self.offset >= KILL_AT and own_registry.proc:
+            own_registry.kill()
+
+    monkeypatch.setattr(BlobWriter, "write", write_then_kill)
+    monkeypatch.setattr(registry, "BACKOFF_S", 0.05)
+    with pytest.raises(ImageError, match="unreachable: connection refused"):
+        asyncio.run(service.pull(cfg, ref, progress=False))
+    images = ImageStore(cfg)
+    assert images.list() == [] and list(images.erofs_dir.iterdir()) == []
+    assert list(images.tmp_dir.iterdir()) == []
+    assert list(ingest(images.blobs)) == [big.digest[7:] + ".partial"]
+
+    monkeypatch.setattr(BlobWriter, "write", real_write)
+    own_registry.start()
+    img = asyncio.run(service.pull(cfg, ref, progress=False))
+    assert img.repo_tags == [ref] and Path(img.erofs).is_file()
+    assert [x.digest for x in img.layers] == [x.digest for x in image.layers]
+    assert ingest(images.blobs) == {} and list(images.tmp_dir.iterdir()) == []

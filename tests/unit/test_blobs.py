@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
-from cocoon.images.blobs import BlobStore, ImageError, check_digest
+from cocoon.images.blobs import (
+    BlobFollower,
+    BlobRestarted,
+    BlobStore,
+    FollowStopped,
+    ImageError,
+    check_digest,
+)
 
 
 def dg(b: bytes) -> str:
@@ -78,3 +88,82 @@ def test_ingest_computes_the_digest(tmp_path: Path) -> None:
     with pytest.raises(ImageError, match="larger than"):
         s.ingest(io.BytesIO(data), 10)
     assert list((tmp_path / "ingest").iterdir()) == []
+
+
+def _read_all(f: BlobFollower, out: list[bytes], errors: list[BaseException]) -> None:
+    try:
+        while chunk := f.read(1000):
+            out.append(chunk)
+    except BaseException as e:  # handed to the test thread
+        errors.append(e)
+
+
+def _following(
+    s: BlobStore, d: str, stop: threading.Event
+) -> tuple[threading.Thread, list[bytes], list[BaseException]]:
+    out: list[bytes] = []
+    errors: list[BaseException] = []
+    t = threading.Thread(target=_read_all, args=(s.follow(d, stop), out, errors), daemon=True)
+    t.start()
+    return t, out, errors
+
+
+def test_follow_a_blob_while_it_is_written(tmp_path: Path) -> None:
+    """A follower gets the bytes as they are written, waits when it caught up,
+    and sees the end only once the blob is committed; a stored blob is just read."""
+    s = BlobStore(tmp_path)
+    data = os.urandom(50_000)
+    d = dg(data)
+    t, out, errors = _following(s, d, threading.Event())  # before the writer exists
+    w = s.writer(d, len(data))
+    for i in range(0, len(data), 7_000):
+        w.write(data[i : i + 7_000])
+        time.sleep(0.01)
+        assert t.is_alive()  # caught up: waiting, not at an end
+    w.commit()
+    t.join(5)
+    assert not errors and b"".join(out) == data
+    t, out, errors = _following(s, d, threading.Event())
+    t.join(5)
+    assert not errors and b"".join(out) == data
+
+
+def test_follow_a_resumed_blob_and_a_restarted_one(tmp_path: Path) -> None:
+    """A partial resumed (same file) is followed on; one thrown away (a new file)
+    makes the follower raise BlobRestarted: the bytes it read may not be the blob's."""
+    s = BlobStore(tmp_path)
+    data = os.urandom(30_000)
+    d = dg(data)
+    w = s.writer(d, len(data))
+    w.write(data[:10_000])
+    t, out, errors = _following(s, d, threading.Event())
+    w.abort()  # a broken connection: the partial stays for a resume
+    w = s.writer(d, len(data))
+    w.write(data[10_000:])
+    w.commit()
+    t.join(5)
+    assert not errors and b"".join(out) == data
+
+    data2 = os.urandom(30_000)
+    d2 = dg(data2)
+    w = s.writer(d2, len(data2))
+    w.write(data2[:10_000])
+    t, out, errors = _following(s, d2, threading.Event())
+    time.sleep(0.05)
+    w.abort(keep_partial=False)  # the registry refused the resume: from byte 0 again
+    w = s.writer(d2, len(data2))
+    w.write(data2)
+    w.commit()
+    t.join(5)
+    assert [type(e) for e in errors] == [BlobRestarted]
+
+
+def test_follow_stops_when_told(tmp_path: Path) -> None:
+    s = BlobStore(tmp_path)
+    stop = threading.Event()
+    t, _, errors = _following(s, dg(b"never comes"), stop)
+    time.sleep(0.05)
+    stop.set()
+    s.wake_followers()
+    t.join(0.5)
+    assert not t.is_alive() and [type(e) for e in errors] == [FollowStopped]

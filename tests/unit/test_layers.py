@@ -282,3 +282,56 @@ def test_gzip_bomb_stops_at_the_budget_in_bounded_steps(
     with pytest.raises(ImageError):
         unpack_layer(blob, "gzip", root, Budget(64 << 20, 100))
     assert time.monotonic() - t0 < 10
+
+
+@pytest.mark.parametrize("how", ["none", "gzip", "zstd"])
+def test_file_data_across_chunks_and_cut_mid_file(
+    tmp_path: Path, env: tuple[Path, Path], how: str
+) -> None:
+    """File data goes straight from the decompressor's chunks to the files: sizes
+    that straddle chunk (1 MiB) and block (512 B) boundaries come out whole, and
+    a stream cut inside a file's data is refused, not written short."""
+    root, _ = env
+    big, odd = os.urandom((3 << 20) + 517), os.urandom(1001)
+    layer = Tar().file("a", odd).file("big", big).file("b", b"x" * 513).file("e", b"").bytes()
+    apply(tmp_path, root, layer, how)
+    assert (root / "big").read_bytes() == big
+    assert (root / "a").read_bytes() == odd
+    assert (root / "b").read_bytes() == b"x" * 513
+    assert (root / "e").read_bytes() == b""
+    cut = layer[: 512 * 3 + (2 << 20)]  # inside big's data
+    with pytest.raises(ImageError, match=r"entry 'big'.*truncated") as e:
+        apply(tmp_path, root, cut, how)
+    assert len(str(e.value).splitlines()) == 1
+
+
+def test_opened_layer_inflates_ahead_without_waiting(
+    tmp_path: Path, env: tuple[Path, Path]
+) -> None:
+    """open_layer of a gzip blob still arriving returns at once (its thread waits);
+    a layer opened and never applied is closed with its thread."""
+    import threading
+    import time
+
+    from cocoon.images.blobs import BlobStore
+    from cocoon.images.layers import open_layer
+
+    root, _ = env
+    store = BlobStore(tmp_path / "blobs")
+    tar = Tar().file("f", b"late").bytes()
+    gz = compress(tar, "gzip")
+    stop = threading.Event()
+    t0 = time.monotonic()
+    layer = open_layer(store.follow(dg(gz), stop), "gzip", "test layer")
+    assert time.monotonic() - t0 < 0.5
+    store.put(dg(gz), gz)
+    assert unpack_layer(layer, "gzip", root, Budget(1 << 30, 100)) == dg(tar)
+    assert (root / "f").read_bytes() == b"late"
+
+    before = threading.active_count()
+    never = open_layer(store.follow(dg(b"never"), stop), "gzip", "test layer")
+    assert threading.active_count() == before + 1
+    stop.set()
+    store.wake_followers()
+    never.close()
+    assert threading.active_count() == before

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import json
 import os
 import stat
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from cocoon.config import Config
 from cocoon.errors import ImageError, StateError
 from cocoon.images import store as store_mod
-from cocoon.images.store import ImageStore, repository_of
-from tests.unit.imagekit import Tar, add_image, dg, make_image, mounted
+from cocoon.images.store import Image, ImageStore, repository_of
+from tests.unit.imagekit import Tar, add_image, compress, dg, make_image, mounted
 
 BASE = Tar().dir("bin").file("bin/sh", b"#!shell", mode=0o755).file("etc/os", b"base").bytes()
 APP = Tar().file("app/run", b"app", mode=0o4755, uid=1000, gid=1000).file(".wh.etc", b"").bytes()
@@ -225,3 +229,152 @@ def test_corrupt_index_is_a_state_error(store: ImageStore) -> None:
 )
 def test_repository_of(ref: str, repo: str) -> None:
     assert repository_of(ref) == repo
+
+
+def _pulling(
+    store: ImageStore, layers: list[bytes], compression: str = "gzip"
+) -> tuple[str, list[bytes]]:
+    """An image whose manifest and config are stored and whose layer blobs are not yet:
+    (manifest digest, layer blobs) for a fake fetch to write."""
+    md, mb, cb = make_image(store, layers, compression=compression)
+    blobs = [compress(t, compression) for t in layers]
+    for b in blobs:
+        store.blobs.remove(dg(b))
+    store.blobs.put(md, mb)
+    store.blobs.put(dg(cb), cb)
+    return md, blobs
+
+
+async def _arrive(
+    store: ImageStore, blobs: list[bytes], piece: int = 2000, pause_s: float = 0.002
+) -> None:
+    """What RegistryClient.fetch_layers does to the store, slowly."""
+    for b in blobs:
+        w = store.blobs.writer(dg(b), len(b))
+        for i in range(0, len(b), piece):
+            w.write(b[i : i + piece])
+            await asyncio.sleep(pause_s)
+        w.commit()
+
+
+BIG = Tar().file("big", os.urandom(100_000)).file("etc/more", b"more").bytes()
+
+
+@pytest.mark.parametrize("how", ["gzip", "zstd", "none"])
+def test_add_pulled_unpacks_layers_as_they_arrive(
+    store: ImageStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    real = store_mod.unpack_layer
+    done: list[float] = []
+
+    def timed(*args: Any, **kw: Any) -> str:
+        got = real(*args, **kw)
+        done.append(time.monotonic())
+        return got
+
+    monkeypatch.setattr(store_mod, "unpack_layer", timed)
+    md, blobs = _pulling(store, [BASE, BIG, APP], how)
+
+    async def fetch() -> float:
+        await _arrive(store, blobs[:1])
+        await _arrive(store, blobs[1:], piece=20_000, pause_s=0.05)
+        return time.monotonic()
+
+    async def main() -> tuple[Image, float]:
+        f = asyncio.ensure_future(fetch())
+        img = await store.add_pulled(md, f, ["r.io/x:1"])
+        return img, f.result()
+
+    img, fetched = asyncio.run(main())
+    assert done[0] < fetched  # layer 1 was unpacked while layer 2 was still coming
+    assert img.repo_tags == ["r.io/x:1"] and [x.diff_id for x in img.layers] == [
+        dg(BASE),
+        dg(BIG),
+        dg(APP),
+    ]
+    assert leftovers(store) == ([f"{img.id[7:]}.erofs"], [], [])
+    with mounted(img.erofs, tmp_path / "mnt") as m:
+        assert sorted(os.listdir(m)) == ["app", "big", "bin"]
+        assert (m / "big").read_bytes() == BIG[512:100_512]
+        assert stat.S_IMODE((m / "app/run").stat().st_mode) == 0o4755
+
+
+def test_add_pulled_fetch_failure_stops_the_unpacker(store: ImageStore) -> None:
+    md, blobs = _pulling(store, [BASE, BIG])
+
+    async def fetch() -> None:
+        await _arrive(store, blobs[:1])
+        w = store.blobs.writer(dg(blobs[1]), len(blobs[1]))
+        w.write(blobs[1][:1000])
+        await asyncio.sleep(0.05)  # the unpacker waits for the rest
+        w.abort()
+        raise ImageError("registry r.io unreachable: connection refused")
+
+    before = threading.active_count()
+    with pytest.raises(ImageError, match="connection refused"):
+        asyncio.run(store.add_pulled(md, fetch(), ["r.io/x:1"]))
+    assert threading.active_count() == before
+    erofs, tmp, ingest = leftovers(store)
+    assert store.list() == [] and erofs == tmp == []
+    assert ingest == [dg(blobs[1])[7:] + ".partial"]  # kept for a resume
+
+
+def test_add_pulled_bad_blob_is_the_error_not_what_was_unpacked(store: ImageStore) -> None:
+    """A layer the unpacker refuses but whose blob then fails verification: the
+    pull fails on the digest, as it would have without unpacking ahead."""
+    md, blobs = _pulling(store, [BASE, APP], "none")
+    hostile = Tar().file("../escape", b"x").bytes()
+
+    async def fetch() -> None:
+        await _arrive(store, blobs[:1])
+        w = store.blobs.writer(dg(blobs[1]), len(blobs[1]))
+        w.write(hostile[: len(blobs[1])].ljust(len(blobs[1]), b"\0"))
+        await asyncio.sleep(0.05)
+        w.commit()
+
+    with pytest.raises(ImageError, match="digest mismatch"):
+        asyncio.run(store.add_pulled(md, fetch(), ["r.io/x:1"]))
+    assert store.list() == [] and leftovers(store) == ([], [], [])
+
+
+def test_add_pulled_hostile_layer_refused(store: ImageStore, tmp_path: Path) -> None:
+    evil = Tar().symlink("etc", str(tmp_path)).file("etc/pwned", b"x").bytes()
+    md, blobs = _pulling(store, [BASE, evil])
+    with pytest.raises(ImageError, match="not writing through it"):
+        asyncio.run(store.add_pulled(md, _arrive(store, blobs), ["r.io/evil:1"]))
+    assert not (tmp_path / "pwned").exists()
+    assert store.list() == [] and leftovers(store) == ([], [], [])
+
+
+def test_add_pulled_blob_fetched_again_from_zero(
+    store: ImageStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A partial thrown away while the unpacker read it (a refused resume): the
+    layers are unpacked again from the verified blobs."""
+    calls: list[int] = []
+    real = store_mod.unpack_layer
+
+    def counted(*args: Any, **kw: Any) -> str:
+        calls.append(1)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(store_mod, "unpack_layer", counted)
+    md, blobs = _pulling(store, [BASE, BIG], "none")
+
+    async def fetch() -> None:
+        w = store.blobs.writer(dg(blobs[0]), len(blobs[0]))
+        w.write(blobs[0][:1024])
+        await asyncio.sleep(0.1)  # read by the unpacker
+        w.abort(keep_partial=False)
+        await _arrive(store, blobs)
+
+    img = asyncio.run(store.add_pulled(md, fetch(), ["r.io/x:1"]))
+    assert len(calls) == 3 and [x.diff_id for x in img.layers] == [dg(BASE), dg(BIG)]
+    assert leftovers(store) == ([f"{img.id[7:]}.erofs"], [], [])
+
+
+def test_add_pulled_of_a_built_image_only_fetches_and_records(store: ImageStore) -> None:
+    md, blobs = _pulling(store, [BASE])
+    a = asyncio.run(store.add_pulled(md, _arrive(store, blobs), ["r.io/x:1"]))
+    b = asyncio.run(store.add_pulled(md, asyncio.sleep(0), ["r.io/x:2"]))
+    assert a.id == b.id and b.repo_tags == ["r.io/x:1", "r.io/x:2"]

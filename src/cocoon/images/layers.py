@@ -53,13 +53,13 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import zstandard
 
 from cocoon.config import ImagesConfig
 from cocoon.errors import ImageError
-from cocoon.images.blobs import Readable
+from cocoon.images.blobs import BlobFile, Readable
 
 #: Linux NAME_MAX and PATH_MAX, in bytes.
 MAX_NAME_BYTES = 255
@@ -118,29 +118,94 @@ class Budget:
             )
 
 
-class _CountingReader:
-    """The uncompressed tar stream: hashed (diff_id) and counted against the budget."""
+class _TarStream:
+    """The uncompressed tar stream, as tarfile's file object and as the file data's source.
+
+    Every byte is counted against the budget and hashed (the diff_id) as it
+    arrives from the decompressor. tarfile reads headers through ``read`` and
+    skips through ``seek`` (forward only: it is a stream); file data bypasses
+    tarfile: ``copy_to`` writes the decompressor's chunks straight to the file
+    (memoryviews, no copies in Python). tarfile's own stream mode (``r|``)
+    joined and sliced every MiB three times over and allocated anew for each:
+    most of the unpacking thread's time.
+    """
 
     def __init__(self, src: Readable, budget: Budget, what: str) -> None:
-        self._src = src
         self._budget = budget
         self._what = what
-        # A source that hashes as it produces (the threaded gunzip) is not hashed twice.
-        own = getattr(src, "hash", None)
-        self._hashing = own is None
-        self.hash = own if own is not None else hashlib.sha256()
+        # Hashed here, not in the gunzip thread: inflating is the slower half of
+        # the two, and this thread mostly waits on it (hashlib lets go of the GIL).
+        self.hash = hashlib.sha256()
+        chunk = getattr(src, "read_chunk", None)
+        self._next: Callable[[], bytes] = chunk if chunk is not None else lambda: src.read(CHUNK)
+        self._view = memoryview(b"")
+        self._eof = False
+        self.pos = 0
+
+    def _fill(self) -> bool:
+        """The next chunk as the current one; False at the end of the stream."""
+        if self._eof:
+            return False
+        data = self._next()
+        if not data:
+            self._eof = True
+            return False
+        self._budget.add_bytes(len(data), self._what)
+        self.hash.update(data)
+        self._view = memoryview(data)
+        return True
+
+    def tell(self) -> int:
+        return self.pos
 
     def read(self, n: int = CHUNK) -> bytes:
-        data = self._src.read(n if n >= 0 else CHUNK)
-        self._budget.add_bytes(len(data), self._what)
-        if self._hashing:
-            self.hash.update(data)
-        return data
+        """``n`` bytes, fewer only at the end of the stream (tarfile's _Stream.read)."""
+        if n < 0:
+            n = CHUNK
+        if len(self._view) >= n:
+            out = bytes(self._view[:n])
+            self._view = self._view[n:]
+            self.pos += n
+            return out
+        parts = []
+        left = n
+        while left and (self._view or self._fill()):
+            take = self._view[:left]
+            parts.append(bytes(take))
+            self._view = self._view[len(take) :]
+            left -= len(take)
+        self.pos += n - left
+        return b"".join(parts)
+
+    def seek(self, pos: int) -> int:
+        """Skip ahead to ``pos`` (data nobody reads is still counted and hashed)."""
+        if pos < self.pos:
+            raise tarfile.StreamError("seeking backwards is not allowed")
+        left = pos - self.pos
+        while left and (self._view or self._fill()):
+            take = min(left, len(self._view))
+            self._view = self._view[take:]
+            left -= take
+            self.pos += take
+        return self.pos
+
+    def copy_to(self, fd: int, n: int) -> int:
+        """Write the next ``n`` bytes to ``fd``; how many there were (fewer at the end)."""
+        left = n
+        while left and (self._view or self._fill()):
+            take = self._view[:left]
+            _write_all(fd, take)
+            self._view = self._view[len(take) :]
+            left -= len(take)
+            self.pos += len(take)
+        return n - left
 
     def drain(self) -> None:
         """Hash what follows the tar's end blocks too: the diff_id covers every byte."""
-        while self.read(CHUNK):
-            pass
+        self._view = memoryview(b"")
+        while self._fill():
+            self.pos += len(self._view)
+        self._view = memoryview(b"")
 
 
 def _show(name: str) -> str:
@@ -209,20 +274,23 @@ def _check_ids(m: tarfile.TarInfo, entry: str, what: str) -> None:
             raise ImageError(f"{what}: entry {entry}: {kind} {v!r} out of range")
 
 
-def _open_stream(raw: IO[bytes], compression: str, what: str) -> Readable:
-    """The decompressed stream of a layer blob, after checking its magic bytes."""
+def _open_stream(raw: BlobFile, compression: str, what: str) -> Readable:
+    """The decompressed stream of a layer blob, after checking its magic bytes
+    (gzip's are checked by its thread: opening one never waits for the blob)."""
+    if compression == "gzip":
+        return _ThreadedGunzip(raw, what)
     head = raw.read(4)
     raw.seek(0)
     if not head:
         raise ImageError(f"{what}: the layer blob is empty")
-    if compression == "gzip":
-        if head[:2] != GZIP_MAGIC:
-            raise ImageError(f"{what}: media type says gzip, but the blob is not gzip data")
-        return _ThreadedGunzip(raw)
     if compression == "zstd":
         if head != ZSTD_MAGIC and head not in ZSTD_SKIPPABLE:
             raise ImageError(f"{what}: media type says zstd, but the blob is not zstd data")
-        reader: Readable = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+        # zstandard only calls read() on it (typed as IO).
+        reader: Readable = zstandard.ZstdDecompressor().stream_reader(
+            raw,  # type: ignore[arg-type]
+            read_across_frames=True,
+        )
         return reader
     if compression == "none":
         if head[:2] == GZIP_MAGIC or head == ZSTD_MAGIC:
@@ -246,10 +314,9 @@ class _ThreadedGunzip:
 
     DEPTH = 8
 
-    def __init__(self, raw: IO[bytes]) -> None:
+    def __init__(self, raw: Readable, what: str = "layer") -> None:
         self._raw = raw
-        #: the diff_id, hashed here too: hashlib also lets go of the GIL
-        self.hash = hashlib.sha256()
+        self._what = what
         self._q: queue.Queue[bytes | BaseException | None] = queue.Queue(self.DEPTH)
         self._buf = b""
         self._eof = False
@@ -259,9 +326,18 @@ class _ThreadedGunzip:
 
     def _run(self) -> None:
         try:
+            pending = self._raw.read(IN_CHUNK)
+            while 0 < len(pending) < 2 and (more := self._raw.read(IN_CHUNK)):
+                pending += more
+            if not pending:
+                raise ImageError(f"{self._what}: the layer blob is empty")
+            if pending[:2] != GZIP_MAGIC:
+                raise ImageError(
+                    f"{self._what}: media type says gzip, but the blob is not gzip data"
+                )
             d = zlib.decompressobj(wbits=31)
             while not self._stop.is_set():
-                data = self._raw.read(IN_CHUNK)
+                data, pending = (pending, b"") if pending else (self._raw.read(IN_CHUNK), b"")
                 if not data:
                     if not d.eof:
                         raise EOFError("compressed data ended before the end of the gzip stream")
@@ -271,7 +347,6 @@ class _ThreadedGunzip:
                     # and the reader's budget stops it; the queue bounds what waits.
                     out = d.decompress(data, OUT_CHUNK)
                     if out:
-                        self.hash.update(out)
                         self._q.put(out)
                     if d.eof:
                         rest = d.unused_data
@@ -286,6 +361,22 @@ class _ThreadedGunzip:
             self._q.put(None)
         except BaseException as e:  # handed to the reader, raised there
             self._q.put(e)
+
+    def read_chunk(self) -> bytes:
+        """The next inflated piece, whatever its size; b"" at the end."""
+        if self._buf:
+            data, self._buf = self._buf, b""
+            return data
+        if self._eof:
+            return b""
+        item = self._q.get()
+        if item is None:
+            self._eof = True
+            return b""
+        if isinstance(item, BaseException):
+            self._eof = True
+            raise item
+        return item
 
     def read(self, n: int = CHUNK) -> bytes:
         n = CHUNK if n < 0 else n
@@ -402,7 +493,7 @@ class _Unpacker:
 
     # -- entries -------------------------------------------------------------
 
-    def entry(self, tf: tarfile.TarFile, m: tarfile.TarInfo) -> None:
+    def entry(self, stream: _TarStream, m: tarfile.TarInfo) -> None:
         entry = _show(m.name)
         self.budget.entries += 1
         if self.budget.entries > self.budget.max_entries:
@@ -425,7 +516,7 @@ class _Unpacker:
                     f"{m.size} B would take the image over {self.budget.max_bytes} B "
                     "(images.max_unpacked_bytes)",
                 )
-            self._file(tf, m, parts, entry)
+            self._file(stream, m, parts, entry)
         elif m.isdir():
             self._dir(m, parts, entry)
         elif m.issym():
@@ -484,20 +575,16 @@ class _Unpacker:
             os.close(dfd)
         self._mark(parts)
 
-    def _file(self, tf: tarfile.TarFile, m: tarfile.TarInfo, parts: Path_, entry: str) -> None:
-        src = tf.extractfile(m)
-        if src is None:
-            raise self._err(entry, "no data for a regular file")
+    def _file(self, stream: _TarStream, m: tarfile.TarInfo, parts: Path_, entry: str) -> None:
+        if stream.tell() != m.offset_data:  # tarfile and we disagree on where the data is
+            raise self._err(entry, f"data at {m.offset_data}, stream at {stream.tell()}")
 
         def create(dfd: int, name: str) -> None:
             self._remove(dfd, name)
             flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
             fd = os.open(name, flags, 0o600, dir_fd=dfd)
             try:
-                written = 0
-                while chunk := src.read(CHUNK):
-                    _write_all(fd, chunk)
-                    written += len(chunk)
+                written = stream.copy_to(fd, m.size)
                 if written != m.size:
                     raise self._err(entry, f"truncated: {written} of {m.size} B")
                 self._owner_mode(fd, m)
@@ -608,15 +695,57 @@ class _Unpacker:
                 os.close(fd)
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def _write_all(fd: int, data: bytes | memoryview) -> None:
     view = memoryview(data)
     while view:
         n = os.write(fd, view)
         view = view[n:]
 
 
+class OpenedLayer:
+    """A layer blob opened for unpacking: a gzip one is already being inflated by
+    its thread. So the store opens layer N+1 while it applies layer N, and the
+    two inflate at once (on two cores); at most the gunzip queue is held ahead.
+    Closed by unpack_layer, or by ``close`` if it never gets there.
+    """
+
+    def __init__(
+        self, blob: Path | BlobFile, compression: str, what: str, *, close_blob: bool = True
+    ) -> None:
+        self.compression = compression
+        self.what = what
+        self._close_raw = close_blob or isinstance(blob, Path)
+        if isinstance(blob, Path):
+            try:
+                self.raw: BlobFile = open(blob, "rb")  # noqa: SIM115 (closed by close)
+            except FileNotFoundError:
+                raise ImageError(f"{what}: blob {blob.name[:12]} is not in the store") from None
+        else:
+            self.raw = blob
+        self._stream: Readable | None = None
+        if compression == "gzip":
+            self._stream = _open_stream(self.raw, compression, what)
+
+    def stream(self) -> Readable:
+        if self._stream is None:
+            self._stream = _open_stream(self.raw, self.compression, self.what)
+        return self._stream
+
+    def close(self) -> None:
+        """Stop the inflating thread, then close the blob (unless told not to)."""
+        if isinstance(self._stream, _ThreadedGunzip):
+            self._stream.close()
+        if self._close_raw:
+            self.raw.close()
+
+
+def open_layer(blob: Path | BlobFile, compression: str, what: str = "layer") -> OpenedLayer:
+    """Open a layer blob for unpack_layer; a gzip one starts inflating now."""
+    return OpenedLayer(blob, compression, what)
+
+
 def unpack_layer(
-    blob: Path,
+    blob: Path | BlobFile | OpenedLayer,
     compression: str,
     root: Path,
     budget: Budget,
@@ -630,36 +759,36 @@ def unpack_layer(
     magic bytes must agree. With ``diff_id``, a mismatch raises ImageError:
     the caller must then discard ``root`` (the tree is already written).
     Any refusal leaves ``root`` partly written and nothing outside it touched.
+    ``blob`` is a path, an open file (the caller's to close), or an OpenedLayer
+    (closed here).
     """
-    try:
-        raw = open(blob, "rb")  # noqa: SIM115 (closed below)
-    except FileNotFoundError:
-        raise ImageError(f"{what}: blob {blob.name[:12]} is not in the store") from None
+    layer = (
+        blob
+        if isinstance(blob, OpenedLayer)
+        else OpenedLayer(blob, compression, what, close_blob=False)
+    )
     try:
         root_fd = os.open(root, _DIR_FLAGS)
     except OSError as e:
-        raw.close()
+        layer.close()
         raise ImageError(f"{what}: cannot open staging root {root}: {e.strerror}") from None
     current = ""
-    stream: Readable | None = None
     try:
-        stream = _open_stream(raw, compression, what)
-        reader = _CountingReader(stream, budget, what)
+        reader = _TarStream(layer.stream(), budget, what)
         un = _Unpacker(root_fd, budget, what)
-        with tarfile.open(
-            fileobj=reader,  # type: ignore[call-overload]
-            mode="r|",
-            # Stream mode reads in bufsize steps (10 KiB by default): through the
-            # decompressor and the byte counter that was most of the unpack time.
-            bufsize=1 << 20,
+        # A TarFile on our forward-only stream is what tarfile.open(mode="r|")
+        # builds on its own _Stream; it only ever calls read, tell and seek ahead.
+        with tarfile.TarFile(
+            fileobj=reader,  # type: ignore[arg-type]
+            mode="r",
             tarinfo=safe_tarinfo(what),
             encoding="utf-8",
             errors="surrogateescape",
         ) as tf:
             while (m := tf.next()) is not None:
-                tf.members = []  # stream mode would keep every member in memory
+                tf.members = []  # type: ignore[attr-defined]  # else kept, every one
                 current = m.name
-                un.entry(tf, m)
+                un.entry(reader, m)
             current = ""
             reader.drain()
         un.finish()
@@ -667,10 +796,8 @@ def unpack_layer(
         at = f" (at entry {_show(current)})" if current else ""
         raise ImageError(f"{what}: corrupt or unwritable layer{at}: {e}") from e
     finally:
-        if isinstance(stream, _ThreadedGunzip):
-            stream.close()
+        layer.close()
         os.close(root_fd)
-        raw.close()
     got = "sha256:" + reader.hash.hexdigest()
     if diff_id is not None and got != diff_id:
         raise ImageError(

@@ -8,13 +8,16 @@ reference is tried as an image id (prefix).
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from cocoon.config import Config
 from cocoon.errors import ImageError
 from cocoon.images import reference
-from cocoon.images.manifest import MAX_CONFIG, MAX_MANIFEST, Platform
+from cocoon.images.manifest import Platform
 from cocoon.images.store import Image, ImageStore
+
+log = logging.getLogger(__name__)
 
 
 def canonical(text: str) -> str | None:
@@ -37,17 +40,22 @@ def find(store: ImageStore, text: str) -> Image | None:
 
 
 async def pull(cfg: Config, text: str, platform: str | None = None, progress: bool = True) -> Image:
+    """Fetch ``text``'s image and build its block image, layers unpacked as they arrive."""
     from cocoon.images import registry  # httpx & co. only when a pull really happens
 
     ref = reference.parse(text)
     store = ImageStore(cfg)
     plat = Platform.parse(platform) if platform else None
-    pulled = await registry.pull(cfg, store.blobs, ref, plat, progress=progress)
-    manifest = store.blobs.read(pulled.manifest_digest, MAX_MANIFEST)
-    config = store.blobs.read(pulled.config_digest, MAX_CONFIG)
-    tags = [ref.name + f":{ref.tag}"] if ref.tag else []
-    repo_digest = f"{ref.name}@{pulled.index_digest or pulled.manifest_digest}"
-    return store.add(pulled.manifest_digest, manifest, config, tags, repo_digests=[repo_digest])
+    async with registry.connect(cfg, ref) as client:
+        pulled = await client.resolve(store.blobs, ref, plat)
+        fetch = client.fetch_layers(store.blobs, pulled.layers, progress, f"pull {ref.familiar}")
+        tags = [ref.name + f":{ref.tag}"] if ref.tag else []
+        repo_digest = f"{ref.name}@{pulled.index_digest or pulled.manifest_digest}"
+        img = await store.add_pulled(
+            pulled.manifest_digest, fetch, tags, repo_digests=[repo_digest]
+        )
+    log.info("pulled %s (%s, %d layers)", ref.canonical, img.manifest_digest, len(img.layers))
+    return img
 
 
 async def get(

@@ -20,6 +20,12 @@ erofs that the retry reuses (a renamed erofs is always complete) and gc()
 deletes if nobody retries. Readers (list, resolve) take no lock: index.json is
 only ever replaced whole.
 
+A pull goes through add_pulled(): the same steps, but the layers are unpacked
+into the staging dir while the registry client is still writing their blobs
+(BlobStore.follow), and mkfs, rename and record wait until every blob is
+committed, i.e. verified. So what is published was built from verified bytes
+only, as with add().
+
 The slow part (unpack + mkfs) runs without the lock, so a long add does not
 block ``images``/``rmi``/``tag``. The price: a concurrent remove() may delete
 a shared layer blob that an add in flight still needs; that add then fails
@@ -28,28 +34,34 @@ with "not in the store" and a re-pull fixes it.
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 import contextlib
 import fcntl
 import hashlib
+import inspect
 import json
+import logging
 import os
 import re
 import shutil
 import tempfile
+import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cocoon.config import Config
 from cocoon.errors import ImageError, StateError
-from cocoon.images.blobs import BlobStore, check_digest
-from cocoon.images.layers import Budget, unpack_layer
+from cocoon.images.blobs import BlobFile, BlobRestarted, BlobStore, check_digest
+from cocoon.images.layers import Budget, OpenedLayer, open_layer, unpack_layer
 from cocoon.images.manifest import (
     MAX_CONFIG,
+    MAX_MANIFEST,
+    Descriptor,
     ImageConfig,
     Manifest,
     parse_config,
@@ -58,12 +70,16 @@ from cocoon.images.manifest import (
 from cocoon.util.fs import atomic_write, fsync_dir, locked_file
 from cocoon.util.proc import run
 
+log = logging.getLogger(__name__)
+
 INDEX_VERSION = 1
 #: Shortest id prefix resolve() accepts (docker's short id).
 MIN_ID_PREFIX = 12
 LOCK_TIMEOUT_S = 60.0
 #: mkfs.erofs writes ~1 GB/s uncompressed; an hour covers any sane image.
 MKFS_TIMEOUT_S = 3600.0
+#: How often the erofs image being written is written back (see _mkfs).
+WRITE_BEHIND_S = 0.04
 #: A staging dir not yet locked (crash right after mkdtemp) is stale after this.
 STALE_STAGING_S = 600.0
 NEW_STAGING = ".new-"
@@ -255,23 +271,15 @@ class ImageStore:
 
     # -- changes -------------------------------------------------------------
 
-    def add(
+    def _check(
         self,
         manifest_digest: str,
         manifest_bytes: bytes,
         config_bytes: bytes,
-        tags: Sequence[str] = (),
-        *,
-        repo_digests: Sequence[str] | None = None,
-    ) -> Image:
-        """Record an image whose layer blobs are already in the blob store; build its erofs.
-
-        ``tags`` are canonical references ("docker.io/library/busybox:latest");
-        a tag moves from whatever image had it. ``repo_digests`` default to
-        "<repo of each tag>@<manifest_digest>"; a registry client that resolved
-        a tag through an index passes "<repo>@<index digest>" instead, as docker
-        shows. Idempotent: adding an image that is there only merges tags.
-        """
+        tags: Sequence[str],
+        repo_digests: Sequence[str] | None,
+    ) -> tuple[Manifest, ImageConfig, Sequence[str]]:
+        """Manifest and config parsed and matched to their digests, tags checked."""
         if _sha256(manifest_bytes) != manifest_digest:
             raise ImageError(f"manifest bytes do not match {manifest_digest}")
         mf = parse_manifest(manifest_bytes)
@@ -289,6 +297,9 @@ class ImageStore:
             repo_digests = [f"{repository_of(t)}@{manifest_digest}" for t in tags]
         for r in repo_digests:
             check_ref(r)
+        return mf, config, repo_digests
+
+    def _check_layers(self, mf: Manifest) -> None:
         for i, d in enumerate(mf.layers):
             try:
                 size = self.blobs.path(d.digest).stat().st_size
@@ -298,6 +309,28 @@ class ImageStore:
                 ) from None
             if size != d.size:
                 raise ImageError(f"layer {d.digest} is {size} B, the manifest says {d.size} B")
+
+    def add(
+        self,
+        manifest_digest: str,
+        manifest_bytes: bytes,
+        config_bytes: bytes,
+        tags: Sequence[str] = (),
+        *,
+        repo_digests: Sequence[str] | None = None,
+    ) -> Image:
+        """Record an image whose layer blobs are already in the blob store; build its erofs.
+
+        ``tags`` are canonical references ("docker.io/library/busybox:latest");
+        a tag moves from whatever image had it. ``repo_digests`` default to
+        "<repo of each tag>@<manifest_digest>"; a registry client that resolved
+        a tag through an index passes "<repo>@<index digest>" instead, as docker
+        shows. Idempotent: adding an image that is there only merges tags.
+        """
+        mf, config, repo_digests = self._check(
+            manifest_digest, manifest_bytes, config_bytes, tags, repo_digests
+        )
+        self._check_layers(mf)
         self.blobs.put(manifest_digest, manifest_bytes)
         self.blobs.put(mf.config.digest, config_bytes)
 
@@ -307,11 +340,93 @@ class ImageStore:
                 return self._record(manifest_digest, mf, config, tags, repo_digests, final)
         with self._staging(mf.config.digest) as staging:
             built = self._build(mf, config, staging)
-            with self._locked():
-                if not final.is_file():
-                    os.replace(built, final)
-                    fsync_dir(final.parent)
-                return self._record(manifest_digest, mf, config, tags, repo_digests, final)
+            return self._publish(built, manifest_digest, mf, config, tags, repo_digests)
+
+    async def add_pulled(
+        self,
+        manifest_digest: str,
+        fetch: Awaitable[None],
+        tags: Sequence[str] = (),
+        *,
+        repo_digests: Sequence[str] | None = None,
+    ) -> Image:
+        """add(), for an image whose manifest and config are in the blob store and
+        whose layers ``fetch`` is bringing: each layer is unpacked (by a thread)
+        while it arrives, instead of after the last one did.
+
+        Nothing counts before ``fetch`` succeeds: the tree is unpacked into a
+        staging dir as always, and mkfs, the rename into ``erofs/`` and the
+        record come only once every blob is committed, i.e. verified. If
+        ``fetch`` fails its error is raised (the unpacker is stopped first); if
+        a blob had to be fetched again from byte 0 while it was being read,
+        the layers are unpacked again from the verified blobs.
+        """
+        try:
+            manifest_bytes = self.blobs.read(manifest_digest, MAX_MANIFEST)
+            mf = parse_manifest(manifest_bytes)
+            config_bytes = self.blobs.read(mf.config.digest, MAX_CONFIG)
+            mf, config, repo_digests = self._check(
+                manifest_digest, manifest_bytes, config_bytes, tags, repo_digests
+            )
+        except BaseException:
+            if inspect.iscoroutine(fetch):
+                fetch.close()  # never started: no "never awaited" warning
+            raise
+        final = self.erofs_path(mf.config.digest)
+        with self._locked():
+            built_already = final.is_file()
+        if built_already:
+            await fetch
+            return self.add(
+                manifest_digest, manifest_bytes, config_bytes, tags, repo_digests=repo_digests
+            )
+        stop = threading.Event()
+        with self._staging(mf.config.digest) as staging:
+            rootfs = staging / "rootfs"
+            rootfs.mkdir(mode=0o755)
+
+            def unpack_arriving() -> None:
+                self._unpack(mf, config, rootfs, lambda d: self.blobs.follow(d.digest, stop))
+
+            unpacking = asyncio.ensure_future(asyncio.to_thread(unpack_arriving))
+            try:
+                await fetch
+            except BaseException:
+                stop.set()
+                self.blobs.wake_followers()
+                # Its error, if any, follows from the fetch's; it must be out of the
+                # staging dir before that is removed.
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(unpacking)
+                raise
+            try:
+                await unpacking
+            except BlobRestarted:
+                log.info("a layer was fetched again while unpacked: unpacking again")
+                _rmtree(rootfs)
+                rootfs.mkdir(mode=0o755)
+                self._unpack(mf, config, rootfs, lambda d: self.blobs.path(d.digest))
+            self._check_layers(mf)
+            built = self._mkfs(mf, staging)
+            return self._publish(built, manifest_digest, mf, config, tags, repo_digests)
+
+    def _publish(
+        self,
+        built: Path,
+        manifest_digest: str,
+        mf: Manifest,
+        config: ImageConfig,
+        tags: Sequence[str],
+        repo_digests: Sequence[str],
+    ) -> Image:
+        """Under the lock: the built erofs renamed into place (unless a concurrent add
+        won), then the record."""
+        final = self.erofs_path(mf.config.digest)
+        with self._locked():
+            if not final.is_file():
+                os.replace(built, final)
+                fsync_dir(final.parent)
+            return self._record(manifest_digest, mf, config, tags, repo_digests, final)
 
     def _record(
         self,
@@ -474,32 +589,83 @@ class ImageStore:
         """Unpack every layer in order (diff_ids verified), then mkfs.erofs; the image path."""
         rootfs = staging / "rootfs"
         rootfs.mkdir(mode=0o755)
+        self._unpack(mf, config, rootfs, lambda d: self.blobs.path(d.digest))
+        return self._mkfs(mf, staging)
+
+    def _unpack(
+        self,
+        mf: Manifest,
+        config: ImageConfig,
+        rootfs: Path,
+        open_blob: Callable[[Descriptor], Path | BlobFile],
+    ) -> None:
         budget = Budget.from_config(self.cfg.images)
         n = len(mf.layers)
+
+        def what(i: int) -> str:
+            return f"layer {i + 1}/{n} ({mf.layers[i].digest[:19]})"
+
+        def opened(i: int) -> OpenedLayer | None:
+            if i >= n:
+                return None
+            d = mf.layers[i]
+            return open_layer(open_blob(d), d.compression, what(i))
+
+        nxt = opened(0)
         for i, (d, diff_id) in enumerate(zip(mf.layers, config.diff_ids, strict=True)):
-            unpack_layer(
-                self.blobs.path(d.digest),
-                d.compression,
-                rootfs,
-                budget,
-                diff_id=diff_id,
-                what=f"layer {i + 1}/{n} ({d.digest[:19]})",
-            )
+            cur = nxt
+            assert cur is not None
+            try:
+                # The next layer is opened now: a gzip one inflates (its own
+                # thread) while this one is applied.
+                nxt = opened(i + 1)
+            except BaseException:
+                cur.close()
+                raise
+            try:
+                unpack_layer(cur, d.compression, rootfs, budget, diff_id=diff_id, what=what(i))
+            except BaseException:
+                if nxt is not None:
+                    nxt.close()
+                raise
+
+    def _mkfs(self, mf: Manifest, staging: Path) -> Path:
+        """mkfs.erofs of staging/rootfs into staging/image.erofs, fsync'd: the image path.
+
+        The image is made here first (mkfs.erofs opens it without O_TRUNC) so that
+        a thread can write it back while mkfs still writes (fdatasync every
+        WRITE_BEHIND_S): the fsync that must precede the rename into erofs/
+        then has little left to do (mkfs + fsync ~0.22 -> ~0.19 s for 100 MB).
+        """
+        rootfs = staging / "rootfs"
         out = staging / "image.erofs"
         # The UUID comes from the image id, so rebuilding gives the same superblock UUID.
         fs_uuid = uuid.UUID(hex=mf.config.digest[7:39])
-        # Ownership, modes (setuid included), xattrs and mtimes come from the tree as is.
-        run(
-            ["mkfs.erofs", "--quiet", f"-U{fs_uuid}", str(out), str(rootfs)],
-            timeout_s=MKFS_TIMEOUT_S,
-            error=ImageError,
-        )
-        fd = os.open(out, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(out, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
+            done = threading.Event()
+
+            def write_behind() -> None:
+                while not done.wait(WRITE_BEHIND_S):
+                    with contextlib.suppress(OSError):  # the last fsync below reports
+                        os.fdatasync(fd)
+
+            behind = threading.Thread(target=write_behind, name="erofs-write-behind")
+            behind.start()
+            try:
+                # Ownership, modes (setuid included), xattrs and mtimes come from the tree.
+                run(
+                    ["mkfs.erofs", "--quiet", f"-U{fs_uuid}", str(out), str(rootfs)],
+                    timeout_s=MKFS_TIMEOUT_S,
+                    error=ImageError,
+                )
+            finally:
+                done.set()
+                behind.join()
             os.fsync(fd)
+            os.fchmod(fd, 0o644)
         finally:
             os.close(fd)
-        os.chmod(out, 0o644)
         return out
 
 
