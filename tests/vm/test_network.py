@@ -315,3 +315,14 @@ def test_agent_netlink_in_a_test_namespace(make_pair) -> None:  # type: ignore[n
     assert "10.99.0.0/16 via 10.238.1.1 dev eth0" in routes
     assert "10.98.0.0/16 dev eth0 scope link" in routes
     assert "10.238.1.1 dev eth0 lladdr 02:00:00:00:00:01 PERMANENT" in ip("neigh")
+
+
+def test_one_vm_per_namespace(cfg: Config, busybox: None, make_pair) -> None:  # type: ignore[no-untyped-def]
+    pair = make_pair(239)
+    first = ok(cocoon(cfg, "run", "-d", "--network", f"ns:{pair.ctr}", "busybox", "sleep", "600"))
+    try:
+        r = cocoon(cfg, "run", "--rm", "--network", f"ns:{pair.ctr}", "busybox", "true")
+        err = r.stderr.decode()
+        assert r.returncode == 125 and "already connected to a VM" in err, err
+    finally:
+        ok(cocoon(cfg, "rm", "-f", first.strip()))

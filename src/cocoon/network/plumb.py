@@ -162,6 +162,12 @@ def plumb(
     if model not in MODELS:
         raise NetworkError(f"unknown network model {model!r}: use tcfilter or macvtap")
     links = ns.links()
+    ours = [ln.name for ln in links if ln.name.startswith((f"{OWN_PREFIX}tap", f"{OWN_PREFIX}mvt"))]
+    if ours:
+        raise NetworkError(
+            f"network namespace {ns.path} is already connected to a VM (link {ours[0]}): "
+            "one sandbox per namespace; a pod's containers share its sandbox"
+        )
     pairs = candidates(links)
     if not pairs:
         raise NetworkError(
