@@ -59,12 +59,39 @@ def test_rootfs_and_binds_become_shares(tmp_path: Path) -> None:
 def test_namespace_paths_and_hooks_stay_on_the_host(tmp_path: Path) -> None:
     b, spec = make(tmp_path, hooks={"prestart": [{"path": "/bin/true"}]})
     spec["linux"]["namespaces"] = [
-        {"type": "network", "path": "/run/netns/x"}, {"type": "pid"},
+        {"type": "network", "path": "/proc/self/ns/net"}, {"type": "pid"},
     ]  # fmt: skip
     p = bundle.plan(b, spec, default_vcpus=1, default_mib=256)
     assert p.spec["linux"]["namespaces"] == [{"type": "network"}, {"type": "pid"}]
-    assert p.netns_path == "/run/netns/x"
+    assert p.netns_path == "/proc/self/ns/net"
     assert "hooks" not in p.spec and "hooks" in p.original
+
+
+@pytest.mark.parametrize(
+    ("kind", "path", "error"),
+    [
+        ("uts", "/proc/self/ns/cgroup", "is a cgroup namespace"),
+        ("mount", "/proc/self/ns/net", "is a network namespace"),
+        ("pid", "/etc/hostname", "is not a namespace"),
+        ("ipc", "/no/such/ns", "No such file"),
+        ("ipc", "ns/ipc", "absolute"),
+        ("bogus", "/proc/self/ns/ipc", "unknown type"),
+    ],
+)
+def test_namespace_paths_must_match_their_type(
+    tmp_path: Path, kind: str, path: str, error: str
+) -> None:
+    """runc and crun refuse a path that is not a namespace of the stated type;
+    so do we, although the guest's crun makes a fresh one."""
+    b, spec = make(tmp_path)
+    spec["linux"]["namespaces"] = [{"type": kind, "path": path}]
+    with pytest.raises(bundle.BundleError, match=error):
+        bundle.plan(b, spec, default_vcpus=1, default_mib=256)
+    for kind, name in (("ipc", "ipc"), ("mount", "mnt"), ("uts", "uts"), ("user", "user")):
+        spec["linux"]["namespaces"] = [{"type": kind, "path": f"/proc/self/ns/{name}"}]
+        assert bundle.plan(b, spec, default_vcpus=1, default_mib=256).spec["linux"][
+            "namespaces"
+        ] == [{"type": kind}]
 
 
 def test_resources_size_the_vm(tmp_path: Path) -> None:
@@ -76,6 +103,18 @@ def test_resources_size_the_vm(tmp_path: Path) -> None:
     assert (p.vcpus, p.memory_mib) == (3, 512 + bundle.VM_OVERHEAD_MIB)
     p = bundle.plan(b, bundle.load(b), default_vcpus=1, default_mib=256)
     assert (p.vcpus, p.memory_mib) == (1, 0)
+    # pinned to CPUs the VM must have (quota alone would give 1)
+    spec["linux"]["resources"] = {"cpu": {"quota": 50000, "period": 100000, "cpus": "0,2-3"}}
+    assert bundle.plan(b, spec, default_vcpus=1, default_mib=256).vcpus == 4
+    spec["linux"]["resources"] = {"cpu": {"cpus": "0-999"}}
+    assert bundle.plan(b, spec, default_vcpus=1, default_mib=256).vcpus == bundle.MAX_VCPUS
+    # kernel memory limits have no cgroup v2 knob: left out, with a warning
+    spec["linux"]["resources"] = {"memory": {"limit": 64 << 20, "kernel": 1 << 20, "kernelTCP": 0}}
+    p = bundle.plan(b, spec, default_vcpus=1, default_mib=256)
+    assert p.spec["linux"]["resources"]["memory"] == {"limit": 64 << 20}
+    assert len(p.warnings) == 2 and "kernelTCP" in p.warnings[1]
+    assert spec["linux"]["resources"]["memory"]["kernel"] == 1 << 20  # the caller's copy
+    assert [bundle.cpuset_size(c) for c in ("", "0", "1-2", "x", None, "5,1")] == [0, 1, 3, 0, 0, 6]
 
 
 def test_bad_bundles_say_why(tmp_path: Path) -> None:

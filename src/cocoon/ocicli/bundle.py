@@ -5,16 +5,19 @@ something else, and this module is the one place that decides what:
 - the rootfs directory and every bind-mounted host path become virtio-fs (or
   9p) shares, mounted in the guest and bound into the container from there
   (a bind of a file shares its directory: podman binds /etc/hosts and friends);
-- namespace paths name host namespaces the guest cannot see: dropped, the
-  guest's crun makes fresh ones (the VM is the boundary; networking of a given
-  netns is plumbed to the VM's NIC by the network layer);
+- namespace paths name host namespaces the guest cannot see: checked (the
+  path must be a namespace of the stated type, as runc and crun insist), then
+  dropped, the guest's crun makes fresh ones (the VM is the boundary;
+  networking of a given netns is plumbed to the VM's NIC by the network layer);
 - hooks name host binaries: run on the host by the runtime, never in the guest;
 - cgroup resources go to the guest's crun and also size the VM.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import fcntl
 import json
 import math
 import os
@@ -29,11 +32,19 @@ from cocoon.sandbox.sandbox import Sandbox
 
 #: Guest kernel + agent headroom on top of the container's memory limit.
 VM_OVERHEAD_MIB = 128
+#: hypervisor.vcpus' bound.
+MAX_VCPUS = 64
 GUEST_BASE = "/run/cocoon/oci"
 #: Where a pod's shared dir appears in its VM (its members' rootfs and binds).
 POD_GUEST = "/run/cocoon/pod"
 #: Host paths the guest has its own of: a bind from these stays the guest's.
 GUEST_OWN = ("/dev", "/proc", "/sys")
+#: ioctl(2) on a namespace file: its CLONE_NEW* type (linux/nsfs.h, Linux 4.11).
+NS_GET_NSTYPE = 0xB703
+NS_CLONE_FLAGS = {
+    "cgroup": 0x02000000, "ipc": 0x08000000, "mount": 0x00020000, "network": 0x40000000,
+    "pid": 0x20000000, "time": 0x00000080, "user": 0x10000000, "uts": 0x04000000,
+}  # fmt: skip
 
 
 class BundleError(CocoonError):
@@ -55,6 +66,8 @@ class BundlePlan:
     #: The network namespace the caller made for the container (CNI, podman,
     #: containerd): where the VM's NICs must be plumbed to.
     netns_path: str = ""
+    #: What was left out of the spec, for the caller's log.
+    warnings: list[str] = field(default_factory=list)
 
     async def setup(self, sb: Sandbox, fs: str) -> str:
         """Mount the shares in the guest; the container's rootfs path."""
@@ -143,6 +156,8 @@ def finish(guest: dict[str, Any], p: BundlePlan, default_vcpus: int, default_mib
     """What every plan shares: namespaces, hooks, VM size."""
     linux = guest.setdefault("linux", {})
     for ns in linux.get("namespaces", []) or []:
+        if isinstance(ns, dict) and ns.get("path"):
+            check_namespace_path(str(ns.get("type", "")), ns["path"])
         if isinstance(ns, dict) and ns.get("type") == "network" and ns.get("path"):
             p.netns_path = str(ns["path"])
     linux["namespaces"] = [
@@ -152,13 +167,60 @@ def finish(guest: dict[str, Any], p: BundlePlan, default_vcpus: int, default_mib
     ]
     guest.pop("hooks", None)
     res = linux.get("resources") or {}
+    memory = res.get("memory")
+    if isinstance(memory, dict):
+        # The guest's cgroups are v2, which has no kernel memory limits; runc
+        # ignores them too (runtime-spec 1.1 deprecates memory.kernel).
+        for key in ("kernel", "kernelTCP"):
+            if memory.pop(key, None) is not None:
+                p.warnings.append(f"linux.resources.memory.{key} ignored: cgroup v2 has none")
     mem = (res.get("memory") or {}).get("limit") or 0
     cpu = res.get("cpu") or {}
     vcpus = default_vcpus
     if cpu.get("quota") and cpu.get("period") and cpu["quota"] > 0:
-        vcpus = max(vcpus, min(64, math.ceil(cpu["quota"] / cpu["period"])))
+        vcpus = max(vcpus, min(MAX_VCPUS, math.ceil(cpu["quota"] / cpu["period"])))
+    # A container pinned to CPUs 0-3 needs a VM that has CPUs 0-3.
+    vcpus = max(vcpus, min(MAX_VCPUS, cpuset_size(cpu.get("cpus"))))
     p.vcpus = vcpus
     p.memory_mib = max(default_mib, (int(mem) >> 20) + VM_OVERHEAD_MIB) if mem > 0 else 0
+
+
+def check_namespace_path(kind: str, path: object) -> None:
+    """A namespace path must name a namespace of its entry's type (runtime-spec:
+    "the runtime MUST generate an error" otherwise), even though the VM's
+    container gets a fresh one: a wrong or dead path is the caller's mistake."""
+    if kind not in NS_CLONE_FLAGS:
+        raise BundleError(f"linux.namespaces: unknown type {kind[:40]!r}")
+    if not isinstance(path, str) or not os.path.isabs(path):
+        raise BundleError(f"linux.namespaces: {kind} path must be an absolute path")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise BundleError(f"{kind} namespace path {path[:200]}: {e.strerror}") from None
+    try:
+        got = fcntl.ioctl(fd, NS_GET_NSTYPE)
+    except OSError:
+        got = -1
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    if got != NS_CLONE_FLAGS[kind]:
+        names = {v: k for k, v in NS_CLONE_FLAGS.items()}
+        what = f"a {names[got]} namespace" if got in names else "not a namespace"
+        raise BundleError(f"{kind} namespace path {path[:200]} is {what}")
+
+
+def cpuset_size(cpus: object) -> int:
+    """1 + the highest CPU a cpuset list ("0-3,6") names; 0 for none or garbage
+    (the guest's crun then refuses what it cannot parse)."""
+    if not isinstance(cpus, str):
+        return 0
+    top = -1
+    for part in cpus.split(","):
+        last = part.strip().rpartition("-")[2]
+        if last.isdigit() and len(last) < 6:
+            top = max(top, int(last))
+    return top + 1
 
 
 @dataclass

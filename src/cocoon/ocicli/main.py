@@ -196,6 +196,8 @@ def do_create(cid: str, bundle: Path, pid_file: str | None, console_socket: str 
     )
     if p.terminal and not console_socket:
         raise RuntimeError_("process.terminal is true: --console-socket is required")
+    for w in p.warnings:
+        c.log_line("warning", w)
     proc = p.spec.get("process") or {}
     res = (p.spec.get("linux") or {}).get("resources") or {}
     config = ContainerConfig(
@@ -284,6 +286,8 @@ def create_member(
     mp = bundles.plan_member(bundle, spec, Path(srec.pod_dir), k)
     if mp.plan.terminal and not console_socket:
         raise RuntimeError_("process.terminal is true: --console-socket is required")
+    for w in mp.plan.warnings:
+        c.log_line("warning", w)
     proc = mp.plan.spec.get("process") or {}
     config = ContainerConfig(
         id=cid,
