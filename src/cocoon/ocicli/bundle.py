@@ -2,9 +2,12 @@
 
 The bundle is written for a host runtime; inside a VM some of it means
 something else, and this module is the one place that decides what:
-- the rootfs directory and every bind-mounted host path become virtio-fs (or
-  9p) shares, mounted in the guest and bound into the container from there
-  (a bind of a file shares its directory: podman binds /etc/hosts and friends);
+- the rootfs directory becomes a virtio-fs (or 9p) share; every bind-mounted
+  host path is bind-mounted on the host under one more share, the container's
+  binds dir, as ``<n>/<its base name>`` (read-only ones remounted read-only,
+  so the host enforces them), and bound into the container from there: one
+  virtiofsd for all of them, a bound file exposes that file and not its
+  directory, and the container's mount table names what was bound;
 - namespace paths name host namespaces the guest cannot see: checked (the
   path must be a namespace of the stated type, as runc and crun insist), then
   dropped, the guest's crun makes fresh ones (the VM is the boundary;
@@ -37,6 +40,8 @@ MAX_VCPUS = 64
 GUEST_BASE = "/run/cocoon/oci"
 #: Where a pod's shared dir appears in its VM (its members' rootfs and binds).
 POD_GUEST = "/run/cocoon/pod"
+#: Where a container's binds dir appears in its VM.
+BINDS_GUEST = f"{GUEST_BASE}/binds"
 #: Host paths the guest has its own of: a bind from these stays the guest's.
 GUEST_OWN = ("/dev", "/proc", "/sys")
 #: ioctl(2) on a namespace file: its CLONE_NEW* type (linux/nsfs.h, Linux 4.11).
@@ -52,12 +57,29 @@ class BundleError(CocoonError):
 
 
 @dataclass
+class Bind:
+    """One host path bind-mounted (by the runtime, on the host) where the VM sees it."""
+
+    source: str
+    target: Path
+    readonly: bool
+    recursive: bool = False
+
+
+def bind_name(src: str) -> str:
+    """The bind's base name, kept: the container's mount table shows it."""
+    return os.path.basename(src.rstrip("/")) or "root"
+
+
+@dataclass
 class BundlePlan:
     bundle: Path
     spec: dict[str, Any]  # as the guest's crun gets it
     original: dict[str, Any]  # as the caller wrote it (hooks, annotations, state)
     shares: list[Share] = field(default_factory=list)
     guest_mounts: list[tuple[str, str, bool]] = field(default_factory=list)  # tag, target, ro
+    #: Host bind mounts the runtime makes before the VM starts (and undoes).
+    binds: list[Bind] = field(default_factory=list)
     rootfs_tag: str = "rootfs"
     readonly_rootfs: bool = False
     vcpus: int = 1
@@ -94,7 +116,9 @@ def load(bundle: Path) -> dict[str, Any]:
     return spec
 
 
-def plan(bundle: Path, spec: dict[str, Any], *, default_vcpus: int, default_mib: int) -> BundlePlan:
+def plan(
+    bundle: Path, spec: dict[str, Any], *, binds_dir: Path, default_vcpus: int, default_mib: int
+) -> BundlePlan:
     bundle = bundle.resolve()
     guest = copy.deepcopy(spec)
     root = guest.get("root") or {}
@@ -112,21 +136,16 @@ def plan(bundle: Path, spec: dict[str, Any], *, default_vcpus: int, default_mib:
     p.shares.append(Share("rootfs", rootfs, readonly=False))
     p.guest_mounts.append(("rootfs", f"{GUEST_BASE}/rootfs", False))
 
-    shared: dict[tuple[str, bool], str] = {}  # (host dir, ro) -> guest dir
-
-    def expose(src: str, is_dir: bool, ro: bool) -> str:
-        host_dir = src if is_dir else os.path.dirname(src)
-        key = (host_dir, ro)
-        if key not in shared:
-            n = len(shared)
-            tag = f"m{n}"
-            gdir = f"{GUEST_BASE}/m{n}"
-            p.shares.append(Share(tag, Path(host_dir), readonly=ro))
-            p.guest_mounts.append((tag, gdir, ro))
-            shared[key] = gdir
-        return shared[key] if is_dir else f"{shared[key]}/{os.path.basename(src)}"
+    def expose(src: str, ro: bool, recursive: bool) -> str:
+        n, name = len(p.binds), bind_name(src)
+        p.binds.append(Bind(src, binds_dir / str(n) / name, ro, recursive))
+        return f"{BINDS_GUEST}/{n}/{name}"
 
     rewrite_binds(guest, expose)
+    if p.binds:
+        # Read-write: the read-only binds in it are read-only mounts on the host.
+        p.shares.append(Share("binds", binds_dir, readonly=False))
+        p.guest_mounts.append(("binds", BINDS_GUEST, False))
     finish(guest, p, default_vcpus, default_mib)
     return p
 
@@ -147,7 +166,7 @@ def rewrite_binds(guest: dict[str, Any], expose: Callable[[str, bool, bool], str
             continue
         if not os.path.exists(src):
             raise BundleError(f"bind mount source {src} does not exist")
-        m["source"] = expose(src, os.path.isdir(src), "ro" in opts)
+        m["source"] = expose(src, "ro" in opts, "rbind" in opts)
         if "bind" not in opts and "rbind" not in opts:
             m["options"] = [*opts, "rbind"]
 
@@ -229,7 +248,7 @@ class MemberPlan:
     the pod's shared dir (which propagates into the running VM's virtio-fs)."""
 
     plan: BundlePlan
-    binds: list[tuple[str, Path, bool]]  # host source, host target, read-only
+    binds: list[Bind]  # the rootfs first
     rootfs_guest: str
 
 
@@ -245,12 +264,12 @@ def plan_member(bundle: Path, spec: dict[str, Any], pod_dir: Path, key: str) -> 
     p = BundlePlan(bundle=bundle, spec=guest, original=spec)
     p.readonly_rootfs = bool(root.get("readonly", False))
     p.terminal = bool(guest.get("process", {}).get("terminal", False))
-    binds: list[tuple[str, Path, bool]] = [(str(rootfs), pod_dir / key / "rootfs", False)]
+    binds = [Bind(str(rootfs), pod_dir / key / "rootfs", False)]
 
-    def expose(src: str, is_dir: bool, ro: bool) -> str:
-        n = len(binds)
-        binds.append((src, pod_dir / key / f"m{n}", ro))
-        return f"{POD_GUEST}/{key}/m{n}"
+    def expose(src: str, ro: bool, recursive: bool) -> str:
+        n, name = len(binds), bind_name(src)
+        binds.append(Bind(src, pod_dir / key / f"m{n}" / name, ro, recursive))
+        return f"{POD_GUEST}/{key}/m{n}/{name}"
 
     rewrite_binds(guest, expose)
     finish(guest, p, 1, 0)
