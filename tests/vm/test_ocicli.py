@@ -234,3 +234,31 @@ def test_binds_are_host_binds_named_as_bound(
     assert (data / "new").read_text() == "w\n" and (etc / "hosts").read_text() == "10.0.0.1 h\n"
     root = Path(rt[2])
     assert not mount_points_under(root) and not list((root / "binds").iterdir())
+
+
+def test_resources_the_guest_can_apply(
+    cfg: Config, rootfs: Path, rt: list[str], tmp_path: Path
+) -> None:
+    """A cpuset gets a VM with those CPUs; kubelet's zero hugetlb limits apply in
+    the guest; kernel memory limits (no cgroup v2 knob) do not stop the container."""
+    script = "cd /sys/fs/cgroup; cat cpuset.cpus.effective hugetlb.2MB.max memory.max"
+    b = make_bundle(tmp_path, rootfs, ["sh", "-c", script])
+    spec = json.loads((b / "config.json").read_text())
+    spec["linux"]["resources"] = {
+        "cpu": {"cpus": "0-1"},
+        "hugepageLimits": [{"pageSize": "2MB", "limit": 0}],
+        "memory": {"limit": 64 << 20, "kernel": 64 << 20, "kernelTCP": 64 << 20},
+    }
+    (b / "config.json").write_text(json.dumps(spec))
+    log = tmp_path / "rt.log"
+    r = subprocess.run([*rt, "--log", str(log), "run", "--bundle", str(b), "r1"],
+                       stdin=subprocess.DEVNULL, capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["0-1", "0", str(64 << 20)]
+    assert "memory.kernel ignored" in log.read_text()
+    spec["linux"]["resources"] = {"hugepageLimits": [{"pageSize": "3MB", "limit": 0}]}
+    (b / "config.json").write_text(json.dumps(spec))
+    r = subprocess.run([*rt, "run", "--bundle", str(b), "r2"],
+                       stdin=subprocess.DEVNULL, capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 1 and "3MB" in r.stderr  # no such page size: refused
+    subprocess.run([*rt, "delete", "--force", "r2"], capture_output=True)
