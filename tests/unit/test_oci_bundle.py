@@ -19,6 +19,13 @@ def make(tmp_path: Path, **extra: object) -> tuple[Path, dict]:  # type: ignore[
     return tmp_path, bundle.load(tmp_path)
 
 
+def plan(b: Path, spec: dict) -> bundle.BundlePlan:  # type: ignore[type-arg]
+    return bundle.plan(b, spec, binds_dir=BINDS, default_vcpus=1, default_mib=256)
+
+
+BINDS = Path("/run/x/binds/k")
+
+
 def test_rootfs_and_binds_become_shares(tmp_path: Path) -> None:
     host = tmp_path / "host"
     host.mkdir()
@@ -35,21 +42,22 @@ def test_rootfs_and_binds_become_shares(tmp_path: Path) -> None:
         {"destination": "/data", "source": str(data), "options": ["bind", "rw"]},
         {"destination": "/dev/null", "type": "bind", "source": "/dev/null", "options": ["bind"]},
     ])  # fmt: skip
-    p = bundle.plan(b, spec, default_vcpus=1, default_mib=256)
+    p = plan(b, spec)
     tags = {s.tag: (s.path, s.readonly) for s in p.shares}
-    # the rootfs is shared read-write (crun makes mount points, then remounts ro)
-    assert tags["rootfs"] == ((b / "rootfs").resolve(), False)
-    # two files of one dir share that dir once, read-only; the rw dir on its own
-    assert sorted(v for v in tags.values() if v[0] != (b / "rootfs").resolve()) == sorted(
-        [(host, True), (data, False)]
-    )
+    # the rootfs is shared read-write (crun makes mount points, then remounts ro);
+    # binds are host bind mounts in one more share, read-only ones made so on the host
+    assert tags == {"rootfs": ((b / "rootfs").resolve(), False), "binds": (BINDS, False)}
+    assert [(x.source, x.target, x.readonly, x.recursive) for x in p.binds] == [
+        (str(host / "hosts"), BINDS / "0/hosts", True, True),
+        (str(host / "resolv.conf"), BINDS / "1/resolv.conf", True, True),
+        (str(data), BINDS / "2/data", False, False),
+    ]
     mounts = {m["destination"]: m for m in p.spec["mounts"]}
-    assert mounts["/etc/hosts"]["source"].startswith(bundle.GUEST_BASE + "/m")
-    assert mounts["/etc/hosts"]["source"].endswith("/hosts")
-    assert (
-        mounts["/etc/hosts"]["source"].rsplit("/", 1)[0]
-        == (mounts["/etc/resolv.conf"]["source"].rsplit("/", 1)[0])
-    )
+    # each under its own base name: the container's mountinfo names what was bound
+    assert mounts["/etc/hosts"]["source"] == bundle.BINDS_GUEST + "/0/hosts"
+    assert mounts["/etc/resolv.conf"]["source"] == bundle.BINDS_GUEST + "/1/resolv.conf"
+    assert mounts["/data"]["source"] == bundle.BINDS_GUEST + "/2/data"
+    assert ("binds", bundle.BINDS_GUEST, False) in p.guest_mounts
     assert mounts["/dev/null"]["source"] == "/dev/null"  # the guest's own
     assert mounts["/proc"] == {"destination": "/proc", "type": "proc", "source": "proc"}
     # the caller's spec is left as it was
@@ -59,28 +67,54 @@ def test_rootfs_and_binds_become_shares(tmp_path: Path) -> None:
 def test_namespace_paths_and_hooks_stay_on_the_host(tmp_path: Path) -> None:
     b, spec = make(tmp_path, hooks={"prestart": [{"path": "/bin/true"}]})
     spec["linux"]["namespaces"] = [
-        {"type": "network", "path": "/run/netns/x"}, {"type": "pid"},
+        {"type": "network", "path": "/proc/self/ns/net"}, {"type": "pid"},
     ]  # fmt: skip
-    p = bundle.plan(b, spec, default_vcpus=1, default_mib=256)
+    p = plan(b, spec)
     # the given netns is the VM's (its NICs are plumbed there): the container
     # stays in the guest's network namespace
     assert p.spec["linux"]["namespaces"] == [{"type": "pid"}]
-    assert p.netns_path == "/run/netns/x"
+    assert p.netns_path == "/proc/self/ns/net"
+    assert [s.tag for s in p.shares] == ["rootfs"] and not p.binds  # no binds, no share
     assert "hooks" not in p.spec and "hooks" in p.original
+
+
+@pytest.mark.parametrize(
+    ("kind", "path", "error"),
+    [
+        ("uts", "/proc/self/ns/cgroup", "is a cgroup namespace"),
+        ("mount", "/proc/self/ns/net", "is a network namespace"),
+        ("pid", "/etc/hostname", "is not a namespace"),
+        ("ipc", "/no/such/ns", "No such file"),
+        ("ipc", "ns/ipc", "absolute"),
+        ("bogus", "/proc/self/ns/ipc", "unknown type"),
+    ],
+)
+def test_namespace_paths_must_match_their_type(
+    tmp_path: Path, kind: str, path: str, error: str
+) -> None:
+    """runc and crun refuse a path that is not a namespace of the stated type;
+    so do we, although the guest's crun makes a fresh one."""
+    b, spec = make(tmp_path)
+    spec["linux"]["namespaces"] = [{"type": kind, "path": path}]
+    with pytest.raises(bundle.BundleError, match=error):
+        plan(b, spec)
+    for kind, name in (("ipc", "ipc"), ("mount", "mnt"), ("uts", "uts"), ("user", "user")):
+        spec["linux"]["namespaces"] = [{"type": kind, "path": f"/proc/self/ns/{name}"}]
+        assert plan(b, spec).spec["linux"]["namespaces"] == [{"type": kind}]
 
 
 def test_net_sysctls_go_to_the_vm_when_it_holds_the_network(tmp_path: Path) -> None:
     b, spec = make(tmp_path)
     sysctl = {"net.ipv4.ping_group_range": "0 0", "kernel.shm_rmid_forced": "1"}
     spec["linux"]["sysctl"] = dict(sysctl)
-    spec["linux"]["namespaces"] = [{"type": "network", "path": "/run/netns/x"}]
-    p = bundle.plan(b, spec, default_vcpus=1, default_mib=256)
+    spec["linux"]["namespaces"] = [{"type": "network", "path": "/proc/self/ns/net"}]
+    p = plan(b, spec)
     assert p.net_sysctls == {"net.ipv4.ping_group_range": "0 0"}
     assert p.spec["linux"]["sysctl"] == {"kernel.shm_rmid_forced": "1"}
     # a fresh network namespace in the guest keeps them (crun sets them there)
     spec["linux"]["namespaces"] = [{"type": "network"}]
     spec["linux"]["sysctl"] = dict(sysctl)
-    p = bundle.plan(b, spec, default_vcpus=1, default_mib=256)
+    p = plan(b, spec)
     assert p.net_sysctls == {} and p.spec["linux"]["sysctl"] == sysctl
 
 
@@ -89,10 +123,22 @@ def test_resources_size_the_vm(tmp_path: Path) -> None:
     spec["linux"]["resources"] = {
         "memory": {"limit": 512 << 20}, "cpu": {"quota": 250000, "period": 100000},
     }  # fmt: skip
-    p = bundle.plan(b, spec, default_vcpus=1, default_mib=256)
+    p = plan(b, spec)
     assert (p.vcpus, p.memory_mib) == (3, 512 + bundle.VM_OVERHEAD_MIB)
-    p = bundle.plan(b, bundle.load(b), default_vcpus=1, default_mib=256)
+    p = plan(b, bundle.load(b))
     assert (p.vcpus, p.memory_mib) == (1, 0)
+    # pinned to CPUs the VM must have (quota alone would give 1)
+    spec["linux"]["resources"] = {"cpu": {"quota": 50000, "period": 100000, "cpus": "0,2-3"}}
+    assert plan(b, spec).vcpus == 4
+    spec["linux"]["resources"] = {"cpu": {"cpus": "0-999"}}
+    assert plan(b, spec).vcpus == bundle.MAX_VCPUS
+    # kernel memory limits have no cgroup v2 knob: left out, with a warning
+    spec["linux"]["resources"] = {"memory": {"limit": 64 << 20, "kernel": 1 << 20, "kernelTCP": 0}}
+    p = plan(b, spec)
+    assert p.spec["linux"]["resources"]["memory"] == {"limit": 64 << 20}
+    assert len(p.warnings) == 2 and "kernelTCP" in p.warnings[1]
+    assert spec["linux"]["resources"]["memory"]["kernel"] == 1 << 20  # the caller's copy
+    assert [bundle.cpuset_size(c) for c in ("", "0", "1-2", "x", None, "5,1")] == [0, 1, 3, 0, 0, 6]
 
 
 def test_bad_bundles_say_why(tmp_path: Path) -> None:
@@ -104,7 +150,7 @@ def test_bad_bundles_say_why(tmp_path: Path) -> None:
     b, spec = make(tmp_path / "x", mounts=[{"destination": "/d", "type": "bind",
                                             "source": "/no/such/dir"}])  # fmt: skip
     with pytest.raises(bundle.BundleError, match="does not exist"):
-        bundle.plan(b, spec, default_vcpus=1, default_mib=256)
+        plan(b, spec)
     (b / "rootfs").rmdir()
     with pytest.raises(bundle.BundleError, match="rootfs"):
-        bundle.plan(b, spec, default_vcpus=1, default_mib=256)
+        plan(b, spec)

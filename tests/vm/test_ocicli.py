@@ -18,6 +18,7 @@ import pytest
 
 from cocoon.config import Config
 from cocoon.oci.spec import default_spec
+from cocoon.sandbox.sandbox import mount_points_under
 from cocoon.state import gc
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(300)]
@@ -201,3 +202,63 @@ def test_killed_monitor_leaves_nothing_after_delete(
     assert gc.processes_naming(root), "the VM outlives its owner until delete"
     subprocess.run([*rt, "delete", "m1"], check=True)
     assert not gc.processes_naming(root)
+
+
+def test_binds_are_host_binds_named_as_bound(
+    cfg: Config, rootfs: Path, rt: list[str], tmp_path: Path
+) -> None:
+    """Bind sources reach the VM as host bind mounts under one share: the
+    container's mount table names each (a file alone, not its directory),
+    read-only is enforced, writes land on the host, and delete undoes them."""
+    data, etc = tmp_path / "data", tmp_path / "etc"
+    data.mkdir()
+    etc.mkdir()
+    (etc / "hosts").write_text("10.0.0.1 h\n")
+    (etc / "shadow").write_text("not for the guest\n")
+    script = (
+        "cat /etc/hosts; echo w > /data/new; echo x 2>/dev/null > /etc/hosts && echo WROTE;"
+        ' awk \'$5 == "/etc/hosts" || $5 == "/data" {print $5, $4}\' /proc/self/mountinfo'
+    )
+    b = make_bundle(tmp_path, rootfs, ["sh", "-c", script], mounts=[
+        {"destination": "/proc", "type": "proc", "source": "proc"},
+        {"destination": "/etc/hosts", "type": "bind", "source": str(etc / "hosts"),
+         "options": ["rbind", "ro"]},
+        {"destination": "/data", "type": "bind", "source": str(data), "options": ["rbind"]},
+    ])  # fmt: skip
+    r = subprocess.run([*rt, "run", "--bundle", str(b), "b1"],
+                       stdin=subprocess.DEVNULL, capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0] == "10.0.0.1 h" and "WROTE" not in lines
+    assert sorted(lines[1:]) == ["/data /1/data", "/etc/hosts /0/hosts"]
+    assert (data / "new").read_text() == "w\n" and (etc / "hosts").read_text() == "10.0.0.1 h\n"
+    root = Path(rt[2])
+    assert not mount_points_under(root) and not list((root / "binds").iterdir())
+
+
+def test_resources_the_guest_can_apply(
+    cfg: Config, rootfs: Path, rt: list[str], tmp_path: Path
+) -> None:
+    """A cpuset gets a VM with those CPUs; kubelet's zero hugetlb limits apply in
+    the guest; kernel memory limits (no cgroup v2 knob) do not stop the container."""
+    script = "cd /sys/fs/cgroup; cat cpuset.cpus.effective hugetlb.2MB.max memory.max"
+    b = make_bundle(tmp_path, rootfs, ["sh", "-c", script])
+    spec = json.loads((b / "config.json").read_text())
+    spec["linux"]["resources"] = {
+        "cpu": {"cpus": "0-1"},
+        "hugepageLimits": [{"pageSize": "2MB", "limit": 0}],
+        "memory": {"limit": 64 << 20, "kernel": 64 << 20, "kernelTCP": 64 << 20},
+    }
+    (b / "config.json").write_text(json.dumps(spec))
+    log = tmp_path / "rt.log"
+    r = subprocess.run([*rt, "--log", str(log), "run", "--bundle", str(b), "r1"],
+                       stdin=subprocess.DEVNULL, capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["0-1", "0", str(64 << 20)]
+    assert "memory.kernel ignored" in log.read_text()
+    spec["linux"]["resources"] = {"hugepageLimits": [{"pageSize": "3MB", "limit": 0}]}
+    (b / "config.json").write_text(json.dumps(spec))
+    r = subprocess.run([*rt, "run", "--bundle", str(b), "r2"],
+                       stdin=subprocess.DEVNULL, capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 1 and "3MB" in r.stderr  # no such page size: refused
+    subprocess.run([*rt, "delete", "--force", "r2"], capture_output=True)

@@ -2,19 +2,25 @@
 
 The bundle is written for a host runtime; inside a VM some of it means
 something else, and this module is the one place that decides what:
-- the rootfs directory and every bind-mounted host path become virtio-fs (or
-  9p) shares, mounted in the guest and bound into the container from there
-  (a bind of a file shares its directory: podman binds /etc/hosts and friends);
-- namespace paths name host namespaces the guest cannot see: dropped, the
-  guest's crun makes fresh ones (the VM is the boundary; networking of a given
-  netns is plumbed to the VM's NIC by the network layer);
+- the rootfs directory becomes a virtio-fs (or 9p) share; every bind-mounted
+  host path is bind-mounted on the host under one more share, the container's
+  binds dir, as ``<n>/<its base name>`` (read-only ones remounted read-only,
+  so the host enforces them), and bound into the container from there: one
+  virtiofsd for all of them, a bound file exposes that file and not its
+  directory, and the container's mount table names what was bound;
+- namespace paths name host namespaces the guest cannot see: checked (the
+  path must be a namespace of the stated type, as runc and crun insist), then
+  dropped, the guest's crun makes fresh ones (the VM is the boundary;
+  networking of a given netns is plumbed to the VM's NIC by the network layer);
 - hooks name host binaries: run on the host by the runtime, never in the guest;
 - cgroup resources go to the guest's crun and also size the VM.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import fcntl
 import json
 import math
 import os
@@ -29,15 +35,40 @@ from cocoon.sandbox.sandbox import Sandbox
 
 #: Guest kernel + agent headroom on top of the container's memory limit.
 VM_OVERHEAD_MIB = 128
+#: hypervisor.vcpus' bound.
+MAX_VCPUS = 64
 GUEST_BASE = "/run/cocoon/oci"
 #: Where a pod's shared dir appears in its VM (its members' rootfs and binds).
 POD_GUEST = "/run/cocoon/pod"
+#: Where a container's binds dir appears in its VM.
+BINDS_GUEST = f"{GUEST_BASE}/binds"
 #: Host paths the guest has its own of: a bind from these stays the guest's.
 GUEST_OWN = ("/dev", "/proc", "/sys")
+#: ioctl(2) on a namespace file: its CLONE_NEW* type (linux/nsfs.h, Linux 4.11).
+NS_GET_NSTYPE = 0xB703
+NS_CLONE_FLAGS = {
+    "cgroup": 0x02000000, "ipc": 0x08000000, "mount": 0x00020000, "network": 0x40000000,
+    "pid": 0x20000000, "time": 0x00000080, "user": 0x10000000, "uts": 0x04000000,
+}  # fmt: skip
 
 
 class BundleError(CocoonError):
     exit_code = 1
+
+
+@dataclass
+class Bind:
+    """One host path bind-mounted (by the runtime, on the host) where the VM sees it."""
+
+    source: str
+    target: Path
+    readonly: bool
+    recursive: bool = False
+
+
+def bind_name(src: str) -> str:
+    """The bind's base name, kept: the container's mount table shows it."""
+    return os.path.basename(src.rstrip("/")) or "root"
 
 
 @dataclass
@@ -47,6 +78,8 @@ class BundlePlan:
     original: dict[str, Any]  # as the caller wrote it (hooks, annotations, state)
     shares: list[Share] = field(default_factory=list)
     guest_mounts: list[tuple[str, str, bool]] = field(default_factory=list)  # tag, target, ro
+    #: Host bind mounts the runtime makes before the VM starts (and undoes).
+    binds: list[Bind] = field(default_factory=list)
     rootfs_tag: str = "rootfs"
     readonly_rootfs: bool = False
     vcpus: int = 1
@@ -57,6 +90,8 @@ class BundlePlan:
     netns_path: str = ""
     #: The spec's net.* sysctls when its network namespace is the VM's.
     net_sysctls: dict[str, str] = field(default_factory=dict)
+    #: What was left out of the spec, for the caller's log.
+    warnings: list[str] = field(default_factory=list)
 
     async def setup(self, sb: Sandbox, fs: str) -> str:
         """Mount the shares in the guest; the container's rootfs path."""
@@ -83,7 +118,9 @@ def load(bundle: Path) -> dict[str, Any]:
     return spec
 
 
-def plan(bundle: Path, spec: dict[str, Any], *, default_vcpus: int, default_mib: int) -> BundlePlan:
+def plan(
+    bundle: Path, spec: dict[str, Any], *, binds_dir: Path, default_vcpus: int, default_mib: int
+) -> BundlePlan:
     bundle = bundle.resolve()
     guest = copy.deepcopy(spec)
     root = guest.get("root") or {}
@@ -101,21 +138,16 @@ def plan(bundle: Path, spec: dict[str, Any], *, default_vcpus: int, default_mib:
     p.shares.append(Share("rootfs", rootfs, readonly=False))
     p.guest_mounts.append(("rootfs", f"{GUEST_BASE}/rootfs", False))
 
-    shared: dict[tuple[str, bool], str] = {}  # (host dir, ro) -> guest dir
-
-    def expose(src: str, is_dir: bool, ro: bool) -> str:
-        host_dir = src if is_dir else os.path.dirname(src)
-        key = (host_dir, ro)
-        if key not in shared:
-            n = len(shared)
-            tag = f"m{n}"
-            gdir = f"{GUEST_BASE}/m{n}"
-            p.shares.append(Share(tag, Path(host_dir), readonly=ro))
-            p.guest_mounts.append((tag, gdir, ro))
-            shared[key] = gdir
-        return shared[key] if is_dir else f"{shared[key]}/{os.path.basename(src)}"
+    def expose(src: str, ro: bool, recursive: bool) -> str:
+        n, name = len(p.binds), bind_name(src)
+        p.binds.append(Bind(src, binds_dir / str(n) / name, ro, recursive))
+        return f"{BINDS_GUEST}/{n}/{name}"
 
     rewrite_binds(guest, expose)
+    if p.binds:
+        # Read-write: the read-only binds in it are read-only mounts on the host.
+        p.shares.append(Share("binds", binds_dir, readonly=False))
+        p.guest_mounts.append(("binds", BINDS_GUEST, False))
     finish(guest, p, default_vcpus, default_mib)
     return p
 
@@ -136,7 +168,7 @@ def rewrite_binds(guest: dict[str, Any], expose: Callable[[str, bool, bool], str
             continue
         if not os.path.exists(src):
             raise BundleError(f"bind mount source {src} does not exist")
-        m["source"] = expose(src, os.path.isdir(src), "ro" in opts)
+        m["source"] = expose(src, "ro" in opts, "rbind" in opts)
         if "bind" not in opts and "rbind" not in opts:
             m["options"] = [*opts, "rbind"]
 
@@ -145,6 +177,8 @@ def finish(guest: dict[str, Any], p: BundlePlan, default_vcpus: int, default_mib
     """What every plan shares: namespaces, hooks, VM size."""
     linux = guest.setdefault("linux", {})
     for ns in linux.get("namespaces", []) or []:
+        if isinstance(ns, dict) and ns.get("path"):
+            check_namespace_path(str(ns.get("type", "")), ns["path"])
         if isinstance(ns, dict) and ns.get("type") == "network" and ns.get("path"):
             p.netns_path = str(ns["path"])
     # A given network namespace is the VM's own (its NICs are plumbed to it), so
@@ -165,13 +199,60 @@ def finish(guest: dict[str, Any], p: BundlePlan, default_vcpus: int, default_mib
                 p.net_sysctls[k] = str(sysctl.pop(k))
     guest.pop("hooks", None)
     res = linux.get("resources") or {}
+    memory = res.get("memory")
+    if isinstance(memory, dict):
+        # The guest's cgroups are v2, which has no kernel memory limits; runc
+        # ignores them too (runtime-spec 1.1 deprecates memory.kernel).
+        for key in ("kernel", "kernelTCP"):
+            if memory.pop(key, None) is not None:
+                p.warnings.append(f"linux.resources.memory.{key} ignored: cgroup v2 has none")
     mem = (res.get("memory") or {}).get("limit") or 0
     cpu = res.get("cpu") or {}
     vcpus = default_vcpus
     if cpu.get("quota") and cpu.get("period") and cpu["quota"] > 0:
-        vcpus = max(vcpus, min(64, math.ceil(cpu["quota"] / cpu["period"])))
+        vcpus = max(vcpus, min(MAX_VCPUS, math.ceil(cpu["quota"] / cpu["period"])))
+    # A container pinned to CPUs 0-3 needs a VM that has CPUs 0-3.
+    vcpus = max(vcpus, min(MAX_VCPUS, cpuset_size(cpu.get("cpus"))))
     p.vcpus = vcpus
     p.memory_mib = max(default_mib, (int(mem) >> 20) + VM_OVERHEAD_MIB) if mem > 0 else 0
+
+
+def check_namespace_path(kind: str, path: object) -> None:
+    """A namespace path must name a namespace of its entry's type (runtime-spec:
+    "the runtime MUST generate an error" otherwise), even though the VM's
+    container gets a fresh one: a wrong or dead path is the caller's mistake."""
+    if kind not in NS_CLONE_FLAGS:
+        raise BundleError(f"linux.namespaces: unknown type {kind[:40]!r}")
+    if not isinstance(path, str) or not os.path.isabs(path):
+        raise BundleError(f"linux.namespaces: {kind} path must be an absolute path")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise BundleError(f"{kind} namespace path {path[:200]}: {e.strerror}") from None
+    try:
+        got = fcntl.ioctl(fd, NS_GET_NSTYPE)
+    except OSError:
+        got = -1
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    if got != NS_CLONE_FLAGS[kind]:
+        names = {v: k for k, v in NS_CLONE_FLAGS.items()}
+        what = f"a {names[got]} namespace" if got in names else "not a namespace"
+        raise BundleError(f"{kind} namespace path {path[:200]} is {what}")
+
+
+def cpuset_size(cpus: object) -> int:
+    """1 + the highest CPU a cpuset list ("0-3,6") names; 0 for none or garbage
+    (the guest's crun then refuses what it cannot parse)."""
+    if not isinstance(cpus, str):
+        return 0
+    top = -1
+    for part in cpus.split(","):
+        last = part.strip().rpartition("-")[2]
+        if last.isdigit() and len(last) < 6:
+            top = max(top, int(last))
+    return top + 1
 
 
 @dataclass
@@ -180,7 +261,7 @@ class MemberPlan:
     the pod's shared dir (which propagates into the running VM's virtio-fs)."""
 
     plan: BundlePlan
-    binds: list[tuple[str, Path, bool]]  # host source, host target, read-only
+    binds: list[Bind]  # the rootfs first
     rootfs_guest: str
 
 
@@ -196,12 +277,12 @@ def plan_member(bundle: Path, spec: dict[str, Any], pod_dir: Path, key: str) -> 
     p = BundlePlan(bundle=bundle, spec=guest, original=spec)
     p.readonly_rootfs = bool(root.get("readonly", False))
     p.terminal = bool(guest.get("process", {}).get("terminal", False))
-    binds: list[tuple[str, Path, bool]] = [(str(rootfs), pod_dir / key / "rootfs", False)]
+    binds = [Bind(str(rootfs), pod_dir / key / "rootfs", False)]
 
-    def expose(src: str, is_dir: bool, ro: bool) -> str:
-        n = len(binds)
-        binds.append((src, pod_dir / key / f"m{n}", ro))
-        return f"{POD_GUEST}/{key}/m{n}"
+    def expose(src: str, ro: bool, recursive: bool) -> str:
+        n, name = len(binds), bind_name(src)
+        binds.append(Bind(src, pod_dir / key / f"m{n}" / name, ro, recursive))
+        return f"{POD_GUEST}/{key}/m{n}/{name}"
 
     rewrite_binds(guest, expose)
     finish(guest, p, 1, 0)

@@ -193,10 +193,16 @@ def do_create(cid: str, bundle: Path, pid_file: str | None, console_socket: str 
     cfg = c.cfg
     spec = bundles.load(bundle)
     p = bundles.plan(
-        bundle, spec, default_vcpus=cfg.hypervisor.vcpus, default_mib=cfg.hypervisor.memory_mib
+        bundle,
+        spec,
+        binds_dir=pod.binds_dir(cfg, cid),
+        default_vcpus=cfg.hypervisor.vcpus,
+        default_mib=cfg.hypervisor.memory_mib,
     )
     if p.terminal and not console_socket:
         raise RuntimeError_("process.terminal is true: --console-socket is required")
+    for w in p.warnings:
+        c.log_line("warning", w)
     proc = p.spec.get("process") or {}
     res = (p.spec.get("linux") or {}).get("resources") or {}
     config = ContainerConfig(
@@ -219,7 +225,10 @@ def do_create(cid: str, bundle: Path, pid_file: str | None, console_socket: str 
     kind, sandbox_ref = pod.role(annotations)
     if kind == "container" and sandbox_ref:
         return create_member(cid, bundle, spec, annotations, sandbox_ref, pid_file, console_socket)
-    rec = OciRecord(str(p.bundle), now_rfc3339(), annotations, spec.get("hooks") or {})
+    rec = OciRecord(
+        str(p.bundle), now_rfc3339(), annotations, spec.get("hooks") or {},
+        binds=[str(b.target) for b in p.binds],
+    )  # fmt: skip
     if kind == "sandbox":
         pdir = pod.pod_dir(cfg, cid)
         rec.pod_dir = str(pdir)
@@ -255,6 +264,8 @@ def do_create(cid: str, bundle: Path, pid_file: str | None, console_socket: str 
     try:
         if rec.pod_dir:
             pod.make_pod_dir(Path(rec.pod_dir))
+        for b in p.binds:  # recorded above: delete undoes them, whatever happens now
+            pod.bind(b.source, b.target, b.readonly, b.recursive)
         spawn(plan)
         return _stand_in(d, pid_file, console_socket, p.terminal)
     except BaseException:
@@ -296,6 +307,8 @@ def create_member(
     mp = bundles.plan_member(bundle, spec, Path(srec.pod_dir), k)
     if mp.plan.terminal and not console_socket:
         raise RuntimeError_("process.terminal is true: --console-socket is required")
+    for w in mp.plan.warnings:
+        c.log_line("warning", w)
     proc = mp.plan.spec.get("process") or {}
     config = ContainerConfig(
         id=cid,
@@ -310,12 +323,12 @@ def create_member(
     )
     rec = OciRecord(
         str(mp.plan.bundle), now_rfc3339(), annotations, spec.get("hooks") or {},
-        pod_sandbox=sandbox_ref, binds=[str(dst) for _, dst, _ in mp.binds],
+        pod_sandbox=sandbox_ref, binds=[str(b.target) for b in mp.binds],
     )  # fmt: skip
     d = c.store.create(config, rec)
     try:
-        for src, dst, ro in mp.binds:
-            pod.bind(src, dst, ro)
+        for b in mp.binds:
+            pod.bind(b.source, b.target, b.readonly, b.recursive)
         msg = messages.AddContainer(str(d.path), f"c-{k}", mp.rootfs_guest, mp.plan.terminal)
         _call(sandbox, msg, messages.Ok)
         return _stand_in(d, pid_file, console_socket, mp.plan.terminal)
@@ -371,7 +384,9 @@ def _destroy(d: ContainerDir) -> None:
     with contextlib.suppress(CocoonError):
         rec = record(d)
     if rec is not None and rec.binds:
-        pod.unbind(rec.binds)
+        # A pod member's binds live under <pod dir>/<key>, its rootfs's first.
+        top = Path(rec.binds[0]).parent if rec.pod_sandbox else pod.binds_dir(_ctx().cfg, d.id)
+        pod.unbind(rec.binds, top)
     if rec is None or not rec.pod_sandbox:
         with contextlib.suppress(CocoonError):
             gc.reap(_ctx().cfg.root, only=d.config().sandbox_id)

@@ -8,6 +8,8 @@ mounts made under it later propagate into virtiofsd's view. A later container
 of the pod gets its rootfs and bind sources bind-mounted there on the host (a
 read-only bind remounted read-only: enforced on the host) and is created in
 the running VM through the sandbox's monitor: no second VM, no hotplug.
+Every other container's binds are made the same way, under its own binds dir
+(``binds_dir``), shared when its VM boots.
 """
 
 from __future__ import annotations
@@ -48,35 +50,50 @@ def make_pod_dir(path: Path) -> None:
     run(["mount", "--make-shared", str(path)], timeout_s=MOUNT_TIMEOUT_S)
 
 
-def bind(src: str, dst: Path, readonly: bool) -> None:
+def bind(src: str, dst: Path, readonly: bool, recursive: bool = False) -> None:
+    """Bind ``src`` at ``dst`` (made for it). A read-only bind is remounted
+    read-only and is never recursive: a mount below it would stay writable."""
     dst.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     if os.path.isdir(src):
         dst.mkdir(exist_ok=True)
     else:
         dst.touch(exist_ok=True)
-    run(["mount", "--bind", src, str(dst)], timeout_s=MOUNT_TIMEOUT_S)
+    how = "--rbind" if recursive and not readonly else "--bind"
+    run(["mount", how, src, str(dst)], timeout_s=MOUNT_TIMEOUT_S)
     if readonly:
         run(["mount", "-o", "remount,bind,ro", str(dst)], timeout_s=MOUNT_TIMEOUT_S)
 
 
-def unbind(targets: list[str]) -> None:
-    """Undo ``bind`` (newest first) and drop the mount points we made. Lazily:
-    the pod's virtiofsd may still hold inodes of a deleted member's files until
-    the guest forgets them, and that must not keep the mount (or the user's
-    directory) pinned under the pod's dir."""
+def unbind(targets: list[str], top: Path) -> None:
+    """Undo ``bind`` (newest first) and drop the mount points we made, and the
+    dirs made for them up to and including ``top``; never a recursive delete.
+    Lazily: the pod's virtiofsd may still hold inodes of a deleted member's
+    files until the guest forgets them, and that must not keep the mount (or
+    the user's directory) pinned under the pod's dir."""
     for t in reversed(targets):
-        with contextlib.suppress(HostError):
-            if t in mount_points_under(t):
-                run(["umount", "-l", t], timeout_s=MOUNT_TIMEOUT_S)
+        for mp in sorted(mount_points_under(t), key=len, reverse=True):  # an rbind's too
+            with contextlib.suppress(HostError):
+                run(["umount", "-l", mp], timeout_s=MOUNT_TIMEOUT_S)
         with contextlib.suppress(OSError):
             p = Path(t)
             if p.is_dir() and not p.is_symlink():
                 p.rmdir()
             else:
                 p.unlink()
-    if targets:
-        with contextlib.suppress(OSError):
-            Path(targets[0]).parent.rmdir()
+        parent = Path(t).parent
+        while top in parent.parents:
+            try:
+                parent.rmdir()
+            except OSError:
+                break
+            parent = parent.parent
+    with contextlib.suppress(OSError):
+        top.rmdir()
+
+
+def binds_dir(cfg: Config, cid: str) -> Path:
+    """Where a (non-pod) container's bind sources are bound on the host."""
+    return cfg.root / "binds" / key(cid)
 
 
 def remove_pod_dir(path: Path) -> None:

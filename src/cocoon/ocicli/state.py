@@ -43,7 +43,7 @@ class OciRecord:
     hooks: dict[str, Any]
     pod_dir: str = ""  # a pod's sandbox container: the dir shared into its VM
     pod_sandbox: str = ""  # a pod's further container: the sandbox container's id
-    binds: list[str] = field(default_factory=list)  # host mounts made for it
+    binds: list[str] = field(default_factory=list)  # host bind mounts made for it
 
 
 class Store:
