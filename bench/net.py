@@ -4,8 +4,8 @@
 Two namespaces made here, joined by a veth (as CNI would leave them): the peer
 runs the iperf3 server. Side by side in one run:
 
-- host veth -> peer: iperf3 client in the container-side namespace itself
-  (the kernel's veth, no VM): the ceiling;
+- host veth -> peer (and <- with iperf3 -R): iperf3 client in the
+  container-side namespace itself (the kernel's veth, no VM): the ceiling;
 - cocoon, tcfilter model: `cocoon run --network ns:PATH` (tap + tc mirred);
 - cocoon, macvtap model: the same with ``COCOON_NETWORK_MODEL=macvtap``.
 
@@ -88,15 +88,15 @@ def main() -> None:
         client = ["-c", "10.240.0.1", "-t", secs, "-J"]
         rows = []
         host = sh("ip", "netns", "exec", ctr, IPERF, *client).stdout
+        host_back = sh("ip", "netns", "exec", ctr, IPERF, *client, "-R").stdout
         ping = sh("ip", "netns", "exec", ctr, "busybox", "ping", "-c", "20", "-i", "0.2",
                   "10.240.0.1").stdout  # fmt: skip
         rows.append(("host veth -> peer", gbits(host), rtt_ms(ping)))
+        rows.append(("host veth <- peer", gbits(host_back), rtt_ms(ping)))
         loader = "/opt/iperf/ld-linux-x86-64.so.2"
         for model in ("tcfilter", "macvtap"):
-            script = (
-                f"{loader} --library-path /opt/iperf /opt/iperf/iperf3 {' '.join(client)}; "
-                "echo ===; ping -c 20 -i 0.2 10.240.0.1"
-            )
+            iperf = f"{loader} --library-path /opt/iperf /opt/iperf/iperf3 {' '.join(client)}"
+            script = f"{iperf}; echo ===; {iperf} -R; echo ===; ping -c 20 -i 0.2 10.240.0.1"
             r = sh(
                 sys.executable, "-m", "cocoon.cli", "run", "--rm", "--network",
                 f"ns:/run/netns/{ctr}", "-v", f"{tools}:/opt/iperf:ro", "busybox", "sh", "-c",
@@ -104,8 +104,9 @@ def main() -> None:
             )  # fmt: skip
             if r.returncode != 0:
                 raise SystemExit(f"cocoon run ({model}) failed: {r.stderr.strip()[-500:]}")
-            perf, _, ping = r.stdout.partition("===")
-            rows.append((f"cocoon {model} -> peer", gbits(perf), rtt_ms(ping)))
+            out, back, ping = r.stdout.split("===")
+            rows.append((f"cocoon {model} -> peer", gbits(out), rtt_ms(ping)))
+            rows.append((f"cocoon {model} <- peer", gbits(back), rtt_ms(ping)))
     finally:
         if server is not None:
             server.kill()
@@ -113,11 +114,12 @@ def main() -> None:
         for ns in (ctr, peer):
             sh("ip", "netns", "del", ns, check=False)
         shutil.rmtree(tools, ignore_errors=True)
-    base_bw, base_rtt = rows[0][1], rows[0][2]
+    base = {name.split()[-2]: (bw, rtt) for name, bw, rtt in rows[:2]}  # by direction
     print(f"TCP throughput (iperf3, {args.seconds} s) and ping RTT (avg of 20), one run:\n")
     print("| path | Gbit/s | vs host veth | RTT ms | vs host veth |")
     print("|---|---|---|---|---|")
     for name, bw, rtt in rows:
+        base_bw, base_rtt = base[name.split()[-2]]
         print(f"| {name} | {bw:.2f} | {bw / base_bw:.2f}x | {rtt:.3f} | {rtt / base_rtt:.1f}x |")
 
 

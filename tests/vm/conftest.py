@@ -69,6 +69,10 @@ def cfg() -> Iterator[Config]:
     c.root_dir = str(root)
     yield c
     gc.reap(root, force=True)
+    # A leaked bind mount under the root would let rmtree delete through it
+    # into the user's directory: detach whatever is still mounted first.
+    for mp in sorted(mount_points_under(root), key=len, reverse=True):
+        subprocess.run(["umount", "-l", mp], check=False)
     shutil.rmtree(root, ignore_errors=True)
 
 
