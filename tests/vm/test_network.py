@@ -326,3 +326,28 @@ def test_one_vm_per_namespace(cfg: Config, busybox: None, make_pair) -> None:  #
         assert r.returncode == 125 and "already connected to a VM" in err, err
     finally:
         ok(cocoon(cfg, "rm", "-f", first.strip()))
+
+
+def test_gc_after_the_monitor_is_killed(cfg: Config, busybox: None, make_pair) -> None:  # type: ignore[no-untyped-def]
+    """SIGKILL the VM's owner (the monitor): its network outlives it until
+    `cocoon gc`, which undoes it from the sandbox's state."""
+    from cocoon.runtime.containers import ContainerStore
+    from cocoon.state.store import SandboxDir
+
+    pair = make_pair(240)
+    net = ["--network", "bridge", "--network", f"ns:{pair.ctr}", "--net-rate", "50mbit"]
+    cid = ok(cocoon(cfg, "run", "-d", *net, "busybox", "sleep", "600")).strip()
+    sid = cid[:12]
+    monitor = ContainerStore(cfg).resolve(cid).state().monitor_pid
+    assert SandboxDir(cfg.root, sid).read().owner_pid == monitor  # the VM's owner
+    os.kill(monitor, signal.SIGKILL)
+    time.sleep(0.5)
+    r = cocoon(cfg, "gc")
+    assert r.returncode == 0 and sid in r.stdout.decode().split(), r.stderr
+    assert not os.path.exists(f"/run/netns/cocoon-{sid}")
+    ns = os.path.basename(pair.ctr)
+    qdiscs = subprocess.run(["ip", "netns", "exec", ns, "tc", "qdisc", "show", "dev", "eth0"],
+                            capture_output=True, text=True).stdout  # fmt: skip
+    assert "ingress" not in qdiscs and "tbf" not in qdiscs
+    assert [ln.name for ln in NetNs(pair.ctr).links()] == ["lo", "eth0"]
+    ok(cocoon(cfg, "rm", cid))
