@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from cocoon.config import HypervisorConfig
 from cocoon.hypervisor.base import Share, VmSpec
 from cocoon.hypervisor.qemu import cmdline
 from cocoon.hypervisor.qemu.backend import kernel_cmdline
@@ -21,7 +22,8 @@ def spec(**kw: object) -> VmSpec:
 def build(s: VmSpec, machine: str = "microvm") -> list[str]:
     socks = {"qmp": Path("/q"), "agent": Path("/a"), "virtiofsd0": Path("/v")}
     return cmdline.build(s, qemu="qemu", machine=machine, cmdline="c", sockets=socks,
-                         console_log=Path("/c"), tb_size_mib=32)  # fmt: skip
+                         console_log=Path("/c"), tb_size_mib=32,
+                         tcg_cpu=HypervisorConfig().tcg_cpu)  # fmt: skip
 
 
 def test_opts_escape_commas_and_raw_keys() -> None:
@@ -33,7 +35,8 @@ def test_microvm_tcg_defaults() -> None:
     argv = build(spec())
     s = " ".join(argv)
     assert "-no-reboot" in argv and "-nodefaults" in argv
-    assert "tcg,tb-size=32" in s and "-cpu max" in s
+    # no ERMS/FSRM: TCG runs the guest kernel's `rep movsb` copies a byte at a time
+    assert "tcg,tb-size=32" in s and "-cpu max,-erms,-fsrm" in s
     assert "file=/i,,x" in s  # a comma in a path cannot inject options
     assert "virtserialport,chardev=agent,name=cocoon.agent" in s
     assert "memory-backend-memfd" in s  # 4 KiB pages, not THP-inflated anonymous RAM

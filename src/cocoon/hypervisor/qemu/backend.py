@@ -119,6 +119,7 @@ class QemuBackend:
                 sockets=sockets,
                 console_log=console,
                 tb_size_mib=self.cfg.tcg_tb_size_mib,
+                tcg_cpu=self.cfg.tcg_cpu,
             )
             (wd / "qemu.argv").write_text("\0".join(argv))
             pid = self._spawn(argv, wd / "qemu.log", pass_fds=[n.fd for n in spec.nics])

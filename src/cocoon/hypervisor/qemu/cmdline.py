@@ -125,6 +125,7 @@ def build(
     sockets: dict[str, Path],
     console_log: Path,
     tb_size_mib: int,
+    tcg_cpu: str = "max",
 ) -> list[str]:
     m = Machine(machine)
     # Always memfd: virtio-fs needs shared memory anyway, and anonymous guest RAM gets
@@ -137,7 +138,7 @@ def build(
     if spec.accel == "kvm":
         argv += ["-accel", "kvm", "-cpu", "host"]
     else:
-        argv += ["-accel", opts("tcg", tb_size=tb_size_mib or None), "-cpu", "max"]
+        argv += ["-accel", opts("tcg", tb_size=tb_size_mib or None), "-cpu", tcg_cpu]
     argv += ["-smp", str(spec.vcpus), "-m", f"{spec.memory_mib}M"]
     if memfd:
         argv += [
