@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -87,6 +88,24 @@ def test_corrupted_manifest_is_refused(
     assert store.digests() == []
 
 
+def kill_registry_midway(
+    monkeypatch: pytest.MonkeyPatch, own_registry: Registry, digest: str
+) -> Callable[[BlobWriter, bytes], None]:
+    """SIGKILL the registry (no goodbye) once KILL_AT bytes of ``digest`` are in:
+    from inside the write, so the moment is exact, not a race against the
+    transfer. Returns the real write, to put back for a second pull."""
+    real_write = BlobWriter.write
+
+    def write_then_kill(self: BlobWriter, data: bytes) -> None:
+        real_write(self, data)
+        if self.digest == digest and self.offset >= KILL_AT and own_registry.proc:
+            own_registry.kill()
+
+    monkeypatch.setattr(BlobWriter, "write", write_then_kill)
+    monkeypatch.setattr(registry, "BACKOFF_S", 0.05)
+    return real_write
+
+
 @pytest.mark.timeout(90)
 def test_registry_killed_mid_pull_then_resumed(
     own_registry: Registry,
@@ -105,17 +124,7 @@ def test_registry_killed_mid_pull_then_resumed(
     push(lay.root, "big", ref)
     big = image.layers[0]
 
-    # Kill the registry (SIGKILL, no goodbye) once 8 MB of the 50 MB layer are in:
-    # from inside the write, so the moment is exact, not a race against the transfer.
-    real_write = BlobWriter.write
-
-    def write_then_kill(self: BlobWriter, data: bytes) -> None:
-        real_write(self, data)
-        if self.digest == big.digest and self.offset >= KILL_AT and own_registry.proc:
-            own_registry.kill()
-
-    monkeypatch.setattr(BlobWriter, "write", write_then_kill)
-    monkeypatch.setattr(registry, "BACKOFF_S", 0.05)
+    real_write = kill_registry_midway(monkeypatch, own_registry, big.digest)
     with pytest.raises(ImageError) as e:
         run_pull(cfg, store, ref)
     assert str(e.value) == f"registry {own_registry.host} unreachable: connection refused"
@@ -149,15 +158,7 @@ def test_registry_killed_while_layers_are_unpacked_then_pulled_again(
     ref = f"{own_registry.host}/big/app:1"
     push(lay.root, "big", ref)
     big = image.layers[1]
-    real_write = BlobWriter.write
-
-    def write_then_kill(self: BlobWriter, data: bytes) -> None:
-        real_write(self, data)
-        if self.digest == big.digest and self.offset >= KILL_AT and own_registry.proc:
-            own_registry.kill()
-
-    monkeypatch.setattr(BlobWriter, "write", write_then_kill)
-    monkeypatch.setattr(registry, "BACKOFF_S", 0.05)
+    real_write = kill_registry_midway(monkeypatch, own_registry, big.digest)
     with pytest.raises(ImageError, match="unreachable: connection refused"):
         asyncio.run(service.pull(cfg, ref, progress=False))
     images = ImageStore(cfg)

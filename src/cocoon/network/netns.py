@@ -11,7 +11,6 @@ rest of the process (the monitor's event loop) never leaves the host's.
 from __future__ import annotations
 
 import ctypes
-import fcntl
 import json
 import os
 import threading
@@ -20,11 +19,11 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from cocoon.errors import NetworkError
+from cocoon.util import nsfs
 from cocoon.util.proc import run
 
 T = TypeVar("T")
 CLONE_NEWNET = 0x40000000
-NS_GET_NSTYPE = 0xB703  # _IO(0xb7, 0x3)
 CMD_TIMEOUT_S = 15.0
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -32,16 +31,10 @@ _libc = ctypes.CDLL(None, use_errno=True)
 def check_path(path: str) -> str:
     """A namespace path must exist and be a network namespace."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        kind = nsfs.kind_of(path)
     except OSError as e:
         raise NetworkError(f"network namespace {path}: {e.strerror}") from None
-    try:
-        kind = fcntl.ioctl(fd, NS_GET_NSTYPE)
-    except OSError:
-        kind = -1
-    finally:
-        os.close(fd)
-    if kind != CLONE_NEWNET:
+    if kind != "network":
         raise NetworkError(f"{path} is not a network namespace")
     return path
 

@@ -18,9 +18,7 @@ something else, and this module is the one place that decides what:
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import fcntl
 import json
 import math
 import os
@@ -32,6 +30,7 @@ from typing import Any
 from cocoon.errors import CocoonError
 from cocoon.hypervisor.base import Share
 from cocoon.sandbox.sandbox import Sandbox
+from cocoon.util import nsfs
 
 #: Guest kernel + agent headroom on top of the container's memory limit.
 VM_OVERHEAD_MIB = 128
@@ -44,12 +43,6 @@ POD_GUEST = "/run/cocoon/pod"
 BINDS_GUEST = f"{GUEST_BASE}/binds"
 #: Host paths the guest has its own of: a bind from these stays the guest's.
 GUEST_OWN = ("/dev", "/proc", "/sys")
-#: ioctl(2) on a namespace file: its CLONE_NEW* type (linux/nsfs.h, Linux 4.11).
-NS_GET_NSTYPE = 0xB703
-NS_CLONE_FLAGS = {
-    "cgroup": 0x02000000, "ipc": 0x08000000, "mount": 0x00020000, "network": 0x40000000,
-    "pid": 0x20000000, "time": 0x00000080, "user": 0x10000000, "uts": 0x04000000,
-}  # fmt: skip
 
 
 class BundleError(CocoonError):
@@ -221,24 +214,16 @@ def check_namespace_path(kind: str, path: object) -> None:
     """A namespace path must name a namespace of its entry's type (runtime-spec:
     "the runtime MUST generate an error" otherwise), even though the VM's
     container gets a fresh one: a wrong or dead path is the caller's mistake."""
-    if kind not in NS_CLONE_FLAGS:
+    if kind not in nsfs.CLONE_FLAGS:
         raise BundleError(f"linux.namespaces: unknown type {kind[:40]!r}")
     if not isinstance(path, str) or not os.path.isabs(path):
         raise BundleError(f"linux.namespaces: {kind} path must be an absolute path")
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        got = nsfs.kind_of(path)
     except OSError as e:
         raise BundleError(f"{kind} namespace path {path[:200]}: {e.strerror}") from None
-    try:
-        got = fcntl.ioctl(fd, NS_GET_NSTYPE)
-    except OSError:
-        got = -1
-    finally:
-        with contextlib.suppress(OSError):
-            os.close(fd)
-    if got != NS_CLONE_FLAGS[kind]:
-        names = {v: k for k, v in NS_CLONE_FLAGS.items()}
-        what = f"a {names[got]} namespace" if got in names else "not a namespace"
+    if got != kind:
+        what = f"a {got} namespace" if got else "not a namespace"
         raise BundleError(f"{kind} namespace path {path[:200]} is {what}")
 
 
