@@ -79,10 +79,6 @@ class NetworkPlan:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> NetworkPlan:
-        return cls(**raw)
-
 
 def _address(text: str, what: str) -> str:
     try:
