@@ -60,3 +60,10 @@ class ImageError(CocoonError):
 
 class NetworkError(CocoonError):
     """A network namespace, tap, bridge, NAT rule or published port could not be set up."""
+
+
+class TemplateError(CocoonError):
+    """A VM template is missing, stale, corrupt, or could not be built or restored.
+
+    Never fatal to a container: the sandbox boots cold instead, with a warning.
+    """

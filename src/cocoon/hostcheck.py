@@ -51,6 +51,19 @@ def _cgroups() -> tuple[bool, str]:
     return False, "no cgroup file system mounted"
 
 
+def _templates(cfg: Config) -> Item:
+    from cocoon.sandbox.template import listing, templates_dir  # only this check needs them
+
+    if not cfg.sandbox.templates:
+        return Item("templates", False, "off (sandbox.templates = false): every start boots")
+    found = listing(cfg)
+    good = [k for k, _, problem in found if not problem]
+    bad = len(found) - len(good)
+    detail = f"{len(good)} usable" + (f", {bad} unusable (rebuilt on need)" if bad else "")
+    detail += f" under {templates_dir(cfg)}; built on first need (`cocoon template ls`)"
+    return Item("templates", True, detail)
+
+
 def run_checks(cfg: Config) -> list[Item]:
     items: list[Item] = []
     report = accel.cached_probe(cfg.root / "accel.json")
@@ -122,6 +135,7 @@ def run_checks(cfg: Config) -> list[Item]:
         )
     except CocoonError as e:
         items.append(Item("guest assets", False, str(e), fatal=True))
+    items.append(_templates(cfg))
     try:
         cfg.root.mkdir(parents=True, exist_ok=True)
         writable = os.access(cfg.root, os.W_OK)

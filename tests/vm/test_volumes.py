@@ -83,10 +83,21 @@ echo ready; read go
 """
 
 
+EXPECTED = [
+    "host data",
+    "read me",
+    "touch: /ro/new: Read-only file system",
+    "touch=1",
+    "tmpfs",
+    "ready",
+]
+
+
 def test_bind_rw_ro_and_tmpfs(cfg: Config, busybox: None, tmp_path: Path) -> None:
+    """virtio-fs (a cold boot: a template's clone has 9p shares, tested below)."""
     rw, ro = _dirs(tmp_path)
-    run = Running(cfg, "-v", f"{rw}:/data", "-v", f"{ro}:/ro:ro", "--tmpfs", "/scratch",
-                  "busybox", "sh", "-c", SCRIPT)  # fmt: skip
+    run = Running(cfg, "--no-template", "-v", f"{rw}:/data", "-v", f"{ro}:/ro:ro",
+                  "--tmpfs", "/scratch", "busybox", "sh", "-c", SCRIPT)  # fmt: skip
     # While it runs: the read-only share is a read-only mount, but only in the
     # mount namespace of its virtiofsd; the rw share is served as is; the host
     # itself has no new mount at all.
@@ -104,17 +115,33 @@ def test_bind_rw_ro_and_tmpfs(cfg: Config, busybox: None, tmp_path: Path) -> Non
         assert mount_points_under(tmp_path) == []  # nothing mounted on the host
     code, out, err = run.finish()
     assert code == 0, err
-    assert out.decode().splitlines() == [
-        "host data",
-        "read me",
-        "touch: /ro/new: Read-only file system",
-        "touch=1",
-        "tmpfs",
-        "ready",
-    ]
+    assert out.decode().splitlines() == EXPECTED
     assert (rw / "from-guest").read_text() == "written\n"
     assert sorted(p.name for p in ro.iterdir()) == ["hello"]
     assert not os.path.exists(f"/proc/{procs['virtiofsd1']}")
+
+
+def test_bind_rw_ro_and_tmpfs_in_a_template_clone(
+    cfg: Config, busybox: None, tmp_path: Path
+) -> None:
+    """A clone's shares are the template's 9p slots: QEMU itself refuses writes
+    to a :ro one (its fsdev is read-only), no virtiofsd, nothing on the host."""
+    rw, ro = _dirs(tmp_path)
+    run = Running(cfg, "-v", f"{rw}:/data", "-v", f"{ro}:/ro:ro", "--tmpfs", "/scratch",
+                  "busybox", "sh", "-c", SCRIPT)  # fmt: skip
+    with run:
+        info = run.sandbox()
+        assert set(info.processes) == {"qemu"}
+        argv = Path(f"/proc/{info.processes['qemu']}/cmdline").read_bytes().split(b"\0")
+        fsdevs = [a.decode() for a in argv if a.startswith(b"local,")]
+        assert any(f"path={ro}," in f and "readonly=on" in f for f in fsdevs), fsdevs
+        assert any(f"path={rw}," in f and "readonly" not in f for f in fsdevs), fsdevs
+        assert mount_points_under(tmp_path) == []
+    code, out, err = run.finish()
+    assert code == 0, err
+    assert out.decode().splitlines() == EXPECTED
+    assert (rw / "from-guest").read_text() == "written\n"
+    assert sorted(p.name for p in ro.iterdir()) == ["hello"]
 
 
 def test_9p_fallback(cfg: Config, busybox: None, tmp_path: Path) -> None:

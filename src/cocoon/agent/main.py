@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 
 from cocoon import __version__
-from cocoon.agent import network, spawn, system
+from cocoon.agent import identity, network, spawn, system
 from cocoon.agent.containers import Containers
 from cocoon.agent.reaper import Reaper
 from cocoon.agent.session import RemoteError, Session
@@ -70,6 +70,8 @@ class Agent:
                 return messages.HelloReply(
                     messages.PROTOCOL_VERSION, __version__, os.uname().release
                 )
+            case messages.Identity():
+                return identity.apply(msg)
             case messages.Ping():
                 return messages.Ok()
             case messages.GuestDetails():

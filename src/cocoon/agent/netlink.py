@@ -17,7 +17,7 @@ RTM_NEWLINK, RTM_NEWADDR, RTM_NEWROUTE, RTM_NEWNEIGH = 16, 20, 24, 28
 NLMSG_ERROR = 2
 NLM_F_REQUEST, NLM_F_ACK, NLM_F_EXCL, NLM_F_CREATE, NLM_F_REPLACE = 1, 4, 0x200, 0x400, 0x100
 IFF_UP = 1
-IFLA_IFNAME, IFLA_MTU = 3, 4
+IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU = 1, 3, 4
 IFA_ADDRESS, IFA_LOCAL = 1, 2
 IFA_F_NODAD = 0x02
 RTA_DST, RTA_OIF, RTA_GATEWAY = 1, 4, 5
@@ -77,8 +77,12 @@ class Netlink:
                     return
                 off += (length + 3) & ~3
 
-    def set_link(self, index: int, *, name: str = "", mtu: int = 0, up: bool = True) -> None:
+    def set_link(
+        self, index: int, *, name: str = "", mtu: int = 0, up: bool = True, mac: str = ""
+    ) -> None:
         body = struct.pack("BxHiII", _socket.AF_UNSPEC, 0, index, IFF_UP if up else 0, IFF_UP)
+        if mac:
+            body += _attr(IFLA_ADDRESS, bytes.fromhex(mac.replace(":", "")))
         if name:
             body += _attr(IFLA_IFNAME, name.encode() + b"\0")
         if mtu:

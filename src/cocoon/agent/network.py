@@ -23,7 +23,7 @@ from cocoon.protocol import messages
 FILES_DIR = "/run/cocoon/net"
 
 
-def _links() -> dict[str, tuple[str, int]]:
+def links_by_mac() -> dict[str, tuple[str, int]]:
     """MAC -> (name, ifindex) of the guest's links."""
     out = {}
     for name in os.listdir("/sys/class/net"):
@@ -60,7 +60,7 @@ def configure(msg: messages.ConfigureNetwork) -> messages.Ok:
 
 def _configure(nl: Netlink, msg: messages.ConfigureNetwork) -> None:
     nl.set_link(1)  # lo is always ifindex 1
-    links = _links()
+    links = links_by_mac()
     index: dict[str, int] = {}
     for nic in msg.interfaces:
         found = links.get(nic.mac)
@@ -72,7 +72,7 @@ def _configure(nl: Netlink, msg: messages.ConfigureNetwork) -> None:
             for other in taken:  # a NIC probed under that name: move it aside
                 nl.set_link(other, name=f"{nic.name[:10]}_old", up=False)
             nl.set_link(idx, name=nic.name, up=False)
-            links = _links()
+            links = links_by_mac()
         index[nic.name] = idx
         nl.set_link(idx, mtu=nic.mtu)
         for a in nic.addresses:

@@ -50,12 +50,37 @@ def details(agent_version: str) -> messages.GuestDetailsReply:
     )
 
 
+BLKFLSBUF = 0x1261
+
+
 def find_block_device(serial: str) -> str:
     """/dev/vdX whose virtio serial is ``serial``: device order is not stable."""
     for name in sorted(os.listdir("/sys/block")):
         if name.startswith("vd") and _read(f"/sys/block/{name}/serial").strip() == serial:
             return f"/dev/{name}"
     raise RemoteError("not_found", f"no block device with serial {serial[:40]!r}")
+
+
+def forget_cached(dev: str) -> None:
+    """Drop the device's page cache before mounting it (BLKFLSBUF).
+
+    A disk slot of a template was probed at the template's boot (partition
+    scan), so the clone's cache may hold the template's empty blocks for a
+    device whose backing file is now an image: the first superblock read must
+    come from the real disk.
+    """
+    import fcntl  # only on this path: keeps it out of the boot's imports
+
+    try:
+        fd = os.open(dev, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise RemoteError("mount_failed", f"{dev}: {e.strerror}") from None
+    try:
+        fcntl.ioctl(fd, BLKFLSBUF)
+    except OSError as e:
+        raise RemoteError("mount_failed", f"{dev}: flushing its cache: {e.strerror}") from None
+    finally:
+        os.close(fd)
 
 
 def mount_argv(m: messages.Mount) -> list[str]:
@@ -65,6 +90,7 @@ def mount_argv(m: messages.Mount) -> list[str]:
     argv = ["mount"]
     if m.kind == "block":
         src = find_block_device(m.source)
+        forget_cached(src)
         if m.fstype:
             argv += ["-t", m.fstype]
     elif m.kind == "virtiofs":

@@ -114,6 +114,8 @@ def _log_opts(opts: tuple[str, ...]) -> tuple[int, int]:
 @click.option("--pull", "pull_policy", type=click.Choice(["missing", "always", "never"]),
               default="missing")  # fmt: skip
 @click.option("--platform", default=None)
+@click.option("--template/--no-template", "use_template", default=None,
+              help="Start from a VM template (default: sandbox.templates).")  # fmt: skip
 @click.argument("image")
 @click.argument("command", nargs=-1)
 @click.pass_obj
@@ -146,6 +148,7 @@ def run(
     add_hosts: tuple[str, ...],
     pull_policy: str,
     platform: str | None,
+    use_template: bool | None,
     image: str,
     command: tuple[str, ...],
 ) -> None:
@@ -178,7 +181,7 @@ def run(
             networks=list(networks) or [cfg.network.default],
             model=cfg.network.model,
             rate=net_rate,
-            hostname=hostname or name or "cocoon",
+            hostname=hostname,  # "" = the container's short id (runtime.run.create)
             dns=list(dns),
             dns_search=list(dns_search),
             add_hosts=list(add_hosts),
@@ -210,6 +213,7 @@ def run(
             volumes=vols,
             network=net_plan,
             publish=ports,
+            template=use_template,
         )
         cdir, cconf, vplan = runner.create(cfg, image, img.id, config, opts)
         runner.start(cfg, cdir, cconf, Path(img.erofs), opts, vplan)

@@ -39,6 +39,7 @@ LAZY_VERBS = {
     "env": "check",
     "guest": "guest",
     "sandbox": "sandbox",
+    "template": "template",
     "gc": "sandbox",
     "run": "containers",
     "ps": "lifecycle",

@@ -10,6 +10,7 @@ import sys
 import click
 
 from cocoon.cli.main import State, cli
+from cocoon.runtime import templates
 from cocoon.runtime.busybox import busybox_rootfs
 from cocoon.runtime.oneshot import run_in_sandbox
 from cocoon.state import gc
@@ -26,6 +27,8 @@ def sandbox() -> None:
 @click.option("-w", "--workdir", default="/", help="Working directory in the container.")
 @click.option("--cpus", type=click.IntRange(1, 64), help="vCPUs of the VM.")
 @click.option("--memory", type=click.IntRange(64, 262144), help="VM memory in MiB.")
+@click.option("--template/--no-template", "use_template", default=None,
+              help="Start from a VM template (default: sandbox.templates).")  # fmt: skip
 @click.argument("command", nargs=-1, required=True)
 @click.pass_obj
 def run(
@@ -35,6 +38,7 @@ def run(
     workdir: str,
     cpus: int | None,
     memory: int | None,
+    use_template: bool | None,
     command: tuple[str, ...],
 ) -> None:
     """Boot a VM, run COMMAND in a busybox container in it, tear it down.
@@ -47,7 +51,7 @@ def run(
     code = asyncio.run(
         run_in_sandbox(
             cfg, rootfs, command, env=env, cwd=workdir, stdin=interactive,
-            vcpus=cpus, memory_mib=memory,
+            vcpus=cpus, memory_mib=memory, template=use_template,
         )
     )  # fmt: skip
     sys.exit(code)
@@ -98,3 +102,5 @@ def gc_cmd(state: State) -> None:
     """Reap everything crashed cocoon processes left: VM processes, sockets, state."""
     for sid in gc.reap(state.cfg.root, data=state.cfg.data):
         click.echo(sid)
+    for name in templates.sweep(state.cfg):
+        click.echo(name)

@@ -170,6 +170,9 @@ def populate(root: Path) -> None:
     (root / "etc/group").write_text("root:x:0:\ntty:x:5:\nnogroup:x:65534:\n")
     (root / "etc/hostname").write_text("cocoon\n")
     os.symlink("../proc/self/mounts", root / "etc/mtab")
+    # Written by the agent from the host's Identity request: each sandbox,
+    # template clones included, has its own.
+    os.symlink("../run/machine-id", root / "etc/machine-id")
     # unchecked-hash: the image is read-only, so .pyc are never revalidated
     run(
         [PYTHON, "-m", "compileall", "-q", "-j0", "--invalidation-mode", "unchecked-hash",

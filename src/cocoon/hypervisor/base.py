@@ -41,6 +41,57 @@ class Nic:
     vhost: bool = False
 
 
+@dataclass(frozen=True)
+class Layout:
+    """A fixed set of device slots, for VMs saved as templates and their clones.
+
+    A clone must have exactly the devices its template had, in the same
+    order, and the guest keeps what it learnt of each at the template's boot
+    (a disk's capacity and read-only flag, a 9p tag, a NIC's features). So
+    per-sandbox parts go into slots the template already has, with only the
+    backends new: disks by serial (filesystems carry their own size; QEMU
+    bounds every access by the real file), shares as 9p devices with fixed
+    tags, NICs on the sandbox's taps. Unused slots get empty backends.
+    """
+
+    ro_disks: int = 1
+    rw_disks: int = 2
+    shares: int = 4
+    nics: int = 0
+
+    def fits(self, disks: list[Disk], shares: int, nics: int) -> bool:
+        ro = sum(1 for d in disks if d.readonly)
+        return (
+            ro <= self.ro_disks
+            and len(disks) - ro <= self.rw_disks
+            and (shares <= self.shares and nics == self.nics)
+        )
+
+    @staticmethod
+    def share_tag(slot: int) -> str:
+        return f"cocoon-s{slot}"
+
+
+#: What a disk slot looks like to the guest when its template was booted: the
+#: guest keeps this capacity, the clone's real file is any size up to it.
+SLOT_DISK_BYTES = 1 << 40
+
+
+@dataclass(frozen=True)
+class TemplateMemory:
+    """Guest RAM in a file: shared while the template is made, private after.
+
+    Saving maps ``path`` shared, so the file holds the booted guest's memory;
+    a clone maps it private (copy-on-write): clean pages stay shared by every
+    clone of the template, a page a clone writes becomes its own.
+    """
+
+    path: Path
+    saving: bool
+    #: The directory unused share slots export (read-only, empty).
+    empty_dir: Path
+
+
 @dataclass
 class VmSpec:
     id: str
@@ -62,6 +113,11 @@ class VmSpec:
     vsock_cid: int = 0
     #: Replace the guest's /sbin/init (tests use it to put a hostile "agent" in).
     init: list[str] | None = None
+    #: Fixed device slots (a template or its clone); None: exactly the devices above.
+    layout: Layout | None = None
+    #: Guest RAM from a template file; with saving=False QEMU waits for the
+    #: device state (``-incoming defer``, then the backend's ``restore``).
+    template: TemplateMemory | None = None
 
 
 AGENT_VSOCK_PORT = 1024

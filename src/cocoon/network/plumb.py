@@ -25,18 +25,20 @@ by ``unplumb``.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import os
 import re
 import struct
 import subprocess
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cocoon.errors import NetworkError
-from cocoon.network.netns import Link, Neighbor, NetNs, Route, in_netns
+from cocoon.network.netns import CLONE_NEWNET, Link, Neighbor, NetNs, Route, _libc, in_netns
 
 TUNSETIFF = 0x400454CA
 IFF_TAP = 0x0002
@@ -106,6 +108,47 @@ def _open_tap(name: str) -> int:
         os.close(fd)
         raise NetworkError(f"cannot create tap {name}: {e.strerror}") from None
     return fd
+
+
+def throwaway_taps(count: int) -> list[int]:
+    """Tap fds in a network namespace of their own, joined to nothing.
+
+    A template's NIC slots need a backend with the offloads (vnet headers) a
+    real tap has, or the guest negotiates a NIC without them and every clone
+    inherits that. The namespace lives as long as the fds: QEMU's exit ends it.
+    """
+    out: dict[str, Any] = {}
+
+    def body() -> None:
+        home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            if _libc.unshare(CLONE_NEWNET) != 0:
+                out["error"] = NetworkError(
+                    f"cannot make a network namespace: {os.strerror(ctypes.get_errno())}"
+                )
+                return
+            fds: list[int] = []
+            try:
+                for i in range(count):
+                    fds.append(_open_tap(f"tpl{i}"))
+            except BaseException as e:
+                for fd in fds:
+                    os.close(fd)
+                out["error"] = e
+            else:
+                out["fds"] = fds
+            finally:
+                if _libc.setns(home, CLONE_NEWNET) != 0:
+                    os._exit(70)  # a thread stuck in a foreign namespace must not live on
+        finally:
+            os.close(home)
+
+    t = threading.Thread(target=body, name="netns")
+    t.start()
+    t.join()
+    if "error" in out:
+        raise out["error"]
+    return list(out["fds"])
 
 
 def _macvtap_devnum(ns: NetNs, name: str) -> tuple[int, int]:

@@ -188,6 +188,11 @@ def create(
     do_create(container_id, Path(bundle), pid_file, console_socket)
 
 
+def _mounts_dev(spec: dict[str, Any]) -> bool:
+    mounts = spec.get("mounts") or []
+    return any(isinstance(m, dict) and m.get("destination") in ("/dev", "/dev/") for m in mounts)
+
+
 def do_create(cid: str, bundle: Path, pid_file: str | None, console_socket: str | None) -> int:
     c = _ctx()
     cfg = c.cfg
@@ -249,6 +254,11 @@ def do_create(cid: str, bundle: Path, pid_file: str | None, console_socket: str 
         start="request",
         log_max_bytes=0,
         annotations={"cocoon.oci.bundle": str(p.bundle)},
+        # A template clone serves the rootfs over 9p, where QEMU 7.2 fails to
+        # make device nodes (ENXIO): a bundle without its own /dev (podman and
+        # containerd always mount one) gets crun's nodes in its rootfs, and
+        # so a cold boot with virtio-fs.
+        template=None if _mounts_dev(p.spec) else False,
         # The caller's namespace (CNI, podman, containerd) is plumbed to the
         # VM's NICs; the caller keeps its own hosts/resolv.conf files.
         network=NetworkPlan(

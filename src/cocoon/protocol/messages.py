@@ -27,7 +27,7 @@ else:
 
 
 #: Bumped on any incompatible change; the host refuses an agent that differs.
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 
 MAX_STR = 64 << 10
 MAX_LIST = 4096
@@ -119,6 +119,41 @@ class Hello(Message):
     TYPE = "hello"
     protocol_version: int
     time_ns: int
+
+
+@message
+class Identity(Message):
+    """Make this guest a machine of its own before any user code runs.
+
+    Sent after every Hello. A sandbox restored from a template shares the
+    template's kernel RNG state, hostname and machine-id with every other
+    clone: without this, two tenants would read the same /dev/urandom bytes.
+    """
+
+    TYPE = "identity"
+    #: Host entropy (hex), mixed into the guest's pool and then a forced reseed.
+    entropy: str
+    hostname: str
+    machine_id: str  # 32 lowercase hex digits
+    #: "TEMPLATE_MAC=MAC": a NIC restored from a template still has the
+    #: template's MAC; the agent gives it the sandbox's (QEMU follows the guest).
+    macs: list[str]
+
+    def check(self) -> None:
+        if len(self.macs) > 16:
+            raise ValueError("too many NICs")
+        for pair in self.macs:
+            old, sep, new = pair.partition("=")
+            if not sep:
+                raise ValueError("macs entries are OLD=NEW")
+            _check_mac(old)
+            _check_mac(new)
+        if not 64 <= len(self.entropy) <= 1024 or not _HEX_RE.match(self.entropy):
+            raise ValueError("entropy must be 32-512 bytes of hex")
+        if not _HOSTNAME_RE.match(self.hostname):
+            raise ValueError("bad hostname")
+        if len(self.machine_id) != 32 or not _HEX_RE.match(self.machine_id):
+            raise ValueError("machine_id must be 32 hex digits")
 
 
 @message
@@ -592,6 +627,8 @@ class ConfigureNetwork(Message):
                 raise ValueError("network file too large")
 
 
+_HEX_RE = re.compile(r"^[0-9a-f]+$")
+_HOSTNAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,62})$")
 _SYSCTL_RE = re.compile(r"^net\.[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+){1,6}$")
 _IFNAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
 _MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")

@@ -95,6 +95,8 @@ class ContainerState:
     error: str = ""
     boot_s: float = 0.0
     accel: str = ""
+    #: The VM template its sandbox was cloned from ("" = it booted cold).
+    template: str = ""
     #: The container's addresses (CIDR) and its published ports as bound.
     addresses: list[str] = field(default_factory=list)
     ports: list[str] = field(default_factory=list)

@@ -226,6 +226,7 @@ def inspect(cdir: ContainerDir) -> dict[str, Any]:
             "MemoryMiB": c.vm_memory_mib,
             "Accel": st.accel,
             "BootSeconds": round(st.boot_s, 3),
+            "Template": st.template,
         },
         "LogPath": str(cdir.log_path),
         "RawState": asdict(st),

@@ -82,6 +82,8 @@ class LaunchPlan:
     #: None: no NIC, no network files (an OCI caller without a netns path).
     network: NetworkPlan | None = None
     publish: list[PortSpec] = field(default_factory=list)
+    #: Start from a VM template: None = as configured (sandbox.templates).
+    template: bool | None = None
 
 
 def spawn(plan: LaunchPlan) -> None:
@@ -104,7 +106,10 @@ def spawn(plan: LaunchPlan) -> None:
     os.close(w)
     os.waitpid(pid, 0)
     timeout = plan.cfg.hypervisor.boot_timeout_s + plan.cfg.hypervisor.agent_timeout_s + 60
-    line = _read_line(r, timeout)
+    timeout += plan.cfg.sandbox.template_wait_s if plan.cfg.sandbox.templates else 0
+    deadline = time.monotonic() + timeout
+    while (line := _read_line(r, deadline)).startswith("warn "):
+        print(f"cocoon: warning: {line[5:]}", file=sys.stderr, flush=True)
     os.close(r)
     if line == "ready":
         return
@@ -116,14 +121,15 @@ def spawn(plan: LaunchPlan) -> None:
     )
 
 
-def _read_line(fd: int, timeout_s: float) -> str:
+def _read_line(fd: int, deadline: float) -> str:
+    """One line from the monitor, read a byte at a time (a few short lines:
+    no buffer may swallow the next one)."""
     buf = b""
-    deadline = time.monotonic() + timeout_s
     while not buf.endswith(b"\n") and len(buf) < 4096:
         left = deadline - time.monotonic()
         if left <= 0 or not select.select([fd], [], [], left)[0]:
             return "error the container monitor did not report within its deadline"
-        chunk = os.read(fd, 4096)
+        chunk = os.read(fd, 1)
         if not chunk:
             break
         buf += chunk
@@ -193,6 +199,13 @@ class Monitor:
     @property
     def main(self) -> Member:
         return self.members[CONTAINER_ID]
+
+    def _warn(self, text: str) -> None:
+        """A warning for whoever started us (and our log)."""
+        log(f"warning: {text}")
+        if self.ready_fd >= 0:
+            with contextlib.suppress(OSError):
+                os.write(self.ready_fd, ("warn " + text.replace("\n", " ")[:4000] + "\n").encode())
 
     def _ready(self, line: str) -> None:
         if self.ready_fd < 0:
@@ -307,6 +320,8 @@ class Monitor:
                 **self.plan.annotations,
             },
             network=self.plan.network,
+            template=self.plan.template,
+            warn=self._warn,
         )
         m.state.addresses = list(self.sb.addresses)
         if self.plan.publish:
@@ -319,6 +334,7 @@ class Monitor:
             m.state.ports = [str(p) for p in self.publisher.bound]
         m.state.boot_s = self.sb.boot_s or 0.0
         m.state.accel = self.sb.state.accel
+        m.state.template = self.sb.state.template
         rootfs = await self.plan.setup(self.sb)
         m.proc = await self.sb.create_container(
             CONTAINER_ID,

@@ -31,10 +31,15 @@ async def run_in_sandbox(
     stdin: bool = False,
     vcpus: int | None = None,
     memory_mib: int | None = None,
+    template: bool | None = None,
 ) -> int:
     spec = default_spec(list(argv), env=env, cwd=cwd, readonly_rootfs=True)
     sb = await Sandbox.create(
-        cfg, vcpus=vcpus, memory_mib=memory_mib, shares=[Share(ROOTFS_TAG, rootfs, readonly=True)]
+        cfg,
+        vcpus=vcpus,
+        memory_mib=memory_mib,
+        shares=[Share(ROOTFS_TAG, rootfs, readonly=True)],
+        template=template,
     )
     try:
         await sb.mount("virtiofs" if cfg.hypervisor.shared_fs == "virtio-fs" else "9p",

@@ -67,6 +67,8 @@ class RunOptions:
     volumes: list[VolumeSpec] = field(default_factory=list)
     network: NetworkPlan = field(default_factory=NetworkPlan)
     publish: list[PortSpec] = field(default_factory=list)
+    #: Start from a VM template: None = as configured (sandbox.templates).
+    template: bool | None = None
 
 
 def build_spec(image: ImageConfig, opts: RunOptions) -> dict[str, Any]:
@@ -161,8 +163,14 @@ def create(
     spec["mounts"] += plan.oci_mounts
     vcpus, mem = vm_size(cfg, opts)
     store = ContainerStore(cfg)
+    cid = store.new_id()
+    if not opts.hostname:
+        # docker's default: the short id, so every container (and every clone
+        # of a template) answers to a name of its own.
+        spec["hostname"] = cid[:12]
+        opts.network.hostname = cid[:12]
     config = ContainerConfig(
-        id=store.new_id(),
+        id=cid,
         name=opts.name,
         image=image_ref,
         image_id=image_id,
@@ -218,6 +226,7 @@ def start(
         network=opts.network,
         publish=list(opts.publish),
         log_max_files=opts.log_max_files,
+        template=opts.template,
     )
     try:
         spawn(plan)

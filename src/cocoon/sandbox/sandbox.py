@@ -18,6 +18,7 @@ import json
 import os
 import re
 import secrets
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -26,14 +27,16 @@ from typing import Any, Protocol, TypeVar
 
 from cocoon import network as net
 from cocoon.config import Config
-from cocoon.errors import CocoonError, GuestError, HypervisorError, SandboxError
+from cocoon.errors import CocoonError, GuestError, HypervisorError, SandboxError, TemplateError
 from cocoon.guestassets.cache import resolve
 from cocoon.hypervisor import accel
-from cocoon.hypervisor.base import AGENT_VSOCK_PORT, Disk, Launched, Nic, Share, VmSpec
+from cocoon.hypervisor.base import AGENT_VSOCK_PORT, Disk, Launched, Layout, Nic, Share, VmSpec
 from cocoon.hypervisor.qemu.backend import QemuBackend
 from cocoon.protocol import messages
 from cocoon.protocol.session import InStream, OutStream
+from cocoon.sandbox import restore, template
 from cocoon.sandbox.channel import AgentChannel
+from cocoon.sandbox.template import template_mac
 from cocoon.state.store import ProcessRecord, SandboxDir, SandboxState
 from cocoon.storage import scratch as scratch_files
 from cocoon.storage.scratch import ScratchDisk
@@ -41,6 +44,10 @@ from cocoon.util.proc import start_time
 
 M = TypeVar("M", bound=messages.Message)
 CONSOLE_TAIL = 300
+
+
+def _warn(text: str) -> None:
+    print(f"cocoon: warning: {text}", file=sys.stderr, flush=True)
 
 
 def new_id() -> str:
@@ -57,6 +64,65 @@ def choose_channel(setting: str) -> str:
     if setting == "vsock" or (setting == "auto" and os.path.exists("/dev/vhost-vsock")):
         return "vsock"
     return "virtio-serial"
+
+
+def choose_accel(cfg: Config) -> str:
+    return accel.choose(cfg.hypervisor.accel, accel.cached_probe(cfg.root / "accel.json"))[0]
+
+
+def vm_spec(
+    cfg: Config,
+    sid: str,
+    workdir: Path,
+    accel_name: str,
+    *,
+    vcpus: int | None = None,
+    memory_mib: int | None = None,
+    disks: list[Disk] | None = None,
+    shares: list[Share] | None = None,
+    nics: list[tuple[str, int]] | None = None,
+    init: list[str] | None = None,
+) -> VmSpec:
+    """The VM a sandbox asks for, from the configuration and the request."""
+    assets = resolve(cfg)
+    vhost = cfg.network.vhost == "on" or (
+        cfg.network.vhost == "auto" and os.path.exists("/dev/vhost-net")
+    )
+    return VmSpec(
+        id=sid,
+        workdir=workdir,
+        kernel=assets.kernel,
+        image=assets.image,
+        initrd=assets.initrd,
+        vcpus=vcpus or cfg.hypervisor.vcpus,
+        memory_mib=memory_mib or cfg.hypervisor.memory_mib,
+        accel=accel_name,
+        kernel_params=cfg.hypervisor.kernel_params.split(),
+        disks=disks or [],
+        shares=shares or [],
+        nics=[Nic(mac, fd, vhost) for mac, fd in (nics or [])],
+        shared_fs=cfg.hypervisor.shared_fs,
+        init=init,
+        free_page_reporting=cfg.hypervisor.free_page_reporting,
+        channel=choose_channel(cfg.hypervisor.channel),
+        # Guest CIDs are host-global: a random one, QEMU refuses a taken one.
+        vsock_cid=3 + secrets.randbelow(0x7FFFFFF0),
+    )
+
+
+async def ensure_template(
+    cfg: Config, *, vcpus: int | None = None, memory_mib: int | None = None, nics: int = 0
+) -> tuple[template.Template, bool]:
+    """The template for sandboxes of this size (built now if missing); True if built."""
+    spec = vm_spec(
+        cfg, "template", Path("/@"), choose_accel(cfg), vcpus=vcpus, memory_mib=memory_mib,
+        nics=[(template_mac(i), -1) for i in range(nics)],
+    )  # fmt: skip
+    if why := restore.unfit(cfg, spec):
+        raise TemplateError(f"no template for {why}")
+    built: list[bool] = []
+    t = await restore.obtain(cfg, backend_for(cfg), spec, cfg.hypervisor.boot_timeout_s, built)
+    return t, bool(built)
 
 
 def console_tail(path: Path, lines: int = 3) -> str:
@@ -150,6 +216,8 @@ class Sandbox:
         self._destroyed = False
         #: CIDRs of the guest's NICs (the first is the container's address).
         self.addresses: list[str] = []
+        #: A clone's shares are 9p slots: the caller's tag -> the slot's tag.
+        self.share_tags: dict[str, str] = {}
 
     @property
     def id(self) -> str:
@@ -172,16 +240,20 @@ class Sandbox:
         boot_timeout_s: float | None = None,
         annotations: dict[str, str] | None = None,
         network: net.NetworkPlan | None = None,
+        template: bool | None = None,
+        warn: Callable[[str], None] | None = None,
     ) -> Sandbox:
-        """Boot a VM and wait for its agent; on any failure nothing is left behind.
+        """Start a VM and wait for its agent; on any failure nothing is left behind.
+
+        The VM is a clone of a template where ``template`` (default:
+        ``sandbox.templates``) allows and the request fits one (``restore.unfit``);
+        the template is built on first need. A template that is bad or fails
+        to restore costs one ``warn`` line and a cold boot, never the sandbox.
 
         ``scratch`` disks are created here (recorded in the state first, so gc
         finds them after a crash) and deleted by ``destroy``.
         """
-        assets = resolve(cfg)
-        accel_name, _ = accel.choose(
-            cfg.hypervisor.accel, accel.cached_probe(cfg.root / "accel.json")
-        )
+        accel_name = choose_accel(cfg)
         sdir = SandboxDir(cfg.root, sandbox_id or new_id())
         sdir.create()
         sdir.take_ownership()
@@ -207,36 +279,29 @@ class Sandbox:
         except BaseException:
             await sb.destroy()
             raise
-        vhost = cfg.network.vhost == "on" or (
-            cfg.network.vhost == "auto" and os.path.exists("/dev/vhost-net")
-        )
-        spec = VmSpec(
-            id=sdir.id,
-            workdir=sdir.path,
-            kernel=assets.kernel,
-            image=assets.image,
-            initrd=assets.initrd,
-            vcpus=vcpus or cfg.hypervisor.vcpus,
-            memory_mib=memory_mib or cfg.hypervisor.memory_mib,
-            accel=accel_name,
-            kernel_params=cfg.hypervisor.kernel_params.split(),
+        spec = vm_spec(
+            cfg,
+            sdir.id,
+            sdir.path,
+            accel_name,
+            vcpus=vcpus,
+            memory_mib=memory_mib,
             disks=[*disks, *scratch_disks],
             shares=list(shares),
-            nics=[Nic(mac, fd, vhost) for mac, fd in (attached.nics if attached else [])],
-            shared_fs=cfg.hypervisor.shared_fs,
+            nics=list(attached.nics) if attached else [],
             init=init,
-            free_page_reporting=cfg.hypervisor.free_page_reporting,
-            channel=choose_channel(cfg.hypervisor.channel),
-            # Guest CIDs are host-global: a random one, QEMU refuses a taken one.
-            vsock_cid=3 + secrets.randbelow(0x7FFFFFF0),
         )
         timeout = boot_timeout_s or cfg.hypervisor.boot_timeout_s
+        use_template = cfg.sandbox.templates if template is None else template
         try:
             try:
-                await sb._boot(spec, timeout)
+                restored = use_template and await sb._restore(spec, timeout, warn or _warn)
+                if not restored:
+                    await sb._boot(spec, timeout)
             finally:
                 if attached is not None:
                     attached.close_fds()  # QEMU has them: the taps now live as long as it does
+            await sb._identify(spec, restored)
             if attached is not None:
                 await sb.call(attached.message, messages.Ok)
         except BaseException as e:
@@ -272,6 +337,69 @@ class Sandbox:
         self.channel.start_keepalive(self.cfg.hypervisor.keepalive_s)
         self.state.status = "running"
         self.dir.write(self.state)
+
+    async def _restore(self, spec: VmSpec, timeout_s: float, warn: Callable[[str], None]) -> bool:
+        """Start as a clone of the template ``spec`` fits; False: boot cold instead."""
+        if restore.unfit(self.cfg, spec):
+            return False
+        try:
+            t = await restore.obtain(self.cfg, self.backend, spec, timeout_s)
+        except TemplateError as e:
+            warn(f"{e}; booting without a template")
+            return False
+        key = t.key
+        t0 = time.monotonic()
+        deadline = t0 + timeout_s
+        try:
+            self.launched = self.backend.launch(
+                restore.clone_spec(spec, t.ram, t.empty), self._record
+            )
+            self._watch_task = asyncio.get_running_loop().create_task(self._watch_vm())
+            self.channel = await AgentChannel.connect(
+                self.launched.agent_socket,
+                deadline=deadline,
+                agent_timeout_s=self.cfg.hypervisor.agent_timeout_s,
+            )
+            # Connected before the load: the agent's session never sees its host leave.
+            await self.backend.restore(self.launched, t.state, timeout_s)
+            await self.channel.handshake(deadline)
+        except (CocoonError, OSError) as e:
+            await self._abandon_vm()
+            template.discard(self.cfg, key)
+            warn(f"template {key} failed to restore ({e}); removed it, booting without one")
+            return False
+        self.boot_s = time.monotonic() - t0
+        self.share_tags = {sh.tag: Layout.share_tag(i) for i, sh in enumerate(spec.shares)}
+        self.channel.start_keepalive(self.cfg.hypervisor.keepalive_s)
+        self.state.template = key
+        self.state.status = "running"
+        self.dir.write(self.state)
+        return True
+
+    async def _abandon_vm(self) -> None:
+        """Kill a VM that failed to come up, keeping the sandbox (and its network)."""
+        if self.channel is not None:
+            await self.channel.close()
+            self.channel = None
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._watch_task
+            self._watch_task = None
+        if self.launched is not None:
+            await self.backend.stop(self.launched, grace_s=0.5)
+            self.launched = None
+        self.state.processes.clear()
+        self.dir.write(self.state)
+
+    async def _identify(self, spec: VmSpec, restored: bool) -> None:
+        """Entropy, hostname, machine-id and (for a clone) NIC MACs of its own,
+        before any user code runs in the guest."""
+        macs = [f"{template_mac(i)}={n.mac}" for i, n in enumerate(spec.nics)] if restored else []
+        await self.call(
+            messages.Identity(secrets.token_hex(64), self.id[:63], secrets.token_hex(16), macs),
+            messages.Ok,
+        )
 
     def _make_scratch(self, scratch: Sequence[ScratchDisk]) -> list[Disk]:
         if not scratch:
@@ -396,6 +524,8 @@ class Sandbox:
         options: Sequence[str] = (),
         readonly: bool = False,
     ) -> None:
+        if kind in ("virtiofs", "9p") and source in self.share_tags:
+            kind, source = "9p", self.share_tags[source]  # a clone's share slot
         await self.call(
             messages.Mount(kind, source, target, fstype, list(options), readonly), messages.Ok
         )

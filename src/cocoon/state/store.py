@@ -54,6 +54,8 @@ class SandboxState:
     scratch_dir: str = ""
     #: What network.attach made on the host (taps' filters, a bridge slot...).
     network: dict[str, Any] = field(default_factory=dict)
+    #: The template this sandbox was restored from ("" = booted its own kernel).
+    template: str = ""
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), indent=1, sort_keys=True).encode()

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,12 +16,13 @@ from pathlib import Path
 
 from cocoon.config import HypervisorConfig
 from cocoon.errors import HypervisorError
-from cocoon.hypervisor.base import Launched, RecordFn, VmSpec
+from cocoon.hypervisor.base import Launched, Nic, RecordFn, TemplateMemory, VmSpec
 from cocoon.hypervisor.qemu import cmdline
 from cocoon.hypervisor.qemu.qmp import Qmp
 from cocoon.util.proc import alive, start_time
 
 SOCKET_WAIT_S = 5.0
+_IGNORE_SHARED = {"capabilities": [{"capability": "x-ignore-shared", "state": True}]}
 #: Runs virtiofsd on a host-enforced read-only view of a share (see its docstring).
 ROSHARE = Path(__file__).with_name("roshare.py")
 
@@ -81,13 +85,51 @@ class QemuBackend:
         self.cfg = cfg
         self._children: dict[int, subprocess.Popen[bytes]] = {}
 
+    def machine_identity(self, spec: VmSpec) -> str:
+        """Everything a saved VM of ``spec`` depends on: its command line with
+        the per-VM paths and fds left out, and the identity of the QEMU binary
+        and of every file the guest booted from (a template's key hashes this)."""
+        wd = Path("/@")
+        norm = dataclasses.replace(
+            spec,
+            id="@",
+            workdir=wd,
+            nics=[Nic(n.mac, -1, n.vhost) for n in spec.nics],
+            template=TemplateMemory(wd / "ram", True, wd / "empty"),
+        )
+        argv = cmdline.build(
+            norm,
+            qemu=self.cfg.qemu_binary,
+            machine=self.cfg.machine,
+            cmdline=kernel_cmdline(norm, self.cfg.machine),
+            sockets={"qmp": wd / "qmp.sock", "agent": wd / "agent.sock"},
+            console_log=wd / "console.log",
+            tb_size_mib=self.cfg.tcg_tb_size_mib,
+            tcg_cpu=self.cfg.tcg_cpu,
+        )
+        files: list[str | Path] = [
+            shutil.which(self.cfg.qemu_binary) or self.cfg.qemu_binary,
+            spec.kernel,
+            spec.image,
+        ]
+        if spec.initrd is not None:
+            files.append(spec.initrd)
+        stamps = []
+        for f in files:
+            try:
+                st = os.stat(f)
+                stamps.append(f"{f}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}")
+            except OSError:
+                stamps.append(f"{f}:missing")
+        return "\0".join([*argv, *stamps])
+
     def launch(self, spec: VmSpec, record: RecordFn) -> Launched:
         wd = spec.workdir
         sockets = {"qmp": wd / "qmp.sock", "agent": wd / "agent.sock"}
         console = wd / "console.log"
         procs: dict[str, int] = {}
         try:
-            if spec.shared_fs == "virtio-fs":
+            if spec.shared_fs == "virtio-fs" and spec.layout is None:
                 for i, share in enumerate(spec.shares):
                     sock = wd / f"virtiofsd{i}.sock"
                     sockets[f"virtiofsd{i}"] = sock
@@ -168,6 +210,65 @@ class QemuBackend:
                     f"{what} did not create {path.name} within {SOCKET_WAIT_S:g} s"
                 )
             time.sleep(0.002)
+
+    async def save(self, launched: Launched, state: Path, timeout_s: float) -> None:
+        """Write the device state of a template VM to ``state``; its RAM is
+        already in the template's memory file (mapped shared), so with
+        x-ignore-shared no page goes through the stream. QEMU stops the guest
+        at the end and stays stopped."""
+        q = await Qmp.connect(launched.control_socket)
+        try:
+            await q.execute("migrate-set-capabilities", _IGNORE_SHARED)
+            await q.execute("migrate", {"uri": "exec:cat > " + shlex.quote(str(state))})
+            await self._migration_done(q, launched, timeout_s, "saving the template")
+        finally:
+            q.close()
+
+    async def restore(self, launched: Launched, state: Path, timeout_s: float) -> None:
+        """Load ``state`` into a VM started with ``-incoming defer`` over its
+        template's RAM, and let it run."""
+        q = await Qmp.connect(launched.control_socket)
+        try:
+            await q.execute("migrate-set-capabilities", _IGNORE_SHARED)
+            await q.execute("migrate-incoming", {"uri": "exec:cat " + shlex.quote(str(state))})
+            deadline = time.monotonic() + timeout_s
+            while True:
+                status = (await q.execute("query-status"))["status"]
+                if status == "running":
+                    return
+                if status in ("paused", "postmigrate", "prelaunch"):
+                    await q.execute("cont")
+                    return
+                if status != "inmigrate":
+                    raise HypervisorError(f"restoring the template left the VM {status}")
+                if time.monotonic() > deadline:
+                    raise HypervisorError(f"restoring the template took over {timeout_s:g} s")
+                await asyncio.sleep(0.002)
+        except HypervisorError as e:
+            if self._exited(launched.processes["qemu"]):
+                tail = ""
+                with contextlib.suppress(OSError):
+                    log = launched.control_socket.parent / "qemu.log"
+                    tail = log.read_text(errors="replace").strip().splitlines()[-1][:300]
+                raise HypervisorError(f"QEMU exited while restoring: {tail or e}") from None
+            raise
+        finally:
+            q.close()
+
+    async def _migration_done(
+        self, q: Qmp, launched: Launched, timeout_s: float, what: str
+    ) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            info = await q.execute("query-migrate")
+            status = info.get("status", "")
+            if status == "completed":
+                return
+            if status in ("failed", "cancelled"):
+                raise HypervisorError(f"{what}: {info.get('error-desc', status)}")
+            if time.monotonic() > deadline:
+                raise HypervisorError(f"{what} took over {timeout_s:g} s")
+            await asyncio.sleep(0.005)
 
     async def stop(self, launched: Launched, grace_s: float) -> None:
         qemu = launched.processes.get("qemu")

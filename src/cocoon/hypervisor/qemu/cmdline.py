@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from cocoon.hypervisor.base import VmSpec
+from cocoon.hypervisor.base import SLOT_DISK_BYTES, Disk, Layout, VmSpec
 
 
 def opts(head: str, raw: dict[str, object] | None = None, **kv: object) -> str:
@@ -53,21 +53,74 @@ class Machine:
         return ["-machine", m]
 
 
+def _disk(i: int, d: Disk, bus: str) -> list[str]:
+    return [
+        "-drive",
+        opts("", id=f"disk{i}", file=d.path, format="raw", if_="none", readonly=d.readonly)[1:],
+        "-device",
+        opts(f"virtio-blk-{bus}", drive=f"disk{i}", serial=d.serial),
+    ]
+
+
+def _empty_disk(i: int, readonly: bool, bus: str) -> list[str]:
+    """An unused disk slot: reads zeros, drops writes, has the slot's capacity."""
+    return [
+        "-drive",
+        opts(
+            "",
+            id=f"disk{i}",
+            driver="null-co",
+            size=SLOT_DISK_BYTES,
+            read_zeroes=True,
+            if_="none",
+            readonly=readonly,
+        )[1:],  # fmt: skip
+        "-device",
+        opts(f"virtio-blk-{bus}", drive=f"disk{i}", serial=f"cocoon-slot{i}"),
+    ]
+
+
+def _slot_disks(spec: VmSpec, layout: Layout, bus: str) -> Iterable[list[str]]:
+    """Read-only slots first, then read-write ones; disks in the order given."""
+    ro = [d for d in spec.disks if d.readonly]
+    rw = [d for d in spec.disks if not d.readonly]
+    i = 0
+    for group, count, readonly in ((ro, layout.ro_disks, True), (rw, layout.rw_disks, False)):
+        for n in range(count):
+            yield _disk(i, group[n], bus) if n < len(group) else _empty_disk(i, readonly, bus)
+            i += 1
+
+
+def _9p(i: int, tag: str, path: Path, readonly: bool, bus: str) -> list[str]:
+    return [
+        "-fsdev",
+        opts(
+            "local",
+            {"security_model": "passthrough"},
+            id=f"fs{i}",
+            path=path,
+            readonly=readonly or None,
+            multidevs="remap",
+        ),
+        "-device",
+        opts(f"virtio-9p-{bus}", {"mount_tag": tag}, fsdev=f"fs{i}"),
+    ]
+
+
 def _devices(spec: VmSpec, machine: Machine, sockets: dict[str, Path]) -> Iterable[list[str]]:
     bus = machine.bus_suffix()
+    layout = spec.layout
     yield [
         "-drive",
         opts("", id="root", file=spec.image, format="raw", if_="none", readonly=True)[1:],
         "-device",
         opts(f"virtio-blk-{bus}", drive="root", serial="cocoon-root"),
     ]
-    for i, d in enumerate(spec.disks):
-        yield [
-            "-drive",
-            opts("", id=f"disk{i}", file=d.path, format="raw", if_="none", readonly=d.readonly)[1:],
-            "-device",
-            opts(f"virtio-blk-{bus}", drive=f"disk{i}", serial=d.serial),
-        ]
+    if layout is not None:
+        yield from _slot_disks(spec, layout, bus)
+    else:
+        for i, d in enumerate(spec.disks):
+            yield _disk(i, d, bus)
     if spec.channel == "vsock":
         yield ["-device", opts(f"vhost-vsock-{bus}", guest_cid=spec.vsock_cid)]
     else:
@@ -88,10 +141,22 @@ def _devices(spec: VmSpec, machine: Machine, sockets: dict[str, Path]) -> Iterab
             "-device",
             opts(f"virtio-net-{bus}", netdev=f"net{i}", mac=nic.mac),
         ]
-    if spec.free_page_reporting:
+    if spec.free_page_reporting and spec.template is None:
         # The guest hands pages it freed (boot-time decompression, exited
-        # processes) back to the host: lower PSS per idle sandbox.
+        # processes) back to the host: lower PSS per idle sandbox. Never over a
+        # template's RAM: QEMU 7.2 discards pages of a private file mapping by
+        # punching holes in the file itself, which would zero them in the
+        # template under every other clone.
         yield ["-device", opts(f"virtio-balloon-{bus}", free_page_reporting=True)]
+    if layout is not None:
+        assert spec.template is not None, "slots are for templates and their clones"
+        for i in range(layout.shares):
+            if i < len(spec.shares):
+                sh = spec.shares[i]
+                yield _9p(i, Layout.share_tag(i), sh.path, sh.readonly, bus)
+            else:
+                yield _9p(i, Layout.share_tag(i), spec.template.empty_dir, True, bus)
+        return
     for i, s in enumerate(spec.shares):
         if spec.shared_fs == "virtio-fs":
             yield [
@@ -101,19 +166,7 @@ def _devices(spec: VmSpec, machine: Machine, sockets: dict[str, Path]) -> Iterab
                 opts(f"vhost-user-fs-{bus}", chardev=f"fs{i}", tag=s.tag),
             ]
         elif spec.shared_fs == "9p":
-            yield [
-                "-fsdev",
-                opts(
-                    "local",
-                    {"security_model": "passthrough"},
-                    id=f"fs{i}",
-                    path=s.path,
-                    readonly=s.readonly or None,
-                    multidevs="remap",
-                ),
-                "-device",
-                opts(f"virtio-9p-{bus}", {"mount_tag": s.tag}, fsdev=f"fs{i}"),
-            ]
+            yield _9p(i, s.tag, s.path, s.readonly, bus)
 
 
 def build(
@@ -140,7 +193,21 @@ def build(
     else:
         argv += ["-accel", opts("tcg", tb_size=tb_size_mib or None), "-cpu", tcg_cpu]
     argv += ["-smp", str(spec.vcpus), "-m", f"{spec.memory_mib}M"]
-    if memfd:
+    if spec.template is not None:
+        t = spec.template
+        argv += [
+            "-object",
+            opts(
+                "memory-backend-file",
+                id="mem",
+                size=f"{spec.memory_mib}M",
+                mem_path=t.path,
+                share=t.saving,
+            ),  # fmt: skip
+        ]
+        if not t.saving:
+            argv += ["-incoming", "defer"]
+    elif memfd:
         argv += [
             "-object",
             opts("memory-backend-memfd", id="mem", size=f"{spec.memory_mib}M", share=True),

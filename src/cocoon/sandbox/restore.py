@@ -1,0 +1,164 @@
+"""Which sandboxes can start from a template, and how a template VM is made.
+
+A clone has the template's devices, so what a sandbox asks for must fit the
+template's slots (``Layout``): the image's disk and up to two scratch disks,
+up to four host directories (9p, the only shared file system a clone can
+have: QEMU 7.2 cannot save a VM with a virtio-fs device, and virtiofsd would
+map the template's RAM file shared and write into it), and the NICs (one
+template per NIC count). Everything else boots cold: ``unfit`` says why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import shutil
+import time
+from pathlib import Path
+
+from cocoon.config import Config
+from cocoon.errors import TemplateError
+from cocoon.hypervisor.base import Layout, Nic, TemplateMemory, VmSpec
+from cocoon.hypervisor.qemu.backend import QemuBackend
+from cocoon.network.plumb import throwaway_taps
+from cocoon.sandbox import template
+from cocoon.sandbox.channel import AgentChannel
+from cocoon.sandbox.template import template_mac
+from cocoon.state.store import ProcessRecord, SandboxDir, SandboxState
+from cocoon.util.proc import start_time
+
+#: Templates are made for up to this many NICs (each count its own template).
+MAX_NICS = 4
+#: Seconds the template VM's QEMU gets to write its device state (~70 KB).
+SAVE_TIMEOUT_S = 30.0
+
+
+def unfit(cfg: Config, spec: VmSpec) -> str:
+    """Why ``spec`` cannot start from a template ("" = it can)."""
+    if spec.init is not None:
+        return "a custom init"
+    if spec.channel != "virtio-serial":
+        return "the vsock channel (its guest CID is saved with the VM)"
+    if cfg.hypervisor.machine != "microvm":
+        return f"machine {cfg.hypervisor.machine}"
+    if spec.shares and cfg.guest.kernel_source == "debian-cloud" and not cfg.hypervisor.kernel:
+        return "host directories with Debian's cloud kernel (no 9p)"
+    if len(spec.nics) > MAX_NICS:
+        return f"more than {MAX_NICS} NICs"
+    if not Layout(nics=len(spec.nics)).fits(spec.disks, len(spec.shares), len(spec.nics)):
+        return "more disks or host directories than a template has slots for"
+    return ""
+
+
+def shape(spec: VmSpec) -> VmSpec:
+    """The template VM for ``spec``: same machine, every slot empty."""
+    return dataclasses.replace(
+        spec,
+        disks=[],
+        shares=[],
+        nics=[Nic(template_mac(i), -1, n.vhost) for i, n in enumerate(spec.nics)],
+        layout=Layout(nics=len(spec.nics)),
+        init=None,
+    )
+
+
+def clone_spec(spec: VmSpec, ram: Path, state_empty: Path) -> VmSpec:
+    """``spec`` as a clone: its disks, shares and taps in the template's slots."""
+    return dataclasses.replace(
+        spec,
+        nics=[Nic(template_mac(i), n.fd, n.vhost) for i, n in enumerate(spec.nics)],
+        layout=Layout(nics=len(spec.nics)),
+        template=TemplateMemory(ram, False, state_empty),
+    )
+
+
+def template_meta(cfg: Config, spec: VmSpec) -> dict[str, object]:
+    inputs = [str(spec.kernel), str(spec.image)] + ([str(spec.initrd)] if spec.initrd else [])
+    return {
+        "vcpus": spec.vcpus,
+        "memory_mib": spec.memory_mib,
+        "nics": len(spec.nics),
+        "accel": spec.accel,
+        "machine": cfg.hypervisor.machine,
+        "inputs": inputs,
+    }
+
+
+async def build(
+    cfg: Config, backend: QemuBackend, tshape: VmSpec, work: Path, timeout_s: float
+) -> None:
+    """Boot the template VM to agent-ready with its RAM in ``work/ram``, then
+    save its device state to ``work/state``.
+
+    The VM is a sandbox dir of its own (annotated ``cocoon.template``), so a
+    builder killed at any point leaves a VM ``cocoon gc`` reaps, and a build
+    dir that is never published.
+    """
+    sdir = SandboxDir(cfg.root, "tpl-" + work.name.rsplit("-", 1)[-1])
+    sdir.create()
+    sdir.take_ownership()
+    st = SandboxState(id=sdir.id, hypervisor=backend.name, accel=tshape.accel,
+                      annotations={"cocoon.template": work.name})  # fmt: skip
+    sdir.write(st)
+
+    def record(name: str, pid: int) -> None:
+        st.processes[name] = ProcessRecord(pid, start_time(pid))
+        sdir.write(st)
+
+    fds: list[int] = []
+    launched = None
+    channel: AgentChannel | None = None
+    try:
+        fds = throwaway_taps(len(tshape.nics)) if tshape.nics else []
+        spec = dataclasses.replace(
+            tshape,
+            id=sdir.id,
+            workdir=sdir.path,
+            nics=[Nic(n.mac, fd, n.vhost) for n, fd in zip(tshape.nics, fds, strict=True)],
+            template=TemplateMemory(work / "ram", True, work / "empty"),
+        )
+        deadline = time.monotonic() + timeout_s
+        launched = backend.launch(spec, record)
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        fds = []
+        channel = await AgentChannel.connect(
+            launched.agent_socket, deadline=deadline, agent_timeout_s=cfg.hypervisor.agent_timeout_s
+        )
+        await channel.handshake(deadline)
+        # The agent now waits for its next request on an open session: the
+        # state a clone resumes in, its host reconnected before the load.
+        await backend.save(launched, work / "state", SAVE_TIMEOUT_S)
+    except TemplateError:
+        raise
+    except Exception as e:
+        raise TemplateError(f"building a template failed: {e}") from None
+    finally:
+        if channel is not None:
+            await channel.close()
+        if launched is not None:
+            await backend.stop(launched, grace_s=1.0)
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        shutil.rmtree(sdir.path, ignore_errors=True)  # sockets and logs only: nothing mounted
+        sdir.release_ownership()
+
+
+async def obtain(
+    cfg: Config,
+    backend: QemuBackend,
+    spec: VmSpec,
+    timeout_s: float,
+    built: list[bool] | None = None,
+) -> template.Template:
+    """The template ``spec`` is a clone of, built first if there is none."""
+    tshape = shape(spec)
+    key = template.make_key(backend.machine_identity(tshape), {})
+
+    async def build_it(work: Path) -> None:
+        await build(cfg, backend, tshape, work, timeout_s)
+
+    return await template.obtain(cfg, key, template_meta(cfg, tshape), build_it, built=built)
