@@ -122,6 +122,11 @@ class SandboxConfig:
     #: touched RAM (~70 MiB for 256 MiB): a tmpfs such as /dev/shm keeps clones'
     #: first page-ins off the disk, at the cost of that RAM.
     template_dir: str = ""
+    #: Sandboxes starting at once on this host (0 = twice the CPUs); the rest
+    #: queue. Starts are CPU-bound: unbounded, they all slow down and time out.
+    max_starting: int = 0
+    #: Seconds a start may wait in that queue before it fails with "host busy".
+    start_queue_s: float = 300.0
 
 
 @dataclass
@@ -172,6 +177,8 @@ class Config:
                 raise ConfigError(f"images.{name} must be > 0")
         if self.sandbox.template_dir and not os.path.isabs(self.sandbox.template_dir):
             raise ConfigError("sandbox.template_dir must be an absolute path")
+        if self.sandbox.max_starting < 0 or self.sandbox.start_queue_s <= 0:
+            raise ConfigError("sandbox.max_starting must be >= 0, start_queue_s > 0")
         if self.sandbox.template_wait_s <= 0:
             raise ConfigError("sandbox.template_wait_s must be > 0")
         for name in ("root_dir", "data_dir"):

@@ -41,6 +41,7 @@ from cocoon.protocol import messages
 from cocoon.protocol.session import OutStream, RemoteError, Session
 from cocoon.runtime.containers import ContainerConfig, ContainerDir, ContainerState
 from cocoon.runtime.logs import CriLogWriter
+from cocoon.sandbox.admission import start_slot
 from cocoon.sandbox.sandbox import Process, Sandbox
 from cocoon.storage.scratch import ScratchDisk
 
@@ -107,6 +108,7 @@ def spawn(plan: LaunchPlan) -> None:
     os.waitpid(pid, 0)
     timeout = plan.cfg.hypervisor.boot_timeout_s + plan.cfg.hypervisor.agent_timeout_s + 60
     timeout += plan.cfg.sandbox.template_wait_s if plan.cfg.sandbox.templates else 0
+    timeout += plan.cfg.sandbox.start_queue_s
     deadline = time.monotonic() + timeout
     while (line := _read_line(r, deadline)).startswith("warn "):
         print(f"cocoon: warning: {line[5:]}", file=sys.stderr, flush=True)
@@ -237,19 +239,22 @@ class Monitor:
             return 1
         m.write_state()
         try:
-            await self._create()
-            await self._serve(m)
-            if plan.start == "attach":
-                self._ready("ready")
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(ATTACH_WAIT_S):
-                        await m.attached.wait()
-                await self._start(m)
-            elif plan.start == "now":
-                await self._start(m)
-                self._ready("ready")
-            else:
-                self._ready("ready")  # `start` comes as a request, whenever it comes
+            # One of the host's start slots from the VM's start to the
+            # container's (or, for `cocoon-runtime create`, to its creation).
+            async with start_slot(plan.cfg):
+                await self._create()
+                await self._serve(m)
+                if plan.start == "attach":
+                    self._ready("ready")
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(ATTACH_WAIT_S):
+                            await m.attached.wait()
+                    await self._start(m)
+                elif plan.start == "now":
+                    await self._start(m)
+                    self._ready("ready")
+                else:
+                    self._ready("ready")  # `start` comes as a request, whenever it comes
         except (CocoonError, OSError) as e:
             log(f"start failed: {e}")
             await self._fail_start(str(e))

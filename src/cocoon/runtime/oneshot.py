@@ -15,6 +15,7 @@ from cocoon.config import Config
 from cocoon.hypervisor.base import Share
 from cocoon.oci.spec import default_spec
 from cocoon.runtime.stdio import attach
+from cocoon.sandbox.admission import start_slot
 from cocoon.sandbox.sandbox import Sandbox
 
 ROOTFS_TAG = "cocoon-rootfs"
@@ -34,18 +35,21 @@ async def run_in_sandbox(
     template: bool | None = None,
 ) -> int:
     spec = default_spec(list(argv), env=env, cwd=cwd, readonly_rootfs=True)
-    sb = await Sandbox.create(
-        cfg,
-        vcpus=vcpus,
-        memory_mib=memory_mib,
-        shares=[Share(ROOTFS_TAG, rootfs, readonly=True)],
-        template=template,
-    )
+    sb: Sandbox | None = None
     try:
-        await sb.mount("virtiofs" if cfg.hypervisor.shared_fs == "virtio-fs" else "9p",
-                       ROOTFS_TAG, GUEST_ROOTFS, readonly=True)  # fmt: skip
-        proc = await sb.create_container("main", GUEST_ROOTFS, spec, stdin=stdin)
-        await sb.start_container("main")
+        async with start_slot(cfg):  # the VM's start and the container's: the CPU-bound part
+            sb = await Sandbox.create(
+                cfg,
+                vcpus=vcpus,
+                memory_mib=memory_mib,
+                shares=[Share(ROOTFS_TAG, rootfs, readonly=True)],
+                template=template,
+            )
+            await sb.mount("virtiofs" if cfg.hypervisor.shared_fs == "virtio-fs" else "9p",
+                           ROOTFS_TAG, GUEST_ROOTFS, readonly=True)  # fmt: skip
+            proc = await sb.create_container("main", GUEST_ROOTFS, spec, stdin=stdin)
+            await sb.start_container("main")
         return await attach(proc, stdin=stdin)
     finally:
-        await sb.destroy()
+        if sb is not None:
+            await sb.destroy()

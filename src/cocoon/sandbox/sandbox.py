@@ -20,7 +20,7 @@ import re
 import secrets
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -40,10 +40,13 @@ from cocoon.sandbox.template import template_mac
 from cocoon.state.store import ProcessRecord, SandboxDir, SandboxState
 from cocoon.storage import scratch as scratch_files
 from cocoon.storage.scratch import ScratchDisk
-from cocoon.util.proc import start_time
+from cocoon.util.proc import cpu_seconds, runnable, start_time
 
 M = TypeVar("M", bound=messages.Message)
 CONSOLE_TAIL = 300
+#: A boot that never got the CPU fails at this many times its CPU budget in wall time.
+WALL_FACTOR = 4
+PROGRESS_POLL_S = 0.05
 
 
 def _warn(text: str) -> None:
@@ -332,7 +335,7 @@ class Sandbox:
                 deadline=deadline,
                 agent_timeout_s=self.cfg.hypervisor.agent_timeout_s,
             )
-        await self.channel.handshake(deadline)
+        await self._until_ready(self.channel.handshake(t0 + WALL_FACTOR * timeout_s), timeout_s)
         self.boot_s = time.monotonic() - t0
         self.channel.start_keepalive(self.cfg.hypervisor.keepalive_s)
         self.state.status = "running"
@@ -362,7 +365,7 @@ class Sandbox:
             )
             # Connected before the load: the agent's session never sees its host leave.
             await self.backend.restore(self.launched, t.state, timeout_s)
-            await self.channel.handshake(deadline)
+            await self._until_ready(self.channel.handshake(t0 + WALL_FACTOR * timeout_s), timeout_s)
         except (CocoonError, OSError) as e:
             await self._abandon_vm()
             template.discard(self.cfg, key)
@@ -400,6 +403,43 @@ class Sandbox:
             messages.Identity(secrets.token_hex(64), self.id[:63], secrets.token_hex(16), macs),
             messages.Ok,
         )
+
+    async def _until_ready(self, hello: Awaitable[M], budget_s: float) -> M:
+        """Wait for the agent's hello, judging the guest by its progress.
+
+        On a loaded host (TCG starts sharing two cores) wall time says little.
+        The boot's clock runs with the CPU time QEMU got, plus the wall time
+        that passed while the host had a core to spare (so a guest that
+        idles instead of answering still fails in ``budget_s``); it fails when
+        that clock passes ``budget_s``, or after WALL_FACTOR times that in wall
+        time whatever happened.
+        """
+        assert self.launched is not None
+        qemu = self.launched.processes["qemu"]
+        cpus = os.cpu_count() or 1
+        last_cpu = cpu_seconds(qemu) or 0.0
+        last = time.monotonic()
+        progress = 0.0
+        task = asyncio.ensure_future(hello)
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=PROGRESS_POLL_S)
+                if done:
+                    return task.result()
+                now, cpu = time.monotonic(), cpu_seconds(qemu) or last_cpu
+                progress += cpu - last_cpu
+                if runnable() <= cpus:
+                    progress += max(0.0, (now - last) - (cpu - last_cpu))
+                last, last_cpu = now, cpu
+                if progress > budget_s:
+                    if self.channel is not None:
+                        self.channel.session.close("the boot made no progress")
+                    raise GuestError(f"guest agent did not answer boot within {budget_s:g} s")
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
 
     def _make_scratch(self, scratch: Sequence[ScratchDisk]) -> list[Disk]:
         if not scratch:

@@ -1,0 +1,311 @@
+#!/usr/bin/env python3
+"""Start time and memory: cold boot vs template restore, beside gVisor and crun.
+
+In one run, medians of --runs (10) with min/max, all with no network:
+
+1. a sandbox to agent-ready (cocoon's own API): cold boot vs template clone;
+2. `cocoon run --rm busybox true` (cold, template) beside
+   `podman --runtime runsc|crun run --rm` of the same busybox tree;
+3. `cocoon-runtime run` of a busybox bundle (cold, template) beside
+   `runsc run` and `crun run` of the same bundle;
+4. `podman --runtime cocoon-runtime run --rm` (cold, template) beside runsc;
+5. host PSS of one idle container (cocoon cold and template, runsc, crun),
+   and per container with --idle (20) idle cocoon containers on one template;
+6. --concurrent (50) `cocoon run --rm` started at once: wall time, starts per
+   minute, every output and exit code checked.
+
+Warm pools are not built yet: their column says so.
+
+    python3 bench/start.py [--runs 10] [--idle 20] [--concurrent 50] [--only 1,2,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from memory import pss_kib  # bench/memory.py (the script's dir is on sys.path)
+from oci import bundle, lifecycle, make_crun_ready  # bench/oci.py
+
+from cocoon.config import load
+from cocoon.runtime.busybox import busybox_rootfs
+from cocoon.sandbox.sandbox import Sandbox, ensure_template
+
+COCOON = [sys.executable, "-m", "cocoon.cli"]
+COLD = {"COCOON_SANDBOX_TEMPLATES": "false"}
+
+
+def tree_pss_mib(root_pid: int) -> float:
+    """PSS of a process and all its descendants."""
+    kids: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                stat = Path(f"/proc/{name}/stat").read_text()
+                ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            kids.setdefault(ppid, []).append(int(name))
+    total, todo = 0, [root_pid]
+    while todo:
+        p = todo.pop()
+        total += pss_kib(p)
+        todo += kids.get(p, [])
+    return total / 1024
+
+
+def timed(argv: list[str], env: dict[str, str] | None = None) -> float:
+    t0 = time.monotonic()
+    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+                   env={**os.environ, **(env or {})})  # fmt: skip
+    return time.monotonic() - t0
+
+
+def stats(xs: list[float]) -> str:
+    if not xs:
+        return f"{'n/a':>8} {'':>7} {'':>7}"
+    return f"{statistics.median(xs):>8.3f} {min(xs):>7.3f} {max(xs):>7.3f}"
+
+
+class Table:
+    def __init__(self, title: str) -> None:
+        self.title = title
+        self.rows: list[tuple[str, list[float], str]] = []
+
+    def add(self, name: str, xs: list[float], note: str = "") -> None:
+        self.rows.append((name, xs, note))
+
+    def median(self, name: str) -> float:
+        return statistics.median(next(xs for n, xs, _ in self.rows if n == name))
+
+    def show(self, ratios: list[tuple[str, str]]) -> None:
+        print(f"\n{self.title}")
+        print(f"| {'path':<46} | {'median s':>8} | {'min':>7} | {'max':>7} |")
+        print(f"|{'-' * 48}|{'-' * 10}|{'-' * 9}|{'-' * 9}|")
+        for name, xs, note in self.rows:
+            m, lo, hi = stats(xs).split() if xs else ("n/a", "", "")
+            print(f"| {name:<46} | {m:>8} | {lo:>7} | {hi:>7} |" + (f" {note}" if note else ""))
+        for a, b in ratios:
+            print(f"ratio {a} / {b}: {self.median(a) / self.median(b):.2f}x")
+
+
+def repeat(runs: int, fns: dict[str, Callable[[int], float]]) -> dict[str, list[float]]:
+    """Interleaved: each round runs every path once, so drift hits all alike."""
+    out: dict[str, list[float]] = {k: [] for k in fns}
+    for i in range(runs):
+        for k, fn in fns.items():
+            out[k].append(fn(i))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--runs", type=int, default=10)
+    ap.add_argument("--idle", type=int, default=20)
+    ap.add_argument("--concurrent", type=int, default=50)
+    ap.add_argument("--only", default="1,2,3,4,5,6")
+    args = ap.parse_args()
+    only = {int(x) for x in args.only.split(",")}
+    for tool in ("podman", "crun", "runsc", "cocoon-runtime"):
+        if not shutil.which(tool):
+            raise SystemExit(f"needs {tool}: run scripts/setup.sh")
+    make_crun_ready()
+    import ctypes
+
+    ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER: reap stand-ins
+    work = Path(tempfile.mkdtemp(prefix="cocoon-startbench-"))
+    root = Path(tempfile.mkdtemp(prefix="cocoon-startbench-", dir="/run"))
+    cfg = load()
+    cfg.root_dir = str(root / "cocoon")
+    coc = [*COCOON, "--root", cfg.root_dir]
+    ocirt = shutil.which("cocoon-runtime") or "cocoon-runtime"
+    rootfs = busybox_rootfs(cfg)
+    pod = ["podman", "--root", str(work / "ps"), "--runroot", str(work / "pr"),
+           "--storage-driver", "vfs", "--cgroup-manager", "cgroupfs",
+           "--events-backend", "file"]  # fmt: skip
+    conf = work / "containers.conf"  # CAP_SYS_RESOURCE is not ours here (MACHINE-NOTES)
+    conf.write_text("[containers]\ndefault_ulimits = []\n")
+    os.environ["CONTAINERS_CONF"] = str(conf)
+    runtimes = {"runsc": ["--runtime", "runsc", "--runtime-flag", "network=none"],
+                "crun": ["--runtime", "crun"], "cocoon-runtime": ["--runtime", ocirt]}  # fmt: skip
+    print(f"accelerator: {'TCG' if Path('/sys/module/kvm_pvm').exists() else 'see cocoon check'};"
+          f" {os.cpu_count()} CPUs; runs per path: {args.runs}")  # fmt: skip
+    idle_ids: list[str] = []
+    try:
+        t, built = asyncio.run(ensure_template(cfg))
+        t1, _ = asyncio.run(ensure_template(cfg, nics=0))
+        print(f"template {t.key} ({'built now' if built else 'already built'})")
+        b = bundle(work, rootfs, ["true"])
+        with tarfile.open(work / "bb.tar", "w") as tf:
+            tf.add(b / "rootfs", arcname=".")
+        subprocess.run([*pod, "import", "-q", str(work / "bb.tar"), "localhost/bb"],
+                       check=True, stdout=subprocess.DEVNULL)  # fmt: skip
+
+        if 1 in only:
+
+            async def boot(template: bool) -> float:
+                sb = await Sandbox.create(cfg, template=template)
+                try:
+                    assert bool(sb.state.template) == template
+                    return sb.boot_s or 0.0
+                finally:
+                    await sb.destroy()
+
+            r = repeat(args.runs, {"cold": lambda i: asyncio.run(boot(False)),
+                                   "template": lambda i: asyncio.run(boot(True))})  # fmt: skip
+            tb = Table("1. QEMU start -> guest agent ready (Sandbox.create, no devices)")
+            tb.add("cold boot", r["cold"])
+            tb.add("template restore", r["template"])
+            tb.show([("cold boot", "template restore")])
+
+        if 2 in only:
+            run = [*coc, "run", "--rm", "--network", "none", "busybox", "true"]
+            r = repeat(args.runs, {
+                "cold": lambda i: timed(run, COLD),
+                "template": lambda i: timed(run),
+                "runsc": lambda i: timed([*pod, *runtimes["runsc"], "run", "--rm",
+                                          "--network=none", "localhost/bb", "true"]),
+                "crun": lambda i: timed([*pod, *runtimes["crun"], "run", "--rm",
+                                         "--network=none", "localhost/bb", "true"]),
+            })  # fmt: skip
+            tb = Table("2. `run --rm busybox true`, network none")
+            tb.add("cocoon run, cold boot", r["cold"])
+            tb.add("cocoon run, template (default)", r["template"])
+            tb.add("cocoon run, warm pool", [], "(pools: not built yet)")
+            tb.add("podman --runtime runsc run", r["runsc"])
+            tb.add("podman --runtime crun run", r["crun"])
+            tb.show([("cocoon run, template (default)", "podman --runtime runsc run"),
+                     ("cocoon run, cold boot", "podman --runtime runsc run")])  # fmt: skip
+
+        if 3 in only:
+            b = bundle(work, rootfs, ["true"])
+            ours = [ocirt, "--root", str(root / "oci")]
+
+            def ocirun(rt: list[str], cid: str, env: dict[str, str] | None = None) -> float:
+                return timed([*rt, "run", "--bundle", str(b), cid], env)
+
+            r = repeat(args.runs, {
+                "cold": lambda i: ocirun(ours, f"c{i}", COLD),
+                "template": lambda i: ocirun(ours, f"t{i}"),
+                "runsc": lambda i: ocirun(["runsc", "--root", str(root / "runsc"),
+                                           "--network=none"], f"r{i}"),
+                "crun": lambda i: ocirun(["crun", "--root", str(root / "crun")], f"n{i}"),
+                "lifecycle": lambda i: lifecycle(ours, b, f"l{i}"),
+            })  # fmt: skip
+            tb = Table("3. OCI runtime `run` of a busybox bundle (`true`)")
+            tb.add("cocoon-runtime run, cold boot", r["cold"])
+            tb.add("cocoon-runtime run, template (default)", r["template"])
+            tb.add("cocoon-runtime create+start+wait+delete", r["lifecycle"])
+            tb.add("runsc run", r["runsc"])
+            tb.add("crun run", r["crun"])
+            tb.show([("cocoon-runtime run, template (default)", "runsc run"),
+                     ("cocoon-runtime run, cold boot", "runsc run")])  # fmt: skip
+
+        if 4 in only:
+
+            def podrun(rt: str, env: dict[str, str] | None = None) -> float:
+                return timed([*pod, *runtimes[rt], "run", "--rm", "--network=none",
+                              "localhost/bb", "true"], env)  # fmt: skip
+
+            r = repeat(args.runs, {
+                "cold": lambda i: podrun("cocoon-runtime", COLD),
+                "template": lambda i: podrun("cocoon-runtime"),
+                "runsc": lambda i: podrun("runsc"),
+            })  # fmt: skip
+            tb = Table("4. `podman run --rm busybox true`, network none")
+            tb.add("podman --runtime cocoon-runtime, cold boot", r["cold"])
+            tb.add("podman --runtime cocoon-runtime, template", r["template"])
+            tb.add("podman --runtime runsc", r["runsc"])
+            peer = "podman --runtime runsc"
+            tb.show([("podman --runtime cocoon-runtime, template", peer),
+                     ("podman --runtime cocoon-runtime, cold boot", peer)])  # fmt: skip
+
+        if 5 in only:
+            print("\n5. host PSS of idle containers (`sleep`; MiB; cocoon: monitor + QEMU)")
+
+            def cocoon_idle(env: dict[str, str] | None = None) -> tuple[str, int]:
+                out = subprocess.run([*coc, "run", "-d", "--network", "none", "busybox",
+                                      "sleep", "3600"], check=True, capture_output=True,
+                                     text=True, env={**os.environ, **(env or {})})  # fmt: skip
+                cid = out.stdout.strip()
+                idle_ids.append(cid)
+                st = json.loads((root / "cocoon" / "containers" / cid / "state.json").read_text())
+                return cid, int(st["monitor_pid"])
+
+            def podman_idle(rt: str) -> float:
+                name = f"idle-{rt}"
+                subprocess.run([*pod, *runtimes[rt], "run", "-d", "--name", name,
+                                "--network=none", "localhost/bb", "sleep", "3600"],
+                               check=True, stdout=subprocess.DEVNULL)  # fmt: skip
+                time.sleep(5)
+                conmon = subprocess.run(
+                    [*pod, "inspect", "--format", "{{.State.ConmonPid}}", name],
+                    capture_output=True, text=True, check=True,
+                )  # fmt: skip
+                mib = tree_pss_mib(int(conmon.stdout.strip()))
+                subprocess.run([*pod, "rm", "-f", "-t", "0", name], capture_output=True)
+                return mib
+
+            one: dict[str, float] = {}
+            for label, env in (("cocoon, cold boot", COLD), ("cocoon, template", None)):
+                cid, mon = cocoon_idle(env)
+                time.sleep(5)
+                one[label] = tree_pss_mib(mon)
+                subprocess.run([*coc, "rm", "-f", cid], capture_output=True)
+                idle_ids.remove(cid)
+            one["podman + runsc"] = podman_idle("runsc")
+            one["podman + crun"] = podman_idle("crun")
+            print("| one idle container | PSS MiB |\n|---|---|")
+            for k, v in one.items():
+                print(f"| {k} | {v:.1f} |")
+            monitors = [cocoon_idle()[1] for _ in range(args.idle)]
+            time.sleep(10)
+            each = [tree_pss_mib(m) for m in monitors]
+            print(f"{args.idle} idle cocoon containers on one template: "
+                  f"{sum(each):.0f} MiB in all, {statistics.mean(each):.1f} MiB each "
+                  f"(min {min(each):.1f}, max {max(each):.1f})")  # fmt: skip
+            for cid in list(idle_ids):
+                subprocess.run([*coc, "rm", "-f", cid], capture_output=True)
+                idle_ids.remove(cid)
+
+        if 6 in only:
+            n = args.concurrent
+            t0 = time.monotonic()
+            procs = [subprocess.Popen([*coc, "run", "--rm", "--network", "none", "busybox",
+                                       "sh", "-c", f"echo out-{i}; exit {i % 7}"],
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                     for i in range(n)]  # fmt: skip
+            results = [p.communicate(timeout=1800) for p in procs]
+            wall = time.monotonic() - t0
+            right = sum(1 for i, (p, (out, _)) in enumerate(zip(procs, results, strict=True))
+                        if p.returncode == i % 7 and out == f"out-{i}\n".encode())  # fmt: skip
+            print(
+                f"\n6. {n} `cocoon run --rm` started at once (templates on): {right}/{n} right "
+                f"(output and exit code), wall {wall:.1f} s, {n / wall * 60:.0f} starts/min"
+            )
+            for i, (p, (out, err)) in enumerate(zip(procs, results, strict=True)):
+                if p.returncode != i % 7 or out != f"out-{i}\n".encode():
+                    print(f"  #{i}: exit {p.returncode}, out {out[:80]!r}, err {err[-300:]!r}")
+    finally:
+        for cid in idle_ids:
+            subprocess.run([*coc, "rm", "-f", cid], capture_output=True)
+        subprocess.run([*pod, "rm", "-af", "-t", "0"], capture_output=True, check=False)
+        subprocess.run([*pod, "system", "reset", "-f"], capture_output=True, check=False)
+        subprocess.run([*coc, "gc"], capture_output=True, check=False)
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
