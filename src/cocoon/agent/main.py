@@ -18,15 +18,17 @@ import time
 from collections.abc import Callable
 
 from cocoon import __version__
-from cocoon.agent import identity, network, spawn, system
+from cocoon.agent import identity, mounts, network, system
 from cocoon.agent.containers import Containers
 from cocoon.agent.reaper import Reaper
-from cocoon.agent.session import RemoteError, Session
+from cocoon.agent.session import WORKERS, RemoteError, Session
 from cocoon.protocol import messages
 
 PORT_NAME = "cocoon.agent"
 #: Must equal cocoon.hypervisor.base.AGENT_VSOCK_PORT (the agent cannot import it).
 VSOCK_PORT = 1024
+#: Request threads started with the agent (so a template's clones have them).
+WORKER_THREADS = 4
 #: Reconnect backoff while no host is on the port (reads then hit EOF at once).
 BACKOFF_MIN_S = 0.01
 BACKOFF_MAX_S = 0.5
@@ -78,14 +80,13 @@ class Agent:
                 return system.details(__version__)
             case messages.Mount():
                 os.makedirs(msg.target, exist_ok=True)
-                code, out = spawn.run(system.mount_argv(msg), self.reaper)
-                if code != 0:
-                    raise RemoteError("mount_failed", out.strip()[-300:] or f"mount exited {code}")
+                source, fstype, options = system.mount_args(msg)
+                mounts.mount(source, msg.target, fstype, options)
+                if msg.kind == "bind" and msg.readonly:
+                    mounts.mount("none", msg.target, "", ["bind", "ro", "remount"])
                 return messages.Ok()
             case messages.Unmount():
-                code, out = spawn.run(["umount", msg.target], self.reaper)
-                if code != 0:
-                    raise RemoteError("umount_failed", out.strip()[-300:])
+                mounts.umount(msg.target)
                 return messages.Ok()
             case messages.CreateContainer():
                 return c.create(session, msg)
@@ -139,6 +140,7 @@ class Agent:
     def serve(self, open_channel: Callable[[], int]) -> None:
         """Serve one session after another on the channel until a Shutdown."""
         self.reaper.start()
+        WORKERS.start(WORKER_THREADS)
         backoff = BACKOFF_MIN_S
         while not self.shutting_down:
             fd = open_channel()

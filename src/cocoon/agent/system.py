@@ -83,38 +83,29 @@ def forget_cached(dev: str) -> None:
         os.close(fd)
 
 
-def mount_argv(m: messages.Mount) -> list[str]:
+def mount_args(m: messages.Mount) -> tuple[str, str, list[str]]:
+    """(source, file-system type, options) of a Mount request, as mount(2) wants them."""
     opts = list(m.options)
     if m.readonly:
         opts.append("ro")
-    argv = ["mount"]
     if m.kind == "block":
         src = find_block_device(m.source)
         forget_cached(src)
-        if m.fstype:
-            argv += ["-t", m.fstype]
-    elif m.kind == "virtiofs":
-        src = m.source
-        argv += ["-t", "virtiofs"]
-    elif m.kind == "9p":
-        src = m.source
-        argv += ["-t", "9p"]
-        opts = ["trans=virtio", "version=9p2000.L", "msize=524288", "cache=mmap", *opts]
-    elif m.kind == "tmpfs":
-        src = "tmpfs"
-        argv += ["-t", "tmpfs"]
-    elif m.kind == "overlay":
-        src = "overlay"
-        argv += ["-t", "overlay"]
+        return src, m.fstype, opts
+    if m.kind == "virtiofs":
+        return m.source, "virtiofs", opts
+    if m.kind == "9p":
+        return m.source, "9p", ["trans=virtio", "version=9p2000.L", "msize=524288",
+                                "cache=mmap", *opts]  # fmt: skip
+    if m.kind == "tmpfs":
+        return "tmpfs", "tmpfs", opts
+    if m.kind == "overlay":
         for o in m.options:
             if o.startswith(("upperdir=", "workdir=")):
                 os.makedirs(o.split("=", 1)[1], exist_ok=True)
-    else:  # bind
-        src = m.source
-        argv += ["--bind"]
-    if opts:
-        argv += ["-o", ",".join(opts)]
-    return [*argv, src, m.target]
+        return "overlay", "overlay", opts
+    # bind: the flags must come first (no data), ro needs a remount after
+    return m.source, "", ["bind", *[o for o in opts if o != "ro"]]
 
 
 def container_cgroup(container_id: str) -> str:
