@@ -130,6 +130,15 @@ class SandboxConfig:
 
 
 @dataclass
+class PoolConfig:
+    #: Sandboxes `cocoon pool serve` keeps restored and agent-ready per size
+    #: class (0 = no pool). Each costs an idle clone's memory (~90 MiB here).
+    size: int = 0
+    #: Size classes as "VCPUSxMEMORY_MIB", e.g. "2x512" (empty: the default size).
+    classes: list[str] = field(default_factory=list)
+
+
+@dataclass
 class Config:
     #: Runtime state, one dir per sandbox (tmpfs: gone on reboot with the VMs).
     root_dir: str = "/run/cocoon"
@@ -140,6 +149,7 @@ class Config:
     network: NetworkConfig = field(default_factory=NetworkConfig)
     images: ImagesConfig = field(default_factory=ImagesConfig)
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
+    pool: PoolConfig = field(default_factory=PoolConfig)
 
     @property
     def root(self) -> Path:
@@ -177,6 +187,12 @@ class Config:
                 raise ConfigError(f"images.{name} must be > 0")
         if self.sandbox.template_dir and not os.path.isabs(self.sandbox.template_dir):
             raise ConfigError("sandbox.template_dir must be an absolute path")
+        if not 0 <= self.pool.size <= 256:
+            raise ConfigError("pool.size must be 0..256")
+        for c in self.pool.classes:
+            v, _, m = c.partition("x")
+            if not (v.isdigit() and m.isdigit() and 1 <= int(v) <= 64 and int(m) >= 64):
+                raise ConfigError(f"pool.classes: {c!r} is not VCPUSxMEMORY_MIB (e.g. 2x512)")
         if self.sandbox.max_starting < 0 or self.sandbox.start_queue_s <= 0:
             raise ConfigError("sandbox.max_starting must be >= 0, start_queue_s > 0")
         if self.sandbox.template_wait_s <= 0:

@@ -40,6 +40,7 @@ LAZY_VERBS = {
     "guest": "guest",
     "sandbox": "sandbox",
     "template": "template",
+    "pool": "pool",
     "gc": "sandbox",
     "run": "containers",
     "ps": "lifecycle",

@@ -264,6 +264,14 @@ class Session:
             if not self.done.done():
                 self.done.set_result(None)
 
+    def busy(self) -> bool:
+        """Requests of ours unanswered, or streams open: not a moment to hand over."""
+        return bool(self._pending or self._out or self._in)
+
+    def fileno(self) -> int:
+        sock = self._writer.get_extra_info("socket")
+        return int(sock.fileno())
+
     def close(self, reason: str = "session closed") -> None:
         self._fail(reason)
         with contextlib.suppress(Exception):

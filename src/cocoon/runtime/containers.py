@@ -97,6 +97,8 @@ class ContainerState:
     accel: str = ""
     #: The VM template its sandbox was cloned from ("" = it booted cold).
     template: str = ""
+    #: Its sandbox, when not the one named after it (taken from a warm pool).
+    sandbox_id: str = ""
     #: The container's addresses (CIDR) and its published ports as bound.
     addresses: list[str] = field(default_factory=list)
     ports: list[str] = field(default_factory=list)

@@ -134,7 +134,7 @@ def remove(cfg: Config, cdir: ContainerDir, *, force: bool) -> None:
                     os.kill(pid, signal.SIGKILL)
             cdir.life.wait_released(5.0)
     with contextlib.suppress(FileNotFoundError, CocoonError):
-        gc.reap(cfg.root, only=cdir.config().sandbox_id)
+        gc.reap(cfg.root, only=cdir.state().sandbox_id or cdir.config().sandbox_id)
     ContainerStore(cfg).remove(cdir)
 
 
@@ -221,7 +221,7 @@ def inspect(cdir: ContainerDir) -> dict[str, Any]:
             "Ports": st.ports,
         },
         "Sandbox": {
-            "Id": c.sandbox_id,
+            "Id": st.sandbox_id or c.sandbox_id,
             "Vcpus": c.vcpus,
             "MemoryMiB": c.vm_memory_mib,
             "Accel": st.accel,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 import time
 from pathlib import Path
@@ -45,6 +46,41 @@ class AgentChannel:
         ch = cls(Session(reader, writer), agent_timeout_s)
         ch._reader_task = asyncio.get_running_loop().create_task(ch.session.run())
         return ch
+
+    @classmethod
+    async def from_fd(cls, fd: int, *, agent_timeout_s: float) -> AgentChannel:
+        """A channel on a connected socket another process handed over (``detach``)."""
+        sock = socket.socket(fileno=fd)
+        sock.setblocking(False)
+        reader, writer = await asyncio.open_unix_connection(sock=sock, limit=1 << 21)
+        ch = cls(Session(reader, writer), agent_timeout_s)
+        ch._reader_task = asyncio.get_running_loop().create_task(ch.session.run())
+        return ch
+
+    async def detach(self, quiet_s: float = 2.0) -> int:
+        """Stop using the channel without closing the connection: returns a
+        dup of its socket for another process to go on with (``from_fd``).
+
+        The agent must see nothing but a pause: no request of ours may be left
+        unanswered (its reply would reach the next owner as a stray), so the
+        keepalive stops and in-flight requests get ``quiet_s`` to finish.
+        """
+        if self._keepalive_task is not None:
+            self._keepalive_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._keepalive_task
+        deadline = time.monotonic() + quiet_s
+        while self.session.busy() and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        if self.session.busy():
+            raise GuestError("the agent channel did not go quiet; not handing it over")
+        fd = os.dup(self.session.fileno())
+        if self._reader_task is not None:
+            self._reader_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._reader_task
+        self.session.close("handed over")
+        return fd
 
     @classmethod
     async def connect_vsock(

@@ -32,9 +32,10 @@ from cocoon.guestassets.cache import resolve
 from cocoon.hypervisor import accel
 from cocoon.hypervisor.base import AGENT_VSOCK_PORT, Disk, Launched, Layout, Nic, Share, VmSpec
 from cocoon.hypervisor.qemu.backend import QemuBackend
+from cocoon.hypervisor.qemu.cmdline import slot_serial
 from cocoon.protocol import messages
 from cocoon.protocol.session import InStream, OutStream
-from cocoon.sandbox import restore, template
+from cocoon.sandbox import pool, restore, template
 from cocoon.sandbox.channel import AgentChannel
 from cocoon.sandbox.template import template_mac
 from cocoon.state.store import ProcessRecord, SandboxDir, SandboxState
@@ -67,6 +68,25 @@ def choose_channel(setting: str) -> str:
     if setting == "vsock" or (setting == "auto" and os.path.exists("/dev/vhost-vsock")):
         return "vsock"
     return "virtio-serial"
+
+
+def poolable(
+    cfg: Config,
+    disks: Sequence[Disk],
+    scratch: Sequence[ScratchDisk],
+    shares: Sequence[Share],
+    init: list[str] | None,
+    network: net.NetworkPlan | None,
+) -> bool:
+    """Whether a warm pool's sandbox (no NIC, no share, empty disk slots) fits."""
+    if shares or init is not None or cfg.hypervisor.machine != "microvm":
+        return False
+    if network is not None and any(n != "none" for n in network.networks):
+        return False
+    if choose_channel(cfg.hypervisor.channel) != "virtio-serial":
+        return False
+    every = [*disks, *(Disk(s.serial, Path("/"), readonly=False) for s in scratch)]
+    return Layout().fits(every, 0, 0)
 
 
 def choose_accel(cfg: Config) -> str:
@@ -221,6 +241,8 @@ class Sandbox:
         self.addresses: list[str] = []
         #: A clone's shares are 9p slots: the caller's tag -> the slot's tag.
         self.share_tags: dict[str, str] = {}
+        #: A pooled sandbox's disks sit in slots named before they came: serial -> slot's.
+        self.disk_serials: dict[str, str] = {}
 
     @property
     def id(self) -> str:
@@ -245,6 +267,7 @@ class Sandbox:
         network: net.NetworkPlan | None = None,
         template: bool | None = None,
         warn: Callable[[str], None] | None = None,
+        pooled: bool = False,
     ) -> Sandbox:
         """Start a VM and wait for its agent; on any failure nothing is left behind.
 
@@ -256,6 +279,17 @@ class Sandbox:
         ``scratch`` disks are created here (recorded in the state first, so gc
         finds them after a crash) and deleted by ``destroy``.
         """
+        use_template = cfg.sandbox.templates if template is None else template
+        if use_template and not pooled and poolable(cfg, disks, scratch, shares, init, network):
+            got = await asyncio.to_thread(
+                pool.take, cfg, vcpus or cfg.hypervisor.vcpus,
+                memory_mib or cfg.hypervisor.memory_mib,
+            )  # fmt: skip
+            if got is not None:
+                return await cls._adopt(
+                    cfg, got, disks=list(disks), scratch=scratch, network=network,
+                    annotations=annotations or {}, timeout_s=boot_timeout_s,
+                )  # fmt: skip
         accel_name = choose_accel(cfg)
         sdir = SandboxDir(cfg.root, sandbox_id or new_id())
         sdir.create()
@@ -295,7 +329,6 @@ class Sandbox:
             init=init,
         )
         timeout = boot_timeout_s or cfg.hypervisor.boot_timeout_s
-        use_template = cfg.sandbox.templates if template is None else template
         try:
             try:
                 restored = use_template and await sb._restore(spec, timeout, warn or _warn)
@@ -340,6 +373,90 @@ class Sandbox:
         self.channel.start_keepalive(self.cfg.hypervisor.keepalive_s)
         self.state.status = "running"
         self.dir.write(self.state)
+
+    @classmethod
+    async def _adopt(
+        cls,
+        cfg: Config,
+        got: pool.Taken,
+        *,
+        disks: list[Disk],
+        scratch: Sequence[ScratchDisk],
+        network: net.NetworkPlan | None,
+        annotations: dict[str, str],
+        timeout_s: float | None,
+    ) -> Sandbox:
+        """Take over a pooled sandbox: its owner lock and its open agent channel
+        arrive as fds (the agent never sees its host change); its empty disk
+        slots get this sandbox's disks."""
+        sdir = SandboxDir(cfg.root, got.sandbox_id)
+        sdir.adopt_ownership(got.owner_fd)
+        try:
+            st = sdir.read()
+        except BaseException:
+            os.close(got.channel_fd)
+            sdir.release_ownership()  # unreadable: gc reaps it
+            raise
+        st.owner_pid = os.getpid()
+        st.annotations.pop("cocoon.pool", None)
+        st.annotations.update(annotations)
+        sdir.write(st)
+        sb = cls(cfg, sdir, st)
+        timeout = timeout_s or cfg.hypervisor.boot_timeout_s
+        try:
+            sb.launched = Launched(
+                {k: r.pid for k, r in st.processes.items()},
+                sdir.file("agent.sock"),
+                sdir.file("qmp.sock"),
+                sdir.file("console.log"),
+            )
+            with contextlib.suppress(OSError):  # the pool ran it niced
+                os.setpriority(os.PRIO_PROCESS, sb.launched.processes["qemu"], 0)
+            t0 = time.monotonic()
+            sb.channel = await AgentChannel.from_fd(
+                got.channel_fd, agent_timeout_s=cfg.hypervisor.agent_timeout_s
+            )
+            sb._watch_task = asyncio.get_running_loop().create_task(sb._watch_vm())
+            made = sb._make_scratch(scratch)
+            attached = None
+            if network is not None:
+                attached = net.attach(cfg, sdir.id, network, st.network, lambda: sdir.write(st),
+                                      sdir.path)  # fmt: skip
+            await sb._until_ready(sb.channel.handshake(t0 + WALL_FACTOR * timeout), timeout)
+            ro = [d for d in disks if d.readonly]
+            rw = [d for d in [*disks, *made] if not d.readonly]
+            first_rw = Layout().ro_disks
+            for slot, d in [*enumerate(ro), *((first_rw + i, d) for i, d in enumerate(rw))]:
+                await sb.backend.attach_disk(sb.launched, slot, d.path, d.readonly)
+                sb.disk_serials[d.serial] = slot_serial(slot)
+            sb.boot_s = time.monotonic() - t0
+            sb.channel.start_keepalive(cfg.hypervisor.keepalive_s)
+            st.status = "running"
+            sdir.write(st)
+            if attached is not None:
+                await sb.call(attached.message, messages.Ok)
+        except BaseException:
+            await sb.destroy()
+            raise
+        return sb
+
+    async def let_go(self) -> tuple[int, int]:
+        """Stop owning this sandbox without ending it (a pool handing it out):
+        returns the fds of its owner lock and of its open agent channel."""
+        assert self.channel is not None
+        chan = await self.channel.detach()
+        self.channel = None
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._watch_task
+        self._destroyed = True  # this object never touches the VM again
+        return self.dir.hand_over_ownership(), chan
+
+    def reclaim(self, owner_fd: int) -> None:
+        """Own again a sandbox ``let_go`` gave up that nobody took (to destroy it)."""
+        self.dir.adopt_ownership(owner_fd)
+        self._destroyed = False
 
     async def _restore(self, spec: VmSpec, timeout_s: float, warn: Callable[[str], None]) -> bool:
         """Start as a clone of the template ``spec`` fits; False: boot cold instead."""
@@ -564,6 +681,8 @@ class Sandbox:
         options: Sequence[str] = (),
         readonly: bool = False,
     ) -> None:
+        if kind == "block" and source in self.disk_serials:
+            source = self.disk_serials[source]  # a pooled sandbox's disk slot
         if kind in ("virtiofs", "9p") and source in self.share_tags:
             kind, source = "9p", self.share_tags[source]  # a clone's share slot
         await self.call(

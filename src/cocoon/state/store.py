@@ -111,6 +111,14 @@ class SandboxDir:
         if not self._owner.take():
             raise SandboxError(f"sandbox {self.id} is owned by another process")
 
+    def adopt_ownership(self, fd: int) -> None:
+        """Hold owner.lock through ``fd``, handed over by its previous owner
+        (the lock belongs to the open file, so it never lapses on the way)."""
+        self._owner.adopt(fd)
+
+    def hand_over_ownership(self) -> int:
+        return self._owner.hand_over()
+
     def release_ownership(self) -> None:
         self._owner.release()
 

@@ -86,6 +86,17 @@ class LifeLock:
         self._fd = fd
         return True
 
+    def adopt(self, fd: int) -> None:
+        self.release()
+        self._fd = fd
+
+    def hand_over(self) -> int:
+        """Stop holding the lock here without releasing it: the returned fd
+        carries it (to another process, over SCM_RIGHTS)."""
+        assert self._fd is not None, "not held"
+        fd, self._fd = self._fd, None
+        return fd
+
     def release(self) -> None:
         if self._fd is not None:
             os.close(self._fd)

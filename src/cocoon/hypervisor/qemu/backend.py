@@ -272,6 +272,25 @@ class QemuBackend:
         finally:
             q.close()
 
+    async def attach_disk(self, launched: Launched, slot: int, path: Path, readonly: bool) -> None:
+        """Give a running VM's empty disk slot ``path`` as its backing file.
+
+        The guest never read the slot (it was empty when the VM became a pooled
+        sandbox), so nothing it cached is stale; it keeps the slot's capacity.
+        """
+        node = f"disk{slot}"
+        q = await Qmp.connect(launched.control_socket)
+        try:
+            new = {"driver": "file", "node-name": f"{node}-att", "filename": str(path),
+                   "read-only": readonly}  # fmt: skip
+            await q.execute("blockdev-add", new)
+            await q.execute("blockdev-reopen", {"options": [
+                {"driver": "raw", "node-name": node, "file": f"{node}-att", "read-only": readonly}
+            ]})  # fmt: skip
+            await q.execute("blockdev-del", {"node-name": f"{node}-file"})
+        finally:
+            q.close()
+
     async def _migration_done(
         self, q: Qmp, launched: Launched, timeout_s: float, what: str
     ) -> None:
@@ -319,6 +338,10 @@ class QemuBackend:
         if st is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+    def child(self, pid: int) -> subprocess.Popen[bytes] | None:
+        """Our Popen of ``pid`` if we started it: whoever keeps it must reap it."""
+        return self._children.get(pid)
 
     def exited(self, pid: int) -> bool:
         return self._exited(pid)

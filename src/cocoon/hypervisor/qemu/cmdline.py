@@ -62,22 +62,29 @@ def _disk(i: int, d: Disk, bus: str) -> list[str]:
     ]
 
 
-def _empty_disk(i: int, readonly: bool, bus: str) -> list[str]:
-    """An unused disk slot: reads zeros, drops writes, has the slot's capacity."""
+def _slot_disk(i: int, d: Disk | None, readonly: bool, bus: str) -> list[str]:
+    """A disk slot: a raw node over the disk's file, or over an empty placeholder
+    (reads zeros, drops writes, the slot's capacity) whose file a pooled
+    sandbox swaps for its disk's at hand-out (``QemuBackend.attach_disk``)."""
+    node = f"disk{i}"
+    if d is not None:
+        proto = opts("", driver="file", node_name=f"{node}-file", filename=d.path,
+                     read_only=readonly)  # fmt: skip
+    else:
+        proto = opts("", driver="null-co", node_name=f"{node}-file", size=SLOT_DISK_BYTES,
+                     read_zeroes=True, read_only=readonly)  # fmt: skip
     return [
-        "-drive",
-        opts(
-            "",
-            id=f"disk{i}",
-            driver="null-co",
-            size=SLOT_DISK_BYTES,
-            read_zeroes=True,
-            if_="none",
-            readonly=readonly,
-        )[1:],  # fmt: skip
+        "-blockdev",
+        proto[1:],
+        "-blockdev",
+        opts("", driver="raw", node_name=node, file=f"{node}-file", read_only=readonly)[1:],
         "-device",
-        opts(f"virtio-blk-{bus}", drive=f"disk{i}", serial=f"cocoon-slot{i}"),
+        opts(f"virtio-blk-{bus}", drive=node, serial=d.serial if d else slot_serial(i)),
     ]
+
+
+def slot_serial(i: int) -> str:
+    return f"cocoon-slot{i}"
 
 
 def _slot_disks(spec: VmSpec, layout: Layout, bus: str) -> Iterable[list[str]]:
@@ -87,7 +94,7 @@ def _slot_disks(spec: VmSpec, layout: Layout, bus: str) -> Iterable[list[str]]:
     i = 0
     for group, count, readonly in ((ro, layout.ro_disks, True), (rw, layout.rw_disks, False)):
         for n in range(count):
-            yield _disk(i, group[n], bus) if n < len(group) else _empty_disk(i, readonly, bus)
+            yield _slot_disk(i, group[n] if n < len(group) else None, readonly, bus)
             i += 1
 
 

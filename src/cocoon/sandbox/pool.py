@@ -1,0 +1,341 @@
+"""Warm pools: sandboxes restored ahead of need, handed out once each.
+
+`cocoon pool serve` keeps ``pool.size`` sandboxes per size class restored
+from their template and agent-ready, with no tenant in them: no disk in their
+slots, no network, nothing of anyone's. A start that fits a class (no host
+directories, no NIC, disks within the slots) asks the server on
+``<root>/pool.sock`` for one and gets its id and, over SCM_RIGHTS, the fd that
+holds the sandbox's owner lock: ownership moves without ever lapsing, so
+``cocoon gc`` never sees it unowned. The server lets go of the sandbox's agent
+channel first, and the taker connects its own. A sandbox is handed out once
+and never comes back; the server starts another in its place.
+
+A pooled sandbox whose VM died, whose agent stopped answering pings, or whose
+template is no longer the one its class would be cloned from is destroyed,
+not handed out. Without the server (or with an empty pool) a start simply
+restores from the template itself: slower, never failing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cocoon.config import Config
+from cocoon.errors import CocoonError, SandboxError
+from cocoon.sandbox import admission
+from cocoon.sandbox import template as templates
+from cocoon.state.store import check_sandbox_id
+
+TAKE_TIMEOUT_S = 2.0
+MAX_LINE = 4096
+POOL_NICE = 10
+#: Pause before retrying after a failed fill (a broken template, a full host).
+RETRY_S = 2.0
+
+
+@dataclass(frozen=True)
+class SizeClass:
+    vcpus: int
+    memory_mib: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.vcpus}x{self.memory_mib}"
+
+
+def classes(cfg: Config) -> list[SizeClass]:
+    out = [SizeClass(cfg.hypervisor.vcpus, cfg.hypervisor.memory_mib)]
+    for c in cfg.pool.classes:
+        v, _, m = c.partition("x")
+        sc = SizeClass(int(v), int(m))
+        if sc not in out:
+            out.append(sc)
+    return out
+
+
+def socket_path(cfg: Config) -> Path:
+    return cfg.root / "pool.sock"
+
+
+@dataclass(frozen=True)
+class Taken:
+    """A pooled sandbox as it reaches its new owner."""
+
+    sandbox_id: str
+    owner_fd: int  # holds the sandbox's owner lock
+    channel_fd: int  # the agent channel, connected and quiet
+
+
+def _ask(
+    cfg: Config, request: dict[str, Any], timeout_s: float
+) -> tuple[dict[str, Any], list[int]]:
+    """One request to the pool server: (its reply, the fds it sent)."""
+    path = socket_path(cfg)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout_s)
+    try:
+        s.connect(str(path))
+        s.sendall(json.dumps(request).encode() + b"\n")
+        data, fds, _, _ = socket.recv_fds(s, MAX_LINE, 2)
+    finally:
+        s.close()
+    try:
+        reply = json.loads(data)
+        if not isinstance(reply, dict):
+            raise ValueError("not an object")
+    except ValueError:
+        _close(fds)
+        raise SandboxError("the pool server sent a reply that is not JSON") from None
+    return reply, fds
+
+
+def _close(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def take(cfg: Config, vcpus: int, memory_mib: int) -> Taken | None:
+    """A pooled sandbox of this size, or None when there is no server or no
+    sandbox ready (the caller then starts one itself)."""
+    if not socket_path(cfg).exists():
+        return None
+    try:
+        reply, fds = _ask(cfg, {"take": SizeClass(vcpus, memory_mib).name}, TAKE_TIMEOUT_S)
+    except (OSError, SandboxError):
+        return None
+    sid = reply.get("sandbox")
+    if len(fds) != 2 or not isinstance(sid, str) or not sid:
+        _close(fds)
+        return None
+    try:
+        check_sandbox_id(sid)
+    except CocoonError:
+        _close(fds)
+        return None
+    return Taken(sid, fds[0], fds[1])
+
+
+def status(cfg: Config, request: str = "status") -> dict[str, Any]:
+    """The server's view (ready sandboxes per class); raises SandboxError without one."""
+    try:
+        reply, fds = _ask(cfg, {request: True}, 60.0 if request == "fill" else 10.0)
+    except OSError as e:
+        raise SandboxError(
+            f"no pool server on {socket_path(cfg)} ({e.strerror or e}): start `cocoon pool serve`"
+        ) from None
+    _close(fds)
+    return reply
+
+
+class PoolServer:
+    """The long-lived owner of the pooled sandboxes (one per state root)."""
+
+    def __init__(self, cfg: Config, log: Any = print) -> None:
+        from cocoon.sandbox.sandbox import Sandbox  # the pool sits above the sandbox
+
+        self.cfg = cfg
+        self.log = log
+        self._sandbox = Sandbox
+        self.ready: dict[str, list[Any]] = {c.name: [] for c in classes(cfg)}
+        self.filling = cfg.pool.size > 0
+        self.handed: list[subprocess.Popen[bytes]] = []
+        self._wake = asyncio.Event()
+        self._stop = asyncio.Event()
+
+    async def serve(self) -> None:
+        path = socket_path(self.cfg)
+        self.cfg.root.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            if self._server_alive(path):
+                raise SandboxError(f"a pool server is already running on {path}")
+            path.unlink()
+        # Fills run niced (QEMU inherits it): restoring the next pooled sandbox
+        # must not take CPU from the container that just took one. The taker
+        # gives its VM the normal priority back.
+        os.nice(POOL_NICE)
+        server = await asyncio.start_unix_server(self._client, path=str(path), limit=MAX_LINE)
+        os.chmod(path, 0o600)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        self.log(f"pool: serving on {path}, {self.cfg.pool.size} per class "
+                 f"({', '.join(self.ready)})")  # fmt: skip
+        try:
+            async with asyncio.TaskGroup() as tg:
+                fillers = [tg.create_task(self._fill(c)) for c in classes(self.cfg)]
+                reaper = tg.create_task(self._reap())
+                await self._stop.wait()
+                for t in [*fillers, reaper]:
+                    t.cancel()
+        finally:
+            server.close()
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            await self.drain()
+            self.log("pool: stopped")
+
+    @staticmethod
+    def _server_alive(path: Path) -> bool:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.connect(str(path))
+            return True
+        except OSError:
+            return False
+        finally:
+            s.close()
+
+    async def drain(self) -> int:
+        n = 0
+        for sbs in self.ready.values():
+            while sbs:
+                await sbs.pop().destroy()
+                n += 1
+        return n
+
+    def _usable(self, sb: Any, c: SizeClass) -> str:
+        """Why a pooled sandbox must not be handed out ("" = it may)."""
+        if sb.channel is None or sb.channel.session.closed is not None:
+            return "its agent channel failed"
+        if sb.launched is None or sb.backend.exited(sb.launched.processes["qemu"]):
+            return "its VM died"
+        key = sb.state.template
+        try:
+            if not key or templates.read(self.cfg, key) is None:
+                return "its template is gone"
+        except CocoonError:
+            return "its template is no longer usable"
+        return ""
+
+    async def _fill(self, c: SizeClass) -> None:
+        sbs = self.ready[c.name]
+        while True:
+            for sb in list(sbs):
+                why = self._usable(sb, c)
+                if why:
+                    self.log(f"pool: discarding {sb.id} ({why})")
+                    sbs.remove(sb)
+                    await sb.destroy()
+            if not self.filling or len(sbs) >= self.cfg.pool.size:
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(1.0):
+                        await self._wake.wait()
+                continue
+            try:
+                async with admission.start_slot(self.cfg):
+                    sb = await self._sandbox.create(
+                        self.cfg,
+                        vcpus=c.vcpus,
+                        memory_mib=c.memory_mib,
+                        template=True,
+                        pooled=True,
+                        annotations={"cocoon.pool": c.name},
+                    )
+            except CocoonError as e:
+                self.log(f"pool: could not start a {c.name} sandbox: {e}")
+                await asyncio.sleep(RETRY_S)
+                continue
+            if not sb.state.template:  # booted cold: nothing to gain over a start's own
+                self.log("pool: no template to clone from; not pooling cold boots")
+                await sb.destroy()
+                await asyncio.sleep(RETRY_S)
+                continue
+            sbs.append(sb)
+
+    async def _reap(self) -> None:
+        """QEMUs of handed-out sandboxes are still our children: collect their exits."""
+        while True:
+            await asyncio.sleep(0.5)
+            self.handed = [p for p in self.handed if p.poll() is None]
+
+    async def _client(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        try:
+            async with asyncio.timeout(TAKE_TIMEOUT_S * 30):
+                line = await r.readline()
+                req = json.loads(line) if line else {}
+                if not isinstance(req, dict):
+                    raise ValueError("not an object")
+                if "take" in req:
+                    await self._hand_out(str(req["take"]), w)
+                    return
+                if req.get("drain"):
+                    self.filling = False
+                    n = await self.drain()
+                    reply: dict[str, Any] = {"drained": n}
+                elif req.get("fill"):
+                    self.filling = True
+                    self._wake.set()
+                    deadline = time.monotonic() + 55
+                    while time.monotonic() < deadline and any(
+                        len(v) < self.cfg.pool.size for v in self.ready.values()
+                    ):
+                        await asyncio.sleep(0.1)
+                    reply = self._status()
+                else:
+                    reply = self._status()
+                w.write(json.dumps(reply).encode() + b"\n")
+                await w.drain()
+        except (ValueError, OSError, TimeoutError) as e:
+            self.log(f"pool: bad request: {e}")
+        finally:
+            w.close()
+
+    def _status(self) -> dict[str, Any]:
+        return {
+            "size": self.cfg.pool.size,
+            "filling": self.filling,
+            "classes": {k: [sb.id for sb in v] for k, v in self.ready.items()},
+        }
+
+    async def _hand_out(self, name: str, w: asyncio.StreamWriter) -> None:
+        sbs = self.ready.get(name, [])
+        c = next((c for c in classes(self.cfg) if c.name == name), None)
+        sock: socket.socket = w.get_extra_info("socket")
+        while sbs and c is not None:
+            sb = sbs.pop(0)
+            self._wake.set()
+            why = self._usable(sb, c)
+            if why:
+                self.log(f"pool: discarding {sb.id} ({why})")
+                await sb.destroy()
+                continue
+            try:
+                fds = list(await sb.let_go())
+            except CocoonError as e:
+                self.log(f"pool: discarding {sb.id} ({e})")
+                await sb.destroy()
+                continue
+            qemu = sb.backend.child(sb.launched.processes["qemu"])
+            if qemu is not None:
+                self.handed.append(qemu)
+            try:
+                # asyncio's transport socket has no sendmsg: a plain one on a dup
+                # (non-blocking, the flag is shared, but a fresh connection's
+                # buffer always has room for one line).
+                with socket.socket(fileno=os.dup(sock.fileno())) as plain:
+                    socket.send_fds(plain, [json.dumps({"sandbox": sb.id}).encode() + b"\n"],
+                                    fds)  # fmt: skip
+            except Exception as e:
+                # Nobody has it, and a half-taken sandbox is never pooled again: end it.
+                self.log(f"pool: hand-out of {sb.id} failed ({e}); destroying it")
+                os.close(fds[1])
+                sb.reclaim(fds[0])
+                await sb.destroy()
+                return
+            _close(fds)
+            self.log(f"pool: handed out {sb.id}")
+            return
+        w.write(b'{"sandbox": ""}\n')
+        await w.drain()

@@ -1,0 +1,106 @@
+"""Warm pools, for real: `cocoon pool serve` keeps restored sandboxes ready,
+a start takes one (once), the pool refills, a dead pooled VM is thrown away."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from cocoon.config import Config
+from cocoon.state.store import SandboxDir
+from tests.vm.conftest import cocoon, ok
+
+pytestmark = [pytest.mark.vm, pytest.mark.timeout(300)]
+
+
+def pool_ls(cfg: Config) -> list[str]:
+    st = json.loads(ok(cocoon(cfg, "pool", "ls", "--format", "json")))
+    return [sid for ids in st["classes"].values() for sid in ids]
+
+
+def wait_for(what: Callable[[], Any], timeout_s: float = 60.0) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while not (got := what()):
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+    return got
+
+
+@pytest.fixture
+def server(cfg: Config) -> Iterator[subprocess.Popen[bytes]]:
+    p = subprocess.Popen(
+        [sys.executable, "-m", "cocoon.cli", "--root", str(cfg.root), "pool", "serve",
+         "--size", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        wait_for(lambda: (cfg.root / "pool.sock").exists() and len(pool_ls(cfg)) == 1)
+        yield p
+    finally:
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=60)
+        print(err.decode(errors="replace")[-3000:])
+    assert p.returncode == 0
+
+
+def test_a_start_takes_a_pooled_sandbox_once_and_the_pool_refills(
+    cfg: Config, busybox: None, server: subprocess.Popen[bytes]
+) -> None:
+    [pooled] = pool_ls(cfg)
+    cid = ok(cocoon(cfg, "run", "-d", "--network", "none", "busybox", "sleep", "300")).strip()
+    try:
+        info = json.loads(ok(cocoon(cfg, "inspect", cid)))
+        info = info[0] if isinstance(info, list) else info
+        assert info["Sandbox"]["Id"] == pooled and info["Sandbox"]["Template"]
+        # It is the container's now: owned by its monitor, no longer the pool's.
+        st = SandboxDir(cfg.root, pooled).read()
+        assert st.owner_pid == info["State"]["Pid"] and "cocoon.pool" not in st.annotations
+        out = ok(cocoon(cfg, "exec", cid, "sh", "-c", "echo alive; cat /etc/hostname"))
+        assert out.startswith("alive\n")
+        refill = wait_for(lambda: pool_ls(cfg))
+        assert refill != [pooled]
+    finally:
+        ok(cocoon(cfg, "rm", "-f", cid))
+    # The container is gone, and its sandbox with it: never back in the pool.
+    assert not (cfg.root / "sandboxes" / pooled).exists()
+    assert pooled not in pool_ls(cfg)
+    r = cocoon(cfg, "run", "--rm", "--network", "none", "busybox", "sh", "-c", "echo ok; exit 3")
+    assert (r.returncode, r.stdout, r.stderr) == (3, b"ok\n", b"")
+
+
+def test_a_dead_pooled_vm_is_discarded_not_handed_out(
+    cfg: Config, busybox: None, server: subprocess.Popen[bytes]
+) -> None:
+    [pooled] = pool_ls(cfg)
+    qemu = SandboxDir(cfg.root, pooled).read().processes["qemu"].pid
+    os.kill(qemu, signal.SIGKILL)
+    fresh = wait_for(lambda: [s for s in pool_ls(cfg) if s != pooled])
+    assert not (cfg.root / "sandboxes" / pooled).exists()
+    r = cocoon(cfg, "run", "--rm", "--network", "none", "busybox", "echo", "fine")
+    assert (r.returncode, r.stdout) == (0, b"fine\n"), r.stderr
+    assert fresh[0] not in pool_ls(cfg)  # that start took the fresh one
+
+
+def test_starts_that_do_not_fit_restore_by_themselves(
+    cfg: Config, busybox: None, server: subprocess.Popen[bytes], tmp_path: Any
+) -> None:
+    """A volume (a share the pool's sandboxes have none of) skips the pool."""
+    [pooled] = pool_ls(cfg)
+    (tmp_path / "f").write_text("data\n")
+    r = cocoon(cfg, "run", "--rm", "--network", "none", "-v", f"{tmp_path}:/d:ro", "busybox",
+               "cat", "/d/f")  # fmt: skip
+    assert (r.returncode, r.stdout) == (0, b"data\n"), r.stderr
+    assert pool_ls(cfg) == [pooled]
+
+
+def test_no_server_no_pool(cfg: Config) -> None:
+    r = cocoon(cfg, "pool", "ls")
+    assert r.returncode == 125 and b"start `cocoon pool serve`" in r.stderr
