@@ -14,7 +14,8 @@ In one run, medians of --runs (10) with min/max, all with no network:
 6. --concurrent (50) `cocoon run --rm` started at once: wall time, starts per
    minute, every output and exit code checked.
 
-Warm pools are not built yet: their column says so.
+The warm-pool rows run against a state root of their own with a
+`cocoon pool serve --size 2` (its refills run niced, as they do in use).
 
     python3 bench/start.py [--runs 10] [--idle 20] [--concurrent 50] [--only 1,2,...]
 """
@@ -26,6 +27,7 @@ import asyncio
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -34,6 +36,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from memory import pss_kib  # bench/memory.py (the script's dir is on sys.path)
 from oci import bundle, lifecycle, make_crun_ready  # bench/oci.py
@@ -148,6 +151,12 @@ def main() -> None:
     print(f"accelerator: {'TCG' if Path('/sys/module/kvm_pvm').exists() else 'see cocoon check'};"
           f" {os.cpu_count()} CPUs; runs per path: {args.runs}")  # fmt: skip
     idle_ids: list[str] = []
+    pooled_root = root / "pooled"
+    pool_cfg = load()
+    pool_cfg.root_dir = str(pooled_root)
+    pool_srv = subprocess.Popen([*COCOON, "--root", str(pooled_root), "pool", "serve", "--size",
+                                 "2"], stderr=subprocess.DEVNULL)  # fmt: skip
+    pcoc = [*COCOON, "--root", str(pooled_root)]
     try:
         t, built = asyncio.run(ensure_template(cfg))
         print(f"template {t.key} ({'built now' if built else 'already built'})")
@@ -157,28 +166,50 @@ def main() -> None:
         subprocess.run([*pod, "import", "-q", str(work / "bb.tar"), "localhost/bb"],
                        check=True, stdout=subprocess.DEVNULL)  # fmt: skip
 
+        deadline = time.monotonic() + 60
+        while not (pooled_root / "pool.sock").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+        def settle() -> None:
+            """Let the pool refill (niced) before the next pooled start."""
+            subprocess.run([*pcoc, "pool", "fill"], check=True, stdout=subprocess.DEVNULL)
+
         if 1 in only:
 
-            async def boot(template: bool) -> float:
-                sb = await Sandbox.create(cfg, template=template)
+            async def boot(c: Any, template: bool) -> float:
+                sb = await Sandbox.create(c, template=template)
                 try:
                     assert bool(sb.state.template) == template
                     return sb.boot_s or 0.0
                 finally:
                     await sb.destroy()
 
-            r = repeat(args.runs, {"cold": lambda i: asyncio.run(boot(False)),
-                                   "template": lambda i: asyncio.run(boot(True))})  # fmt: skip
-            tb = Table("1. QEMU start -> guest agent ready (Sandbox.create, no devices)")
-            tb.add("cold boot", r["cold"])
-            tb.add("template restore", r["template"])
-            tb.show([("cold boot", "template restore")])
+            def pooled_boot() -> float:
+                settle()
+                return asyncio.run(boot(pool_cfg, True))
+
+            r = repeat(args.runs, {"cold": lambda i: asyncio.run(boot(cfg, False)),
+                                   "template": lambda i: asyncio.run(boot(cfg, True)),
+                                   "pool": lambda i: pooled_boot()})  # fmt: skip
+            tb = Table("1. start -> guest agent ready (Sandbox.create, no devices)")
+            tb.add("cold boot (QEMU start -> hello)", r["cold"])
+            tb.add("template restore (QEMU start -> hello)", r["template"])
+            tb.add("warm pool (taken -> hello)", r["pool"])
+            tb.show([("cold boot (QEMU start -> hello)",
+                      "template restore (QEMU start -> hello)")])  # fmt: skip
 
         if 2 in only:
             run = [*coc, "run", "--rm", "--network", "none", "busybox", "true"]
+            prun = [*pcoc, *run[len(coc) :]]
+
+            def pooled_run() -> float:
+                settle()
+                return timed(prun)
+
             r = repeat(args.runs, {
                 "cold": lambda i: timed(run, COLD),
                 "template": lambda i: timed(run),
+                "pool": lambda i: pooled_run(),
                 "runsc": lambda i: timed([*pod, *runtimes["runsc"], "run", "--rm",
                                           "--network=none", "localhost/bb", "true"]),
                 "crun": lambda i: timed([*pod, *runtimes["crun"], "run", "--rm",
@@ -187,10 +218,11 @@ def main() -> None:
             tb = Table("2. `run --rm busybox true`, network none")
             tb.add("cocoon run, cold boot", r["cold"])
             tb.add("cocoon run, template (default)", r["template"])
-            tb.add("cocoon run, warm pool", [], "(pools: not built yet)")
+            tb.add("cocoon run, warm pool", r["pool"])
             tb.add("podman --runtime runsc run", r["runsc"])
             tb.add("podman --runtime crun run", r["crun"])
-            tb.show([("cocoon run, template (default)", "podman --runtime runsc run"),
+            tb.show([("cocoon run, warm pool", "podman --runtime runsc run"),
+                     ("cocoon run, template (default)", "podman --runtime runsc run"),
                      ("cocoon run, cold boot", "podman --runtime runsc run")])  # fmt: skip
 
         if 3 in only:
@@ -212,6 +244,7 @@ def main() -> None:
             tb.add("cocoon-runtime run, cold boot", r["cold"])
             tb.add("cocoon-runtime run, template (default)", r["template"])
             tb.add("cocoon-runtime create+start+wait+delete", r["lifecycle"])
+            tb.add("cocoon-runtime run, warm pool", [], "(n/a: a bundle's rootfs is a share)")
             tb.add("runsc run", r["runsc"])
             tb.add("crun run", r["crun"])
             tb.show([("cocoon-runtime run, template (default)", "runsc run"),
@@ -303,6 +336,8 @@ def main() -> None:
                 if p.returncode != i % 7 or out != f"out-{i}\n".encode():
                     print(f"  #{i}: exit {p.returncode}, out {out[:80]!r}, err {err[-300:]!r}")
     finally:
+        pool_srv.send_signal(signal.SIGTERM)
+        pool_srv.wait(timeout=60)
         for cid in idle_ids:
             subprocess.run([*coc, "rm", "-f", cid], capture_output=True)
         subprocess.run([*pod, "rm", "-af", "-t", "0"], capture_output=True, check=False)
