@@ -260,3 +260,33 @@ def test_many_starts_at_once_all_succeed(cfg: Config, busybox: None) -> None:
     results = [p.communicate(timeout=240) for p in procs]
     for i, (p, (out, err)) in enumerate(zip(procs, results, strict=True)):
         assert (p.returncode, out) == (i, f"out-{i}\n".encode()), err
+
+
+def test_concurrent_first_starts_build_the_template_once(own: Config) -> None:
+    """Three starts at once with no template: one builds it under the lock, the
+    others wait for it and clone it; all succeed without a warning."""
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "cocoon.cli",
+                "--root",
+                str(own.root),
+                "sandbox",
+                "run",
+                "--",
+                "echo",
+                f"run-{i}",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env={**os.environ, **env_of(own)},
+        )  # fmt: skip
+        for i in range(3)
+    ]
+    for i, p in enumerate(procs):
+        out, err = p.communicate(timeout=240)
+        assert (p.returncode, out, err) == (0, f"run-{i}\n".encode(), b"")
+    assert [t["problem"] for t in templates(own)] == [""]
+    assert not list(Path(own.sandbox.template_dir).glob(".build-*"))

@@ -38,7 +38,6 @@ from cocoon.state.store import check_sandbox_id
 
 TAKE_TIMEOUT_S = 2.0
 MAX_LINE = 4096
-POOL_NICE = 10
 #: Pause before retrying after a failed fill (a broken template, a full host).
 RETRY_S = 2.0
 
@@ -160,10 +159,6 @@ class PoolServer:
             if self._server_alive(path):
                 raise SandboxError(f"a pool server is already running on {path}")
             path.unlink()
-        # Fills run niced (QEMU inherits it): restoring the next pooled sandbox
-        # must not take CPU from the container that just took one. The taker
-        # gives its VM the normal priority back.
-        os.nice(POOL_NICE)
         server = await asyncio.start_unix_server(self._client, path=str(path), limit=MAX_LINE)
         os.chmod(path, 0o600)
         loop = asyncio.get_running_loop()
