@@ -38,6 +38,8 @@ from cocoon.state.store import check_sandbox_id
 
 TAKE_TIMEOUT_S = 2.0
 MAX_LINE = 4096
+#: Seconds after a hand-out before the pool starts its replacement.
+REFILL_AFTER_S = 1.0
 #: Pause before retrying after a failed fill (a broken template, a full host).
 RETRY_S = 2.0
 
@@ -150,6 +152,7 @@ class PoolServer:
         self.filling = cfg.pool.size > 0
         self.handed: list[subprocess.Popen[bytes]] = []
         self._wake = asyncio.Event()
+        self.last_take = 0.0
         self._stop = asyncio.Event()
 
     async def serve(self) -> None:
@@ -228,6 +231,12 @@ class PoolServer:
                     async with asyncio.timeout(1.0):
                         await self._wake.wait()
                 continue
+            # Refill once the start that took one is likely through its
+            # CPU-bound part: the two would share the same cores.
+            quiet = self.last_take + REFILL_AFTER_S - time.monotonic()
+            if quiet > 0:
+                await asyncio.sleep(quiet)
+                continue
             try:
                 async with admission.start_slot(self.cfg):
                     sb = await self._sandbox.create(
@@ -301,6 +310,7 @@ class PoolServer:
         while sbs and c is not None:
             sb = sbs.pop(0)
             self._wake.set()
+            self.last_take = time.monotonic()
             why = self._usable(sb, c)
             if why:
                 self.log(f"pool: discarding {sb.id} ({why})")
