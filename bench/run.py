@@ -23,30 +23,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from memory import pss_kib  # bench/memory.py (the script's dir is on sys.path)
+from memory import pss_kib, tree_pss_mib  # bench/memory.py (the script dir is on sys.path)
 
 from cocoon.config import Config, load
 from cocoon.runtime.busybox import busybox_rootfs
 from cocoon.runtime.containers import ContainerStore
 from cocoon.state import gc
-
-
-def tree_pss_mib(root_pid: int) -> float:
-    """PSS of a process and all its descendants."""
-    kids: dict[int, list[int]] = {}
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                ppid = int(Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            kids.setdefault(ppid, []).append(int(name))
-    total, todo = 0, [root_pid]
-    while todo:
-        p = todo.pop()
-        total += pss_kib(p)
-        todo += kids.get(p, [])
-    return total / 1024
 
 
 def make_crun_ready() -> None:

@@ -38,7 +38,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from memory import pss_kib  # bench/memory.py (the script's dir is on sys.path)
+from memory import tree_pss_mib  # bench/memory.py (the script's dir is on sys.path)
 from oci import bundle, lifecycle, make_crun_ready  # bench/oci.py
 
 from cocoon.config import load
@@ -47,25 +47,6 @@ from cocoon.sandbox.sandbox import Sandbox, ensure_template
 
 COCOON = [sys.executable, "-m", "cocoon.cli"]
 COLD = {"COCOON_SANDBOX_TEMPLATES": "false"}
-
-
-def tree_pss_mib(root_pid: int) -> float:
-    """PSS of a process and all its descendants."""
-    kids: dict[int, list[int]] = {}
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                stat = Path(f"/proc/{name}/stat").read_text()
-                ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            kids.setdefault(ppid, []).append(int(name))
-    total, todo = 0, [root_pid]
-    while todo:
-        p = todo.pop()
-        total += pss_kib(p)
-        todo += kids.get(p, [])
-    return total / 1024
 
 
 def timed(argv: list[str], env: dict[str, str] | None = None) -> float:

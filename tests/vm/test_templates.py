@@ -229,31 +229,33 @@ def test_templates_off_boots_cold(own: Config, run: Runner, rootfs: Path) -> Non
     assert not Path(own.sandbox.template_dir).exists() or templates(own) == []
 
 
+def background(c: Config, *args: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """`cocoon ARGS` against the test root, started and left running."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "cocoon.cli", "--root", str(c.root), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, **env},
+    )
+
+
 def test_many_starts_at_once_all_succeed(cfg: Config, busybox: None) -> None:
     """Twelve runs at once through two start slots, with a boot budget a
     wall-clock judge would blow (each waits its turn, then is judged by the
     CPU its VM got): every one prints its line and exits with its own code."""
     env = {"COCOON_SANDBOX_MAX_STARTING": "2", "COCOON_HYPERVISOR_BOOT_TIMEOUT_S": "5"}
     procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "cocoon.cli",
-                "--root",
-                str(cfg.root),
-                "run",
-                "--rm",
-                "--network",
-                "none",
-                "busybox",
-                "sh",
-                "-c",
-                f"echo out-{i}; exit {i}",
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env={**os.environ, **env},
+        background(
+            cfg,
+            "run",
+            "--rm",
+            "--network",
+            "none",
+            "busybox",
+            "sh",
+            "-c",
+            f"echo out-{i}; exit {i}",
+            env=env,
         )  # fmt: skip
         for i in range(12)
     ]
@@ -265,26 +267,8 @@ def test_many_starts_at_once_all_succeed(cfg: Config, busybox: None) -> None:
 def test_concurrent_first_starts_build_the_template_once(own: Config) -> None:
     """Three starts at once with no template: one builds it under the lock, the
     others wait for it and clone it; all succeed without a warning."""
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "cocoon.cli",
-                "--root",
-                str(own.root),
-                "sandbox",
-                "run",
-                "--",
-                "echo",
-                f"run-{i}",
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env={**os.environ, **env_of(own)},
-        )  # fmt: skip
-        for i in range(3)
-    ]
+    procs = [background(own, "sandbox", "run", "--", "echo", f"run-{i}", env=env_of(own))
+             for i in range(3)]  # fmt: skip
     for i, p in enumerate(procs):
         out, err = p.communicate(timeout=240)
         assert (p.returncode, out, err) == (0, f"run-{i}\n".encode(), b"")
