@@ -316,10 +316,14 @@ class Sandbox:
                 memory_mib or cfg.hypervisor.memory_mib,
             )  # fmt: skip
             if got is not None:
-                return await cls._adopt(
-                    cfg, got, disks=list(disks), scratch=scratch, network=network,
-                    annotations=annotations or {}, timeout_s=boot_timeout_s,
-                )  # fmt: skip
+                try:
+                    return await cls._adopt(
+                        cfg, got, disks=list(disks), scratch=scratch, network=network,
+                        annotations=annotations or {}, timeout_s=boot_timeout_s,
+                    )  # fmt: skip
+                except CocoonError as e:  # a pooled sandbox is a shortcut, never a failure
+                    (warn or _warn)(f"pooled sandbox {got.sandbox_id} failed ({e}); "
+                                    "starting one from the template")  # fmt: skip
         accel_name = choose_accel(cfg)
         sdir = SandboxDir(cfg.root, sandbox_id or new_id())
         sdir.create()
