@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import dataclasses
 import os
 import shlex
@@ -77,21 +76,6 @@ def kernel_cmdline(spec: VmSpec, machine: str) -> str:
         params.append("--")
         params += [f'"{a}"' if " " in a else a for a in spec.init[1:]]
     return " ".join(params)
-
-
-PR_SET_THP_DISABLE = 41
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def no_huge_pages() -> None:
-    """No transparent huge pages for QEMU (the flag is inherited and survives exec).
-
-    QEMU asks for huge pages on its TCG translation cache: each 2 MiB the
-    generated code reaches is then resident whole, so an idle clone held its
-    entire 32 MiB cache (measured: 32 of ~117 MiB PSS). Our own process
-    loses nothing that matters by the same flag.
-    """
-    _libc.prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0)
 
 
 class QemuBackend:
@@ -191,7 +175,6 @@ class QemuBackend:
         return Launched(procs, sockets["agent"], sockets["qmp"], console)
 
     def _spawn(self, argv: list[str], log: Path, pass_fds: list[int] | None = None) -> int:
-        no_huge_pages()
         with open(log, "wb") as out:
             try:
                 p = subprocess.Popen(
