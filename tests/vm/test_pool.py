@@ -104,3 +104,25 @@ def test_starts_that_do_not_fit_restore_by_themselves(
 def test_no_server_no_pool(cfg: Config) -> None:
     r = cocoon(cfg, "pool", "ls")
     assert r.returncode == 125 and b"start `cocoon pool serve`" in r.stderr
+
+
+def test_a_killed_server_leaves_nothing_gc_cannot_clean(cfg: Config, busybox: None) -> None:
+    p = subprocess.Popen(
+        [sys.executable, "-m", "cocoon.cli", "--root", str(cfg.root), "pool", "serve",
+         "--size", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        [pooled] = wait_for(lambda: (cfg.root / "pool.sock").exists() and pool_ls(cfg))
+    finally:
+        p.kill()
+        p.wait(timeout=30)
+    # The pool's sandbox lost its owner with the server: gc reaps its VM and dir.
+    r = cocoon(cfg, "gc")
+    assert r.returncode == 0 and pooled in r.stdout.decode().split(), r.stderr
+    assert not (cfg.root / "sandboxes" / pooled).exists()
+    # A start finds the stale socket, no server behind it, and restores by itself.
+    assert (cfg.root / "pool.sock").exists()
+    r = cocoon(cfg, "run", "--rm", "--network", "none", "busybox", "echo", "ok")
+    assert (r.returncode, r.stdout, r.stderr) == (0, b"ok\n", b"")
+    (cfg.root / "pool.sock").unlink(missing_ok=True)

@@ -41,33 +41,55 @@ def check_path(path: str) -> str:
 
 def in_netns(path: str, fn: Callable[[], T]) -> T:
     """``fn()`` run by a thread inside the namespace at ``path``."""
+
+    def enter() -> None:
+        try:
+            target = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise NetworkError(f"network namespace {path}: {e.strerror}") from None
+        try:
+            if _libc.setns(target, CLONE_NEWNET) != 0:
+                err = ctypes.get_errno()
+                raise NetworkError(f"cannot enter network namespace {path}: {os.strerror(err)}")
+        finally:
+            os.close(target)
+
+    return _on_own_thread(enter, fn)
+
+
+def in_new_netns(fn: Callable[[], T]) -> T:
+    """``fn()`` run by a thread in a network namespace made for it (it lives on
+    only as long as something made in it, a tap's fd say, holds it)."""
+
+    def enter() -> None:
+        if _libc.unshare(CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise NetworkError(f"cannot make a network namespace: {os.strerror(err)}")
+
+    return _on_own_thread(enter, fn)
+
+
+def _on_own_thread(enter: Callable[[], None], fn: Callable[[], T]) -> T:
+    """``enter()`` then ``fn()`` on a short-lived thread, which goes back to the
+    host's namespace before it ends; the result or error is handed back."""
     out: dict[str, Any] = {}
 
     def body() -> None:
         try:
             home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-            target = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as e:
-            out["error"] = NetworkError(f"network namespace {path}: {e.strerror}")
+            out["error"] = NetworkError(f"cannot open this thread's namespace: {e.strerror}")
             return
         try:
-            if _libc.setns(target, CLONE_NEWNET) != 0:
-                err = ctypes.get_errno()
-                out["error"] = NetworkError(
-                    f"cannot enter network namespace {path}: {os.strerror(err)}"
-                )
-                return
-            try:
-                out["value"] = fn()
-            except BaseException as e:  # handed to the caller's thread
-                out["error"] = e
-            finally:
-                if _libc.setns(home, CLONE_NEWNET) != 0:
-                    # A thread stuck in a foreign namespace must not live on.
-                    os._exit(70)
+            enter()
+            out["value"] = fn()
+        except BaseException as e:  # handed to the caller's thread
+            out["error"] = e
         finally:
+            if _libc.setns(home, CLONE_NEWNET) != 0:
+                # A thread stuck in a foreign namespace must not live on.
+                os._exit(70)
             os.close(home)
-            os.close(target)
 
     t = threading.Thread(target=body, name="netns")
     t.start()

@@ -25,20 +25,18 @@ by ``unplumb``.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import fcntl
 import os
 import re
 import struct
 import subprocess
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cocoon.errors import NetworkError
-from cocoon.network.netns import CLONE_NEWNET, Link, Neighbor, NetNs, Route, _libc, in_netns
+from cocoon.network.netns import Link, Neighbor, NetNs, Route, in_netns, in_new_netns
 
 TUNSETIFF = 0x400454CA
 IFF_TAP = 0x0002
@@ -117,38 +115,19 @@ def throwaway_taps(count: int) -> list[int]:
     real tap has, or the guest negotiates a NIC without them and every clone
     inherits that. The namespace lives as long as the fds: QEMU's exit ends it.
     """
-    out: dict[str, Any] = {}
 
-    def body() -> None:
-        home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    def open_all() -> list[int]:
+        fds: list[int] = []
         try:
-            if _libc.unshare(CLONE_NEWNET) != 0:
-                out["error"] = NetworkError(
-                    f"cannot make a network namespace: {os.strerror(ctypes.get_errno())}"
-                )
-                return
-            fds: list[int] = []
-            try:
-                for i in range(count):
-                    fds.append(_open_tap(f"tpl{i}"))
-            except BaseException as e:
-                for fd in fds:
-                    os.close(fd)
-                out["error"] = e
-            else:
-                out["fds"] = fds
-            finally:
-                if _libc.setns(home, CLONE_NEWNET) != 0:
-                    os._exit(70)  # a thread stuck in a foreign namespace must not live on
-        finally:
-            os.close(home)
+            for i in range(count):
+                fds.append(_open_tap(f"tpl{i}"))
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        return fds
 
-    t = threading.Thread(target=body, name="netns")
-    t.start()
-    t.join()
-    if "error" in out:
-        raise out["error"]
-    return list(out["fds"])
+    return in_new_netns(open_all)
 
 
 def _macvtap_devnum(ns: NetNs, name: str) -> tuple[int, int]:

@@ -243,7 +243,8 @@ def cpuset_size(cpus: object) -> int:
 @dataclass
 class MemberPlan:
     """A pod member: its rootfs and binds are bind-mounted on the host under
-    the pod's shared dir (which propagates into the running VM's virtio-fs)."""
+    the pod's shared dir (which propagates into the running VM's share: virtio-fs,
+    or 9p when the pod's sandbox is a template clone)."""
 
     plan: BundlePlan
     binds: list[Bind]  # the rootfs first
