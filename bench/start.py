@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from memory import tree_pss_mib  # bench/memory.py (the script's dir is on sys.path)
-from oci import bundle, lifecycle, make_crun_ready  # bench/oci.py
+from oci import bundle, installed, lifecycle, make_crun_ready  # bench/oci.py
 
 from cocoon.config import load
 from cocoon.runtime.busybox import busybox_rootfs
@@ -113,7 +113,7 @@ def main() -> None:
     cfg = load()
     cfg.root_dir = str(root / "cocoon")
     coc = [*COCOON, "--root", cfg.root_dir]
-    ocirt = shutil.which("cocoon-runtime") or "cocoon-runtime"
+    ocirt = installed("cocoon-runtime")
     rootfs = busybox_rootfs(cfg)
     pod = ["podman", "--root", str(work / "ps"), "--runroot", str(work / "pr"),
            "--storage-driver", "vfs", "--cgroup-manager", "cgroupfs",

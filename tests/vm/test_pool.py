@@ -49,6 +49,8 @@ def server(cfg: Config) -> Iterator[subprocess.Popen[bytes]]:
         _, err = p.communicate(timeout=60)
         print(err.decode(errors="replace")[-3000:])
     assert p.returncode == 0
+    # Every pooled sandbox ran its warm-up container and cleaned up after it.
+    assert b"warm-up failed" not in err and b"did not go quiet" not in err
 
 
 def test_a_start_takes_a_pooled_sandbox_once_and_the_pool_refills(
