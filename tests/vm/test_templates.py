@@ -159,9 +159,18 @@ def _garbage_with_good_digest(t: Path) -> None:
     (t / "meta.json").write_text(json.dumps(meta))
 
 
+def _input_changed(t: Path) -> None:
+    """As if the image had been rebuilt since (another inode, size or mtime)."""
+    meta = json.loads((t / "meta.json").read_bytes())
+    image = meta["inputs"][2]
+    meta["stamps"][image] = "1:2:3"
+    (t / "meta.json").write_text(json.dumps(meta))
+
+
 @pytest.mark.parametrize(
     "spoil, said",
     [
+        (_input_changed, "changed since (stale)"),
         (_corrupt_state, "does not match its digest"),
         (_truncate_ram, "truncated"),
         (_garbage_with_good_digest, "failed to restore"),
@@ -180,6 +189,17 @@ def test_a_bad_template_costs_one_warning_and_a_cold_boot(
     r = cocoon(own, "sandbox", "run", "--", "echo", "again", env=env_of(own))
     assert (r.returncode, r.stdout, r.stderr) == (0, b"again\n", b"")
     assert [t["problem"] for t in templates(own)] == [""]
+
+
+def test_gc_removes_templates_nothing_can_use_again(own: Config) -> None:
+    """A template whose QEMU, kernel or image changed since can never be chosen
+    (its key is no one's now) and holds hundreds of MiB: gc removes it."""
+    tdir = Path(own.sandbox.template_dir)
+    good = ok(cocoon(own, "template", "build", env=env_of(own))).strip()
+    stale = ok(cocoon(own, "template", "build", "--memory", "192", env=env_of(own))).strip()
+    _input_changed(tdir / stale)
+    assert ok(cocoon(own, "gc", env=env_of(own))).split() == [stale]
+    assert sorted(p.name for p in tdir.iterdir() if not p.name.startswith(".")) == [good]
 
 
 def vms(c: Config) -> set[str]:

@@ -9,6 +9,7 @@ name to be chosen by ``hypervisor.backend`` in the configuration.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -147,3 +148,13 @@ class Hypervisor(Protocol):
 
 class RecordFn(Protocol):
     def __call__(self, name: str, pid: int) -> None: ...
+
+
+def file_stamp(path: str | Path) -> str:
+    """Which file this is and which version of it (inode, size, mtime): a
+    rebuilt kernel or image, or an upgraded QEMU, has another stamp."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return "missing"
+    return f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"

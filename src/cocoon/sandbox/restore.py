@@ -19,7 +19,7 @@ from pathlib import Path
 
 from cocoon.config import Config
 from cocoon.errors import TemplateError
-from cocoon.hypervisor.base import Layout, Nic, TemplateMemory, VmSpec
+from cocoon.hypervisor.base import Layout, Nic, TemplateMemory, VmSpec, file_stamp
 from cocoon.hypervisor.qemu.backend import QemuBackend
 from cocoon.network.plumb import throwaway_taps
 from cocoon.sandbox import template
@@ -73,8 +73,8 @@ def clone_spec(spec: VmSpec, ram: Path, state_empty: Path) -> VmSpec:
     )
 
 
-def template_meta(cfg: Config, spec: VmSpec) -> dict[str, object]:
-    inputs = [str(spec.kernel), str(spec.image)] + ([str(spec.initrd)] if spec.initrd else [])
+def template_meta(cfg: Config, backend: QemuBackend, spec: VmSpec) -> dict[str, object]:
+    inputs = backend.machine_files(spec)
     return {
         "vcpus": spec.vcpus,
         "memory_mib": spec.memory_mib,
@@ -82,6 +82,9 @@ def template_meta(cfg: Config, spec: VmSpec) -> dict[str, object]:
         "accel": spec.accel,
         "machine": cfg.hypervisor.machine,
         "inputs": inputs,
+        # What the key hashed them as: a template whose inputs changed since
+        # can never be chosen again, and `cocoon gc` removes it.
+        "stamps": {f: file_stamp(f) for f in inputs},
     }
 
 
@@ -161,4 +164,5 @@ async def obtain(
     async def build_it(work: Path) -> None:
         await build(cfg, backend, tshape, work, timeout_s)
 
-    return await template.obtain(cfg, key, template_meta(cfg, tshape), build_it, built=built)
+    meta = template_meta(cfg, backend, tshape)
+    return await template.obtain(cfg, key, meta, build_it, built=built)

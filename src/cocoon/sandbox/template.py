@@ -39,6 +39,7 @@ from typing import Any
 from cocoon import __version__
 from cocoon.config import Config
 from cocoon.errors import StateError, TemplateError
+from cocoon.hypervisor.base import file_stamp
 from cocoon.protocol.messages import PROTOCOL_VERSION
 from cocoon.util.fs import atomic_write, fsync_dir, locked_file
 
@@ -110,9 +111,15 @@ def check(t: Template) -> None:
                             f"{m.get('memory_mib')} MiB (truncated?)")  # fmt: skip
     if state_size != m.get("state_bytes") or _digest(t.state) != m.get("state_sha256"):
         raise TemplateError(f"template {t.key}: device state does not match its digest")
-    for name in m.get("inputs", []):
-        if not os.path.exists(name):
+    stamps = m.get("stamps")
+    if not isinstance(stamps, dict):
+        raise TemplateError(f"template {t.key}: made by an older cocoon (stale)")
+    for name, stamp in stamps.items():
+        now = file_stamp(name)
+        if now == "missing":
             raise TemplateError(f"template {t.key}: {name} is gone (stale)")
+        if now != stamp:
+            raise TemplateError(f"template {t.key}: {name} changed since (stale)")
     if not t.empty.is_dir():
         raise TemplateError(f"template {t.key}: its empty share dir is missing")
 
@@ -195,19 +202,32 @@ def discard(cfg: Config, key: str) -> None:
 
 
 def sweep(cfg: Config) -> list[str]:
-    """Remove build dirs that no live build holds (a builder killed half-way)."""
+    """Remove build dirs that no live build holds (a builder killed half-way),
+    and published templates that can never be used again: stale (QEMU, kernel
+    or image changed since: their key is no longer anyone's) or broken."""
     d = templates_dir(cfg)
     removed: list[str] = []
     if not d.is_dir():
         return removed
     for p in d.iterdir():
         if not p.name.startswith(BUILD_PREFIX):
+            if not p.name.startswith(".") and p.is_dir() and _unusable(cfg, p.name):
+                discard(cfg, p.name)
+                if not p.exists():
+                    removed.append(p.name)
             continue
         key = p.name[len(BUILD_PREFIX) :].split("-", 1)[0]
         with contextlib.suppress(StateError), locked_file(_lock_path(cfg, key), 0.0, "busy"):
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p.name)
     return removed
+
+
+def _unusable(cfg: Config, key: str) -> bool:
+    try:
+        return read(cfg, key) is None
+    except TemplateError:
+        return True
 
 
 #: Boots a template VM whose RAM file lives in the given build dir, and writes

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from cocoon.config import HypervisorConfig
 from cocoon.errors import HypervisorError
-from cocoon.hypervisor.base import Launched, Nic, RecordFn, TemplateMemory, VmSpec
+from cocoon.hypervisor.base import Launched, Nic, RecordFn, TemplateMemory, VmSpec, file_stamp
 from cocoon.hypervisor.qemu import cmdline
 from cocoon.hypervisor.qemu.qmp import Qmp
 from cocoon.util.proc import alive, start_time
@@ -107,21 +107,14 @@ class QemuBackend:
             tb_size_mib=self.cfg.tcg_tb_size_mib,
             tcg_cpu=self.cfg.tcg_cpu,
         )
-        files: list[str | Path] = [
-            shutil.which(self.cfg.qemu_binary) or self.cfg.qemu_binary,
-            spec.kernel,
-            spec.image,
-        ]
-        if spec.initrd is not None:
-            files.append(spec.initrd)
-        stamps = []
-        for f in files:
-            try:
-                st = os.stat(f)
-                stamps.append(f"{f}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}")
-            except OSError:
-                stamps.append(f"{f}:missing")
+        stamps = [f"{f}:{file_stamp(f)}" for f in self.machine_files(spec)]
         return "\0".join([*argv, *stamps])
+
+    def machine_files(self, spec: VmSpec) -> list[str]:
+        """The files a saved VM of ``spec`` was made from: QEMU, kernel, image."""
+        files = [shutil.which(self.cfg.qemu_binary) or self.cfg.qemu_binary,
+                 str(spec.kernel), str(spec.image)]  # fmt: skip
+        return files + ([str(spec.initrd)] if spec.initrd is not None else [])
 
     def launch(self, spec: VmSpec, record: RecordFn) -> Launched:
         wd = spec.workdir
