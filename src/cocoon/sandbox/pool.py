@@ -302,6 +302,9 @@ class PoolServer:
                 await sb.destroy()
                 await asyncio.sleep(RETRY_S)
                 continue
+            except BaseException:  # stopped mid-warm-up: it is in no list yet
+                await asyncio.shield(sb.destroy())
+                raise
             sbs.append(sb)
 
     async def _reap(self) -> None:
