@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from cocoon.hypervisor.jail import Jail
+
 
 @dataclass(frozen=True)
 class Disk:
@@ -40,6 +42,8 @@ class Nic:
     mac: str
     fd: int
     vhost: bool = False
+    #: /dev/vhost-net opened for a jailed QEMU (it cannot open it itself).
+    vhost_fd: int = -1
 
 
 @dataclass(frozen=True)
@@ -119,6 +123,8 @@ class VmSpec:
     #: Guest RAM from a template file; with saving=False QEMU waits for the
     #: device state (``-incoming defer``, then the backend's ``restore``).
     template: TemplateMemory | None = None
+    #: Run the VMM jailed as this uid/gid (hypervisor.jail); None: as we run.
+    jail: Jail | None = None
 
 
 AGENT_VSOCK_PORT = 1024

@@ -19,7 +19,9 @@ from pathlib import Path
 
 from cocoon.config import Config
 from cocoon.errors import TemplateError
+from cocoon.hypervisor import jail
 from cocoon.hypervisor.base import Layout, Nic, TemplateMemory, VmSpec, file_stamp
+from cocoon.hypervisor.jail import Jail
 from cocoon.hypervisor.qemu.backend import QemuBackend
 from cocoon.network.plumb import throwaway_taps
 from cocoon.sandbox import template
@@ -52,9 +54,11 @@ def unfit(cfg: Config, spec: VmSpec) -> str:
 
 
 def shape(spec: VmSpec) -> VmSpec:
-    """The template VM for ``spec``: same machine, every slot empty."""
+    """The template VM for ``spec``: same machine, every slot empty (and its
+    builder's own jail, if any: see build)."""
     return dataclasses.replace(
         spec,
+        jail=None,
         disks=[],
         shares=[],
         nics=[Nic(template_mac(i), -1, n.vhost) for i, n in enumerate(spec.nics)],
@@ -104,6 +108,7 @@ async def build(
     st = SandboxState(id=sdir.id, hypervisor=backend.name, accel=tshape.accel,
                       annotations={"cocoon.template": work.name})  # fmt: skip
     sdir.write(st)
+    jailed = jail_for(cfg, sdir, st)
 
     def record(name: str, pid: int) -> None:
         st.processes[name] = ProcessRecord(pid, start_time(pid))
@@ -120,6 +125,7 @@ async def build(
             workdir=sdir.path,
             nics=[Nic(n.mac, fd, n.vhost) for n, fd in zip(tshape.nics, fds, strict=True)],
             template=TemplateMemory(work / "ram", True, work / "empty"),
+            jail=jailed,
         )
         deadline = time.monotonic() + timeout_s
         launched = backend.launch(spec, record)
@@ -147,7 +153,20 @@ async def build(
             with contextlib.suppress(OSError):
                 os.close(fd)
         shutil.rmtree(sdir.path, ignore_errors=True)  # sockets and logs only: nothing mounted
+        if jailed is not None:
+            jail.release(cfg.root, jailed.uid, sdir.id)
         sdir.release_ownership()
+
+
+def jail_for(cfg: Config, sdir: SandboxDir, st: SandboxState) -> Jail | None:
+    """A uid of its own for the sandbox's VMM, recorded in its state before
+    use (gc finds it after a crash); None when jails are off."""
+    if not cfg.security.jail:
+        return None
+    sec = cfg.security
+    st.jail_uid = jail.allocate(cfg.root, sdir.id, sec.uid_base, sec.uid_count)
+    sdir.write(st)
+    return Jail(st.jail_uid, st.jail_uid, cfg.root)
 
 
 async def obtain(

@@ -29,7 +29,7 @@ from cocoon import network as net
 from cocoon.config import Config
 from cocoon.errors import CocoonError, GuestError, HypervisorError, SandboxError, TemplateError
 from cocoon.guestassets.cache import resolve
-from cocoon.hypervisor import accel
+from cocoon.hypervisor import accel, jail
 from cocoon.hypervisor.base import AGENT_VSOCK_PORT, Disk, Launched, Layout, Nic, Share, VmSpec
 from cocoon.hypervisor.qemu.backend import QemuBackend
 from cocoon.hypervisor.qemu.cmdline import slot_serial
@@ -363,6 +363,14 @@ class Sandbox:
             nics=list(attached.nics) if attached else [],
             init=init,
         )
+        if not shares:  # host directories reach a jailed VMM in a later step
+            try:
+                spec.jail = restore.jail_for(cfg, sdir, st)
+            except BaseException:
+                if attached is not None:
+                    attached.close_fds()
+                await sb.destroy()
+                raise
         timeout = boot_timeout_s or cfg.hypervisor.boot_timeout_s
         try:
             try:
@@ -652,7 +660,7 @@ class Sandbox:
         if self.launched is not None:
             await self.backend.stop(self.launched, grace_s=3.0)
         try:
-            release_host(self.state)
+            release_host(self.state, self.cfg.root)
             remove_dir(self.dir.path)
         finally:
             self.dir.release_ownership()
@@ -828,12 +836,14 @@ class Sandbox:
         return (await self.call(messages.Top(container_id), messages.TopReply)).processes
 
 
-def release_host(st: SandboxState) -> None:
+def release_host(st: SandboxState, root: Path) -> None:
     """Delete what the sandbox made on the host outside its state dir (VM already gone)."""
     if st.scratch_dir:
         scratch_files.remove_dir(Path(st.scratch_dir))
     if st.network:
         net.release(st.network, st.id)
+    if st.jail_uid:
+        jail.release(root, st.jail_uid, st.id)
 
 
 def _unescape_mountinfo(field: str) -> str:

@@ -277,6 +277,7 @@ async def obtain(
                     os.fsync(fd)
                 finally:
                     os.close(fd)
+                os.chown(f, 0, 0)  # a jailed builder wrote the RAM file as its own uid
                 os.chmod(f, 0o400)
             full = {
                 **meta,

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cocoon.errors import CocoonError
+from cocoon.hypervisor import jail
 from cocoon.sandbox.sandbox import release_host, remove_dir
 from cocoon.state.store import SandboxDir, list_ids
 from cocoon.storage import scratch
@@ -120,7 +121,9 @@ def reap(
             pids += [p for p, s in naming.items() if s == sid]
             _kill_and_wait(sorted(set(pids)))
             if st is not None:
-                release_host(st)
+                release_host(st, root)
             remove_dir(sdir.path)
         reaped.append(sid)
+    if only is None:  # uids of sandboxes whose every trace is gone (a crash mid-create)
+        jail.sweep(root, set(list_ids(root)))
     return reaped

@@ -56,6 +56,8 @@ class SandboxState:
     network: dict[str, Any] = field(default_factory=dict)
     #: The template this sandbox was restored from ("" = booted its own kernel).
     template: str = ""
+    #: The uid (and gid) its jailed VMM runs as (0 = not jailed); see hypervisor.jail.
+    jail_uid: int = 0
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), indent=1, sort_keys=True).encode()

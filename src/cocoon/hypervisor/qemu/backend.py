@@ -6,9 +6,9 @@ import asyncio
 import contextlib
 import dataclasses
 import os
-import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -17,11 +17,15 @@ from pathlib import Path
 from cocoon.config import HypervisorConfig
 from cocoon.errors import HypervisorError
 from cocoon.hypervisor.base import Launched, Nic, RecordFn, TemplateMemory, VmSpec, file_stamp
+from cocoon.hypervisor.jail import SECCOMP, Plan, give
 from cocoon.hypervisor.qemu import cmdline
 from cocoon.hypervisor.qemu.qmp import Qmp
+from cocoon.hypervisor.sealed import template_ram_fd
 from cocoon.util.proc import alive, start_time
 
 SOCKET_WAIT_S = 5.0
+#: fdset ids of the disks given to a running VM's slots (QMP add-fd).
+FDSET_BASE = 100
 _IGNORE_SHARED = {"capabilities": [{"capability": "x-ignore-shared", "state": True}]}
 #: Runs virtiofsd on a host-enforced read-only view of a share (see its docstring).
 ROSHARE = Path(__file__).with_name("roshare.py")
@@ -45,6 +49,22 @@ def host_tsc_khz() -> int | None:
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def _opened(stack: contextlib.ExitStack, path: str, flags: int) -> int:
+    try:
+        fd = os.open(path, flags | os.O_CLOEXEC)
+    except OSError as e:
+        raise HypervisorError(f"cannot open {path} for a jailed QEMU: {e.strerror}") from None
+    stack.callback(os.close, fd)
+    return fd
+
+
+def _mem_fd(spec: VmSpec) -> int:
+    t = spec.template
+    if t is None or not str(t.path).startswith("/proc/self/fd/"):
+        return -1
+    return int(str(t.path).rsplit("/", 1)[1])
 
 
 def kernel_cmdline(spec: VmSpec, machine: str) -> str:
@@ -146,26 +166,119 @@ class QemuBackend:
                     self._wait_socket(
                         sockets[f"virtiofsd{i}"], procs[f"virtiofsd{i}"], f"virtiofsd{i}"
                     )
-            argv = cmdline.build(
-                spec,
-                qemu=self.cfg.qemu_binary,
-                machine=self.cfg.machine,
-                cmdline=kernel_cmdline(spec, self.cfg.machine),
-                sockets=sockets,
-                console_log=console,
-                tb_size_mib=self.cfg.tcg_tb_size_mib,
-                tcg_cpu=self.cfg.tcg_cpu,
-            )
-            (wd / "qemu.argv").write_text("\0".join(argv))
-            pid = self._spawn(argv, wd / "qemu.log", pass_fds=[n.fd for n in spec.nics])
-            procs["qemu"] = pid
-            record("qemu", pid)
-            self._wait_socket(sockets["qmp"], pid, "QEMU")
+            qemu = shutil.which(self.cfg.qemu_binary) or self.cfg.qemu_binary
+            with contextlib.ExitStack() as opened:
+                fds: dict[str, int] = {}
+                jail = None
+                if spec.jail is not None:
+                    spec, jail = self.jail_plan(spec, sockets, console, fds, opened)
+                argv = cmdline.build(
+                    spec,
+                    qemu=qemu,
+                    machine=self.cfg.machine,
+                    cmdline=kernel_cmdline(spec, self.cfg.machine),
+                    sockets=sockets,
+                    console_log=console,
+                    tb_size_mib=self.cfg.tcg_tb_size_mib,
+                    tcg_cpu=self.cfg.tcg_cpu,
+                    socket_fds=fds,
+                )
+                (wd / "qemu.argv").write_text("\0".join(argv))
+                passed = (
+                    [n.fd for n in spec.nics]
+                    + [n.vhost_fd for n in spec.nics if n.vhost_fd >= 0]
+                    + list(fds.values())
+                )
+                if jail is not None:
+                    argv = jail.argv([*argv, "-sandbox", SECCOMP])
+                    passed += [fd for fd in [_mem_fd(spec)] if fd >= 0]
+                pid = self._spawn(argv, wd / "qemu.log", pass_fds=passed)
+                procs["qemu"] = pid
+                record("qemu", pid)
+            if jail is not None:
+                self._wait_exec(pid, qemu, wd)
+            else:
+                self._wait_socket(sockets["qmp"], pid, "QEMU")
         except BaseException:
             for pid in procs.values():
                 self._kill(pid)
             raise
         return Launched(procs, sockets["agent"], sockets["qmp"], console)
+
+    def jail_plan(
+        self,
+        spec: VmSpec,
+        sockets: dict[str, Path],
+        console: Path,
+        fds: dict[str, int],
+        opened: contextlib.ExitStack,
+    ) -> tuple[VmSpec, Plan]:
+        """What a jailed QEMU is given instead of opening it: its listening
+        sockets, vhost devices and template RAM as fds; its files bound at
+        their own paths in a root of their own (hypervisor.jail)."""
+        jail = spec.jail
+        assert jail is not None
+        if spec.shares:
+            raise HypervisorError("a jailed VM cannot have host shares yet")
+        wd = spec.workdir
+        (wd / "jail").mkdir(mode=0o755, exist_ok=True)
+        plan = Plan(jail.uid, jail.gid, wd / "jail", kvm=spec.accel == "kvm")
+        for name in ("qmp", "agent"):
+            if name == "agent" and spec.channel == "vsock":
+                continue
+            s = opened.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+            sockets[name].unlink(missing_ok=True)
+            s.bind(str(sockets[name]))
+            s.listen(8)
+            fds[name] = s.fileno()
+        if spec.channel == "vsock":
+            fds["vsock"] = _opened(opened, "/dev/vhost-vsock", os.O_RDWR)
+        console.touch(mode=0o600)
+        give(console, jail)  # the guest's console, written by QEMU
+        plan.rw.append(str(console))
+        plan.ro += [str(spec.kernel), str(spec.image)]
+        if spec.initrd is not None:
+            plan.ro.append(str(spec.initrd))
+        for d in spec.disks:
+            if not d.readonly:
+                give(d.path, jail)
+            (plan.ro if d.readonly else plan.rw).append(str(d.path))
+        nics = []
+        for n in spec.nics:
+            vfd = _opened(opened, "/dev/vhost-net", os.O_RDWR) if n.vhost else -1
+            nics.append(dataclasses.replace(n, vhost_fd=vfd))
+        spec = dataclasses.replace(spec, nics=nics)
+        t = spec.template
+        if t is not None:
+            plan.ro.append(str(t.empty_dir))
+            if t.saving:  # the template's builder writes the RAM file, nothing else
+                t.path.touch(mode=0o600)
+                give(t.path, jail)
+                plan.rw.append(str(t.path))
+            else:  # a clone maps a sealed copy: it can write no page of anyone's
+                mem = template_ram_fd(jail.state_root, t.path)
+                opened.callback(os.close, mem)
+                spec = dataclasses.replace(
+                    spec, template=dataclasses.replace(t, path=Path(f"/proc/self/fd/{mem}"))
+                )
+        return spec, plan
+
+    def _wait_exec(self, pid: int, qemu: str, wd: Path) -> None:
+        """Until the jailer has become QEMU (its sockets already exist: ours)."""
+        deadline = time.monotonic() + SOCKET_WAIT_S
+        real = os.path.realpath(qemu)
+        while True:
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/{pid}/exe") == real:
+                    return
+            if self._exited(pid):
+                tail = ""
+                with contextlib.suppress(OSError, IndexError):
+                    tail = (wd / "qemu.log").read_text(errors="replace").strip().splitlines()[-1]
+                raise HypervisorError(f"jailed QEMU exited at start: {tail[:300] or 'no output'}")
+            if time.monotonic() > deadline:
+                raise HypervisorError(f"the jailer did not start QEMU within {SOCKET_WAIT_S:g} s")
+            time.sleep(0.002)
 
     def _spawn(self, argv: list[str], log: Path, pass_fds: list[int] | None = None) -> int:
         with open(log, "wb") as out:
@@ -212,7 +325,13 @@ class QemuBackend:
         q = await Qmp.connect(launched.control_socket)
         try:
             await q.execute("migrate-set-capabilities", _IGNORE_SHARED)
-            await q.execute("migrate", {"uri": "exec:cat > " + shlex.quote(str(state))})
+            # An fd, not exec: a QEMU under seccomp's spawn=deny cannot run cat.
+            fd = os.open(state, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                await q.execute("getfd", {"fdname": "tplstate"}, fds=[fd])
+            finally:
+                os.close(fd)
+            await q.execute("migrate", {"uri": "fd:tplstate"})
             await self._migration_done(q, launched, timeout_s, "saving the template")
         finally:
             q.close()
@@ -223,7 +342,12 @@ class QemuBackend:
         q = await Qmp.connect(launched.control_socket)
         try:
             await q.execute("migrate-set-capabilities", _IGNORE_SHARED)
-            await q.execute("migrate-incoming", {"uri": "exec:cat " + shlex.quote(str(state))})
+            fd = os.open(state, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                await q.execute("getfd", {"fdname": "tplstate"}, fds=[fd])
+            finally:
+                os.close(fd)
+            await q.execute("migrate-incoming", {"uri": "fd:tplstate"})
             deadline = time.monotonic() + timeout_s
             while True:
                 status = (await q.execute("query-status"))["status"]
@@ -257,7 +381,14 @@ class QemuBackend:
         node = f"disk{slot}"
         q = await Qmp.connect(launched.control_socket)
         try:
-            new = {"driver": "file", "node-name": f"{node}-att", "filename": str(path),
+            # As an fd: a jailed QEMU could not open the path (nor see it).
+            fd = os.open(path, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC)
+            try:
+                added = await q.execute("add-fd", {"fdset-id": FDSET_BASE + slot}, fds=[fd])
+            finally:
+                os.close(fd)
+            fdset = f"/dev/fdset/{added['fdset-id']}"
+            new = {"driver": "file", "node-name": f"{node}-att", "filename": fdset,
                    "read-only": readonly}  # fmt: skip
             await q.execute("blockdev-add", new)
             await q.execute("blockdev-reopen", {"options": [

@@ -114,7 +114,9 @@ def _9p(i: int, tag: str, path: Path, readonly: bool, bus: str) -> list[str]:
     ]
 
 
-def _devices(spec: VmSpec, machine: Machine, sockets: dict[str, Path]) -> Iterable[list[str]]:
+def _devices(
+    spec: VmSpec, machine: Machine, sockets: dict[str, Path], fds: dict[str, int]
+) -> Iterable[list[str]]:
     bus = machine.bus_suffix()
     layout = spec.layout
     yield [
@@ -129,7 +131,8 @@ def _devices(spec: VmSpec, machine: Machine, sockets: dict[str, Path]) -> Iterab
         for i, d in enumerate(spec.disks):
             yield _disk(i, d, bus)
     if spec.channel == "vsock":
-        yield ["-device", opts(f"vhost-vsock-{bus}", guest_cid=spec.vsock_cid)]
+        yield ["-device", opts(f"vhost-vsock-{bus}", guest_cid=spec.vsock_cid,
+                               vhostfd=fds.get("vsock"))]  # fmt: skip
     else:
         yield [
             "-device",
@@ -137,14 +140,22 @@ def _devices(spec: VmSpec, machine: Machine, sockets: dict[str, Path]) -> Iterab
             # memory with receive buffers.
             opts(f"virtio-serial-{bus}", {"max_ports": 2}),
             "-chardev",
-            opts("socket", id="agent", path=sockets["agent"], server=True, wait=False),
+            opts("socket", id="agent", server=True, wait=False, fd=fds["agent"])
+            if "agent" in fds
+            else opts("socket", id="agent", path=sockets["agent"], server=True, wait=False),
             "-device",
             opts("virtserialport", chardev="agent", name="cocoon.agent"),
         ]
     for i, nic in enumerate(spec.nics):
         yield [
             "-netdev",
-            opts("tap", id=f"net{i}", fd=nic.fd, vhost=nic.vhost),
+            opts(
+                "tap",
+                id=f"net{i}",
+                fd=nic.fd,
+                vhost=nic.vhost,
+                vhostfd=nic.vhost_fd if nic.vhost_fd >= 0 else None,
+            ),  # fmt: skip
             "-device",
             opts(f"virtio-net-{bus}", netdev=f"net{i}", mac=nic.mac),
         ]
@@ -186,7 +197,12 @@ def build(
     console_log: Path,
     tb_size_mib: int,
     tcg_cpu: str = "max",
+    socket_fds: dict[str, int] | None = None,
 ) -> list[str]:
+    """QEMU's argv for ``spec``. ``socket_fds`` (by name: qmp, agent, vsock)
+    are sockets and devices opened for QEMU, used instead of paths it would
+    open itself: a jailed QEMU can neither create nor open them."""
+    socket_fds = socket_fds or {}
     m = Machine(machine)
     # Always memfd: virtio-fs needs shared memory anyway, and anonymous guest RAM gets
     # transparent huge pages, so every touched 4 KiB costs the host 2 MiB: measured
@@ -226,7 +242,12 @@ def build(
     if spec.initrd is not None:
         argv += ["-initrd", str(spec.initrd)]
     argv += ["-chardev", opts("file", id="console", path=console_log), "-serial", "chardev:console"]
-    argv += ["-qmp", opts("unix:" + str(sockets["qmp"]), server=True, wait=False)]
-    for dev in _devices(spec, m, sockets):
+    if "qmp" in socket_fds:  # a jailed QEMU gets its listening sockets made
+        argv += ["-chardev", opts("socket", id="qmp", fd=socket_fds["qmp"], server=True,
+                                  wait=False),
+                 "-mon", "chardev=qmp,mode=control"]  # fmt: skip
+    else:
+        argv += ["-qmp", opts("unix:" + str(sockets["qmp"]), server=True, wait=False)]
+    for dev in _devices(spec, m, sockets, socket_fds):
         argv += dev
     return argv

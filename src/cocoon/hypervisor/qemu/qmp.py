@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -46,14 +48,28 @@ class Qmp:
         return obj
 
     async def execute(
-        self, cmd: str, args: dict[str, Any] | None = None, timeout_s: float = 5.0
+        self,
+        cmd: str,
+        args: dict[str, Any] | None = None,
+        timeout_s: float = 5.0,
+        fds: list[int] | None = None,
     ) -> Any:
+        """Run ``cmd``; ``fds`` go with it over SCM_RIGHTS (getfd, add-fd)."""
         msg: dict[str, Any] = {"execute": cmd}
         if args:
             msg["arguments"] = args
+        line = json.dumps(msg).encode() + b"\n"
         async with self._lock, asyncio.timeout(timeout_s):
-            self._writer.write(json.dumps(msg).encode() + b"\n")
-            await self._writer.drain()
+            if fds:
+                await self._writer.drain()  # nothing of ours queued ahead of it
+                # asyncio's transport socket has no sendmsg: a plain one on a dup
+                # (a fresh line always fits the socket's buffer).
+                sock = self._writer.get_extra_info("socket")
+                with socket.socket(fileno=os.dup(sock.fileno())) as plain:
+                    socket.send_fds(plain, [line], fds)
+            else:
+                self._writer.write(line)
+                await self._writer.drain()
             while True:
                 obj = await self._read()
                 if "event" in obj:

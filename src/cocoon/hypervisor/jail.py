@@ -1,0 +1,148 @@
+"""Jailed VMMs: one unprivileged uid per sandbox, and the plan the jailer follows.
+
+A VMM is the door in the VM's wall: a guest that exploits a device-emulation
+bug lands in QEMU. Jailed, what it finds there is a process of a uid no other
+sandbox has, with no capabilities, no way to gain any (no_new_privs), QEMU's
+seccomp sandbox (no exec, no privilege change, no resource control), a root
+holding only its own VM's files, no network (its taps arrive as fds), and a
+/proc that shows only itself.
+
+uids are handed out from ``security.uid_base`` up, one file per uid under
+``<root>/jail/uids/`` naming its sandbox (created with O_EXCL under a lock):
+recorded in the sandbox's state before QEMU starts, removed when the sandbox
+is destroyed, and by ``cocoon gc`` for sandboxes that no longer exist.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cocoon.errors import HypervisorError
+from cocoon.util.fs import locked_file
+
+JAILER = Path(__file__).with_name("jailer.py")
+#: Paths every QEMU needs: its binary, libraries and firmware, read-only.
+SYSTEM_RO = ["/usr", "/etc/ld.so.cache"]
+#: Debian's merged /usr: these are symlinks into /usr on the host and in the jail.
+SYSTEM_LINKS = ["/bin", "/sbin", "/lib", "/lib64"]
+#: QEMU's own seccomp filter, everything but the basics denied.
+SECCOMP = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+#: Open files: disks, sockets, eventfds (two per virtqueue with vhost).
+NOFILE = 4096
+#: Processes and threads of the jail's uid (a vCPU thread each, I/O workers).
+NPROC = 512
+
+
+@dataclass(frozen=True)
+class Jail:
+    """Who a jailed VMM runs as; the plan is built from its VM's spec."""
+
+    uid: int
+    gid: int
+    #: cocoon's runtime root (sealed template RAM holders keep records there).
+    state_root: Path
+
+
+@dataclass
+class Plan:
+    uid: int
+    gid: int
+    root: Path
+    ro: list[str] = field(default_factory=list)
+    rw: list[str] = field(default_factory=list)
+    kvm: bool = False
+    net_ns: bool = True
+
+    def argv(self, vmm: list[str]) -> list[str]:
+        """The jailer's command line that ends as ``vmm``."""
+        plan = {
+            "uid": self.uid,
+            "gid": self.gid,
+            "root": str(self.root),
+            "links": SYSTEM_LINKS,
+            "ro": [p for p in SYSTEM_RO if os.path.exists(p)] + _unique(self.ro),
+            "rw": _unique(self.rw),
+            "kvm": self.kvm,
+            "net_ns": self.net_ns,
+            "nofile": NOFILE,
+            "nproc": NPROC,
+            "argv": vmm,
+        }
+        return [sys.executable, "-I", "-S", str(JAILER), json.dumps(plan)]
+
+
+def _unique(paths: list[str]) -> list[str]:
+    return list(dict.fromkeys(paths))
+
+
+def _uids_dir(root: Path) -> Path:
+    return root / "jail" / "uids"
+
+
+def allocate(root: Path, sandbox_id: str, base: int, count: int) -> int:
+    """A uid no live sandbox has, recorded as ``sandbox_id``'s.
+
+    Handed out round-robin from the last one, so a uid freed a moment ago is
+    the last to come back."""
+    d = _uids_dir(root)
+    d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with locked_file(root / "jail" / "uids.lock", 10.0, "the uid allocator"):
+        last_file = root / "jail" / "last"
+        try:
+            last = int(last_file.read_text())
+        except (OSError, ValueError):
+            last = base - 1
+        for i in range(count):
+            uid = base + (last - base + 1 + i) % count
+            try:
+                fd = os.open(d / str(uid), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(sandbox_id)
+            last_file.write_text(str(uid))
+            return uid
+    raise HypervisorError(
+        f"all {count} jail uids from {base} are taken: raise security.uid_count or run `cocoon gc`"
+    )
+
+
+def release(root: Path, uid: int, sandbox_id: str) -> None:
+    """Give ``uid`` back if it is still ``sandbox_id``'s."""
+    path = _uids_dir(root) / str(uid)
+    with contextlib.suppress(OSError):
+        if path.read_text() == sandbox_id:
+            path.unlink()
+
+
+def owners(root: Path) -> dict[int, str]:
+    """Every allocated uid and the sandbox it was given to."""
+    out: dict[int, str] = {}
+    d = _uids_dir(root)
+    if not d.is_dir():
+        return out
+    for p in d.iterdir():
+        with contextlib.suppress(OSError, ValueError):
+            out[int(p.name)] = p.read_text()
+    return out
+
+
+def sweep(root: Path, live: set[str]) -> list[int]:
+    """Release the uids of sandboxes that no longer exist (their owner crashed)."""
+    freed = []
+    for uid, sid in owners(root).items():
+        if sid not in live:
+            release(root, uid, sid)
+            freed.append(uid)
+    return freed
+
+
+def give(path: Path, jail: Jail, mode: int = 0o600) -> None:
+    """Make a file the jailed VMM must write its own (and nobody else's)."""
+    os.chown(path, jail.uid, jail.gid)
+    os.chmod(path, mode)

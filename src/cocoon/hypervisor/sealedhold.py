@@ -1,0 +1,96 @@
+"""Hold one template's RAM in a sealed memfd for as long as the template lasts.
+
+Run as ``python3 -I -S sealedhold.py RAM RECORD`` (standard library only) by
+hypervisor.sealed. A jailed QEMU must map its template's RAM privately, yet
+QEMU 7.2 opens a memory-backend-file read-write whatever the mapping: given
+the template file, a compromised VMM could write into the RAM every other
+clone maps. So it gets this memfd instead (as /proc/self/fd/N): the same
+bytes, sealed against writes, growth and shrinking, so no one can change it,
+while a private mapping still gives each clone its own copy-on-write pages
+and every clone of the template shares the clean ones.
+
+The record (pid, the memfd's fd number, the RAM file's stamp) is written once
+the memfd is sealed; the holder exits when the template's RAM file is gone or
+replaced, or on SIGTERM. Clones that mapped the memfd keep it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import json
+import os
+import signal
+import sys
+import time
+
+MFD_ALLOW_SEALING = 2
+F_ADD_SEALS = 1033
+F_SEAL_SEAL, F_SEAL_SHRINK, F_SEAL_GROW, F_SEAL_WRITE = 1, 2, 4, 8
+SEEK_DATA, SEEK_HOLE = 3, 4
+POLL_S = 2.0
+
+
+def stamp(path: str) -> str:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return "missing"
+    return f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def sealed_copy(path: str) -> int:
+    """A memfd with ``path``'s bytes (holes stay holes), sealed."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = libc.memfd_create(b"cocoon-template-ram", MFD_ALLOW_SEALING | 1)  # | MFD_CLOEXEC
+    if fd < 0:
+        raise OSError(ctypes.get_errno(), "memfd_create")
+    src = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        size = os.fstat(src).st_size
+        os.ftruncate(fd, size)
+        off = 0
+        while off < size:
+            try:
+                data = os.lseek(src, off, SEEK_DATA)
+            except OSError:  # ENXIO: only a hole is left
+                break
+            hole = os.lseek(src, data, SEEK_HOLE)
+            pos = data
+            while pos < hole:
+                os.lseek(fd, pos, os.SEEK_SET)
+                sent = os.sendfile(fd, src, pos, hole - pos)
+                if sent <= 0:
+                    raise OSError("short copy of the template's RAM")
+                pos += sent
+            off = hole
+    finally:
+        os.close(src)
+    fcntl.fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE | F_SEAL_SEAL)
+    return int(fd)
+
+
+def main() -> None:
+    ram, record = sys.argv[1], sys.argv[2]
+    if os.fork() > 0:  # outlive the start that needed us, as nobody's child
+        os._exit(0)
+    os.setsid()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    made = stamp(ram)
+    fd = sealed_copy(ram)
+    tmp = f"{record}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump({"pid": os.getpid(), "fd": fd, "stamp": made}, f)
+    os.rename(tmp, record)
+    while stamp(ram) == made:
+        time.sleep(POLL_S)
+    try:  # the record, unless a successor's replaced it
+        with open(record) as f:
+            if json.load(f).get("pid") == os.getpid():
+                os.unlink(record)
+    except (OSError, ValueError):
+        pass
+
+
+if __name__ == "__main__":
+    main()

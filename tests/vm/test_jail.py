@@ -1,0 +1,234 @@
+"""Jailed VMMs, for real (security.jail): QEMU as a uid of its own, in
+namespaces and a root of its own, with no capabilities and under seccomp;
+and what a compromised QEMU could do from there, tried by a probe program
+launched through the same jail code with the same plan.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import dataclasses
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cocoon.config import Config
+from cocoon.hypervisor import jail
+from cocoon.hypervisor.qemu.backend import QemuBackend
+from cocoon.hypervisor.qemu.qmp import Qmp
+from cocoon.sandbox import restore
+from cocoon.sandbox.sandbox import Sandbox, backend_for, ensure_template, vm_spec
+from cocoon.state import gc
+from cocoon.state.store import SandboxDir
+from tests.vm.conftest import Runner, cocoon, ok
+
+pytestmark = [pytest.mark.vm, pytest.mark.timeout(300)]
+JAILED = {"COCOON_SECURITY_JAIL": "true"}
+
+
+@pytest.fixture
+def jcfg(cfg: Config) -> Config:
+    c = copy.deepcopy(cfg)
+    c.security.jail = True
+    return c
+
+
+def qemu_pid(c: Config, sid: str) -> int:
+    return SandboxDir(c.root, sid).read().processes["qemu"].pid
+
+
+def status(pid: int) -> dict[str, str]:
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return {k: v.strip() for k, _, v in (ln.partition(":") for ln in lines)}
+
+
+@pytest.fixture
+def two(jcfg: Config, run: Runner) -> Iterator[list[Sandbox]]:
+    sbs = [run(Sandbox.create(jcfg)), run(Sandbox.create(jcfg))]
+    try:
+        yield sbs
+    finally:
+        for sb in sbs:
+            run(sb.destroy())
+
+
+def test_a_jailed_qemu_has_its_own_uid_namespaces_and_root(
+    jcfg: Config, two: list[Sandbox]
+) -> None:
+    uids = set()
+    for sb in two:
+        pid = qemu_pid(jcfg, sb.id)
+        st = status(pid)
+        uid = int(st["Uid"].split()[0])
+        assert uid == sb.state.jail_uid and uid >= jcfg.security.uid_base
+        assert st["Uid"].split() == [str(uid)] * 4 and st["Gid"].split() == [str(uid)] * 4
+        assert st["Groups"] == "" and st["NoNewPrivs"] == "1" and st["Seccomp"] == "2"
+        assert int(st["CapEff"], 16) == int(st["CapPrm"], 16) == int(st["CapBnd"], 16) == 0
+        for ns in ("mnt", "net", "ipc", "uts"):
+            assert os.readlink(f"/proc/{pid}/ns/{ns}") != os.readlink(f"/proc/self/ns/{ns}"), ns
+        root = set(os.listdir(f"/proc/{pid}/root"))
+        assert root <= {"usr", "bin", "sbin", "lib", "lib64", "etc", "dev", "proc", "run", "var"}
+        assert not os.path.exists(f"/proc/{pid}/root/root") and "home" not in root
+        assert sorted(os.listdir(f"/proc/{pid}/root/dev")) == ["null", "random", "urandom", "zero"]
+        uids.add(uid)
+        assert jail.owners(jcfg.root)[uid] == sb.id
+    assert len(uids) == 2, "two sandboxes share a uid"
+
+
+def test_seccomp_refuses_qemu_an_exec(jcfg: Config, two: list[Sandbox], run: Runner) -> None:
+    """What a compromised QEMU would do first: run a program. QEMU's own
+    `migrate exec:` is the way in that needs no exploit."""
+    sb = two[0]
+    pid = qemu_pid(jcfg, sb.id)
+
+    async def try_exec() -> str:
+        q = await Qmp.connect(sb.dir.file("qmp.sock"))
+        try:
+            await q.execute("migrate", {"uri": "exec:touch /tmp/escaped"})
+            for _ in range(100):
+                info = await q.execute("query-migrate")
+                if info.get("status") in ("failed", "completed"):
+                    return str(info.get("status"))
+                await asyncio.sleep(0.02)
+            return "running"
+        except Exception as e:  # QEMU refused it at once, or seccomp ended QEMU
+            return f"refused: {e}"
+        finally:
+            q.close()
+
+    outcome = run(try_exec())
+    assert outcome != "completed", outcome
+    assert not Path(f"/proc/{pid}/root/tmp/escaped").exists()
+    assert not Path("/tmp/escaped").exists()
+
+
+PROBE = r"""
+import errno, json, os, socket, sys
+out = {}
+def attempt(name, f):
+    try:
+        f(); out[name] = "ALLOWED"
+    except OSError as e:
+        out[name] = errno.errorcode.get(e.errno, str(e.errno))
+attempt("read_shadow", lambda: open("/etc/shadow").read())
+attempt("read_other_disk", lambda: open(sys.argv[1], "rb").read(1))
+attempt("open_other_socket", lambda: socket.socket(socket.AF_UNIX).connect(sys.argv[2]))
+attempt("signal_other_qemu", lambda: os.kill(int(sys.argv[3]), 0))
+def write_ram():
+    os.write(os.open(f"/proc/self/fd/{sys.argv[4]}", os.O_RDWR), b"x")
+attempt("write_template_ram", write_ram)
+def loopback():
+    s = socket.socket(); s.settimeout(2); s.connect(("127.0.0.1", int(sys.argv[5])))
+attempt("host_loopback", loopback)
+attempt("write_root", lambda: open("/usr/evil", "w"))
+n = 0
+def forks():
+    global n
+    while n < 5000:
+        pid = os.fork()
+        if pid == 0:
+            import time; time.sleep(30); os._exit(0)
+        n += 1
+attempt("fork_bomb", forks)
+out["forked"] = n
+out["uid"] = os.getuid()
+out["in_proc"] = [p for p in os.listdir("/proc") if p.isdigit()]
+print(json.dumps(out), flush=True)
+"""
+
+
+def test_a_compromised_qemu_reaches_nothing_of_the_host_or_other_sandboxes(
+    jcfg: Config, two: list[Sandbox], run: Runner, tmp_path: Path
+) -> None:
+    me, other = two
+    backend = backend_for(jcfg)
+    assert isinstance(backend, QemuBackend)
+    other_disk = next(iter(sorted(Path(jcfg.data_dir, "images", "erofs").glob("*.erofs"))), None)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    spec = vm_spec(jcfg, me.id, me.dir.path, me.state.accel)
+    t, _ = run(ensure_template(jcfg))
+    spec = restore.clone_spec(spec, t.ram, t.empty)
+    spec.jail = jail.Jail(me.state.jail_uid, me.state.jail_uid, jcfg.root)
+    probe_dir = tmp_path / "probe"
+    probe_dir.mkdir()
+    sockets = {"qmp": probe_dir / "qmp.sock", "agent": probe_dir / "agent.sock"}
+    spec = dataclasses.replace(spec, workdir=probe_dir)
+    with contextlib.ExitStack() as opened:
+        fds: dict[str, int] = {}
+        jailed, plan = backend.jail_plan(spec, sockets, probe_dir / "console.log", fds, opened)
+        assert jailed.template is not None
+        mem = int(str(jailed.template.path).rsplit("/", 1)[1])
+        argv = plan.argv([
+            "/usr/bin/python3", "-I", "-S", "-c", PROBE,
+            str(other_disk or "/var/lib/cocoon/images"), str(other.dir.file("qmp.sock")),
+            str(qemu_pid(jcfg, other.id)), str(mem), str(listener.getsockname()[1]),
+        ])  # fmt: skip
+        p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             pass_fds=[mem, *fds.values()], start_new_session=True)  # fmt: skip
+        try:
+            stdout, stderr = p.communicate(timeout=120)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)  # the fork bomb's children
+    listener.close()
+    assert p.returncode == 0, stderr[-2000:]
+    got = json.loads(stdout.strip().splitlines()[-1])
+    assert got["uid"] == me.state.jail_uid
+    assert got["read_shadow"] == "ENOENT"
+    assert got["read_other_disk"] == "ENOENT"
+    assert got["open_other_socket"] == "ENOENT"
+    assert got["signal_other_qemu"] == "EPERM"
+    assert got["write_template_ram"] == "EPERM"
+    assert got["host_loopback"] in ("ENETUNREACH", "ECONNREFUSED")
+    assert got["write_root"] in ("EROFS", "EACCES")
+    assert got["fork_bomb"] == "EAGAIN" and got["forked"] < jail.NPROC
+    # Its /proc shows its own uid's processes only (its children, its QEMU).
+    assert all(_uid_of(x) in (me.state.jail_uid, -1) for x in got["in_proc"])
+
+
+def test_gc_after_kill_9_leaves_no_uid_allocated(jcfg: Config, busybox: None) -> None:
+    """The owner of a jailed sandbox (its monitor) dies: gc kills its QEMU and
+    frees its uid, and no process of that uid is left."""
+    cid = ok(cocoon(jcfg, "run", "-d", "--network", "none", "busybox", "sleep", "600",
+                    env=JAILED)).strip()  # fmt: skip
+    try:
+        [(uid, sid)] = jail.owners(jcfg.root).items()
+        os.kill(SandboxDir(jcfg.root, sid).read().owner_pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while SandboxDir(jcfg.root, sid).owned():
+            assert time.monotonic() < deadline, "the monitor did not die"
+            time.sleep(0.05)
+        assert gc.reap(jcfg.root) == [sid]
+        assert jail.owners(jcfg.root) == {}
+        # Zombies excepted: the killed monitor's QEMU is reparented to pid 1,
+        # which reaps it when it gets round to it; a zombie holds nothing.
+        left = [x for x in os.listdir("/proc") if x.isdigit() and _uid_of(x) == uid
+                and "State:\tZ" not in Path(f"/proc/{x}/status").read_text()]  # fmt: skip
+        assert not left, [Path(f"/proc/{x}/status").read_text()[:300] for x in left]
+    finally:
+        cocoon(jcfg, "rm", "-f", cid)
+
+
+def _uid_of(pid: str) -> int:
+    try:
+        return int(status(int(pid))["Uid"].split()[0])
+    except (OSError, KeyError):
+        return -1
+
+
+def test_cli_runs_jailed(jcfg: Config, busybox: None) -> None:
+    r = cocoon(jcfg, "run", "--rm", "--network", "none", "busybox", "sh", "-c", "echo in; exit 4",
+               env=JAILED)  # fmt: skip
+    assert (r.returncode, r.stdout, r.stderr) == (4, b"in\n", b"")
+    assert ok(cocoon(jcfg, "sandbox", "run", "--", "echo", "ok", env=JAILED)) == "ok\n"
