@@ -12,7 +12,8 @@ In one run, medians of --runs (10) with min/max, all with no network:
 5. host PSS of one idle container (cocoon cold and template, runsc, crun),
    and per container with --idle (20) idle cocoon containers on one template;
 6. --concurrent (50) `cocoon run --rm` started at once: wall time, starts per
-   minute, every output and exit code checked.
+   minute, every output and exit code checked;
+7. the jail's cost: start time and idle PSS, security.jail on vs off.
 
 The warm-pool rows run against a state root of their own with a
 `cocoon pool serve --size 2` (its refills run niced, as they do in use).
@@ -47,6 +48,7 @@ from cocoon.sandbox.sandbox import Sandbox, ensure_template
 
 COCOON = [sys.executable, "-m", "cocoon.cli"]
 COLD = {"COCOON_SANDBOX_TEMPLATES": "false"}
+JAILED = {"COCOON_SECURITY_JAIL": "true"}
 
 
 def timed(argv: list[str], env: dict[str, str] | None = None) -> float:
@@ -98,7 +100,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--idle", type=int, default=20)
     ap.add_argument("--concurrent", type=int, default=50)
-    ap.add_argument("--only", default="1,2,3,4,5,6")
+    ap.add_argument("--only", default="1,2,3,4,5,6,7")
     args = ap.parse_args()
     only = {int(x) for x in args.only.split(",")}
     for tool in ("podman", "crun", "runsc", "cocoon-runtime"):
@@ -154,6 +156,15 @@ def main() -> None:
         def settle() -> None:
             """Let the pool refill (niced) before the next pooled start."""
             subprocess.run([*pcoc, "pool", "fill"], check=True, stdout=subprocess.DEVNULL)
+
+        def cocoon_idle(env: dict[str, str] | None = None) -> tuple[str, int]:
+            out = subprocess.run([*coc, "run", "-d", "--network", "none", "busybox",
+                                  "sleep", "3600"], check=True, capture_output=True,
+                                 text=True, env={**os.environ, **(env or {})})  # fmt: skip
+            cid = out.stdout.strip()
+            idle_ids.append(cid)
+            st = json.loads((root / "cocoon" / "containers" / cid / "state.json").read_text())
+            return cid, int(st["monitor_pid"])
 
         if 1 in only:
 
@@ -253,15 +264,6 @@ def main() -> None:
         if 5 in only:
             print("\n5. host PSS of idle containers (`sleep`; MiB; cocoon: monitor + QEMU)")
 
-            def cocoon_idle(env: dict[str, str] | None = None) -> tuple[str, int]:
-                out = subprocess.run([*coc, "run", "-d", "--network", "none", "busybox",
-                                      "sleep", "3600"], check=True, capture_output=True,
-                                     text=True, env={**os.environ, **(env or {})})  # fmt: skip
-                cid = out.stdout.strip()
-                idle_ids.append(cid)
-                st = json.loads((root / "cocoon" / "containers" / cid / "state.json").read_text())
-                return cid, int(st["monitor_pid"])
-
             def podman_idle(rt: str) -> float:
                 name = f"idle-{rt}"
                 subprocess.run([*pod, *runtimes[rt], "run", "-d", "--name", name,
@@ -316,6 +318,35 @@ def main() -> None:
             for i, (p, (out, err)) in enumerate(zip(procs, results, strict=True)):
                 if p.returncode != i % 7 or out != f"out-{i}\n".encode():
                     print(f"  #{i}: exit {p.returncode}, out {out[:80]!r}, err {err[-300:]!r}")
+        if 7 in only:
+            run = [*coc, "run", "--rm", "--network", "none", "busybox", "true"]
+            r = repeat(args.runs, {"off": lambda i: timed(run),
+                                   "on": lambda i: timed(run, JAILED),
+                                   "runsc": lambda i: timed([*pod, *runtimes["runsc"], "run",
+                                                             "--rm", "--network=none",
+                                                             "localhost/bb", "true"])})  # fmt: skip
+            tb = Table("7. the jail's cost: `cocoon run --rm busybox true`, template, network none")
+            tb.add("jail off", r["off"])
+            tb.add("jail on (security.jail = true)", r["on"])
+            tb.add("podman --runtime runsc run", r["runsc"])
+            tb.show([("jail on (security.jail = true)", "jail off"),
+                     ("jail on (security.jail = true)", "podman --runtime runsc run")])  # fmt: skip
+            pss: dict[str, list[float]] = {"jail off": [], "jail on": []}
+            for _ in range(3):
+                for label, env in (("jail off", None), ("jail on", JAILED)):
+                    cid, mon = cocoon_idle(env)
+                    time.sleep(5)
+                    pss[label].append(tree_pss_mib(mon))
+                    subprocess.run([*coc, "rm", "-f", cid], capture_output=True)
+                    idle_ids.remove(cid)
+            print("| one idle container (monitor + QEMU) | PSS MiB, median of 3 |\n|---|---|")
+            for k, v in pss.items():
+                print(f"| {k} | {statistics.median(v):.1f} |")
+            holders = subprocess.run(["pgrep", "-f", "sealedhold.py"], capture_output=True,
+                                     text=True).stdout.split()  # fmt: skip
+            if holders:
+                print(f"plus once per template (not per sandbox): its sealed-RAM holder, "
+                      f"{tree_pss_mib(int(holders[0])):.1f} MiB")  # fmt: skip
     finally:
         pool_srv.send_signal(signal.SIGTERM)
         pool_srv.wait(timeout=60)

@@ -64,6 +64,19 @@ def _templates(cfg: Config) -> Item:
     return Item("templates", True, detail)
 
 
+def _jail(cfg: Config) -> Item:
+    sec = cfg.security
+    if not sec.jail:
+        return Item("jail", False, "off (security.jail = false): QEMU runs as root")
+    detail = (
+        f"QEMU as uids {sec.uid_base}..{sec.uid_base + sec.uid_count - 1} (one per sandbox), "
+        "own mount/ipc/uts/net namespaces and root, no capabilities, no_new_privs, "
+        "QEMU seccomp sandbox, no core dumps; not yet: VMs with host directories, "
+        "virtiofsd, a pid namespace, a host cgroup"
+    )
+    return Item("jail", True, detail)
+
+
 def run_checks(cfg: Config) -> list[Item]:
     items: list[Item] = []
     report = accel.cached_probe(cfg.root / "accel.json")
@@ -120,6 +133,7 @@ def run_checks(cfg: Config) -> list[Item]:
     )
     ok, detail = _cgroups()
     items.append(Item("cgroups", ok, detail))
+    items.append(_jail(cfg))
     try:
         assets = resolve(cfg)
         items.append(Item("guest kernel", True, str(assets.kernel), fatal=True))

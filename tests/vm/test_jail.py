@@ -204,6 +204,8 @@ def test_gc_after_kill_9_leaves_no_uid_allocated(jcfg: Config, busybox: None) ->
                     env=JAILED)).strip()  # fmt: skip
     try:
         [(uid, sid)] = jail.owners(jcfg.root).items()
+        info = json.loads(ok(cocoon(jcfg, "inspect", cid)))[0]
+        assert info["Sandbox"]["JailUid"] == uid and info["Sandbox"]["Id"] == sid
         os.kill(SandboxDir(jcfg.root, sid).read().owner_pid, signal.SIGKILL)
         deadline = time.monotonic() + 30
         while SandboxDir(jcfg.root, sid).owned():

@@ -97,6 +97,8 @@ class ContainerState:
     accel: str = ""
     #: The VM template its sandbox was cloned from ("" = it booted cold).
     template: str = ""
+    #: The uid its sandbox's VMM runs as (0 = not jailed: security.jail).
+    jail_uid: int = 0
     #: Its sandbox, when not the one named after it (taken from a warm pool).
     sandbox_id: str = ""
     #: The container's addresses (CIDR) and its published ports as bound.

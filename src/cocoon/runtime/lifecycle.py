@@ -227,6 +227,7 @@ def inspect(cdir: ContainerDir) -> dict[str, Any]:
             "Accel": st.accel,
             "BootSeconds": round(st.boot_s, 3),
             "Template": st.template,
+            "JailUid": st.jail_uid,
         },
         "LogPath": str(cdir.log_path),
         "RawState": asdict(st),

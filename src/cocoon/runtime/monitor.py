@@ -340,6 +340,7 @@ class Monitor:
         m.state.boot_s = self.sb.boot_s or 0.0
         m.state.accel = self.sb.state.accel
         m.state.template = self.sb.state.template
+        m.state.jail_uid = self.sb.state.jail_uid
         m.state.sandbox_id = self.sb.id
         rootfs = await self.plan.setup(self.sb)
         m.proc = await self.sb.create_container(
