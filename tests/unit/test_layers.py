@@ -3,15 +3,28 @@
 from __future__ import annotations
 
 import os
+import re
 import stat
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
 
 from cocoon.errors import ImageError
 from cocoon.images.layers import Budget, unpack_layer
-from tests.unit.imagekit import Tar, compress, dg, snapshot
+from tests.unit.imagekit import (
+    END,
+    Tar,
+    compress,
+    dg,
+    header,
+    member,
+    padded,
+    pax,
+    record,
+    snapshot,
+)
 
 ROOT = os.geteuid() == 0
 
@@ -200,8 +213,126 @@ def test_entry_count_cap(tmp_path: Path, env: tuple[Path, Path]) -> None:
 def test_huge_extended_header_refused(tmp_path: Path, env: tuple[Path, Path]) -> None:
     root, _ = env
     t = Tar().file("f", b"x", pax={"comment": "c" * ((1 << 20) + 10)}).bytes()
-    with pytest.raises(ImageError, match="extended header"):
+    with pytest.raises(ImageError, match="pax header of 1048603 B"):
         apply(tmp_path, root, t)
+
+
+# Headers tarfile hung, crawled or crashed on (issue 19), and their neighbours:
+# each must be one ImageError line, at once.
+DIGITS = b"1" * (128 << 10)
+LONG = header(b"././@LongLink", b"L", 2) + padded(b"a\0")
+BAD_HEADERS = {
+    "negative-size-base256": (header(b"f", fields={124: b"\xff" * 12}), "size -1 is out of range"),
+    "negative-size-pax": (pax(record(b"size", b"-1")) + member(b"f", b"x"), "pax size b'-1'"),
+    "size-not-octal": (header(b"f", fields={124: b"12x4\0"}), "size field"),
+    "mtime-nan": (pax(record(b"mtime", b"nan")) + member(b"f"), "pax mtime b'nan'"),
+    "mtime-exponent": (pax(record(b"mtime", b"1e9")) + member(b"f"), "pax mtime"),
+    "uid-superscript": (pax(record(b"uid", "²".encode())) + member(b"f"), "pax uid"),
+    "sparse-size-word": (
+        pax(record(b"GNU.sparse.size", b"big") + record(b"GNU.sparse.map", b"0,1"))
+        + member(b"f", b"x"),
+        "sparse real size b'big'",
+    ),
+    "sparse-realsize-word": (
+        pax(
+            record(b"GNU.sparse.major", b"1")
+            + record(b"GNU.sparse.minor", b"0")
+            + record(b"GNU.sparse.realsize", b"-5")
+        )
+        + member(b"f", padded(b"1\n0\n1\n") + b"x"),
+        "sparse real size b'-5'",
+    ),
+    "sparse-map-words": (
+        pax(record(b"GNU.sparse.size", b"9") + record(b"GNU.sparse.map", b"a,b"))
+        + member(b"f", b"x"),
+        "sparse map number b'a'",
+    ),
+    "sparse-map-odd": (
+        pax(record(b"GNU.sparse.size", b"9") + record(b"GNU.sparse.map", b"0"))
+        + member(b"f", b"x"),
+        "an offset but no length",
+    ),
+    "sparse-unknown-version": (
+        pax(record(b"GNU.sparse.major", b"2") + record(b"GNU.sparse.minor", b"0"))
+        + member(b"f", b"x"),
+        "sparse format b'2.0'",
+    ),
+    "record-length-20-digits": (pax(b"0" * 18 + b"20 a=b\n") + member(b"f"), "no valid length"),
+    "record-length-past-end": (pax(b"99 a=b\n") + member(b"f"), "wrong length"),
+    "record-no-keyword": (pax(b"6 =ab\n") + member(b"f"), "no keyword"),
+    "record-all-digits": (pax(DIGITS) + member(b"f"), "no valid length"),
+    "chained-pax-400": (pax(record(b"path", b"a")) * 400 + member(b"f"), "8 extended headers"),
+    "chained-longname-400": (LONG * 400 + member(b"f"), "8 extended headers"),
+    "globals-65": ((pax(record(b"comment", b"x"), b"g") + member(b"f")) * 65, "64 global"),
+    "long-name-too-long": (header(b"L", b"L", 9000) + padded(b"a" * 9000), "GNU long name of"),
+    "ends-after-pax": (pax(record(b"path", b"a")), "ends after an extended header"),
+    "bad-checksum": (member(b"a") + member(b"b")[:148] + b"7" + member(b"b")[149:], "checksum"),
+    "not-a-tar": (b"hello world" * 100, "not a tar archive"),
+    "cut-header": (member(b"a") + member(b"b")[:300], "ends inside a header"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_HEADERS))
+def test_hostile_headers_one_line_at_once(
+    tmp_path: Path, env: tuple[Path, Path], case: str
+) -> None:
+    root, _ = env
+    tar, match = BAD_HEADERS[case]
+    t0 = time.monotonic()
+    with pytest.raises(ImageError, match=re.escape(match)) as e:
+        apply(tmp_path, root, tar)
+    assert time.monotonic() - t0 < 2, case
+    assert str(e.value).startswith("test layer: ") and len(str(e.value).splitlines()) == 1
+
+
+def test_pax_headers_parsed_in_linear_time(tmp_path: Path, env: tuple[Path, Path]) -> None:
+    """CPython's tarfile before 3.11.10 took ~20 s on 128 k digits (CVE-2024-6232)."""
+    root, _ = env
+    big = pax(record(b"comment", DIGITS) + record(b"hdrcharset", b"\xff\xfe")) + member(b"f", b"ok")
+    t0 = time.monotonic()
+    apply(tmp_path, root, big + END)
+    assert time.monotonic() - t0 < 1
+    assert (root / "f").read_bytes() == b"ok"
+
+
+def test_names_are_bytes_whatever_hdrcharset_says(tmp_path: Path, env: tuple[Path, Path]) -> None:
+    root, _ = env
+    name = b"caf\xe9-\xff"  # latin-1, not UTF-8
+    tar = pax(record(b"hdrcharset", b"BINARY") + record(b"path", name)) + member(b"x", b"1")
+    apply(tmp_path, root, tar + END)
+    assert os.listdir(os.fsencode(root)) == [name]
+
+
+def test_extended_headers_apply_as_docker_reads_them(
+    tmp_path: Path, env: tuple[Path, Path]
+) -> None:
+    """A global header is skipped (docker and containerd ignore them); GNU long
+    names win over pax paths; a chain of pax, long name and long link is fine."""
+    root, _ = env
+    long_name = b"d/" + b"n" * 150
+    long_link = b"t" * 150
+    tar = (
+        pax(record(b"path", b"evil") + record(b"mtime", b"1.5"), b"g")
+        + member(b"f", b"1")
+        + pax(record(b"path", b"loses") + record(b"mtime", b"1234.999999999999"))
+        + header(b"././@LongLink", b"L", len(long_name) + 1) + padded(long_name + b"\0")
+        + header(b"././@LongLink", b"K", len(long_link)) + padded(long_link)
+        + header(b"short", b"2")
+    )  # fmt: skip
+    apply(tmp_path, root, tar + END)
+    assert tree(root) == {"f": "f:1", "d": "d", long_name.decode(): "l:" + long_link.decode()}
+    assert (root / "f").stat().st_mtime == 1_000_000
+    assert (root / long_name.decode()).lstat().st_mtime_ns == 1234_999_999_999
+
+
+def test_end_of_archive_forms(tmp_path: Path, env: tuple[Path, Path]) -> None:
+    """Two zero blocks, one, none at all: each ends the archive (as Go reads it);
+    what follows the end is hashed into the diff_id, never unpacked."""
+    root, _ = env
+    for i, tail in enumerate((END, END[:512], b"", END[:512] + member(b"ignored"))):
+        tar = member(b"f%d" % i, b"x") + tail
+        assert apply(tmp_path, root, tar) == dg(tar)
+    assert sorted(tree(root)) == ["f0", "f1", "f2", "f3"]
 
 
 def test_gnu_sparse_refused(tmp_path: Path, env: tuple[Path, Path]) -> None:

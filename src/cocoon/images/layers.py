@@ -26,9 +26,9 @@ trusts nothing in it:
   images; ``user.*`` is harmless), best effort; ``trusted.*`` and
   ``security.selinux`` are dropped (the host's policy is not the guest's,
   and ``trusted.overlay.*`` would steer the guest's overlayfs).
-- tarfile's own memory bombs are closed: pax/GNU long-name headers are capped
-  at 1 MiB, global pax headers at 64, GNU sparse files refused (their maps are
-  read into memory without bound).
+- Headers are read by tarreader.py, not tarfile: in linear time, with every
+  extended header, chain of them and sparse map capped, and any malformed
+  field one ImageError. GNU sparse files are refused.
 
 Whiteouts follow the OCI image spec: ``.wh.<name>`` deletes ``<name>`` as the
 lower layers left it, ``.wh..wh..opq`` empties its directory of everything the
@@ -60,6 +60,7 @@ import zstandard
 from cocoon.config import ImagesConfig
 from cocoon.errors import ImageError
 from cocoon.images.blobs import BlobFile, Readable
+from cocoon.images.tarreader import Member, TarReader
 
 #: Linux NAME_MAX and PATH_MAX, in bytes.
 MAX_NAME_BYTES = 255
@@ -67,7 +68,8 @@ MAX_PATH_BYTES = 4096
 #: Deeper paths are refused: real images stay far below, and the recursive
 #: clean-ups (opaque dirs, rmtree) must stay under Python's recursion limit.
 MAX_DEPTH = 256
-#: pax extended headers and GNU long names are read into memory by tarfile.
+#: For safe_tarinfo (archive.py): pax extended headers and GNU long names are
+#: read into memory by tarfile.
 MAX_META_HEADER_BYTES = 1 << 20
 MAX_GLOBAL_HEADERS = 64
 CHUNK = 1 << 20
@@ -119,15 +121,14 @@ class Budget:
 
 
 class _TarStream:
-    """The uncompressed tar stream, as tarfile's file object and as the file data's source.
+    """The uncompressed tar stream, as the header reader's source and the file data's.
 
     Every byte is counted against the budget and hashed (the diff_id) as it
-    arrives from the decompressor. tarfile reads headers through ``read`` and
-    skips through ``seek`` (forward only: it is a stream); file data bypasses
-    tarfile: ``copy_to`` writes the decompressor's chunks straight to the file
-    (memoryviews, no copies in Python). tarfile's own stream mode (``r|``)
-    joined and sliced every MiB three times over and allocated anew for each:
-    most of the unpacking thread's time.
+    arrives from the decompressor. The TarReader reads headers through
+    ``read`` and skips through ``seek`` (forward only: it is a stream); file
+    data bypasses it: ``copy_to`` writes the decompressor's chunks straight to
+    the file (memoryviews, no copies in Python; tarfile's stream mode joined
+    and sliced every MiB three times over, most of this thread's time).
     """
 
     def __init__(self, src: Readable, budget: Budget, what: str) -> None:
@@ -159,7 +160,7 @@ class _TarStream:
         return self.pos
 
     def read(self, n: int = CHUNK) -> bytes:
-        """``n`` bytes, fewer only at the end of the stream (tarfile's _Stream.read)."""
+        """``n`` bytes, fewer only at the end of the stream."""
         if n < 0:
             n = CHUNK
         if len(self._view) >= n:
@@ -180,7 +181,7 @@ class _TarStream:
     def seek(self, pos: int) -> int:
         """Skip ahead to ``pos`` (data nobody reads is still counted and hashed)."""
         if pos < self.pos:
-            raise tarfile.StreamError("seeking backwards is not allowed")
+            raise ImageError(f"{self._what}: the tar reader sought backwards ({pos} < {self.pos})")
         left = pos - self.pos
         while left and (self._view or self._fill()):
             take = min(left, len(self._view))
@@ -192,7 +193,7 @@ class _TarStream:
     def copy_to(self, fd: int, n: int) -> int:
         """Write the next ``n`` bytes to ``fd``; how many there were (fewer at the end)."""
         left = n
-        while left and (self._view or self._fill()):
+        while left > 0 and (self._view or self._fill()):
             take = self._view[:left]
             _write_all(fd, take)
             self._view = self._view[len(take) :]
@@ -214,7 +215,11 @@ def _show(name: str) -> str:
 
 
 def safe_tarinfo(what: str) -> type[tarfile.TarInfo]:
-    """A TarInfo that refuses the headers tarfile would buffer without bound."""
+    """A TarInfo that refuses the headers tarfile would buffer without bound.
+
+    For archive.py's index of an image archive only: layers are read by
+    tarreader.py, which also parses pax headers in linear time.
+    """
     globals_seen = [0]
 
     class SafeTarInfo(tarfile.TarInfo):
@@ -263,12 +268,12 @@ def split_path(name: str, entry: str, what: str) -> Path_:
     return tuple(parts)
 
 
-def _mtime_ns(m: tarfile.TarInfo) -> int:
-    # pax mtimes are floats and may be negative or absurd; erofs stores u64 seconds.
-    return int(min(max(float(m.mtime), 0.0), float(1 << 40)) * 1_000_000_000)
+def _mtime_ns(m: Member) -> int:
+    # pax mtimes may be negative or absurd; erofs stores u64 seconds.
+    return min(max(m.mtime_ns, 0), (1 << 40) * 1_000_000_000)
 
 
-def _check_ids(m: tarfile.TarInfo, entry: str, what: str) -> None:
+def _check_ids(m: Member, entry: str, what: str) -> None:
     for kind, v in (("uid", m.uid), ("gid", m.gid)):
         if not isinstance(v, int) or not 0 <= v < 0xFFFFFFFF:
             raise ImageError(f"{what}: entry {entry}: {kind} {v!r} out of range")
@@ -485,7 +490,7 @@ class _Unpacker:
                 finally:
                     os.close(cfd)
 
-    def _owner_mode(self, fd: int, m: tarfile.TarInfo) -> None:
+    def _owner_mode(self, fd: int, m: Member) -> None:
         if self.chown:
             os.fchown(fd, m.uid, m.gid)
         # After chown, which clears setuid/setgid: the bits are kept (see module doc).
@@ -493,7 +498,7 @@ class _Unpacker:
 
     # -- entries -------------------------------------------------------------
 
-    def entry(self, stream: _TarStream, m: tarfile.TarInfo) -> None:
+    def entry(self, stream: _TarStream, m: Member) -> None:
         entry = _show(m.name)
         self.budget.entries += 1
         if self.budget.entries > self.budget.max_entries:
@@ -510,6 +515,8 @@ class _Unpacker:
             self._whiteout(parts, entry)
             return
         if m.isreg():
+            if m.sparse is not None:
+                raise self._err(entry, "GNU sparse files are refused")
             if self.budget.bytes + m.size > self.budget.max_bytes:
                 raise self._err(
                     entry,
@@ -525,10 +532,10 @@ class _Unpacker:
             self._hardlink(m, parts, entry)
         elif m.isfifo():
             self._fifo(m, parts, entry)
-        elif m.ischr() or m.isblk():
+        elif m.isdev():
             raise self._err(entry, "device nodes are refused in image layers")
         else:
-            raise self._err(entry, f"unsupported tar entry type {m.type!r}")
+            raise self._err(entry, f"unsupported tar entry type {m.kind!r}")
 
     def _whiteout(self, parts: Path_, entry: str) -> None:
         parent, base = parts[:-1], parts[-1]
@@ -575,8 +582,8 @@ class _Unpacker:
             os.close(dfd)
         self._mark(parts)
 
-    def _file(self, stream: _TarStream, m: tarfile.TarInfo, parts: Path_, entry: str) -> None:
-        if stream.tell() != m.offset_data:  # tarfile and we disagree on where the data is
+    def _file(self, stream: _TarStream, m: Member, parts: Path_, entry: str) -> None:
+        if stream.tell() != m.offset_data:  # the reader and we disagree on where the data is
             raise self._err(entry, f"data at {m.offset_data}, stream at {stream.tell()}")
 
         def create(dfd: int, name: str) -> None:
@@ -596,18 +603,17 @@ class _Unpacker:
 
         self._in_parent(parts, entry, create)
 
-    def _xattrs(self, fd: int, m: tarfile.TarInfo) -> None:
-        for key, value in m.pax_headers.items():
-            if not key.startswith("SCHILY.xattr."):
-                continue
-            name = key[len("SCHILY.xattr.") :]
+    def _xattrs(self, fd: int, m: Member) -> None:
+        for name, value in m.xattrs.items():
+            if "\0" in name:
+                continue  # not a name the kernel can take
             if name in KEPT_XATTRS or name.startswith(KEPT_XATTR_PREFIXES):
                 # Best effort: a file system without user xattrs, or a malformed
                 # capability, costs the attribute, not the image.
                 with contextlib.suppress(OSError):
-                    os.setxattr(fd, name, value.encode("utf-8", "surrogateescape"))
+                    os.setxattr(fd, name, value)
 
-    def _dir(self, m: tarfile.TarInfo, parts: Path_, entry: str) -> None:
+    def _dir(self, m: Member, parts: Path_, entry: str) -> None:
         if not parts:  # "./": the root's own owner, mode and time
             self._owner_mode(self.root_fd, m)
             self.dir_times.append(((), _mtime_ns(m)))
@@ -627,7 +633,7 @@ class _Unpacker:
         self._in_parent(parts, entry, create)
         self.dir_times.append((parts, _mtime_ns(m)))
 
-    def _symlink(self, m: tarfile.TarInfo, parts: Path_, entry: str) -> None:
+    def _symlink(self, m: Member, parts: Path_, entry: str) -> None:
         target = m.linkname
         if not target or "\0" in target or len(os.fsencode(target)) > MAX_PATH_BYTES:
             raise self._err(entry, "empty, NUL-bearing or over-long symlink target")
@@ -643,7 +649,7 @@ class _Unpacker:
 
         self._in_parent(parts, entry, create)
 
-    def _hardlink(self, m: tarfile.TarInfo, parts: Path_, entry: str) -> None:
+    def _hardlink(self, m: Member, parts: Path_, entry: str) -> None:
         tparts = split_path(m.linkname, entry, self.what)
         if not tparts or tparts == parts:
             raise self._err(entry, f"bad hardlink target {_show(m.linkname)}")
@@ -665,7 +671,7 @@ class _Unpacker:
         finally:
             os.close(tdfd)
 
-    def _fifo(self, m: tarfile.TarInfo, parts: Path_, entry: str) -> None:
+    def _fifo(self, m: Member, parts: Path_, entry: str) -> None:
         def create(dfd: int, name: str) -> None:
             self._remove(dfd, name)
             os.mkfifo(name, 0o600, dir_fd=dfd)
@@ -776,23 +782,14 @@ def unpack_layer(
     try:
         reader = _TarStream(layer.stream(), budget, what)
         un = _Unpacker(root_fd, budget, what)
-        # A TarFile on our forward-only stream is what tarfile.open(mode="r|")
-        # builds on its own _Stream; it only ever calls read, tell and seek ahead.
-        with tarfile.TarFile(
-            fileobj=reader,  # type: ignore[arg-type]
-            mode="r",
-            tarinfo=safe_tarinfo(what),
-            encoding="utf-8",
-            errors="surrogateescape",
-        ) as tf:
-            while (m := tf.next()) is not None:
-                tf.members = []  # type: ignore[attr-defined]  # else kept, every one
-                current = m.name
-                un.entry(reader, m)
-            current = ""
-            reader.drain()
+        members = TarReader(reader, what)
+        while (m := members.next()) is not None:
+            current = m.name
+            un.entry(reader, m)
+        current = ""
+        reader.drain()
         un.finish()
-    except (tarfile.TarError, EOFError, zlib.error, zstandard.ZstdError, OSError) as e:
+    except (EOFError, zlib.error, zstandard.ZstdError, OSError) as e:
         at = f" (at entry {_show(current)})" if current else ""
         raise ImageError(f"{what}: corrupt or unwritable layer{at}: {e}") from e
     finally:
