@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import stat
+import subprocess
 import tarfile
 import time
 from pathlib import Path
@@ -335,13 +336,131 @@ def test_end_of_archive_forms(tmp_path: Path, env: tuple[Path, Path]) -> None:
     assert sorted(tree(root)) == ["f0", "f1", "f2", "f3"]
 
 
-def test_gnu_sparse_refused(tmp_path: Path, env: tuple[Path, Path]) -> None:
+def _sparse_source(tmp_path: Path) -> tuple[Path, dict[int, bytes]]:
+    """A 256 MiB file that is almost all hole: a few runs of data, one at the very end."""
+    src = tmp_path / "src"
+    src.mkdir()
+    f = src / "sparse"
+    runs = {0: b"head" * 1024, 100 << 20: os.urandom(64 << 10), (256 << 20) - 5: b"tail!"}
+    with open(f, "wb") as out:
+        out.truncate(256 << 20)
+        for offset, data in runs.items():
+            out.seek(offset)
+            out.write(data)
+    return src, runs
+
+
+def _same_content(a: Path, b: Path) -> bool:
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        while True:
+            ca, cb = fa.read(8 << 20), fb.read(8 << 20)
+            if ca != cb:
+                return False
+            if not ca:
+                return True
+
+
+@pytest.mark.parametrize(
+    "fmt", ["--format=pax", "--sparse-version=0.0", "--sparse-version=0.1", "--format=gnu"]
+)
+def test_gnu_sparse_files_keep_their_holes(
+    tmp_path: Path, env: tuple[Path, Path], fmt: str
+) -> None:
+    """tar --sparse layers (pax 1.0 is GNU tar's default; 0.0, 0.1 and old GNU
+    too): the content comes out whole, the holes stay holes, and the apparent
+    size counts against the budget though the layer is ~100 KB."""
     root, _ = env
-    ti = tarfile.TarInfo("sparse")
-    ti.type = tarfile.GNUTYPE_SPARSE
-    t = Tar(fmt=tarfile.GNU_FORMAT).raw(ti).bytes()
-    with pytest.raises(ImageError, match="sparse"):
-        apply(tmp_path, root, t)
+    src, runs = _sparse_source(tmp_path)
+    args = [fmt] if fmt.startswith("--format") else ["--format=pax", fmt]
+    tar = subprocess.run(
+        ["tar", "--sparse", *args, "-cf", "-", "-C", str(src), "sparse"],
+        check=True,
+        capture_output=True,
+    ).stdout
+    assert len(tar) < 200_000
+    budget = Budget(1 << 30, 100)
+    apply(tmp_path, root, tar, "gzip", budget)
+    out = root / "sparse"
+    st = out.stat()
+    assert st.st_size == 256 << 20
+    assert st.st_blocks * 512 < 1 << 20  # not 256 MiB of zeros
+    assert _same_content(out, src / "sparse")
+    assert budget.bytes >= 256 << 20 and budget.holes > 255 << 20
+    with pytest.raises(ImageError, match=r"entry 'sparse': 268435456 B would take the image"):
+        apply(tmp_path, root, tar, "gzip", Budget(128 << 20, 100))
+
+
+def _old_gnu_sparse(runs: list[tuple[int, int]], realsize: int, extended: bool) -> bytes:
+    fields = {257: b"ustar  \0", 482: b"\1" if extended else b"\0", 483: b"%011o\0" % realsize}
+    for i, (offset, length) in enumerate(runs):
+        fields[386 + 24 * i] = b"%011o\0%011o\0" % (offset, length)
+    return header(b"f", b"S", sum(n for _, n in runs), fields)
+
+
+SPARSE_10 = record(b"GNU.sparse.major", b"1") + record(b"GNU.sparse.minor", b"0")
+BAD_SPARSE = {
+    "overlap": (
+        pax(record(b"GNU.sparse.size", b"30") + record(b"GNU.sparse.map", b"0,10,5,10"))
+        + member(b"f", b"x" * 20),
+        "out of order",
+    ),
+    "past-end": (
+        pax(record(b"GNU.sparse.size", b"5") + record(b"GNU.sparse.map", b"0,10"))
+        + member(b"f", b"x" * 10),
+        "past the file's end",
+    ),
+    "map-vs-data": (
+        pax(record(b"GNU.sparse.size", b"99") + record(b"GNU.sparse.map", b"0,10"))
+        + member(b"f", b"x" * 5),
+        "a sparse map of 10 B for 5 B of data",
+    ),
+    "numblocks": (
+        pax(
+            record(b"GNU.sparse.size", b"99")
+            + record(b"GNU.sparse.numblocks", b"2")
+            + record(b"GNU.sparse.map", b"0,5")
+        )
+        + member(b"f", b"x" * 5),
+        "numblocks does not match",
+    ),
+    "0.0-out-of-turn": (
+        pax(record(b"GNU.sparse.size", b"9") + record(b"GNU.sparse.numbytes", b"1"))
+        + member(b"f", b"x"),
+        "out of turn",
+    ),
+    "1.0-too-many-runs": (
+        pax(SPARSE_10 + record(b"GNU.sparse.realsize", b"9")) + member(b"f", padded(b"99999999\n")),
+        "99999999 runs (too many)",
+    ),
+    "1.0-map-past-data": (
+        pax(SPARSE_10 + record(b"GNU.sparse.realsize", b"9"))
+        + member(b"f", b"300\n" + b"0\n" * 254),
+        "runs past the file's data",
+    ),
+    "1.0-number-too-long": (
+        pax(SPARSE_10 + record(b"GNU.sparse.realsize", b"9")) + member(b"f", b"1\n" + b"7" * 1500),
+        "sparse map number b'7777",
+    ),
+    "1.0-padding-for-a-number": (
+        pax(SPARSE_10 + record(b"GNU.sparse.realsize", b"9")) + member(b"f", padded(b"3\n0\n1\n")),
+        "number b'\\x00",
+    ),
+    "1.0-on-a-directory": (
+        pax(SPARSE_10 + record(b"GNU.sparse.realsize", b"9")) + member(b"d", kind=b"5"),
+        "not a file",
+    ),
+    "old-gnu-extension-cut": (_old_gnu_sparse([(0, 1)], 9, True), "ends inside a sparse map"),
+    "old-gnu-past-end": (_old_gnu_sparse([(0, 1), (8, 2)], 9, False), "past the file's end"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SPARSE))
+def test_hostile_sparse_maps_refused(tmp_path: Path, env: tuple[Path, Path], case: str) -> None:
+    root, _ = env
+    tar, match = BAD_SPARSE[case]
+    with pytest.raises(ImageError, match=re.escape(match)) as e:
+        apply(tmp_path, root, tar)
+    assert len(str(e.value).splitlines()) == 1
 
 
 def test_compression_must_match_media_type(tmp_path: Path, env: tuple[Path, Path]) -> None:

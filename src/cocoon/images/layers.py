@@ -28,7 +28,9 @@ trusts nothing in it:
   and ``trusted.overlay.*`` would steer the guest's overlayfs).
 - Headers are read by tarreader.py, not tarfile: in linear time, with every
   extended header, chain of them and sparse map capped, and any malformed
-  field one ImageError. GNU sparse files are refused.
+  field one ImageError.
+- GNU sparse files (``tar --sparse``) are written with their holes as holes;
+  the apparent size counts against the budget all the same.
 
 Whiteouts follow the OCI image spec: ``.wh.<name>`` deletes ``<name>`` as the
 lower layers left it, ``.wh..wh..opq`` empties its directory of everything the
@@ -106,6 +108,8 @@ class Budget:
     max_entries: int
     bytes: int = 0
     entries: int = 0
+    #: Bytes of sparse files' holes (in ``bytes`` too: the image holds them).
+    holes: int = 0
 
     @classmethod
     def from_config(cls, cfg: ImagesConfig) -> Budget:
@@ -515,14 +519,7 @@ class _Unpacker:
             self._whiteout(parts, entry)
             return
         if m.isreg():
-            if m.sparse is not None:
-                raise self._err(entry, "GNU sparse files are refused")
-            if self.budget.bytes + m.size > self.budget.max_bytes:
-                raise self._err(
-                    entry,
-                    f"{m.size} B would take the image over {self.budget.max_bytes} B "
-                    "(images.max_unpacked_bytes)",
-                )
+            self._charge(m, entry)
             self._file(stream, m, parts, entry)
         elif m.isdir():
             self._dir(m, parts, entry)
@@ -536,6 +533,20 @@ class _Unpacker:
             raise self._err(entry, "device nodes are refused in image layers")
         else:
             raise self._err(entry, f"unsupported tar entry type {m.kind!r}")
+
+    def _charge(self, m: Member, entry: str) -> None:
+        """A file's apparent size against the budget before any of it is written: a
+        sparse file's holes cost no stream bytes, yet the image built from the tree
+        (and whoever copies the file) pays for them, so they count like data."""
+        if self.budget.bytes + m.realsize > self.budget.max_bytes:
+            raise self._err(
+                entry,
+                f"{m.realsize} B would take the image over {self.budget.max_bytes} B "
+                "(images.max_unpacked_bytes)",
+            )
+        holes = m.realsize - m.size
+        self.budget.bytes += holes
+        self.budget.holes += holes
 
     def _whiteout(self, parts: Path_, entry: str) -> None:
         parent, base = parts[:-1], parts[-1]
@@ -591,9 +602,7 @@ class _Unpacker:
             flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
             fd = os.open(name, flags, 0o600, dir_fd=dfd)
             try:
-                written = stream.copy_to(fd, m.size)
-                if written != m.size:
-                    raise self._err(entry, f"truncated: {written} of {m.size} B")
+                self._data(stream, fd, m, entry)
                 self._owner_mode(fd, m)
                 self._xattrs(fd, m)
                 ns = _mtime_ns(m)
@@ -602,6 +611,21 @@ class _Unpacker:
                 os.close(fd)
 
         self._in_parent(parts, entry, create)
+
+    def _data(self, stream: _TarStream, fd: int, m: Member, entry: str) -> None:
+        """The file's data; a sparse file's runs each at its offset, the holes
+        between them left unwritten (holes on disk, not blocks of zeros)."""
+        if m.sparse is None:
+            written = stream.copy_to(fd, m.size)
+            if written != m.size:
+                raise self._err(entry, f"truncated: {written} of {m.size} B")
+            return
+        for offset, length in m.sparse:
+            os.lseek(fd, offset, os.SEEK_SET)
+            written = stream.copy_to(fd, length)
+            if written != length:
+                raise self._err(entry, f"truncated: {written} of {length} B at {offset}")
+        os.ftruncate(fd, m.realsize)
 
     def _xattrs(self, fd: int, m: Member) -> None:
         for name, value in m.xattrs.items():

@@ -477,9 +477,8 @@ class TarReader:
                     want = 1 + 2 * numbers[0]
                 if len(numbers) == want:
                     break
-            if len(tail) > 20 and (want is None or len(numbers) < want):
-                # longer than any number below 2**63
-                raise self._err(at, "a sparse map number is too long")
+            if (want is None or len(numbers) < want) and not _map_tail_ok(tail):
+                raise self._err(at, f"sparse map number {tail[:20]!r}... is not a valid number")
         m.offset_data += used
         m.size -= used
         return list(zip(numbers[1::2], numbers[2::2], strict=True))
@@ -499,6 +498,11 @@ class TarReader:
         if realsize > MAX_OFFSET:
             raise self._err(at, f"a sparse file of {realsize} B")
         m.sparse, m.realsize = runs, realsize
+
+
+def _map_tail_ok(tail: bytes) -> bool:
+    """A number cut by a block's end: digits, and no more than any number below 2**63."""
+    return len(tail) <= 19 and (not tail or tail.isdigit())
 
 
 def _padded(n: int) -> int:
