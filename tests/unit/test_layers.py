@@ -155,6 +155,32 @@ def test_later_layers_replace_types(tmp_path: Path, env: tuple[Path, Path]) -> N
     assert "lib" not in tree(root)
 
 
+def test_hardlinks_to_symlinks_and_fifos(tmp_path: Path, env: tuple[Path, Path]) -> None:
+    """Tar allows them, and layers made from real file systems have them: the link
+    is another name for the symlink or fifo itself (in this layer or a lower one)."""
+    root, outside = env
+    before = snapshot(outside)
+    apply(tmp_path, root, Tar().symlink("lower", "/etc/hostname").bytes())
+    layer = (
+        Tar()
+        .symlink("bin/slink", f"{outside}/secret")
+        .fifo("run/p")
+        .hardlink("bin/h-slink", "bin/slink")
+        .hardlink("h-p", "run/p")
+        .hardlink("h-lower", "lower")
+        .hardlink("h-file", "bin/h-slink")  # a link to a link of a symlink
+        .bytes()
+    )
+    apply(tmp_path, root, layer)
+    for link, target in (("bin/h-slink", "bin/slink"), ("h-p", "run/p"), ("h-lower", "lower")):
+        a, b = (root / link).lstat(), (root / target).lstat()
+        assert (a.st_ino, a.st_mode, a.st_nlink) == (b.st_ino, b.st_mode, b.st_nlink), link
+    assert tree(root)["bin/h-slink"] == f"l:{outside}/secret"
+    assert tree(root)["h-p"] == "p"
+    assert (root / "h-file").lstat().st_nlink == 3
+    assert snapshot(outside) == before
+
+
 HOSTILE = {
     "dotdot": lambda o: Tar().file("../outside/secret", b"pwned"),
     "dotdot-inner": lambda o: Tar().file("a/../../outside/secret", b"pwned"),
@@ -164,8 +190,12 @@ HOSTILE = {
     "symlink-deep-then-mkdir": lambda o: Tar().dir("d").symlink("d/l", str(o)).dir("d/l/new"),
     "symlink-then-hardlink": lambda o: Tar().symlink("a", str(o)).hardlink("h", "a/secret"),
     "hardlink-dotdot": lambda o: Tar().hardlink("h", "../outside/secret"),
-    "hardlink-to-symlink": lambda o: Tar().symlink("l", f"{o}/secret").hardlink("h", "l"),
     "hardlink-missing": lambda o: Tar().hardlink("h", "nothing"),
+    "hardlink-later": lambda o: Tar().hardlink("h", "f").file("f"),
+    "hardlink-to-dir": lambda o: Tar().dir("d").hardlink("h", "d"),
+    "hardlink-to-symlink-then-write": (
+        lambda o: Tar().symlink("l", str(o)).hardlink("h", "l").file("h/secret", b"pwned")
+    ),
     "symlink-then-whiteout": lambda o: Tar().symlink("a", str(o)).file("a/.wh.secret", b""),
     "symlink-then-opaque": lambda o: Tar().symlink("a", str(o)).file("a/.wh..wh..opq", b""),
     "char-device": lambda o: Tar().device("dev/mem"),

@@ -12,8 +12,10 @@ trusts nothing in it:
   followed while writing, so ``a -> /etc`` then ``a/passwd`` is refused
   instead of overwriting the host's ``/etc/passwd``. Absolute names, ``..``,
   over-long names/paths and too-deep paths are refused outright.
-- A hardlink may only point at a regular file already in the root, found
-  the same way (no symlink on the way, no ``..``).
+- A hardlink may only point at an entry already in the root, found the same
+  way (no symlink on the way, no ``..``): a file, or a symlink or fifo (tar
+  allows those, and layers made from real file systems have them; linking a
+  symlink links the link, never what it points at). Never a directory.
 - Device nodes are refused (a container gets its devices from the runtime,
   and a block device node in an image is a way to reach host disks). FIFOs
   are fine.
@@ -682,10 +684,10 @@ class _Unpacker:
             raise self._err(entry, f"hardlink target {_show(m.linkname)} does not exist")
         try:
             st = self._lstat(tdfd, tparts[-1])
-            if st is None or not stat.S_ISREG(st.st_mode):
-                raise self._err(
-                    entry, f"hardlink target {_show(m.linkname)} is not an extracted regular file"
-                )
+            if st is None:
+                raise self._err(entry, f"hardlink target {_show(m.linkname)} does not exist")
+            if stat.S_ISDIR(st.st_mode):
+                raise self._err(entry, f"hardlink target {_show(m.linkname)} is a directory")
 
             def create(dfd: int, name: str) -> None:
                 self._remove(dfd, name)
