@@ -21,6 +21,7 @@ from tests.unit.imagekit import (
     dg,
     header,
     member,
+    mounted,
     padded,
     pax,
     record,
@@ -102,6 +103,29 @@ def test_unpack_entries_and_metadata(tmp_path: Path, env: tuple[Path, Path], how
         names = os.listxattr(root / "usr/share/cap")
         assert "user.note" in names and "security.capability" in names
         assert "trusted.overlay.opaque" not in names
+
+
+def test_directory_xattrs_survive_into_the_image(tmp_path: Path, env: tuple[Path, Path]) -> None:
+    """user.* on a directory (the root's too) reaches the tree and the erofs image
+    built from it, as it does on files; a later layer listing the directory again
+    without them keeps them, as docker does."""
+    root, _ = env
+    x = "SCHILY.xattr."
+    apply(tmp_path, root, Tar()
+          .dir("./", pax={x + "user.root": "r"})
+          .dir("etc", pax={x + "user.dir": "d\x00v", x + "trusted.overlay.opaque": "y"})
+          .file("etc/f", b"1", pax={x + "user.file": "f"})
+          .bytes())  # fmt: skip
+    apply(tmp_path, root, Tar().dir("etc", mode=0o700).bytes())
+    img = tmp_path / "image.erofs"
+    subprocess.run(["mkfs.erofs", "--quiet", str(img), str(root)], check=True)
+    with mounted(img, tmp_path / "mnt") as mnt:
+        for tree_root in (root, mnt):
+            assert os.getxattr(tree_root, "user.root") == b"r"
+            assert os.getxattr(tree_root / "etc", "user.dir") == b"d\0v"
+            assert os.getxattr(tree_root / "etc/f", "user.file") == b"f"
+            assert os.listxattr(tree_root / "etc") == ["user.dir"]
+            assert stat.S_IMODE((tree_root / "etc").stat().st_mode) == 0o700
 
 
 def test_whiteouts_and_opaque_dirs_across_layers(tmp_path: Path, env: tuple[Path, Path]) -> None:

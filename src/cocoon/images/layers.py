@@ -24,8 +24,9 @@ trusts nothing in it:
   from it is only ever mounted inside a guest VM, where containers expect
   ``su``/``ping``/``passwd`` to work as in docker.
 - Extended attributes: only ``security.capability`` and ``user.*`` on regular
-  files are applied (file capabilities are what ``ping`` needs in newer
-  images; ``user.*`` is harmless), best effort; ``trusted.*`` and
+  files and directories are applied (file capabilities are what ``ping``
+  needs in newer images; ``user.*`` is harmless; a directory listed again by
+  a later layer keeps those it had, as with docker), best effort; ``trusted.*`` and
   ``security.selinux`` are dropped (the host's policy is not the guest's,
   and ``trusted.overlay.*`` would steer the guest's overlayfs).
 - Headers are read by tarreader.py, not tarfile: in linear time, with every
@@ -640,8 +641,9 @@ class _Unpacker:
                     os.setxattr(fd, name, value)
 
     def _dir(self, m: Member, parts: Path_, entry: str) -> None:
-        if not parts:  # "./": the root's own owner, mode and time
+        if not parts:  # "./": the root's own owner, mode, xattrs and time
             self._owner_mode(self.root_fd, m)
+            self._xattrs(self.root_fd, m)
             self.dir_times.append(((), _mtime_ns(m)))
             return
 
@@ -653,6 +655,7 @@ class _Unpacker:
             fd = os.open(name, _DIR_FLAGS, dir_fd=dfd)
             try:
                 self._owner_mode(fd, m)
+                self._xattrs(fd, m)
             finally:
                 os.close(fd)
 
