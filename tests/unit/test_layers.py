@@ -169,6 +169,23 @@ def test_whiteouts_and_opaque_dirs_across_layers(tmp_path: Path, env: tuple[Path
     }
 
 
+def test_many_opaque_markers_cost_linear_time(tmp_path: Path, env: tuple[Path, Path]) -> None:
+    """Each marker used to re-list its directory: 3,000 files and 3,000 markers
+    took ~13 s (N² lstat calls), and the entry cap allows a million."""
+    root, _ = env
+    apply(tmp_path, root, Tar().file("d/lower", b"1").file("d/sub/lower", b"2").bytes())
+    t = Tar().dir("d/sub")
+    for i in range(3000):
+        t.file(f"d/f{i}", b"")
+    for _ in range(3000):
+        t.file("d/sub/.wh..wh..opq", b"").file("d/.wh..wh..opq", b"")
+    t0 = time.monotonic()
+    apply(tmp_path, root, t.bytes())
+    assert time.monotonic() - t0 < 3
+    assert "d/lower" not in tree(root) and "d/sub/lower" not in tree(root)
+    assert len(os.listdir(root / "d")) == 3001
+
+
 def test_later_layers_replace_types(tmp_path: Path, env: tuple[Path, Path]) -> None:
     root, _ = env
     apply(tmp_path, root, Tar().file("lib/libc.so", b"c").file("f", b"file").bytes())

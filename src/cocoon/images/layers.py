@@ -421,8 +421,11 @@ class _Unpacker:
         self.chown = os.geteuid() == 0
         #: Paths this layer wrote (and their ancestors): whiteouts spare them.
         self.created: set[Path_] = set()
+        #: Directories emptied of the lower layers' entries (see _prune_once).
+        self.pruned: set[Path_] = set()
         #: Directory mtimes, applied when the layer is done (writing inside bumps them).
-        self.dir_times: list[tuple[Path_, int]] = []
+        #: (One per directory: the last entry for it wins, as it would applied in order.)
+        self.dir_times: dict[Path_, int] = {}
 
     # -- helpers -------------------------------------------------------------
 
@@ -482,6 +485,19 @@ class _Unpacker:
         else:
             os.unlink(name, dir_fd=dfd)
 
+    def _prune_once(self, dfd: int, prefix: Path_) -> None:
+        """_prune, unless prefix or a directory above it was pruned in this layer.
+
+        After a prune, only this layer's entries are left below, so another
+        opaque marker there has nothing to do; re-listing the directory for
+        each one made N markers in a directory of N files cost N² lstat calls
+        (a layer of a few MB, hours of CPU).
+        """
+        if any(prefix[:i] in self.pruned for i in range(len(prefix) + 1)):
+            return
+        self._prune(dfd, prefix)
+        self.pruned.add(prefix)
+
     def _prune(self, dfd: int, prefix: Path_) -> None:
         """Delete what lower layers left under prefix; keep what this layer wrote."""
         for name in os.listdir(dfd):
@@ -489,6 +505,8 @@ class _Unpacker:
             if p not in self.created:
                 self._remove(dfd, name)
                 continue
+            if p in self.pruned:
+                continue  # done already, by a marker of its own
             st = self._lstat(dfd, name)
             if st is not None and stat.S_ISDIR(st.st_mode):
                 cfd = os.open(name, _DIR_FLAGS, dir_fd=dfd)
@@ -557,7 +575,7 @@ class _Unpacker:
             dfd = self.open_dir(parent, True, entry)
             assert dfd is not None
             try:
-                self._prune(dfd, parent)
+                self._prune_once(dfd, parent)
             finally:
                 os.close(dfd)
             return
@@ -578,7 +596,7 @@ class _Unpacker:
                 if st is not None and stat.S_ISDIR(st.st_mode):
                     cfd = os.open(target, _DIR_FLAGS, dir_fd=dfd)
                     try:
-                        self._prune(cfd, tparts)
+                        self._prune_once(cfd, tparts)
                     finally:
                         os.close(cfd)
         finally:
@@ -644,7 +662,7 @@ class _Unpacker:
         if not parts:  # "./": the root's own owner, mode, xattrs and time
             self._owner_mode(self.root_fd, m)
             self._xattrs(self.root_fd, m)
-            self.dir_times.append(((), _mtime_ns(m)))
+            self.dir_times[()] = _mtime_ns(m)
             return
 
         def create(dfd: int, name: str) -> None:
@@ -660,7 +678,7 @@ class _Unpacker:
                 os.close(fd)
 
         self._in_parent(parts, entry, create)
-        self.dir_times.append((parts, _mtime_ns(m)))
+        self.dir_times[parts] = _mtime_ns(m)
 
     def _symlink(self, m: Member, parts: Path_, entry: str) -> None:
         target = m.linkname
@@ -717,7 +735,7 @@ class _Unpacker:
 
     def finish(self) -> None:
         """Directory mtimes last: every write inside a directory bumped its mtime."""
-        for parts, ns in self.dir_times:
+        for parts, ns in self.dir_times.items():
             try:
                 fd = self.open_dir(parts, False, "")
             except ImageError:
