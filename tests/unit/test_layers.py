@@ -282,6 +282,30 @@ def test_entry_count_cap(tmp_path: Path, env: tuple[Path, Path]) -> None:
         apply(tmp_path, root, t.bytes(), budget=Budget(1 << 30, 10))
 
 
+def test_cpu_cap_per_image(tmp_path: Path, env: tuple[Path, Path]) -> None:
+    """The unpacking thread's CPU time, summed over an image's layers, is capped
+    (images.max_unpack_cpu_s): a backstop for metadata-only streams."""
+    root, _ = env
+    layer = Tar().file("f", b"x").bytes()
+    budget = Budget(1 << 30, 100, max_cpu_s=60.0)
+    apply(tmp_path, root, layer, budget=budget)
+    assert 0 < budget.cpu_s < 60
+    budget.cpu_s = 60.0  # as if the earlier layers had used it all
+    with pytest.raises(ImageError, match=r"more than 60 s of CPU \(images.max_unpack_cpu_s\)"):
+        apply(tmp_path, root, layer, "gzip", budget)
+
+
+def test_sparse_runs_count_as_entries(tmp_path: Path, env: tuple[Path, Path]) -> None:
+    root, _ = env
+    runs = b",".join(b"%d,1" % (2 * i) for i in range(20))
+    tar = pax(record(b"GNU.sparse.size", b"40") + record(b"GNU.sparse.map", runs))
+    tar += member(b"f", b"x" * 20) + END
+    apply(tmp_path, root, tar, budget=Budget(1 << 30, 21))
+    assert (root / "f").read_bytes() == b"x\0" * 20
+    with pytest.raises(ImageError, match="20 sparse data runs take the image over 20 entries"):
+        apply(tmp_path, root, tar, budget=Budget(1 << 30, 20))
+
+
 def test_huge_extended_header_refused(tmp_path: Path, env: tuple[Path, Path]) -> None:
     root, _ = env
     t = Tar().file("f", b"x", pax={"comment": "c" * ((1 << 20) + 10)}).bytes()

@@ -54,6 +54,7 @@ import shutil
 import stat
 import tarfile
 import threading
+import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -109,14 +110,31 @@ class Budget:
 
     max_bytes: int
     max_entries: int
+    #: CPU seconds of the unpacking thread, summed over the image's layers.
+    max_cpu_s: float = float("inf")
     bytes: int = 0
     entries: int = 0
     #: Bytes of sparse files' holes (in ``bytes`` too: the image holds them).
     holes: int = 0
+    cpu_s: float = 0.0
 
     @classmethod
     def from_config(cls, cfg: ImagesConfig) -> Budget:
-        return cls(cfg.max_unpacked_bytes, cfg.max_entries)
+        return cls(cfg.max_unpacked_bytes, cfg.max_entries, cfg.max_unpack_cpu_s)
+
+    def check_cpu(self, since: float, what: str) -> None:
+        """Refuse once this image's unpacking has used more CPU than allowed.
+
+        ``since`` is the thread time when the current layer started: what counts
+        is work, never waiting for a download. Every parsing cost is linear now,
+        but metadata-only streams are still ~100x dearer per byte than file
+        data; this bounds them, and whatever super-linear path is left unfound.
+        """
+        if self.cpu_s + time.thread_time() - since > self.max_cpu_s:
+            raise ImageError(
+                f"{what}: unpacking the image took more than {self.max_cpu_s:.0f} s of CPU "
+                "(images.max_unpack_cpu_s); no real image costs that much"
+            )
 
     def add_bytes(self, n: int, what: str) -> None:
         self.bytes += n
@@ -141,6 +159,8 @@ class _TarStream:
     def __init__(self, src: Readable, budget: Budget, what: str) -> None:
         self._budget = budget
         self._what = what
+        #: This thread's CPU time when the layer started (see Budget.check_cpu).
+        self.started = time.thread_time()
         # Hashed here, not in the gunzip thread: inflating is the slower half of
         # the two, and this thread mostly waits on it (hashlib lets go of the GIL).
         self.hash = hashlib.sha256()
@@ -159,6 +179,7 @@ class _TarStream:
             self._eof = True
             return False
         self._budget.add_bytes(len(data), self._what)
+        self._budget.check_cpu(self.started, self._what)
         self.hash.update(data)
         self._view = memoryview(data)
         return True
@@ -568,6 +589,16 @@ class _Unpacker:
         holes = m.realsize - m.size
         self.budget.bytes += holes
         self.budget.holes += holes
+        if m.sparse is not None:
+            # A data run costs a seek and a write call, as an entry costs a create:
+            # a file of many runs counts as that many entries.
+            self.budget.entries += len(m.sparse)
+            if self.budget.entries > self.budget.max_entries:
+                raise self._err(
+                    entry,
+                    f"{len(m.sparse)} sparse data runs take the image over "
+                    f"{self.budget.max_entries} entries (images.max_entries)",
+                )
 
     def _whiteout(self, parts: Path_, entry: str) -> None:
         parent, base = parts[:-1], parts[-1]
@@ -833,9 +864,11 @@ def unpack_layer(
         while (m := members.next()) is not None:
             current = m.name
             un.entry(reader, m)
+            budget.check_cpu(reader.started, what)
         current = ""
         reader.drain()
         un.finish()
+        budget.cpu_s += time.thread_time() - reader.started
     except (EOFError, zlib.error, zstandard.ZstdError, OSError) as e:
         at = f" (at entry {_show(current)})" if current else ""
         raise ImageError(f"{what}: corrupt or unwritable layer{at}: {e}") from e

@@ -42,9 +42,10 @@ _ZERO = bytes(BLOCK)
 #: few xattrs (a value is at most 64 KiB) and maybe a sparse map: 1 MiB holds
 #: all that with room to spare, and parsing it takes about a millisecond.
 MAX_PAX_BYTES = 1 << 20
-#: A real pax header has a dozen records and a few more per xattr; only the
-#: 0.0 sparse format needs more, two per data run.
-MAX_PAX_RECORDS = 1 << 14
+#: A real pax header has a dozen records and a few more per xattr (each one
+#: costs a setxattr call). Only the 0.0 sparse format (GNU tar 1.14 to 1.15.1,
+#: 2004-5) needs more, two per data run: 500 runs of it still fit.
+MAX_PAX_RECORDS = 1024
 #: A GNU long name or link name is a path: PATH_MAX and its NUL, doubled.
 MAX_LONG_NAME_BYTES = 8 << 10
 #: Extended headers before one entry: real writers chain at most a pax
