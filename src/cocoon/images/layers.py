@@ -804,6 +804,9 @@ class OpenedLayer:
                 self.raw: BlobFile = open(blob, "rb")  # noqa: SIM115 (closed by close)
             except FileNotFoundError:
                 raise ImageError(f"{what}: blob {blob.name[:12]} is not in the store") from None
+            except OSError as e:
+                msg = f"{what}: cannot open blob {blob.name[:12]}: {e.strerror}"
+                raise ImageError(msg) from None
         else:
             self.raw = blob
         self._stream: Readable | None = None
