@@ -558,6 +558,23 @@ def test_hostile_sparse_maps_refused(tmp_path: Path, env: tuple[Path, Path], cas
     assert len(str(e.value).splitlines()) == 1
 
 
+SEEDS = Path(__file__).parents[2] / "fuzz/corpus/tar_layer"
+
+
+@pytest.mark.parametrize("seed", sorted(p.name for p in SEEDS.iterdir()))
+def test_fuzz_seeds_are_valid_layers(tmp_path: Path, env: tuple[Path, Path], seed: str) -> None:
+    """The tar_layer fuzz target's seeds (ustar, pax, GNU long names, every sparse
+    format, hardlinks, whiteouts; plain, gzip, zstd) must unpack: a refused seed
+    would only teach the fuzzer the first error."""
+    root, _ = env
+    data = (SEEDS / seed).read_bytes()
+    how = "gzip" if seed.endswith(".gz") else "zstd" if seed.endswith(".zst") else "none"
+    blob = tmp_path / "blob"
+    blob.write_bytes(data)
+    unpack_layer(blob, how, root, Budget(1 << 30, 1000))
+    assert os.listdir(root)
+
+
 def test_compression_must_match_media_type(tmp_path: Path, env: tuple[Path, Path]) -> None:
     root, _ = env
     t = Tar().file("f").bytes()
