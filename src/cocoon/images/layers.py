@@ -5,8 +5,9 @@ trusts nothing in it:
 
 - The blob is streamed (file -> decompressor -> tar reader), never held in
   memory; the uncompressed stream is hashed on the way (the layer's diff_id)
-  and counted against ``images.max_unpacked_bytes`` for the whole image, and
-  entries against ``images.max_entries``.
+  and counted against ``images.max_unpacked_bytes`` for the whole image,
+  entries against ``images.max_entries``, and the unpacking thread's CPU
+  time against ``images.max_unpack_cpu_s``.
 - Paths are split into components and written with ``*at`` calls relative to
   directory fds opened with ``O_NOFOLLOW | O_DIRECTORY``: a symlink is never
   followed while writing, so ``a -> /etc`` then ``a/passwd`` is refused
@@ -26,9 +27,9 @@ trusts nothing in it:
 - Extended attributes: only ``security.capability`` and ``user.*`` on regular
   files and directories are applied (file capabilities are what ``ping``
   needs in newer images; ``user.*`` is harmless; a directory listed again by
-  a later layer keeps those it had, as with docker), best effort; ``trusted.*`` and
-  ``security.selinux`` are dropped (the host's policy is not the guest's,
-  and ``trusted.overlay.*`` would steer the guest's overlayfs).
+  a later layer keeps those it had, as with docker), best effort;
+  ``trusted.*`` and ``security.selinux`` are dropped (the host's policy is
+  not the guest's, and ``trusted.overlay.*`` would steer the guest's overlayfs).
 - Headers are read by tarreader.py, not tarfile: in linear time, with every
   extended header, chain of them and sparse map capped, and any malformed
   field one ImageError.
