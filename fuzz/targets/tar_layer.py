@@ -8,6 +8,9 @@ after every input its content and mtime must be as they were, and nothing
 else may have appeared beside the root. A changed canary is a finding even
 when unpack_layer raised ImageError: refusing after writing outside is still
 an escape. Everything is removed afterwards, whatever the layer left.
+
+The budget has no CPU cap (images.max_unpack_cpu_s): a slow input must show
+as a hang to the runner, not hide behind an expected ImageError.
 """
 
 from __future__ import annotations
