@@ -88,6 +88,11 @@ class ImagesConfig:
     #: Caps against decompression bombs and absurd layers (per image, unpacked).
     max_unpacked_bytes: int = 32 << 30
     max_entries: int = 1_000_000
+    #: CPU seconds the unpacking thread may spend on one image (waiting for a
+    #: download does not count). Real images take a few minutes at most; layers
+    #: of nothing but metadata (tiny pax records, sparse maps) parse at ~5 MB/s,
+    #: so under the byte cap alone they could cost hours.
+    max_unpack_cpu_s: float = 1800.0
     #: Cap on one compressed layer blob.
     max_layer_bytes: int = 16 << 30
 
@@ -197,7 +202,7 @@ class Config:
         im = self.images
         if not 1 <= im.pull_concurrency <= 64:
             raise ConfigError("images.pull_concurrency must be 1..64")
-        for name in ("max_unpacked_bytes", "max_entries", "max_layer_bytes"):
+        for name in ("max_unpacked_bytes", "max_entries", "max_layer_bytes", "max_unpack_cpu_s"):
             if getattr(im, name) <= 0:
                 raise ConfigError(f"images.{name} must be > 0")
         if self.sandbox.template_dir and not os.path.isabs(self.sandbox.template_dir):

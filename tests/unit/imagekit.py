@@ -100,6 +100,53 @@ class Tar:
         return buf.getvalue()
 
 
+# -- raw tar blocks: what tarfile will not write (hostile or odd headers) -------
+
+END = bytes(1024)
+
+
+def header(
+    name: bytes, kind: bytes = b"0", size: int = 0, fields: dict[int, bytes] | None = None
+) -> bytes:
+    """One ustar header block with a right checksum; ``fields`` overwrite raw bytes
+    at their offsets (a base-256 size at 124, a GNU sparse map at 386...)."""
+    b = bytearray(512)
+    b[0 : len(name[:100])] = name[:100]
+    b[100:108] = b"0000644\0"
+    b[108:124] = b"0000000\0" * 2
+    b[124:136] = b"%011o\0" % size
+    b[136:148] = b"%011o\0" % 1_000_000
+    b[156:157] = kind
+    b[257:265] = b"ustar\x0000"
+    for offset, raw in (fields or {}).items():
+        b[offset : offset + len(raw)] = raw
+    b[148:156] = b" " * 8
+    b[148:156] = b"%06o\0 " % sum(b)
+    return bytes(b)
+
+
+def padded(data: bytes) -> bytes:
+    return data + bytes(-len(data) % 512)
+
+
+def record(key: bytes, value: bytes) -> bytes:
+    """One pax record, its length (which counts itself) worked out."""
+    body = b" " + key + b"=" + value + b"\n"
+    n = len(body) + 1
+    while len(str(n)) + len(body) != n:
+        n += 1
+    return str(n).encode() + body
+
+
+def pax(records: bytes, kind: bytes = b"x") -> bytes:
+    """A pax extended header (``x``, or ``g`` for a global one) with these raw records."""
+    return header(b"PaxHeaders/x", kind, len(records)) + padded(records)
+
+
+def member(name: bytes, data: bytes = b"", kind: bytes = b"0") -> bytes:
+    return header(name, kind, len(data)) + padded(data)
+
+
 def make_image(
     store: ImageStore,
     layers: list[bytes],

@@ -7,6 +7,7 @@ import fcntl
 import json
 import os
 import stat
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -67,6 +68,32 @@ def test_add_list_resolve_inspect(store: ImageStore, tmp_path: Path) -> None:
         st = (m / "app/run").stat()
         assert stat.S_IMODE(st.st_mode) == 0o4755 and (st.st_uid, st.st_gid) == (1000, 1000)
         assert (m / "bin/sh").read_bytes() == b"#!shell"
+
+
+def test_sparse_files_stay_holes_in_the_image(store: ImageStore, tmp_path: Path) -> None:
+    """A 256 MiB mostly-hole file (tar --sparse) costs ~nothing in the erofs image
+    too: chunk-based files there, since the holes outweigh a block per entry."""
+    src = tmp_path / "src"
+    src.mkdir()
+    with open(src / "sparse", "wb") as f:
+        f.truncate(256 << 20)
+        f.seek(100 << 20)
+        f.write(b"data")
+    layer = subprocess.run(
+        ["tar", "--sparse", "--format=pax", "-cf", "-", "-C", str(src), "sparse"],
+        check=True,
+        capture_output=True,
+    ).stdout
+    img = add_image(store, [BASE, layer])
+    assert Path(img.erofs).stat().st_size < 1 << 20
+    with mounted(img.erofs, tmp_path / "mnt") as m:
+        assert (m / "sparse").stat().st_size == 256 << 20
+        with open(m / "sparse", "rb") as f:
+            f.seek((100 << 20) - 2)
+            assert f.read(8) == b"\0\0data\0\0"
+        assert (m / "bin/sh").read_bytes() == b"#!shell"
+    plain = add_image(store, [BASE, APP])  # no holes: tail-packed as before
+    assert Path(plain.erofs).stat().st_size <= 8192
 
 
 def test_add_is_idempotent_and_merges_tags(

@@ -5,15 +5,18 @@ trusts nothing in it:
 
 - The blob is streamed (file -> decompressor -> tar reader), never held in
   memory; the uncompressed stream is hashed on the way (the layer's diff_id)
-  and counted against ``images.max_unpacked_bytes`` for the whole image, and
-  entries against ``images.max_entries``.
+  and counted against ``images.max_unpacked_bytes`` for the whole image,
+  entries against ``images.max_entries``, and the unpacking thread's CPU
+  time against ``images.max_unpack_cpu_s``.
 - Paths are split into components and written with ``*at`` calls relative to
   directory fds opened with ``O_NOFOLLOW | O_DIRECTORY``: a symlink is never
   followed while writing, so ``a -> /etc`` then ``a/passwd`` is refused
   instead of overwriting the host's ``/etc/passwd``. Absolute names, ``..``,
   over-long names/paths and too-deep paths are refused outright.
-- A hardlink may only point at a regular file already in the root, found
-  the same way (no symlink on the way, no ``..``).
+- A hardlink may only point at an entry already in the root, found the same
+  way (no symlink on the way, no ``..``): a file, or a symlink or fifo (tar
+  allows those, and layers made from real file systems have them; linking a
+  symlink links the link, never what it points at). Never a directory.
 - Device nodes are refused (a container gets its devices from the runtime,
   and a block device node in an image is a way to reach host disks). FIFOs
   are fine.
@@ -22,13 +25,16 @@ trusts nothing in it:
   from it is only ever mounted inside a guest VM, where containers expect
   ``su``/``ping``/``passwd`` to work as in docker.
 - Extended attributes: only ``security.capability`` and ``user.*`` on regular
-  files are applied (file capabilities are what ``ping`` needs in newer
-  images; ``user.*`` is harmless), best effort; ``trusted.*`` and
-  ``security.selinux`` are dropped (the host's policy is not the guest's,
-  and ``trusted.overlay.*`` would steer the guest's overlayfs).
-- tarfile's own memory bombs are closed: pax/GNU long-name headers are capped
-  at 1 MiB, global pax headers at 64, GNU sparse files refused (their maps are
-  read into memory without bound).
+  files and directories are applied (file capabilities are what ``ping``
+  needs in newer images; ``user.*`` is harmless; a directory listed again by
+  a later layer keeps those it had, as with docker), best effort;
+  ``trusted.*`` and ``security.selinux`` are dropped (the host's policy is
+  not the guest's, and ``trusted.overlay.*`` would steer the guest's overlayfs).
+- Headers are read by tarreader.py, not tarfile: in linear time, with every
+  extended header, chain of them and sparse map capped, and any malformed
+  field one ImageError.
+- GNU sparse files (``tar --sparse``) are written with their holes as holes;
+  the apparent size counts against the budget all the same.
 
 Whiteouts follow the OCI image spec: ``.wh.<name>`` deletes ``<name>`` as the
 lower layers left it, ``.wh..wh..opq`` empties its directory of everything the
@@ -49,6 +55,7 @@ import shutil
 import stat
 import tarfile
 import threading
+import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -60,6 +67,7 @@ import zstandard
 from cocoon.config import ImagesConfig
 from cocoon.errors import ImageError
 from cocoon.images.blobs import BlobFile, Readable
+from cocoon.images.tarreader import Member, TarReader
 
 #: Linux NAME_MAX and PATH_MAX, in bytes.
 MAX_NAME_BYTES = 255
@@ -67,7 +75,8 @@ MAX_PATH_BYTES = 4096
 #: Deeper paths are refused: real images stay far below, and the recursive
 #: clean-ups (opaque dirs, rmtree) must stay under Python's recursion limit.
 MAX_DEPTH = 256
-#: pax extended headers and GNU long names are read into memory by tarfile.
+#: For safe_tarinfo (archive.py): pax extended headers and GNU long names are
+#: read into memory by tarfile.
 MAX_META_HEADER_BYTES = 1 << 20
 MAX_GLOBAL_HEADERS = 64
 CHUNK = 1 << 20
@@ -102,12 +111,31 @@ class Budget:
 
     max_bytes: int
     max_entries: int
+    #: CPU seconds of the unpacking thread, summed over the image's layers.
+    max_cpu_s: float = float("inf")
     bytes: int = 0
     entries: int = 0
+    #: Bytes of sparse files' holes (in ``bytes`` too: the image holds them).
+    holes: int = 0
+    cpu_s: float = 0.0
 
     @classmethod
     def from_config(cls, cfg: ImagesConfig) -> Budget:
-        return cls(cfg.max_unpacked_bytes, cfg.max_entries)
+        return cls(cfg.max_unpacked_bytes, cfg.max_entries, cfg.max_unpack_cpu_s)
+
+    def check_cpu(self, since: float, what: str) -> None:
+        """Refuse once this image's unpacking has used more CPU than allowed.
+
+        ``since`` is the thread time when the current layer started: what counts
+        is work, never waiting for a download. Every parsing cost is linear now,
+        but metadata-only streams are still ~100x dearer per byte than file
+        data; this bounds them, and whatever super-linear path is left unfound.
+        """
+        if self.cpu_s + time.thread_time() - since > self.max_cpu_s:
+            raise ImageError(
+                f"{what}: unpacking the image took more than {self.max_cpu_s:.0f} s of CPU "
+                "(images.max_unpack_cpu_s); no real image costs that much"
+            )
 
     def add_bytes(self, n: int, what: str) -> None:
         self.bytes += n
@@ -119,20 +147,21 @@ class Budget:
 
 
 class _TarStream:
-    """The uncompressed tar stream, as tarfile's file object and as the file data's source.
+    """The uncompressed tar stream, as the header reader's source and the file data's.
 
     Every byte is counted against the budget and hashed (the diff_id) as it
-    arrives from the decompressor. tarfile reads headers through ``read`` and
-    skips through ``seek`` (forward only: it is a stream); file data bypasses
-    tarfile: ``copy_to`` writes the decompressor's chunks straight to the file
-    (memoryviews, no copies in Python). tarfile's own stream mode (``r|``)
-    joined and sliced every MiB three times over and allocated anew for each:
-    most of the unpacking thread's time.
+    arrives from the decompressor. The TarReader reads headers through
+    ``read`` and skips through ``seek`` (forward only: it is a stream); file
+    data bypasses it: ``copy_to`` writes the decompressor's chunks straight to
+    the file (memoryviews, no copies in Python; tarfile's stream mode joined
+    and sliced every MiB three times over, most of this thread's time).
     """
 
     def __init__(self, src: Readable, budget: Budget, what: str) -> None:
         self._budget = budget
         self._what = what
+        #: This thread's CPU time when the layer started (see Budget.check_cpu).
+        self.started = time.thread_time()
         # Hashed here, not in the gunzip thread: inflating is the slower half of
         # the two, and this thread mostly waits on it (hashlib lets go of the GIL).
         self.hash = hashlib.sha256()
@@ -151,6 +180,7 @@ class _TarStream:
             self._eof = True
             return False
         self._budget.add_bytes(len(data), self._what)
+        self._budget.check_cpu(self.started, self._what)
         self.hash.update(data)
         self._view = memoryview(data)
         return True
@@ -159,7 +189,7 @@ class _TarStream:
         return self.pos
 
     def read(self, n: int = CHUNK) -> bytes:
-        """``n`` bytes, fewer only at the end of the stream (tarfile's _Stream.read)."""
+        """``n`` bytes, fewer only at the end of the stream."""
         if n < 0:
             n = CHUNK
         if len(self._view) >= n:
@@ -180,7 +210,7 @@ class _TarStream:
     def seek(self, pos: int) -> int:
         """Skip ahead to ``pos`` (data nobody reads is still counted and hashed)."""
         if pos < self.pos:
-            raise tarfile.StreamError("seeking backwards is not allowed")
+            raise ImageError(f"{self._what}: the tar reader sought backwards ({pos} < {self.pos})")
         left = pos - self.pos
         while left and (self._view or self._fill()):
             take = min(left, len(self._view))
@@ -192,7 +222,7 @@ class _TarStream:
     def copy_to(self, fd: int, n: int) -> int:
         """Write the next ``n`` bytes to ``fd``; how many there were (fewer at the end)."""
         left = n
-        while left and (self._view or self._fill()):
+        while left > 0 and (self._view or self._fill()):
             take = self._view[:left]
             _write_all(fd, take)
             self._view = self._view[len(take) :]
@@ -214,7 +244,11 @@ def _show(name: str) -> str:
 
 
 def safe_tarinfo(what: str) -> type[tarfile.TarInfo]:
-    """A TarInfo that refuses the headers tarfile would buffer without bound."""
+    """A TarInfo that refuses the headers tarfile would buffer without bound.
+
+    For archive.py's index of an image archive only: layers are read by
+    tarreader.py, which also parses pax headers in linear time.
+    """
     globals_seen = [0]
 
     class SafeTarInfo(tarfile.TarInfo):
@@ -263,12 +297,12 @@ def split_path(name: str, entry: str, what: str) -> Path_:
     return tuple(parts)
 
 
-def _mtime_ns(m: tarfile.TarInfo) -> int:
-    # pax mtimes are floats and may be negative or absurd; erofs stores u64 seconds.
-    return int(min(max(float(m.mtime), 0.0), float(1 << 40)) * 1_000_000_000)
+def _mtime_ns(m: Member) -> int:
+    # pax mtimes may be negative or absurd; erofs stores u64 seconds.
+    return min(max(m.mtime_ns, 0), (1 << 40) * 1_000_000_000)
 
 
-def _check_ids(m: tarfile.TarInfo, entry: str, what: str) -> None:
+def _check_ids(m: Member, entry: str, what: str) -> None:
     for kind, v in (("uid", m.uid), ("gid", m.gid)):
         if not isinstance(v, int) or not 0 <= v < 0xFFFFFFFF:
             raise ImageError(f"{what}: entry {entry}: {kind} {v!r} out of range")
@@ -409,8 +443,11 @@ class _Unpacker:
         self.chown = os.geteuid() == 0
         #: Paths this layer wrote (and their ancestors): whiteouts spare them.
         self.created: set[Path_] = set()
+        #: Directories emptied of the lower layers' entries (see _prune_once).
+        self.pruned: set[Path_] = set()
         #: Directory mtimes, applied when the layer is done (writing inside bumps them).
-        self.dir_times: list[tuple[Path_, int]] = []
+        #: (One per directory: the last entry for it wins, as it would applied in order.)
+        self.dir_times: dict[Path_, int] = {}
 
     # -- helpers -------------------------------------------------------------
 
@@ -470,6 +507,19 @@ class _Unpacker:
         else:
             os.unlink(name, dir_fd=dfd)
 
+    def _prune_once(self, dfd: int, prefix: Path_) -> None:
+        """_prune, unless prefix or a directory above it was pruned in this layer.
+
+        After a prune, only this layer's entries are left below, so another
+        opaque marker there has nothing to do; re-listing the directory for
+        each one made N markers in a directory of N files cost N² lstat calls
+        (a layer of a few MB, hours of CPU).
+        """
+        if any(prefix[:i] in self.pruned for i in range(len(prefix) + 1)):
+            return
+        self._prune(dfd, prefix)
+        self.pruned.add(prefix)
+
     def _prune(self, dfd: int, prefix: Path_) -> None:
         """Delete what lower layers left under prefix; keep what this layer wrote."""
         for name in os.listdir(dfd):
@@ -477,6 +527,8 @@ class _Unpacker:
             if p not in self.created:
                 self._remove(dfd, name)
                 continue
+            if p in self.pruned:
+                continue  # done already, by a marker of its own
             st = self._lstat(dfd, name)
             if st is not None and stat.S_ISDIR(st.st_mode):
                 cfd = os.open(name, _DIR_FLAGS, dir_fd=dfd)
@@ -485,7 +537,7 @@ class _Unpacker:
                 finally:
                     os.close(cfd)
 
-    def _owner_mode(self, fd: int, m: tarfile.TarInfo) -> None:
+    def _owner_mode(self, fd: int, m: Member) -> None:
         if self.chown:
             os.fchown(fd, m.uid, m.gid)
         # After chown, which clears setuid/setgid: the bits are kept (see module doc).
@@ -493,7 +545,7 @@ class _Unpacker:
 
     # -- entries -------------------------------------------------------------
 
-    def entry(self, stream: _TarStream, m: tarfile.TarInfo) -> None:
+    def entry(self, stream: _TarStream, m: Member) -> None:
         entry = _show(m.name)
         self.budget.entries += 1
         if self.budget.entries > self.budget.max_entries:
@@ -510,12 +562,7 @@ class _Unpacker:
             self._whiteout(parts, entry)
             return
         if m.isreg():
-            if self.budget.bytes + m.size > self.budget.max_bytes:
-                raise self._err(
-                    entry,
-                    f"{m.size} B would take the image over {self.budget.max_bytes} B "
-                    "(images.max_unpacked_bytes)",
-                )
+            self._charge(m, entry)
             self._file(stream, m, parts, entry)
         elif m.isdir():
             self._dir(m, parts, entry)
@@ -525,10 +572,34 @@ class _Unpacker:
             self._hardlink(m, parts, entry)
         elif m.isfifo():
             self._fifo(m, parts, entry)
-        elif m.ischr() or m.isblk():
+        elif m.isdev():
             raise self._err(entry, "device nodes are refused in image layers")
         else:
-            raise self._err(entry, f"unsupported tar entry type {m.type!r}")
+            raise self._err(entry, f"unsupported tar entry type {m.kind!r}")
+
+    def _charge(self, m: Member, entry: str) -> None:
+        """A file's apparent size against the budget before any of it is written: a
+        sparse file's holes cost no stream bytes, yet the image built from the tree
+        (and whoever copies the file) pays for them, so they count like data."""
+        if self.budget.bytes + m.realsize > self.budget.max_bytes:
+            raise self._err(
+                entry,
+                f"{m.realsize} B would take the image over {self.budget.max_bytes} B "
+                "(images.max_unpacked_bytes)",
+            )
+        holes = m.realsize - m.size
+        self.budget.bytes += holes
+        self.budget.holes += holes
+        if m.sparse is not None:
+            # A data run costs a seek and a write call, as an entry costs a create:
+            # a file of many runs counts as that many entries.
+            self.budget.entries += len(m.sparse)
+            if self.budget.entries > self.budget.max_entries:
+                raise self._err(
+                    entry,
+                    f"{len(m.sparse)} sparse data runs take the image over "
+                    f"{self.budget.max_entries} entries (images.max_entries)",
+                )
 
     def _whiteout(self, parts: Path_, entry: str) -> None:
         parent, base = parts[:-1], parts[-1]
@@ -536,7 +607,7 @@ class _Unpacker:
             dfd = self.open_dir(parent, True, entry)
             assert dfd is not None
             try:
-                self._prune(dfd, parent)
+                self._prune_once(dfd, parent)
             finally:
                 os.close(dfd)
             return
@@ -557,7 +628,7 @@ class _Unpacker:
                 if st is not None and stat.S_ISDIR(st.st_mode):
                     cfd = os.open(target, _DIR_FLAGS, dir_fd=dfd)
                     try:
-                        self._prune(cfd, tparts)
+                        self._prune_once(cfd, tparts)
                     finally:
                         os.close(cfd)
         finally:
@@ -575,8 +646,8 @@ class _Unpacker:
             os.close(dfd)
         self._mark(parts)
 
-    def _file(self, stream: _TarStream, m: tarfile.TarInfo, parts: Path_, entry: str) -> None:
-        if stream.tell() != m.offset_data:  # tarfile and we disagree on where the data is
+    def _file(self, stream: _TarStream, m: Member, parts: Path_, entry: str) -> None:
+        if stream.tell() != m.offset_data:  # the reader and we disagree on where the data is
             raise self._err(entry, f"data at {m.offset_data}, stream at {stream.tell()}")
 
         def create(dfd: int, name: str) -> None:
@@ -584,9 +655,7 @@ class _Unpacker:
             flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
             fd = os.open(name, flags, 0o600, dir_fd=dfd)
             try:
-                written = stream.copy_to(fd, m.size)
-                if written != m.size:
-                    raise self._err(entry, f"truncated: {written} of {m.size} B")
+                self._data(stream, fd, m, entry)
                 self._owner_mode(fd, m)
                 self._xattrs(fd, m)
                 ns = _mtime_ns(m)
@@ -596,21 +665,36 @@ class _Unpacker:
 
         self._in_parent(parts, entry, create)
 
-    def _xattrs(self, fd: int, m: tarfile.TarInfo) -> None:
-        for key, value in m.pax_headers.items():
-            if not key.startswith("SCHILY.xattr."):
-                continue
-            name = key[len("SCHILY.xattr.") :]
+    def _data(self, stream: _TarStream, fd: int, m: Member, entry: str) -> None:
+        """The file's data; a sparse file's runs each at its offset, the holes
+        between them left unwritten (holes on disk, not blocks of zeros)."""
+        if m.sparse is None:
+            written = stream.copy_to(fd, m.size)
+            if written != m.size:
+                raise self._err(entry, f"truncated: {written} of {m.size} B")
+            return
+        for offset, length in m.sparse:
+            os.lseek(fd, offset, os.SEEK_SET)
+            written = stream.copy_to(fd, length)
+            if written != length:
+                raise self._err(entry, f"truncated: {written} of {length} B at {offset}")
+        os.ftruncate(fd, m.realsize)
+
+    def _xattrs(self, fd: int, m: Member) -> None:
+        for name, value in m.xattrs.items():
+            if "\0" in name:
+                continue  # not a name the kernel can take
             if name in KEPT_XATTRS or name.startswith(KEPT_XATTR_PREFIXES):
                 # Best effort: a file system without user xattrs, or a malformed
                 # capability, costs the attribute, not the image.
                 with contextlib.suppress(OSError):
-                    os.setxattr(fd, name, value.encode("utf-8", "surrogateescape"))
+                    os.setxattr(fd, name, value)
 
-    def _dir(self, m: tarfile.TarInfo, parts: Path_, entry: str) -> None:
-        if not parts:  # "./": the root's own owner, mode and time
+    def _dir(self, m: Member, parts: Path_, entry: str) -> None:
+        if not parts:  # "./": the root's own owner, mode, xattrs and time
             self._owner_mode(self.root_fd, m)
-            self.dir_times.append(((), _mtime_ns(m)))
+            self._xattrs(self.root_fd, m)
+            self.dir_times[()] = _mtime_ns(m)
             return
 
         def create(dfd: int, name: str) -> None:
@@ -621,13 +705,14 @@ class _Unpacker:
             fd = os.open(name, _DIR_FLAGS, dir_fd=dfd)
             try:
                 self._owner_mode(fd, m)
+                self._xattrs(fd, m)
             finally:
                 os.close(fd)
 
         self._in_parent(parts, entry, create)
-        self.dir_times.append((parts, _mtime_ns(m)))
+        self.dir_times[parts] = _mtime_ns(m)
 
-    def _symlink(self, m: tarfile.TarInfo, parts: Path_, entry: str) -> None:
+    def _symlink(self, m: Member, parts: Path_, entry: str) -> None:
         target = m.linkname
         if not target or "\0" in target or len(os.fsencode(target)) > MAX_PATH_BYTES:
             raise self._err(entry, "empty, NUL-bearing or over-long symlink target")
@@ -643,7 +728,7 @@ class _Unpacker:
 
         self._in_parent(parts, entry, create)
 
-    def _hardlink(self, m: tarfile.TarInfo, parts: Path_, entry: str) -> None:
+    def _hardlink(self, m: Member, parts: Path_, entry: str) -> None:
         tparts = split_path(m.linkname, entry, self.what)
         if not tparts or tparts == parts:
             raise self._err(entry, f"bad hardlink target {_show(m.linkname)}")
@@ -652,10 +737,10 @@ class _Unpacker:
             raise self._err(entry, f"hardlink target {_show(m.linkname)} does not exist")
         try:
             st = self._lstat(tdfd, tparts[-1])
-            if st is None or not stat.S_ISREG(st.st_mode):
-                raise self._err(
-                    entry, f"hardlink target {_show(m.linkname)} is not an extracted regular file"
-                )
+            if st is None:
+                raise self._err(entry, f"hardlink target {_show(m.linkname)} does not exist")
+            if stat.S_ISDIR(st.st_mode):
+                raise self._err(entry, f"hardlink target {_show(m.linkname)} is a directory")
 
             def create(dfd: int, name: str) -> None:
                 self._remove(dfd, name)
@@ -665,7 +750,7 @@ class _Unpacker:
         finally:
             os.close(tdfd)
 
-    def _fifo(self, m: tarfile.TarInfo, parts: Path_, entry: str) -> None:
+    def _fifo(self, m: Member, parts: Path_, entry: str) -> None:
         def create(dfd: int, name: str) -> None:
             self._remove(dfd, name)
             os.mkfifo(name, 0o600, dir_fd=dfd)
@@ -682,7 +767,7 @@ class _Unpacker:
 
     def finish(self) -> None:
         """Directory mtimes last: every write inside a directory bumped its mtime."""
-        for parts, ns in self.dir_times:
+        for parts, ns in self.dir_times.items():
             try:
                 fd = self.open_dir(parts, False, "")
             except ImageError:
@@ -720,6 +805,9 @@ class OpenedLayer:
                 self.raw: BlobFile = open(blob, "rb")  # noqa: SIM115 (closed by close)
             except FileNotFoundError:
                 raise ImageError(f"{what}: blob {blob.name[:12]} is not in the store") from None
+            except OSError as e:
+                msg = f"{what}: cannot open blob {blob.name[:12]}: {e.strerror}"
+                raise ImageError(msg) from None
         else:
             self.raw = blob
         self._stream: Readable | None = None
@@ -776,23 +864,16 @@ def unpack_layer(
     try:
         reader = _TarStream(layer.stream(), budget, what)
         un = _Unpacker(root_fd, budget, what)
-        # A TarFile on our forward-only stream is what tarfile.open(mode="r|")
-        # builds on its own _Stream; it only ever calls read, tell and seek ahead.
-        with tarfile.TarFile(
-            fileobj=reader,  # type: ignore[arg-type]
-            mode="r",
-            tarinfo=safe_tarinfo(what),
-            encoding="utf-8",
-            errors="surrogateescape",
-        ) as tf:
-            while (m := tf.next()) is not None:
-                tf.members = []  # type: ignore[attr-defined]  # else kept, every one
-                current = m.name
-                un.entry(reader, m)
-            current = ""
-            reader.drain()
+        members = TarReader(reader, what)
+        while (m := members.next()) is not None:
+            current = m.name
+            un.entry(reader, m)
+            budget.check_cpu(reader.started, what)
+        current = ""
+        reader.drain()
         un.finish()
-    except (tarfile.TarError, EOFError, zlib.error, zstandard.ZstdError, OSError) as e:
+        budget.cpu_s += time.thread_time() - reader.started
+    except (EOFError, zlib.error, zstandard.ZstdError, OSError) as e:
         at = f" (at entry {_show(current)})" if current else ""
         raise ImageError(f"{what}: corrupt or unwritable layer{at}: {e}") from e
     finally:
