@@ -70,9 +70,9 @@ def _jail(cfg: Config) -> Item:
         return Item("jail", False, "off (security.jail = false): QEMU runs as root")
     detail = (
         f"QEMU as uids {sec.uid_base}..{sec.uid_base + sec.uid_count - 1} (one per sandbox), "
-        "own mount/ipc/uts/net namespaces and root, no capabilities, no_new_privs, "
-        "QEMU seccomp sandbox, no core dumps; not yet: VMs with host directories, "
-        "virtiofsd, a pid namespace, a host cgroup"
+        "own mount/ipc/uts/net namespaces, root and host cgroup, no capabilities, "
+        "no_new_privs, QEMU seccomp sandbox, no core dumps; not yet: VMs with host "
+        "directories, virtiofsd, a pid namespace"
     )
     return Item("jail", True, detail)
 

@@ -16,13 +16,13 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from cocoon.config import Config
-from cocoon.hypervisor import jail
+from cocoon.hypervisor import cgroup, jail
 from cocoon.hypervisor.qemu.backend import QemuBackend
 from cocoon.hypervisor.qemu.qmp import Qmp
 from cocoon.sandbox import restore
@@ -146,19 +146,16 @@ print(json.dumps(out), flush=True)
 """
 
 
-def test_a_compromised_qemu_reaches_nothing_of_the_host_or_other_sandboxes(
-    jcfg: Config, two: list[Sandbox], run: Runner, tmp_path: Path
-) -> None:
-    me, other = two
+def probe(
+    jcfg: Config, me: Sandbox, run: Runner, tmp_path: Path, args: Callable[[int], list[str]]
+) -> tuple[subprocess.Popen[str], str, str]:
+    """Python run as ``me``'s QEMU would run (its uid, cgroup, kind of
+    namespaces and root, through the backend's own jail plan for a clone of
+    ``me``), given the template RAM fd QEMU gets; (process, stdout, stderr)."""
     backend = backend_for(jcfg)
     assert isinstance(backend, QemuBackend)
-    other_disk = next(iter(sorted(Path(jcfg.data_dir, "images", "erofs").glob("*.erofs"))), None)
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(1)
-    spec = vm_spec(jcfg, me.id, me.dir.path, me.state.accel)
     t, _ = run(ensure_template(jcfg))
-    spec = restore.clone_spec(spec, t.ram, t.empty)
+    spec = restore.clone_spec(vm_spec(jcfg, me.id, me.dir.path, me.state.accel), t.ram, t.empty)
     spec.jail = jail.Jail(me.state.jail_uid, me.state.jail_uid, jcfg.root)
     probe_dir = tmp_path / "probe"
     probe_dir.mkdir()
@@ -169,18 +166,29 @@ def test_a_compromised_qemu_reaches_nothing_of_the_host_or_other_sandboxes(
         jailed, plan = backend.jail_plan(spec, sockets, probe_dir / "console.log", fds, opened)
         assert jailed.template is not None
         mem = int(str(jailed.template.path).rsplit("/", 1)[1])
-        argv = plan.argv([
-            "/usr/bin/python3", "-I", "-S", "-c", PROBE,
-            str(other_disk or "/var/lib/cocoon/images"), str(other.dir.file("qmp.sock")),
-            str(qemu_pid(jcfg, other.id)), str(mem), str(listener.getsockname()[1]),
-        ])  # fmt: skip
+        argv = plan.argv(["/usr/bin/python3", "-I", "-S", *args(mem)])
         p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              pass_fds=[mem, *fds.values()], start_new_session=True)  # fmt: skip
         try:
             stdout, stderr = p.communicate(timeout=120)
         finally:
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGKILL)  # the fork bomb's children
+                os.killpg(p.pid, signal.SIGKILL)  # what it forked
+    return p, stdout, stderr
+
+
+def test_a_compromised_qemu_reaches_nothing_of_the_host_or_other_sandboxes(
+    jcfg: Config, two: list[Sandbox], run: Runner, tmp_path: Path
+) -> None:
+    me, other = two
+    other_disk = next(iter(sorted(Path(jcfg.data_dir, "images", "erofs").glob("*.erofs"))), None)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    p, stdout, stderr = probe(jcfg, me, run, tmp_path, lambda mem: [
+        "-c", PROBE, str(other_disk or "/var/lib/cocoon/images"), str(other.dir.file("qmp.sock")),
+        str(qemu_pid(jcfg, other.id)), str(mem), str(listener.getsockname()[1]),
+    ])  # fmt: skip
     listener.close()
     assert p.returncode == 0, stderr[-2000:]
     got = json.loads(stdout.strip().splitlines()[-1])
@@ -195,6 +203,24 @@ def test_a_compromised_qemu_reaches_nothing_of_the_host_or_other_sandboxes(
     assert got["fork_bomb"] == "EAGAIN" and got["forked"] < jail.NPROC
     # Its /proc shows its own uid's processes only (its children, its QEMU).
     assert all(_uid_of(x) in (me.state.jail_uid, -1) for x in got["in_proc"])
+
+
+def test_a_runaway_qemu_ends_only_its_own_sandbox(
+    jcfg: Config, two: list[Sandbox], run: Runner, tmp_path: Path
+) -> None:
+    """Its host cgroup caps memory at the guest's size plus the overhead:
+    allocating past it is killed there; the other sandbox does not notice."""
+    me, other = two
+    assert cgroup.memory_limit(me.id) == (me_mib(jcfg) + cgroup.OVERHEAD_MIB) << 20
+    assert qemu_pid(jcfg, me.id) in cgroup.procs(me.id)
+    hog = "b = []\nwhile True: b.append(bytearray(64 << 20))\n"
+    p, _, stderr = probe(jcfg, me, run, tmp_path, lambda mem: ["-c", hog])
+    assert p.returncode == -signal.SIGKILL, stderr[-500:]
+    run(other.ping())
+
+
+def me_mib(c: Config) -> int:
+    return c.hypervisor.memory_mib
 
 
 def test_gc_after_kill_9_leaves_no_uid_allocated(jcfg: Config, busybox: None) -> None:

@@ -57,6 +57,8 @@ class Plan:
     rw: list[str] = field(default_factory=list)
     kvm: bool = False
     net_ns: bool = True
+    #: cgroup dirs the jailer joins first (hypervisor.cgroup).
+    cgroups: list[str] = field(default_factory=list)
 
     def argv(self, vmm: list[str]) -> list[str]:
         """The jailer's command line that ends as ``vmm``."""
@@ -68,6 +70,7 @@ class Plan:
             "ro": [p for p in SYSTEM_RO if os.path.exists(p)] + _unique(self.ro),
             "rw": _unique(self.rw),
             "kvm": self.kvm,
+            "cgroups": self.cgroups,
             "net_ns": self.net_ns,
             "nofile": NOFILE,
             "nproc": NPROC,

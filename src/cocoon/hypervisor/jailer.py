@@ -5,7 +5,8 @@ the plan); the standard library only, so it starts in ~15 ms, and it execs the
 VMM in the end: the VMM keeps the jailer's pid, so the host tracks, signals
 and reaps it as it would an unjailed one. In order:
 
-1. new mount, ipc and uts namespaces (and network, when the VMM's NICs arrive
+1. into the sandbox's host cgroups (memory and pids capped); new mount, ipc
+   and uts namespaces (and network, when the VMM's NICs arrive
    as fds): nothing it mounts is seen on the host;
 2. a tmpfs root holding only the plan's paths, each bound at the path it has
    on the host (so the VMM's command line is unchanged), read-only unless the
@@ -154,8 +155,16 @@ def _drop(uid: int, gid: int, nofile: int, nproc: int) -> None:
         raise JailError("the uid or groups did not change")
 
 
+def _join(cgroups: list[str]) -> None:
+    """Into the sandbox's cgroups first: everything QEMU allocates is charged there."""
+    for cg in cgroups:
+        with open(os.path.join(cg, "cgroup.procs"), "w") as f:
+            f.write(str(os.getpid()))
+
+
 def enter(plan: dict[str, Any]) -> None:
     root: str = plan["root"]
+    _join(plan.get("cgroups", []))
     flags = CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS
     if plan.get("net_ns", True):
         flags |= CLONE_NEWNET

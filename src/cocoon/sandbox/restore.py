@@ -19,7 +19,7 @@ from pathlib import Path
 
 from cocoon.config import Config
 from cocoon.errors import TemplateError
-from cocoon.hypervisor import jail
+from cocoon.hypervisor import cgroup, jail
 from cocoon.hypervisor.base import Layout, Nic, TemplateMemory, VmSpec, file_stamp
 from cocoon.hypervisor.jail import Jail
 from cocoon.hypervisor.qemu.backend import QemuBackend
@@ -154,6 +154,7 @@ async def build(
                 os.close(fd)
         shutil.rmtree(sdir.path, ignore_errors=True)  # sockets and logs only: nothing mounted
         if jailed is not None:
+            cgroup.remove(sdir.id)
             jail.release(cfg.root, jailed.uid, sdir.id)
         sdir.release_ownership()
 

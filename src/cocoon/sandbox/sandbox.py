@@ -29,7 +29,7 @@ from cocoon import network as net
 from cocoon.config import Config
 from cocoon.errors import CocoonError, GuestError, HypervisorError, SandboxError, TemplateError
 from cocoon.guestassets.cache import resolve
-from cocoon.hypervisor import accel, jail
+from cocoon.hypervisor import accel, cgroup, jail
 from cocoon.hypervisor.base import AGENT_VSOCK_PORT, Disk, Launched, Layout, Nic, Share, VmSpec
 from cocoon.hypervisor.qemu.backend import QemuBackend
 from cocoon.hypervisor.qemu.cmdline import slot_serial
@@ -843,6 +843,7 @@ def release_host(st: SandboxState, root: Path) -> None:
     if st.network:
         net.release(st.network, st.id)
     if st.jail_uid:
+        cgroup.remove(st.id)
         jail.release(root, st.jail_uid, st.id)
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cocoon.errors import CocoonError
-from cocoon.hypervisor import jail
+from cocoon.hypervisor import cgroup, jail
 from cocoon.sandbox.sandbox import release_host, remove_dir
 from cocoon.state.store import SandboxDir, list_ids
 from cocoon.storage import scratch
@@ -125,5 +125,7 @@ def reap(
             remove_dir(sdir.path)
         reaped.append(sid)
     if only is None:  # uids of sandboxes whose every trace is gone (a crash mid-create)
-        jail.sweep(root, set(list_ids(root)))
+        live = set(list_ids(root))
+        jail.sweep(root, live)
+        cgroup.sweep(live)
     return reaped

@@ -16,8 +16,9 @@ from pathlib import Path
 
 from cocoon.config import HypervisorConfig
 from cocoon.errors import HypervisorError
+from cocoon.hypervisor import cgroup
 from cocoon.hypervisor.base import Launched, Nic, RecordFn, TemplateMemory, VmSpec, file_stamp
-from cocoon.hypervisor.jail import SECCOMP, Plan, give
+from cocoon.hypervisor.jail import NPROC, SECCOMP, Plan, give
 from cocoon.hypervisor.qemu import cmdline
 from cocoon.hypervisor.qemu.qmp import Qmp
 from cocoon.hypervisor.sealed import template_ram_fd
@@ -223,6 +224,7 @@ class QemuBackend:
         wd = spec.workdir
         (wd / "jail").mkdir(mode=0o755, exist_ok=True)
         plan = Plan(jail.uid, jail.gid, wd / "jail", kvm=spec.accel == "kvm")
+        plan.cgroups = [str(p) for p in cgroup.create(spec.id, spec.memory_mib, NPROC)]
         for name in ("qmp", "agent"):
             if name == "agent" and spec.channel == "vsock":
                 continue
