@@ -68,9 +68,11 @@ def create(sandbox_id: str, guest_mib: int, pids: int) -> list[Path]:
             _write(pid / "pids.max", str(pids))
     except (OSError, HypervisorError) as e:
         remove(sandbox_id)
-        if isinstance(e, HypervisorError):
-            raise
-        raise HypervisorError(f"cannot make the sandbox's cgroup: {e.strerror}") from None
+        why = str(e) if isinstance(e, HypervisorError) else f"{e.filename}: {e.strerror}"
+        raise HypervisorError(
+            f"the jail needs a host cgroup and cannot make one ({why}): give cocoon a "
+            "writable cgroup v2 (or v1 memory and pids) hierarchy, or set security.jail = false"
+        ) from None
     return made
 
 
