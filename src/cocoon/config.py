@@ -52,6 +52,8 @@ class HypervisorConfig:
     #: virtio-fs costs one virtiofsd per VM; 9p is in-QEMU but slower for small files.
     shared_fs: str = "virtio-fs"
     virtiofsd: str = "/usr/lib/qemu/virtiofsd"
+    #: Serves a jailed QEMU's 9p shares (QEMU itself has no file access then).
+    virtfs_proxy_helper: str = "/usr/lib/qemu/virtfs-proxy-helper"
     #: Host<->agent channel: "auto" uses vsock where /dev/vhost-vsock exists,
     #: virtio-serial otherwise (one chardev socket per VM, no host module needed).
     channel: str = "auto"

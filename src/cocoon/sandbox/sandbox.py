@@ -363,14 +363,13 @@ class Sandbox:
             nics=list(attached.nics) if attached else [],
             init=init,
         )
-        if not shares:  # host directories reach a jailed VMM in a later step
-            try:
-                spec.jail = restore.jail_for(cfg, sdir, st)
-            except BaseException:
-                if attached is not None:
-                    attached.close_fds()
-                await sb.destroy()
-                raise
+        try:
+            spec.jail = restore.jail_for(cfg, sdir, st)
+        except BaseException:
+            if attached is not None:
+                attached.close_fds()
+            await sb.destroy()
+            raise
         timeout = boot_timeout_s or cfg.hypervisor.boot_timeout_s
         try:
             try:

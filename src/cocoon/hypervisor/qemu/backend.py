@@ -171,6 +171,12 @@ class QemuBackend:
             with contextlib.ExitStack() as opened:
                 fds: dict[str, int] = {}
                 jail = None
+                if (
+                    spec.jail is not None
+                    and spec.shares
+                    and (spec.layout is not None or spec.shared_fs == "9p")
+                ):
+                    fds.update(self._proxies(spec, record, procs, opened))
                 if spec.jail is not None:
                     spec, jail = self.jail_plan(spec, sockets, console, fds, opened)
                 argv = cmdline.build(
@@ -219,8 +225,6 @@ class QemuBackend:
         their own paths in a root of their own (hypervisor.jail)."""
         jail = spec.jail
         assert jail is not None
-        if spec.shares:
-            raise HypervisorError("a jailed VM cannot have host shares yet")
         wd = spec.workdir
         (wd / "jail").mkdir(mode=0o755, exist_ok=True)
         plan = Plan(jail.uid, jail.gid, wd / "jail", kvm=spec.accel == "kvm")
@@ -235,6 +239,11 @@ class QemuBackend:
             fds[name] = s.fileno()
         if spec.channel == "vsock":
             fds["vsock"] = _opened(opened, "/dev/vhost-vsock", os.O_RDWR)
+        for name, path in sockets.items():  # virtiofsd is up: QEMU gets a connection
+            if name.startswith("virtiofsd"):
+                s = opened.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+                s.connect(str(path))
+                fds[name] = s.fileno()
         console.touch(mode=0o600)
         give(console, jail)  # the guest's console, written by QEMU
         plan.rw.append(str(console))
@@ -264,6 +273,34 @@ class QemuBackend:
                     spec, template=dataclasses.replace(t, path=Path(f"/proc/self/fd/{mem}"))
                 )
         return spec, plan
+
+    def _proxies(
+        self, spec: VmSpec, record: RecordFn, procs: dict[str, int], opened: contextlib.ExitStack
+    ) -> dict[str, int]:
+        """One virtfs-proxy-helper per 9p share of a jailed VM: it does the
+        file access QEMU no longer can (as root, chrooted into the share, with
+        only the capabilities 9p's passthrough needs: chown, dac_override,
+        fowner, fsetid, mknod, setuid/setgid for the guest's owners), over a
+        socketpair. A read-only share is read-only in the helper's own mount
+        namespace (roshare.py): QEMU's readonly=on alone is a request from the
+        process the jail assumes compromised."""
+        helper = self.cfg.virtfs_proxy_helper
+        if not os.access(helper, os.X_OK):
+            raise HypervisorError(f"{helper} missing: a jailed VM's 9p shares need it "
+                                  "(apt-get install qemu-system-common)")  # fmt: skip
+        out: dict[str, int] = {}
+        for i, share in enumerate(spec.shares):
+            a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            ours = opened.enter_context(a)
+            theirs = opened.enter_context(b)
+            argv = [helper, "-n", "-f", str(theirs.fileno()), "-p", str(share.path)]
+            if share.readonly:
+                argv = [sys.executable, "-I", "-S", str(ROSHARE), str(share.path), "--", *argv]
+            pid = self._spawn(argv, spec.workdir / f"9pproxy{i}.log", pass_fds=[theirs.fileno()])
+            procs[f"9pproxy{i}"] = pid
+            record(f"9pproxy{i}", pid)
+            out[f"9p{i}"] = ours.fileno()
+        return out
 
     def _wait_exec(self, pid: int, qemu: str, wd: Path) -> None:
         """Until the jailer has become QEMU (its sockets already exist: ours)."""

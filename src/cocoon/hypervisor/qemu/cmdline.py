@@ -98,17 +98,26 @@ def _slot_disks(spec: VmSpec, layout: Layout, bus: str) -> Iterable[list[str]]:
             i += 1
 
 
-def _9p(i: int, tag: str, path: Path, readonly: bool, bus: str) -> list[str]:
-    return [
-        "-fsdev",
-        opts(
+def _9p(
+    i: int, tag: str, path: Path, readonly: bool, bus: str, proxy_fd: int | None = None
+) -> list[str]:
+    """A 9p share: served by QEMU itself, or, for a jailed QEMU that cannot
+    reach the host's files, by a virtfs-proxy-helper on ``proxy_fd``."""
+    fsdev = (
+        opts("proxy", {"sock_fd": proxy_fd}, id=f"fs{i}", readonly=readonly or None)
+        if proxy_fd is not None
+        else opts(
             "local",
             {"security_model": "passthrough"},
             id=f"fs{i}",
             path=path,
             readonly=readonly or None,
             multidevs="remap",
-        ),
+        )  # fmt: skip
+    )
+    return [
+        "-fsdev",
+        fsdev,
         "-device",
         opts(f"virtio-9p-{bus}", {"mount_tag": tag}, fsdev=f"fs{i}"),
     ]
@@ -171,7 +180,7 @@ def _devices(
         for i in range(layout.shares):
             if i < len(spec.shares):
                 sh = spec.shares[i]
-                yield _9p(i, Layout.share_tag(i), sh.path, sh.readonly, bus)
+                yield _9p(i, Layout.share_tag(i), sh.path, sh.readonly, bus, fds.get(f"9p{i}"))
             else:
                 yield _9p(i, Layout.share_tag(i), spec.template.empty_dir, True, bus)
         return
@@ -179,12 +188,14 @@ def _devices(
         if spec.shared_fs == "virtio-fs":
             yield [
                 "-chardev",
-                opts("socket", id=f"fs{i}", path=sockets[f"virtiofsd{i}"]),
+                opts("socket", id=f"fs{i}", fd=fds[f"virtiofsd{i}"])
+                if f"virtiofsd{i}" in fds
+                else opts("socket", id=f"fs{i}", path=sockets[f"virtiofsd{i}"]),
                 "-device",
                 opts(f"vhost-user-fs-{bus}", chardev=f"fs{i}", tag=s.tag),
             ]
         elif spec.shared_fs == "9p":
-            yield _9p(i, s.tag, s.path, s.readonly, bus)
+            yield _9p(i, s.tag, s.path, s.readonly, bus, fds.get(f"9p{i}"))
 
 
 def build(
