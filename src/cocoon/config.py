@@ -150,9 +150,7 @@ class SecurityConfig:
     #: Run each sandbox's QEMU jailed: its own unprivileged uid and gid, its own
     #: mount, ipc, uts and network namespaces and root (only that VM's files),
     #: no capabilities, no_new_privs, QEMU's seccomp sandbox, no core dumps.
-    #: A VM with host directories (volumes, bundles) is not jailed yet: its
-    #: inspect shows JailUid 0. Off: QEMU runs as root with the host in view,
-    #: for debugging only.
+    #: Off: QEMU runs as root with the host in view, for debugging only.
     jail: bool = True
     #: The uids (and gids of the same number) jailed sandboxes get, one each:
     #: [uid_base, uid_base + uid_count). No other user of the host may own them.

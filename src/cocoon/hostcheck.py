@@ -71,8 +71,8 @@ def _jail(cfg: Config) -> Item:
     detail = (
         f"QEMU as uids {sec.uid_base}..{sec.uid_base + sec.uid_count - 1} (one per sandbox), "
         "own mount/ipc/uts/net namespaces, root and host cgroup, no capabilities, "
-        "no_new_privs, QEMU seccomp sandbox, no core dumps; not yet: VMs with host "
-        "directories, virtiofsd, a pid namespace"
+        "no_new_privs, QEMU seccomp sandbox, no core dumps; not yet: virtiofsd and "
+        "virtfs-proxy-helper themselves, a pid namespace"
     )
     return Item("jail", True, detail)
 

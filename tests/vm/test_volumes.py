@@ -121,21 +121,38 @@ def test_bind_rw_ro_and_tmpfs(cfg: Config, busybox: None, tmp_path: Path) -> Non
     assert not os.path.exists(f"/proc/{procs['virtiofsd1']}")
 
 
+@pytest.mark.parametrize("jailed", [True, False], ids=["jail", "no-jail"])
 def test_bind_rw_ro_and_tmpfs_in_a_template_clone(
-    cfg: Config, busybox: None, tmp_path: Path
+    cfg: Config, busybox: None, tmp_path: Path, jailed: bool
 ) -> None:
-    """A clone's shares are the template's 9p slots: QEMU itself refuses writes
-    to a :ro one (its fsdev is read-only), no virtiofsd, nothing on the host."""
+    """A clone's shares are the template's 9p slots, no virtiofsd, nothing
+    mounted on the host. Unjailed, QEMU serves them and its read-only fsdev
+    refuses writes to a :ro one. Jailed, QEMU has no file access: one
+    virtfs-proxy-helper per share serves it, the :ro one from a read-only
+    mount of its own (roshare), so not even a compromised QEMU can write."""
     rw, ro = _dirs(tmp_path)
     run = Running(cfg, "-v", f"{rw}:/data", "-v", f"{ro}:/ro:ro", "--tmpfs", "/scratch",
-                  "busybox", "sh", "-c", SCRIPT)  # fmt: skip
+                  "busybox", "sh", "-c", SCRIPT,
+                  env={"COCOON_SECURITY_JAIL": str(jailed).lower()})  # fmt: skip
     with run:
         info = run.sandbox()
-        assert set(info.processes) == {"qemu"}
         argv = Path(f"/proc/{info.processes['qemu']}/cmdline").read_bytes().split(b"\0")
-        fsdevs = [a.decode() for a in argv if a.startswith(b"local,")]
-        assert any(f"path={ro}," in f and "readonly=on" in f for f in fsdevs), fsdevs
-        assert any(f"path={rw}," in f and "readonly" not in f for f in fsdevs), fsdevs
+        if jailed:
+            assert set(info.processes) == {"qemu", "9pproxy0", "9pproxy1"}
+            proxies = [a.decode() for a in argv if a.startswith(b"proxy,")]
+            assert len(proxies) == 2 and sum("readonly=on" in f for f in proxies) == 1, proxies
+            helpers = {n: Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                       for n, pid in info.processes.items() if n != "qemu"}  # fmt: skip
+            [ro_pid] = [info.processes[n] for n, h in helpers.items() if str(ro).encode() in h]
+            assert os.readlink(f"/proc/{ro_pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt")
+            info_text = Path(f"/proc/{ro_pid}/mountinfo").read_text()
+            mounts = [ln.split() for ln in info_text.splitlines()]
+            assert any(m[4] in ("/", str(ro)) and "ro" in m[5].split(",") for m in mounts), mounts
+        else:
+            assert set(info.processes) == {"qemu"}
+            fsdevs = [a.decode() for a in argv if a.startswith(b"local,")]
+            assert any(f"path={ro}," in f and "readonly=on" in f for f in fsdevs), fsdevs
+            assert any(f"path={rw}," in f and "readonly" not in f for f in fsdevs), fsdevs
         assert mount_points_under(tmp_path) == []
     code, out, err = run.finish()
     assert code == 0, err
