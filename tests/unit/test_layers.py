@@ -697,3 +697,22 @@ def test_opened_layer_inflates_ahead_without_waiting(
     store.wake_followers()
     never.close()
     assert threading.active_count() == before
+
+
+@pytest.mark.parametrize("how", ["gzip", "zstd"])
+def test_zero_blocks_are_written_as_holes(tmp_path: Path, env: tuple[Path, Path], how: str) -> None:
+    """A file's block-aligned zero blocks cost no disk (a 64 MiB file of zeros
+    takes almost none), files ending in zeros keep their size, and every file
+    reads back as it was; the image's budget knows how much is hole."""
+    root, _ = env
+    mixed = os.urandom(5000) + bytes(20_000) + b"x" + bytes(3 << 20) + os.urandom(100)
+    tail = b"head" + bytes(1 << 20)
+    layer = Tar().file("zeros", bytes(64 << 20)).file("mixed", mixed).file("tail", tail).bytes()
+    budget = Budget(1 << 30, 100)
+    apply(tmp_path, root, layer, how, budget)
+    assert (root / "zeros").stat().st_size == 64 << 20
+    assert (root / "zeros").stat().st_blocks * 512 <= 64 << 10
+    assert (root / "mixed").read_bytes() == mixed
+    assert (root / "mixed").stat().st_blocks * 512 < 64 << 10
+    assert (root / "tail").read_bytes() == tail
+    assert budget.holes >= (64 << 20) + (3 << 20) + (1 << 20) - 3 * 4096
