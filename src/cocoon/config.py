@@ -104,8 +104,8 @@ class ImagesConfig:
     #: really holds big zero-filled files.
     max_inflation_ratio: float = 80.0
     inflation_floor_bytes: int = 512 << 20
-    #: Free space kept on the file system of data_dir: an unpack or an erofs
-    #: build that would leave less (the larger of the two; that percentage
+    #: Free space kept on the file system of data_dir: an unpack, a blob or an
+    #: erofs build that would leave less (the larger of the two; that percentage
     #: of inodes too) is refused, so a hostile image cannot fill the host's disk.
     min_free_bytes: int = 1 << 30
     min_free_percent: float = 5.0

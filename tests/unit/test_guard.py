@@ -149,3 +149,28 @@ def test_reserve_refuses_with_what_is_left(tmp_path: Path) -> None:
         pct = WriteGuard(GuardLimits(min_free_bytes=0, min_free_percent=50), str(fs))
         with pytest.raises(ImageError, match=r"and 10 MiB more are needed; cocoon keeps 32 MiB"):
             pct.check_room(fs, 10 << 20, "image x")
+
+
+@pytest.mark.skipif(not ROOT, reason="mounts a tmpfs")
+def test_blob_writes_keep_the_reserve_and_leave_nothing(tmp_path: Path) -> None:
+    """A registry's blob (or a loaded archive's) may not fill the disk either: a
+    blob announced too big for the room left is refused before a byte is written;
+    one that grows past it is refused as it is written, its partial removed."""
+    import hashlib
+
+    from cocoon.images.blobs import BlobStore
+
+    with tiny_fs(tmp_path / "fs") as fs:
+        guard = WriteGuard(GuardLimits(min_free_bytes=24 << 20, min_free_percent=0), str(fs))
+        store = BlobStore(fs / "blobs", guard)
+        digest = "sha256:" + hashlib.sha256(b"x").hexdigest()
+        with pytest.raises(ImageError, match=r"^blob sha256:2d711642b726: only 64 MiB .*, and 48"):
+            store.writer(digest, 48 << 20)
+        w = store.writer(digest)  # size unknown up front
+        with pytest.raises(ImageError, match=r"^blob sha256:2d711642b726: only \d+ MiB left on"):
+            for _ in range(48):
+                w.write(os.urandom(1 << 20))
+        assert os.listdir(fs / "blobs" / "ingest") == []
+        with pytest.raises(ImageError, match=r"^blob: only \d+ MiB left"):
+            store.ingest(open("/dev/urandom", "rb"), 1 << 30)  # noqa: SIM115
+        assert os.listdir(fs / "blobs" / "ingest") == []

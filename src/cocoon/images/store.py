@@ -57,6 +57,7 @@ from typing import Any
 from cocoon.config import Config
 from cocoon.errors import ImageError, StateError
 from cocoon.images.blobs import BlobFile, BlobRestarted, BlobStore, check_digest
+from cocoon.images.guard import WriteGuard
 from cocoon.images.layers import Budget, OpenedLayer, open_layer, unpack_layer
 from cocoon.images.manifest import (
     MAX_CONFIG,
@@ -199,7 +200,9 @@ class ImageStore:
         self.index_path = self.root / "index.json"
         try:
             self.root.mkdir(parents=True, exist_ok=True, mode=0o755)
-            self.blobs = BlobStore(self.root / "blobs")
+            self.blobs = BlobStore(
+                self.root / "blobs", WriteGuard.from_config(cfg.images, str(self.root))
+            )
             self.erofs_dir.mkdir(exist_ok=True, mode=0o755)
             # 0700: staging trees hold setuid files and whatever else a layer
             # brings; no host user may reach them.
