@@ -533,3 +533,57 @@ def test_zero_filled_files_keep_the_fast_plain_erofs(
     mostly = add_image(store, [Tar().file("a", b"x").file("zeros", bytes(64 << 20)).bytes()])
     assert any(a.startswith("--chunksize") for a in argvs[-1])
     assert Path(mostly.erofs).stat().st_size < 1 << 20
+
+
+# -- trees mkfs.erofs 1.5 gets wrong (issue 18, item 2) ------------------------
+
+
+@pytest.mark.parametrize(
+    "layer, path, why",
+    [
+        (Tar().file("d/" + "n" * 255, b"max").bytes(), "d/" + "n" * 255, "a name of 255 B"),
+        (Tar().file("lost+found/f", b"lf").bytes(), "lost+found/f", "lost+found"),
+        (Tar().file("a/lost+found.txt", b"lf").bytes(), "a/lost+found.txt", "lost+found"),
+        (
+            Tar().file("/".join(["d" * 250] * 16) + "/leaf", b"deep").bytes(),
+            "/".join(["d" * 250] * 16) + "/leaf",
+            "a path of",
+        ),
+    ],
+    ids=["name-255", "lost+found", "lost+found-prefix", "path-max"],
+)
+def test_trees_mkfs_erofs_gets_wrong_build_with_names_intact(
+    store: ImageStore,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    layer: bytes,
+    path: str,
+    why: str,
+) -> None:
+    """mkfs.erofs 1.5 fails on a 255-byte name or a path of PATH_MAX, and drops
+    every lost+found* entry: such a tree is written by cocoon's erofs writer, and
+    the image holds every name, as the layer says. Other trees still go to mkfs."""
+    reasons: list[str] = []
+    real = store_mod._own_writer
+
+    def spy(budget: Any) -> str:
+        reasons.append(real(budget))
+        return reasons[-1]
+
+    monkeypatch.setattr(store_mod, "_own_writer", spy)
+    img = add_image(store, [BASE, layer])
+    assert why in reasons[-1]
+    with mounted(img.erofs, tmp_path / "mnt") as m:
+        fd = os.open(m, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            *dirs, leaf = path.split("/")
+            for d in dirs:  # by dir fds: the deep path is longer than PATH_MAX from /
+                nfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+                os.close(fd)
+                fd = nfd
+            assert os.stat(leaf, dir_fd=fd).st_size > 0
+        finally:
+            os.close(fd)
+        assert (m / "bin/sh").read_bytes() == b"#!shell"
+    add_image(store, [BASE, OTHER])
+    assert reasons[-1] == ""  # an ordinary tree: mkfs.erofs

@@ -78,6 +78,8 @@ MAX_PATH_BYTES = 4096
 #: Deeper paths are refused: real images stay far below, and the recursive
 #: clean-ups (opaque dirs, rmtree) must stay under Python's recursion limit.
 MAX_DEPTH = 256
+#: Names mkfs.erofs 1.5 skips, at any depth (see erofs.py).
+MKFS_SKIPPED_PREFIX = "lost+found"
 #: For safe_tarinfo (archive.py): pax extended headers and GNU long names are
 #: read into memory by tarfile.
 MAX_META_HEADER_BYTES = 1 << 20
@@ -124,6 +126,8 @@ class Budget:
     cpu_s: float = 0.0
     #: Inflation ratio, free space and zero blocks as holes (guard.py).
     guard: WriteGuard = field(default_factory=WriteGuard)
+    #: Why mkfs.erofs 1.5 cannot build this tree ("" if it can): see erofs.py.
+    mkfs_unfit: str = ""
 
     @classmethod
     def from_config(cls, cfg: ImagesConfig, place: str = "") -> Budget:
@@ -457,8 +461,10 @@ class _ThreadedGunzip:
 class _Unpacker:
     """One layer onto one root. Holds the root's fd and this layer's bookkeeping."""
 
-    def __init__(self, root_fd: int, budget: Budget, what: str) -> None:
+    def __init__(self, root_fd: int, budget: Budget, what: str, root_len: int = 0) -> None:
         self.root_fd = root_fd
+        #: Bytes of the root's path: mkfs.erofs 1.5 fails on full paths of PATH_MAX.
+        self.root_len = root_len
         self.budget = budget
         self.what = what
         self.chown = os.geteuid() == 0
@@ -584,6 +590,8 @@ class _Unpacker:
         if parts and parts[-1].startswith(WHITEOUT_PREFIX):
             self._whiteout(parts, entry)
             return
+        if not self.budget.mkfs_unfit:
+            self.budget.mkfs_unfit = self._mkfs_unfit(parts)
         if m.isreg():
             self._charge(m, entry)
             self._file(stream, m, parts, entry)
@@ -599,6 +607,18 @@ class _Unpacker:
             raise self._err(entry, "device nodes are refused in image layers")
         else:
             raise self._err(entry, f"unsupported tar entry type {m.kind!r}")
+
+    def _mkfs_unfit(self, parts: Path_) -> str:
+        """Why mkfs.erofs 1.5 could not build a tree with this path in it ("" if it can)."""
+        for comp in parts:
+            if len(os.fsencode(comp)) == MAX_NAME_BYTES:
+                return f"a name of {MAX_NAME_BYTES} B"
+            if comp.startswith(MKFS_SKIPPED_PREFIX):
+                return f"a name beginning with {MKFS_SKIPPED_PREFIX}"
+        full = self.root_len + sum(len(os.fsencode(c)) + 1 for c in parts)
+        if full >= MAX_PATH_BYTES:
+            return f"a path of {full} B in the staging dir"
+        return ""
 
     def _charge(self, m: Member, entry: str) -> None:
         """A file's apparent size against the budget before any of it is written: a
@@ -917,7 +937,7 @@ def unpack_layer(
         budget.guard.check_room(root_fd, 0, what)
         inflation = budget.guard.inflation(layer.size, what)
         reader = _TarStream(layer.stream(), budget, inflation, what)
-        un = _Unpacker(root_fd, budget, what)
+        un = _Unpacker(root_fd, budget, what, len(os.fsencode(str(root))))
         members = TarReader(reader, what)
         while (m := members.next()) is not None:
             current = m.name

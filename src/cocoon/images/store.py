@@ -56,6 +56,7 @@ from typing import Any
 
 from cocoon.config import Config
 from cocoon.errors import ImageError, StateError
+from cocoon.images import erofs
 from cocoon.images.blobs import BlobFile, BlobRestarted, BlobStore, check_digest
 from cocoon.images.guard import WriteGuard
 from cocoon.images.layers import Budget, OpenedLayer, open_layer, unpack_layer
@@ -643,8 +644,10 @@ class ImageStore:
         return budget
 
     def _mkfs(self, mf: Manifest, staging: Path, budget: Budget) -> Path:
-        """mkfs.erofs of staging/rootfs into staging/image.erofs, fsync'd: the image path.
+        """The erofs of staging/rootfs in staging/image.erofs, fsync'd: the image path.
 
+        mkfs.erofs builds it, unless the unpacker found what mkfs.erofs 1.5
+        gets wrong (budget.mkfs_unfit): then cocoon's own writer (erofs.py).
         The image is made here first (mkfs.erofs opens it without O_TRUNC) so that
         a thread can write it back while mkfs still writes (fdatasync every
         WRITE_BEHIND_S): the fsync that must precede the rename into erofs/
@@ -652,19 +655,21 @@ class ImageStore:
         """
         rootfs = staging / "rootfs"
         out = staging / "image.erofs"
+        what = f"image {mf.config.digest[7:19]}"
         # The UUID comes from the image id, so rebuilding gives the same superblock UUID.
         fs_uuid = uuid.UUID(hex=mf.config.digest[7:39])
         argv = ["mkfs.erofs", "--quiet", f"-U{fs_uuid}"]
-        chunked = _chunked(budget)
+        own = _own_writer(budget)
+        chunked = not own and _chunked(budget)
         if chunked:
             argv.append(f"--chunksize={EROFS_BLOCK}")  # holes stay out of the image
         fd = os.open(out, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             # Roughly what the image will take: the stream's bytes (headers for
-            # inodes), holes included unless chunked. Refused before mkfs fills
-            # the disk.
-            need = budget.bytes - (budget.holes if chunked else 0)
-            budget.guard.check_room(fd, need, f"image {mf.config.digest[7:19]}")
+            # inodes), holes included unless chunked (cocoon's writer keeps them
+            # as holes of the image file). Refused before mkfs fills the disk.
+            need = budget.bytes - (budget.holes if chunked or own else 0)
+            budget.guard.check_room(fd, need, what)
             done = threading.Event()
 
             def write_behind() -> None:
@@ -676,11 +681,15 @@ class ImageStore:
             behind.start()
             try:
                 # Ownership, modes (setuid included), xattrs and mtimes come from the tree.
-                run(
-                    [*argv, str(out), str(rootfs)],
-                    timeout_s=MKFS_TIMEOUT_S,
-                    error=ImageError,
-                )
+                if own:
+                    log.info("%s holds %s, which mkfs.erofs 1.5 gets wrong", what, own)
+                    erofs.build(rootfs, fd, fs_uuid, what)
+                else:
+                    run(
+                        [*argv, str(out), str(rootfs)],
+                        timeout_s=MKFS_TIMEOUT_S,
+                        error=ImageError,
+                    )
             finally:
                 done.set()
                 behind.join()
@@ -689,6 +698,11 @@ class ImageStore:
         finally:
             os.close(fd)
         return out
+
+
+def _own_writer(budget: Budget) -> str:
+    """Why the image is written by erofs.py instead of mkfs.erofs ("": it is not)."""
+    return budget.mkfs_unfit
 
 
 def _chunked(budget: Budget) -> bool:
