@@ -587,3 +587,14 @@ def test_trees_mkfs_erofs_gets_wrong_build_with_names_intact(
         assert (m / "bin/sh").read_bytes() == b"#!shell"
     add_image(store, [BASE, OTHER])
     assert reasons[-1] == ""  # an ordinary tree: mkfs.erofs
+
+
+def test_mkfs_ignores_source_date_epoch(
+    store: ImageStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """mkfs.erofs clamps every mtime to $SOURCE_DATE_EPOCH when it is set (as
+    in many build environments): the image's mtimes must be the layers'."""
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1000")
+    img = add_image(store, [Tar().file("f", b"x", mtime=1_700_000_000).bytes()])
+    with mounted(img.erofs, tmp_path / "mnt") as m:
+        assert (m / "f").stat().st_mtime == 1_700_000_000

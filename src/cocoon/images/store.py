@@ -689,6 +689,7 @@ class ImageStore:
                         [*argv, str(out), str(rootfs)],
                         timeout_s=MKFS_TIMEOUT_S,
                         error=ImageError,
+                        env=_mkfs_env(),
                     )
             finally:
                 done.set()
@@ -698,6 +699,12 @@ class ImageStore:
         finally:
             os.close(fd)
         return out
+
+
+def _mkfs_env() -> dict[str, str]:
+    """Ours, without SOURCE_DATE_EPOCH: set (as in many build environments), it
+    makes mkfs.erofs clamp every mtime of the image to it."""
+    return {k: v for k, v in os.environ.items() if k != "SOURCE_DATE_EPOCH"}
 
 
 def _own_writer(budget: Budget) -> str:
