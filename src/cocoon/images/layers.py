@@ -29,7 +29,9 @@ trusts nothing in it:
 - Extended attributes: only ``security.capability`` and ``user.*`` on regular
   files and directories are applied (file capabilities are what ``ping``
   needs in newer images; ``user.*`` is harmless; a directory listed again by
-  a later layer keeps those it had, as with docker), best effort;
+  a later layer has that layer's, as docker and containerd show it: each layer
+  is its own overlayfs dir there, and a merged dir has the upper one's), best
+  effort;
   ``trusted.*`` and ``security.selinux`` are dropped (the host's policy is
   not the guest's, and ``trusted.overlay.*`` would steer the guest's overlayfs).
 - Headers are read by tarreader.py, not tarfile: in linear time, with every
@@ -724,11 +726,18 @@ class _Unpacker:
         if m.sparse is not None or holes:
             os.ftruncate(fd, m.realsize)  # it may end in a hole
 
-    def _xattrs(self, fd: int, m: Member) -> None:
+    def _xattrs(self, fd: int, m: Member, *, relisted: bool = False) -> None:
+        """The entry's kept xattrs on ``fd``; for a directory a lower layer made
+        (``relisted``), the kept ones this layer does not list go."""
+        if relisted:
+            for name in os.listxattr(fd):
+                if _kept_xattr(name) and name not in m.xattrs:
+                    with contextlib.suppress(OSError):
+                        os.removexattr(fd, name)
         for name, value in m.xattrs.items():
             if "\0" in name:
                 continue  # not a name the kernel can take
-            if name in KEPT_XATTRS or name.startswith(KEPT_XATTR_PREFIXES):
+            if _kept_xattr(name):
                 # Best effort: a file system without user xattrs, or a malformed
                 # capability, costs the attribute, not the image.
                 with contextlib.suppress(OSError):
@@ -737,19 +746,20 @@ class _Unpacker:
     def _dir(self, m: Member, parts: Path_, entry: str) -> None:
         if not parts:  # "./": the root's own owner, mode, xattrs and time
             self._owner_mode(self.root_fd, m)
-            self._xattrs(self.root_fd, m)
+            self._xattrs(self.root_fd, m, relisted=True)
             self.dir_times[()] = _mtime_ns(m)
             return
 
         def create(dfd: int, name: str) -> None:
             st = self._lstat(dfd, name)
-            if st is None or not stat.S_ISDIR(st.st_mode):
+            relisted = st is not None and stat.S_ISDIR(st.st_mode)
+            if not relisted:
                 self._remove(dfd, name)
                 os.mkdir(name, 0o700, dir_fd=dfd)
             fd = os.open(name, _DIR_FLAGS, dir_fd=dfd)
             try:
                 self._owner_mode(fd, m)
-                self._xattrs(fd, m)
+                self._xattrs(fd, m, relisted=relisted)
             finally:
                 os.close(fd)
 
@@ -822,6 +832,10 @@ class _Unpacker:
                 os.utime(fd, ns=(ns, ns))
             finally:
                 os.close(fd)
+
+
+def _kept_xattr(name: str) -> bool:
+    return name in KEPT_XATTRS or name.startswith(KEPT_XATTR_PREFIXES)
 
 
 def _write_all(fd: int, data: bytes | memoryview) -> None:
