@@ -97,6 +97,20 @@ class ImagesConfig:
     max_unpack_cpu_s: float = 1800.0
     #: Cap on one compressed layer blob.
     max_layer_bytes: int = 16 << 30
+    #: Past inflation_floor_bytes, a layer may inflate to at most this many
+    #: times its compressed size. Real trees measured 1.3-6.5x in gzip (docs,
+    #: binaries, locales, Python, headers); a layer of nothing but empty files
+    #: ~55x (gzip) to ~70x (zstd), but such a layer stays under the floor up to
+    #: half a million entries. The 11 MiB gzip of 11 GiB of zeros is ~1000x:
+    #: at 80x it is refused after ~0.9 GiB of output. Raise it for an image that
+    #: really holds big zero-filled files.
+    max_inflation_ratio: float = 80.0
+    inflation_floor_bytes: int = 512 << 20
+    #: Free space kept on the file system of data_dir: an unpack, a blob or an
+    #: erofs build that would leave less (the larger of the two; that percentage
+    #: of inodes too) is refused, so a hostile image cannot fill the host's disk.
+    min_free_bytes: int = 1 << 30
+    min_free_percent: float = 5.0
 
 
 @dataclass
@@ -206,6 +220,13 @@ class Config:
         for name in ("max_unpacked_bytes", "max_entries", "max_layer_bytes", "max_unpack_cpu_s"):
             if getattr(im, name) <= 0:
                 raise ConfigError(f"images.{name} must be > 0")
+        if im.max_inflation_ratio < 10:
+            # Real layers inflate up to ~7x: below 10, ordinary images would be refused.
+            raise ConfigError("images.max_inflation_ratio must be >= 10")
+        if im.inflation_floor_bytes < 0 or im.min_free_bytes < 0:
+            raise ConfigError("images.inflation_floor_bytes and min_free_bytes must be >= 0")
+        if not 0 <= im.min_free_percent < 100:
+            raise ConfigError("images.min_free_percent must be 0..100 (exclusive)")
         if self.sandbox.template_dir and not os.path.isabs(self.sandbox.template_dir):
             raise ConfigError("sandbox.template_dir must be an absolute path")
         if not 0 <= self.pool.size <= 256:

@@ -155,9 +155,13 @@ def make_image(
     tags: tuple[str, ...] = (),
     cmd: tuple[str, ...] = ("sh",),
     diff_ids: list[str] | None = None,
+    blobs: list[bytes] | None = None,
 ) -> tuple[str, bytes, bytes]:
-    """Put the layers in the blob store; the (manifest digest, manifest, config) to add()."""
-    blobs = [compress(t, compression) for t in layers]
+    """Put the layers in the blob store; the (manifest digest, manifest, config) to add().
+
+    ``blobs``: the layers compressed already (then ``diff_ids`` are needed).
+    """
+    blobs = blobs or [compress(t, compression) for t in layers]
     for b in blobs:
         store.blobs.put(dg(b), b)
     config = json.dumps({

@@ -108,7 +108,8 @@ def test_unpack_entries_and_metadata(tmp_path: Path, env: tuple[Path, Path], how
 def test_directory_xattrs_survive_into_the_image(tmp_path: Path, env: tuple[Path, Path]) -> None:
     """user.* on a directory (the root's too) reaches the tree and the erofs image
     built from it, as it does on files; a later layer listing the directory again
-    without them keeps them, as docker does."""
+    gives it that layer's (none here), as docker and containerd show it (each
+    layer is an overlayfs dir of its own; a merged dir has the upper one's)."""
     root, _ = env
     x = "SCHILY.xattr."
     apply(tmp_path, root, Tar()
@@ -116,7 +117,6 @@ def test_directory_xattrs_survive_into_the_image(tmp_path: Path, env: tuple[Path
           .dir("etc", pax={x + "user.dir": "d\x00v", x + "trusted.overlay.opaque": "y"})
           .file("etc/f", b"1", pax={x + "user.file": "f"})
           .bytes())  # fmt: skip
-    apply(tmp_path, root, Tar().dir("etc", mode=0o700).bytes())
     img = tmp_path / "image.erofs"
     subprocess.run(["mkfs.erofs", "--quiet", str(img), str(root)], check=True)
     with mounted(img, tmp_path / "mnt") as mnt:
@@ -125,7 +125,12 @@ def test_directory_xattrs_survive_into_the_image(tmp_path: Path, env: tuple[Path
             assert os.getxattr(tree_root / "etc", "user.dir") == b"d\0v"
             assert os.getxattr(tree_root / "etc/f", "user.file") == b"f"
             assert os.listxattr(tree_root / "etc") == ["user.dir"]
-            assert stat.S_IMODE((tree_root / "etc").stat().st_mode) == 0o700
+    apply(tmp_path, root, Tar().dir("etc", mode=0o700, pax={x + "user.new": "n"}).bytes())
+    assert os.listxattr(root / "etc") == ["user.new"]
+    assert stat.S_IMODE((root / "etc").stat().st_mode) == 0o700
+    assert os.getxattr(root / "etc/f", "user.file") == b"f"  # not listed again: kept
+    apply(tmp_path, root, Tar().dir(".").bytes())
+    assert os.listxattr(root) == []
 
 
 def test_whiteouts_and_opaque_dirs_across_layers(tmp_path: Path, env: tuple[Path, Path]) -> None:
@@ -697,3 +702,22 @@ def test_opened_layer_inflates_ahead_without_waiting(
     store.wake_followers()
     never.close()
     assert threading.active_count() == before
+
+
+@pytest.mark.parametrize("how", ["gzip", "zstd"])
+def test_zero_blocks_are_written_as_holes(tmp_path: Path, env: tuple[Path, Path], how: str) -> None:
+    """A file's block-aligned zero blocks cost no disk (a 64 MiB file of zeros
+    takes almost none), files ending in zeros keep their size, and every file
+    reads back as it was; the image's budget knows how much is hole."""
+    root, _ = env
+    mixed = os.urandom(5000) + bytes(20_000) + b"x" + bytes(3 << 20) + os.urandom(100)
+    tail = b"head" + bytes(1 << 20)
+    layer = Tar().file("zeros", bytes(64 << 20)).file("mixed", mixed).file("tail", tail).bytes()
+    budget = Budget(1 << 30, 100)
+    apply(tmp_path, root, layer, how, budget)
+    assert (root / "zeros").stat().st_size == 64 << 20
+    assert (root / "zeros").stat().st_blocks * 512 <= 64 << 10
+    assert (root / "mixed").read_bytes() == mixed
+    assert (root / "mixed").stat().st_blocks * 512 < 64 << 10
+    assert (root / "tail").read_bytes() == tail
+    assert budget.holes >= (64 << 20) + (3 << 20) + (1 << 20) - 3 * 4096

@@ -405,3 +405,196 @@ def test_add_pulled_of_a_built_image_only_fetches_and_records(store: ImageStore)
     a = asyncio.run(store.add_pulled(md, _arrive(store, blobs), ["r.io/x:1"]))
     b = asyncio.run(store.add_pulled(md, asyncio.sleep(0), ["r.io/x:2"]))
     assert a.id == b.id and b.repo_tags == ["r.io/x:1", "r.io/x:2"]
+
+
+# -- hostile input cannot exhaust the host (issue 14, item 3) ----------------
+
+
+def _zero_bomb(size: int) -> tuple[bytes, int]:
+    """A valid gzip of a tar holding one ``size``-byte file of zeros, ~1000x smaller,
+    made without ever holding it: identical gzip members of 64 MiB of zeros each
+    (a multi-member gzip is one stream), with the tar's header and end around them.
+    Returns the blob and the tar's length."""
+    import gzip
+    import tarfile
+
+    step = 64 << 20
+    assert size % step == 0
+    ti = tarfile.TarInfo("zeros")
+    ti.size, ti.mtime = size, 1_000_000
+    head = ti.tobuf(tarfile.PAX_FORMAT)
+    tail = bytes(1024)
+    zeros = gzip.compress(bytes(step), compresslevel=9, mtime=0)
+    blob = gzip.compress(head, mtime=0) + zeros * (size // step) + gzip.compress(tail, mtime=0)
+    return blob, len(head) + size + len(tail)
+
+
+def test_zero_bomb_refused_early_and_leaves_nothing(
+    store: ImageStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The issue's bomb: an 11 MiB gzip layer of an 11 GiB file of zeros, within
+    images.max_unpacked_bytes (32 GiB). It is refused by the inflation ratio after
+    less than 1 GiB of output, of which nothing reached the disk (zero blocks are
+    holes), in one line, and the store is left as it was."""
+    from cocoon.images.guard import WriteGuard
+
+    blob, tar_len = _zero_bomb(11 << 30)
+    assert len(blob) < 12 << 20 and tar_len < store.cfg.images.max_unpacked_bytes
+    handed = [0]
+    real_write = WriteGuard.write
+
+    def counted(self: WriteGuard, fd: int, buf: bytes, start: int, end: int, *a: Any) -> int:
+        handed[0] += end - start
+        return real_write(self, fd, buf, start, end, *a)
+
+    monkeypatch.setattr(WriteGuard, "write", counted)
+    md, mb, cb = make_image(store, [], blobs=[blob], diff_ids=[dg(b"not computed: refused first")])
+    with open("/proc/self/io") as f:
+        wchar0 = int(dict(line.split(": ") for line in f.read().splitlines())["wchar"])
+    t0 = time.monotonic()
+    with pytest.raises(ImageError) as e:
+        store.add(md, mb, cb, ["docker.io/library/bomb:1"])
+    elapsed = time.monotonic() - t0
+    with open("/proc/self/io") as f:
+        wchar = int(dict(line.split(": ") for line in f.read().splitlines())["wchar"]) - wchar0
+    msg = str(e.value)
+    assert len(msg.splitlines()) == 1
+    limit = 80 * len(blob)  # images.max_inflation_ratio times the blob, past the floor
+    assert f"of compressed data inflate to more than {limit / (1 << 20):.0f} MiB (over 80" in msg
+    assert limit - (1 << 20) <= handed[0] < 1 << 30  # bytes written, or left as holes
+    assert wchar < 1 << 20  # the zeros went nowhere: holes
+    assert elapsed < 30
+    assert leftovers(store) == ([], [], [])
+    assert store.list() == []
+
+
+@pytest.fixture
+def tiny_store(tmp_path: Path) -> Any:
+    """A store on a 64 MiB tmpfs that keeps 24 MiB free (we are root)."""
+    from tests.unit.test_guard import tiny_fs
+
+    if os.geteuid() != 0:
+        pytest.skip("mounts a tmpfs")
+    with tiny_fs(tmp_path / "fs") as fs:
+        cfg = Config(data_dir=str(fs / "data"))
+        cfg.images.min_free_bytes, cfg.images.min_free_percent = 24 << 20, 0.0
+        yield ImageStore(cfg)
+
+
+def _incompressible_but_small(n: int) -> bytes:
+    """n bytes of one random 64 KiB block repeated: no zero blocks, and zstd
+    finds the repeats (the blob is a few hundred KiB)."""
+    return os.urandom(64 << 10) * (n >> 16)
+
+
+def test_free_space_reserve_refuses_an_unpack(tiny_store: ImageStore) -> None:
+    layer = Tar().file("big", _incompressible_but_small(48 << 20)).bytes()
+    with pytest.raises(ImageError) as e:
+        add_image(tiny_store, [layer], compression="zstd")
+    msg = str(e.value)
+    assert len(msg.splitlines()) == 1
+    assert msg.startswith("layer 1/1 (sha256:")
+    assert "MiB left on the file system of " + str(tiny_store.root) in msg
+    assert "cocoon keeps 24 MiB free there (images.min_free_bytes, images.min_free_percent)" in msg
+    assert leftovers(tiny_store) == ([], [], [])
+
+
+def test_free_space_reserve_refuses_a_build_before_mkfs(tiny_store: ImageStore) -> None:
+    """The tree fits, but the image built from it would not: refused up front."""
+    layer = Tar().file("big", _incompressible_but_small(24 << 20)).bytes()
+    with pytest.raises(ImageError, match=r"^image [0-9a-f]{12}: only \d+ MiB left .* and 24 MiB"):
+        add_image(tiny_store, [layer], compression="zstd")
+    assert leftovers(tiny_store) == ([], [], [])
+    small = add_image(tiny_store, [Tar().file("f", b"fits").bytes()], compression="zstd")
+    assert Path(small.erofs).is_file()
+
+
+def test_zero_filled_files_keep_the_fast_plain_erofs(
+    store: ImageStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A few zero-filled files (holes in the tree now) do not flip an ordinary image
+    to chunk-based erofs (3-7x mkfs time); a tree that is mostly holes does."""
+    argvs: list[list[str]] = []
+    real_run = store_mod.run
+
+    def spy(argv: list[str], **kw: Any) -> Any:
+        argvs.append(argv)
+        return real_run(argv, **kw)
+
+    monkeypatch.setattr(store_mod, "run", spy)
+    t = Tar().dir("usr")
+    for i in range(40):
+        t.file(f"usr/bin{i}", os.urandom(200_000) + bytes(16 << 10) + os.urandom(9_000))
+    t.file("var/zeros1", bytes(1 << 20)).file("var/zeros2", bytes(3 << 20))
+    img = add_image(store, [t.bytes()])
+    assert not any(a.startswith("--chunksize") for a in argvs[-1])
+    with mounted(img.erofs, tmp_path / "mnt") as m:
+        assert (m / "var/zeros2").read_bytes() == bytes(3 << 20)
+    mostly = add_image(store, [Tar().file("a", b"x").file("zeros", bytes(64 << 20)).bytes()])
+    assert any(a.startswith("--chunksize") for a in argvs[-1])
+    assert Path(mostly.erofs).stat().st_size < 1 << 20
+
+
+# -- trees mkfs.erofs 1.5 gets wrong (issue 18, item 2) ------------------------
+
+
+@pytest.mark.parametrize(
+    "layer, path, why",
+    [
+        (Tar().file("d/" + "n" * 255, b"max").bytes(), "d/" + "n" * 255, "a name of 255 B"),
+        (Tar().file("lost+found/f", b"lf").bytes(), "lost+found/f", "lost+found"),
+        (Tar().file("a/lost+found.txt", b"lf").bytes(), "a/lost+found.txt", "lost+found"),
+        (
+            Tar().file("/".join(["d" * 250] * 16) + "/leaf", b"deep").bytes(),
+            "/".join(["d" * 250] * 16) + "/leaf",
+            "a path of",
+        ),
+    ],
+    ids=["name-255", "lost+found", "lost+found-prefix", "path-max"],
+)
+def test_trees_mkfs_erofs_gets_wrong_build_with_names_intact(
+    store: ImageStore,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    layer: bytes,
+    path: str,
+    why: str,
+) -> None:
+    """mkfs.erofs 1.5 fails on a 255-byte name or a path of PATH_MAX, and drops
+    every lost+found* entry: such a tree is written by cocoon's erofs writer, and
+    the image holds every name, as the layer says. Other trees still go to mkfs."""
+    reasons: list[str] = []
+    real = store_mod._own_writer
+
+    def spy(budget: Any) -> str:
+        reasons.append(real(budget))
+        return reasons[-1]
+
+    monkeypatch.setattr(store_mod, "_own_writer", spy)
+    img = add_image(store, [BASE, layer])
+    assert why in reasons[-1]
+    with mounted(img.erofs, tmp_path / "mnt") as m:
+        fd = os.open(m, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            *dirs, leaf = path.split("/")
+            for d in dirs:  # by dir fds: the deep path is longer than PATH_MAX from /
+                nfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+                os.close(fd)
+                fd = nfd
+            assert os.stat(leaf, dir_fd=fd).st_size > 0
+        finally:
+            os.close(fd)
+        assert (m / "bin/sh").read_bytes() == b"#!shell"
+    add_image(store, [BASE, OTHER])
+    assert reasons[-1] == ""  # an ordinary tree: mkfs.erofs
+
+
+def test_mkfs_ignores_source_date_epoch(
+    store: ImageStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """mkfs.erofs clamps every mtime to $SOURCE_DATE_EPOCH when it is set (as
+    in many build environments): the image's mtimes must be the layers'."""
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1000")
+    img = add_image(store, [Tar().file("f", b"x", mtime=1_700_000_000).bytes()])
+    with mounted(img.erofs, tmp_path / "mnt") as m:
+        assert (m / "f").stat().st_mtime == 1_700_000_000

@@ -109,6 +109,46 @@ def test_pull_from_registry_then_run(cfg: Config, tmp_path: Path) -> None:
     assert (r.returncode, r.stdout) == (7, b"hello from a pulled layer\n"), r.stderr
 
 
+def test_image_built_by_cocoons_erofs_writer_runs(cfg: Config, tmp_path: Path) -> None:
+    """An image mkfs.erofs 1.5 cannot build (a 255-byte name, a lost+found dir) is
+    written by cocoon's own erofs writer; the guest kernel mounts it and the
+    container sees every name and byte."""
+    require(REGISTRY, SKOPEO)
+    lay = Layout(tmp_path / "layout")
+    long_name = "n" * 255
+    script = (
+        b"#!/bin/busybox sh\n/bin/busybox cat /data/" + long_name.encode()
+        + b" /lost+found/note\n/bin/busybox ls /data | /bin/busybox wc -c\n"
+    )  # fmt: skip
+    img = lay.image(
+        [
+            ({"bin/busybox": (Path("/bin/busybox").read_bytes(), 0o755)}, "gzip"),
+            (
+                {
+                    f"data/{long_name}": b"a name of NAME_MAX\n",
+                    "lost+found/note": b"kept\n",
+                    "app/run.sh": (script, 0o755),
+                },
+                "zstd",
+            ),  # fmt: skip
+        ]
+    )
+    lay.tag("app", img.manifest_digest, img.manifest_size)
+    assets = resolve(cfg)
+    env = {
+        "COCOON_DATA_DIR": str(tmp_path / "data"),
+        "COCOON_HYPERVISOR_KERNEL": str(assets.kernel),
+        "COCOON_HYPERVISOR_IMAGE": str(assets.image),
+    }
+    with running(Registry(tmp_path / "registry")) as reg:
+        ref = f"{reg.host}/test/app:1"
+        push(lay.root, "app", ref)
+        pulled = cocoon(cfg, "pull", "-q", ref, env=env)
+        assert pulled.returncode == 0, pulled.stderr
+    r = cocoon(cfg, "run", "--rm", "--pull", "never", ref, "/app/run.sh", env=env)
+    assert (r.returncode, r.stdout) == (0, b"a name of NAME_MAX\nkept\n256\n"), r.stderr
+
+
 def _read_until(fd: int, needle: bytes, timeout_s: float = 60) -> bytes:
     buf = b""
     deadline = time.monotonic() + timeout_s

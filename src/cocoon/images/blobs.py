@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Protocol
 
 from cocoon.errors import ImageError as ImageError  # re-exported for the images layer
+from cocoon.images.guard import WriteGuard
 from cocoon.util.fs import fsync_dir
 
 CHUNK = 1 << 20
@@ -130,6 +131,11 @@ class BlobWriter:
                 self.partial.unlink()
                 self._hash = hashlib.sha256()
                 self.offset = 0
+        guard = store.guard
+        if guard is not None and expected_size is not None:
+            # Room for the whole blob, up front (write() checks again as it goes:
+            # other pulls and unpacks fill the same disk).
+            guard.check_room(store.root, expected_size - self.offset, f"blob {digest[:19]}")
         # Unbuffered: what write() returns from is in the file, for followers to read.
         self._f = open(self.partial, "ab", buffering=0)  # noqa: SIM115 (closed by commit/abort)
         self._progress = store.progress(digest)
@@ -141,6 +147,12 @@ class BlobWriter:
             raise ImageError(
                 f"blob {self.digest[:19]} is larger than the {self.expected_size} B announced"
             )
+        if self._store.guard is not None:
+            try:
+                self._store.guard.charge(self._f.fileno(), len(data), f"blob {self.digest[:19]}")
+            except ImageError:
+                self.abort(keep_partial=False)  # the disk is full: free what it took
+                raise
         view = memoryview(data)
         while view:
             view = view[self._f.write(view) or 0 :]
@@ -268,8 +280,10 @@ class BlobFollower:
 
 
 class BlobStore:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, guard: WriteGuard | None = None) -> None:
         self.root = root
+        #: Keeps the free-space reserve as blobs are written (guard.py).
+        self.guard = guard
         for d in ("sha256", "ingest"):
             (root / d).mkdir(parents=True, exist_ok=True, mode=0o700)
         #: Blobs written or followed by this process (BlobWriter -> BlobFollower).
@@ -329,6 +343,8 @@ class BlobStore:
                     n += len(chunk)
                     if n > max_size:
                         raise ImageError(f"blob is larger than the {max_size} B allowed")
+                    if self.guard is not None:
+                        self.guard.charge(f.fileno(), len(chunk), "blob")
                     h.update(chunk)
                     f.write(chunk)
                 f.flush()

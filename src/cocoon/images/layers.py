@@ -7,7 +7,9 @@ trusts nothing in it:
   memory; the uncompressed stream is hashed on the way (the layer's diff_id)
   and counted against ``images.max_unpacked_bytes`` for the whole image,
   entries against ``images.max_entries``, and the unpacking thread's CPU
-  time against ``images.max_unpack_cpu_s``.
+  time against ``images.max_unpack_cpu_s``. The budget's WriteGuard
+  (guard.py) caps the layer's inflation ratio, keeps a free-space reserve
+  on the disk, and leaves blocks of zeros unwritten (holes).
 - Paths are split into components and written with ``*at`` calls relative to
   directory fds opened with ``O_NOFOLLOW | O_DIRECTORY``: a symlink is never
   followed while writing, so ``a -> /etc`` then ``a/passwd`` is refused
@@ -27,7 +29,9 @@ trusts nothing in it:
 - Extended attributes: only ``security.capability`` and ``user.*`` on regular
   files and directories are applied (file capabilities are what ``ping``
   needs in newer images; ``user.*`` is harmless; a directory listed again by
-  a later layer keeps those it had, as with docker), best effort;
+  a later layer has that layer's, as docker and containerd show it: each layer
+  is its own overlayfs dir there, and a merged dir has the upper one's), best
+  effort;
   ``trusted.*`` and ``security.selinux`` are dropped (the host's policy is
   not the guest's, and ``trusted.overlay.*`` would steer the guest's overlayfs).
 - Headers are read by tarreader.py, not tarfile: in linear time, with every
@@ -58,7 +62,7 @@ import threading
 import time
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +71,7 @@ import zstandard
 from cocoon.config import ImagesConfig
 from cocoon.errors import ImageError
 from cocoon.images.blobs import BlobFile, Readable
+from cocoon.images.guard import BLOCK, Inflation, WriteGuard
 from cocoon.images.tarreader import Member, TarReader
 
 #: Linux NAME_MAX and PATH_MAX, in bytes.
@@ -75,6 +80,8 @@ MAX_PATH_BYTES = 4096
 #: Deeper paths are refused: real images stay far below, and the recursive
 #: clean-ups (opaque dirs, rmtree) must stay under Python's recursion limit.
 MAX_DEPTH = 256
+#: Names mkfs.erofs 1.5 skips, at any depth (see erofs.py).
+MKFS_SKIPPED_PREFIX = "lost+found"
 #: For safe_tarinfo (archive.py): pax extended headers and GNU long names are
 #: read into memory by tarfile.
 MAX_META_HEADER_BYTES = 1 << 20
@@ -115,13 +122,20 @@ class Budget:
     max_cpu_s: float = float("inf")
     bytes: int = 0
     entries: int = 0
-    #: Bytes of sparse files' holes (in ``bytes`` too: the image holds them).
+    #: Bytes of holes in the tree: sparse files' (in ``bytes`` too: the image
+    #: holds them) and the zero blocks left unwritten.
     holes: int = 0
     cpu_s: float = 0.0
+    #: Inflation ratio, free space and zero blocks as holes (guard.py).
+    guard: WriteGuard = field(default_factory=WriteGuard)
+    #: Why mkfs.erofs 1.5 cannot build this tree ("" if it can): see erofs.py.
+    mkfs_unfit: str = ""
 
     @classmethod
-    def from_config(cls, cfg: ImagesConfig) -> Budget:
-        return cls(cfg.max_unpacked_bytes, cfg.max_entries, cfg.max_unpack_cpu_s)
+    def from_config(cls, cfg: ImagesConfig, place: str = "") -> Budget:
+        """The image's budget; ``place`` is the directory written (for errors)."""
+        guard = WriteGuard.from_config(cfg, place)
+        return cls(cfg.max_unpacked_bytes, cfg.max_entries, cfg.max_unpack_cpu_s, guard=guard)
 
     def check_cpu(self, since: float, what: str) -> None:
         """Refuse once this image's unpacking has used more CPU than allowed.
@@ -149,16 +163,18 @@ class Budget:
 class _TarStream:
     """The uncompressed tar stream, as the header reader's source and the file data's.
 
-    Every byte is counted against the budget and hashed (the diff_id) as it
-    arrives from the decompressor. The TarReader reads headers through
-    ``read`` and skips through ``seek`` (forward only: it is a stream); file
-    data bypasses it: ``copy_to`` writes the decompressor's chunks straight to
-    the file (memoryviews, no copies in Python; tarfile's stream mode joined
+    Every byte is counted against the budget and the layer's inflation ratio,
+    and hashed (the diff_id), as it arrives from the decompressor. The
+    TarReader reads headers through ``read`` and skips through ``seek``
+    (forward only: it is a stream); file data bypasses it: ``copy_to`` hands
+    the decompressor's chunks straight to the write guard, which writes them
+    to the file (memoryviews, no copies in Python; tarfile's stream mode joined
     and sliced every MiB three times over, most of this thread's time).
     """
 
-    def __init__(self, src: Readable, budget: Budget, what: str) -> None:
+    def __init__(self, src: Readable, budget: Budget, inflation: Inflation, what: str) -> None:
         self._budget = budget
+        self._inflation = inflation
         self._what = what
         #: This thread's CPU time when the layer started (see Budget.check_cpu).
         self.started = time.thread_time()
@@ -167,9 +183,15 @@ class _TarStream:
         self.hash = hashlib.sha256()
         chunk = getattr(src, "read_chunk", None)
         self._next: Callable[[], bytes] = chunk if chunk is not None else lambda: src.read(CHUNK)
-        self._view = memoryview(b"")
+        #: The current chunk and how much of it is used (bytes, not a view: the
+        #: guard searches it for zero blocks).
+        self._buf = b""
+        self._off = 0
         self._eof = False
         self.pos = 0
+
+    def _left(self) -> int:
+        return len(self._buf) - self._off
 
     def _fill(self) -> bool:
         """The next chunk as the current one; False at the end of the stream."""
@@ -180,9 +202,10 @@ class _TarStream:
             self._eof = True
             return False
         self._budget.add_bytes(len(data), self._what)
+        self._inflation.add(len(data))
         self._budget.check_cpu(self.started, self._what)
         self.hash.update(data)
-        self._view = memoryview(data)
+        self._buf, self._off = data, 0
         return True
 
     def tell(self) -> int:
@@ -192,17 +215,17 @@ class _TarStream:
         """``n`` bytes, fewer only at the end of the stream."""
         if n < 0:
             n = CHUNK
-        if len(self._view) >= n:
-            out = bytes(self._view[:n])
-            self._view = self._view[n:]
+        if self._left() >= n:
+            out = self._buf[self._off : self._off + n]
+            self._off += n
             self.pos += n
             return out
         parts = []
         left = n
-        while left and (self._view or self._fill()):
-            take = self._view[:left]
-            parts.append(bytes(take))
-            self._view = self._view[len(take) :]
+        while left and (self._left() or self._fill()):
+            take = self._buf[self._off : self._off + left]
+            parts.append(take)
+            self._off += len(take)
             left -= len(take)
         self.pos += n - left
         return b"".join(parts)
@@ -212,30 +235,34 @@ class _TarStream:
         if pos < self.pos:
             raise ImageError(f"{self._what}: the tar reader sought backwards ({pos} < {self.pos})")
         left = pos - self.pos
-        while left and (self._view or self._fill()):
-            take = min(left, len(self._view))
-            self._view = self._view[take:]
+        while left and (self._left() or self._fill()):
+            take = min(left, self._left())
+            self._off += take
             left -= take
             self.pos += take
         return self.pos
 
-    def copy_to(self, fd: int, n: int) -> int:
-        """Write the next ``n`` bytes to ``fd``; how many there were (fewer at the end)."""
+    def copy_to(self, fd: int, n: int, offset: int) -> tuple[int, int]:
+        """Write the next ``n`` bytes at ``offset`` of ``fd``, zero blocks as holes:
+        (how many there were, fewer at the end; how many of them are holes)."""
+        guard = self._budget.guard
         left = n
-        while left > 0 and (self._view or self._fill()):
-            take = self._view[:left]
-            _write_all(fd, take)
-            self._view = self._view[len(take) :]
-            left -= len(take)
-            self.pos += len(take)
-        return n - left
+        holes = 0
+        while left > 0 and (self._left() or self._fill()):
+            take = min(left, self._left())
+            holes += guard.write(fd, self._buf, self._off, self._off + take, offset, self._what)
+            self._off += take
+            offset += take
+            left -= take
+            self.pos += take
+        return n - left, holes
 
     def drain(self) -> None:
         """Hash what follows the tar's end blocks too: the diff_id covers every byte."""
-        self._view = memoryview(b"")
+        self._buf, self._off = b"", 0
         while self._fill():
-            self.pos += len(self._view)
-        self._view = memoryview(b"")
+            self.pos += len(self._buf)
+        self._buf, self._off = b"", 0
 
 
 def _show(name: str) -> str:
@@ -436,8 +463,10 @@ class _ThreadedGunzip:
 class _Unpacker:
     """One layer onto one root. Holds the root's fd and this layer's bookkeeping."""
 
-    def __init__(self, root_fd: int, budget: Budget, what: str) -> None:
+    def __init__(self, root_fd: int, budget: Budget, what: str, root_len: int = 0) -> None:
         self.root_fd = root_fd
+        #: Bytes of the root's path: mkfs.erofs 1.5 fails on full paths of PATH_MAX.
+        self.root_len = root_len
         self.budget = budget
         self.what = what
         self.chown = os.geteuid() == 0
@@ -551,6 +580,8 @@ class _Unpacker:
         if self.budget.entries > self.budget.max_entries:
             cap = self.budget.max_entries
             raise self._err(entry, f"the image has more than {cap} entries (images.max_entries)")
+        # An entry costs an inode and often a block: the reserve counts it so.
+        self.budget.guard.charge(self.root_fd, BLOCK, self.what)
         parts = split_path(m.name, entry, self.what)
         _check_ids(m, entry, self.what)
         for comp in parts[:-1]:
@@ -561,6 +592,8 @@ class _Unpacker:
         if parts and parts[-1].startswith(WHITEOUT_PREFIX):
             self._whiteout(parts, entry)
             return
+        if not self.budget.mkfs_unfit:
+            self.budget.mkfs_unfit = self._mkfs_unfit(parts)
         if m.isreg():
             self._charge(m, entry)
             self._file(stream, m, parts, entry)
@@ -576,6 +609,18 @@ class _Unpacker:
             raise self._err(entry, "device nodes are refused in image layers")
         else:
             raise self._err(entry, f"unsupported tar entry type {m.kind!r}")
+
+    def _mkfs_unfit(self, parts: Path_) -> str:
+        """Why mkfs.erofs 1.5 could not build a tree with this path in it ("" if it can)."""
+        for comp in parts:
+            if len(os.fsencode(comp)) == MAX_NAME_BYTES:
+                return f"a name of {MAX_NAME_BYTES} B"
+            if comp.startswith(MKFS_SKIPPED_PREFIX):
+                return f"a name beginning with {MKFS_SKIPPED_PREFIX}"
+        full = self.root_len + sum(len(os.fsencode(c)) + 1 for c in parts)
+        if full >= MAX_PATH_BYTES:
+            return f"a path of {full} B in the staging dir"
+        return ""
 
     def _charge(self, m: Member, entry: str) -> None:
         """A file's apparent size against the budget before any of it is written: a
@@ -667,24 +712,32 @@ class _Unpacker:
 
     def _data(self, stream: _TarStream, fd: int, m: Member, entry: str) -> None:
         """The file's data; a sparse file's runs each at its offset, the holes
-        between them left unwritten (holes on disk, not blocks of zeros)."""
-        if m.sparse is None:
-            written = stream.copy_to(fd, m.size)
-            if written != m.size:
-                raise self._err(entry, f"truncated: {written} of {m.size} B")
-            return
-        for offset, length in m.sparse:
-            os.lseek(fd, offset, os.SEEK_SET)
-            written = stream.copy_to(fd, length)
+        between them left unwritten (holes on disk, not blocks of zeros), and so
+        are the zero blocks of any file (see guard.py)."""
+        runs = [(0, m.size)] if m.sparse is None else m.sparse
+        holes = 0
+        for offset, length in runs:
+            written, zeros = stream.copy_to(fd, length, offset)
             if written != length:
-                raise self._err(entry, f"truncated: {written} of {length} B at {offset}")
-        os.ftruncate(fd, m.realsize)
+                at = f" at {offset}" if m.sparse is not None else ""
+                raise self._err(entry, f"truncated: {written} of {length} B{at}")
+            holes += zeros
+        self.budget.holes += holes
+        if m.sparse is not None or holes:
+            os.ftruncate(fd, m.realsize)  # it may end in a hole
 
-    def _xattrs(self, fd: int, m: Member) -> None:
+    def _xattrs(self, fd: int, m: Member, *, relisted: bool = False) -> None:
+        """The entry's kept xattrs on ``fd``; for a directory a lower layer made
+        (``relisted``), the kept ones this layer does not list go."""
+        if relisted:
+            for name in os.listxattr(fd):
+                if _kept_xattr(name) and name not in m.xattrs:
+                    with contextlib.suppress(OSError):
+                        os.removexattr(fd, name)
         for name, value in m.xattrs.items():
             if "\0" in name:
                 continue  # not a name the kernel can take
-            if name in KEPT_XATTRS or name.startswith(KEPT_XATTR_PREFIXES):
+            if _kept_xattr(name):
                 # Best effort: a file system without user xattrs, or a malformed
                 # capability, costs the attribute, not the image.
                 with contextlib.suppress(OSError):
@@ -693,19 +746,20 @@ class _Unpacker:
     def _dir(self, m: Member, parts: Path_, entry: str) -> None:
         if not parts:  # "./": the root's own owner, mode, xattrs and time
             self._owner_mode(self.root_fd, m)
-            self._xattrs(self.root_fd, m)
+            self._xattrs(self.root_fd, m, relisted=True)
             self.dir_times[()] = _mtime_ns(m)
             return
 
         def create(dfd: int, name: str) -> None:
             st = self._lstat(dfd, name)
-            if st is None or not stat.S_ISDIR(st.st_mode):
+            relisted = st is not None and stat.S_ISDIR(st.st_mode)
+            if not relisted:
                 self._remove(dfd, name)
                 os.mkdir(name, 0o700, dir_fd=dfd)
             fd = os.open(name, _DIR_FLAGS, dir_fd=dfd)
             try:
                 self._owner_mode(fd, m)
-                self._xattrs(fd, m)
+                self._xattrs(fd, m, relisted=relisted)
             finally:
                 os.close(fd)
 
@@ -780,6 +834,10 @@ class _Unpacker:
                 os.close(fd)
 
 
+def _kept_xattr(name: str) -> bool:
+    return name in KEPT_XATTRS or name.startswith(KEPT_XATTR_PREFIXES)
+
+
 def _write_all(fd: int, data: bytes | memoryview) -> None:
     view = memoryview(data)
     while view:
@@ -795,10 +853,19 @@ class OpenedLayer:
     """
 
     def __init__(
-        self, blob: Path | BlobFile, compression: str, what: str, *, close_blob: bool = True
+        self,
+        blob: Path | BlobFile,
+        compression: str,
+        what: str,
+        *,
+        close_blob: bool = True,
+        size: int | None = None,
     ) -> None:
         self.compression = compression
         self.what = what
+        #: The blob's size, for the inflation ratio: given (a blob still
+        #: arriving), or the file's; None for a stream of unknown size.
+        self.size = size
         self._close_raw = close_blob or isinstance(blob, Path)
         if isinstance(blob, Path):
             try:
@@ -810,6 +877,8 @@ class OpenedLayer:
                 raise ImageError(msg) from None
         else:
             self.raw = blob
+        if self.size is None:
+            self.size = _file_size(self.raw)
         self._stream: Readable | None = None
         if compression == "gzip":
             self._stream = _open_stream(self.raw, compression, what)
@@ -827,9 +896,26 @@ class OpenedLayer:
             self.raw.close()
 
 
-def open_layer(blob: Path | BlobFile, compression: str, what: str = "layer") -> OpenedLayer:
-    """Open a layer blob for unpack_layer; a gzip one starts inflating now."""
-    return OpenedLayer(blob, compression, what)
+def _file_size(f: BlobFile) -> int | None:
+    """The size of an open blob that is a file; None for other streams."""
+    fileno = getattr(f, "fileno", None)
+    if fileno is None:
+        return None
+    try:
+        return os.fstat(fileno()).st_size
+    except (OSError, ValueError):
+        return None
+
+
+def open_layer(
+    blob: Path | BlobFile, compression: str, what: str = "layer", size: int | None = None
+) -> OpenedLayer:
+    """Open a layer blob for unpack_layer; a gzip one starts inflating now.
+
+    ``size`` is the blob's, for one still arriving (the manifest's); a file's
+    own size is used otherwise.
+    """
+    return OpenedLayer(blob, compression, what, size=size)
 
 
 def unpack_layer(
@@ -862,8 +948,10 @@ def unpack_layer(
         raise ImageError(f"{what}: cannot open staging root {root}: {e.strerror}") from None
     current = ""
     try:
-        reader = _TarStream(layer.stream(), budget, what)
-        un = _Unpacker(root_fd, budget, what)
+        budget.guard.check_room(root_fd, 0, what)
+        inflation = budget.guard.inflation(layer.size, what)
+        reader = _TarStream(layer.stream(), budget, inflation, what)
+        un = _Unpacker(root_fd, budget, what, len(os.fsencode(str(root))))
         members = TarReader(reader, what)
         while (m := members.next()) is not None:
             current = m.name

@@ -56,7 +56,9 @@ from typing import Any
 
 from cocoon.config import Config
 from cocoon.errors import ImageError, StateError
+from cocoon.images import erofs
 from cocoon.images.blobs import BlobFile, BlobRestarted, BlobStore, check_digest
+from cocoon.images.guard import WriteGuard
 from cocoon.images.layers import Budget, OpenedLayer, open_layer, unpack_layer
 from cocoon.images.manifest import (
     MAX_CONFIG,
@@ -78,10 +80,13 @@ MIN_ID_PREFIX = 12
 LOCK_TIMEOUT_S = 60.0
 #: mkfs.erofs writes ~1 GB/s uncompressed; an hour covers any sane image.
 MKFS_TIMEOUT_S = 3600.0
-#: erofs block size. Chunk-based files (mkfs --chunksize) keep a sparse file's
-#: holes as holes but lose tail packing, about a block per file at worst (+5 %
-#: image, +25 % mkfs time on an ordinary tree): worth it only when the holes
-#: outweigh a block per entry.
+#: erofs block size. Chunk-based files (mkfs --chunksize) keep holes (a sparse
+#: file's, or the zero blocks the unpacker left unwritten) out of the image,
+#: but lose tail packing (a block per file at worst) and cost mkfs.erofs 1.5
+#: 3-7x its time (it hashes every chunk: /usr/bin, 495 MiB, 0.6 -> 4.6 s).
+#: So only an image whose holes outweigh both its data and a block per entry
+#: is built so: ordinary images hold far fewer zero blocks than data (ELF
+#: padding: 3 MiB in /usr/bin), and stay in the plain, faster form.
 EROFS_BLOCK = 4096
 #: How often the erofs image being written is written back (see _mkfs).
 WRITE_BEHIND_S = 0.04
@@ -196,7 +201,9 @@ class ImageStore:
         self.index_path = self.root / "index.json"
         try:
             self.root.mkdir(parents=True, exist_ok=True, mode=0o755)
-            self.blobs = BlobStore(self.root / "blobs")
+            self.blobs = BlobStore(
+                self.root / "blobs", WriteGuard.from_config(cfg.images, str(self.root))
+            )
             self.erofs_dir.mkdir(exist_ok=True, mode=0o755)
             # 0700: staging trees hold setuid files and whatever else a layer
             # brings; no host user may reach them.
@@ -605,7 +612,7 @@ class ImageStore:
         open_blob: Callable[[Descriptor], Path | BlobFile],
     ) -> Budget:
         """Apply the layers in order onto rootfs; what they used of the image's budget."""
-        budget = Budget.from_config(self.cfg.images)
+        budget = Budget.from_config(self.cfg.images, str(self.root))
         n = len(mf.layers)
 
         def what(i: int) -> str:
@@ -615,7 +622,7 @@ class ImageStore:
             if i >= n:
                 return None
             d = mf.layers[i]
-            return open_layer(open_blob(d), d.compression, what(i))
+            return open_layer(open_blob(d), d.compression, what(i), size=d.size)
 
         nxt = opened(0)
         for i, (d, diff_id) in enumerate(zip(mf.layers, config.diff_ids, strict=True)):
@@ -637,8 +644,10 @@ class ImageStore:
         return budget
 
     def _mkfs(self, mf: Manifest, staging: Path, budget: Budget) -> Path:
-        """mkfs.erofs of staging/rootfs into staging/image.erofs, fsync'd: the image path.
+        """The erofs of staging/rootfs in staging/image.erofs, fsync'd: the image path.
 
+        mkfs.erofs builds it, unless the unpacker found what mkfs.erofs 1.5
+        gets wrong (budget.mkfs_unfit): then cocoon's own writer (erofs.py).
         The image is made here first (mkfs.erofs opens it without O_TRUNC) so that
         a thread can write it back while mkfs still writes (fdatasync every
         WRITE_BEHIND_S): the fsync that must precede the rename into erofs/
@@ -646,13 +655,21 @@ class ImageStore:
         """
         rootfs = staging / "rootfs"
         out = staging / "image.erofs"
+        what = f"image {mf.config.digest[7:19]}"
         # The UUID comes from the image id, so rebuilding gives the same superblock UUID.
         fs_uuid = uuid.UUID(hex=mf.config.digest[7:39])
         argv = ["mkfs.erofs", "--quiet", f"-U{fs_uuid}"]
-        if budget.holes > EROFS_BLOCK * budget.entries:
-            argv.append(f"--chunksize={EROFS_BLOCK}")  # sparse files keep their holes
+        own = _own_writer(budget)
+        chunked = not own and _chunked(budget)
+        if chunked:
+            argv.append(f"--chunksize={EROFS_BLOCK}")  # holes stay out of the image
         fd = os.open(out, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
+            # Roughly what the image will take: the stream's bytes (headers for
+            # inodes), holes included unless chunked (cocoon's writer keeps them
+            # as holes of the image file). Refused before mkfs fills the disk.
+            need = budget.bytes - (budget.holes if chunked or own else 0)
+            budget.guard.check_room(fd, need, what)
             done = threading.Event()
 
             def write_behind() -> None:
@@ -664,11 +681,16 @@ class ImageStore:
             behind.start()
             try:
                 # Ownership, modes (setuid included), xattrs and mtimes come from the tree.
-                run(
-                    [*argv, str(out), str(rootfs)],
-                    timeout_s=MKFS_TIMEOUT_S,
-                    error=ImageError,
-                )
+                if own:
+                    log.info("%s holds %s, which mkfs.erofs 1.5 gets wrong", what, own)
+                    erofs.build(rootfs, fd, fs_uuid, what)
+                else:
+                    run(
+                        [*argv, str(out), str(rootfs)],
+                        timeout_s=MKFS_TIMEOUT_S,
+                        error=ImageError,
+                        env=_mkfs_env(),
+                    )
             finally:
                 done.set()
                 behind.join()
@@ -677,6 +699,23 @@ class ImageStore:
         finally:
             os.close(fd)
         return out
+
+
+def _mkfs_env() -> dict[str, str]:
+    """Ours, without SOURCE_DATE_EPOCH: set (as in many build environments), it
+    makes mkfs.erofs clamp every mtime of the image to it."""
+    return {k: v for k, v in os.environ.items() if k != "SOURCE_DATE_EPOCH"}
+
+
+def _own_writer(budget: Budget) -> str:
+    """Why the image is written by erofs.py instead of mkfs.erofs ("": it is not)."""
+    return budget.mkfs_unfit
+
+
+def _chunked(budget: Budget) -> bool:
+    """Whether to build chunk-based erofs files: see EROFS_BLOCK."""
+    data = budget.bytes - budget.holes
+    return budget.holes > max(EROFS_BLOCK * budget.entries, data)
 
 
 def _rmtree(path: Path) -> None:
