@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from cocoon.errors import SandboxError
 from cocoon.oci.spec import default_spec
 from cocoon.ocicli import bundle
+from cocoon.sandbox.sandbox import _fits
 
 
 def make(tmp_path: Path, **extra: object) -> tuple[Path, dict]:  # type: ignore[type-arg]
@@ -231,3 +233,20 @@ def test_namespace_path_to_a_fifo_does_not_hang(tmp_path: Path) -> None:
     b = write_raw(tmp_path / "b", with_("linux.namespaces", [{"type": "ipc", "path": str(fifo)}]))
     with pytest.raises(bundle.BundleError, match="is not a namespace"):
         load_and_plan(b)
+
+
+def test_a_root_path_too_long_for_the_system_is_a_bundle_error(tmp_path: Path) -> None:
+    """Found by fuzz/targets/oci_bundle.py: Path.is_dir() raises ENAMETOOLONG."""
+    b = write_raw(tmp_path, with_("root.path", "x" * 5000))
+    with pytest.raises(bundle.BundleError, match="File name too long"):
+        load_and_plan(b)
+
+
+def test_a_spec_the_agent_channel_cannot_carry_is_refused_at_create(tmp_path: Path) -> None:
+    """A 4 MiB config.json is a valid bundle, but its spec must fit one request
+    to the agent (messages.MAX_SPEC): past that the monitor died on a FrameError."""
+    b = write_raw(tmp_path, with_("annotations", {"big": "x" * (1 << 20)}))
+    with pytest.raises(bundle.BundleError, match="as the guest gets it, over"):
+        load_and_plan(b)
+    with pytest.raises(SandboxError, match="more than the 10 B allowed"):
+        _fits("x" * 11, 10, "the container's OCI spec")

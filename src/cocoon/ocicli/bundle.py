@@ -19,6 +19,7 @@ something else, and this module is the one place that decides what:
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 from collections.abc import Callable
@@ -28,6 +29,7 @@ from typing import Any
 
 from cocoon.errors import CocoonError
 from cocoon.hypervisor.base import Share
+from cocoon.protocol import messages
 from cocoon.sandbox.sandbox import Sandbox
 from cocoon.util import boundedjson, nsfs
 
@@ -232,11 +234,7 @@ def plan(
     bundle = bundle.resolve()
     guest = copy.deepcopy(spec)
     root = guest.get("root") or {}
-    rootfs = Path(root.get("path") or "rootfs")
-    if not rootfs.is_absolute():
-        rootfs = bundle / rootfs
-    if not rootfs.is_dir():
-        raise BundleError(f"rootfs {rootfs} is not a directory")
+    rootfs = rootfs_of(bundle, root)
     ro_root = bool(root.get("readonly", False))
     p = BundlePlan(bundle=bundle, spec=guest, original=spec, readonly_rootfs=ro_root)
     p.terminal = bool((guest.get("process") or {}).get("terminal"))
@@ -258,6 +256,20 @@ def plan(
         p.guest_mounts.append(("binds", BINDS_GUEST, False))
     finish(guest, p, default_vcpus, default_mib)
     return p
+
+
+def rootfs_of(bundle: Path, root: dict[str, Any]) -> Path:
+    """root.path, relative to the bundle unless absolute; it must be a directory."""
+    rootfs = Path(root.get("path") or "rootfs")
+    if not rootfs.is_absolute():
+        rootfs = bundle / rootfs
+    try:
+        is_dir = rootfs.is_dir()
+    except OSError as e:  # is_dir() is False only for a missing path, not a too long one
+        raise BundleError(f"rootfs {str(rootfs)[:200]}: {e.strerror}") from None
+    if not is_dir:
+        raise BundleError(f"rootfs {str(rootfs)[:200]} is not a directory")
+    return rootfs
 
 
 def rewrite_binds(guest: dict[str, Any], expose: Callable[[str, bool, bool], str]) -> None:
@@ -323,6 +335,9 @@ def finish(guest: dict[str, Any], p: BundlePlan, default_vcpus: int, default_mib
     vcpus = max(vcpus, min(MAX_VCPUS, cpuset_size(cpu.get("cpus"))))
     p.vcpus = vcpus
     p.memory_mib = max(default_mib, (int(mem) >> 20) + VM_OVERHEAD_MIB) if mem > 0 else 0
+    size = len(json.dumps(guest))
+    if size > messages.MAX_SPEC:
+        raise BundleError(f"the spec is {size} B as the guest gets it, over {messages.MAX_SPEC} B")
 
 
 def check_namespace_path(kind: str, path: object) -> None:
@@ -370,11 +385,7 @@ def plan_member(bundle: Path, spec: dict[str, Any], pod_dir: Path, key: str) -> 
     bundle = bundle.resolve()
     guest = copy.deepcopy(spec)
     root = guest.get("root") or {}
-    rootfs = Path(root.get("path") or "rootfs")
-    if not rootfs.is_absolute():
-        rootfs = bundle / rootfs
-    if not rootfs.is_dir():
-        raise BundleError(f"rootfs {rootfs} is not a directory")
+    rootfs = rootfs_of(bundle, root)
     p = BundlePlan(bundle=bundle, spec=guest, original=spec)
     p.readonly_rootfs = bool(root.get("readonly", False))
     p.terminal = bool((guest.get("process") or {}).get("terminal"))

@@ -220,6 +220,30 @@ def _mounts_dev(spec: dict[str, Any]) -> bool:
     return any(isinstance(m, dict) and m.get("destination") in ("/dev", "/dev/") for m in mounts)
 
 
+def container_config(cid: str, p: bundles.BundlePlan) -> ContainerConfig:
+    """The container record of a planned bundle (its spec as ``bundles.load`` checked it)."""
+    proc = p.spec.get("process") or {}
+    res = (p.spec.get("linux") or {}).get("resources") or {}
+    return ContainerConfig(
+        id=cid,
+        name=cid,
+        image="",
+        image_id="",
+        command=list(proc.get("args") or []),
+        spec=p.spec,
+        tty=p.terminal,
+        stdin=True,
+        read_only=p.readonly_rootfs,
+        memory_bytes=int((res.get("memory") or {}).get("limit") or 0),
+        vcpus=p.vcpus,
+        vm_memory_mib=p.memory_mib,
+    )
+
+
+def annotations_of(spec: dict[str, Any]) -> dict[str, str]:
+    return {str(k): str(v) for k, v in (spec.get("annotations") or {}).items()}
+
+
 def do_create(cid: str, bundle: Path, pid_file: str | None, console_socket: str | None) -> int:
     c = _ctx()
     cfg = c.cfg
@@ -235,25 +259,8 @@ def do_create(cid: str, bundle: Path, pid_file: str | None, console_socket: str 
         raise RuntimeError_("process.terminal is true: --console-socket is required")
     for w in p.warnings:
         c.log_line("warning", w)
-    proc = p.spec.get("process") or {}
-    res = (p.spec.get("linux") or {}).get("resources") or {}
-    config = ContainerConfig(
-        id=cid,
-        name=cid,
-        image="",
-        image_id="",
-        command=list(proc.get("args") or []),
-        spec=p.spec,
-        tty=p.terminal,
-        stdin=True,
-        read_only=p.readonly_rootfs,
-        memory_bytes=int((res.get("memory") or {}).get("limit") or 0),
-        vcpus=p.vcpus,
-        vm_memory_mib=p.memory_mib,
-    )
-    annotations = {
-        str(k): str(v) for k, v in (spec.get("annotations") or {}).items() if isinstance(k, str)
-    }
+    config = container_config(cid, p)
+    annotations = annotations_of(spec)
     kind, sandbox_ref = pod.role(annotations)
     if kind == "container" and sandbox_ref:
         return create_member(cid, bundle, spec, annotations, sandbox_ref, pid_file, console_socket)
