@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import time
 
 import pytest
@@ -67,3 +68,30 @@ def test_valid_documents_parse_as_the_stdlib_does() -> None:
     assert loads(text.encode(), max_bytes=1000) == doc
     assert loads(text, max_bytes=1000) == doc
     assert loads(text.encode("utf-16"), max_bytes=1000) == doc  # as json.loads detects it
+
+
+def _depth(value: object) -> int:
+    if isinstance(value, dict):
+        return 1 + max((_depth(v) for v in value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max((_depth(v) for v in value), default=0)
+    return 0
+
+
+def test_depth_matches_the_document_for_tricky_strings() -> None:
+    """Strings full of quotes, backslashes and brackets, as json.dumps writes them."""
+    rng = random.Random(19)
+    pieces = ['"', "\\", "[", "]", "{", "}", "\\\\", '\\"', "a", "\n", "\u00e9"]
+
+    def make(depth: int) -> object:
+        text = "".join(rng.choice(pieces) for _ in range(rng.randrange(8)))
+        if depth == 0 or rng.random() < 0.3:
+            return text
+        if rng.random() < 0.5:
+            return [make(depth - 1) for _ in range(rng.randrange(3))]
+        return {text + str(i): make(depth - 1) for i in range(rng.randrange(3))}
+
+    for _ in range(2000):
+        doc = make(6)
+        for text in (json.dumps(doc), json.dumps(doc, ensure_ascii=False, indent=1)):
+            assert nesting_depth(text) == _depth(doc), text

@@ -25,11 +25,9 @@ import re
 #: from the interpreter's recursion limit even for code that walks the result.
 DEFAULT_MAX_DEPTH = 64
 
-#: A string to its closing quote, or to the end of the text when it has none
-#: (the parser fails there, recursing no further). Possessive: each character
-#: is read once whatever the quotes and backslashes; a backtracking pattern
-#: is quadratic on a quote followed by escaped quotes.
-_STRING = re.compile(r'"(?:[^"\\]++|\\.?)*+(?:"|\Z)', re.DOTALL)
+#: Escaped characters go first: a string's quotes are then the only ones left.
+#: (Pairs of backslashes before single ones, as the parser reads a run of them.)
+_ESCAPES = (("\\\\", ""), ('\\"', ""))
 _NOT_BRACKET = re.compile(r"[^\[\]{}]+")
 _STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
 
@@ -43,9 +41,13 @@ def nesting_depth(text: str) -> int:
 
     Exact for valid JSON. For invalid JSON it never undercounts what the parser
     recurses through before it meets the first error: up to there, a string
-    cut out here is one the parser reads as a string too.
+    cut out here is one the parser reads as a string too, and an unterminated
+    one runs to the end (where the parser fails inside it).
     """
-    brackets = _NOT_BRACKET.sub("", _STRING.sub("", text))
+    for escaped, gone in _ESCAPES:
+        text = text.replace(escaped, gone)
+    outside = "".join(text.split('"')[::2])  # every other piece is inside a string
+    brackets = _NOT_BRACKET.sub("", outside)
     if not brackets:
         return 0
     return max(0, max(itertools.accumulate(map(_STEP.__getitem__, brackets))))
