@@ -142,6 +142,8 @@ def test_resources_size_the_vm(tmp_path: Path) -> None:
     assert len(p.warnings) == 2 and "kernelTCP" in p.warnings[1]
     assert spec["linux"]["resources"]["memory"]["kernel"] == 1 << 20  # the caller's copy
     assert [bundle.cpuset_size(c) for c in ("", "0", "1-2", "x", None, "5,1")] == [0, 1, 3, 0, 0, 6]
+    # Found by fuzz/targets/oci_bundle.py: "²".isdigit() is true, int("²") a ValueError.
+    assert bundle.cpuset_size("0-²") == 0 and bundle.cpuset_size("1,\u0663") == 2
 
 
 def test_bad_bundles_say_why(tmp_path: Path) -> None:

@@ -365,7 +365,7 @@ def cpuset_size(cpus: object) -> int:
     top = -1
     for part in cpus.split(","):
         last = part.strip().rpartition("-")[2]
-        if last.isdigit() and len(last) < 6:
+        if last.isascii() and last.isdigit() and len(last) < 6:  # "²".isdigit() too
             top = max(top, int(last))
     return top + 1
 
