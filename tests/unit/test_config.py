@@ -33,6 +33,7 @@ def test_file_then_env_then_flags(tmp_path: Path) -> None:
         ("hypervisor = 3\n", "must be a table"),
         ("root_dir = 'relative'\n", "absolute"),
         ("[hypervisor\n", "cannot read"),
+        ("[pool]\nclasses = ['2x²']\n", "pool.classes"),  # was a ValueError from int()
     ],
 )
 def test_bad_config_names_the_key(tmp_path: Path, text: str, why: str) -> None:
