@@ -32,10 +32,19 @@ INTERESTING_INTS: tuple[int, ...] = (
     10**400,
 )  # fmt: skip
 
+INTERESTING_NUMBERS: tuple[Any, ...] = (
+    *INTERESTING_INTS, 1.5, -0.5, 1e308, -1e308, 5e-324, -0.0, float("nan"), float("inf"),
+)  # fmt: skip
+
+#: Strings that mean something to a path, an id, a digest or a number parser.
+STRING_TOKENS: tuple[str, ...] = (
+    "", "²", "\u0663", "\u0000", "\n", "/", ".", "..", "../../../../etc/passwd", "/dev/zero",
+    "/proc/self/ns/net", "sha256:" + "0" * 64, "sha256:", "-1", "99999999999999999999", "1e999",
+    "a" * 300, ":", "=", ",", "%", "\\", "\udcff",
+)  # fmt: skip
+
 INTERESTING_VALUES: tuple[Any, ...] = (
-    None, True, False, "", "²", "\u0000", "a" * 5000, "../../../../etc/passwd", "/", ".",
-    "/proc/self/ns/net", "sha256:" + "0" * 64, 1.5, 1e308, -0.0, float("nan"), float("inf"),
-    [], {}, [None], {"": None},
+    None, True, False, *STRING_TOKENS[:12], [], {}, [None], {"": None},
 )  # fmt: skip
 
 MAX_REPEAT = 5000
@@ -99,21 +108,49 @@ def _containers(value: Any) -> list[Any]:
 
 
 def _fresh_value(rng: random.Random, pool: Pool, old: Any) -> Any:
-    choice = rng.randrange(8)
-    if choice == 0 and pool.values:
+    """A replacement for ``old``: mostly a value of its own type pushed to a limit
+    (where checks are missing), else anything (where types are not checked)."""
+    r = rng.random()
+    if r < 0.5:
+        return _same_kind(rng, pool, old)
+    if r < 0.65 and pool.values:
         return _copy(rng.choice(pool.values))
-    if choice == 1:
-        return rng.choice(INTERESTING_INTS) + rng.choice((0, 0, 1, -1))
-    if choice == 2 and isinstance(old, int | float) and not isinstance(old, bool):
-        return -old if rng.random() < 0.3 else old * rng.choice((2, 1000, 10**12)) + 1
-    if choice == 3 and isinstance(old, str):
-        return mutate_bytes(old.encode("utf-8", "surrogatepass"), rng).decode("utf-8", "replace")
-    if choice == 4:
-        depth = rng.choice((2, 10, 70, 200, 1100))
-        return _nest(old, depth, rng)
-    if choice == 5:
+    if r < 0.75:
+        return _nest(old, rng.choice((2, 10, 70, 200, 1100)), rng)
+    if r < 0.8:
         return [old] if rng.random() < 0.5 else {"x": old}
+    return _copy(rng.choice(INTERESTING_VALUES + INTERESTING_NUMBERS))
+
+
+def _same_kind(rng: random.Random, pool: Pool, old: Any) -> Any:
+    if isinstance(old, bool):
+        return rng.choice((not old, 0, 1, None, "true"))
+    if isinstance(old, int | float):
+        if rng.random() < 0.2:
+            return old + rng.choice((1, -1))
+        return rng.choice(INTERESTING_NUMBERS)
+    if isinstance(old, str):
+        return _string(rng, pool, old)
+    if isinstance(old, list):
+        return rng.choice(([], old * rng.choice((2, 100)), [_copy(x) for x in reversed(old)]))
+    if isinstance(old, dict):
+        return {} if rng.random() < 0.5 else {k: None for k in old}
     return _copy(rng.choice(INTERESTING_VALUES))
+
+
+def _string(rng: random.Random, pool: Pool, old: str) -> str:
+    r = rng.random()
+    if r < 0.3:
+        return mutate_bytes(old.encode("utf-8", "surrogatepass"), rng).decode("utf-8", "replace")
+    if r < 0.5:
+        strings = [v for v in pool.values[:200] if isinstance(v, str)]
+        return rng.choice(strings) if strings else old
+    if r < 0.6:
+        return old * rng.choice((2, 100, 5000))
+    if r < 0.75:
+        i = rng.randrange(len(old) + 1)
+        return old[:i] + rng.choice(STRING_TOKENS) + old[i:]
+    return rng.choice(STRING_TOKENS)
 
 
 def _copy(value: Any) -> Any:
@@ -296,12 +333,15 @@ class Mutator:
         rng = self.rng
         r = rng.random()
         out: bytes | None = None
+        # A target with its own mutation frames its JSON (lengths, digests):
+        # edits that ignore the framing mostly die at the first length check.
+        custom, json_, splice_ = (0.6, 0.75, 0.8) if self.custom else (0.0, 0.6, 0.7)
         try:
-            if self.custom is not None and r < 0.35:
+            if self.custom is not None and r < custom:
                 out = self.custom(data, rng, self.pool)
-            elif r < 0.65:
+            elif r < json_:
                 out = mutate_json(data, rng, self.pool)
-            elif r < 0.75:
+            elif r < splice_:
                 out = splice(data, other, rng)
         except Exception:  # noqa: BLE001 (a hook tripped on an odd input: use bytes instead)
             out = None
