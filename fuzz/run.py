@@ -205,6 +205,7 @@ def _limit_child(t: Target) -> float:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit: EFBIG
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles ^C
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the parent's clean-up
     return _peak_rss_mib()
 
 
@@ -466,6 +467,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+def _stop(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     names = args.target or discover()
@@ -477,7 +482,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fuzz: no such target: {', '.join(unknown)} (have: {', '.join(discover())})")
         return 2
     # Targets make their temp dirs here (RAM when there is /dev/shm); a child
-    # killed mid-input leaves its own behind, so the whole dir goes at the end.
+    # killed mid-input leaves its own behind, so the whole dir goes at the end,
+    # also when we are told to stop (a CI timeout sends SIGTERM).
+    signal.signal(signal.SIGTERM, _stop)
     shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
     tempfile.tempdir = tempfile.mkdtemp(prefix="cocoon-fuzz-", dir=shm)
     try:
