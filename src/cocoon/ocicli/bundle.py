@@ -44,8 +44,8 @@ POD_GUEST = "/run/cocoon/pod"
 BINDS_GUEST = f"{GUEST_BASE}/binds"
 #: Host paths the guest has its own of: a bind from these stays the guest's.
 GUEST_OWN = ("/dev", "/proc", "/sys")
-#: config.json's size bound: podman's and containerd's are a few KB; seccomp
-#: profiles make the largest (~30 KB).
+#: config.json's size bound: podman's and containerd's are a few KB, tens with
+#: a seccomp profile; what the guest gets must also fit one request (MAX_SPEC).
 MAX_CONFIG = 4 << 20
 
 
