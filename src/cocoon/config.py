@@ -233,7 +233,8 @@ class Config:
             raise ConfigError("pool.size must be 0..256")
         for c in self.pool.classes:
             v, _, m = c.partition("x")
-            if not (v.isdigit() and m.isdigit() and 1 <= int(v) <= 64 and int(m) >= 64):
+            digits = (v + m).isascii() and v.isdigit() and m.isdigit()  # "²".isdigit() too
+            if not (digits and len(c) < 12 and 1 <= int(v) <= 64 and int(m) >= 64):
                 raise ConfigError(f"pool.classes: {c!r} is not VCPUSxMEMORY_MIB (e.g. 2x512)")
         if self.sandbox.max_starting < 0 or self.sandbox.start_queue_s <= 0:
             raise ConfigError("sandbox.max_starting must be >= 0, start_queue_s > 0")

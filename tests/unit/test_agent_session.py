@@ -28,6 +28,7 @@ from cocoon.protocol.session import Session as HostSession
 SRC = Path(__file__).resolve().parents[2] / "src"
 
 Handler = Callable[[Session, messages.Message], messages.Message]
+DEEP_PING = b'{"type":"ping","x":' + b"[" * 1000 + b"]" * 1000 + b"}"
 
 
 def _ok(_s: Session, _m: messages.Message) -> messages.Message:
@@ -194,6 +195,8 @@ def test_streams_credit_and_lazy_stdin(agent_pair: Callable[..., Agent]) -> None
     [
         (b"XX" + bytes(10), "bad magic"),
         (framing.encode(Kind.REQUEST, 1, b'{"type":"nope"}'), "unknown message type"),
+        # Issue 19: the agent decodes through the same bounded path as the host.
+        (framing.encode(Kind.REQUEST, 1, DEEP_PING), "nested 1001 deep"),
         (framing.encode(Kind.REPLY, 1, b'{"type":"ok"}'), "reply for unknown request"),
         (framing.encode(Kind.DATA, 1, b""), "empty DATA frame"),
         (

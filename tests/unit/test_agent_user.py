@@ -48,3 +48,19 @@ def test_resolution(rootfs: str, spec: str, uid: int, gid: int, extra: list[int]
 def test_unknown_names(rootfs: str, spec: str, why: str) -> None:
     with pytest.raises(RemoteError, match=why):
         resolve_user(rootfs, user(spec))
+
+
+@pytest.mark.parametrize("spec", ["²", "1000:²", "99999999999", "٣"])
+def test_digits_int_refuses_are_names(rootfs: str, spec: str) -> None:
+    """Issue 19: "²".isdigit() is true but int("²") fails: an image's User "²" was an
+    internal ValueError; it is a user (or group) that is not there."""
+    with pytest.raises(RemoteError, match="not found"):
+        resolve_user(rootfs, user(spec))
+
+
+def test_garbage_ids_in_the_images_files_are_skipped(rootfs: str) -> None:
+    Path(rootfs, "etc/passwd").write_text("odd:x:²:0::/:/bin/sh\nodd:x:7:8::/:/bin/sh\n")
+    Path(rootfs, "etc/group").write_text("g:x:²:\ng:x:9:odd\n")
+    p = user("odd:g")
+    resolve_user(rootfs, p)
+    assert (p["user"]["uid"], p["user"]["gid"]) == (7, 9)

@@ -206,3 +206,15 @@ def test_invalid_archive_tag(store: ImageStore, tmp_path: Path) -> None:
     arc = write_archive(tmp_path / "t.tar", docker_save(["Bad Name!"]))
     with pytest.raises(ImageError, match="invalid image reference"):
         load(store, arc)
+
+
+@pytest.mark.parametrize("member", ["manifest.json", "oci-layout"])
+def test_deeply_nested_json_is_refused(store: ImageStore, tmp_path: Path, member: str) -> None:
+    """Issue 19: the archive's own JSON went to json.loads unbounded (RecursionError)."""
+    deep = b"[" * 1000 + b"]" * 1000
+    members: dict[str, Member] = {"manifest.json": deep}
+    if member == "oci-layout":
+        members = {"oci-layout": deep, "index.json": b"{}"}
+    arc = write_archive(tmp_path / "deep.tar", members)
+    with pytest.raises(ImageError, match=f"{member} is not usable JSON: nested"):
+        load(store, arc)

@@ -36,6 +36,7 @@ def test_file_then_env_then_flags(tmp_path: Path) -> None:
         ("[images]\nmax_inflation_ratio = 5\n", "images.max_inflation_ratio must be >= 10"),
         ("[images]\nmin_free_bytes = -1\n", "min_free_bytes must be >= 0"),
         ("[images]\nmin_free_percent = 100\n", "images.min_free_percent must be 0..100"),
+        ("[pool]\nclasses = ['2x²']\n", "pool.classes"),  # was a ValueError from int()
     ],
 )
 def test_bad_config_names_the_key(tmp_path: Path, text: str, why: str) -> None:

@@ -48,15 +48,17 @@ def test_digest_separates_parts() -> None:
 
 
 def test_agent_sources_are_stdlib_only() -> None:
-    """The guest has no site-packages: the agent may import only stdlib + cocoon.protocol."""
+    """The guest has no site-packages: the agent may import only stdlib + what is shipped."""
     srcs = rootfs.agent_sources()
     assert "cocoon/agent/main.py" in srcs and "cocoon/protocol/framing.py" in srcs
+    assert "cocoon/util/boundedjson.py" in srcs
     for name, body in srcs.items():
         for line in body.decode().splitlines():
             if line.startswith(("import ", "from ")) and "cocoon" in line:
                 assert (
                     "cocoon.protocol" in line
                     or "cocoon.agent" in line
+                    or line == "from cocoon.util import boundedjson"
                     or line.startswith("from cocoon import __version__")
                 ), f"{name}: {line}"
 

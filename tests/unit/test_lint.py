@@ -14,8 +14,8 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.parametrize(
     "argv",
     [
-        ["ruff", "check", "src", "tests", "bench"],
-        ["ruff", "format", "--check", "src", "tests", "bench"],
+        ["ruff", "check", "src", "tests", "bench", "fuzz"],
+        ["ruff", "format", "--check", "src", "tests", "bench", "fuzz"],
         ["mypy"],
     ],
     ids=["ruff-check", "ruff-format", "mypy-strict"],

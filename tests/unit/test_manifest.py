@@ -87,3 +87,14 @@ def test_config_fields() -> None:
 def test_hostile_manifests(body: bytes, why: str) -> None:
     with pytest.raises(ImageError, match=why):
         m.parse_manifest(body)
+
+
+DEEP = b'{"mediaType": "x", "annotations": ' + b"[" * 1000 + b"]" * 1000 + b"}"
+
+
+@pytest.mark.parametrize("parse", [m.parse_manifest, m.parse_index, m.parse_config])
+def test_deep_nesting_is_an_image_error(parse: object) -> None:
+    """Issue 19: 1,000 nested arrays raised RecursionError out of json.loads."""
+    assert callable(parse)
+    with pytest.raises(ImageError, match="nested 1001 deep, more than the 64 allowed"):
+        parse(DEEP)

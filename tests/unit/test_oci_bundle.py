@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 
+from cocoon.errors import SandboxError
 from cocoon.oci.spec import default_spec
 from cocoon.ocicli import bundle
+from cocoon.sandbox.sandbox import _fits
 
 
 def make(tmp_path: Path, **extra: object) -> tuple[Path, dict]:  # type: ignore[type-arg]
@@ -139,13 +142,15 @@ def test_resources_size_the_vm(tmp_path: Path) -> None:
     assert len(p.warnings) == 2 and "kernelTCP" in p.warnings[1]
     assert spec["linux"]["resources"]["memory"]["kernel"] == 1 << 20  # the caller's copy
     assert [bundle.cpuset_size(c) for c in ("", "0", "1-2", "x", None, "5,1")] == [0, 1, 3, 0, 0, 6]
+    # Found by fuzz/targets/oci_bundle.py: "²".isdigit() is true, int("²") a ValueError.
+    assert bundle.cpuset_size("0-²") == 0 and bundle.cpuset_size("1,\u0663") == 2
 
 
 def test_bad_bundles_say_why(tmp_path: Path) -> None:
     with pytest.raises(bundle.BundleError, match="config.json"):
         bundle.load(tmp_path)
     (tmp_path / "config.json").write_text("{nope")
-    with pytest.raises(bundle.BundleError, match="not JSON"):
+    with pytest.raises(bundle.BundleError, match="not usable JSON"):
         bundle.load(tmp_path)
     b, spec = make(tmp_path / "x", mounts=[{"destination": "/d", "type": "bind",
                                             "source": "/no/such/dir"}])  # fmt: skip
@@ -154,3 +159,96 @@ def test_bad_bundles_say_why(tmp_path: Path) -> None:
     (b / "rootfs").rmdir()
     with pytest.raises(bundle.BundleError, match="rootfs"):
         plan(b, spec)
+
+
+def write_raw(tmp_path: Path, text: str) -> Path:
+    (tmp_path / "rootfs").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "config.json").write_text(text)
+    return tmp_path
+
+
+def load_and_plan(b: Path) -> bundle.BundlePlan:
+    return plan(b, bundle.load(b))
+
+
+GOOD = default_spec(["true"])
+
+
+def with_(path: str, value: object) -> str:
+    """GOOD with the dotted ``path`` set to ``value``, as JSON text."""
+    spec = json.loads(json.dumps(GOOD))
+    *parents, last = path.split(".")
+    node = spec
+    for k in parents:
+        node = node.setdefault(k, {})
+    node[last] = value
+    return json.dumps(spec)
+
+
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [
+        # Issue 19: each of these escaped as a traceback (the exception in the comment).
+        (with_("linux", []), "linux must be an object"),  # AttributeError
+        (with_("root", "rootfs"), "root must be an object"),  # AttributeError
+        (with_("root.path", 5), "root.path must be a path"),  # TypeError
+        (with_("mounts", [{"type": "bind", "source": "/x", "options": 7}]), "options must be"),
+        (with_("linux.resources.cpu", {"quota": 1, "period": "x"}), "period must be an integer"),
+        (with_("linux.resources.cpu.quota", 10**30), "quota must be an integer"),  # Overflow
+        (with_("linux.resources.cpu", {"quota": 1, "period": 0.5}), "period must be an integer"),
+        (with_("linux.resources.memory.limit", True), "limit must be an integer"),
+        (with_("annotations", {"a": 1}), "annotations.a must be a string"),
+        (with_("linux.sysctl", {"net.x": []}), r"sysctl.net.x must be a string"),
+        (with_("hooks", {"prestart": [{"path": "/bin/true", "timeout": 0}]}), "timeout"),
+        (with_("hooks", {"prestart": [{"path": "/bin/\u0000"}]}), "path must be a path"),
+        (with_("process.user.uid", -1), r"uid must be an integer in \[0, 4294967294\]"),
+        (with_("process.args", "sh -c x"), "process.args must be a list"),
+        (with_("linux.namespaces", [{"type": "network", "path": "/x\u0000"}]), "NUL"),
+        # Not JSON numbers: ValueError on NaN, OverflowError on infinity downstream.
+        (with_("linux.resources.cpu", {"quota": 1, "period": 1}).replace(
+            '"period": 1', '"period": NaN'), "NaN is not a JSON number"),
+        (with_("linux.resources.cpu", {"quota": 1, "period": 1}).replace(
+            '"quota": 1', '"quota": 1e999'), "number out of range"),
+        (with_("annotations", {"a": "x"}).replace('"x"', "[" * 2000 + "]" * 2000),
+         r"nested \d+ deep"),  # RecursionError
+        ("[]", "not an OCI runtime spec"),
+    ],
+    ids=lambda v: None if len(str(v)) > 60 else str(v),
+)  # fmt: skip
+def test_hostile_bundles_are_bundle_errors(tmp_path: Path, text: str, why: str) -> None:
+    with pytest.raises(bundle.BundleError, match=why):
+        load_and_plan(write_raw(tmp_path, text))
+
+
+@pytest.mark.parametrize("path", ["process", "root", "linux", "mounts", "hooks", "annotations"])
+def test_null_fields_are_absent(tmp_path: Path, path: str) -> None:
+    """JSON null is an absent field (as Go's decoding has it), never None.get(...)."""
+    p = load_and_plan(write_raw(tmp_path, with_(path, None)))
+    assert p.vcpus == 1
+
+
+def test_namespace_path_to_a_fifo_does_not_hang(tmp_path: Path) -> None:
+    """Opening a FIFO for reading blocks until a writer comes: the path is
+    stat()ed first, and only a regular file (as namespace files are) is opened."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    b = write_raw(tmp_path / "b", with_("linux.namespaces", [{"type": "ipc", "path": str(fifo)}]))
+    with pytest.raises(bundle.BundleError, match="is not a namespace"):
+        load_and_plan(b)
+
+
+def test_a_root_path_too_long_for_the_system_is_a_bundle_error(tmp_path: Path) -> None:
+    """Found by fuzz/targets/oci_bundle.py: Path.is_dir() raises ENAMETOOLONG."""
+    b = write_raw(tmp_path, with_("root.path", "x" * 5000))
+    with pytest.raises(bundle.BundleError, match="File name too long"):
+        load_and_plan(b)
+
+
+def test_a_spec_the_agent_channel_cannot_carry_is_refused_at_create(tmp_path: Path) -> None:
+    """A 4 MiB config.json is a valid bundle, but its spec must fit one request
+    to the agent (messages.MAX_SPEC): past that the monitor died on a FrameError."""
+    b = write_raw(tmp_path, with_("annotations", {"big": "x" * (1 << 20)}))
+    with pytest.raises(bundle.BundleError, match="as the guest gets it, over"):
+        load_and_plan(b)
+    with pytest.raises(SandboxError, match="more than the 10 B allowed"):
+        _fits("x" * 11, 10, "the container's OCI spec")

@@ -59,14 +59,23 @@ def test_messages_are_immutable() -> None:
 @pytest.mark.parametrize(
     "body, why",
     [
-        (b"\xff\xfe", "not JSON"),
+        (b"\xff\xfe", "not valid JSON"),
+        (b'{"type": "ok", "x": ' + b"[" * 5 + b"]" * 5 + b"}", "nested 6 deep, more than the 4"),
+        (b'{"type": "hello", "protocol_version": NaN, "time_ns": 0}', "NaN is not a JSON number"),
         (b"[]", "not an object"),
         (b'{"type": "nope"}', "unknown message type"),
         (b'{"type": "ping", "extra": 1}', "unexpected field"),
         (b'{"type": "hello", "protocol_version": 1}', "missing field"),
         (b'{"type": "hello", "protocol_version": "1", "time_ns": 0}', "expected int"),
         (b'{"type": "hello", "protocol_version": true, "time_ns": 0}', "expected int"),
-        (b'{"type": "hello", "protocol_version": 1, "time_ns": 1e400}', "expected int"),
+        (b'{"type": "hello", "protocol_version": 1, "time_ns": 1e400}', "out of range"),
+        # An int too large for a float field overflowed float() (OverflowError escaped).
+        (
+            b'{"type":"guest_details_reply","kernel_release":"","kernel_version":"","machine":"",'
+            b'"cpus":1,"mem_total_kib":1,"uptime_s":1' + b"0" * 400 + b',"agent_version":"",'
+            b'"cgroup_version":2,"mounts":[]}',
+            "uptime_s: number out of range",
+        ),
         (
             b'{"type":"process_exited","exit_code":300,"signal":0,"oom_killed":false}',
             "outside",

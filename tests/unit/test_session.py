@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from collections.abc import Awaitable, Callable
 
 import pytest
 
+from cocoon.errors import GuestError
 from cocoon.protocol import framing, messages
 from cocoon.protocol.framing import Kind
 from cocoon.protocol.session import RemoteError, Session, SessionClosed
+from cocoon.sandbox.channel import AgentChannel
 
 Peer = Callable[[socket.socket], Awaitable[None]]
 
@@ -122,5 +125,37 @@ def test_data_beyond_window_is_a_violation() -> None:
         s.open_in(3)  # never read: no credit goes back
         await task
         assert "beyond its window" in str(s.closed)
+
+    run(body())
+
+
+@pytest.mark.parametrize("kind", [Kind.REPLY, Kind.ERROR])
+def test_deeply_nested_reply_fails_every_waiter_at_once(kind: Kind) -> None:
+    """Issue 19: a REPLY/ERROR nested 1,000 deep raised RecursionError in the reader,
+    which left the session open: calls ended at their deadline as "did not answer",
+    and a process wait (no deadline) hung on. Now the session fails at once."""
+    deep = b'{"type":"ok","x":' + b"[" * 1000 + b"]" * 1000 + b"}"
+
+    async def body() -> None:
+        async def peer(sock: socket.socket) -> None:
+            _, rid, _ = await _recv_frame(sock)
+            await _recv_frame(sock)
+            await _send(sock, framing.encode(kind, rid, deep))
+            await asyncio.sleep(5)
+
+        s, task = await _host_with_peer(peer)
+        channel = AgentChannel(s, agent_timeout_s=30)
+        wait = asyncio.create_task(
+            channel.call(messages.WaitProcess("c1", ""), messages.ProcessExited, timeout_s=None)
+        )
+        ping = asyncio.create_task(s.request(messages.Ping(), (messages.Ok,), 30))
+        t0 = time.monotonic()
+        with pytest.raises(GuestError, match="nested 1001 deep"):
+            await wait
+        with pytest.raises(SessionClosed, match="invalid message: .*nested"):
+            await ping
+        assert time.monotonic() - t0 < 2
+        await task
+        assert "nested" in str(s.closed)
 
     run(body())

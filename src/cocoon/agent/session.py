@@ -290,6 +290,9 @@ class Session:
             self._fail(str(e))
         except OSError as e:
             self._fail(f"channel error: {e.__class__.__name__}: {e}")
+        except Exception as e:
+            # A decoder that breaks on what the host sent ends this session, not the agent.
+            self._fail(f"cannot read the host's frames: {e.__class__.__name__}: {str(e)[:200]}")
         except BaseException:
             self._fail("session closed")
             raise

@@ -10,6 +10,8 @@ from cocoon.agent.session import RemoteError
 from cocoon.protocol import messages
 
 CGROUP_ROOT = "/sys/fs/cgroup"
+#: The highest uid/gid: (uid_t)-1 means "unchanged" to the kernel.
+MAX_ID = 0xFFFFFFFE
 CONTAINERS_CGROUP = "cocoon"
 
 
@@ -228,6 +230,14 @@ def _table(path: str) -> list[list[str]]:
     return rows
 
 
+def _id(text: str) -> int:
+    """A uid/gid written in ASCII digits and in range, else -1. (str.isdigit() is
+    true for "²", which int() refuses, and for other scripts' digits.)"""
+    if text.isascii() and text.isdigit() and len(text) <= 10 and int(text) <= MAX_ID:
+        return int(text)
+    return -1
+
+
 def resolve_user(rootfs: str, process: dict[str, object]) -> None:
     """Turn ``process.user.username`` ("name|uid[:group|gid]", docker's -u) into the
     numeric uid/gid/additionalGids crun needs, from the container's own
@@ -247,36 +257,26 @@ def resolve_user(rootfs: str, process: dict[str, object]) -> None:
     uid = gid = -1
     uname = ""
     for row in passwd:
-        if (
-            len(row) >= 4
-            and row[2].isdigit()
-            and row[3].isdigit()
-            and (row[0] == name or row[2] == name)
-        ):
-            uid, gid, uname = int(row[2]), int(row[3]), row[0]
-            break
+        if len(row) >= 4 and (row[0] == name or row[2] == name):
+            uid, gid, uname = _id(row[2]), _id(row[3]), row[0]
+            if uid >= 0 and gid >= 0:
+                break
+            uid = gid = -1
     if uid < 0:
-        if not name.isdigit():
+        uid, gid = _id(name), 0
+        if uid < 0:
             raise RemoteError("invalid", f"user {name[:64]!r} not found in the image's /etc/passwd")
-        uid, gid = int(name), 0
     groups = _table(base + "/etc/group")
     if group:
-        gid = -1
-        for row in groups:
-            if len(row) >= 3 and row[2].isdigit() and (row[0] == group or row[2] == group):
-                gid = int(row[2])
-                break
+        gid = next(
+            (_id(r[2]) for r in groups if len(r) >= 3 and group in (r[0], r[2]) and _id(r[2]) >= 0),
+            _id(group),
+        )
         if gid < 0:
-            if not group.isdigit():
-                raise RemoteError("invalid", f"group {group[:64]!r} not found in /etc/group")
-            gid = int(group)
+            raise RemoteError("invalid", f"group {group[:64]!r} not found in /etc/group")
     extra = sorted(
-        {
-            int(r[2])
-            for r in groups
-            if len(r) >= 4 and r[2].isdigit() and uname and uname in r[3].split(",")
-        }
-        - {gid}
+        {_id(r[2]) for r in groups if len(r) >= 4 and uname and uname in r[3].split(",")}
+        - {gid, -1}
     )
     user["uid"], user["gid"] = uid, gid
     if extra:

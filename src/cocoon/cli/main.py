@@ -111,3 +111,11 @@ def main() -> None:
     except KeyboardInterrupt:
         click.echo("cocoon: interrupted", err=True)
         sys.exit(130)
+    except Exception as e:
+        # A bug (ours, or a library's on hostile input): still one line and
+        # docker's "the runtime failed"; --debug has the traceback.
+        if debug:
+            traceback.print_exc()
+        text = f"{e.__class__.__name__}: {str(e)[:500]}"
+        click.echo(f"cocoon: internal error: {text} (--debug shows where)", err=True)
+        sys.exit(125)

@@ -34,6 +34,9 @@ CRUN = "/usr/bin/crun"
 #: imports array), so an import scan of the agent cannot see them.
 EXTRA_MODULES = ["array", "encodings.ascii", "encodings.latin_1", "encodings.utf_8"]
 AGENT_PACKAGES = ("protocol", "agent")
+#: Single modules of other packages the agent imports (with their package's
+#: __init__): the bounded JSON loader decodes host messages in the guest too.
+AGENT_MODULES = ("util/__init__.py", "util/boundedjson.py")
 #: Optional imports of the stdlib (asyncio tries ssl, shutil tries lzma/bz2):
 #: left out of the image they cost nothing at boot (ssl alone was ~80 ms under
 #: TCG) and their libraries (libssl, libcrypto: ~5 MB) stay out too.
@@ -46,13 +49,15 @@ def packages() -> list[str]:
 
 
 def agent_sources() -> dict[str, bytes]:
-    """The cocoon modules the guest runs: the package root, protocol and agent."""
+    """The cocoon modules the guest runs: the package root, protocol, agent and AGENT_MODULES."""
     root = resources.files("cocoon")
     out = {"cocoon/__init__.py": (root / "__init__.py").read_bytes()}
     for pkg in AGENT_PACKAGES:
         for f in sorted((root / pkg).iterdir(), key=lambda t: t.name):
             if f.name.endswith(".py"):
                 out[f"cocoon/{pkg}/{f.name}"] = f.read_bytes()
+    for rel in AGENT_MODULES:
+        out[f"cocoon/{rel}"] = root.joinpath(*rel.split("/")).read_bytes()
     return out
 
 

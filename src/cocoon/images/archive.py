@@ -60,6 +60,7 @@ from cocoon.images.manifest import (
 )
 from cocoon.images.reference import parse as parse_reference
 from cocoon.images.store import Image, ImageStore
+from cocoon.util import boundedjson
 
 MAX_MEMBERS = 100_000
 MAX_LINK_HOPS = 8
@@ -100,11 +101,11 @@ def _sha256(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def _json(data: bytes, what: str) -> Any:
+def _json(data: bytes, what: str, limit: int) -> Any:
     try:
-        return json.loads(data)
-    except (UnicodeDecodeError, ValueError) as e:
-        raise ImageError(f"archive: {what} is not valid JSON: {e}") from None
+        return boundedjson.loads(data, max_bytes=limit)
+    except boundedjson.JSONError as e:
+        raise ImageError(f"archive: {what} is not usable JSON: {e}") from None
 
 
 @dataclass
@@ -290,7 +291,7 @@ def load(store: ImageStore, path: Path) -> list[Image]:
 
 
 def _docker_entries(arc: _Archive) -> list[dict[str, Any]]:
-    doc = _json(arc.read("manifest.json", MAX_MANIFEST), "manifest.json")
+    doc = _json(arc.read("manifest.json", MAX_MANIFEST), "manifest.json", MAX_MANIFEST)
     if not isinstance(doc, list) or len(doc) > MAX_DOCKER_ENTRIES:
         raise ImageError(f"archive: manifest.json must be a list (at most {MAX_DOCKER_ENTRIES})")
     for i, e in enumerate(doc):
@@ -342,7 +343,7 @@ def _oci_tags(d: Descriptor) -> list[str]:
 
 
 def _load_oci(arc: _Archive, docker: list[dict[str, Any]]) -> list[Image]:
-    layout = _json(arc.read("oci-layout", MAX_LAYOUT_FILE), "oci-layout")
+    layout = _json(arc.read("oci-layout", MAX_LAYOUT_FILE), "oci-layout", MAX_LAYOUT_FILE)
     version = layout.get("imageLayoutVersion") if isinstance(layout, dict) else None
     if not isinstance(version, str) or not version.startswith("1."):
         raise ImageError(f"archive: unsupported OCI layout version {version!r}")

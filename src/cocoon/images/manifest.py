@@ -8,12 +8,12 @@ the identity).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
 from cocoon.errors import ImageError
 from cocoon.images.blobs import check_digest
+from cocoon.util import boundedjson
 
 MAX_MANIFEST = 4 << 20
 MAX_CONFIG = 16 << 20
@@ -125,9 +125,9 @@ def _load(data: bytes, limit: int, what: str) -> dict[str, Any]:
     if len(data) > limit:
         raise ImageError(f"{what} is {len(data)} B, more than the {limit} B allowed")
     try:
-        obj = json.loads(data)
-    except (UnicodeDecodeError, ValueError) as e:
-        raise ImageError(f"{what} is not valid JSON: {e}") from None
+        obj = boundedjson.loads(data, max_bytes=limit)
+    except boundedjson.JSONError as e:
+        raise ImageError(f"{what} is not usable JSON: {e}") from None
     if not isinstance(obj, dict):
         raise ImageError(f"{what} is not a JSON object")
     return obj

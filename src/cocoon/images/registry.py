@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import json
 import logging
 import os
 import re
@@ -30,7 +29,7 @@ import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import httpcore
 import httpx
@@ -59,6 +58,7 @@ from cocoon.images.manifest import (
     parse_manifest,
 )
 from cocoon.images.reference import DOCKER_HUB, DOCKER_HUB_API, Reference, parse
+from cocoon.util import boundedjson
 
 if TYPE_CHECKING:  # rich is imported only for a terminal (_Bars)
     from rich.progress import Progress, TaskID
@@ -235,8 +235,10 @@ def _about(prefix: str) -> Iterator[None]:
 async def _read_bounded(resp: httpx.Response, limit: int, what: str) -> bytes:
     """The whole body, refusing (before reading it) anything above ``limit``."""
     length = resp.headers.get("content-length", "")
-    if length.isdigit() and int(length) > limit:
-        raise ImageError(f"{what} is {length} B, more than the {limit} B allowed")
+    # isascii: str.isdigit() is true for "²" (a latin-1 header byte), which int() refuses;
+    # so it does 5,000 digits (the interpreter's limit), and 20 are already too many.
+    if length.isascii() and length.isdigit() and (len(length) > 19 or int(length) > limit):
+        raise ImageError(f"{what} is {length[:24]} B, more than the {limit} B allowed")
     buf = bytearray()
     try:
         async for chunk in resp.aiter_bytes():
@@ -249,6 +251,38 @@ async def _read_bounded(resp: httpx.Response, limit: int, what: str) -> bytes:
             f"connection to {host} broke while reading the {what}: {_reason(e)}"
         ) from None
     return bytes(buf)
+
+
+def error_detail(body: bytes) -> str:
+    """``CODE: message`` of a distribution error body (one line, printable), or ""."""
+    try:
+        doc = boundedjson.loads(body, max_bytes=MAX_ERROR_BODY)
+    except boundedjson.JSONError:
+        return ""
+    errors = doc.get("errors") if isinstance(doc, dict) else None
+    first = errors[0] if isinstance(errors, list) and errors else None
+    if not isinstance(first, dict):
+        return ""
+    code, message = first.get("code", ""), first.get("message", "")
+    words = [x for x in (code, message) if isinstance(x, str) and x]
+    return _printable(": ".join(words))
+
+
+def token_of(body: bytes) -> str | None:
+    """The bearer token of a token server's JSON answer, if it holds a usable one."""
+    try:
+        doc = boundedjson.loads(body, max_bytes=MAX_TOKEN_RESPONSE)
+    except boundedjson.JSONError:
+        return None
+    token = (doc.get("token") or doc.get("access_token")) if isinstance(doc, dict) else None
+    if (
+        not isinstance(token, str)
+        or not token
+        or len(token) > MAX_TOKEN
+        or not all(33 <= ord(c) < 127 for c in token)
+    ):
+        return None
+    return token
 
 
 class _RangeRefused(Exception):
@@ -398,17 +432,14 @@ class RegistryClient:
 
     async def _error_detail(self, resp: httpx.Response) -> str:
         """``CODE: message`` of a distribution error body, or the HTTP status."""
-        detail = f"HTTP {resp.status_code}"
+        detail = ""
         try:
-            body = await _read_bounded(resp, MAX_ERROR_BODY, "error body")
-            errors = json.loads(body).get("errors")
-            first = errors[0]
-            detail = f"{first.get('code', '')}: {first.get('message', '')}".strip(": ")
-        except (ImageError, httpx.HTTPError, ValueError, AttributeError, IndexError, TypeError):
+            detail = error_detail(await _read_bounded(resp, MAX_ERROR_BODY, "error body"))
+        except (ImageError, httpx.HTTPError):
             pass
         finally:
             await resp.aclose()
-        return _printable(detail)
+        return detail or f"HTTP {resp.status_code}"
 
     # -- transport ----------------------------------------------------------
 
@@ -583,17 +614,8 @@ class RegistryClient:
             body = await _read_bounded(resp, MAX_TOKEN_RESPONSE, "token response")
         finally:
             await resp.aclose()
-        try:
-            obj: Any = json.loads(body)
-        except ValueError:
-            obj = None
-        token = (obj.get("token") or obj.get("access_token")) if isinstance(obj, dict) else None
-        if (
-            not isinstance(token, str)
-            or not token
-            or len(token) > MAX_TOKEN
-            or not all(33 <= ord(c) < 127 for c in token)
-        ):
+        token = token_of(body)
+        if token is None:
             raise ImageError(f"token server {_netloc(url)} of {self.domain} sent no usable token")
         return token
 

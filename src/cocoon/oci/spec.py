@@ -153,6 +153,16 @@ def parse_user(user: str) -> tuple[int, int]:
     """Numeric best effort for ``uid[:gid]``; names (and a uid's primary group) are
     resolved by the agent against the container's own /etc/passwd (USER_ANNOTATION)."""
     u, _, g = user.partition(":")
-    uid = int(u) if u.isdigit() else 0
-    gid = int(g) if g.isdigit() else 0
-    return uid, gid
+    return _numeric_id(u), _numeric_id(g)
+
+
+#: The highest uid/gid: (uid_t)-1 means "unchanged" to the kernel.
+MAX_ID = 0xFFFFFFFE
+
+
+def _numeric_id(text: str) -> int:
+    """ASCII digits in range, else 0 (the agent resolves it, or says it is not there):
+    str.isdigit() is true for "²", which int() refuses, and for other scripts' digits."""
+    if text.isascii() and text.isdigit() and len(text) <= 10 and int(text) <= MAX_ID:
+        return int(text)
+    return 0

@@ -29,8 +29,9 @@ from typing import Any
 
 from cocoon.errors import CocoonError
 from cocoon.hypervisor.base import Share
+from cocoon.protocol import messages
 from cocoon.sandbox.sandbox import Sandbox
-from cocoon.util import nsfs
+from cocoon.util import boundedjson, nsfs
 
 #: Guest kernel + agent headroom on top of the container's memory limit.
 VM_OVERHEAD_MIB = 128
@@ -43,6 +44,9 @@ POD_GUEST = "/run/cocoon/pod"
 BINDS_GUEST = f"{GUEST_BASE}/binds"
 #: Host paths the guest has its own of: a bind from these stays the guest's.
 GUEST_OWN = ("/dev", "/proc", "/sys")
+#: config.json's size bound: podman's and containerd's are a few KB, tens with
+#: a seccomp profile; what the guest gets must also fit one request (MAX_SPEC).
+MAX_CONFIG = 4 << 20
 
 
 class BundleError(CocoonError):
@@ -95,20 +99,133 @@ class BundlePlan:
 
 
 def load(bundle: Path) -> dict[str, Any]:
+    """config.json parsed and every field cocoon reads type- and range-checked:
+    ``plan`` and the runtime's verbs rely on that."""
     path = bundle / "config.json"
     try:
         raw = path.read_bytes()
     except OSError as e:
         raise BundleError(f"cannot read {path}: {e.strerror}") from None
-    if len(raw) > 4 << 20:
-        raise BundleError(f"{path} is over 4 MiB")
+    if len(raw) > MAX_CONFIG:
+        raise BundleError(f"{path} is over {MAX_CONFIG >> 20} MiB")
     try:
-        spec = json.loads(raw)
-    except ValueError as e:
-        raise BundleError(f"{path} is not JSON: {e}") from None
-    if not isinstance(spec, dict) or not isinstance(spec.get("process", {}), dict):
+        spec = boundedjson.loads(raw, max_bytes=MAX_CONFIG)
+    except boundedjson.JSONError as e:
+        raise BundleError(f"{path} is not usable JSON: {e}") from None
+    if not isinstance(spec, dict):
         raise BundleError(f"{path}: not an OCI runtime spec")
+    try:
+        _SPEC(spec, "")
+    except _Invalid as e:
+        raise BundleError(f"{path}: {e}") from None
     return spec
+
+
+# -- the fields cocoon reads, checked as runc's typed decoding would ------------
+
+Check = Callable[[object, str], None]
+I64 = (1 << 63) - 1
+U64 = (1 << 64) - 1
+#: The highest uid/gid: (uid_t)-1 means "unchanged" to the kernel.
+MAX_ID = 0xFFFFFFFE
+
+
+class _Invalid(ValueError):
+    """One field of the spec is wrong; the message names it."""
+
+
+def _string(value: object, where: str) -> None:
+    if not isinstance(value, str):
+        raise _Invalid(f"{where} must be a string")
+
+
+def _path(value: object, where: str) -> None:
+    """A host path: a string without NUL (which no system call takes)."""
+    if not isinstance(value, str) or "\0" in value:
+        raise _Invalid(f"{where} must be a path (a string without NUL bytes)")
+
+
+def _boolean(value: object, where: str) -> None:
+    if not isinstance(value, bool):
+        raise _Invalid(f"{where} must be true or false")
+
+
+def _integer(lo: int, hi: int) -> Check:
+    def check(value: object, where: str) -> None:
+        # bool is an int to Python, not to JSON; floats (NaN, 1e999) are no integers
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            raise _Invalid(f"{where} must be an integer in [{lo}, {hi}]")
+
+    return check
+
+
+def _list(item: Check) -> Check:
+    def check(value: object, where: str) -> None:
+        if not isinstance(value, list):
+            raise _Invalid(f"{where} must be a list")
+        for i, x in enumerate(value):
+            item(x, f"{where}[{i}]")
+
+    return check
+
+
+def _map(item: Check) -> Check:
+    """An object of arbitrary keys whose values all pass ``item``."""
+
+    def check(value: object, where: str) -> None:
+        if not isinstance(value, dict):
+            raise _Invalid(f"{where} must be an object")
+        for k, v in value.items():
+            item(v, f"{where}.{k[:40]}")
+
+    return check
+
+
+def _fields(*fields: tuple[str, Check]) -> Check:
+    """An object whose listed keys, where present and not null, pass their check;
+    other keys are the guest's crun's to judge."""
+
+    def check(value: object, where: str) -> None:
+        if not isinstance(value, dict):
+            raise _Invalid(f"{where or 'the spec'} must be an object")
+        for key, sub in fields:
+            v = value.get(key)
+            if v is not None:
+                sub(v, f"{where}.{key}" if where else key)
+
+    return check
+
+
+_ID = _integer(0, MAX_ID)
+_STRINGS = _list(_string)
+_PATHS = _list(_path)
+_SPEC = _fields(
+    ("process", _fields(
+        ("terminal", _boolean), ("args", _STRINGS), ("env", _STRINGS), ("cwd", _string),
+        ("user", _fields(("uid", _ID), ("gid", _ID), ("additionalGids", _list(_ID)))),
+        ("capabilities", _map(_STRINGS)), ("noNewPrivileges", _boolean),
+    )),
+    ("root", _fields(("path", _path), ("readonly", _boolean))),
+    ("mounts", _list(_fields(
+        ("destination", _string), ("type", _string), ("source", _path), ("options", _STRINGS),
+    ))),
+    # Run on the host by cocoon-runtime: what subprocess needs, checked now, not at start.
+    ("hooks", _map(_list(_fields(
+        ("path", _path), ("args", _PATHS), ("env", _PATHS), ("timeout", _integer(1, 1 << 31)),
+    )))),
+    ("annotations", _map(_string)),
+    ("linux", _fields(
+        ("namespaces", _list(_fields(("type", _string), ("path", _path)))),
+        ("sysctl", _map(_string)),
+        ("resources", _fields(
+            ("memory", _fields(*((k, _integer(-1, I64)) for k in (
+                "limit", "reservation", "swap", "kernel", "kernelTCP")))),
+            ("cpu", _fields(
+                ("quota", _integer(-1, I64)), ("period", _integer(0, U64)), ("cpus", _string),
+            )),
+        )),
+    )),
+)  # fmt: skip
 
 
 def plan(
@@ -117,14 +234,10 @@ def plan(
     bundle = bundle.resolve()
     guest = copy.deepcopy(spec)
     root = guest.get("root") or {}
-    rootfs = Path(root.get("path", "rootfs"))
-    if not rootfs.is_absolute():
-        rootfs = bundle / rootfs
-    if not rootfs.is_dir():
-        raise BundleError(f"rootfs {rootfs} is not a directory")
+    rootfs = rootfs_of(bundle, root)
     ro_root = bool(root.get("readonly", False))
     p = BundlePlan(bundle=bundle, spec=guest, original=spec, readonly_rootfs=ro_root)
-    p.terminal = bool(guest.get("process", {}).get("terminal", False))
+    p.terminal = bool((guest.get("process") or {}).get("terminal"))
     # Shared read-write even for root.readonly: like runc, the guest's crun makes
     # the mount points the spec needs (podman binds /etc/hosts) and only then
     # remounts the root read-only. The rootfs is the container's own layer.
@@ -143,6 +256,20 @@ def plan(
         p.guest_mounts.append(("binds", BINDS_GUEST, False))
     finish(guest, p, default_vcpus, default_mib)
     return p
+
+
+def rootfs_of(bundle: Path, root: dict[str, Any]) -> Path:
+    """root.path, relative to the bundle unless absolute; it must be a directory."""
+    rootfs = Path(root.get("path") or "rootfs")
+    if not rootfs.is_absolute():
+        rootfs = bundle / rootfs
+    try:
+        is_dir = rootfs.is_dir()
+    except OSError as e:  # is_dir() is False only for a missing path, not a too long one
+        raise BundleError(f"rootfs {str(rootfs)[:200]}: {e.strerror}") from None
+    if not is_dir:
+        raise BundleError(f"rootfs {str(rootfs)[:200]} is not a directory")
+    return rootfs
 
 
 def rewrite_binds(guest: dict[str, Any], expose: Callable[[str, bool, bool], str]) -> None:
@@ -168,7 +295,7 @@ def rewrite_binds(guest: dict[str, Any], expose: Callable[[str, bool, bool], str
 
 def finish(guest: dict[str, Any], p: BundlePlan, default_vcpus: int, default_mib: int) -> None:
     """What every plan shares: namespaces, hooks, VM size."""
-    linux = guest.setdefault("linux", {})
+    linux = guest["linux"] = guest.get("linux") or {}
     for ns in linux.get("namespaces", []) or []:
         if isinstance(ns, dict) and ns.get("path"):
             check_namespace_path(str(ns.get("type", "")), ns["path"])
@@ -208,6 +335,9 @@ def finish(guest: dict[str, Any], p: BundlePlan, default_vcpus: int, default_mib
     vcpus = max(vcpus, min(MAX_VCPUS, cpuset_size(cpu.get("cpus"))))
     p.vcpus = vcpus
     p.memory_mib = max(default_mib, (int(mem) >> 20) + VM_OVERHEAD_MIB) if mem > 0 else 0
+    size = len(json.dumps(guest))
+    if size > messages.MAX_SPEC:
+        raise BundleError(f"the spec is {size} B as the guest gets it, over {messages.MAX_SPEC} B")
 
 
 def check_namespace_path(kind: str, path: object) -> None:
@@ -235,7 +365,7 @@ def cpuset_size(cpus: object) -> int:
     top = -1
     for part in cpus.split(","):
         last = part.strip().rpartition("-")[2]
-        if last.isdigit() and len(last) < 6:
+        if last.isascii() and last.isdigit() and len(last) < 6:  # "²".isdigit() too
             top = max(top, int(last))
     return top + 1
 
@@ -255,14 +385,10 @@ def plan_member(bundle: Path, spec: dict[str, Any], pod_dir: Path, key: str) -> 
     bundle = bundle.resolve()
     guest = copy.deepcopy(spec)
     root = guest.get("root") or {}
-    rootfs = Path(root.get("path", "rootfs"))
-    if not rootfs.is_absolute():
-        rootfs = bundle / rootfs
-    if not rootfs.is_dir():
-        raise BundleError(f"rootfs {rootfs} is not a directory")
+    rootfs = rootfs_of(bundle, root)
     p = BundlePlan(bundle=bundle, spec=guest, original=spec)
     p.readonly_rootfs = bool(root.get("readonly", False))
-    p.terminal = bool(guest.get("process", {}).get("terminal", False))
+    p.terminal = bool((guest.get("process") or {}).get("terminal"))
     binds = [Bind(str(rootfs), pod_dir / key / "rootfs", False)]
 
     def expose(src: str, ro: bool, recursive: bool) -> str:

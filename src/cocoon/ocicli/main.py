@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,7 @@ from cocoon.runtime.control import MonitorClient, NotRunning
 from cocoon.runtime.lifecycle import parse_signal
 from cocoon.runtime.monitor import CONTAINER_ID, LaunchPlan, spawn
 from cocoon.state import gc
+from cocoon.util import boundedjson
 from cocoon.util.fs import atomic_write
 from cocoon.util.proc import alive
 
@@ -76,8 +78,8 @@ class Ctx:
             return
         if self.log_format == "json":
             line = json.dumps({"level": level, "msg": msg, "time": now_rfc3339()})
-        else:
-            line = f'time="{now_rfc3339()}" level={level} msg="{msg}"'
+        else:  # logrus's text format quotes (and escapes) the message
+            line = f'time="{now_rfc3339()}" level={level} msg={json.dumps(msg)}'
         with contextlib.suppress(OSError), open(self.log, "a") as f:
             f.write(line + "\n")
 
@@ -133,6 +135,31 @@ def _call(d: ContainerDir, msg: messages.Message, expect: type[messages.Message]
             await client.close()
 
     return asyncio.run(go())
+
+
+def _json_file(path: str, what: str) -> dict[str, Any]:
+    """A JSON object the caller wrote (``-``: stdin), bounded like config.json."""
+    try:
+        raw = sys.stdin.buffer.read(bundles.MAX_CONFIG + 1) if path == "-" else _read(path)
+        doc = boundedjson.loads(raw, max_bytes=bundles.MAX_CONFIG)
+    except OSError as e:
+        raise RuntimeError_(f"cannot read {what} {path}: {e.strerror or e}") from None
+    except boundedjson.JSONError as e:
+        raise RuntimeError_(f"{what} {path} is not usable JSON: {e}") from None
+    if not isinstance(doc, dict):
+        raise RuntimeError_(f"{what} must be a JSON object")
+    return doc
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(bundles.MAX_CONFIG + 1)
+
+
+def _numeric_id(text: str, what: str) -> int:
+    if not (text.isascii() and text.isdigit() and len(text) <= 10) or int(text) > bundles.MAX_ID:
+        raise RuntimeError_(f"--user: {what} {text[:20]!r} is not in [0, {bundles.MAX_ID}]")
+    return int(text)
 
 
 # -- hooks -------------------------------------------------------------------
@@ -193,6 +220,30 @@ def _mounts_dev(spec: dict[str, Any]) -> bool:
     return any(isinstance(m, dict) and m.get("destination") in ("/dev", "/dev/") for m in mounts)
 
 
+def container_config(cid: str, p: bundles.BundlePlan) -> ContainerConfig:
+    """The container record of a planned bundle (its spec as ``bundles.load`` checked it)."""
+    proc = p.spec.get("process") or {}
+    res = (p.spec.get("linux") or {}).get("resources") or {}
+    return ContainerConfig(
+        id=cid,
+        name=cid,
+        image="",
+        image_id="",
+        command=list(proc.get("args") or []),
+        spec=p.spec,
+        tty=p.terminal,
+        stdin=True,
+        read_only=p.readonly_rootfs,
+        memory_bytes=int((res.get("memory") or {}).get("limit") or 0),
+        vcpus=p.vcpus,
+        vm_memory_mib=p.memory_mib,
+    )
+
+
+def annotations_of(spec: dict[str, Any]) -> dict[str, str]:
+    return {str(k): str(v) for k, v in (spec.get("annotations") or {}).items()}
+
+
 def do_create(cid: str, bundle: Path, pid_file: str | None, console_socket: str | None) -> int:
     c = _ctx()
     cfg = c.cfg
@@ -208,25 +259,8 @@ def do_create(cid: str, bundle: Path, pid_file: str | None, console_socket: str 
         raise RuntimeError_("process.terminal is true: --console-socket is required")
     for w in p.warnings:
         c.log_line("warning", w)
-    proc = p.spec.get("process") or {}
-    res = (p.spec.get("linux") or {}).get("resources") or {}
-    config = ContainerConfig(
-        id=cid,
-        name=cid,
-        image="",
-        image_id="",
-        command=list(proc.get("args") or []),
-        spec=p.spec,
-        tty=p.terminal,
-        stdin=True,
-        read_only=p.readonly_rootfs,
-        memory_bytes=int((res.get("memory") or {}).get("limit") or 0),
-        vcpus=p.vcpus,
-        vm_memory_mib=p.memory_mib,
-    )
-    annotations = {
-        str(k): str(v) for k, v in (spec.get("annotations") or {}).items() if isinstance(k, str)
-    }
+    config = container_config(cid, p)
+    annotations = annotations_of(spec)
     kind, sandbox_ref = pod.role(annotations)
     if kind == "container" and sandbox_ref:
         return create_member(cid, bundle, spec, annotations, sandbox_ref, pid_file, console_socket)
@@ -513,12 +547,7 @@ def exec_cmd(
     if status(d) != "running":
         raise RuntimeError_(f"cannot exec in a container that is {status(d)}")
     if process_file:
-        try:
-            process = json.loads(Path(process_file).read_text())
-        except (OSError, ValueError) as e:
-            raise RuntimeError_(f"cannot read process {process_file}: {e}") from None
-        if not isinstance(process, dict):
-            raise RuntimeError_("process must be a JSON object")
+        process = _json_file(process_file, "process")
     else:
         if not command:
             raise RuntimeError_("exec needs --process or a command")
@@ -534,7 +563,8 @@ def exec_cmd(
         }
         if user:
             uid, _, gid = user.partition(":")
-            process["user"] = {"uid": int(uid), "gid": int(gid or 0)}
+            ids = {"uid": _numeric_id(uid, "uid"), "gid": _numeric_id(gid or "0", "gid")}
+            process["user"] = ids
         if additional_gids:
             process["user"]["additionalGids"] = list(additional_gids)
         if caps:
@@ -591,11 +621,7 @@ def update(
     d = _ctx().store.get(container_id)
     res: dict[str, Any] = {}
     if resources:
-        text = sys.stdin.read() if resources == "-" else Path(resources).read_text()
-        try:
-            res = json.loads(text)
-        except ValueError as e:
-            raise RuntimeError_(f"resources are not JSON: {e}") from None
+        res = _json_file(resources, "resources")
     if memory is not None:
         res.setdefault("memory", {})["limit"] = memory
     if cpu_quota is not None:
@@ -748,6 +774,19 @@ def restore(args: tuple[str, ...]) -> None:
     raise RuntimeError_("restore is not supported by cocoon-runtime")
 
 
+def _one_line(text: str) -> str:
+    """An error as one printable line: a bundle's paths may hold newlines or escapes."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _fail(log: str | None, fmt: str, msg: str) -> None:
+    """runc's way: one line on stderr, the same in --log (the shim shows it), exit 1."""
+    msg = _one_line(msg)
+    Ctx("", log, fmt, False).log_line("error", msg)
+    click.echo(f"cocoon-runtime: {msg}", err=True)
+    sys.exit(1)
+
+
 def main() -> None:
     log, fmt = None, "text"
     argv = sys.argv[1:]
@@ -758,6 +797,8 @@ def main() -> None:
             log = a.split("=", 1)[1]
         elif a == "--log-format" and i + 1 < len(argv):
             fmt = argv[i + 1]
+        elif a.startswith("--log-format="):
+            fmt = a.split("=", 1)[1]
     try:
         cli.main(standalone_mode=False)
     except click.exceptions.Exit as e:
@@ -766,9 +807,12 @@ def main() -> None:
         e.show()
         sys.exit(1 if e.exit_code != 2 else 2)
     except CocoonError as e:
-        msg = str(e)
-        Ctx("", log, fmt, False).log_line("error", msg)
-        click.echo(f"cocoon-runtime: {msg}", err=True)
-        sys.exit(1)
+        _fail(log, fmt, str(e))
     except click.exceptions.Abort:
         sys.exit(130)
+    except Exception as e:
+        # A bug, not the caller's mistake: still runc's one line and exit 1, so
+        # the shim (which reads only --log) shows what broke; --debug has the rest.
+        if "--debug" in argv:
+            traceback.print_exc()
+        _fail(log, fmt, f"internal error: {e.__class__.__name__}: {str(e)[:500]}")

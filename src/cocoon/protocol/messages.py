@@ -14,6 +14,9 @@ from __future__ import annotations
 import json
 import re
 
+from cocoon.protocol.framing import MAX_FRAME
+from cocoon.util import boundedjson
+
 # Not `import typing`/`dataclasses`: in the guest under TCG they cost ~0.2 s of
 # boot (dataclasses exec()s generated code per class). A tiny decorator of our
 # own does the same for flat message classes; mypy reads it via the stub below.
@@ -628,6 +631,7 @@ class ConfigureNetwork(Message):
 
 
 _HEX_RE = re.compile(r"^[0-9a-f]+$")
+_DIGITS_RE = re.compile(r"^[0-9]{1,3}$")  # str.isdigit() is true for "²", which int() refuses
 _HOSTNAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,62})$")
 _SYSCTL_RE = re.compile(r"^net\.[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+){1,6}$")
 _IFNAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
@@ -647,7 +651,7 @@ def _check_mac(mac: str) -> None:
 
 def _check_cidr(text: str) -> None:
     addr, sep, plen = text.partition("/")
-    if not sep or not _IP_RE.match(addr) or not plen.isdigit():
+    if not sep or not _IP_RE.match(addr) or not _DIGITS_RE.match(plen):
         raise ValueError("bad address/prefix")
     check_range(int(plen), 0, 32 if "." in addr and ":" not in addr else 128, "prefix length")
 
@@ -684,9 +688,9 @@ def _to_plain(msg: Message) -> dict[str, Any]:
 def decode(payload: bytes, expect: tuple[type[Message], ...] | None = None) -> Message:
     """Parse and fully validate one message body; raise ValueError if anything is off."""
     try:
-        body = json.loads(payload)
-    except (UnicodeDecodeError, ValueError) as e:
-        raise ValueError(f"not JSON ({e.__class__.__name__})") from None
+        body = boundedjson.loads(payload, max_bytes=MAX_FRAME, max_depth=MAX_NESTING)
+    except boundedjson.JSONError as e:
+        raise ValueError(f"message body: {e}") from None
     if not isinstance(body, dict):
         raise ValueError("message is not an object")
     tag = body.pop("type", None)
@@ -734,6 +738,8 @@ def _coerce(tp: str, value: Any, where: str) -> Any:
     if tp == "float":
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ValueError(f"{where}: expected number")
+        if not -1e300 < value < 1e300:  # an int beyond a float's range overflows float()
+            raise ValueError(f"{where}: number out of range")
         return float(value)
     if tp == "str":
         if not isinstance(value, str):
@@ -763,3 +769,18 @@ def _message_class(name: str) -> type[Message]:
     if cls is None:
         raise TypeError(f"unsupported field type {name}")
     return cls
+
+
+def _nesting(tp: str) -> int:
+    """How deep a field of annotation ``tp`` nests in JSON (a list or message adds one)."""
+    if tp.startswith("list[") and tp.endswith("]"):
+        return 1 + _nesting(tp[5:-1])
+    if tp in ("bool", "int", "float", "str"):
+        return 0
+    cls = _message_class(tp)
+    return 1 + max((_nesting(t) for _, t in cls.FIELDS), default=0)
+
+
+#: The deepest a valid message nests (ConfigureNetwork: 4): decode refuses
+#: anything deeper before parsing it, since no message of the schema can be.
+MAX_NESTING = max(_nesting(c.__name__) for c in REGISTRY.values())

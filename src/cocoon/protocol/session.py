@@ -260,6 +260,11 @@ class Session:
         except asyncio.CancelledError:
             self._fail("session closed")
             raise
+        except Exception as e:
+            # A decoder that breaks on hostile input must still end the session
+            # now: left alive, its callers would wait for their deadlines (or,
+            # like Process.wait, for the keepalive) and blame a silent guest.
+            self._fail(f"cannot read the peer's frames: {e.__class__.__name__}: {str(e)[:200]}")
         finally:
             if not self.done.done():
                 self.done.set_result(None)

@@ -30,7 +30,8 @@ TEARDOWN_S = 30.0
 def parse_signal(text: str) -> int:
     """docker's forms: 9, KILL, SIGKILL (any case)."""
     t = text.strip().upper()
-    if t.isdigit() and 0 < int(t) <= 64:
+    # isascii: "²".isdigit() is true, but int() refuses it (an image's StopSignal).
+    if t.isascii() and t.isdigit() and len(t) <= 2 and 0 < int(t) <= 64:
         return int(t)
     name = t if t.startswith("SIG") else "SIG" + t
     try:

@@ -783,7 +783,7 @@ class Sandbox:
         cols: int = 80,
     ) -> Process:
         """crun create in the guest; the container's init waits for ``start_container``."""
-        body = json.dumps(spec)
+        body = _fits(json.dumps(spec), messages.MAX_SPEC, "the container's OCI spec")
         return await self._launch(
             container_id,
             "",
@@ -806,7 +806,7 @@ class Sandbox:
         cols: int = 80,
     ) -> Process:
         """A further process in a running container (crun exec in the guest)."""
-        body = json.dumps(process)
+        body = _fits(json.dumps(process), messages.MAX_STR, "the process spec")
         return await self._launch(
             container_id,
             exec_id,
@@ -910,3 +910,11 @@ def remove_dir(path: Path) -> None:
         raise SandboxError(
             f"{refused[0]} is a mount point: left in place with {top}; unmount it, then `cocoon gc`"
         )
+
+
+def _fits(body: str, limit: int, what: str) -> str:
+    """A request body the agent will take: it refuses a larger one as a protocol
+    violation (and past a frame's size it cannot even be sent)."""
+    if len(body) > limit:
+        raise SandboxError(f"{what} is {len(body)} B of JSON, more than the {limit} B allowed")
+    return body

@@ -7,8 +7,10 @@ the network layer (``--network ns:PATH``) ask this; one place answers.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
+import stat
 
 NS_GET_NSTYPE = 0xB703  # _IO(0xb7, 0x3)
 #: runtime-spec's namespace type -> its CLONE_NEW* flag.
@@ -21,8 +23,17 @@ NAMES = {v: k for k, v in CLONE_FLAGS.items()}
 
 def kind_of(path: str) -> str:
     """The namespace type ``path`` names ("network", ...), or "" for a file
-    that is no namespace. OSError when it cannot be opened."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    that is no namespace. OSError when it cannot be opened.
+
+    The path comes from a caller's bundle or flag: only a regular file is
+    opened (namespace files are), never blocking and never as a controlling
+    terminal, so a FIFO cannot hang us and a device is never opened at all.
+    """
+    if "\0" in path:
+        raise OSError(errno.EINVAL, "path contains a NUL byte")
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        return ""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
     try:
         flag = fcntl.ioctl(fd, NS_GET_NSTYPE)
     except OSError:
