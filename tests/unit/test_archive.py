@@ -6,6 +6,7 @@ import gzip
 import io
 import json
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from cocoon.errors import ImageError
 from cocoon.images.archive import canonical_tag, load
 from cocoon.images.manifest import OCI_CONFIG, OCI_INDEX, OCI_MANIFEST
 from cocoon.images.store import ImageStore
-from tests.unit.imagekit import MEDIA, Tar, compress, dg
+from tests.unit.imagekit import MEDIA, Tar, compress, dg, header, member, pax, record
 
 BASE = Tar().dir("bin").file("bin/sh", b"#!shell", mode=0o755).bytes()
 APP = Tar().file("app/run", b"app").bytes()
@@ -217,4 +218,35 @@ def test_deeply_nested_json_is_refused(store: ImageStore, tmp_path: Path, member
         members = {"oci-layout": deep, "index.json": b"{}"}
     arc = write_archive(tmp_path / "deep.tar", members)
     with pytest.raises(ImageError, match=f"{member} is not usable JSON: nested"):
+        load(store, arc)
+
+
+def _raw_archive(tmp_path: Path, body: bytes) -> Path:
+    path = tmp_path / "hostile.tar"
+    path.write_bytes(body + bytes(1024))
+    return path
+
+
+def test_load_parses_a_huge_pax_header_in_linear_time(store: ImageStore, tmp_path: Path) -> None:
+    """Issue 19: `cocoon load` indexed archives with tarfile, whose pax parsing is
+    quadratic before 3.11.10 (~20 min for a 1 MiB header); now cocoon's reader."""
+    digits = record(b"comment", b"9" * (900 << 10))
+    arc = _raw_archive(tmp_path, pax(digits) + member(b"junk", b"x"))
+    t0 = time.monotonic()
+    with pytest.raises(ImageError, match="neither a docker-save archive"):
+        load(store, arc)
+    assert time.monotonic() - t0 < 2.0
+
+
+def test_load_refuses_chained_headers_in_one_line(store: ImageStore, tmp_path: Path) -> None:
+    """~400 chained pax headers overflowed tarfile's recursion (RecursionError)."""
+    arc = _raw_archive(tmp_path, pax(record(b"path", b"a")) * 400 + member(b"a", b"x"))
+    with pytest.raises(ImageError, match="extended headers in a row"):
+        load(store, arc)
+
+
+def test_load_refuses_a_negative_member_size(store: ImageStore, tmp_path: Path) -> None:
+    neg = b"\xff" * 12  # base-256 -1
+    arc = _raw_archive(tmp_path, header(b"manifest.json", fields={124: neg}))
+    with pytest.raises(ImageError, match="manifest.json|size"):
         load(store, arc)

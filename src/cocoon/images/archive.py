@@ -1,8 +1,9 @@
 """Import image archives: `docker save` tars and OCI image-layout tars.
 
 An archive is as untrusted as a registry. Its members are never extracted by
-name: the tar is indexed (headers only, capped count, tarfile's memory bombs
-refused as in layers.py), and members are read as streams straight into the
+name: the tar is indexed by cocoon's own reader (tarreader.py: headers only,
+linear time, capped count and sizes; tarfile's pax parsing is quadratic before
+3.11.10), and members are read as windows of it straight into the
 blob store, every digest computed or verified on the way, every size capped.
 Symlinks and hardlinks between members (old `docker save` links repeated
 layers) are followed by name inside the index only.
@@ -32,7 +33,6 @@ import hashlib
 import json
 import posixpath
 import re
-import tarfile
 import tempfile
 import zlib
 from collections.abc import Iterator
@@ -44,7 +44,7 @@ import zstandard
 
 from cocoon.errors import ImageError
 from cocoon.images.blobs import CHUNK, check_digest
-from cocoon.images.layers import GZIP_MAGIC, ZSTD_MAGIC, safe_tarinfo
+from cocoon.images.layers import GZIP_MAGIC, ZSTD_MAGIC
 from cocoon.images.manifest import (
     DEFAULT_PLATFORM,
     INDEX_TYPES,
@@ -60,6 +60,7 @@ from cocoon.images.manifest import (
 )
 from cocoon.images.reference import parse as parse_reference
 from cocoon.images.store import Image, ImageStore
+from cocoon.images.tarreader import Member, TarReader
 from cocoon.util import boundedjson
 
 MAX_MEMBERS = 100_000
@@ -115,15 +116,43 @@ class _Layer:
     compression: str
 
 
+class _Window:
+    """A member's bytes as a stream of its own: reads and seeks stay inside
+    ``[start, start + size)`` of the archive, however members interleave."""
+
+    def __init__(self, f: IO[bytes], start: int, size: int, what: str) -> None:
+        self.f, self.start, self.size, self.what = f, start, size, what
+        self.pos = 0
+
+    def read(self, n: int = -1) -> bytes:
+        n = self.size - self.pos if n < 0 else min(n, self.size - self.pos)
+        if n <= 0:
+            return b""
+        self.f.seek(self.start + self.pos)
+        data = self.f.read(n)
+        if len(data) < n:
+            raise ImageError(f"{self.what}: the archive ends inside this member")
+        self.pos += n
+        return data
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        self.pos = max(0, min(pos, self.size))
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+
 class _Archive:
     """An index of the tar's members by name; members are opened as streams, never written out."""
 
-    def __init__(self, tf: tarfile.TarFile, store: ImageStore) -> None:
-        self.tf = tf
+    def __init__(self, f: IO[bytes], store: ImageStore, what: str) -> None:
+        self.f = f
         self.store = store
-        self.members: dict[str, tarfile.TarInfo] = {}
+        self.members: dict[str, Member] = {}
+        reader = TarReader(f, what)
         count = 0
-        while (m := tf.next()) is not None:
+        while (m := reader.next()) is not None:
             count += 1
             if count > MAX_MEMBERS:
                 raise ImageError(f"archive has more than {MAX_MEMBERS} members")
@@ -136,7 +165,7 @@ class _Archive:
     def has(self, name: str) -> bool:
         return self.norm(name) in self.members
 
-    def member(self, name: str) -> tarfile.TarInfo:
+    def member(self, name: str) -> Member:
         """The regular file ``name`` names, following links between members (by name only)."""
         key = self.norm(name)
         for _ in range(MAX_LINK_HOPS):
@@ -144,6 +173,8 @@ class _Archive:
             if m is None:
                 raise ImageError(f"archive has no member {name[:200]!r}")
             if m.isreg():
+                if m.sparse is not None:  # no tool writes image archives sparse
+                    raise ImageError(f"archive member {name[:200]!r} is a sparse file")
                 return m
             if m.issym():
                 key = self.norm(posixpath.join(posixpath.dirname(key), m.linkname))
@@ -153,14 +184,11 @@ class _Archive:
                 raise ImageError(f"archive member {name[:200]!r} is not a file")
         raise ImageError(f"archive member {name[:200]!r}: too many links")
 
-    def open(self, name: str, limit: int) -> tuple[IO[bytes], int]:
+    def open(self, name: str, limit: int) -> tuple[_Window, int]:
         m = self.member(name)
         if m.size > limit:
             raise ImageError(f"archive member {name[:200]!r} is {m.size} B, more than {limit} B")
-        f = self.tf.extractfile(m)
-        if f is None:
-            raise ImageError(f"archive member {name[:200]!r} has no data")
-        return f, m.size
+        return _Window(self.f, m.offset_data, m.size, f"archive member {name[:200]!r}"), m.size
 
     def read(self, name: str, limit: int) -> bytes:
         f, _ = self.open(name, limit)
@@ -271,19 +299,18 @@ def load(store: ImageStore, path: Path) -> list[Image]:
     """Import every image of a docker-save or OCI-layout archive; the images, in archive order."""
     with _plain_tar(store, path) as f:
         try:
-            with tarfile.open(fileobj=f, mode="r:", tarinfo=safe_tarinfo(f"archive {path}")) as tf:
-                arc = _Archive(tf, store)
-                docker = _docker_entries(arc) if arc.has("manifest.json") else None
-                if arc.has("oci-layout") and arc.has("index.json"):
-                    images = _load_oci(arc, docker or [])
-                elif docker is not None:
-                    images = _load_docker(arc, docker)
-                else:
-                    raise ImageError(
-                        f"{path} is neither a docker-save archive (no manifest.json) "
-                        "nor an OCI image layout (no oci-layout/index.json)"
-                    )
-        except (tarfile.TarError, EOFError, OSError) as e:
+            arc = _Archive(f, store, f"archive {path}")
+            docker = _docker_entries(arc) if arc.has("manifest.json") else None
+            if arc.has("oci-layout") and arc.has("index.json"):
+                images = _load_oci(arc, docker or [])
+            elif docker is not None:
+                images = _load_docker(arc, docker)
+            else:
+                raise ImageError(
+                    f"{path} is neither a docker-save archive (no manifest.json) "
+                    "nor an OCI image layout (no oci-layout/index.json)"
+                )
+        except (EOFError, OSError) as e:
             raise ImageError(f"archive {path} is corrupt or unreadable: {e}") from e
     if not images:
         raise ImageError(f"archive {path} holds no {DEFAULT_PLATFORM} image")

@@ -57,14 +57,12 @@ import os
 import queue
 import shutil
 import stat
-import tarfile
 import threading
 import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import zstandard
 
@@ -82,10 +80,6 @@ MAX_PATH_BYTES = 4096
 MAX_DEPTH = 256
 #: Names mkfs.erofs 1.5 skips, at any depth (see erofs.py).
 MKFS_SKIPPED_PREFIX = "lost+found"
-#: For safe_tarinfo (archive.py): pax extended headers and GNU long names are
-#: read into memory by tarfile.
-MAX_META_HEADER_BYTES = 1 << 20
-MAX_GLOBAL_HEADERS = 64
 CHUNK = 1 << 20
 
 GZIP_MAGIC = b"\x1f\x8b"
@@ -101,13 +95,6 @@ KEPT_XATTR_PREFIXES = ("user.",)
 KEPT_XATTRS = ("security.capability",)
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_META_TYPES = (
-    tarfile.XHDTYPE,
-    tarfile.XGLTYPE,
-    tarfile.SOLARIS_XHDTYPE,
-    tarfile.GNUTYPE_LONGNAME,
-    tarfile.GNUTYPE_LONGLINK,
-)
 
 Path_ = tuple[str, ...]
 
@@ -268,38 +255,6 @@ class _TarStream:
 def _show(name: str) -> str:
     """An untrusted name, fit for one line of an error message."""
     return repr(name if len(name) <= 200 else name[:200] + "...")
-
-
-def safe_tarinfo(what: str) -> type[tarfile.TarInfo]:
-    """A TarInfo that refuses the headers tarfile would buffer without bound.
-
-    For archive.py's index of an image archive only: layers are read by
-    tarreader.py, which also parses pax headers in linear time.
-    """
-    globals_seen = [0]
-
-    class SafeTarInfo(tarfile.TarInfo):
-        @classmethod
-        def frombuf(cls, buf: bytes | bytearray, encoding: str, errors: str) -> SafeTarInfo:
-            obj = super().frombuf(buf, encoding, errors)
-            if obj.type in _META_TYPES and obj.size > MAX_META_HEADER_BYTES:
-                raise ImageError(
-                    f"{what}: a tar extended header of {obj.size} B "
-                    f"(more than {MAX_META_HEADER_BYTES} B) near {_show(obj.name)}"
-                )
-            if obj.type == tarfile.XGLTYPE:
-                globals_seen[0] += 1
-                if globals_seen[0] > MAX_GLOBAL_HEADERS:
-                    raise ImageError(f"{what}: more than {MAX_GLOBAL_HEADERS} global tar headers")
-            if obj.type == tarfile.GNUTYPE_SPARSE:
-                raise ImageError(f"{what}: entry {_show(obj.name)}: GNU sparse files are refused")
-            return obj
-
-        def _proc_gnusparse_10(self, *args: Any) -> Any:
-            # The 1.0 sparse map is read from the data into memory with no cap.
-            raise ImageError(f"{what}: entry {_show(self.name)}: GNU sparse files are refused")
-
-    return SafeTarInfo
 
 
 def split_path(name: str, entry: str, what: str) -> Path_:
