@@ -7,6 +7,7 @@ import io
 import json
 import tarfile
 import time
+import zlib
 from pathlib import Path
 
 import pytest
@@ -250,3 +251,21 @@ def test_load_refuses_a_negative_member_size(store: ImageStore, tmp_path: Path) 
     arc = _raw_archive(tmp_path, header(b"manifest.json", fields={124: neg}))
     with pytest.raises(ImageError, match="manifest.json|size"):
         load(store, arc)
+
+
+def test_load_refuses_a_compressed_archive_bomb_early(tmp_path: Path) -> None:
+    """Issue 14: a compressed archive gets the layers' guards: past the floor, more
+    than max_inflation_ratio times its size is refused before it fills the disk,
+    and the temp file it inflated into is gone."""
+    cfg = Config(data_dir=str(tmp_path / "data"))
+    cfg.images.inflation_floor_bytes = 1 << 20
+    cfg.images.max_inflation_ratio = 10
+    store = ImageStore(cfg)
+    z = zlib.compressobj(9, zlib.DEFLATED, 31)  # a gzip stream
+    body = b"".join(z.compress(bytes(1 << 20)) for _ in range(64)) + z.flush()
+    bomb = tmp_path / "bomb.tar.gz"
+    bomb.write_bytes(body)
+    assert len(body) < 200 << 10
+    with pytest.raises(ImageError, match="inflate to more than .*max_inflation_ratio"):
+        load(store, bomb)
+    assert list(store.tmp_dir.iterdir()) == []

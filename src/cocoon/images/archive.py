@@ -31,6 +31,7 @@ import contextlib
 import gzip
 import hashlib
 import json
+import os
 import posixpath
 import re
 import tempfile
@@ -44,6 +45,7 @@ import zstandard
 
 from cocoon.errors import ImageError
 from cocoon.images.blobs import CHUNK, check_digest
+from cocoon.images.guard import WriteGuard
 from cocoon.images.layers import GZIP_MAGIC, ZSTD_MAGIC
 from cocoon.images.manifest import (
     DEFAULT_PLATFORM,
@@ -278,19 +280,26 @@ def _plain_tar(store: ImageStore, path: Path) -> Iterator[IO[bytes]]:
             else zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
         )
         cap = store.cfg.images.max_unpacked_bytes
+        what = f"archive {path}"
+        # The same guards as a layer's: a ratio cap past a floor (a bomb is
+        # refused early), the disk's free-space reserve, zeros left as holes.
+        guard = WriteGuard.from_config(store.cfg.images, str(store.root))
+        guard.check_room(store.tmp_dir, 0, what)
+        meter = guard.inflation(os.fstat(raw.fileno()).st_size, what)
         with tempfile.TemporaryFile(dir=store.tmp_dir) as tmp:
             n = 0
             try:
                 while chunk := src.read(CHUNK):
-                    n += len(chunk)
-                    if n > cap:
+                    if n + len(chunk) > cap:
                         raise ImageError(
-                            f"archive {path} decompresses to more than {cap} B "
-                            "(images.max_unpacked_bytes)"
+                            f"{what} decompresses to more than {cap} B (images.max_unpacked_bytes)"
                         )
-                    tmp.write(chunk)
+                    meter.add(len(chunk))
+                    guard.write(tmp.fileno(), chunk, 0, len(chunk), n, what)
+                    n += len(chunk)
             except (OSError, EOFError, zlib.error, zstandard.ZstdError) as e:
-                raise ImageError(f"archive {path}: corrupt compressed data: {e}") from None
+                raise ImageError(f"{what}: corrupt compressed data: {e}") from None
+            os.ftruncate(tmp.fileno(), n)  # a tail of zeros was left as a hole
             tmp.seek(0)
             yield tmp
 
