@@ -67,7 +67,8 @@ class Plan:
             "gid": self.gid,
             "root": str(self.root),
             "links": SYSTEM_LINKS,
-            "ro": [p for p in SYSTEM_RO if os.path.exists(p)] + _unique(self.ro),
+            "ro": [p for p in SYSTEM_RO if os.path.exists(p)]
+            + [p for p in _unique(self.ro) if not _under_system(p)],
             "rw": _unique(self.rw),
             "kvm": self.kvm,
             "cgroups": self.cgroups,
@@ -77,6 +78,12 @@ class Plan:
             "argv": vmm,
         }
         return [sys.executable, "-I", "-S", str(JAILER), json.dumps(plan)]
+
+
+def _under_system(path: str) -> bool:
+    """Already in the jail read-only with /usr (a kernel override kept there):
+    a bind inside that read-only bind could not make its mount point."""
+    return any(path.startswith(d.rstrip("/") + "/") for d in SYSTEM_RO)
 
 
 def _unique(paths: list[str]) -> list[str]:
