@@ -273,6 +273,8 @@ class Sandbox:
         self.pooled = False
         #: A pooled sandbox's disks sit in slots named before they came: serial -> slot's.
         self.disk_serials: dict[str, str] = {}
+        #: Host directories it may write: the guest flushes them before it is stopped.
+        self.writes_host_dirs = False
 
     @property
     def id(self) -> str:
@@ -337,6 +339,7 @@ class Sandbox:
         sdir.write(st)
         sb = cls(cfg, sdir, st)
         sb.pooled = pooled
+        sb.writes_host_dirs = any(not s.readonly for s in shares)
         if shares and cfg.hypervisor.shared_fs == "none":
             await sb.destroy()
             raise SandboxError("host directories need hypervisor.shared_fs = virtio-fs or 9p")
@@ -648,7 +651,12 @@ class Sandbox:
             self.state.status = "stopping"
             self.dir.write(self.state)
         if self.channel is not None:
-            if self.channel.session.closed is None:
+            # Only a guest that may hold writes to host directories is asked to
+            # sync and power off; any other is stopped at once: its disks are
+            # read-only or deleted with it, and right after a container's exit
+            # the guest is busy tearing its namespaces down (~60 ms under TCG
+            # before the agent would even read the request).
+            if self.writes_host_dirs and self.channel.session.closed is None:
                 with contextlib.suppress(CocoonError, Exception):
                     await self.channel.call(messages.Shutdown(), messages.Ok, timeout_s=2.0)
             await self.channel.close()
