@@ -26,8 +26,13 @@ HOLDER = Path(__file__).with_name("sealedhold.py")
 READY_S = 10.0
 
 
-def _paths(root: Path, ram: Path) -> tuple[Path, Path]:
-    d = root / "jail" / "memfd"
+#: One holder per template on the host, whatever state root its clones use
+#: (tests use many): records live here, not under a root.
+RECORDS = Path("/run/cocoon-sealed")
+
+
+def _paths(ram: Path) -> tuple[Path, Path]:
+    d = RECORDS
     d.mkdir(parents=True, exist_ok=True, mode=0o700)
     name = hashlib.sha256(str(ram).encode()).hexdigest()[:16]
     return d / f"{name}.json", d / f"{name}.lock"
@@ -53,7 +58,8 @@ def _open_held(record: Path, ram: Path) -> int | None:
 
 
 def template_ram_fd(root: Path, ram: Path) -> int:
-    record, lock = _paths(root, ram)
+    del root  # the records are host-wide (RECORDS)
+    record, lock = _paths(ram)
     with locked_file(lock, READY_S, "the template RAM holder"):
         fd = _open_held(record, ram)
         if fd is not None:

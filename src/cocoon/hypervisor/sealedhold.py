@@ -11,7 +11,9 @@ and every clone of the template shares the clean ones.
 
 The record (pid, the memfd's fd number, the RAM file's stamp) is written once
 the memfd is sealed; the holder exits when the template's RAM file is gone or
-replaced, or on SIGTERM. Clones that mapped the memfd keep it.
+replaced, when its record is (gc, or a successor after a crash), or on
+SIGTERM. Clones that mapped the memfd keep it. The memfd holds the template's
+touched RAM (~70 MiB for 256 MiB) in shared memory, once per template.
 """
 
 from __future__ import annotations
@@ -70,6 +72,15 @@ def sealed_copy(path: str) -> int:
     return int(fd)
 
 
+def _ours(record: str) -> bool:
+    """Our record is still in place (not removed, not another holder's)."""
+    try:
+        with open(record) as f:
+            return bool(json.load(f).get("pid") == os.getpid())
+    except (OSError, ValueError):
+        return False
+
+
 def main() -> None:
     ram, record = sys.argv[1], sys.argv[2]
     if os.fork() > 0:  # outlive the start that needed us, as nobody's child
@@ -82,7 +93,7 @@ def main() -> None:
     with open(tmp, "w") as f:
         json.dump({"pid": os.getpid(), "fd": fd, "stamp": made}, f)
     os.rename(tmp, record)
-    while stamp(ram) == made:
+    while stamp(ram) == made and _ours(record):
         time.sleep(POLL_S)
     try:  # the record, unless a successor's replaced it
         with open(record) as f:
