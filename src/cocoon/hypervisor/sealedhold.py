@@ -11,9 +11,10 @@ and every clone of the template shares the clean ones.
 
 The record (pid, the memfd's fd number, the RAM file's stamp) is written once
 the memfd is sealed; the holder exits when the template's RAM file is gone or
-replaced, when its record is (gc, or a successor after a crash), or on
-SIGTERM. Clones that mapped the memfd keep it. The memfd holds the template's
-touched RAM (~70 MiB for 256 MiB) in shared memory, once per template.
+replaced, when its record is (gc, or a successor after a crash), when no
+clone has mapped the memfd for IDLE_S, or on SIGTERM. Clones that mapped the
+memfd keep it. The memfd holds the template's touched RAM (~70 MiB for 256
+MiB) in shared memory, once per template.
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ F_ADD_SEALS = 1033
 F_SEAL_SEAL, F_SEAL_SHRINK, F_SEAL_GROW, F_SEAL_WRITE = 1, 2, 4, 8
 SEEK_DATA, SEEK_HOLE = 3, 4
 POLL_S = 2.0
+#: A copy no clone has mapped for this long is let go (the next clone makes
+#: another in ~70 ms): its ~70 MiB are not kept for templates nobody uses.
+IDLE_S = 60.0
 
 
 def stamp(path: str) -> str:
@@ -72,6 +76,22 @@ def sealed_copy(path: str) -> int:
     return int(fd)
 
 
+def _mapped(ino: int) -> bool:
+    """Whether any process maps our memfd (a clone's QEMU)."""
+    needle = f" {ino} "
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                for line in f:
+                    if "memfd:cocoon-template-ram" in line and needle in line:
+                        return True
+        except OSError:
+            continue
+    return False
+
+
 def _ours(record: str) -> bool:
     """Our record is still in place (not removed, not another holder's)."""
     try:
@@ -93,8 +113,17 @@ def main() -> None:
     with open(tmp, "w") as f:
         json.dump({"pid": os.getpid(), "fd": fd, "stamp": made}, f)
     os.rename(tmp, record)
+    ino = os.fstat(fd).st_ino
+    last_used = time.monotonic()
+    polls = 0
     while stamp(ram) == made and _ours(record):
         time.sleep(POLL_S)
+        polls += 1
+        if polls % int(IDLE_S / POLL_S / 4) == 0:  # a /proc walk: every quarter of IDLE_S
+            if _mapped(ino):
+                last_used = time.monotonic()
+            elif time.monotonic() - last_used > IDLE_S:
+                break
     try:  # the record, unless a successor's replaced it
         with open(record) as f:
             if json.load(f).get("pid") == os.getpid():
