@@ -8,7 +8,8 @@ holding only its own VM's files, no network (its taps arrive as fds), and a
 /proc that shows only itself.
 
 uids are handed out from ``security.uid_base`` up, one file per uid under
-``<root>/jail/uids/`` naming its sandbox (created with O_EXCL under a lock):
+``/run/cocoon-uids/`` (host-wide: every state root shares the range) naming
+its state root and sandbox (created with O_EXCL under a lock):
 recorded in the sandbox's state before QEMU starts, removed when the sandbox
 is destroyed, and by ``cocoon gc`` for sandboxes that no longer exist.
 """
@@ -90,19 +91,24 @@ def _unique(paths: list[str]) -> list[str]:
     return list(dict.fromkeys(paths))
 
 
-def _uids_dir(root: Path) -> Path:
-    return root / "jail" / "uids"
+#: uids are the host's, whatever state root a sandbox lives under (two roots
+#: must never hand out one uid): the allocation records live here.
+UIDS = Path("/run/cocoon-uids")
+
+
+def _owner(root: Path, sandbox_id: str) -> str:
+    return f"{root}\n{sandbox_id}"
 
 
 def allocate(root: Path, sandbox_id: str, base: int, count: int) -> int:
-    """A uid no live sandbox has, recorded as ``sandbox_id``'s.
+    """A uid no live sandbox on this host has, recorded as ``sandbox_id``'s
+    (of state root ``root``).
 
     Handed out round-robin from the last one, so a uid freed a moment ago is
     the last to come back."""
-    d = _uids_dir(root)
-    d.mkdir(parents=True, exist_ok=True, mode=0o700)
-    with locked_file(root / "jail" / "uids.lock", 10.0, "the uid allocator"):
-        last_file = root / "jail" / "last"
+    UIDS.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with locked_file(UIDS / ".lock", 10.0, "the uid allocator"):
+        last_file = UIDS / ".last"
         try:
             last = int(last_file.read_text())
         except (OSError, ValueError):
@@ -110,11 +116,11 @@ def allocate(root: Path, sandbox_id: str, base: int, count: int) -> int:
         for i in range(count):
             uid = base + (last - base + 1 + i) % count
             try:
-                fd = os.open(d / str(uid), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                fd = os.open(UIDS / str(uid), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             except FileExistsError:
                 continue
             with os.fdopen(fd, "w") as f:
-                f.write(sandbox_id)
+                f.write(_owner(root, sandbox_id))
             last_file.write_text(str(uid))
             return uid
     raise HypervisorError(
@@ -124,26 +130,27 @@ def allocate(root: Path, sandbox_id: str, base: int, count: int) -> int:
 
 def release(root: Path, uid: int, sandbox_id: str) -> None:
     """Give ``uid`` back if it is still ``sandbox_id``'s."""
-    path = _uids_dir(root) / str(uid)
+    path = UIDS / str(uid)
     with contextlib.suppress(OSError):
-        if path.read_text() == sandbox_id:
+        if path.read_text() == _owner(root, sandbox_id):
             path.unlink()
 
 
 def owners(root: Path) -> dict[int, str]:
-    """Every allocated uid and the sandbox it was given to."""
+    """Every uid allocated to a sandbox of state root ``root``, and that sandbox."""
     out: dict[int, str] = {}
-    d = _uids_dir(root)
-    if not d.is_dir():
+    if not UIDS.is_dir():
         return out
-    for p in d.iterdir():
+    for p in UIDS.iterdir():
         with contextlib.suppress(OSError, ValueError):
-            out[int(p.name)] = p.read_text()
+            where, _, sid = p.read_text().partition("\n")
+            if where == str(root):
+                out[int(p.name)] = sid
     return out
 
 
 def sweep(root: Path, live: set[str]) -> list[int]:
-    """Release the uids of sandboxes that no longer exist (their owner crashed)."""
+    """Release the uids of ``root``'s sandboxes that no longer exist (their owner crashed)."""
     freed = []
     for uid, sid in owners(root).items():
         if sid not in live:
