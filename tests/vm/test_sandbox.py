@@ -94,6 +94,31 @@ def test_exec_signal_and_kill_exit_status(booted: Sandbox, run: Runner) -> None:
     run(body())
 
 
+def test_start_is_once_and_only_for_a_live_created_init(booted: Sandbox, run: Runner) -> None:
+    """The agent starts a created container itself (crun's exec fifo, no crun
+    process); a second start, or one after the init died, gets crun's refusal."""
+    live, dead = cid(), cid()
+
+    async def body() -> None:
+        p = await booted.create_container(live, GUEST_ROOTFS, spec(["echo", "started"]))
+        await booted.start_container(live)
+        assert (await p.output()) == (b"started\n", b"")
+        assert (await p.wait()).exit_code == 0
+        with pytest.raises(AgentError):
+            await booted.start_container(live)
+        await booted.delete_container(live)
+        q = await booted.create_container(dead, GUEST_ROOTFS, spec(["echo", "never"]))
+        await q.signal(signal.SIGKILL)
+        assert (await q.wait()).signal == 9
+        with pytest.raises(AgentError):
+            await booted.start_container(dead)
+        assert (await q.output()) == (b"", b"")
+        await booted.delete_container(dead)
+        await booted.ping()
+
+    run(body())
+
+
 def test_tty_process(booted: Sandbox, run: Runner) -> None:
     out, err, ex = run(
         run_container(booted, ["sh", "-c", "tty; stty size"], tty=True, rows=33, cols=101)

@@ -32,9 +32,9 @@ from typing import Any
 
 from cocoon.config import Config
 from cocoon.errors import CocoonError, SandboxError
-from cocoon.protocol import messages
 from cocoon.sandbox import admission
 from cocoon.sandbox import template as templates
+from cocoon.sandbox.warmup import warm_up
 from cocoon.state.store import check_sandbox_id
 
 TAKE_TIMEOUT_S = 2.0
@@ -44,8 +44,6 @@ REFILL_AFTER_S = 1.0
 #: Pause before retrying after a failed fill (a broken template, a full host).
 RETRY_S = 2.0
 #: Where a pooled sandbox runs its warm-up container (gone before hand-out).
-WARM_DIR = "/run/cocoon/warm"
-WARM_ID = "cocoon-warm-up"
 
 
 @dataclass(frozen=True)
@@ -141,41 +139,6 @@ def status(cfg: Config, request: str = "status") -> dict[str, Any]:
         ) from None
     _close(fds)
     return reply
-
-
-async def warm_up(sb: Any) -> None:
-    """Run one throwaway container of our own in a pooled sandbox, then remove
-    every trace of it.
-
-    What a container start runs in the guest (overlay mount, crun create and
-    start, the agent's request paths) is then code the VM has already run.
-    Under TCG that matters: a clone starts with an empty translation cache,
-    and translating crun and those paths is most of a start's guest time
-    (measured: ~0.25 s of crun create in a fresh clone). Under KVM it costs a
-    fraction of a second per pooled sandbox, in the background, and gains
-    little. The container's root is an overlay on the guest's own read-only
-    root: nothing of any tenant is ever in the sandbox.
-    """
-    from cocoon.oci.spec import default_spec
-
-    rootfs = f"{WARM_DIR}/rootfs"
-    await sb.mount("tmpfs", "tmpfs", WARM_DIR, options=["size=4m", "mode=0700"])
-    await sb.mount("overlay", "overlay", rootfs,
-                   options=["lowerdir=/", f"upperdir={WARM_DIR}/upper",
-                            f"workdir={WARM_DIR}/work"])  # fmt: skip
-    spec = default_spec(["/bin/true"], env=["PATH=/bin:/usr/bin"])
-    proc = await sb.create_container(WARM_ID, rootfs, spec)
-    await sb.start_container(WARM_ID)
-    await proc.output(limit=4096)
-    done = await proc.wait()
-    for stream in (proc.stdout, proc.stderr):
-        if stream is not None:  # at EOF: the channel must be quiet to hand over
-            sb.channel.session.close_in(stream.chan)
-    await sb.delete_container(WARM_ID)
-    for target in (rootfs, WARM_DIR):
-        await sb.call(messages.Unmount(target), messages.Ok)
-    if done.exit_code != 0:
-        raise SandboxError(f"its warm-up container exited {done.exit_code}")
 
 
 class PoolServer:
@@ -296,7 +259,8 @@ class PoolServer:
                 await asyncio.sleep(RETRY_S)
                 continue
             try:
-                await warm_up(sb)
+                assert sb.channel is not None
+                await warm_up(sb.channel)
             except CocoonError as e:
                 self.log(f"pool: discarding {sb.id} (its warm-up failed: {e})")
                 await sb.destroy()

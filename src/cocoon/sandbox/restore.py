@@ -27,6 +27,7 @@ from cocoon.network.plumb import throwaway_taps
 from cocoon.sandbox import template
 from cocoon.sandbox.channel import AgentChannel
 from cocoon.sandbox.template import template_mac
+from cocoon.sandbox.warmup import warm_up
 from cocoon.state.store import ProcessRecord, SandboxDir, SandboxState
 from cocoon.util.proc import start_time
 
@@ -137,6 +138,9 @@ async def build(
             launched.agent_socket, deadline=deadline, agent_timeout_s=cfg.hypervisor.agent_timeout_s
         )
         await channel.handshake(deadline)
+        # Every clone then starts with the guest's side of a container start
+        # done once (imports, crun and its libraries in the page cache).
+        await warm_up(channel)
         # The agent now waits for its next request on an open session: the
         # state a clone resumes in, its host reconnected before the load.
         await backend.save(launched, work / "state", SAVE_TIMEOUT_S)
