@@ -16,7 +16,8 @@ import statistics
 import tempfile
 import time
 
-from memory import pss_kib  # bench/memory.py (the script's dir is on sys.path)
+from memory import pss_kib
+from promises import Promises  # bench/memory.py (the script's dir is on sys.path)
 
 from cocoon.config import load
 from cocoon.sandbox.sandbox import Sandbox
@@ -36,6 +37,9 @@ async def main() -> None:
     args = ap.parse_args()
 
     cfg = load()
+    # A cold boot: with templates on (the default) this would time a restore,
+    # which bench/start.py measures.
+    cfg.sandbox.templates = False
     cfg.root_dir = tempfile.mkdtemp(prefix="cocoon-bench-", dir="/run")
     boots: list[float] = []
     for _ in range(args.runs):
@@ -77,6 +81,12 @@ async def main() -> None:
         f"{f'{args.parallel} at once: PSS each (MiB)':<44} {statistics.median(pss_each):>8.1f} "
         f"{min(pss_each):>8.1f} {max(pss_each):>8.1f}"
     )
+    promises = Promises()
+    promises.at_most(
+        "cold boot: QEMU start -> agent ready, median", 1.2, "s"
+    ).measured = statistics.median(boots)
+    promises.at_most("idle cold-booted sandbox, host PSS", 120, "MiB").measured = idle_pss
+    promises.finish()
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ import shutil
 import signal
 import statistics
 import subprocess
-import sys
 import tarfile
 import tempfile
 import time
@@ -41,14 +40,17 @@ from typing import Any
 
 from memory import tree_pss_mib  # bench/memory.py (the script's dir is on sys.path)
 from oci import bundle, installed, lifecycle, make_crun_ready  # bench/oci.py
+from promises import Promises
 
 from cocoon.config import load
 from cocoon.runtime.busybox import busybox_rootfs
 from cocoon.sandbox.sandbox import Sandbox, ensure_template
 
-COCOON = [sys.executable, "-m", "cocoon.cli"]
+#: The console script users run (as `cocoon-runtime` below), not `python -m`.
+COCOON = [installed("cocoon")]
 COLD = {"COCOON_SANDBOX_TEMPLATES": "false"}
 JAILED = {"COCOON_SECURITY_JAIL": "true"}
+UNJAILED = {"COCOON_SECURITY_JAIL": "false"}
 
 
 def timed(argv: list[str], env: dict[str, str] | None = None) -> float:
@@ -103,6 +105,15 @@ def main() -> None:
     ap.add_argument("--only", default="1,2,3,4,5,6,7")
     args = ap.parse_args()
     only = {int(x) for x in args.only.split(",")}
+    # Issue 13's targets (TCG, ratios to the peer measured in the same run).
+    promises = Promises()
+    p_restore = promises.at_most("template restore -> agent ready, median", 0.1, "s")
+    p_tmpl = promises.at_most("`cocoon run --rm`, template / podman+runsc", 3.0, "x")
+    p_pool = promises.at_most("`cocoon run --rm`, warm pool / podman+runsc", 1.5, "x")
+    p_oci = promises.at_most("`cocoon-runtime run`, template / `runsc run`", 3.0, "x")
+    p_podman = promises.at_most("podman + cocoon-runtime / podman + runsc", 2.0, "x")
+    p_idle = promises.at_most(f"idle PSS each, {args.idle} containers on one template", 60, "MiB")
+    p_many = promises.at_least(f"{args.concurrent} started at once: right", 1.0, "share")
     for tool in ("podman", "crun", "runsc", "cocoon-runtime"):
         if not shutil.which(tool):
             raise SystemExit(f"needs {tool}: run scripts/setup.sh")
@@ -189,6 +200,7 @@ def main() -> None:
             tb.add("warm pool (taken -> hello)", r["pool"])
             tb.show([("cold boot (QEMU start -> hello)",
                       "template restore (QEMU start -> hello)")])  # fmt: skip
+            p_restore.measured = tb.median("template restore (QEMU start -> hello)")
 
         if 2 in only:
             run = [*coc, "run", "--rm", "--network", "none", "busybox", "true"]
@@ -216,6 +228,9 @@ def main() -> None:
             tb.show([("cocoon run, warm pool", "podman --runtime runsc run"),
                      ("cocoon run, template (default)", "podman --runtime runsc run"),
                      ("cocoon run, cold boot", "podman --runtime runsc run")])  # fmt: skip
+            runsc = tb.median("podman --runtime runsc run")
+            p_tmpl.measured = tb.median("cocoon run, template (default)") / runsc
+            p_pool.measured = tb.median("cocoon run, warm pool") / runsc
 
         if 3 in only:
             b = bundle(work, rootfs, ["true"])
@@ -241,6 +256,9 @@ def main() -> None:
             tb.add("crun run", r["crun"])
             tb.show([("cocoon-runtime run, template (default)", "runsc run"),
                      ("cocoon-runtime run, cold boot", "runsc run")])  # fmt: skip
+            p_oci.measured = tb.median("cocoon-runtime run, template (default)") / tb.median(
+                "runsc run"
+            )
 
         if 4 in only:
 
@@ -260,6 +278,9 @@ def main() -> None:
             peer = "podman --runtime runsc"
             tb.show([("podman --runtime cocoon-runtime, template", peer),
                      ("podman --runtime cocoon-runtime, cold boot", peer)])  # fmt: skip
+            p_podman.measured = tb.median("podman --runtime cocoon-runtime, template") / tb.median(
+                peer
+            )
 
         if 5 in only:
             print("\n5. host PSS of idle containers (`sleep`; MiB; cocoon: monitor + QEMU)")
@@ -296,6 +317,7 @@ def main() -> None:
             print(f"{args.idle} idle cocoon containers on one template: "
                   f"{sum(each):.0f} MiB in all, {statistics.mean(each):.1f} MiB each "
                   f"(min {min(each):.1f}, max {max(each):.1f})")  # fmt: skip
+            p_idle.measured = statistics.mean(each)
             for cid in list(idle_ids):
                 subprocess.run([*coc, "rm", "-f", cid], capture_output=True)
                 idle_ids.remove(cid)
@@ -315,12 +337,13 @@ def main() -> None:
                 f"\n6. {n} `cocoon run --rm` started at once (templates on): {right}/{n} right "
                 f"(output and exit code), wall {wall:.1f} s, {n / wall * 60:.0f} starts/min"
             )
+            p_many.measured = right / n
             for i, (p, (out, err)) in enumerate(zip(procs, results, strict=True)):
                 if p.returncode != i % 7 or out != f"out-{i}\n".encode():
                     print(f"  #{i}: exit {p.returncode}, out {out[:80]!r}, err {err[-300:]!r}")
         if 7 in only:
             run = [*coc, "run", "--rm", "--network", "none", "busybox", "true"]
-            r = repeat(args.runs, {"off": lambda i: timed(run),
+            r = repeat(args.runs, {"off": lambda i: timed(run, UNJAILED),
                                    "on": lambda i: timed(run, JAILED),
                                    "runsc": lambda i: timed([*pod, *runtimes["runsc"], "run",
                                                              "--rm", "--network=none",
@@ -332,7 +355,7 @@ def main() -> None:
             tb.show([("jail on (security.jail = true)", "jail off"),
                      ("jail on (security.jail = true)", "podman --runtime runsc run")])  # fmt: skip
             pss: dict[str, list[float]] = {}
-            for label, env in (("jail off", None), ("jail on", JAILED)):
+            for label, env in (("jail off", UNJAILED), ("jail on", JAILED)):
                 started = [cocoon_idle(env) for _ in range(4)]  # clones share: measure them so
                 time.sleep(5)
                 pss[label] = [tree_pss_mib(mon) for _, mon in started]
@@ -358,6 +381,7 @@ def main() -> None:
         subprocess.run([*coc, "gc"], capture_output=True, check=False)
         shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(root, ignore_errors=True)
+    promises.finish()
 
 
 if __name__ == "__main__":
