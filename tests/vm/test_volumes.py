@@ -98,20 +98,29 @@ def test_bind_rw_ro_and_tmpfs(cfg: Config, busybox: None, tmp_path: Path) -> Non
     rw, ro = _dirs(tmp_path)
     run = Running(cfg, "--no-template", "-v", f"{rw}:/data", "-v", f"{ro}:/ro:ro",
                   "--tmpfs", "/scratch", "busybox", "sh", "-c", SCRIPT)  # fmt: skip
-    # While it runs: the read-only share is a read-only mount, but only in the
-    # mount namespace of its virtiofsd; the rw share is served as is; the host
-    # itself has no new mount at all.
+    # While it runs: each virtiofsd lives in mount, pid and network namespaces
+    # of its own, pivoted into its share (its mountinfo: the share at "/" and
+    # nothing else of the host). The read-only share is a read-only mount
+    # there; the rw share is served as is; the host has no new mount at all.
     with run:
         procs = run.sandbox().processes
-        # virtiofsd is chrooted into its share: its mountinfo shows what is at its "/".
-        [ro_mount] = Path(f"/proc/{procs['virtiofsd1']}/mountinfo").read_text().splitlines()
-        fields = ro_mount.split()
-        assert fields[4] == "/" and "ro" in fields[5].split(","), ro_mount
-        assert Path(f"/proc/{procs['virtiofsd0']}/mountinfo").read_text() == ""
-        # Even root in virtiofsd's namespace cannot write there.
-        r = subprocess.run(["nsenter", "-t", str(procs["virtiofsd1"]), "-m", "touch",
-                            str(ro / "x")], capture_output=True)  # fmt: skip
-        assert r.returncode != 0 and b"Read-only file system" in r.stderr, r.stderr
+        for name, flag in (("virtiofsd0", "rw"), ("virtiofsd1", "ro")):
+            pid = procs[name]
+            [root] = Path(f"/proc/{pid}/mountinfo").read_text().splitlines()
+            fields = root.split()
+            assert fields[4] == "/" and flag in fields[5].split(","), root
+            # (the pid namespace is its child's, which does the serving)
+            for ns, theirs in (("mnt", "mnt"), ("net", "net"), ("pid", "pid_for_children")):
+                assert os.readlink(f"/proc/{pid}/ns/{theirs}") != os.readlink(f"/proc/self/ns/{ns}")
+            [child] = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+            status = Path(f"/proc/{child}/status").read_text()
+            assert "Seccomp:\t2" in status, status  # its own filter, in force
+            # capabilities: what serving owners needs, and no CAP_SETFCAP (31)
+            eff = int(status.split("CapEff:\t")[1].split()[0], 16)
+            assert eff and not eff & (1 << 31) and not eff & (1 << 21), hex(eff)  # nor SYS_ADMIN
+        # Even root cannot write there through virtiofsd's root.
+        with pytest.raises(OSError, match="Read-only file system"):
+            Path(f"/proc/{procs['virtiofsd1']}/root/x").write_text("x")
         assert mount_points_under(tmp_path) == []  # nothing mounted on the host
     code, out, err = run.finish()
     assert code == 0, err
