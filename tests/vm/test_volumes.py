@@ -138,7 +138,7 @@ def test_bind_rw_ro_and_tmpfs_in_a_template_clone(
     mounted on the host. Unjailed, QEMU serves them and its read-only fsdev
     refuses writes to a :ro one. Jailed, QEMU has no file access: one
     virtfs-proxy-helper per share serves it, the :ro one from a read-only
-    mount of its own (roshare), so not even a compromised QEMU can write."""
+    mount of its own (sharejail), so not even a compromised QEMU can write."""
     rw, ro = _dirs(tmp_path)
     run = Running(cfg, "-v", f"{rw}:/data", "-v", f"{ro}:/ro:ro", "--tmpfs", "/scratch",
                   "busybox", "sh", "-c", SCRIPT,
@@ -157,6 +157,15 @@ def test_bind_rw_ro_and_tmpfs_in_a_template_clone(
             info_text = Path(f"/proc/{ro_pid}/mountinfo").read_text()
             mounts = [ln.split() for ln in info_text.splitlines()]
             assert any(m[4] in ("/", str(ro)) and "ro" in m[5].split(",") for m in mounts), mounts
+            for pid in (info.processes["9pproxy0"], info.processes["9pproxy1"]):
+                # Jailed as the helper is: own namespaces, a bounding set of
+                # only what serving owners needs (no CAP_SYS_ADMIN, 21), NNP.
+                for ns in ("mnt", "net", "ipc", "uts"):
+                    assert os.readlink(f"/proc/{pid}/ns/{ns}") != os.readlink(f"/proc/self/ns/{ns}")
+                status = Path(f"/proc/{pid}/status").read_text()
+                bnd = int(status.split("CapBnd:\t")[1].split()[0], 16)
+                assert bnd and not bnd & (1 << 21), hex(bnd)
+                assert "NoNewPrivs:\t1" in status, status
         else:
             assert set(info.processes) == {"qemu"}
             fsdevs = [a.decode() for a in argv if a.startswith(b"local,")]

@@ -28,8 +28,11 @@ SOCKET_WAIT_S = 5.0
 #: fdset ids of the disks given to a running VM's slots (QMP add-fd).
 FDSET_BASE = 100
 _IGNORE_SHARED = {"capabilities": [{"capability": "x-ignore-shared", "state": True}]}
-#: Runs virtiofsd on a host-enforced read-only view of a share (see its docstring).
-ROSHARE = Path(__file__).with_name("roshare.py")
+#: Starts a share's file server in a jail of its own (see its docstring).
+SHAREJAIL = Path(__file__).with_name("sharejail.py")
+#: What virtfs-proxy-helper needs to serve the guest's files with their
+#: owners (it chroots into the share itself): nothing else survives.
+PROXY_CAPS = "chown,dac_override,dac_read_search,fowner,fsetid,setgid,setuid,mknod,sys_chroot"
 
 
 def host_tsc_khz() -> int | None:
@@ -164,8 +167,8 @@ class QemuBackend:
                     if share.readonly:
                         # The guest is untrusted and virtiofsd has no read-only
                         # option: the host kernel refuses the writes instead.
-                        argv = [sys.executable, "-I", "-S", str(ROSHARE), str(share.path),
-                                "--", *argv]  # fmt: skip
+                        argv = [sys.executable, "-I", "-S", str(SHAREJAIL), "--ro",
+                                str(share.path), "--", *argv]  # fmt: skip
                     pid = self._spawn(argv, wd / f"virtiofsd{i}.log")
                     procs[f"virtiofsd{i}"] = pid
                     record(f"virtiofsd{i}", pid)
@@ -284,12 +287,13 @@ class QemuBackend:
         self, spec: VmSpec, record: RecordFn, procs: dict[str, int], opened: contextlib.ExitStack
     ) -> dict[str, int]:
         """One virtfs-proxy-helper per 9p share of a jailed VM: it does the
-        file access QEMU no longer can (as root, chrooted into the share, with
-        only the capabilities 9p's passthrough needs: chown, dac_override,
-        fowner, fsetid, mknod, setuid/setgid for the guest's owners), over a
-        socketpair. A read-only share is read-only in the helper's own mount
-        namespace (roshare.py): QEMU's readonly=on alone is a request from the
-        process the jail assumes compromised."""
+        file access QEMU no longer can, over a socketpair, as root (the guest's
+        files keep their owners on the host) but jailed by sharejail.py: own
+        mount, network, IPC and UTS namespaces, the share bound nosuid and
+        nodev (and read-only for a read-only share: QEMU's readonly=on alone
+        is a request from the process the jail assumes compromised), only
+        PROXY_CAPS in its bounding set, no_new_privs; it chroots into the
+        share itself."""
         helper = self.cfg.virtfs_proxy_helper
         if not os.access(helper, os.X_OK):
             raise HypervisorError(f"{helper} missing: a jailed VM's 9p shares need it "
@@ -300,8 +304,8 @@ class QemuBackend:
             ours = opened.enter_context(a)
             theirs = opened.enter_context(b)
             argv = [helper, "-n", "-f", str(theirs.fileno()), "-p", str(share.path)]
-            if share.readonly:
-                argv = [sys.executable, "-I", "-S", str(ROSHARE), str(share.path), "--", *argv]
+            jail = ["--isolate", "--caps", PROXY_CAPS, *(["--ro"] if share.readonly else [])]
+            argv = [sys.executable, "-I", "-S", str(SHAREJAIL), *jail, str(share.path), "--", *argv]
             pid = self._spawn(argv, spec.workdir / f"9pproxy{i}.log", pass_fds=[theirs.fileno()])
             procs[f"9pproxy{i}"] = pid
             record(f"9pproxy{i}", pid)
