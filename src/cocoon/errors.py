@@ -67,3 +67,41 @@ class TemplateError(CocoonError):
 
     Never fatal to a container: the sandbox boots cold instead, with a warning.
     """
+
+
+class UsageError(CocoonError):
+    """The command line asks for something impossible (docker's exit 125)."""
+
+
+class VolumeError(CocoonError):
+    """A -v, --mount or --tmpfs value is invalid (docker's exit 125)."""
+
+
+class NoSuchContainer(CocoonError):
+    """No container by that id or name (docker's exit 1)."""
+
+    exit_code = 1
+
+
+class NotRunning(CocoonError):
+    """The container has no monitor: it never started or has exited (docker's exit 1)."""
+
+    exit_code = 1
+
+
+class VmExited(CocoonError):
+    """The container's VM died under it; the monitor recorded why."""
+
+    exit_code = 137
+
+
+class OciError(CocoonError):
+    """Every failure of a `cocoon-runtime` verb: runc exits 1."""
+
+    exit_code = 1
+
+
+class BundleError(CocoonError):
+    """An OCI bundle (config.json, its rootfs or mounts) cannot be run: runc exits 1."""
+
+    exit_code = 1

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from cocoon.cli.main import State, cli
-from cocoon.errors import CocoonError
+from cocoon.errors import CocoonError, UsageError
 from cocoon.images import service
 from cocoon.images.store import ImageStore
 from cocoon.network import NetworkPlan
@@ -17,7 +17,7 @@ from cocoon.network.ports import parse as parse_port
 from cocoon.runtime import run as runner
 from cocoon.runtime import volumes
 from cocoon.runtime.logs import DEFAULT_MAX_BYTES, DEFAULT_MAX_FILES
-from cocoon.runtime.run import RunOptions, UsageError
+from cocoon.runtime.run import RunOptions
 from cocoon.util.units import parse_size
 
 

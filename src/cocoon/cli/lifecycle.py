@@ -14,10 +14,9 @@ import time
 import click
 
 from cocoon.cli.main import State, cli
-from cocoon.errors import CocoonError
+from cocoon.errors import CocoonError, NotRunning
 from cocoon.runtime import lifecycle, logs
 from cocoon.runtime.containers import ContainerDir, ContainerStore
-from cocoon.runtime.control import NotRunning
 
 
 def _resolve(state: State, ref: str) -> ContainerDir:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cocoon.errors import CocoonError
+from cocoon.errors import BundleError
 from cocoon.hypervisor.base import Share
 from cocoon.protocol import messages
 from cocoon.sandbox.sandbox import Sandbox
@@ -47,10 +47,6 @@ GUEST_OWN = ("/dev", "/proc", "/sys")
 #: config.json's size bound: podman's and containerd's are a few KB, tens with
 #: a seccomp profile; what the guest gets must also fit one request (MAX_SPEC).
 MAX_CONFIG = 4 << 20
-
-
-class BundleError(CocoonError):
-    exit_code = 1
 
 
 @dataclass

@@ -24,7 +24,7 @@ import click
 
 from cocoon import __version__
 from cocoon.config import Config, load
-from cocoon.errors import CocoonError
+from cocoon.errors import CocoonError, NotRunning, OciError
 from cocoon.hypervisor.base import Share
 from cocoon.network import NetworkPlan
 from cocoon.oci.spec import default_spec
@@ -33,7 +33,6 @@ from cocoon.ocicli import pod, standin
 from cocoon.ocicli.state import (
     OCI_VERSION,
     OciRecord,
-    RuntimeError_,
     Store,
     now_rfc3339,
     oci_state,
@@ -43,7 +42,7 @@ from cocoon.ocicli.state import (
 )
 from cocoon.protocol import messages
 from cocoon.runtime.containers import ContainerConfig, ContainerDir
-from cocoon.runtime.control import MonitorClient, NotRunning
+from cocoon.runtime.control import MonitorClient
 from cocoon.runtime.lifecycle import parse_signal
 from cocoon.runtime.monitor import CONTAINER_ID, LaunchPlan, spawn
 from cocoon.state import gc
@@ -120,7 +119,7 @@ def _client(d: ContainerDir) -> MonitorClient:
     try:
         return asyncio.run(MonitorClient.connect(d))
     except NotRunning:
-        raise RuntimeError_(f"container {d.id} is not running") from None
+        raise OciError(f"container {d.id} is not running") from None
 
 
 def _call(d: ContainerDir, msg: messages.Message, expect: type[messages.Message]) -> Any:
@@ -128,7 +127,7 @@ def _call(d: ContainerDir, msg: messages.Message, expect: type[messages.Message]
         try:
             client = await MonitorClient.connect(d)
         except NotRunning:
-            raise RuntimeError_(f"container {d.id} is not running") from None
+            raise OciError(f"container {d.id} is not running") from None
         try:
             return await client.call(msg, expect)
         finally:
@@ -143,11 +142,11 @@ def _json_file(path: str, what: str) -> dict[str, Any]:
         raw = sys.stdin.buffer.read(bundles.MAX_CONFIG + 1) if path == "-" else _read(path)
         doc = boundedjson.loads(raw, max_bytes=bundles.MAX_CONFIG)
     except OSError as e:
-        raise RuntimeError_(f"cannot read {what} {path}: {e.strerror or e}") from None
+        raise OciError(f"cannot read {what} {path}: {e.strerror or e}") from None
     except boundedjson.JSONError as e:
-        raise RuntimeError_(f"{what} {path} is not usable JSON: {e}") from None
+        raise OciError(f"{what} {path} is not usable JSON: {e}") from None
     if not isinstance(doc, dict):
-        raise RuntimeError_(f"{what} must be a JSON object")
+        raise OciError(f"{what} must be a JSON object")
     return doc
 
 
@@ -158,7 +157,7 @@ def _read(path: str) -> bytes:
 
 def _numeric_id(text: str, what: str) -> int:
     if not (text.isascii() and text.isdigit() and len(text) <= 10) or int(text) > bundles.MAX_ID:
-        raise RuntimeError_(f"--user: {what} {text[:20]!r} is not in [0, {bundles.MAX_ID}]")
+        raise OciError(f"--user: {what} {text[:20]!r} is not in [0, {bundles.MAX_ID}]")
     return int(text)
 
 
@@ -187,7 +186,7 @@ def run_hooks(d: ContainerDir, kind: str, *, strict: bool) -> None:
         except (OSError, subprocess.SubprocessError) as e:
             msg = f"{kind} hook {path} failed: {e}"
             if strict:
-                raise RuntimeError_(msg) from None
+                raise OciError(msg) from None
             _ctx().log_line("warning", msg)
 
 
@@ -256,7 +255,7 @@ def do_create(cid: str, bundle: Path, pid_file: str | None, console_socket: str 
         default_mib=cfg.hypervisor.memory_mib,
     )
     if p.terminal and not console_socket:
-        raise RuntimeError_("process.terminal is true: --console-socket is required")
+        raise OciError("process.terminal is true: --console-socket is required")
     for w in p.warnings:
         c.log_line("warning", w)
     config = container_config(cid, p)
@@ -344,13 +343,13 @@ def create_member(
     sandbox = c.store.get(sandbox_ref)
     srec = record(sandbox)
     if not srec.pod_dir:
-        raise RuntimeError_(f"container {sandbox_ref} is not a pod sandbox")
+        raise OciError(f"container {sandbox_ref} is not a pod sandbox")
     if status(sandbox) not in ("created", "running"):
-        raise RuntimeError_(f"the pod's sandbox {sandbox_ref} is {status(sandbox)}")
+        raise OciError(f"the pod's sandbox {sandbox_ref} is {status(sandbox)}")
     k = pod.key(cid)
     mp = bundles.plan_member(bundle, spec, Path(srec.pod_dir), k)
     if mp.plan.terminal and not console_socket:
-        raise RuntimeError_("process.terminal is true: --console-socket is required")
+        raise OciError("process.terminal is true: --console-socket is required")
     for w in mp.plan.warnings:
         c.log_line("warning", w)
     proc = mp.plan.spec.get("process") or {}
@@ -387,7 +386,7 @@ def start(container_id: str) -> None:
     """Start a created container's process."""
     d = _ctx().store.get(container_id)
     if status(d) != "created":
-        raise RuntimeError_(f"cannot start a container that is {status(d)}")
+        raise OciError(f"cannot start a container that is {status(d)}")
     run_hooks(d, "startContainer", strict=True)
     _call(d, messages.StartContainer(CONTAINER_ID), messages.Ok)
     run_hooks(d, "poststart", strict=False)
@@ -409,7 +408,7 @@ def kill(all_processes: bool, container_id: str, sig: str) -> None:
     d = _ctx().store.get(container_id)
     num = parse_signal(sig)
     if status(d) not in ("created", "running", "paused"):
-        raise RuntimeError_("container not running")
+        raise OciError("container not running")
     _call(d, messages.SignalProcess(CONTAINER_ID, "", num, all_processes), messages.Ok)
 
 
@@ -446,13 +445,13 @@ def delete(force: bool, container_id: str) -> None:
     """Delete a container (its VM and state)."""
     try:
         d = _ctx().store.get(container_id)
-    except RuntimeError_:
+    except OciError:
         if force:
             return
         raise
     s = status(d)
     if s in ("running", "paused") and not force:
-        raise RuntimeError_(f"cannot delete container {container_id} that is not stopped: {s}")
+        raise OciError(f"cannot delete container {container_id} that is not stopped: {s}")
     rec_hooks = bool(record(d).hooks.get("poststop"))
     if rec_hooks:
         with contextlib.suppress(CocoonError):
@@ -545,12 +544,12 @@ def exec_cmd(
     """Run a further process in a running container."""
     d = _ctx().store.get(container_id)
     if status(d) != "running":
-        raise RuntimeError_(f"cannot exec in a container that is {status(d)}")
+        raise OciError(f"cannot exec in a container that is {status(d)}")
     if process_file:
         process = _json_file(process_file, "process")
     else:
         if not command:
-            raise RuntimeError_("exec needs --process or a command")
+            raise OciError("exec needs --process or a command")
         base = d.config().spec.get("process") or {}
         process = {
             "args": list(command),
@@ -573,7 +572,7 @@ def exec_cmd(
                 process["capabilities"][k] += list(caps)
     terminal = bool(process.get("terminal", False))
     if terminal and not console_socket:
-        raise RuntimeError_("process.terminal is true: --console-socket is required")
+        raise OciError("process.terminal is true: --console-socket is required")
     pid = standin.spawn(d, process=process, console_socket=console_socket, tty=terminal)
     if pid_file:
         atomic_write(Path(pid_file).absolute(), str(pid).encode(), durable=False)
@@ -588,7 +587,7 @@ def pause(container_id: str) -> None:
     """Freeze every process of the container."""
     d = _ctx().store.get(container_id)
     if status(d) != "running":
-        raise RuntimeError_(f"cannot pause a container that is {status(d)}")
+        raise OciError(f"cannot pause a container that is {status(d)}")
     _call(d, messages.PauseContainer(CONTAINER_ID), messages.Ok)
 
 
@@ -598,7 +597,7 @@ def resume(container_id: str) -> None:
     """Thaw a paused container."""
     d = _ctx().store.get(container_id)
     if status(d) != "paused":
-        raise RuntimeError_(f"cannot resume a container that is {status(d)}")
+        raise OciError(f"cannot resume a container that is {status(d)}")
     _call(d, messages.ResumeContainer(CONTAINER_ID), messages.Ok)
 
 
@@ -684,7 +683,7 @@ def events(stats: bool, interval: str, container_id: str) -> None:
         click.echo(json.dumps(_stats_event(d)))
         return
     while status(d) in ("running", "paused", "created"):
-        with contextlib.suppress(RuntimeError_, CocoonError):
+        with contextlib.suppress(CocoonError):
             click.echo(json.dumps(_stats_event(d)), nl=True)
             sys.stdout.flush()
         time.sleep(secs)
@@ -722,7 +721,7 @@ def spec_cmd(bundle: str, rootless: bool) -> None:
     """Write a starting config.json (busybox sh on a terminal, like runc's)."""
     path = Path(bundle) / "config.json"
     if path.exists():
-        raise RuntimeError_(f"{path} exists: remove it first")
+        raise OciError(f"{path} exists: remove it first")
     spec = default_spec(["sh"], terminal=True, hostname="cocoon")
     spec["ociVersion"] = OCI_VERSION
     path.write_text(json.dumps(spec, indent=2) + "\n")
@@ -764,14 +763,14 @@ def features() -> None:
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def checkpoint(args: tuple[str, ...]) -> None:
     """Not supported (VM snapshots are not wired to checkpoint/restore yet)."""
-    raise RuntimeError_("checkpoint is not supported by cocoon-runtime")
+    raise OciError("checkpoint is not supported by cocoon-runtime")
 
 
 @cli.command(context_settings={"ignore_unknown_options": True})
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def restore(args: tuple[str, ...]) -> None:
     """Not supported (VM snapshots are not wired to checkpoint/restore yet)."""
-    raise RuntimeError_("restore is not supported by cocoon-runtime")
+    raise OciError("restore is not supported by cocoon-runtime")
 
 
 def _one_line(text: str) -> str:

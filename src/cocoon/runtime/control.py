@@ -12,7 +12,7 @@ import secrets
 import time
 from typing import Any, TypeVar
 
-from cocoon.errors import AgentError, CocoonError, GuestError, StateError
+from cocoon.errors import AgentError, GuestError, NotRunning, StateError, VmExited
 from cocoon.protocol import messages
 from cocoon.runtime.containers import ContainerDir
 from cocoon.runtime.monitor import CONTAINER_ID
@@ -20,16 +20,6 @@ from cocoon.sandbox.channel import AgentChannel
 from cocoon.sandbox.sandbox import Process
 
 M = TypeVar("M", bound=messages.Message)
-
-
-class NotRunning(CocoonError):
-    exit_code = 1
-
-
-class VmExited(CocoonError):
-    """The container's VM died under it; the monitor recorded why."""
-
-    exit_code = 137
 
 
 class MonitorClient:

@@ -14,11 +14,11 @@ from dataclasses import asdict
 from typing import Any
 
 from cocoon.config import Config
-from cocoon.errors import CocoonError, StateError
+from cocoon.errors import CocoonError, NotRunning, StateError
 from cocoon.oci.spec import merge_env, parse_user
 from cocoon.protocol import messages
 from cocoon.runtime.containers import ContainerConfig, ContainerDir, ContainerStore
-from cocoon.runtime.control import MonitorClient, NotRunning
+from cocoon.runtime.control import MonitorClient
 from cocoon.runtime.stdio import attach, terminal_size
 from cocoon.state import gc
 from cocoon.util.proc import alive

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from cocoon.config import Config
-from cocoon.errors import CocoonError
+from cocoon.errors import UsageError
 from cocoon.hypervisor.base import Disk
 from cocoon.images.manifest import ImageConfig
 from cocoon.network import GUEST_FILES, NetworkPlan
@@ -39,10 +39,6 @@ from cocoon.sandbox.sandbox import Sandbox
 #: Guest kernel + agent + page cache headroom added on top of --memory.
 VM_OVERHEAD_MIB = 128
 DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-
-
-class UsageError(CocoonError):
-    """The command line asks for something impossible (docker's exit 125)."""
 
 
 @dataclass
