@@ -3,7 +3,8 @@
 containerd's runc shim, conmon (podman) and docker drive it exactly as they
 drive runc. Errors are one line on stderr and, with --log, a runc-style
 ``{"level","msg","time"}`` JSON line there (the shim shows the last one); the
-exit code is 1 as with runc.
+exit code is 1 as with runc (cocoon.frontend). Warnings go to --log, or to
+stderr without one.
 """
 
 from __future__ import annotations
@@ -11,18 +12,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
 import click
 
-from cocoon import __version__
+from cocoon import __version__, frontend
 from cocoon.config import Config, load
 from cocoon.errors import CocoonError, NotRunning, OciError
 from cocoon.hypervisor.base import Share
@@ -54,12 +55,12 @@ DEFAULT_ROOT = "/run/cocoon-runtime"
 HOOK_TIMEOUT_S = 30.0
 
 
+logger = logging.getLogger(__name__)
+
+
 class Ctx:
-    def __init__(self, root: str, log: str | None, log_format: str, debug: bool) -> None:
+    def __init__(self, root: str) -> None:
         self.root = root
-        self.log = log
-        self.log_format = log_format
-        self.debug = debug
         self._cfg: Config | None = None
 
     @property
@@ -71,16 +72,6 @@ class Ctx:
     @property
     def store(self) -> Store:
         return Store(self.cfg)
-
-    def log_line(self, level: str, msg: str) -> None:
-        if not self.log:
-            return
-        if self.log_format == "json":
-            line = json.dumps({"level": level, "msg": msg, "time": now_rfc3339()})
-        else:  # logrus's text format quotes (and escapes) the message
-            line = f'time="{now_rfc3339()}" level={level} msg={json.dumps(msg)}'
-        with contextlib.suppress(OSError), open(self.log, "a") as f:
-            f.write(line + "\n")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -106,7 +97,8 @@ def cli(
     rootless: str | None,
 ) -> None:
     """A runc-compatible OCI runtime that runs every container in its own VM."""
-    ctx.obj = Ctx(os.path.abspath(root), log, log_format, debug)
+    frontend.configure("cocoon-runtime", debug=debug, log_file=log, log_file_format=log_format)
+    ctx.obj = Ctx(os.path.abspath(root))
 
 
 def _ctx() -> Ctx:
@@ -187,7 +179,7 @@ def run_hooks(d: ContainerDir, kind: str, *, strict: bool) -> None:
             msg = f"{kind} hook {path} failed: {e}"
             if strict:
                 raise OciError(msg) from None
-            _ctx().log_line("warning", msg)
+            logger.warning(msg)
 
 
 # -- lifecycle verbs -----------------------------------------------------------
@@ -257,7 +249,7 @@ def do_create(cid: str, bundle: Path, pid_file: str | None, console_socket: str 
     if p.terminal and not console_socket:
         raise OciError("process.terminal is true: --console-socket is required")
     for w in p.warnings:
-        c.log_line("warning", w)
+        logger.warning(w)
     config = container_config(cid, p)
     annotations = annotations_of(spec)
     kind, sandbox_ref = pod.role(annotations)
@@ -351,7 +343,7 @@ def create_member(
     if mp.plan.terminal and not console_socket:
         raise OciError("process.terminal is true: --console-socket is required")
     for w in mp.plan.warnings:
-        c.log_line("warning", w)
+        logger.warning(w)
     proc = mp.plan.spec.get("process") or {}
     config = ContainerConfig(
         id=cid,
@@ -773,45 +765,5 @@ def restore(args: tuple[str, ...]) -> None:
     raise OciError("restore is not supported by cocoon-runtime")
 
 
-def _one_line(text: str) -> str:
-    """An error as one printable line: a bundle's paths may hold newlines or escapes."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-
-
-def _fail(log: str | None, fmt: str, msg: str) -> None:
-    """runc's way: one line on stderr, the same in --log (the shim shows it), exit 1."""
-    msg = _one_line(msg)
-    Ctx("", log, fmt, False).log_line("error", msg)
-    click.echo(f"cocoon-runtime: {msg}", err=True)
-    sys.exit(1)
-
-
 def main() -> None:
-    log, fmt = None, "text"
-    argv = sys.argv[1:]
-    for i, a in enumerate(argv):  # for errors raised before click parsed them
-        if a == "--log" and i + 1 < len(argv):
-            log = argv[i + 1]
-        elif a.startswith("--log="):
-            log = a.split("=", 1)[1]
-        elif a == "--log-format" and i + 1 < len(argv):
-            fmt = argv[i + 1]
-        elif a.startswith("--log-format="):
-            fmt = a.split("=", 1)[1]
-    try:
-        cli.main(standalone_mode=False)
-    except click.exceptions.Exit as e:
-        sys.exit(e.exit_code)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(1 if e.exit_code != 2 else 2)
-    except CocoonError as e:
-        _fail(log, fmt, str(e))
-    except click.exceptions.Abort:
-        sys.exit(130)
-    except Exception as e:
-        # A bug, not the caller's mistake: still runc's one line and exit 1, so
-        # the shim (which reads only --log) shows what broke; --debug has the rest.
-        if "--debug" in argv:
-            traceback.print_exc()
-        _fail(log, fmt, f"internal error: {e.__class__.__name__}: {str(e)[:500]}")
+    frontend.main(cli, frontend.RUNC)

@@ -20,6 +20,7 @@ from typing import Any
 
 from cocoon.config import Config
 from cocoon.errors import OciError
+from cocoon.log import rfc3339
 from cocoon.runtime.containers import ContainerConfig, ContainerDir, ContainerState
 from cocoon.util.fs import atomic_write
 from cocoon.util.proc import alive, start_time
@@ -128,5 +129,4 @@ def oci_state(d: ContainerDir) -> dict[str, Any]:
 
 
 def now_rfc3339() -> str:
-    t = time.time()
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1e9):09d}Z"
+    return rfc3339(time.time())

@@ -15,10 +15,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import re
 import secrets
-import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -49,9 +49,12 @@ CONSOLE_TAIL = 300
 WALL_FACTOR = 4
 PROGRESS_POLL_S = 0.05
 
+log = logging.getLogger(__name__)
+
 
 def _warn(text: str) -> None:
-    print(f"cocoon: warning: {text}", file=sys.stderr, flush=True)
+    """A start's warning (a template refused, a pool failed), for whoever runs us."""
+    log.warning(text)
 
 
 def new_id() -> str:
