@@ -11,11 +11,13 @@ read by tools); and runc's callers read runc's own lines in its ``--log`` file
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
 import time
 import traceback
+from collections.abc import Iterator
 from typing import Any, TextIO
 
 ROOT = "cocoon"
@@ -115,6 +117,24 @@ class AppendHandler(logging.Handler):
                 f.write(line)
         except (OSError, ValueError):
             pass
+
+
+@contextlib.contextmanager
+def teardown_step(
+    logger: logging.Logger,
+    what: str,
+    left: str,
+    *,
+    level: int = logging.WARNING,
+    errors: tuple[type[BaseException], ...] = (Exception,),
+) -> Iterator[None]:
+    """One step of a teardown that goes on whatever the step raises: a failure
+    is logged, saying what failed and what it left behind (``left``), so that
+    nothing leaks silently. ``level``: INFO for a step a later one makes up for."""
+    try:
+        yield
+    except errors as e:
+        logger.log(level, "%s failed (%s); left behind: %s", what, str(e) or type(e).__name__, left)
 
 
 def setup(

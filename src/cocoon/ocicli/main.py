@@ -27,6 +27,7 @@ from cocoon import __version__, frontend
 from cocoon.config import Config, load
 from cocoon.errors import CocoonError, NotRunning, OciError
 from cocoon.hypervisor.base import Share
+from cocoon.log import teardown_step
 from cocoon.network import NetworkPlan
 from cocoon.oci.spec import default_spec
 from cocoon.ocicli import bundle as bundles
@@ -407,7 +408,10 @@ def kill(all_processes: bool, container_id: str, sig: str) -> None:
 def _destroy(d: ContainerDir) -> None:
     """Kill whatever still runs, reap the VM, drop the state: works after any crash."""
     if d.life.held():
-        with contextlib.suppress(CocoonError, OSError):
+        with teardown_step(
+            logger, f"asking the monitor of {d.id} to shut down", "its monitor, killed next",
+            level=logging.INFO, errors=(CocoonError, OSError),
+        ):  # fmt: skip
             _call(d, messages.Shutdown(), messages.Ok)
         if not d.life.wait_released(30.0):
             pid = d.state().monitor_pid
@@ -423,7 +427,10 @@ def _destroy(d: ContainerDir) -> None:
         top = Path(rec.binds[0]).parent if rec.pod_sandbox else pod.binds_dir(_ctx().cfg, d.id)
         pod.unbind(rec.binds, top)
     if rec is None or not rec.pod_sandbox:
-        with contextlib.suppress(CocoonError):
+        with teardown_step(
+            logger, f"reaping the sandbox of {d.id}",
+            "its sandbox (VM, dir, network): `cocoon gc` reaps it", errors=(CocoonError,),
+        ):  # fmt: skip
             gc.reap(_ctx().cfg.root, only=d.config().sandbox_id)
     if rec is not None and rec.pod_dir:
         pod.remove_pod_dir(Path(rec.pod_dir))
@@ -478,7 +485,8 @@ def run(
     if detach:
         return
     code = _wait_child(pid)
-    with contextlib.suppress(CocoonError):
+    left = "its record and whatever of its VM remains: `delete` removes them"
+    with teardown_step(logger, f"deleting container {d.id}", left, errors=(CocoonError,)):
         _destroy(d)
     sys.exit(code)
 

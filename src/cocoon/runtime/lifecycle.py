@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 import time
@@ -15,6 +16,7 @@ from typing import Any
 
 from cocoon.config import Config
 from cocoon.errors import CocoonError, NotRunning, StateError
+from cocoon.log import teardown_step
 from cocoon.oci.spec import merge_env, parse_user
 from cocoon.protocol import messages
 from cocoon.runtime.containers import ContainerConfig, ContainerDir, ContainerStore
@@ -22,6 +24,8 @@ from cocoon.runtime.control import MonitorClient
 from cocoon.runtime.stdio import attach, terminal_size
 from cocoon.state import gc
 from cocoon.util.proc import alive
+
+log = logging.getLogger(__name__)
 
 #: How long a monitor gets to tear its VM down after the container died.
 TEARDOWN_S = 30.0
@@ -126,7 +130,10 @@ def remove(cfg: Config, cdir: ContainerDir, *, force: bool) -> None:
     if cdir.life.held():
         if not force:
             raise StateError(f"container {cdir.id[:12]} is running: stop it first or use `rm -f`")
-        with contextlib.suppress(CocoonError, OSError, TimeoutError):
+        with teardown_step(
+            log, f"killing container {cdir.id[:12]}", "its monitor, killed next",
+            level=logging.INFO, errors=(CocoonError, OSError, TimeoutError),
+        ):  # fmt: skip
             asyncio.run(asyncio.wait_for(kill(cdir, signal.SIGKILL), 10.0))
         if not cdir.life.wait_released(TEARDOWN_S):
             pid = cdir.state().monitor_pid
@@ -134,7 +141,10 @@ def remove(cfg: Config, cdir: ContainerDir, *, force: bool) -> None:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             cdir.life.wait_released(5.0)
-    with contextlib.suppress(FileNotFoundError, CocoonError):
+    with contextlib.suppress(FileNotFoundError), teardown_step(
+        log, f"reaping the sandbox of container {cdir.id[:12]}",
+        "its sandbox (VM, dir, network): `cocoon gc` reaps it", errors=(CocoonError,),
+    ):  # fmt: skip
         gc.reap(cfg.root, only=cdir.state().sandbox_id or cdir.config().sandbox_id)
     ContainerStore(cfg).remove(cdir)
 

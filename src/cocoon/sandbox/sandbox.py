@@ -33,6 +33,7 @@ from cocoon.hypervisor import accel, cgroup, jail
 from cocoon.hypervisor.base import AGENT_VSOCK_PORT, Disk, Launched, Layout, Nic, Share, VmSpec
 from cocoon.hypervisor.qemu.backend import QemuBackend
 from cocoon.hypervisor.qemu.cmdline import slot_serial
+from cocoon.log import teardown_step
 from cocoon.protocol import messages
 from cocoon.protocol.session import InStream, OutStream
 from cocoon.sandbox import pool, restore, template
@@ -650,7 +651,8 @@ class Sandbox:
         if self._destroyed:
             return
         self._destroyed = True
-        with contextlib.suppress(Exception):
+        left = "its state.json saying it runs, until gc finds its processes gone"
+        with teardown_step(log, f"marking sandbox {self.id} stopping", left, level=logging.INFO):
             self.state.status = "stopping"
             self.dir.write(self.state)
         if self.channel is not None:
@@ -660,7 +662,8 @@ class Sandbox:
             # the guest is busy tearing its namespaces down (~60 ms under TCG
             # before the agent would even read the request).
             if self.writes_host_dirs and self.channel.session.closed is None:
-                with contextlib.suppress(CocoonError, Exception):
+                left = "what the guest had not yet synced to host directories"
+                with teardown_step(log, f"syncing sandbox {self.id}", left, level=logging.INFO):
                     await self.channel.call(messages.Shutdown(), messages.Ok, timeout_s=2.0)
             await self.channel.close()
         if self._watch_task is not None:
