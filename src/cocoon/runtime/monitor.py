@@ -36,7 +36,16 @@ from typing import Any
 
 from cocoon import log as cocoon_log
 from cocoon.config import Config
-from cocoon.errors import AgentError, CocoonError, GuestError, NetworkError, SandboxError
+from cocoon.errors import (
+    AgentError,
+    CocoonError,
+    CommandError,
+    GuestError,
+    NetworkError,
+    SandboxError,
+    error_line,
+    from_error_line,
+)
 from cocoon.hypervisor.base import Disk, Share
 from cocoon.network import NetworkPlan
 from cocoon.network.ports import PortSpec, Publisher
@@ -120,8 +129,8 @@ def spawn(plan: LaunchPlan) -> None:
     os.close(r)
     if line == "ready":
         return
-    if line.startswith("error "):
-        raise SandboxError(line[6:])
+    if line.startswith("error"):
+        raise from_error_line(line, SandboxError)
     raise SandboxError(
         f"the monitor of container {plan.config.id[:12]} died while starting it"
         f" (see {plan.cdir.path / 'monitor.log'})"
@@ -259,11 +268,12 @@ class Monitor:
                     self._ready("ready")  # `start` comes as a request, whenever it comes
         except (CocoonError, OSError) as e:
             log.error(f"start failed: {e}")
-            await self._fail_start(str(e))
+            await self._fail_start(e)
             return 1
         except BaseException:
             log.exception("internal error while starting the container")
-            await self._fail_start("internal error in the container monitor (see monitor.log)")
+            why = "internal error in the container monitor (see monitor.log)"
+            await self._fail_start(SandboxError(why))
             raise
         await self._supervise(m)
         return 0
@@ -287,13 +297,13 @@ class Monitor:
             m.cdir.ctl_socket.unlink()
         m.cdir.life.release()
 
-    async def _fail_start(self, reason: str) -> None:
+    async def _fail_start(self, e: BaseException) -> None:
         """Nothing is kept of a container that never started; an attached
         client already waiting hears the reason instead of a dropped line."""
-        self._ready(f"error {reason}")
+        self._ready(error_line(e))
         m = self.main
         if not m.exited.done():
-            m.exited.set_exception(RemoteError("start_failed", reason))
+            m.exited.set_exception(RemoteError("start_failed", str(e)))
             m.exited.exception()  # retrieved here; clients get it via shield
         await self._teardown()
         if m.log is not None:
@@ -533,8 +543,10 @@ class Monitor:
             except (AgentError, GuestError, SandboxError) as e:
                 if m.state.status == "exited" or m.exited.done():
                     # raced with the container's own exit and the VM's teardown
-                    raise RemoteError("not_running", "the container has exited") from None
-                raise RemoteError("failed", str(e)) from None
+                    raise RemoteError("not_running", "the container has exited") from e
+                # A command that could not be run keeps its type for the client.
+                code = e.code if isinstance(e, CommandError) else "failed"
+                raise RemoteError(code, str(e)) from e
             except (ValueError, KeyError, CocoonError) as e:
                 raise RemoteError("invalid", str(e)[:300]) from None
 
