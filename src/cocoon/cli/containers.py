@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from cocoon.cli.env import env_flags
 from cocoon.cli.main import State, cli
 from cocoon.errors import UsageError
 from cocoon.images import service
@@ -19,19 +20,6 @@ from cocoon.runtime import volumes
 from cocoon.runtime.logs import DEFAULT_MAX_BYTES, DEFAULT_MAX_FILES
 from cocoon.runtime.run import RunOptions
 from cocoon.util.units import parse_size
-
-
-def _env_file(path: str) -> list[str]:
-    out = []
-    try:
-        lines = open(path).read().splitlines()  # noqa: SIM115
-    except OSError as e:
-        raise UsageError(f"cannot read env file {path}: {e.strerror}") from None
-    for line in lines:
-        line = line.strip()
-        if line and not line.startswith("#"):
-            out.append(line)
-    return out
 
 
 def _log_opts(opts: tuple[str, ...]) -> tuple[int, int]:
@@ -61,8 +49,10 @@ def _log_opts(opts: tuple[str, ...]) -> tuple[int, int]:
 @click.option("-l", "--label", "labels", multiple=True, metavar="K=V")
 @click.option("--log-opt", "log_opts", multiple=True, metavar="max-size=10m|max-file=3",
               help="CRI log rotation.")  # fmt: skip
-@click.option("-e", "--env", "envs", multiple=True, metavar="K=V")
-@click.option("--env-file", "env_files", multiple=True, metavar="FILE")
+@click.option("-e", "--env", "envs", multiple=True, metavar="K[=V]",
+              help="Set K (bare K: the host's value, if it has one).")  # fmt: skip
+@click.option("--env-file", "env_files", multiple=True, metavar="FILE",
+              help="K=V or K lines, as -e.")  # fmt: skip
 @click.option("-w", "--workdir", default="")
 @click.option("-u", "--user", default="", metavar="USER[:GROUP]")
 @click.option("--entrypoint", default=None)
@@ -163,10 +153,7 @@ def run(
         raise UsageError(str(e)) from None
     if mem and mem < 6 << 20:
         raise UsageError("--memory must be at least 6m")
-    env = [x for f in env_files for x in _env_file(f)] + list(envs)
-    for item in env:
-        if "=" not in item:
-            raise UsageError(f"invalid -e {item!r}: use KEY=VALUE")
+    env = env_flags(envs, env_files)
     label_map = {}
     for item in labels:
         k, eq, v = item.partition("=")
