@@ -37,14 +37,9 @@ class Conventions:
     internal_hint: str = ""
 
 
-#: docker: each error's own code, and 125 for any failure of the runtime itself.
-DOCKER = Conventions(
-    "cocoon",
-    lambda e: e.exit_code,
-    lambda e: e.exit_code if e.exit_code != 1 else 125,
-    125,
-    " (--debug shows where)",
-)
+#: docker: each error's own code; 125 for any failure of the runtime itself,
+#: a command line it refuses (a bad flag) included, where click would say 2.
+DOCKER = Conventions("cocoon", lambda e: e.exit_code, lambda e: 125, 125, " (--debug shows where)")
 #: runc: 1 for every failure, 2 for click's usage errors.
 RUNC = Conventions("cocoon-runtime", lambda e: 1, lambda e: 2 if e.exit_code == 2 else 1, 1)
 
