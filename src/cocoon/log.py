@@ -150,11 +150,7 @@ def setup(
     """Send the ``cocoon`` records to ``stream`` (stderr) in ``fmt``, and with
     ``file`` to that file in runc's form too. Called again (the group's options
     are parsed after the first call), it replaces what the last call set."""
-    root = logging.getLogger(ROOT)
-    for h in list(root.handlers):
-        root.removeHandler(h)
-    root.setLevel(level)
-    root.propagate = False
+    root = _reset(level)
     out = StreamHandler(stream if stream is not None else sys.stderr)
     out.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter(prog))
     out.setLevel(stream_level if stream_level is not None else level)
@@ -167,11 +163,22 @@ def setup(
 
 def setup_process_log(stream: TextIO) -> None:
     """A long-lived process's own log (a container monitor's monitor.log): JSON
-    lines at INFO, for ours and for what asyncio or a library says there too."""
-    setup("", "json", level=logging.INFO, stream=stream)
+    lines, ours from INFO, and what asyncio or a library warns of there too."""
+    _reset(logging.INFO)
     top = logging.getLogger()
     for h in list(top.handlers):
         top.removeHandler(h)
     handler = StreamHandler(stream)
     handler.setFormatter(JsonFormatter())
     top.addHandler(handler)
+
+
+def _reset(level: int) -> logging.Logger:
+    """The ``cocoon`` logger with no handlers of its own, at ``level``. Its
+    records still propagate: nothing above it has a handler in our processes
+    but the monitor's, and a test's log capture sits there."""
+    root = logging.getLogger(ROOT)
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    root.setLevel(level)
+    return root
