@@ -426,12 +426,13 @@ def _destroy(d: ContainerDir) -> None:
         # A pod member's binds live under <pod dir>/<key>, its rootfs's first.
         top = Path(rec.binds[0]).parent if rec.pod_sandbox else pod.binds_dir(_ctx().cfg, d.id)
         pod.unbind(rec.binds, top)
-    if rec is None or not rec.pod_sandbox:
-        with teardown_step(
-            logger, f"reaping the sandbox of {d.id}",
-            "its sandbox (VM, dir, network): `cocoon gc` reaps it", errors=(CocoonError,),
-        ):  # fmt: skip
-            gc.reap(_ctx().cfg.root, only=d.config().sandbox_id)
+    sid = ""
+    with contextlib.suppress(CocoonError):  # no config: it never had a sandbox
+        sid = d.config().sandbox_id
+    if sid and (rec is None or not rec.pod_sandbox):
+        left = f"sandbox {sid} (VM, dir, network): `cocoon gc` reaps it"
+        with teardown_step(logger, f"reaping the sandbox of {d.id}", left, errors=(CocoonError,)):
+            gc.reap(_ctx().cfg.root, only=sid)
     if rec is not None and rec.pod_dir:
         pod.remove_pod_dir(Path(rec.pod_dir))
     _ctx().store.remove(d)

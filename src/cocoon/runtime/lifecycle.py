@@ -141,11 +141,17 @@ def remove(cfg: Config, cdir: ContainerDir, *, force: bool) -> None:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             cdir.life.wait_released(5.0)
-    with contextlib.suppress(FileNotFoundError), teardown_step(
-        log, f"reaping the sandbox of container {cdir.id[:12]}",
-        "its sandbox (VM, dir, network): `cocoon gc` reaps it", errors=(CocoonError,),
-    ):  # fmt: skip
-        gc.reap(cfg.root, only=cdir.state().sandbox_id or cdir.config().sandbox_id)
+    sid = ""
+    with contextlib.suppress(CocoonError):  # no record: it never had a sandbox
+        sid = cdir.state().sandbox_id or cdir.config().sandbox_id
+    left = f"sandbox {sid} (VM, dir, network): `cocoon gc` reaps it"
+    with (
+        contextlib.suppress(FileNotFoundError),
+        teardown_step(
+            log, f"reaping the sandbox of container {cdir.id[:12]}", left, errors=(CocoonError,)
+        ),
+    ):
+        gc.reap(cfg.root, only=sid)
     ContainerStore(cfg).remove(cdir)
 
 
