@@ -111,16 +111,16 @@ def _ctx() -> Ctx:
 def _client(d: ContainerDir) -> MonitorClient:
     try:
         return asyncio.run(MonitorClient.connect(d))
-    except NotRunning:
-        raise OciError(f"container {d.id} is not running") from None
+    except NotRunning as e:
+        raise OciError(f"container {d.id} is not running") from e
 
 
 def _call(d: ContainerDir, msg: messages.Message, expect: type[messages.Message]) -> Any:
     async def go() -> Any:
         try:
             client = await MonitorClient.connect(d)
-        except NotRunning:
-            raise OciError(f"container {d.id} is not running") from None
+        except NotRunning as e:
+            raise OciError(f"container {d.id} is not running") from e
         try:
             return await client.call(msg, expect)
         finally:
@@ -135,9 +135,9 @@ def _json_file(path: str, what: str) -> dict[str, Any]:
         raw = sys.stdin.buffer.read(bundles.MAX_CONFIG + 1) if path == "-" else _read(path)
         doc = boundedjson.loads(raw, max_bytes=bundles.MAX_CONFIG)
     except OSError as e:
-        raise OciError(f"cannot read {what} {path}: {e.strerror or e}") from None
+        raise OciError(f"cannot read {what} {path}: {e.strerror or e}") from e
     except boundedjson.JSONError as e:
-        raise OciError(f"{what} {path} is not usable JSON: {e}") from None
+        raise OciError(f"{what} {path} is not usable JSON: {e}") from e
     if not isinstance(doc, dict):
         raise OciError(f"{what} must be a JSON object")
     return doc
@@ -179,7 +179,7 @@ def run_hooks(d: ContainerDir, kind: str, *, strict: bool) -> None:
         except (OSError, subprocess.SubprocessError) as e:
             msg = f"{kind} hook {path} failed: {e}"
             if strict:
-                raise OciError(msg) from None
+                raise OciError(msg) from e
             logger.warning(msg)
 
 

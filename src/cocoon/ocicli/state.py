@@ -85,7 +85,7 @@ def record(d: ContainerDir) -> OciRecord:
     try:
         return OciRecord(**json.loads((d.path / "oci.json").read_bytes()))
     except (OSError, ValueError, TypeError) as e:
-        raise OciError(f"state of container {d.id} is unreadable: {e}") from None
+        raise OciError(f"state of container {d.id} is unreadable: {e}") from e
 
 
 def write_standin(d: ContainerDir, pid: int) -> None:

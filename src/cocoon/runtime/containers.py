@@ -128,7 +128,7 @@ class ContainerDir:
         except FileNotFoundError:
             raise NoSuchContainer(f"no such container: {self.id[:12]}") from None
         except (ValueError, TypeError) as e:
-            raise StateError(f"config of container {self.id[:12]} is corrupt: {e}") from None
+            raise StateError(f"config of container {self.id[:12]} is corrupt: {e}") from e
 
     def state(self) -> ContainerState:
         try:
@@ -137,7 +137,7 @@ class ContainerDir:
         except FileNotFoundError:
             return ContainerState()
         except (ValueError, TypeError) as e:
-            raise StateError(f"state of container {self.id[:12]} is corrupt: {e}") from None
+            raise StateError(f"state of container {self.id[:12]} is corrupt: {e}") from e
         if st.status not in STATUSES:
             raise StateError(f"state of container {self.id[:12]} is corrupt: {st.status!r}")
         return st

@@ -35,8 +35,8 @@ class MonitorClient:
         try:
             ch = await AgentChannel.connect(cdir.ctl_socket, deadline=deadline, agent_timeout_s=60)
             await ch.handshake(deadline)
-        except GuestError:
-            raise NotRunning(f"container {cdir.id[:12]} is not running") from None
+        except GuestError as e:
+            raise NotRunning(f"container {cdir.id[:12]} is not running") from e
         return cls(cdir, ch)
 
     async def call(
@@ -47,16 +47,16 @@ class MonitorClient:
         except AgentError as e:
             text = str(e).partition(": ")[2] or str(e)
             if e.code == "vm_exited":
-                raise VmExited(text) from None
+                raise VmExited(text) from e
             if e.code == "start_failed":
-                raise AgentError(text, e.code) from None
+                raise AgentError(text, e.code) from e
             if e.code == "not_running":
-                raise NotRunning(f"container {self.cdir.id[:12]}: {text}") from None
+                raise NotRunning(f"container {self.cdir.id[:12]}: {text}") from e
             raise
-        except GuestError:
+        except GuestError as e:
             raise StateError(
                 f"lost the monitor of container {self.cdir.id[:12]} during {msg.TYPE}"
-            ) from None
+            ) from e
 
     def _stdio(
         self, stdin: bool, tty: bool, rows: int, cols: int

@@ -548,7 +548,7 @@ class Monitor:
                 code = e.code if isinstance(e, CommandError) else "failed"
                 raise RemoteError(code, str(e)) from e
             except (ValueError, KeyError, CocoonError) as e:
-                raise RemoteError("invalid", str(e)[:300]) from None
+                raise RemoteError("invalid", str(e)[:300]) from e
 
         # The peer is another root cocoon command, but a confused one must not
         # hurt the container: same bounds as with a guest.

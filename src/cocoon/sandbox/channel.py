@@ -159,7 +159,7 @@ class AgentChannel:
                 f"guest agent did not answer {what or msg.TYPE} within {t:g} s"
             ) from None
         except SessionClosed as e:
-            raise GuestError(f"guest agent channel failed during {what or msg.TYPE}: {e}") from None
+            raise GuestError(f"guest agent channel failed during {what or msg.TYPE}: {e}") from e
         except RemoteError as e:
             raise agent_error(f"{msg.TYPE}: {e.message}", e.code) from e
         assert isinstance(reply, expect)

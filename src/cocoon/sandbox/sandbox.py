@@ -236,7 +236,7 @@ class Process:
             if close:
                 await self.stdin.close()
         except ConnectionError as e:
-            raise GuestError(f"stdin of process {self.pid} failed: {e}") from None
+            raise GuestError(f"stdin of process {self.pid} failed: {e}") from e
 
     async def output(self, limit: int = 256 << 20) -> tuple[bytes, bytes]:
         """All of stdout and stderr (bounded by ``limit`` each)."""
@@ -251,7 +251,7 @@ class Process:
                         raise SandboxError(f"process output exceeded {limit} bytes")
                     buf += chunk
             except ConnectionError as e:
-                raise GuestError(f"output of process {self.pid} cut off: {e}") from None
+                raise GuestError(f"output of process {self.pid} cut off: {e}") from e
             return bytes(buf)
 
         out, err = await asyncio.gather(drain(self.stdout), drain(self.stderr))
@@ -393,9 +393,9 @@ class Sandbox:
             qemu_said = sb._qemu_exit_reason()
             await sb.destroy()
             if qemu_said:
-                raise HypervisorError(f"sandbox {sdir.id}: QEMU exited: {qemu_said}") from None
+                raise HypervisorError(f"sandbox {sdir.id}: QEMU exited: {qemu_said}") from e
             if isinstance(e, GuestError):
-                raise GuestError(f"sandbox {sdir.id} failed to boot: {e}") from None
+                raise GuestError(f"sandbox {sdir.id} failed to boot: {e}") from e
             raise
         return sb
 
@@ -701,8 +701,8 @@ class Sandbox:
             await self.destroy()
             if died:
                 why = f"sandbox {self.id}: the VM exited unexpectedly ({died}); torn down"
-                raise GuestError(why) from None
-            raise GuestError(f"sandbox {self.id}: {e}; the sandbox was torn down") from None
+                raise GuestError(why) from e
+            raise GuestError(f"sandbox {self.id}: {e}; the sandbox was torn down") from e
 
     async def _vm_death(self) -> str:
         """Why QEMU is gone, if it is (a channel reset can beat the watcher to it)."""
