@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import json
 
-from cocoon.errors import ImageError, StateError
+from cocoon.errors import ImageError, StateError, UsageError
 from cocoon.images.manifest import parse_config
 from cocoon.runtime.lifecycle import parse_signal
-from cocoon.runtime.run import RunOptions, UsageError, build_spec
+from cocoon.runtime.run import RunOptions, build_spec
 
 #: UsageError: an image with no command at all; StateError: a bad StopSignal.
 EXPECTED: tuple[type[BaseException], ...] = (ImageError, StateError, UsageError)

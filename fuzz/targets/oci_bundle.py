@@ -10,10 +10,11 @@ import json
 import tempfile
 from pathlib import Path
 
+from cocoon.errors import BundleError
 from cocoon.oci.spec import default_spec
 from cocoon.ocicli import bundle, main, pod
 
-EXPECTED: tuple[type[BaseException], ...] = (bundle.BundleError,)
+EXPECTED: tuple[type[BaseException], ...] = (BundleError,)
 
 
 def run(data: bytes) -> None:

@@ -270,7 +270,7 @@ def load(
         try:
             data = tomllib.loads(file.read_text())
         except (tomllib.TOMLDecodeError, OSError, UnicodeDecodeError) as e:
-            raise ConfigError(f"cannot read {file}: {e}") from None
+            raise ConfigError(f"cannot read {file}: {e}") from e
         _apply(cfg, data, str(file))
     elif explicit:
         raise ConfigError(f"config file {file} does not exist")

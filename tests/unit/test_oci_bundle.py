@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cocoon.errors import SandboxError
+from cocoon.errors import BundleError, SandboxError
 from cocoon.oci.spec import default_spec
 from cocoon.ocicli import bundle
 from cocoon.sandbox.sandbox import _fits
@@ -99,7 +99,7 @@ def test_namespace_paths_must_match_their_type(
     so do we, although the guest's crun makes a fresh one."""
     b, spec = make(tmp_path)
     spec["linux"]["namespaces"] = [{"type": kind, "path": path}]
-    with pytest.raises(bundle.BundleError, match=error):
+    with pytest.raises(BundleError, match=error):
         plan(b, spec)
     for kind, name in (("ipc", "ipc"), ("mount", "mnt"), ("uts", "uts"), ("user", "user")):
         spec["linux"]["namespaces"] = [{"type": kind, "path": f"/proc/self/ns/{name}"}]
@@ -147,17 +147,17 @@ def test_resources_size_the_vm(tmp_path: Path) -> None:
 
 
 def test_bad_bundles_say_why(tmp_path: Path) -> None:
-    with pytest.raises(bundle.BundleError, match="config.json"):
+    with pytest.raises(BundleError, match="config.json"):
         bundle.load(tmp_path)
     (tmp_path / "config.json").write_text("{nope")
-    with pytest.raises(bundle.BundleError, match="not usable JSON"):
+    with pytest.raises(BundleError, match="not usable JSON"):
         bundle.load(tmp_path)
     b, spec = make(tmp_path / "x", mounts=[{"destination": "/d", "type": "bind",
                                             "source": "/no/such/dir"}])  # fmt: skip
-    with pytest.raises(bundle.BundleError, match="does not exist"):
+    with pytest.raises(BundleError, match="does not exist"):
         plan(b, spec)
     (b / "rootfs").rmdir()
-    with pytest.raises(bundle.BundleError, match="rootfs"):
+    with pytest.raises(BundleError, match="rootfs"):
         plan(b, spec)
 
 
@@ -216,7 +216,7 @@ def with_(path: str, value: object) -> str:
     ids=lambda v: None if len(str(v)) > 60 else str(v),
 )  # fmt: skip
 def test_hostile_bundles_are_bundle_errors(tmp_path: Path, text: str, why: str) -> None:
-    with pytest.raises(bundle.BundleError, match=why):
+    with pytest.raises(BundleError, match=why):
         load_and_plan(write_raw(tmp_path, text))
 
 
@@ -233,14 +233,14 @@ def test_namespace_path_to_a_fifo_does_not_hang(tmp_path: Path) -> None:
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
     b = write_raw(tmp_path / "b", with_("linux.namespaces", [{"type": "ipc", "path": str(fifo)}]))
-    with pytest.raises(bundle.BundleError, match="is not a namespace"):
+    with pytest.raises(BundleError, match="is not a namespace"):
         load_and_plan(b)
 
 
 def test_a_root_path_too_long_for_the_system_is_a_bundle_error(tmp_path: Path) -> None:
     """Found by fuzz/targets/oci_bundle.py: Path.is_dir() raises ENAMETOOLONG."""
     b = write_raw(tmp_path, with_("root.path", "x" * 5000))
-    with pytest.raises(bundle.BundleError, match="File name too long"):
+    with pytest.raises(BundleError, match="File name too long"):
         load_and_plan(b)
 
 
@@ -248,7 +248,7 @@ def test_a_spec_the_agent_channel_cannot_carry_is_refused_at_create(tmp_path: Pa
     """A 4 MiB config.json is a valid bundle, but its spec must fit one request
     to the agent (messages.MAX_SPEC): past that the monitor died on a FrameError."""
     b = write_raw(tmp_path, with_("annotations", {"big": "x" * (1 << 20)}))
-    with pytest.raises(bundle.BundleError, match="as the guest gets it, over"):
+    with pytest.raises(BundleError, match="as the guest gets it, over"):
         load_and_plan(b)
     with pytest.raises(SandboxError, match="more than the 10 B allowed"):
         _fits("x" * 11, 10, "the container's OCI spec")

@@ -10,10 +10,9 @@ from pathlib import Path
 import pytest
 
 from cocoon.config import Config
-from cocoon.errors import SandboxError
+from cocoon.errors import SandboxError, VolumeError
 from cocoon.hypervisor.base import Share
 from cocoon.runtime.volumes import (
-    VolumeError,
     VolumeSpec,
     parse_all,
     parse_mount,

@@ -58,6 +58,16 @@ def make_bundle(tmp: Path, rootfs: Path, args: list[str], **extra: Any) -> Path:
     return b
 
 
+def start_sleeper(rt: list[str], rootfs: Path, tmp: Path, cid: str) -> int:
+    """A running container that sleeps; its stand-in's pid."""
+    b = make_bundle(tmp, rootfs, ["sleep", "100"])
+    pidf = tmp / "pid"
+    subprocess.run([*rt, "create", "--bundle", str(b), "--pid-file", str(pidf), cid],
+                   stdin=subprocess.DEVNULL, check=True)  # fmt: skip
+    subprocess.run([*rt, "start", cid], check=True)
+    return int(pidf.read_text())
+
+
 def state(rt: list[str], cid: str) -> dict[str, Any]:
     r = subprocess.run([*rt, "state", cid], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
@@ -151,12 +161,7 @@ def test_signals_kill_and_stand_in_death(
 def test_kill_by_runtime_dies_by_signal(
     cfg: Config, rootfs: Path, rt: list[str], tmp_path: Path
 ) -> None:
-    b = make_bundle(tmp_path, rootfs, ["sleep", "100"])
-    pidf = tmp_path / "pid"
-    subprocess.run([*rt, "create", "--bundle", str(b), "--pid-file", str(pidf), "k1"],
-                   stdin=subprocess.DEVNULL, check=True)  # fmt: skip
-    pid = int(pidf.read_text())
-    subprocess.run([*rt, "start", "k1"], check=True)
+    pid = start_sleeper(rt, rootfs, tmp_path, "k1")
     r = subprocess.run([*rt, "delete", "k1"], capture_output=True, text=True)
     assert r.returncode == 1 and "not stopped" in r.stderr
     subprocess.run([*rt, "kill", "k1", "KILL"], check=True)
@@ -262,3 +267,24 @@ def test_resources_the_guest_can_apply(
                        stdin=subprocess.DEVNULL, capture_output=True, text=True)  # fmt: skip
     assert r.returncode == 1 and "3MB" in r.stderr  # no such page size: refused
     subprocess.run([*rt, "delete", "--force", "r2"], capture_output=True)
+
+
+def test_exec_of_a_command_that_cannot_run(
+    cfg: Config, rootfs: Path, rt: list[str], tmp_path: Path
+) -> None:
+    """runc's exit 1 with crun's words, which podman and containerd read to pick
+    docker's 127 or 126; in --log too. The container lives on."""
+    pid = start_sleeper(rt, rootfs, tmp_path, "x1")
+    log = tmp_path / "rt.log"
+    for command, said in (("nosuchcmd", "executable file `nosuchcmd` not found in $PATH"),
+                          ("/etc/passwd", "open executable: Permission denied")):  # fmt: skip
+        r = subprocess.run([*rt, "--log", str(log), "--log-format", "json", "exec", "x1", command],
+                           stdin=subprocess.DEVNULL, capture_output=True, text=True)  # fmt: skip
+        assert r.returncode == 1 and r.stderr.count("\n") == 1 and said in r.stderr, r.stderr
+        entry = json.loads(log.read_text().splitlines()[-1])
+        assert entry["level"] == "error" and said in entry["msg"]
+    r = subprocess.run([*rt, "exec", "x1", "sh", "-c", "exit 5"], stdin=subprocess.DEVNULL)
+    assert r.returncode == 5 and state(rt, "x1")["status"] == "running"
+    subprocess.run([*rt, "kill", "x1", "KILL"], check=True)
+    reap(pid)
+    subprocess.run([*rt, "delete", "x1"], check=True)

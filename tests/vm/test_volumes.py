@@ -235,9 +235,9 @@ def test_gc_after_a_crash_removes_scratch(cfg: Config, busybox: None, tmp_path: 
         ["--mount", "type=volume,source=x,target=/data"],
         ["--mount", "type=bind,source=/tmp,target=/data,propagation=shared"],
         ["--tmpfs", "/t:size=1m,uid=0"],
-        # Boots, then crun cannot make /new in a read-only root: the sandbox
-        # and its scratch file must still go.
-        ["--read-only", "--mount", "type=scratch,target=/new,size=8m"],
+        # Boots, then crun cannot make a mount point under a file: the
+        # sandbox and its scratch file must still go.
+        ["--mount", "type=scratch,target=/bin/busybox/new,size=8m"],
     ],
 )
 def test_bad_specs_one_line_and_nothing_left(cfg: Config, busybox: None, flags: list[str]) -> None:

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import click
 
+from cocoon.cli.env import env_flags
 from cocoon.cli.main import State, cli
-from cocoon.errors import CocoonError
+from cocoon.errors import UsageError
 from cocoon.images import service
 from cocoon.images.store import ImageStore
 from cocoon.network import NetworkPlan
@@ -17,21 +18,8 @@ from cocoon.network.ports import parse as parse_port
 from cocoon.runtime import run as runner
 from cocoon.runtime import volumes
 from cocoon.runtime.logs import DEFAULT_MAX_BYTES, DEFAULT_MAX_FILES
-from cocoon.runtime.run import RunOptions, UsageError
+from cocoon.runtime.run import RunOptions
 from cocoon.util.units import parse_size
-
-
-def _env_file(path: str) -> list[str]:
-    out = []
-    try:
-        lines = open(path).read().splitlines()  # noqa: SIM115
-    except OSError as e:
-        raise UsageError(f"cannot read env file {path}: {e.strerror}") from None
-    for line in lines:
-        line = line.strip()
-        if line and not line.startswith("#"):
-            out.append(line)
-    return out
 
 
 def _log_opts(opts: tuple[str, ...]) -> tuple[int, int]:
@@ -61,8 +49,10 @@ def _log_opts(opts: tuple[str, ...]) -> tuple[int, int]:
 @click.option("-l", "--label", "labels", multiple=True, metavar="K=V")
 @click.option("--log-opt", "log_opts", multiple=True, metavar="max-size=10m|max-file=3",
               help="CRI log rotation.")  # fmt: skip
-@click.option("-e", "--env", "envs", multiple=True, metavar="K=V")
-@click.option("--env-file", "env_files", multiple=True, metavar="FILE")
+@click.option("-e", "--env", "envs", multiple=True, metavar="K[=V]",
+              help="Set K (bare K: the host's value, if it has one).")  # fmt: skip
+@click.option("--env-file", "env_files", multiple=True, metavar="FILE",
+              help="K=V or K lines, as -e.")  # fmt: skip
 @click.option("-w", "--workdir", default="")
 @click.option("-u", "--user", default="", metavar="USER[:GROUP]")
 @click.option("--entrypoint", default=None)
@@ -153,81 +143,68 @@ def run(
     command: tuple[str, ...],
 ) -> None:
     """Run COMMAND in a new container from IMAGE, in its own VM; exit with its code."""
+    if detach and (interactive or tty):
+        raise UsageError("-d cannot be combined with -i/-t: there is no attach yet")
+    if cpus < 0 or cpus > 64:
+        raise UsageError("--cpus must be between 0 and 64")
     try:
-        if detach and (interactive or tty):
-            raise UsageError("-d cannot be combined with -i/-t: there is no attach yet")
-        if cpus < 0 or cpus > 64:
-            raise UsageError("--cpus must be between 0 and 64")
-        try:
-            mem = parse_size(memory) if memory else 0
-        except ValueError as e:
-            raise UsageError(str(e)) from None
-        if mem and mem < 6 << 20:
-            raise UsageError("--memory must be at least 6m")
-        env = [x for f in env_files for x in _env_file(f)] + list(envs)
-        for item in env:
-            if "=" not in item:
-                raise UsageError(f"invalid -e {item!r}: use KEY=VALUE")
-        label_map = {}
-        for item in labels:
-            k, eq, v = item.partition("=")
-            if not k:
-                raise UsageError(f"invalid --label {item!r}: use KEY=VALUE")
-            label_map[k] = v
-        log_max_bytes, log_max_files = _log_opts(log_opts)
-        vols = volumes.parse_all(volume_flags, mount_flags, tmpfs_flags)
-        cfg = state.cfg
-        net_plan = NetworkPlan(
-            networks=list(networks) or [cfg.network.default],
-            model=cfg.network.model,
-            rate=net_rate,
-            hostname=hostname,  # "" = the container's short id (runtime.run.create)
-            dns=list(dns),
-            dns_search=list(dns_search),
-            add_hosts=list(add_hosts),
-        )
-        net_plan.check()
-        ports = [parse_port(p) for p in publish]
-        if ports and "bridge" not in net_plan.networks:
-            raise UsageError("-p needs --network bridge (the host reaches the container there)")
-        img = asyncio.run(service.get(cfg, image, policy=pull_policy, platform=platform))
-        config = ImageStore(cfg).inspect(img.id).config
-        opts = RunOptions(
-            args=list(command),
-            entrypoint=entrypoint,
-            env=env,
-            workdir=workdir,
-            user=user,
-            hostname=hostname or name,
-            memory_bytes=mem,
-            cpus=cpus,
-            read_only=read_only,
-            stdin=interactive,
-            tty=tty,
-            name=name,
-            labels=label_map,
-            auto_remove=rm,
-            detach=detach,
-            log_max_bytes=log_max_bytes,
-            log_max_files=log_max_files,
-            volumes=vols,
-            network=net_plan,
-            publish=ports,
-            template=use_template,
-        )
-        cdir, cconf, vplan = runner.create(cfg, image, img.id, config, opts)
-        runner.start(cfg, cdir, cconf, Path(img.erofs), opts, vplan)
-        if detach:
-            click.echo(cdir.id)
-            return
-        code = asyncio.run(runner.attach_run(cdir, opts))
-    except CocoonError as e:
-        click.echo(f"cocoon: {e}", err=True)
-        # docker: 125 the runtime failed, 126 not executable, 127 not found
-        msg = str(e)
-        if "not found" in msg and ("executable" in msg or "$PATH" in msg):
-            sys.exit(127)
-        if "permission denied" in msg.lower() and "exec" in msg.lower():
-            sys.exit(126)
-        sys.exit(e.exit_code)
+        mem = parse_size(memory) if memory else 0
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if mem and mem < 6 << 20:
+        raise UsageError("--memory must be at least 6m")
+    env = env_flags(envs, env_files)
+    label_map = {}
+    for item in labels:
+        k, eq, v = item.partition("=")
+        if not k:
+            raise UsageError(f"invalid --label {item!r}: use KEY=VALUE")
+        label_map[k] = v
+    log_max_bytes, log_max_files = _log_opts(log_opts)
+    vols = volumes.parse_all(volume_flags, mount_flags, tmpfs_flags)
+    cfg = state.cfg
+    net_plan = NetworkPlan(
+        networks=list(networks) or [cfg.network.default],
+        model=cfg.network.model,
+        rate=net_rate,
+        hostname=hostname,  # "" = the container's short id (runtime.run.create)
+        dns=list(dns),
+        dns_search=list(dns_search),
+        add_hosts=list(add_hosts),
+    )
+    net_plan.check()
+    ports = [parse_port(p) for p in publish]
+    if ports and "bridge" not in net_plan.networks:
+        raise UsageError("-p needs --network bridge (the host reaches the container there)")
+    img = asyncio.run(service.get(cfg, image, policy=pull_policy, platform=platform))
+    config = ImageStore(cfg).inspect(img.id).config
+    opts = RunOptions(
+        args=list(command),
+        entrypoint=entrypoint,
+        env=env,
+        workdir=workdir,
+        user=user,
+        hostname=hostname or name,
+        memory_bytes=mem,
+        cpus=cpus,
+        read_only=read_only,
+        stdin=interactive,
+        tty=tty,
+        name=name,
+        labels=label_map,
+        auto_remove=rm,
+        detach=detach,
+        log_max_bytes=log_max_bytes,
+        log_max_files=log_max_files,
+        volumes=vols,
+        network=net_plan,
+        publish=ports,
+        template=use_template,
+    )
+    cdir, cconf, vplan = runner.create(cfg, image, img.id, config, opts)
+    runner.start(cfg, cdir, cconf, Path(img.erofs), opts, vplan)
+    if detach:
+        click.echo(cdir.id)
+        return
+    code = asyncio.run(runner.attach_run(cdir, opts))
     sys.exit(code)

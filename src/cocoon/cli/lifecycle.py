@@ -13,11 +13,11 @@ import time
 
 import click
 
+from cocoon.cli.env import env_flags
 from cocoon.cli.main import State, cli
-from cocoon.errors import CocoonError
+from cocoon.errors import CocoonError, NotRunning
 from cocoon.runtime import lifecycle, logs
 from cocoon.runtime.containers import ContainerDir, ContainerStore
-from cocoon.runtime.control import NotRunning
 
 
 def _resolve(state: State, ref: str) -> ContainerDir:
@@ -112,7 +112,8 @@ logs_cmd.name = "logs"
 @cli.command("exec", context_settings={"allow_interspersed_args": False})
 @click.option("-i", "--interactive", is_flag=True, help="Relay stdin.")
 @click.option("-t", "--tty", is_flag=True, help="Give the process a terminal.")
-@click.option("-e", "--env", "envs", multiple=True, metavar="K=V")
+@click.option("-e", "--env", "envs", multiple=True, metavar="K[=V]",
+              help="Set K (bare K: the host's value, if it has one).")  # fmt: skip
 @click.option("-w", "--workdir", default="")
 @click.option("-u", "--user", default="", metavar="USER[:GROUP]")
 @click.argument("container")
@@ -129,13 +130,10 @@ def exec_cmd(
     command: tuple[str, ...],
 ) -> None:
     """Run COMMAND in a running container; exit with its code."""
-    for item in envs:
-        if "=" not in item:
-            raise click.BadParameter(f"invalid -e {item!r}: use KEY=VALUE")
     d = _resolve(state, container)
     code = asyncio.run(
         lifecycle.exec_process(
-            d, list(command), env=list(envs), workdir=workdir, user=user,
+            d, list(command), env=env_flags(envs), workdir=workdir, user=user,
             stdin=interactive, tty=tty,
         )
     )  # fmt: skip

@@ -1,21 +1,19 @@
 """`cocoon`: the docker-like command line.
 
-Verbs parse flags and call the library; errors from the CocoonError tree become
-one line on stderr and their exit code (traceback only with --debug).
+Verbs parse flags and call the library; whatever they raise becomes one line
+on stderr and an exit code by docker's conventions (cocoon.frontend).
 """
 
 from __future__ import annotations
 
 import importlib
-import sys
-import traceback
 from typing import Any
 
 import click
 
-from cocoon import __version__
+from cocoon import __version__, frontend
 from cocoon.config import Config, load
-from cocoon.errors import CocoonError
+from cocoon.log import FORMATS
 
 
 class State:
@@ -78,7 +76,9 @@ class LazyGroup(click.Group):
 @click.option("--config", "config_path", metavar="FILE", help="Configuration file (TOML).")
 @click.option("--root", metavar="DIR", help="Runtime state dir (default /run/cocoon).")
 @click.option("--data-dir", metavar="DIR", help="Data dir for guest assets and images.")
-@click.option("--debug", is_flag=True, help="Show tracebacks.")
+@click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
+@click.option("--log-format", type=click.Choice(FORMATS), default="text", show_default=True,
+              help="Warnings and the error line on stderr as text or JSON lines.")  # fmt: skip
 @click.pass_context
 def cli(
     ctx: click.Context,
@@ -86,36 +86,12 @@ def cli(
     root: str | None,
     data_dir: str | None,
     debug: bool,
+    log_format: str,
 ) -> None:
     """cocoon: every container in its own lightweight VM."""
+    frontend.configure("cocoon", fmt=log_format, debug=debug)
     ctx.obj = State(config_path, {"root_dir": root, "data_dir": data_dir}, debug)
 
 
 def main() -> None:
-    debug = "--debug" in sys.argv
-    try:
-        cli.main(standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("cocoon: aborted", err=True)
-        sys.exit(130)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code if e.exit_code != 1 else 125)
-    except click.exceptions.Exit as e:
-        sys.exit(e.exit_code)
-    except CocoonError as e:
-        if debug:
-            traceback.print_exc()
-        click.echo(f"cocoon: {e}", err=True)
-        sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        click.echo("cocoon: interrupted", err=True)
-        sys.exit(130)
-    except Exception as e:
-        # A bug (ours, or a library's on hostile input): still one line and
-        # docker's "the runtime failed"; --debug has the traceback.
-        if debug:
-            traceback.print_exc()
-        text = f"{e.__class__.__name__}: {str(e)[:500]}"
-        click.echo(f"cocoon: internal error: {text} (--debug shows where)", err=True)
-        sys.exit(125)
+    frontend.main(cli, frontend.DOCKER)

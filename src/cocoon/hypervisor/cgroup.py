@@ -43,7 +43,7 @@ def _write(path: Path, value: str) -> None:
     try:
         path.write_text(value)
     except OSError as e:
-        raise HypervisorError(f"cannot set {path}: {e.strerror}") from None
+        raise HypervisorError(f"cannot set {path}: {e.strerror}") from e
 
 
 def create(sandbox_id: str, guest_mib: int, pids: int) -> list[Path]:
@@ -72,7 +72,7 @@ def create(sandbox_id: str, guest_mib: int, pids: int) -> list[Path]:
         raise HypervisorError(
             f"the jail needs a host cgroup and cannot make one ({why}): give cocoon a "
             "writable cgroup v2 (or v1 memory and pids) hierarchy, or set security.jail = false"
-        ) from None
+        ) from e
     return made
 
 

@@ -94,7 +94,7 @@ def canonical_tag(ref: str) -> str:
     try:
         r = parse_reference(ref)
     except ImageError as e:
-        raise ImageError(f"archive names an invalid image reference: {e}") from None
+        raise ImageError(f"archive names an invalid image reference: {e}") from e
     if r.digest and not r.tag:
         raise ImageError(f"archive tag {ref[:100]!r} is a digest, not a tag")
     return f"{r.name}:{r.tag or 'latest'}"
@@ -108,7 +108,7 @@ def _json(data: bytes, what: str, limit: int) -> Any:
     try:
         return boundedjson.loads(data, max_bytes=limit)
     except boundedjson.JSONError as e:
-        raise ImageError(f"archive: {what} is not usable JSON: {e}") from None
+        raise ImageError(f"archive: {what} is not usable JSON: {e}") from e
 
 
 @dataclass
@@ -267,7 +267,7 @@ def _plain_tar(store: ImageStore, path: Path) -> Iterator[IO[bytes]]:
     try:
         raw = open(path, "rb")  # noqa: SIM115 (closed below)
     except OSError as e:
-        raise ImageError(f"cannot open archive {path}: {e.strerror}") from None
+        raise ImageError(f"cannot open archive {path}: {e.strerror}") from e
     with raw:
         head = raw.read(4)
         raw.seek(0)
@@ -298,7 +298,7 @@ def _plain_tar(store: ImageStore, path: Path) -> Iterator[IO[bytes]]:
                     guard.write(tmp.fileno(), chunk, 0, len(chunk), n, what)
                     n += len(chunk)
             except (OSError, EOFError, zlib.error, zstandard.ZstdError) as e:
-                raise ImageError(f"{what}: corrupt compressed data: {e}") from None
+                raise ImageError(f"{what}: corrupt compressed data: {e}") from e
             os.ftruncate(tmp.fileno(), n)  # a tail of zeros was left as a hole
             tmp.seek(0)
             yield tmp

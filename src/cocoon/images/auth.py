@@ -66,7 +66,7 @@ def _read_auths(path: Path) -> dict[str, Any]:
     except FileNotFoundError:
         return {}
     except OSError as e:
-        raise ImageError(f"cannot read credentials file {path}: {e.strerror}") from None
+        raise ImageError(f"cannot read credentials file {path}: {e.strerror}") from e
     if len(data) > MAX_AUTH_FILE:
         raise ImageError(f"credentials file {path} is larger than {MAX_AUTH_FILE} B")
     try:

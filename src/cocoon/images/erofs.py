@@ -407,7 +407,7 @@ def build(rootfs: str | os.PathLike[str], out_fd: int, fs_uuid: uuid_mod.UUID, w
     try:
         root_fd = os.open(rootfs, _DIR_FLAGS)
     except OSError as e:
-        raise ImageError(f"{what}: cannot open {rootfs}: {e.strerror}") from None
+        raise ImageError(f"{what}: cannot open {rootfs}: {e.strerror}") from e
     try:
         b = _Builder(out_fd, what)
         root = b.root(root_fd)
@@ -416,8 +416,8 @@ def build(rootfs: str | os.PathLike[str], out_fd: int, fs_uuid: uuid_mod.UUID, w
         b.write(root_fd, root)
         b._pwrite(b.superblock(root, blocks, fs_uuid), _SUPER_OFFSET)
     except ImageError as e:
-        raise ImageError(f"{what}: cannot build its erofs image: {e}") from None
+        raise ImageError(f"{what}: cannot build its erofs image: {e}") from e
     except OSError as e:
-        raise ImageError(f"{what}: cannot build its erofs image: {e}") from None
+        raise ImageError(f"{what}: cannot build its erofs image: {e}") from e
     finally:
         os.close(root_fd)

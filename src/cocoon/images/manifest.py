@@ -127,7 +127,7 @@ def _load(data: bytes, limit: int, what: str) -> dict[str, Any]:
     try:
         obj = boundedjson.loads(data, max_bytes=limit)
     except boundedjson.JSONError as e:
-        raise ImageError(f"{what} is not usable JSON: {e}") from None
+        raise ImageError(f"{what} is not usable JSON: {e}") from e
     if not isinstance(obj, dict):
         raise ImageError(f"{what} is not a JSON object")
     return obj

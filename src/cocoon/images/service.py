@@ -72,7 +72,7 @@ async def get(
         return await pull(cfg, text, platform)
     except ImageError as e:
         if have is None:
-            raise ImageError(f"image {text} is not here and cannot be pulled: {e}") from None
+            raise ImageError(f"image {text} is not here and cannot be pulled: {e}") from e
         raise
 
 

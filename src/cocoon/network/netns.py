@@ -33,7 +33,7 @@ def check_path(path: str) -> str:
     try:
         kind = nsfs.kind_of(path)
     except OSError as e:
-        raise NetworkError(f"network namespace {path}: {e.strerror}") from None
+        raise NetworkError(f"network namespace {path}: {e.strerror}") from e
     if kind != "network":
         raise NetworkError(f"{path} is not a network namespace")
     return path
@@ -46,7 +46,7 @@ def in_netns(path: str, fn: Callable[[], T]) -> T:
         try:
             target = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as e:
-            raise NetworkError(f"network namespace {path}: {e.strerror}") from None
+            raise NetworkError(f"network namespace {path}: {e.strerror}") from e
         try:
             if _libc.setns(target, CLONE_NEWNET) != 0:
                 err = ctypes.get_errno()
@@ -161,8 +161,8 @@ class NetNs:
         text = self.ip("-j", *args)
         try:
             data = json.loads(text or "[]")
-        except ValueError:
-            raise NetworkError(f"ip -j {' '.join(args)}: unreadable output") from None
+        except ValueError as e:
+            raise NetworkError(f"ip -j {' '.join(args)}: unreadable output") from e
         return [d for d in data if isinstance(d, dict)] if isinstance(data, list) else []
 
     def links(self) -> list[Link]:

@@ -104,7 +104,7 @@ def _open_tap(name: str) -> int:
         )
     except OSError as e:
         os.close(fd)
-        raise NetworkError(f"cannot create tap {name}: {e.strerror}") from None
+        raise NetworkError(f"cannot create tap {name}: {e.strerror}") from e
     return fd
 
 
@@ -143,7 +143,7 @@ def _macvtap_devnum(ns: NetNs, name: str) -> tuple[int, int]:
         major, minor = cp.stdout.decode().split()[0].split(":")
         return int(major), int(minor)
     except (OSError, subprocess.SubprocessError, ValueError, IndexError) as e:
-        raise NetworkError(f"cannot find the device of macvtap {name}: {e}") from None
+        raise NetworkError(f"cannot find the device of macvtap {name}: {e}") from e
 
 
 def _open_macvtap(ns: NetNs, name: str, scratch: Path) -> int:
@@ -155,7 +155,7 @@ def _open_macvtap(ns: NetNs, name: str, scratch: Path) -> int:
     try:
         return os.open(node, os.O_RDWR | os.O_CLOEXEC)
     except OSError as e:
-        raise NetworkError(f"cannot open macvtap {name}: {e.strerror}") from None
+        raise NetworkError(f"cannot open macvtap {name}: {e.strerror}") from e
     finally:
         node.unlink()
 

@@ -167,7 +167,7 @@ class Publisher:
                 self.close()
                 raise NetworkError(
                     f"cannot publish {s.host_ip}:{s.host_port}/{s.proto}: {e.strerror}"
-                ) from None
+                ) from e
             self.bound.append(PortSpec(s.host_ip, port, s.ctr_port, s.proto))
 
     def close(self) -> None:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cocoon.errors import CocoonError
+from cocoon.errors import BundleError
 from cocoon.hypervisor.base import Share
 from cocoon.protocol import messages
 from cocoon.sandbox.sandbox import Sandbox
@@ -47,10 +47,6 @@ GUEST_OWN = ("/dev", "/proc", "/sys")
 #: config.json's size bound: podman's and containerd's are a few KB, tens with
 #: a seccomp profile; what the guest gets must also fit one request (MAX_SPEC).
 MAX_CONFIG = 4 << 20
-
-
-class BundleError(CocoonError):
-    exit_code = 1
 
 
 @dataclass
@@ -105,13 +101,13 @@ def load(bundle: Path) -> dict[str, Any]:
     try:
         raw = path.read_bytes()
     except OSError as e:
-        raise BundleError(f"cannot read {path}: {e.strerror}") from None
+        raise BundleError(f"cannot read {path}: {e.strerror}") from e
     if len(raw) > MAX_CONFIG:
         raise BundleError(f"{path} is over {MAX_CONFIG >> 20} MiB")
     try:
         spec = boundedjson.loads(raw, max_bytes=MAX_CONFIG)
     except boundedjson.JSONError as e:
-        raise BundleError(f"{path} is not usable JSON: {e}") from None
+        raise BundleError(f"{path} is not usable JSON: {e}") from e
     if not isinstance(spec, dict):
         raise BundleError(f"{path}: not an OCI runtime spec")
     try:
@@ -266,7 +262,7 @@ def rootfs_of(bundle: Path, root: dict[str, Any]) -> Path:
     try:
         is_dir = rootfs.is_dir()
     except OSError as e:  # is_dir() is False only for a missing path, not a too long one
-        raise BundleError(f"rootfs {str(rootfs)[:200]}: {e.strerror}") from None
+        raise BundleError(f"rootfs {str(rootfs)[:200]}: {e.strerror}") from e
     if not is_dir:
         raise BundleError(f"rootfs {str(rootfs)[:200]} is not a directory")
     return rootfs
@@ -351,7 +347,7 @@ def check_namespace_path(kind: str, path: object) -> None:
     try:
         got = nsfs.kind_of(path)
     except OSError as e:
-        raise BundleError(f"{kind} namespace path {path[:200]}: {e.strerror}") from None
+        raise BundleError(f"{kind} namespace path {path[:200]}: {e.strerror}") from e
     if got != kind:
         what = f"a {got} namespace" if got else "not a namespace"
         raise BundleError(f"{kind} namespace path {path[:200]} is {what}")

@@ -3,7 +3,8 @@
 containerd's runc shim, conmon (podman) and docker drive it exactly as they
 drive runc. Errors are one line on stderr and, with --log, a runc-style
 ``{"level","msg","time"}`` JSON line there (the shim shows the last one); the
-exit code is 1 as with runc.
+exit code is 1 as with runc (cocoon.frontend). Warnings go to --log, or to
+stderr without one.
 """
 
 from __future__ import annotations
@@ -11,21 +12,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
 import click
 
-from cocoon import __version__
+from cocoon import __version__, frontend
 from cocoon.config import Config, load
-from cocoon.errors import CocoonError
+from cocoon.errors import CocoonError, NotRunning, OciError
 from cocoon.hypervisor.base import Share
+from cocoon.log import teardown_step
 from cocoon.network import NetworkPlan
 from cocoon.oci.spec import default_spec
 from cocoon.ocicli import bundle as bundles
@@ -33,7 +35,6 @@ from cocoon.ocicli import pod, standin
 from cocoon.ocicli.state import (
     OCI_VERSION,
     OciRecord,
-    RuntimeError_,
     Store,
     now_rfc3339,
     oci_state,
@@ -43,7 +44,7 @@ from cocoon.ocicli.state import (
 )
 from cocoon.protocol import messages
 from cocoon.runtime.containers import ContainerConfig, ContainerDir
-from cocoon.runtime.control import MonitorClient, NotRunning
+from cocoon.runtime.control import MonitorClient
 from cocoon.runtime.lifecycle import parse_signal
 from cocoon.runtime.monitor import CONTAINER_ID, LaunchPlan, spawn
 from cocoon.state import gc
@@ -55,12 +56,12 @@ DEFAULT_ROOT = "/run/cocoon-runtime"
 HOOK_TIMEOUT_S = 30.0
 
 
+logger = logging.getLogger(__name__)
+
+
 class Ctx:
-    def __init__(self, root: str, log: str | None, log_format: str, debug: bool) -> None:
+    def __init__(self, root: str) -> None:
         self.root = root
-        self.log = log
-        self.log_format = log_format
-        self.debug = debug
         self._cfg: Config | None = None
 
     @property
@@ -72,16 +73,6 @@ class Ctx:
     @property
     def store(self) -> Store:
         return Store(self.cfg)
-
-    def log_line(self, level: str, msg: str) -> None:
-        if not self.log:
-            return
-        if self.log_format == "json":
-            line = json.dumps({"level": level, "msg": msg, "time": now_rfc3339()})
-        else:  # logrus's text format quotes (and escapes) the message
-            line = f'time="{now_rfc3339()}" level={level} msg={json.dumps(msg)}'
-        with contextlib.suppress(OSError), open(self.log, "a") as f:
-            f.write(line + "\n")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -107,7 +98,8 @@ def cli(
     rootless: str | None,
 ) -> None:
     """A runc-compatible OCI runtime that runs every container in its own VM."""
-    ctx.obj = Ctx(os.path.abspath(root), log, log_format, debug)
+    frontend.configure("cocoon-runtime", debug=debug, log_file=log, log_file_format=log_format)
+    ctx.obj = Ctx(os.path.abspath(root))
 
 
 def _ctx() -> Ctx:
@@ -119,16 +111,16 @@ def _ctx() -> Ctx:
 def _client(d: ContainerDir) -> MonitorClient:
     try:
         return asyncio.run(MonitorClient.connect(d))
-    except NotRunning:
-        raise RuntimeError_(f"container {d.id} is not running") from None
+    except NotRunning as e:
+        raise OciError(f"container {d.id} is not running") from e
 
 
 def _call(d: ContainerDir, msg: messages.Message, expect: type[messages.Message]) -> Any:
     async def go() -> Any:
         try:
             client = await MonitorClient.connect(d)
-        except NotRunning:
-            raise RuntimeError_(f"container {d.id} is not running") from None
+        except NotRunning as e:
+            raise OciError(f"container {d.id} is not running") from e
         try:
             return await client.call(msg, expect)
         finally:
@@ -143,11 +135,11 @@ def _json_file(path: str, what: str) -> dict[str, Any]:
         raw = sys.stdin.buffer.read(bundles.MAX_CONFIG + 1) if path == "-" else _read(path)
         doc = boundedjson.loads(raw, max_bytes=bundles.MAX_CONFIG)
     except OSError as e:
-        raise RuntimeError_(f"cannot read {what} {path}: {e.strerror or e}") from None
+        raise OciError(f"cannot read {what} {path}: {e.strerror or e}") from e
     except boundedjson.JSONError as e:
-        raise RuntimeError_(f"{what} {path} is not usable JSON: {e}") from None
+        raise OciError(f"{what} {path} is not usable JSON: {e}") from e
     if not isinstance(doc, dict):
-        raise RuntimeError_(f"{what} must be a JSON object")
+        raise OciError(f"{what} must be a JSON object")
     return doc
 
 
@@ -158,7 +150,7 @@ def _read(path: str) -> bytes:
 
 def _numeric_id(text: str, what: str) -> int:
     if not (text.isascii() and text.isdigit() and len(text) <= 10) or int(text) > bundles.MAX_ID:
-        raise RuntimeError_(f"--user: {what} {text[:20]!r} is not in [0, {bundles.MAX_ID}]")
+        raise OciError(f"--user: {what} {text[:20]!r} is not in [0, {bundles.MAX_ID}]")
     return int(text)
 
 
@@ -187,8 +179,8 @@ def run_hooks(d: ContainerDir, kind: str, *, strict: bool) -> None:
         except (OSError, subprocess.SubprocessError) as e:
             msg = f"{kind} hook {path} failed: {e}"
             if strict:
-                raise RuntimeError_(msg) from None
-            _ctx().log_line("warning", msg)
+                raise OciError(msg) from e
+            logger.warning(msg)
 
 
 # -- lifecycle verbs -----------------------------------------------------------
@@ -256,9 +248,9 @@ def do_create(cid: str, bundle: Path, pid_file: str | None, console_socket: str 
         default_mib=cfg.hypervisor.memory_mib,
     )
     if p.terminal and not console_socket:
-        raise RuntimeError_("process.terminal is true: --console-socket is required")
+        raise OciError("process.terminal is true: --console-socket is required")
     for w in p.warnings:
-        c.log_line("warning", w)
+        logger.warning(w)
     config = container_config(cid, p)
     annotations = annotations_of(spec)
     kind, sandbox_ref = pod.role(annotations)
@@ -344,15 +336,15 @@ def create_member(
     sandbox = c.store.get(sandbox_ref)
     srec = record(sandbox)
     if not srec.pod_dir:
-        raise RuntimeError_(f"container {sandbox_ref} is not a pod sandbox")
+        raise OciError(f"container {sandbox_ref} is not a pod sandbox")
     if status(sandbox) not in ("created", "running"):
-        raise RuntimeError_(f"the pod's sandbox {sandbox_ref} is {status(sandbox)}")
+        raise OciError(f"the pod's sandbox {sandbox_ref} is {status(sandbox)}")
     k = pod.key(cid)
     mp = bundles.plan_member(bundle, spec, Path(srec.pod_dir), k)
     if mp.plan.terminal and not console_socket:
-        raise RuntimeError_("process.terminal is true: --console-socket is required")
+        raise OciError("process.terminal is true: --console-socket is required")
     for w in mp.plan.warnings:
-        c.log_line("warning", w)
+        logger.warning(w)
     proc = mp.plan.spec.get("process") or {}
     config = ContainerConfig(
         id=cid,
@@ -387,7 +379,7 @@ def start(container_id: str) -> None:
     """Start a created container's process."""
     d = _ctx().store.get(container_id)
     if status(d) != "created":
-        raise RuntimeError_(f"cannot start a container that is {status(d)}")
+        raise OciError(f"cannot start a container that is {status(d)}")
     run_hooks(d, "startContainer", strict=True)
     _call(d, messages.StartContainer(CONTAINER_ID), messages.Ok)
     run_hooks(d, "poststart", strict=False)
@@ -409,14 +401,17 @@ def kill(all_processes: bool, container_id: str, sig: str) -> None:
     d = _ctx().store.get(container_id)
     num = parse_signal(sig)
     if status(d) not in ("created", "running", "paused"):
-        raise RuntimeError_("container not running")
+        raise OciError("container not running")
     _call(d, messages.SignalProcess(CONTAINER_ID, "", num, all_processes), messages.Ok)
 
 
 def _destroy(d: ContainerDir) -> None:
     """Kill whatever still runs, reap the VM, drop the state: works after any crash."""
     if d.life.held():
-        with contextlib.suppress(CocoonError, OSError):
+        with teardown_step(
+            logger, f"asking the monitor of {d.id} to shut down", "its monitor, killed next",
+            level=logging.INFO, errors=(CocoonError, OSError),
+        ):  # fmt: skip
             _call(d, messages.Shutdown(), messages.Ok)
         if not d.life.wait_released(30.0):
             pid = d.state().monitor_pid
@@ -431,9 +426,13 @@ def _destroy(d: ContainerDir) -> None:
         # A pod member's binds live under <pod dir>/<key>, its rootfs's first.
         top = Path(rec.binds[0]).parent if rec.pod_sandbox else pod.binds_dir(_ctx().cfg, d.id)
         pod.unbind(rec.binds, top)
-    if rec is None or not rec.pod_sandbox:
-        with contextlib.suppress(CocoonError):
-            gc.reap(_ctx().cfg.root, only=d.config().sandbox_id)
+    sid = ""
+    with contextlib.suppress(CocoonError):  # no config: it never had a sandbox
+        sid = d.config().sandbox_id
+    if sid and (rec is None or not rec.pod_sandbox):
+        left = f"sandbox {sid} (VM, dir, network): `cocoon gc` reaps it"
+        with teardown_step(logger, f"reaping the sandbox of {d.id}", left, errors=(CocoonError,)):
+            gc.reap(_ctx().cfg.root, only=sid)
     if rec is not None and rec.pod_dir:
         pod.remove_pod_dir(Path(rec.pod_dir))
     _ctx().store.remove(d)
@@ -446,13 +445,13 @@ def delete(force: bool, container_id: str) -> None:
     """Delete a container (its VM and state)."""
     try:
         d = _ctx().store.get(container_id)
-    except RuntimeError_:
+    except OciError:
         if force:
             return
         raise
     s = status(d)
     if s in ("running", "paused") and not force:
-        raise RuntimeError_(f"cannot delete container {container_id} that is not stopped: {s}")
+        raise OciError(f"cannot delete container {container_id} that is not stopped: {s}")
     rec_hooks = bool(record(d).hooks.get("poststop"))
     if rec_hooks:
         with contextlib.suppress(CocoonError):
@@ -487,7 +486,8 @@ def run(
     if detach:
         return
     code = _wait_child(pid)
-    with contextlib.suppress(CocoonError):
+    left = "its record and whatever of its VM remains: `delete` removes them"
+    with teardown_step(logger, f"deleting container {d.id}", left, errors=(CocoonError,)):
         _destroy(d)
     sys.exit(code)
 
@@ -545,12 +545,12 @@ def exec_cmd(
     """Run a further process in a running container."""
     d = _ctx().store.get(container_id)
     if status(d) != "running":
-        raise RuntimeError_(f"cannot exec in a container that is {status(d)}")
+        raise OciError(f"cannot exec in a container that is {status(d)}")
     if process_file:
         process = _json_file(process_file, "process")
     else:
         if not command:
-            raise RuntimeError_("exec needs --process or a command")
+            raise OciError("exec needs --process or a command")
         base = d.config().spec.get("process") or {}
         process = {
             "args": list(command),
@@ -573,7 +573,7 @@ def exec_cmd(
                 process["capabilities"][k] += list(caps)
     terminal = bool(process.get("terminal", False))
     if terminal and not console_socket:
-        raise RuntimeError_("process.terminal is true: --console-socket is required")
+        raise OciError("process.terminal is true: --console-socket is required")
     pid = standin.spawn(d, process=process, console_socket=console_socket, tty=terminal)
     if pid_file:
         atomic_write(Path(pid_file).absolute(), str(pid).encode(), durable=False)
@@ -588,7 +588,7 @@ def pause(container_id: str) -> None:
     """Freeze every process of the container."""
     d = _ctx().store.get(container_id)
     if status(d) != "running":
-        raise RuntimeError_(f"cannot pause a container that is {status(d)}")
+        raise OciError(f"cannot pause a container that is {status(d)}")
     _call(d, messages.PauseContainer(CONTAINER_ID), messages.Ok)
 
 
@@ -598,7 +598,7 @@ def resume(container_id: str) -> None:
     """Thaw a paused container."""
     d = _ctx().store.get(container_id)
     if status(d) != "paused":
-        raise RuntimeError_(f"cannot resume a container that is {status(d)}")
+        raise OciError(f"cannot resume a container that is {status(d)}")
     _call(d, messages.ResumeContainer(CONTAINER_ID), messages.Ok)
 
 
@@ -684,7 +684,7 @@ def events(stats: bool, interval: str, container_id: str) -> None:
         click.echo(json.dumps(_stats_event(d)))
         return
     while status(d) in ("running", "paused", "created"):
-        with contextlib.suppress(RuntimeError_, CocoonError):
+        with contextlib.suppress(CocoonError):
             click.echo(json.dumps(_stats_event(d)), nl=True)
             sys.stdout.flush()
         time.sleep(secs)
@@ -722,7 +722,7 @@ def spec_cmd(bundle: str, rootless: bool) -> None:
     """Write a starting config.json (busybox sh on a terminal, like runc's)."""
     path = Path(bundle) / "config.json"
     if path.exists():
-        raise RuntimeError_(f"{path} exists: remove it first")
+        raise OciError(f"{path} exists: remove it first")
     spec = default_spec(["sh"], terminal=True, hostname="cocoon")
     spec["ociVersion"] = OCI_VERSION
     path.write_text(json.dumps(spec, indent=2) + "\n")
@@ -764,55 +764,15 @@ def features() -> None:
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def checkpoint(args: tuple[str, ...]) -> None:
     """Not supported (VM snapshots are not wired to checkpoint/restore yet)."""
-    raise RuntimeError_("checkpoint is not supported by cocoon-runtime")
+    raise OciError("checkpoint is not supported by cocoon-runtime")
 
 
 @cli.command(context_settings={"ignore_unknown_options": True})
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def restore(args: tuple[str, ...]) -> None:
     """Not supported (VM snapshots are not wired to checkpoint/restore yet)."""
-    raise RuntimeError_("restore is not supported by cocoon-runtime")
-
-
-def _one_line(text: str) -> str:
-    """An error as one printable line: a bundle's paths may hold newlines or escapes."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-
-
-def _fail(log: str | None, fmt: str, msg: str) -> None:
-    """runc's way: one line on stderr, the same in --log (the shim shows it), exit 1."""
-    msg = _one_line(msg)
-    Ctx("", log, fmt, False).log_line("error", msg)
-    click.echo(f"cocoon-runtime: {msg}", err=True)
-    sys.exit(1)
+    raise OciError("restore is not supported by cocoon-runtime")
 
 
 def main() -> None:
-    log, fmt = None, "text"
-    argv = sys.argv[1:]
-    for i, a in enumerate(argv):  # for errors raised before click parsed them
-        if a == "--log" and i + 1 < len(argv):
-            log = argv[i + 1]
-        elif a.startswith("--log="):
-            log = a.split("=", 1)[1]
-        elif a == "--log-format" and i + 1 < len(argv):
-            fmt = argv[i + 1]
-        elif a.startswith("--log-format="):
-            fmt = a.split("=", 1)[1]
-    try:
-        cli.main(standalone_mode=False)
-    except click.exceptions.Exit as e:
-        sys.exit(e.exit_code)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(1 if e.exit_code != 2 else 2)
-    except CocoonError as e:
-        _fail(log, fmt, str(e))
-    except click.exceptions.Abort:
-        sys.exit(130)
-    except Exception as e:
-        # A bug, not the caller's mistake: still runc's one line and exit 1, so
-        # the shim (which reads only --log) shows what broke; --debug has the rest.
-        if "--debug" in argv:
-            traceback.print_exc()
-        _fail(log, fmt, f"internal error: {e.__class__.__name__}: {str(e)[:500]}")
+    frontend.main(cli, frontend.RUNC)

@@ -16,17 +16,21 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 from pathlib import Path
 
 from cocoon.config import Config
 from cocoon.errors import HostError
+from cocoon.log import teardown_step
 from cocoon.sandbox.sandbox import mount_points_under
 from cocoon.util.proc import run
 
 CONTAINER_TYPE = "io.kubernetes.cri.container-type"
 SANDBOX_ID = "io.kubernetes.cri.sandbox-id"
 MOUNT_TIMEOUT_S = 10.0
+
+log = logging.getLogger(__name__)
 
 
 def role(annotations: dict[str, str]) -> tuple[str, str]:
@@ -72,7 +76,7 @@ def unbind(targets: list[str], top: Path) -> None:
     the user's directory) pinned under the pod's dir."""
     for t in reversed(targets):
         for mp in sorted(mount_points_under(t), key=len, reverse=True):  # an rbind's too
-            with contextlib.suppress(HostError):
+            with teardown_step(log, f"unmounting {mp}", f"{mp}, mounted", errors=(HostError,)):
                 run(["umount", "-l", mp], timeout_s=MOUNT_TIMEOUT_S)
         with contextlib.suppress(OSError):
             p = Path(t)
@@ -101,7 +105,7 @@ def remove_pod_dir(path: Path) -> None:
     if not path.exists():
         return
     for mp in sorted(mount_points_under(path), key=len, reverse=True):
-        with contextlib.suppress(HostError):
+        with teardown_step(log, f"unmounting {mp}", f"{mp}, mounted", errors=(HostError,)):
             run(["umount", "-l", mp], timeout_s=MOUNT_TIMEOUT_S)
     if not mount_points_under(path):
         for dirpath, dirnames, filenames in os.walk(path, topdown=False):

@@ -29,7 +29,7 @@ import time
 import tty as tty_mod
 from typing import Any
 
-from cocoon.errors import CocoonError
+from cocoon.errors import CocoonError, error_line, from_error_line
 from cocoon.runtime.containers import ContainerDir
 from cocoon.runtime.control import MonitorClient
 from cocoon.runtime.stdio import relay
@@ -74,7 +74,7 @@ def spawn(
             code = asyncio.run(_main(cdir, process, console_socket, tty, w))
         except BaseException as e:  # noqa: BLE001 - the child must never return
             with contextlib.suppress(Exception):
-                os.write(w, f"error {e}\n".encode())
+                os.write(w, (error_line(e) + "\n").encode())
         finally:
             os._exit(code)
     os.close(w)
@@ -84,7 +84,9 @@ def spawn(
         return pid
     with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, 0)
-    raise CocoonError(line[6:] if line.startswith("error ") else "the stand-in process died")
+    if line.startswith("error"):
+        raise from_error_line(line, CocoonError)
+    raise CocoonError("the stand-in process died")
 
 
 def _read_line(fd: int, timeout_s: float) -> str:

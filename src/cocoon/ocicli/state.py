@@ -19,7 +19,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from cocoon.config import Config
-from cocoon.errors import CocoonError
+from cocoon.errors import OciError
+from cocoon.log import rfc3339
 from cocoon.runtime.containers import ContainerConfig, ContainerDir, ContainerState
 from cocoon.util.fs import atomic_write
 from cocoon.util.proc import alive, start_time
@@ -27,12 +28,6 @@ from cocoon.util.proc import alive, start_time
 #: runc's rule for ids, bounded (they become file names).
 OCI_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$")
 OCI_VERSION = "1.0.2"
-
-
-class RuntimeError_(CocoonError):
-    """Every failure of a verb: runc exits 1."""
-
-    exit_code = 1
 
 
 @dataclass
@@ -53,13 +48,13 @@ class Store:
 
     def dir(self, cid: str) -> ContainerDir:
         if not OCI_ID_RE.match(cid):
-            raise RuntimeError_(f"invalid container id {cid[:80]!r}")
+            raise OciError(f"invalid container id {cid[:80]!r}")
         return ContainerDir(self.root, cid, OCI_ID_RE)
 
     def get(self, cid: str) -> ContainerDir:
         d = self.dir(cid)
         if not (d.path / "config.json").exists():
-            raise RuntimeError_(f"container {cid} does not exist")
+            raise OciError(f"container {cid} does not exist")
         return d
 
     def create(self, config: ContainerConfig, record: OciRecord) -> ContainerDir:
@@ -68,7 +63,7 @@ class Store:
         try:
             d.path.mkdir(mode=0o700)
         except FileExistsError:
-            raise RuntimeError_(f"container with id {config.id} already exists") from None
+            raise OciError(f"container with id {config.id} already exists") from None
         atomic_write(d.path / "config.json", json.dumps(asdict(config)).encode(), durable=False)
         atomic_write(d.path / "oci.json", json.dumps(asdict(record)).encode(), durable=False)
         d.write_state(ContainerState())
@@ -90,7 +85,7 @@ def record(d: ContainerDir) -> OciRecord:
     try:
         return OciRecord(**json.loads((d.path / "oci.json").read_bytes()))
     except (OSError, ValueError, TypeError) as e:
-        raise RuntimeError_(f"state of container {d.id} is unreadable: {e}") from None
+        raise OciError(f"state of container {d.id} is unreadable: {e}") from e
 
 
 def write_standin(d: ContainerDir, pid: int) -> None:
@@ -134,5 +129,4 @@ def oci_state(d: ContainerDir) -> dict[str, Any]:
 
 
 def now_rfc3339() -> str:
-    t = time.time()
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1e9):09d}Z"
+    return rfc3339(time.time())

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from cocoon.config import Config
-from cocoon.errors import CocoonError, StateError
+from cocoon.errors import CocoonError, NoSuchContainer, StateError
 from cocoon.util.fs import LifeLock, atomic_write, locked_file
 
 ID_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -39,10 +39,6 @@ _NOUNS = (
     "ant", "bee", "cocoon", "crane", "finch", "gecko", "heron", "ibis", "koala", "lark",
     "moth", "newt", "otter", "panda", "quail", "robin", "swift", "tern", "vole", "wren",
 )  # fmt: skip
-
-
-class NoSuchContainer(CocoonError):
-    exit_code = 1
 
 
 @dataclass
@@ -132,7 +128,7 @@ class ContainerDir:
         except FileNotFoundError:
             raise NoSuchContainer(f"no such container: {self.id[:12]}") from None
         except (ValueError, TypeError) as e:
-            raise StateError(f"config of container {self.id[:12]} is corrupt: {e}") from None
+            raise StateError(f"config of container {self.id[:12]} is corrupt: {e}") from e
 
     def state(self) -> ContainerState:
         try:
@@ -141,7 +137,7 @@ class ContainerDir:
         except FileNotFoundError:
             return ContainerState()
         except (ValueError, TypeError) as e:
-            raise StateError(f"state of container {self.id[:12]} is corrupt: {e}") from None
+            raise StateError(f"state of container {self.id[:12]} is corrupt: {e}") from e
         if st.status not in STATUSES:
             raise StateError(f"state of container {self.id[:12]} is corrupt: {st.status!r}")
         return st

@@ -12,7 +12,7 @@ import secrets
 import time
 from typing import Any, TypeVar
 
-from cocoon.errors import AgentError, CocoonError, GuestError, StateError
+from cocoon.errors import AgentError, GuestError, NotRunning, StateError, VmExited
 from cocoon.protocol import messages
 from cocoon.runtime.containers import ContainerDir
 from cocoon.runtime.monitor import CONTAINER_ID
@@ -20,16 +20,6 @@ from cocoon.sandbox.channel import AgentChannel
 from cocoon.sandbox.sandbox import Process
 
 M = TypeVar("M", bound=messages.Message)
-
-
-class NotRunning(CocoonError):
-    exit_code = 1
-
-
-class VmExited(CocoonError):
-    """The container's VM died under it; the monitor recorded why."""
-
-    exit_code = 137
 
 
 class MonitorClient:
@@ -45,8 +35,8 @@ class MonitorClient:
         try:
             ch = await AgentChannel.connect(cdir.ctl_socket, deadline=deadline, agent_timeout_s=60)
             await ch.handshake(deadline)
-        except GuestError:
-            raise NotRunning(f"container {cdir.id[:12]} is not running") from None
+        except GuestError as e:
+            raise NotRunning(f"container {cdir.id[:12]} is not running") from e
         return cls(cdir, ch)
 
     async def call(
@@ -57,16 +47,16 @@ class MonitorClient:
         except AgentError as e:
             text = str(e).partition(": ")[2] or str(e)
             if e.code == "vm_exited":
-                raise VmExited(text) from None
+                raise VmExited(text) from e
             if e.code == "start_failed":
-                raise AgentError(text, e.code) from None
+                raise AgentError(text, e.code) from e
             if e.code == "not_running":
-                raise NotRunning(f"container {self.cdir.id[:12]}: {text}") from None
+                raise NotRunning(f"container {self.cdir.id[:12]}: {text}") from e
             raise
-        except GuestError:
+        except GuestError as e:
             raise StateError(
                 f"lost the monitor of container {self.cdir.id[:12]} during {msg.TYPE}"
-            ) from None
+            ) from e
 
     def _stdio(
         self, stdin: bool, tty: bool, rows: int, cols: int

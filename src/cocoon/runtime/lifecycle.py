@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 import time
@@ -14,14 +15,17 @@ from dataclasses import asdict
 from typing import Any
 
 from cocoon.config import Config
-from cocoon.errors import CocoonError, StateError
+from cocoon.errors import CocoonError, NotRunning, StateError
+from cocoon.log import teardown_step
 from cocoon.oci.spec import merge_env, parse_user
 from cocoon.protocol import messages
 from cocoon.runtime.containers import ContainerConfig, ContainerDir, ContainerStore
-from cocoon.runtime.control import MonitorClient, NotRunning
+from cocoon.runtime.control import MonitorClient
 from cocoon.runtime.stdio import attach, terminal_size
 from cocoon.state import gc
 from cocoon.util.proc import alive
+
+log = logging.getLogger(__name__)
 
 #: How long a monitor gets to tear its VM down after the container died.
 TEARDOWN_S = 30.0
@@ -126,7 +130,10 @@ def remove(cfg: Config, cdir: ContainerDir, *, force: bool) -> None:
     if cdir.life.held():
         if not force:
             raise StateError(f"container {cdir.id[:12]} is running: stop it first or use `rm -f`")
-        with contextlib.suppress(CocoonError, OSError, TimeoutError):
+        with teardown_step(
+            log, f"killing container {cdir.id[:12]}", "its monitor, killed next",
+            level=logging.INFO, errors=(CocoonError, OSError, TimeoutError),
+        ):  # fmt: skip
             asyncio.run(asyncio.wait_for(kill(cdir, signal.SIGKILL), 10.0))
         if not cdir.life.wait_released(TEARDOWN_S):
             pid = cdir.state().monitor_pid
@@ -134,8 +141,17 @@ def remove(cfg: Config, cdir: ContainerDir, *, force: bool) -> None:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             cdir.life.wait_released(5.0)
-    with contextlib.suppress(FileNotFoundError, CocoonError):
-        gc.reap(cfg.root, only=cdir.state().sandbox_id or cdir.config().sandbox_id)
+    sid = ""
+    with contextlib.suppress(CocoonError):  # no record: it never had a sandbox
+        sid = cdir.state().sandbox_id or cdir.config().sandbox_id
+    left = f"sandbox {sid} (VM, dir, network): `cocoon gc` reaps it"
+    with (
+        contextlib.suppress(FileNotFoundError),
+        teardown_step(
+            log, f"reaping the sandbox of container {cdir.id[:12]}", left, errors=(CocoonError,)
+        ),
+    ):
+        gc.reap(cfg.root, only=sid)
     ContainerStore(cfg).remove(cdir)
 
 

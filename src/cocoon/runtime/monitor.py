@@ -11,7 +11,9 @@ records the exit (code, OOM, or why the VM died), tears the VM down, and with
 --rm removes the container.
 
 ``monitor.lock`` is held for the monitor's life: nobody holding it means the
-container is not running, whatever state.json says.
+container is not running, whatever state.json says. The monitor's own log,
+``monitor.log`` in the container's dir, is JSON lines (cocoon.log): its start,
+the container's start and end, and every teardown step that failed.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import re
 import select
@@ -26,14 +29,23 @@ import shutil
 import signal
 import sys
 import time
-import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cocoon import log as cocoon_log
 from cocoon.config import Config
-from cocoon.errors import AgentError, CocoonError, GuestError, NetworkError, SandboxError
+from cocoon.errors import (
+    AgentError,
+    CocoonError,
+    CommandError,
+    GuestError,
+    NetworkError,
+    SandboxError,
+    error_line,
+    from_error_line,
+)
 from cocoon.hypervisor.base import Disk, Share
 from cocoon.network import NetworkPlan
 from cocoon.network.ports import PortSpec, Publisher
@@ -44,6 +56,8 @@ from cocoon.runtime.logs import CriLogWriter
 from cocoon.sandbox.admission import start_slot
 from cocoon.sandbox.sandbox import Process, Sandbox
 from cocoon.storage.scratch import ScratchDisk
+
+log = logging.getLogger(__name__)
 
 #: The container's id inside its VM (one container per VM on this path).
 CONTAINER_ID = "main"
@@ -111,12 +125,12 @@ def spawn(plan: LaunchPlan) -> None:
     timeout += plan.cfg.sandbox.start_queue_s
     deadline = time.monotonic() + timeout
     while (line := _read_line(r, deadline)).startswith("warn "):
-        print(f"cocoon: warning: {line[5:]}", file=sys.stderr, flush=True)
+        log.warning(line[5:])
     os.close(r)
     if line == "ready":
         return
-    if line.startswith("error "):
-        raise SandboxError(line[6:])
+    if line.startswith("error"):
+        raise from_error_line(line, SandboxError)
     raise SandboxError(
         f"the monitor of container {plan.config.id[:12]} died while starting it"
         f" (see {plan.cdir.path / 'monitor.log'})"
@@ -150,12 +164,9 @@ def _detach_stdio(keep: int, log: Path) -> None:
     os.closerange(keep + 1, 65536)
     sys.stdout = open(os.devnull, "w")  # noqa: SIM115
     sys.stderr = os.fdopen(2, "w", buffering=1)
+    cocoon_log.setup_process_log(sys.stderr)
     for s in (signal.SIGINT, signal.SIGHUP, signal.SIGPIPE):
         signal.signal(s, signal.SIG_IGN)
-
-
-def log(msg: str) -> None:
-    print(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {msg}", file=sys.stderr)
 
 
 class Member:
@@ -204,7 +215,7 @@ class Monitor:
 
     def _warn(self, text: str) -> None:
         """A warning for whoever started us (and our log)."""
-        log(f"warning: {text}")
+        log.warning(text)
         if self.ready_fd >= 0:
             with contextlib.suppress(OSError):
                 os.write(self.ready_fd, ("warn " + text.replace("\n", " ")[:4000] + "\n").encode())
@@ -256,12 +267,13 @@ class Monitor:
                 else:
                     self._ready("ready")  # `start` comes as a request, whenever it comes
         except (CocoonError, OSError) as e:
-            log(f"start failed: {e}")
-            await self._fail_start(str(e))
+            log.error(f"start failed: {e}")
+            await self._fail_start(e)
             return 1
         except BaseException:
-            log(traceback.format_exc())
-            await self._fail_start("internal error in the container monitor (see monitor.log)")
+            log.exception("internal error while starting the container")
+            why = "internal error in the container monitor (see monitor.log)"
+            await self._fail_start(SandboxError(why))
             raise
         await self._supervise(m)
         return 0
@@ -285,13 +297,13 @@ class Monitor:
             m.cdir.ctl_socket.unlink()
         m.cdir.life.release()
 
-    async def _fail_start(self, reason: str) -> None:
+    async def _fail_start(self, e: BaseException) -> None:
         """Nothing is kept of a container that never started; an attached
         client already waiting hears the reason instead of a dropped line."""
-        self._ready(f"error {reason}")
+        self._ready(error_line(e))
         m = self.main
         if not m.exited.done():
-            m.exited.set_exception(RemoteError("start_failed", reason))
+            m.exited.set_exception(RemoteError("start_failed", str(e)))
             m.exited.exception()  # retrieved here; clients get it via shield
         await self._teardown()
         if m.log is not None:
@@ -342,6 +354,8 @@ class Monitor:
         m.state.template = self.sb.state.template
         m.state.jail_uid = self.sb.state.jail_uid
         m.state.sandbox_id = self.sb.id
+        how = f"from template {m.state.template}" if m.state.template else "cold"
+        log.info(f"sandbox {self.sb.id} up in {m.state.boot_s:.2f} s ({how}, {m.state.accel})")
         rootfs = await self.plan.setup(self.sb)
         m.proc = await self.sb.create_container(
             CONTAINER_ID,
@@ -397,6 +411,7 @@ class Monitor:
         m.state.status = "running"
         m.state.started_at = time.time()
         m.write_state()
+        log.info(f"container {m.config.id[:12]} started")
 
     async def _pump(self, m: Member, stream: str) -> None:
         """Agent -> log -> attached clients, in that order, with backpressure."""
@@ -415,7 +430,7 @@ class Monitor:
                     except Exception:  # gone or stuck: it loses its copy, the log has it
                         m.subscribers[stream].remove(sub)
         except ConnectionError as e:  # the guest went away: what we have is logged
-            log(f"{stream} cut off: {e}")
+            log.warning(f"{stream} cut off: {e}")
         finally:
             if m.log is not None:
                 m.log.end(stream)
@@ -440,7 +455,10 @@ class Monitor:
             await asyncio.wait([waiter, stop], return_when=asyncio.FIRST_COMPLETED)
             if not waiter.done():
                 # deleted before it exited (e.g. created but never started): end it
-                with contextlib.suppress(CocoonError):
+                with cocoon_log.teardown_step(
+                    log, f"killing container {c.id[:12]}", "its processes, until the VM goes",
+                    level=logging.INFO, errors=(CocoonError,),
+                ):  # fmt: skip
                     await self.sb.call(
                         messages.SignalProcess(m.guest_id, "", signal.SIGKILL, True),
                         messages.Ok,
@@ -456,7 +474,7 @@ class Monitor:
             await asyncio.gather(*m.pumps, return_exceptions=True)
         except (GuestError, SandboxError) as e:
             error = str(e)
-            log(f"container {c.id[:12]} lost its VM: {error}")
+            log.error(f"container {c.id[:12]} lost its VM: {error}")
         m.state.status = "exited"
         m.state.finished_at = time.time()
         if result is not None:
@@ -466,10 +484,16 @@ class Monitor:
             m.state.exit_code = 137
             m.state.error = error or "the VM exited"
         m.write_state()  # `stop` watches for this
+        oom = ", out of memory" if m.state.oom_killed else ""
+        why = f" ({m.state.error})" if m.state.error else ""
+        log.info(f"container {c.id[:12]} exited with code {m.state.exit_code}{oom}{why}")
         if m.log is not None:
             m.log.close()
         if not is_main:
-            with contextlib.suppress(CocoonError):
+            with cocoon_log.teardown_step(
+                log, f"deleting pod member {c.id[:12]} in the guest", "its crun state in the VM",
+                level=logging.INFO, errors=(CocoonError,),
+            ):  # fmt: skip
                 await self.sb.call(messages.DeleteContainer(m.guest_id), messages.Ok)
             self._answer(m, result)
             self._close(m)
@@ -500,8 +524,10 @@ class Monitor:
     async def _teardown(self) -> None:
         self.publisher.close()
         if self.sb is not None:
-            with contextlib.suppress(Exception):
+            left = f"sandbox {self.sb.id} (its VM, dir, network): `cocoon gc` reaps it"
+            with cocoon_log.teardown_step(log, f"destroying sandbox {self.sb.id}", left):
                 await self.sb.destroy()
+                log.info(f"sandbox {self.sb.id} torn down")
 
     # -- the control sockets ------------------------------------------------
 
@@ -517,10 +543,12 @@ class Monitor:
             except (AgentError, GuestError, SandboxError) as e:
                 if m.state.status == "exited" or m.exited.done():
                     # raced with the container's own exit and the VM's teardown
-                    raise RemoteError("not_running", "the container has exited") from None
-                raise RemoteError("failed", str(e)) from None
+                    raise RemoteError("not_running", "the container has exited") from e
+                # A command that could not be run keeps its type for the client.
+                code = e.code if isinstance(e, CommandError) else "failed"
+                raise RemoteError(code, str(e)) from e
             except (ValueError, KeyError, CocoonError) as e:
-                raise RemoteError("invalid", str(e)[:300]) from None
+                raise RemoteError("invalid", str(e)[:300]) from e
 
         # The peer is another root cocoon command, but a confused one must not
         # hurt the container: same bounds as with a guest.
@@ -636,8 +664,11 @@ class Monitor:
     async def _bound(self, m: Member, session: Session) -> None:
         await session.done
         if m.state.status in ("running", "paused", "created") and self.sb is not None:
-            log(f"the stand-in of {m.config.id[:12]} went away: killing the container")
-            with contextlib.suppress(CocoonError):
+            log.warning(f"the stand-in of {m.config.id[:12]} went away: killing the container")
+            with cocoon_log.teardown_step(
+                log, f"killing container {m.config.id[:12]}", "the container, running",
+                errors=(CocoonError,),
+            ):  # fmt: skip
                 await self.sb.call(
                     messages.SignalProcess(m.guest_id, "", signal.SIGKILL, True), messages.Ok
                 )
@@ -697,6 +728,6 @@ class Monitor:
             while data := await src.read():
                 await proc.write_stdin(data, close=False)
         except Exception as e:
-            log(f"stdin relay ended: {e}")
+            log.info(f"stdin relay ended: {e}")
         with contextlib.suppress(Exception):
             await proc.write_stdin(b"", close=True)

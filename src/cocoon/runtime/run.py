@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from cocoon.config import Config
-from cocoon.errors import CocoonError
+from cocoon.errors import UsageError
 from cocoon.hypervisor.base import Disk
 from cocoon.images.manifest import ImageConfig
 from cocoon.network import GUEST_FILES, NetworkPlan
@@ -39,10 +39,6 @@ from cocoon.sandbox.sandbox import Sandbox
 #: Guest kernel + agent + page cache headroom added on top of --memory.
 VM_OVERHEAD_MIB = 128
 DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-
-
-class UsageError(CocoonError):
-    """The command line asks for something impossible (docker's exit 125)."""
 
 
 @dataclass
@@ -125,14 +121,14 @@ def vm_size(cfg: Config, opts: RunOptions) -> tuple[int, int]:
     return vcpus, mem
 
 
-async def mount_rootfs(sb: Sandbox, serial: str, read_only: bool) -> str:
-    """The image's erofs, read-only, with a tmpfs-backed overlay unless --read-only.
+async def mount_rootfs(sb: Sandbox, serial: str, overlay: bool) -> str:
+    """The image's erofs, read-only, with a tmpfs-backed overlay on it if ``overlay``.
 
     The writable layer lives in guest memory (bounded by the VM), never on the host.
     """
     lower = f"/run/cocoon/images/{serial}"
     await sb.mount("block", serial, lower, fstype="erofs", readonly=True)
-    if read_only:
+    if not overlay:
         return lower
     base = f"/run/cocoon/c/{CONTAINER_ID}"
     await sb.mount("tmpfs", "tmpfs", base, options=["size=50%", "mode=0700"])
@@ -206,8 +202,14 @@ def start(
     rows, cols = terminal_size()
     serial = "img-" + config.image_id.removeprefix("sha256:")[:16]
 
+    # --read-only with volumes gets the overlay too: crun makes each volume's
+    # mount point in the root, then makes the root read-only (root.readonly),
+    # as runc does on docker's overlay. The bare erofs has no room for a mount
+    # point the image lacks; without volumes it is the cheaper root.
+    overlay = not config.read_only or bool(vols.oci_mounts)
+
     async def setup(sb: Sandbox) -> str:
-        rootfs = await mount_rootfs(sb, serial, config.read_only)
+        rootfs = await mount_rootfs(sb, serial, overlay)
         await volumes.apply(sb, vols)
         return rootfs
 

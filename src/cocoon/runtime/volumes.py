@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from cocoon.config import Config
-from cocoon.errors import CocoonError
+from cocoon.errors import VolumeError
 from cocoon.hypervisor.base import Share
 from cocoon.sandbox.sandbox import Sandbox
 from cocoon.storage.scratch import MIN_SIZE_BYTES, ScratchDisk
@@ -43,10 +43,6 @@ GUEST_DIR = "/run/cocoon/v"
 #: docker's defaults for --tmpfs; ``exec``, ``suid``, ``dev`` lift them.
 TMPFS_DEFAULTS = ("noexec", "nosuid", "nodev")
 TMPFS_FLAGS = {"exec": "noexec", "suid": "nosuid", "dev": "nodev"}
-
-
-class VolumeError(CocoonError):
-    """A -v, --mount or --tmpfs value is invalid (docker's exit 125)."""
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,8 @@
 Everything that crosses from the guest is untrusted: the session underneath
 bounds frames and refuses what was not asked for; this layer adds deadlines to
 every call and turns each failure into a ``GuestError`` (the guest broke or
-died) or an ``AgentError`` (the agent refused a valid request).
+died) or an ``AgentError`` (the agent refused a valid request; typed here,
+once, when it means the container's command could not be run).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import time
 from pathlib import Path
 from typing import TypeVar
 
-from cocoon.errors import AgentError, GuestError
+from cocoon.errors import GuestError, agent_error
 from cocoon.protocol import messages
 from cocoon.protocol.session import InStream, OutStream, RemoteError, Session, SessionClosed
 
@@ -158,9 +159,9 @@ class AgentChannel:
                 f"guest agent did not answer {what or msg.TYPE} within {t:g} s"
             ) from None
         except SessionClosed as e:
-            raise GuestError(f"guest agent channel failed during {what or msg.TYPE}: {e}") from None
+            raise GuestError(f"guest agent channel failed during {what or msg.TYPE}: {e}") from e
         except RemoteError as e:
-            raise AgentError(f"{msg.TYPE}: {e.message}", e.code) from None
+            raise agent_error(f"{msg.TYPE}: {e.message}", e.code) from e
         assert isinstance(reply, expect)
         return reply
 

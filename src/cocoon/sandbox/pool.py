@@ -96,9 +96,9 @@ def _ask(
         reply = json.loads(data)
         if not isinstance(reply, dict):
             raise ValueError("not an object")
-    except ValueError:
+    except ValueError as e:
         _close(fds)
-        raise SandboxError("the pool server sent a reply that is not JSON") from None
+        raise SandboxError("the pool server sent a reply that is not JSON") from e
     return reply, fds
 
 
@@ -136,7 +136,7 @@ def status(cfg: Config, request: str = "status") -> dict[str, Any]:
     except OSError as e:
         raise SandboxError(
             f"no pool server on {socket_path(cfg)} ({e.strerror or e}): start `cocoon pool serve`"
-        ) from None
+        ) from e
     _close(fds)
     return reply
 

@@ -147,7 +147,7 @@ async def build(
     except TemplateError:
         raise
     except Exception as e:
-        raise TemplateError(f"building a template failed: {e}") from None
+        raise TemplateError(f"building a template failed: {e}") from e
     finally:
         if channel is not None:
             await channel.close()

@@ -15,10 +15,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import re
 import secrets
-import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -33,6 +33,7 @@ from cocoon.hypervisor import accel, cgroup, jail
 from cocoon.hypervisor.base import AGENT_VSOCK_PORT, Disk, Launched, Layout, Nic, Share, VmSpec
 from cocoon.hypervisor.qemu.backend import QemuBackend
 from cocoon.hypervisor.qemu.cmdline import slot_serial
+from cocoon.log import teardown_step
 from cocoon.protocol import messages
 from cocoon.protocol.session import InStream, OutStream
 from cocoon.sandbox import pool, restore, template
@@ -49,9 +50,12 @@ CONSOLE_TAIL = 300
 WALL_FACTOR = 4
 PROGRESS_POLL_S = 0.05
 
+log = logging.getLogger(__name__)
+
 
 def _warn(text: str) -> None:
-    print(f"cocoon: warning: {text}", file=sys.stderr, flush=True)
+    """A start's warning (a template refused, a pool failed), for whoever runs us."""
+    log.warning(text)
 
 
 def new_id() -> str:
@@ -232,7 +236,7 @@ class Process:
             if close:
                 await self.stdin.close()
         except ConnectionError as e:
-            raise GuestError(f"stdin of process {self.pid} failed: {e}") from None
+            raise GuestError(f"stdin of process {self.pid} failed: {e}") from e
 
     async def output(self, limit: int = 256 << 20) -> tuple[bytes, bytes]:
         """All of stdout and stderr (bounded by ``limit`` each)."""
@@ -247,7 +251,7 @@ class Process:
                         raise SandboxError(f"process output exceeded {limit} bytes")
                     buf += chunk
             except ConnectionError as e:
-                raise GuestError(f"output of process {self.pid} cut off: {e}") from None
+                raise GuestError(f"output of process {self.pid} cut off: {e}") from e
             return bytes(buf)
 
         out, err = await asyncio.gather(drain(self.stdout), drain(self.stderr))
@@ -389,9 +393,9 @@ class Sandbox:
             qemu_said = sb._qemu_exit_reason()
             await sb.destroy()
             if qemu_said:
-                raise HypervisorError(f"sandbox {sdir.id}: QEMU exited: {qemu_said}") from None
+                raise HypervisorError(f"sandbox {sdir.id}: QEMU exited: {qemu_said}") from e
             if isinstance(e, GuestError):
-                raise GuestError(f"sandbox {sdir.id} failed to boot: {e}") from None
+                raise GuestError(f"sandbox {sdir.id} failed to boot: {e}") from e
             raise
         return sb
 
@@ -647,7 +651,8 @@ class Sandbox:
         if self._destroyed:
             return
         self._destroyed = True
-        with contextlib.suppress(Exception):
+        left = "its state.json saying it runs, until gc finds its processes gone"
+        with teardown_step(log, f"marking sandbox {self.id} stopping", left, level=logging.INFO):
             self.state.status = "stopping"
             self.dir.write(self.state)
         if self.channel is not None:
@@ -657,7 +662,8 @@ class Sandbox:
             # the guest is busy tearing its namespaces down (~60 ms under TCG
             # before the agent would even read the request).
             if self.writes_host_dirs and self.channel.session.closed is None:
-                with contextlib.suppress(CocoonError, Exception):
+                left = "what the guest had not yet synced to host directories"
+                with teardown_step(log, f"syncing sandbox {self.id}", left, level=logging.INFO):
                     await self.channel.call(messages.Shutdown(), messages.Ok, timeout_s=2.0)
             await self.channel.close()
         if self._watch_task is not None:
@@ -695,8 +701,8 @@ class Sandbox:
             await self.destroy()
             if died:
                 why = f"sandbox {self.id}: the VM exited unexpectedly ({died}); torn down"
-                raise GuestError(why) from None
-            raise GuestError(f"sandbox {self.id}: {e}; the sandbox was torn down") from None
+                raise GuestError(why) from e
+            raise GuestError(f"sandbox {self.id}: {e}; the sandbox was torn down") from e
 
     async def _vm_death(self) -> str:
         """Why QEMU is gone, if it is (a channel reset can beat the watcher to it)."""

@@ -105,7 +105,7 @@ def check(t: Template) -> None:
         ram_size = t.ram.stat().st_size
         state_size = t.state.stat().st_size
     except OSError as e:
-        raise TemplateError(f"template {t.key}: {e.strerror}: {e.filename}") from None
+        raise TemplateError(f"template {t.key}: {e.strerror}: {e.filename}") from e
     if ram_size != m.get("memory_mib", -1) << 20:
         raise TemplateError(f"template {t.key}: RAM file is {ram_size} bytes, not "
                             f"{m.get('memory_mib')} MiB (truncated?)")  # fmt: skip
@@ -135,13 +135,13 @@ def read(cfg: Config, key: str) -> Template | None:
             raise TemplateError(f"template {key}: no meta.json") from None
         return None
     except OSError as e:
-        raise TemplateError(f"template {key}: {e.strerror}") from None
+        raise TemplateError(f"template {key}: {e.strerror}") from e
     try:
         meta = json.loads(raw)
         if not isinstance(meta, dict):
             raise ValueError
-    except ValueError:
-        raise TemplateError(f"template {key}: meta.json is not valid") from None
+    except ValueError as e:
+        raise TemplateError(f"template {key}: meta.json is not valid") from e
     t = Template(key, path, meta)
     check(t)
     return t

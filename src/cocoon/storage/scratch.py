@@ -56,7 +56,7 @@ def create(path: Path, size_bytes: int) -> None:
         finally:
             os.close(fd)
     except OSError as e:
-        raise HostError(f"cannot create scratch image {path}: {e.strerror}") from None
+        raise HostError(f"cannot create scratch image {path}: {e.strerror}") from e
     run(
         ["mkfs.ext4", "-q", "-F", "-m", "0", "-O", "^has_journal",
          "-E", "lazy_itable_init=1,root_owner=0:0", str(path)],

@@ -59,7 +59,7 @@ def _opened(stack: contextlib.ExitStack, path: str, flags: int) -> int:
     try:
         fd = os.open(path, flags | os.O_CLOEXEC)
     except OSError as e:
-        raise HypervisorError(f"cannot open {path} for a jailed QEMU: {e.strerror}") from None
+        raise HypervisorError(f"cannot open {path} for a jailed QEMU: {e.strerror}") from e
     stack.callback(os.close, fd)
     return fd
 
@@ -416,7 +416,7 @@ class QemuBackend:
                 with contextlib.suppress(OSError):
                     log = launched.control_socket.parent / "qemu.log"
                     tail = log.read_text(errors="replace").strip().splitlines()[-1][:300]
-                raise HypervisorError(f"QEMU exited while restoring: {tail or e}") from None
+                raise HypervisorError(f"QEMU exited while restoring: {tail or e}") from e
             raise
         finally:
             q.close()

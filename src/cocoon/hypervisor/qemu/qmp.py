@@ -36,7 +36,7 @@ class Qmp:
                 await q.execute("qmp_capabilities", timeout_s=timeout_s)
                 return q
         except (OSError, TimeoutError) as e:
-            raise HypervisorError(f"cannot talk to QEMU's QMP socket {path}: {e}") from None
+            raise HypervisorError(f"cannot talk to QEMU's QMP socket {path}: {e}") from e
 
     async def _read(self) -> dict[str, Any]:
         line = await self._reader.readline()
