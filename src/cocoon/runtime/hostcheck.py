@@ -3,6 +3,9 @@
 ``fatal`` items make `cocoon check` exit non-zero: without them no sandbox can
 start. The rest say what a feature will cost or lack (no vhost-vsock: the agent
 channel is virtio-serial; no vhost-net: network runs through QEMU's userspace).
+
+In ``runtime/`` because it asks every layer below (hypervisor, guest assets,
+templates) what it can do, and ``cocoon check`` is a front end like the others.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from cocoon.errors import CocoonError
 from cocoon.guestassets.cache import resolve
 from cocoon.guestassets.rootfs import image_key, image_path
 from cocoon.hypervisor import accel
+from cocoon.sandbox.template import listing, templates_dir
 
 
 @dataclass
@@ -52,8 +56,6 @@ def _cgroups() -> tuple[bool, str]:
 
 
 def _templates(cfg: Config) -> Item:
-    from cocoon.sandbox.template import listing, templates_dir  # only this check needs them
-
     if not cfg.sandbox.templates:
         return Item("templates", False, "off (sandbox.templates = false): every start boots")
     found = listing(cfg)
