@@ -29,7 +29,16 @@ from cocoon.config import Config
 from cocoon.errors import CocoonError, GuestError, HypervisorError, SandboxError, TemplateError
 from cocoon.guestassets.cache import resolve
 from cocoon.hypervisor import accel
-from cocoon.hypervisor.base import AGENT_VSOCK_PORT, Disk, Launched, Layout, Nic, Share, VmSpec
+from cocoon.hypervisor.base import (
+    AGENT_VSOCK_PORT,
+    Disk,
+    Hypervisor,
+    Launched,
+    Layout,
+    Nic,
+    Share,
+    VmSpec,
+)
 from cocoon.hypervisor.qemu.backend import QemuBackend
 from cocoon.hypervisor.qemu.cmdline import slot_serial
 from cocoon.protocol import messages
@@ -58,7 +67,7 @@ def new_id() -> str:
     return secrets.token_hex(6)
 
 
-def backend_for(cfg: Config) -> QemuBackend:
+def backend_for(cfg: Config) -> Hypervisor:
     """The configured hypervisor backend (QEMU is the only one so far)."""
     return QemuBackend(cfg.hypervisor)
 
