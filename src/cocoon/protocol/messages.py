@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import re
 
+from cocoon.protocol import ids
 from cocoon.protocol.framing import MAX_FRAME
 from cocoon.util import boundedjson
 
@@ -36,12 +37,10 @@ MAX_STR = 64 << 10
 MAX_LIST = 4096
 MAX_SPEC = (1 << 20) - 4096
 
-ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-
 
 def check_id(value: str, what: str) -> None:
     """The single place container/exec ids are validated (they become paths)."""
-    if not ID_RE.match(value):
+    if not ids.NAME.match(value):
         raise ValueError(f"invalid {what} {value[:40]!r}")
 
 

@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import json
 import os
-import re
 import select
 import shutil
 import signal
@@ -37,7 +36,7 @@ from cocoon.errors import AgentError, CocoonError, GuestError, NetworkError, San
 from cocoon.hypervisor.base import Disk, Share
 from cocoon.network import NetworkPlan
 from cocoon.network.ports import PortSpec, Publisher
-from cocoon.protocol import messages
+from cocoon.protocol import ids, messages
 from cocoon.protocol.session import OutStream, RemoteError, Session
 from cocoon.runtime.containers import ContainerConfig, ContainerDir, ContainerState
 from cocoon.runtime.logs import CriLogWriter
@@ -363,7 +362,7 @@ class Monitor:
         cid = Path(msg.record_dir).name
         if Path(msg.record_dir) != main_dir.path.parent / cid or msg.container_id in self.members:
             raise RemoteError("invalid", "not a container of this runtime, or taken")
-        cdir = ContainerDir(main_dir.path.parent, cid, re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$"))
+        cdir = ContainerDir(main_dir.path.parent, cid, ids.OCI_RECORD_DIR)
         config = cdir.config()
         m = Member(cdir, config, msg.container_id, None)
         if not cdir.life.take():
