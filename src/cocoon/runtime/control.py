@@ -16,7 +16,7 @@ from cocoon.errors import AgentError, CocoonError, GuestError, StateError
 from cocoon.protocol import messages
 from cocoon.runtime.containers import ContainerDir
 from cocoon.runtime.monitor import CONTAINER_ID
-from cocoon.sandbox.channel import AgentChannel
+from cocoon.sandbox.channel import AgentChannel, Timeout
 from cocoon.sandbox.sandbox import Process
 
 M = TypeVar("M", bound=messages.Message)
@@ -50,7 +50,11 @@ class MonitorClient:
         return cls(cdir, ch)
 
     async def call(
-        self, msg: messages.Message, expect: type[M], *, timeout_s: float | None = -1.0
+        self,
+        msg: messages.Message,
+        expect: type[M],
+        *,
+        timeout_s: float | None | Timeout = Timeout.AGENT,
     ) -> M:
         try:
             return await self.channel.call(msg, expect, timeout_s=timeout_s)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import os
 import socket
 import time
@@ -21,6 +22,14 @@ from cocoon.protocol import messages
 from cocoon.protocol.session import InStream, OutStream, RemoteError, Session, SessionClosed
 
 M = TypeVar("M", bound=messages.Message)
+
+
+class Timeout(enum.Enum):
+    """A call's ``timeout_s`` left to the channel: a number is seconds, None is no
+    deadline (asyncio's convention: waits on processes, which the keepalive
+    still guards), and ``AGENT`` is the channel's own ``agent_timeout_s``."""
+
+    AGENT = "agent_timeout_s"
 
 
 class AgentChannel:
@@ -144,12 +153,11 @@ class AgentChannel:
         msg: messages.Message,
         expect: type[M],
         *,
-        timeout_s: float | None = -1.0,
+        timeout_s: float | None | Timeout = Timeout.AGENT,
         what: str = "",
     ) -> M:
-        """One request with a deadline (default: agent_timeout_s; None: unbounded,
-        for waits on processes, which the keepalive still guards)."""
-        t = self.agent_timeout_s if timeout_s == -1.0 else timeout_s
+        """One request with a deadline (see ``Timeout``)."""
+        t = self.agent_timeout_s if timeout_s is Timeout.AGENT else timeout_s
         try:
             reply = await self.session.request(msg, (expect,), t)
         except TimeoutError:

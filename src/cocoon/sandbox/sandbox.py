@@ -44,7 +44,7 @@ from cocoon.hypervisor.qemu.cmdline import slot_serial
 from cocoon.protocol import messages
 from cocoon.protocol.session import InStream, OutStream
 from cocoon.sandbox import poolclient, restore, template
-from cocoon.sandbox.channel import AgentChannel
+from cocoon.sandbox.channel import AgentChannel, Timeout
 from cocoon.sandbox.template import template_mac
 from cocoon.state.gc import release_host, remove_dir
 from cocoon.state.store import ProcessRecord, SandboxDir, SandboxState
@@ -199,7 +199,11 @@ class Caller(Protocol):
     monitor relaying for another cocoon command (runtime.control)."""
 
     async def call(
-        self, msg: messages.Message, expect: type[M], *, timeout_s: float | None = -1.0
+        self,
+        msg: messages.Message,
+        expect: type[M],
+        *,
+        timeout_s: float | None | Timeout = Timeout.AGENT,
     ) -> M: ...
 
 
@@ -690,7 +694,11 @@ class Sandbox:
     # -- calls --------------------------------------------------------------
 
     async def call(
-        self, msg: messages.Message, expect: type[M], *, timeout_s: float | None = -1.0
+        self,
+        msg: messages.Message,
+        expect: type[M],
+        *,
+        timeout_s: float | None | Timeout = Timeout.AGENT,
     ) -> M:
         """Call the agent; a GuestError tears the sandbox down before it propagates."""
         if self.channel is None or self._destroyed:
