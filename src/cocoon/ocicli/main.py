@@ -13,7 +13,6 @@ import contextlib
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 import traceback
@@ -50,6 +49,7 @@ from cocoon.state import gc
 from cocoon.util import boundedjson
 from cocoon.util.fs import atomic_write
 from cocoon.util.proc import alive
+from cocoon.util.proc import run as run_on_host
 
 DEFAULT_ROOT = "/run/cocoon-runtime"
 HOOK_TIMEOUT_S = 30.0
@@ -175,16 +175,14 @@ def run_hooks(d: ContainerDir, kind: str, *, strict: bool) -> None:
         path = h.get("path", "")
         argv = h.get("args") or [path]
         try:
-            subprocess.run(
+            run_on_host(
                 argv,
                 executable=path,
                 input=state,
                 env=dict(e.split("=", 1) for e in h.get("env", []) if "=" in e),
-                timeout=h.get("timeout") or HOOK_TIMEOUT_S,
-                check=True,
-                capture_output=True,
+                timeout_s=h.get("timeout") or HOOK_TIMEOUT_S,
             )
-        except (OSError, subprocess.SubprocessError) as e:
+        except (OSError, CocoonError) as e:
             msg = f"{kind} hook {path} failed: {e}"
             if strict:
                 raise RuntimeError_(msg) from None

@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from cocoon.guestassets.cache import resolve
 from cocoon.guestassets.rootfs import image_key, image_path
 from cocoon.hypervisor import accel
 from cocoon.sandbox.template import listing, templates_dir
+from cocoon.util.proc import run
 
 
 @dataclass
@@ -38,8 +38,8 @@ def _qemu_version(binary: str) -> tuple[bool, str]:
     if not path:
         return False, f"{binary} not found (apt-get install qemu-system-x86)"
     try:
-        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.TimeoutExpired) as e:
+        out = run([path, "--version"], timeout_s=10, check=False).stdout.decode(errors="replace")
+    except (OSError, CocoonError) as e:
         return False, f"{path} does not run: {e}"
     m = re.search(r"version (\S+)", out)
     return True, f"{path} {m.group(1) if m else '?'}"
