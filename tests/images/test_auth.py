@@ -21,7 +21,8 @@ from cocoon.errors import ImageError
 from cocoon.images import auth
 from cocoon.images.auth import Credentials, logout, lookup
 from cocoon.images.blobs import BlobStore
-from cocoon.images.registry import PulledImage, parse_challenge, pull
+from cocoon.images.registry import PulledImage, pull
+from cocoon.images.registry_auth import parse_challenge
 from cocoon.images.service import login
 
 from .conftest import PASSWORD, USER, Secured
