@@ -72,28 +72,12 @@ class MonitorClient:
                 f"lost the monitor of container {self.cdir.id[:12]} during {msg.TYPE}"
             ) from None
 
-    def _stdio(
-        self, stdin: bool, tty: bool, rows: int, cols: int
-    ) -> tuple[messages.StdioSpec, Any, Any, Any]:
-        sin = self.channel.open_out() if stdin else None
-        sout = self.channel.open_in()
-        serr = None if tty else self.channel.open_in()
-        spec = messages.StdioSpec(
-            stdin=sin.chan if sin else 0,
-            stdout=sout.chan,
-            stderr=serr.chan if serr else 0,
-            terminal=tty,
-            rows=rows,
-            cols=cols,
-        )
-        return spec, sin, sout, serr
-
     async def attach(
         self, *, stdin: bool, tty: bool, rows: int = 0, cols: int = 0, bind: bool = False
     ) -> Process:
         """The container's init process: its output from now on, our stdin to it.
         ``bind``: we stand for it on the host, our end kills it."""
-        spec, sin, sout, serr = self._stdio(stdin, tty, rows, cols)
+        spec, sin, sout, serr = self.channel.open_stdio(stdin, tty, rows, cols)
         reply = await self.call(messages.Attach(spec, bind), messages.ProcessStarted)
         return Process(self, CONTAINER_ID, "", reply.pid, sin, sout, serr)
 
@@ -106,7 +90,7 @@ class MonitorClient:
         rows: int = 24,
         cols: int = 80,
     ) -> Process:
-        spec, sin, sout, serr = self._stdio(stdin, tty, rows, cols)
+        spec, sin, sout, serr = self.channel.open_stdio(stdin, tty, rows, cols)
         eid = "exec-" + secrets.token_hex(6)
         msg = messages.ExecProcess(CONTAINER_ID, eid, json.dumps(process), spec)
         reply = await self.call(msg, messages.ProcessStarted, timeout_s=120.0)

@@ -183,6 +183,25 @@ class AgentChannel:
     def open_out(self) -> OutStream:
         return self.session.open_out(self.new_stream_id())
 
+    def open_stdio(
+        self, stdin: bool, tty: bool, rows: int, cols: int
+    ) -> tuple[messages.StdioSpec, OutStream | None, InStream, InStream | None]:
+        """A process's streams, registered before its request goes out (the host
+        refuses DATA on streams it does not know): its StdioSpec, stdin, stdout,
+        stderr (none with a terminal, which merges it into stdout)."""
+        sin = self.open_out() if stdin else None
+        sout = self.open_in()
+        serr = None if tty else self.open_in()
+        spec = messages.StdioSpec(
+            stdin=sin.chan if sin else 0,
+            stdout=sout.chan,
+            stderr=serr.chan if serr else 0,
+            terminal=tty,
+            rows=rows,
+            cols=cols,
+        )
+        return spec, sin, sout, serr
+
     async def close(self) -> None:
         self.session.close("host closed the channel")
         for t in (self._keepalive_task, self._reader_task):

@@ -772,17 +772,7 @@ class Sandbox:
         DATA on streams it does not know) and dropped if the process never started.
         """
         assert self.channel is not None
-        sin = self.channel.open_out() if stdin else None
-        sout = self.channel.open_in()
-        serr = None if tty else self.channel.open_in()
-        stdio = messages.StdioSpec(
-            stdin=sin.chan if sin else 0,
-            stdout=sout.chan,
-            stderr=serr.chan if serr else 0,
-            terminal=tty,
-            rows=rows,
-            cols=cols,
-        )
+        stdio, sin, sout, serr = self.channel.open_stdio(stdin, tty, rows, cols)
         try:
             reply = await self.call(
                 make(stdio),
