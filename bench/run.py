@@ -27,7 +27,7 @@ from memory import pss_kib, tree_pss_mib  # bench/memory.py (the script dir is o
 
 from cocoon.config import Config, load
 from cocoon.runtime.busybox import busybox_rootfs
-from cocoon.runtime.containers import ContainerStore
+from cocoon.runtime.records import ContainerStore
 from cocoon.state import gc
 
 

@@ -16,8 +16,8 @@ import click
 from cocoon.cli.main import State, cli
 from cocoon.errors import CocoonError
 from cocoon.runtime import lifecycle, logs
-from cocoon.runtime.containers import ContainerDir, ContainerStore
 from cocoon.runtime.control import NotRunning
+from cocoon.runtime.records import ContainerDir, ContainerStore
 
 
 def _resolve(state: State, ref: str) -> ContainerDir:

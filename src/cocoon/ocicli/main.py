@@ -41,10 +41,10 @@ from cocoon.ocicli.state import (
     write_standin,
 )
 from cocoon.protocol import messages
-from cocoon.runtime.containers import ContainerConfig, ContainerDir
 from cocoon.runtime.control import MonitorClient, NotRunning
 from cocoon.runtime.lifecycle import parse_signal
 from cocoon.runtime.monitor import CONTAINER_ID, LaunchPlan, spawn
+from cocoon.runtime.records import ContainerConfig, ContainerDir
 from cocoon.state import gc
 from cocoon.util import boundedjson
 from cocoon.util.fs import atomic_write

@@ -20,7 +20,7 @@ from typing import Any
 from cocoon.config import Config
 from cocoon.errors import CocoonError
 from cocoon.protocol.ids import OCI_ID as OCI_ID_RE
-from cocoon.runtime.containers import ContainerConfig, ContainerDir, ContainerState
+from cocoon.runtime.records import ContainerConfig, ContainerDir, ContainerState
 from cocoon.util.fs import atomic_write
 from cocoon.util.proc import alive, start_time
 

@@ -14,8 +14,8 @@ from typing import Any, TypeVar
 
 from cocoon.errors import AgentError, CocoonError, GuestError, StateError
 from cocoon.protocol import messages
-from cocoon.runtime.containers import ContainerDir
 from cocoon.runtime.monitor import CONTAINER_ID
+from cocoon.runtime.records import ContainerDir
 from cocoon.sandbox.channel import AgentChannel, Timeout
 from cocoon.sandbox.sandbox import Process
 

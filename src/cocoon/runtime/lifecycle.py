@@ -17,8 +17,8 @@ from cocoon.config import Config
 from cocoon.errors import CocoonError, StateError
 from cocoon.oci.spec import merge_env, parse_user
 from cocoon.protocol import messages
-from cocoon.runtime.containers import ContainerConfig, ContainerDir, ContainerStore
 from cocoon.runtime.control import MonitorClient, NotRunning
+from cocoon.runtime.records import ContainerConfig, ContainerDir, ContainerStore
 from cocoon.runtime.stdio import attach, terminal_size
 from cocoon.state import gc
 from cocoon.util.proc import alive

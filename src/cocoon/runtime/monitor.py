@@ -38,8 +38,8 @@ from cocoon.network import NetworkPlan
 from cocoon.network.ports import PortSpec, Publisher
 from cocoon.protocol import ids, messages
 from cocoon.protocol.session import OutStream, RemoteError, Session
-from cocoon.runtime.containers import ContainerConfig, ContainerDir, ContainerState
 from cocoon.runtime.logs import CriLogWriter
+from cocoon.runtime.records import ContainerConfig, ContainerDir, ContainerState
 from cocoon.sandbox.admission import start_slot
 from cocoon.sandbox.sandbox import Process, Sandbox
 from cocoon.storage.scratch import ScratchDisk
