@@ -28,7 +28,7 @@ from promises import Promises
 
 from cocoon.config import Config, load
 from cocoon.runtime.busybox import busybox_rootfs
-from cocoon.runtime.containers import ContainerStore
+from cocoon.runtime.records import ContainerStore
 from cocoon.state import gc
 
 

@@ -1,9 +1,9 @@
-"""A registry's error body (images/registry.py ``error_detail``): the one line of
+"""A registry's error body (images/registry_errors.py ``error_detail``): the one line of
 it a failed pull shows."""
 
 from __future__ import annotations
 
-from cocoon.images.registry import error_detail
+from cocoon.images.registry_errors import error_detail
 
 EXPECTED: tuple[type[BaseException], ...] = ()
 

@@ -1,10 +1,10 @@
-"""A token server's answer (images/registry.py ``token_of``) and the
+"""A token server's answer (images/registry_auth.py ``token_of``) and the
 ``WWW-Authenticate`` challenge that sent us there (``parse_challenge``): the
 input's first line is the header, the rest the token body."""
 
 from __future__ import annotations
 
-from cocoon.images.registry import MAX_TOKEN, parse_challenge, token_of
+from cocoon.images.registry_auth import MAX_TOKEN, parse_challenge, token_of
 
 EXPECTED: tuple[type[BaseException], ...] = ()
 

@@ -21,7 +21,8 @@ import tempfile
 from pathlib import Path
 
 from cocoon.errors import ImageError
-from cocoon.images.layers import GZIP_MAGIC, ZSTD_MAGIC, Budget, unpack_layer
+from cocoon.images.decompress import GZIP_MAGIC, ZSTD_MAGIC
+from cocoon.images.layers import Budget, unpack_layer
 
 EXPECTED: tuple[type[BaseException], ...] = (ImageError,)
 

@@ -19,9 +19,11 @@ import pytest
 from cocoon.config import Config
 from cocoon.errors import ImageError
 from cocoon.images import auth
-from cocoon.images.auth import Credentials, login, logout, lookup
+from cocoon.images.auth import Credentials, logout, lookup
 from cocoon.images.blobs import BlobStore
-from cocoon.images.registry import PulledImage, parse_challenge, pull
+from cocoon.images.registry import PulledImage, pull
+from cocoon.images.registry_auth import parse_challenge
+from cocoon.images.service import login
 
 from .conftest import PASSWORD, USER, Secured
 

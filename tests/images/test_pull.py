@@ -27,7 +27,7 @@ import pytest
 import cocoon
 from cocoon.config import Config
 from cocoon.errors import ImageError
-from cocoon.images import registry
+from cocoon.images import registry_http
 from cocoon.images.blobs import BlobStore
 from cocoon.images.manifest import (
     DOCKER_MANIFEST,
@@ -237,7 +237,7 @@ def test_layer_cap(pushed: Pushed, cfg: Config, store: BlobStore) -> None:
 def test_unreachable_registry(
     cfg: Config, store: BlobStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(registry, "BACKOFF_S", 0.01)
+    monkeypatch.setattr(registry_http, "BACKOFF_S", 0.01)
     port = free_port()  # nothing listens there
     with pytest.raises(ImageError) as e:
         run_pull(cfg, store, f"127.0.0.1:{port}/x:y")

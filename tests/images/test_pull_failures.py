@@ -16,7 +16,7 @@ import pytest
 
 from cocoon.config import Config
 from cocoon.errors import ImageError
-from cocoon.images import registry, service
+from cocoon.images import registry_http, service
 from cocoon.images.blobs import BlobStore, BlobWriter
 from cocoon.images.registry import PulledImage, pull
 from cocoon.images.store import ImageStore
@@ -102,7 +102,7 @@ def kill_registry_midway(
             own_registry.kill()
 
     monkeypatch.setattr(BlobWriter, "write", write_then_kill)
-    monkeypatch.setattr(registry, "BACKOFF_S", 0.05)
+    monkeypatch.setattr(registry_http, "BACKOFF_S", 0.05)
     return real_write
 
 

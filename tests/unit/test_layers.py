@@ -681,7 +681,7 @@ def test_opened_layer_inflates_ahead_without_waiting(
     import time
 
     from cocoon.images.blobs import BlobStore
-    from cocoon.images.layers import open_layer
+    from cocoon.images.decompress import open_layer
 
     root, _ = env
     store = BlobStore(tmp_path / "blobs")

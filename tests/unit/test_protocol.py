@@ -108,3 +108,51 @@ def test_list_length_bounded() -> None:
 def test_expect_restricts_type() -> None:
     with pytest.raises(ValueError, match="expected"):
         messages.decode(messages.encode(messages.Ok()), (messages.HelloReply,))
+
+
+@pytest.mark.parametrize(
+    "msg, why",
+    [
+        (messages.WaitProcess("../x", ""), "invalid container id"),
+        (messages.ResizeTty("c1", "", 0, 80), "rows 0 outside"),
+        (messages.ProcessExited(300, 0, False), "exit code 300 outside"),
+        (messages.Mount("nfs", "s", "/a", "", [], False), "unknown mount kind"),
+        (messages.Unmount("/a/../b"), "must not contain"),
+        # Nested: a bad stream id inside the create request.
+        (
+            messages.CreateContainer("c1", "/r", "{}", messages.StdioSpec(-1, 0, 0, False, 0, 0)),
+            "stream id -1 outside",
+        ),
+        # Between fields: a route on a NIC the message does not configure.
+        (
+            messages.ConfigureNetwork(
+                [messages.NetInterface("eth0", "02:cc:00:00:00:01", 1500, [])],
+                [messages.NetRoute("default", "", "eth1")],
+                [],
+                "",
+                "",
+                "",
+                [],
+            ),
+            "unknown interface",
+        ),
+    ],
+)
+def test_check_applies_the_decoders_rules(msg: messages.Message, why: str) -> None:
+    """A message built on this side is checked by the same field types as one decoded."""
+    with pytest.raises(ValueError, match=why):
+        msg.check()
+    with pytest.raises(ValueError, match=why):
+        messages.decode(messages.encode(msg))
+
+
+def test_every_field_type_is_plain_a_message_or_a_kind() -> None:
+    """A field's annotation is its check: each names a type the decoder knows."""
+    plain = {"bool", "int", "float", "str"}
+    classes = {c.__name__ for c in messages.REGISTRY.values()}
+    for cls in messages.REGISTRY.values():
+        for name, tp in cls.FIELDS:
+            while tp.startswith("list["):
+                tp = tp[5:-1]
+            known = tp in plain or tp in messages.KINDS or tp in classes
+            assert known, f"{cls.TYPE}.{name}: {tp}"

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from cocoon.images.registry import MAX_TOKEN, error_detail, token_of
+from cocoon.images.registry_auth import MAX_TOKEN, token_of
+from cocoon.images.registry_errors import error_detail
 
 DEEP = b'{"errors": ' + b"[" * 1000 + b"]" * 1000 + b"}"
 

@@ -20,11 +20,12 @@ from cocoon.runtime.volumes import (
     parse_volume,
     prepare,
 )
-from cocoon.sandbox.sandbox import mount_points_under, remove_dir
 from cocoon.state import gc
+from cocoon.state.gc import remove_dir
 from cocoon.state.store import SandboxDir
 from cocoon.storage import scratch
 from cocoon.storage.scratch import ScratchDisk
+from cocoon.util.fs import mount_points_under
 
 
 def test_volume_flag(tmp_path: Path) -> None:

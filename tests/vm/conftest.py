@@ -28,11 +28,12 @@ from cocoon.guestassets.rootfs import image_key, image_path
 from cocoon.hypervisor.base import Share
 from cocoon.images.default import ensure_default_image
 from cocoon.runtime.busybox import busybox_rootfs
-from cocoon.runtime.containers import ContainerDir, ContainerStore
 from cocoon.runtime.lifecycle import remove
-from cocoon.sandbox.sandbox import Sandbox, mount_points_under
+from cocoon.runtime.records import ContainerDir, ContainerStore
+from cocoon.sandbox.sandbox import Sandbox
 from cocoon.state import gc
 from cocoon.state.store import list_ids
+from cocoon.util.fs import mount_points_under
 
 T = TypeVar("T")
 ROOTFS_TAG = "rootfs"

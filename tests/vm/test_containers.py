@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from cocoon.config import Config
-from cocoon.runtime.containers import ContainerStore
+from cocoon.runtime.records import ContainerStore
 from cocoon.state import gc
 from tests.vm.conftest import cocoon, ok
 

@@ -335,7 +335,7 @@ def test_one_vm_per_namespace(cfg: Config, busybox: None, make_pair) -> None:  #
 def test_gc_after_the_monitor_is_killed(cfg: Config, busybox: None, make_pair) -> None:  # type: ignore[no-untyped-def]
     """SIGKILL the VM's owner (the monitor): its network outlives it until
     `cocoon gc`, which undoes it from the sandbox's state."""
-    from cocoon.runtime.containers import ContainerStore
+    from cocoon.runtime.records import ContainerStore
     from cocoon.state.store import SandboxDir
 
     pair = make_pair(240)

@@ -18,8 +18,8 @@ import pytest
 
 from cocoon.config import Config
 from cocoon.oci.spec import default_spec
-from cocoon.sandbox.sandbox import mount_points_under
 from cocoon.state import gc
+from cocoon.util.fs import mount_points_under
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(300)]
 

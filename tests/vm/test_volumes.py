@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 
 from cocoon.config import Config
-from cocoon.sandbox.sandbox import mount_points_under
 from cocoon.state import gc
 from cocoon.state.store import SandboxDir
 from cocoon.storage.scratch import scratch_dir, stamped
+from cocoon.util.fs import mount_points_under
 from tests.vm.conftest import SHARED, cocoon
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(300)]

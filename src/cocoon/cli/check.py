@@ -8,7 +8,7 @@ import sys
 import click
 
 from cocoon.cli.main import State, cli
-from cocoon.hostcheck import run_checks
+from cocoon.runtime.hostcheck import run_checks
 
 
 @cli.command()

@@ -164,7 +164,7 @@ def login(
         password = sys.stdin.readline().rstrip("\n")
     if not password:
         raise ImageError("no password: use --password-stdin (or -p)")
-    host = asyncio.run(auth.login(state.cfg, registry, username, password))
+    host = asyncio.run(service.login(state.cfg, registry, username, password))
     click.echo(f"Login Succeeded ({host})")
 
 

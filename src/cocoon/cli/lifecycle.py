@@ -17,7 +17,7 @@ from cocoon.cli.env import env_flags
 from cocoon.cli.main import State, cli
 from cocoon.errors import CocoonError, NotRunning
 from cocoon.runtime import lifecycle, logs
-from cocoon.runtime.containers import ContainerDir, ContainerStore
+from cocoon.runtime.records import ContainerDir, ContainerStore
 
 
 def _resolve(state: State, ref: str) -> ContainerDir:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 from cocoon.config import Config
 from cocoon.errors import GuestAssetError
 from cocoon.util.fs import atomic_write
+from cocoon.util.proc import run
 
 #: Bump when the build procedure changes in a way the inputs do not show.
 BUILDER_VERSION = "1"
@@ -27,19 +27,21 @@ def guest_dir(cfg: Config) -> Path:
 
 def package_versions(names: list[str]) -> dict[str, str]:
     """Installed versions of Debian packages; a missing one is a clear error."""
-    out: dict[str, str] = {}
+    versions: dict[str, str] = {}
     for n in names:
-        cp = subprocess.run(
+        cp = run(
             ["dpkg-query", "-W", "-f=${Version} ${db:Status-Abbrev}", n],
-            capture_output=True,
-            text=True,
+            timeout_s=30,
+            error=GuestAssetError,
+            check=False,
         )
-        if cp.returncode != 0 or not cp.stdout.split()[1:2] == ["ii"]:
+        out = cp.stdout.decode()
+        if cp.returncode != 0 or not out.split()[1:2] == ["ii"]:
             raise GuestAssetError(
                 f"Debian package {n} is not installed: run the README set-up (apt-get install {n})"
             )
-        out[n] = cp.stdout.split()[0]
-    return out
+        versions[n] = out.split()[0]
+    return versions
 
 
 def digest(*parts: bytes | str) -> str:

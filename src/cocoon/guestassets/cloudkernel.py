@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import subprocess
 import tempfile
 from collections.abc import Callable
 from importlib import resources
@@ -62,8 +61,10 @@ exec switch_root /newroot /sbin/init
 
 
 def versioned_package() -> str:
-    cp = subprocess.run(["apt-cache", "depends", META_PACKAGE], capture_output=True, text=True)
-    m = re.search(r"Depends:\s*(linux-image-\S+-cloud-amd64)", cp.stdout)
+    cp = run(
+        ["apt-cache", "depends", META_PACKAGE], timeout_s=60, error=GuestAssetError, check=False
+    )
+    m = re.search(r"Depends:\s*(linux-image-\S+-cloud-amd64)", cp.stdout.decode())
     if not m:
         raise GuestAssetError(
             f"apt knows no {META_PACKAGE}: run apt-get update (needs the Debian mirror once)"

@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import subprocess
 import tempfile
 from collections.abc import Callable
 from importlib import resources
@@ -82,10 +81,10 @@ _LDD_RE = re.compile(r"(?:=>\s*)?(/\S+)\s+\(0x")
 
 
 def shared_libs(binary: str) -> list[str]:
-    cp = subprocess.run(["ldd", binary], capture_output=True, text=True)
+    cp = run(["ldd", binary], timeout_s=30, error=GuestAssetError, check=False)
     if cp.returncode != 0:  # static binaries say "not a dynamic executable"
         return []
-    return sorted(set(_LDD_RE.findall(cp.stdout)))
+    return sorted(set(_LDD_RE.findall(cp.stdout.decode())))
 
 
 def _copy(root: Path, path: str) -> None:
@@ -139,8 +138,9 @@ def populate(root: Path) -> None:
         (root / d).mkdir(parents=True, exist_ok=True)
     # busybox (static) and its applets
     _copy(root, BUSYBOX)
-    applets = subprocess.run([BUSYBOX, "--list-full"], capture_output=True, text=True).stdout
-    for rel in applets.split():
+    applets = run([BUSYBOX, "--list-full"], timeout_s=30, error=GuestAssetError, check=False)
+    applets_text = applets.stdout.decode()
+    for rel in applets_text.split():
         target = root / "usr" / rel.removeprefix("usr/")
         if not target.exists() and not target.is_symlink():
             target.parent.mkdir(parents=True, exist_ok=True)

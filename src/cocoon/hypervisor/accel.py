@@ -17,10 +17,12 @@ import json
 import mmap
 import os
 import struct
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+from cocoon.errors import HypervisorError
+from cocoon.util.proc import run
 
 KVM_GET_API_VERSION = 0xAE00
 KVM_CREATE_VM = 0xAE01
@@ -101,12 +103,13 @@ def probe() -> AccelReport:
             True,
         )
     try:
-        cp = subprocess.run(
+        cp = run(
             [sys.executable, "-I", "-c", _CHILD_CODE, *sys.path],
-            capture_output=True,
-            timeout=PROBE_TIMEOUT_S,
+            timeout_s=PROBE_TIMEOUT_S,
+            error=HypervisorError,
+            check=False,
         )
-    except subprocess.TimeoutExpired:
+    except HypervisorError:  # it did not finish: the python binary itself is there
         return AccelReport(False, f"a KVM test vCPU hung for {PROBE_TIMEOUT_S:g} s", pvm)
     out = cp.stdout.decode(errors="replace").strip()
     if cp.returncode == 0 and out == "ok":

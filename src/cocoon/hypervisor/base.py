@@ -1,15 +1,17 @@
 """What a hypervisor backend must do, and nothing more.
 
 The cut is small on purpose (Kata's ~28-method interface is the anti-example):
-a backend turns a ``VmSpec`` into running processes and can stop them. Boot
-readiness is the agent's business (the sandbox layer waits for its hello), so
-backends for Firecracker or Cloud Hypervisor only need these two calls plus a
-name to be chosen by ``hypervisor.backend`` in the configuration.
+a backend turns a ``VmSpec`` into running processes, tells whether and how they
+ended, and can stop them; templates add saving, restoring and naming a VM, and
+a pooled sandbox's disk slots take a file later. That is exactly what the
+sandbox layer calls, and it is typed against this Protocol, not a backend.
+Boot readiness is the agent's business (the sandbox waits for its hello).
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -149,6 +151,40 @@ class Hypervisor(Protocol):
 
     async def stop(self, launched: Launched, grace_s: float) -> None:
         """Ask the VM to quit, then kill whatever is left. Never raises for a dead VM."""
+        ...
+
+    def exited(self, pid: int) -> bool:
+        """Whether a process of a launched VM is gone (the sandbox watches its VMM)."""
+        ...
+
+    def exit_reason(self, pid: int) -> str:
+        """How a process this backend started ended ("" if running or not its own)."""
+        ...
+
+    def child(self, pid: int) -> subprocess.Popen[bytes] | None:
+        """The backend's handle of a process it started: whoever keeps it must reap it."""
+        ...
+
+    # Templates (sandbox/restore.py); a pooled sandbox's disk slots.
+
+    def machine_identity(self, spec: VmSpec) -> str:
+        """Everything a saved VM of ``spec`` depends on: a template's key hashes it."""
+        ...
+
+    def machine_files(self, spec: VmSpec) -> list[str]:
+        """The files a saved VM of ``spec`` was made from (a template records their stamps)."""
+        ...
+
+    async def save(self, launched: Launched, state: Path, timeout_s: float) -> None:
+        """Write a template VM's device state to ``state`` (its RAM is in its memory file)."""
+        ...
+
+    async def restore(self, launched: Launched, state: Path, timeout_s: float) -> None:
+        """Load ``state`` into a VM launched over its template's RAM, and let it run."""
+        ...
+
+    async def attach_disk(self, launched: Launched, slot: int, path: Path, readonly: bool) -> None:
+        """Give a running VM's empty disk slot ``path`` as its backing file."""
         ...
 
 

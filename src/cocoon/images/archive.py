@@ -45,8 +45,8 @@ import zstandard
 
 from cocoon.errors import ImageError
 from cocoon.images.blobs import CHUNK, check_digest
+from cocoon.images.decompress import GZIP_MAGIC, ZSTD_MAGIC
 from cocoon.images.guard import WriteGuard
-from cocoon.images.layers import GZIP_MAGIC, ZSTD_MAGIC
 from cocoon.images.manifest import (
     DEFAULT_PLATFORM,
     INDEX_TYPES,

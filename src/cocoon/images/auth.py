@@ -149,29 +149,14 @@ def _write_auths(path: Path, auths: dict[str, Any]) -> None:
     atomic_write(path, data, mode=0o600)
 
 
-async def login(cfg: Config, registry: str, username: str, password: str) -> str:
-    """Check the credentials against ``registry``'s /v2/ endpoint, then store them.
-
-    Verifying first (as ``docker login`` does) turns a typo into an error now,
-    not into a confusing "unauthorized" at the next pull. Returns the
-    normalized registry name the credentials are stored under.
-    """
-    # Imported here: the registry client imports this module for lookup().
-    from cocoon.images.registry import RegistryClient
-
-    host = registry_host(registry)
-    if not username or ":" in username:
-        raise ImageError("username must be non-empty and must not contain ':'")
-    creds = Credentials(username, password)
-    async with RegistryClient(cfg, host, creds) as client:
-        await client.check_login()
+def store(cfg: Config, host: str, creds: Credentials) -> None:
+    """Keep ``creds`` for ``host`` in cocoon's auth.json (checked first: ``service.login``)."""
     path = auth_file(cfg)
     with _locked(path):
         auths = _read_auths(path)
         auths[host] = {"auth": creds.encoded()}
         _write_auths(path, auths)
-    log.info("stored credentials for %s as %s", host, username)
-    return host
+    log.info("stored credentials for %s as %s", host, creds.username)
 
 
 def logout(cfg: Config, registry: str) -> bool:

@@ -3,8 +3,8 @@
 A layer is untrusted input that runs as root on the host, so the unpacker
 trusts nothing in it:
 
-- The blob is streamed (file -> decompressor -> tar reader), never held in
-  memory; the uncompressed stream is hashed on the way (the layer's diff_id)
+- The blob is streamed (file -> decompressor, decompress.py -> tar reader),
+  never held in memory; the uncompressed stream is hashed on the way (the layer's diff_id)
   and counted against ``images.max_unpacked_bytes`` for the whole image,
   entries against ``images.max_entries``, and the unpacking thread's CPU
   time against ``images.max_unpack_cpu_s``. The budget's WriteGuard
@@ -54,10 +54,8 @@ import contextlib
 import errno
 import hashlib
 import os
-import queue
 import shutil
 import stat
-import threading
 import time
 import zlib
 from collections.abc import Callable
@@ -69,6 +67,7 @@ import zstandard
 from cocoon.config import ImagesConfig
 from cocoon.errors import ImageError
 from cocoon.images.blobs import BlobFile, Readable
+from cocoon.images.decompress import CHUNK, OpenedLayer
 from cocoon.images.guard import BLOCK, Inflation, WriteGuard
 from cocoon.images.tarreader import Member, TarReader
 
@@ -80,11 +79,6 @@ MAX_PATH_BYTES = 4096
 MAX_DEPTH = 256
 #: Names mkfs.erofs 1.5 skips, at any depth (see erofs.py).
 MKFS_SKIPPED_PREFIX = "lost+found"
-CHUNK = 1 << 20
-
-GZIP_MAGIC = b"\x1f\x8b"
-ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
-ZSTD_SKIPPABLE = (b"\x50\x2a\x4d\x18", b"\x5f\x2a\x4d\x18")  # first and last of 16
 
 WHITEOUT_PREFIX = ".wh."
 WHITEOUT_META_PREFIX = ".wh..wh."
@@ -288,131 +282,6 @@ def _check_ids(m: Member, entry: str, what: str) -> None:
     for kind, v in (("uid", m.uid), ("gid", m.gid)):
         if not isinstance(v, int) or not 0 <= v < 0xFFFFFFFF:
             raise ImageError(f"{what}: entry {entry}: {kind} {v!r} out of range")
-
-
-def _open_stream(raw: BlobFile, compression: str, what: str) -> Readable:
-    """The decompressed stream of a layer blob, after checking its magic bytes
-    (gzip's are checked by its thread: opening one never waits for the blob)."""
-    if compression == "gzip":
-        return _ThreadedGunzip(raw, what)
-    head = raw.read(4)
-    raw.seek(0)
-    if not head:
-        raise ImageError(f"{what}: the layer blob is empty")
-    if compression == "zstd":
-        if head != ZSTD_MAGIC and head not in ZSTD_SKIPPABLE:
-            raise ImageError(f"{what}: media type says zstd, but the blob is not zstd data")
-        # zstandard only calls read() on it (typed as IO).
-        reader: Readable = zstandard.ZstdDecompressor().stream_reader(
-            raw,  # type: ignore[arg-type]
-            read_across_frames=True,
-        )
-        return reader
-    if compression == "none":
-        if head[:2] == GZIP_MAGIC or head == ZSTD_MAGIC:
-            raise ImageError(f"{what}: media type says plain tar, but the blob is compressed")
-        return raw
-    raise ImageError(f"{what}: unsupported layer compression {compression!r}")
-
-
-#: Compressed bytes per read and the most one inflate call may produce: small
-#: in, big out, so a well-compressed chunk needs few calls (each call copies
-#: the input it did not consume) while a bomb still inflates in bounded steps.
-IN_CHUNK = 256 << 10
-OUT_CHUNK = 1 << 20
-
-
-class _ThreadedGunzip:
-    """gzip decompressed by a thread ahead of the reader: zlib releases the GIL,
-    so inflating overlaps the tar parsing and file writes of this thread (taking
-    turns, as GzipFile does, left one of the two cores idle). Multi-member
-    streams are followed; anything after the last member must be zeros."""
-
-    DEPTH = 8
-
-    def __init__(self, raw: Readable, what: str = "layer") -> None:
-        self._raw = raw
-        self._what = what
-        self._q: queue.Queue[bytes | BaseException | None] = queue.Queue(self.DEPTH)
-        self._buf = b""
-        self._eof = False
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
-
-    def _run(self) -> None:
-        try:
-            pending = self._raw.read(IN_CHUNK)
-            while 0 < len(pending) < 2 and (more := self._raw.read(IN_CHUNK)):
-                pending += more
-            if not pending:
-                raise ImageError(f"{self._what}: the layer blob is empty")
-            if pending[:2] != GZIP_MAGIC:
-                raise ImageError(
-                    f"{self._what}: media type says gzip, but the blob is not gzip data"
-                )
-            d = zlib.decompressobj(wbits=31)
-            while not self._stop.is_set():
-                data, pending = (pending, b"") if pending else (self._raw.read(IN_CHUNK), b"")
-                if not data:
-                    if not d.eof:
-                        raise EOFError("compressed data ended before the end of the gzip stream")
-                    break
-                while data and not self._stop.is_set():
-                    # Bounded output per call: a bomb inflates a chunk at a time,
-                    # and the reader's budget stops it; the queue bounds what waits.
-                    out = d.decompress(data, OUT_CHUNK)
-                    if out:
-                        self._q.put(out)
-                    if d.eof:
-                        rest = d.unused_data
-                        if rest.strip(b"\0") and rest[:2] == GZIP_MAGIC:
-                            d = zlib.decompressobj(wbits=31)  # the next member
-                            data = rest
-                            continue
-                        if rest.strip(b"\0"):
-                            raise zlib.error("trailing garbage after the gzip stream")
-                        break
-                    data = d.unconsumed_tail
-            self._q.put(None)
-        except BaseException as e:  # handed to the reader, raised there
-            self._q.put(e)
-
-    def read_chunk(self) -> bytes:
-        """The next inflated piece, whatever its size; b"" at the end."""
-        if self._buf:
-            data, self._buf = self._buf, b""
-            return data
-        if self._eof:
-            return b""
-        item = self._q.get()
-        if item is None:
-            self._eof = True
-            return b""
-        if isinstance(item, BaseException):
-            self._eof = True
-            raise item
-        return item
-
-    def read(self, n: int = CHUNK) -> bytes:
-        n = CHUNK if n < 0 else n
-        while len(self._buf) < n and not self._eof:
-            item = self._q.get()
-            if item is None:
-                self._eof = True
-            elif isinstance(item, BaseException):
-                self._eof = True
-                raise item
-            else:
-                self._buf = self._buf + item if self._buf else item
-        data, self._buf = self._buf[:n], self._buf[n:]
-        return data
-
-    def close(self) -> None:
-        self._stop.set()
-        while self._t.is_alive():
-            with contextlib.suppress(queue.Empty):
-                self._q.get(timeout=0.05)
 
 
 class _Unpacker:
@@ -798,79 +667,6 @@ def _write_all(fd: int, data: bytes | memoryview) -> None:
     while view:
         n = os.write(fd, view)
         view = view[n:]
-
-
-class OpenedLayer:
-    """A layer blob opened for unpacking: a gzip one is already being inflated by
-    its thread. So the store opens layer N+1 while it applies layer N, and the
-    two inflate at once (on two cores); at most the gunzip queue is held ahead.
-    Closed by unpack_layer, or by ``close`` if it never gets there.
-    """
-
-    def __init__(
-        self,
-        blob: Path | BlobFile,
-        compression: str,
-        what: str,
-        *,
-        close_blob: bool = True,
-        size: int | None = None,
-    ) -> None:
-        self.compression = compression
-        self.what = what
-        #: The blob's size, for the inflation ratio: given (a blob still
-        #: arriving), or the file's; None for a stream of unknown size.
-        self.size = size
-        self._close_raw = close_blob or isinstance(blob, Path)
-        if isinstance(blob, Path):
-            try:
-                self.raw: BlobFile = open(blob, "rb")  # noqa: SIM115 (closed by close)
-            except FileNotFoundError:
-                raise ImageError(f"{what}: blob {blob.name[:12]} is not in the store") from None
-            except OSError as e:
-                msg = f"{what}: cannot open blob {blob.name[:12]}: {e.strerror}"
-                raise ImageError(msg) from None
-        else:
-            self.raw = blob
-        if self.size is None:
-            self.size = _file_size(self.raw)
-        self._stream: Readable | None = None
-        if compression == "gzip":
-            self._stream = _open_stream(self.raw, compression, what)
-
-    def stream(self) -> Readable:
-        if self._stream is None:
-            self._stream = _open_stream(self.raw, self.compression, self.what)
-        return self._stream
-
-    def close(self) -> None:
-        """Stop the inflating thread, then close the blob (unless told not to)."""
-        if isinstance(self._stream, _ThreadedGunzip):
-            self._stream.close()
-        if self._close_raw:
-            self.raw.close()
-
-
-def _file_size(f: BlobFile) -> int | None:
-    """The size of an open blob that is a file; None for other streams."""
-    fileno = getattr(f, "fileno", None)
-    if fileno is None:
-        return None
-    try:
-        return os.fstat(fileno()).st_size
-    except (OSError, ValueError):
-        return None
-
-
-def open_layer(
-    blob: Path | BlobFile, compression: str, what: str = "layer", size: int | None = None
-) -> OpenedLayer:
-    """Open a layer blob for unpack_layer; a gzip one starts inflating now.
-
-    ``size`` is the blob's, for one still arriving (the manifest's); a file's
-    own size is used otherwise.
-    """
-    return OpenedLayer(blob, compression, what, size=size)
 
 
 def unpack_layer(

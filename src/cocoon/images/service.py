@@ -13,7 +13,8 @@ from pathlib import Path
 
 from cocoon.config import Config
 from cocoon.errors import ImageError
-from cocoon.images import reference
+from cocoon.images import auth, reference
+from cocoon.images.auth import Credentials
 from cocoon.images.manifest import Platform
 from cocoon.images.store import Image, ImageStore
 
@@ -80,3 +81,22 @@ def load(cfg: Config, path: Path) -> list[Image]:
     from cocoon.images import archive
 
     return archive.load(ImageStore(cfg), path)
+
+
+async def login(cfg: Config, registry: str, username: str, password: str) -> str:
+    """Check the credentials against ``registry``'s /v2/ endpoint, then store them.
+
+    Verifying first (as ``docker login`` does) turns a typo into an error now,
+    not into a confusing "unauthorized" at the next pull. Returns the
+    normalized registry name the credentials are stored under.
+    """
+    from cocoon.images.registry import RegistryClient  # httpx & co.: only a real login
+
+    host = reference.registry_host(registry)
+    if not username or ":" in username:
+        raise ImageError("username must be non-empty and must not contain ':'")
+    creds = Credentials(username, password)
+    async with RegistryClient(cfg, host, creds) as client:
+        await client.check_login()
+    auth.store(cfg, host, creds)
+    return host

@@ -58,8 +58,9 @@ from cocoon.config import Config
 from cocoon.errors import ImageError, StateError
 from cocoon.images import erofs
 from cocoon.images.blobs import BlobFile, BlobRestarted, BlobStore, check_digest
+from cocoon.images.decompress import OpenedLayer, open_layer
 from cocoon.images.guard import WriteGuard
-from cocoon.images.layers import Budget, OpenedLayer, open_layer, unpack_layer
+from cocoon.images.layers import Budget, unpack_layer
 from cocoon.images.manifest import (
     MAX_CONFIG,
     MAX_MANIFEST,

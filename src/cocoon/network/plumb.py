@@ -29,7 +29,6 @@ import fcntl
 import os
 import re
 import struct
-import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +36,7 @@ from typing import Any
 
 from cocoon.errors import NetworkError
 from cocoon.network.netns import Link, Neighbor, NetNs, Route, in_netns, in_new_netns
+from cocoon.util.proc import run
 
 TUNSETIFF = 0x400454CA
 IFF_TAP = 0x0002
@@ -135,14 +135,14 @@ def _macvtap_devnum(ns: NetNs, name: str) -> tuple[int, int]:
     namespace (the host's sysfs shows only the host's links)."""
     script = f"mount -t sysfs sysfs /sys && cat /sys/class/net/{name}/macvtap/tap*/dev"
     try:
-        cp = subprocess.run(
+        cp = run(
             ["nsenter", f"--net={ns.path}", "--", "unshare", "-m", "--propagation", "private",
              "sh", "-c", script],
-            capture_output=True, timeout=10, check=True,
+            timeout_s=10, error=NetworkError,
         )  # fmt: skip
         major, minor = cp.stdout.decode().split()[0].split(":")
         return int(major), int(minor)
-    except (OSError, subprocess.SubprocessError, ValueError, IndexError) as e:
+    except (OSError, NetworkError, ValueError, IndexError) as e:
         raise NetworkError(f"cannot find the device of macvtap {name}: {e}") from e
 
 

@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -43,14 +42,15 @@ from cocoon.ocicli.state import (
     write_standin,
 )
 from cocoon.protocol import messages
-from cocoon.runtime.containers import ContainerConfig, ContainerDir
 from cocoon.runtime.control import MonitorClient
 from cocoon.runtime.lifecycle import parse_signal
 from cocoon.runtime.monitor import CONTAINER_ID, LaunchPlan, spawn
+from cocoon.runtime.records import ContainerConfig, ContainerDir
 from cocoon.state import gc
 from cocoon.util import boundedjson
 from cocoon.util.fs import atomic_write
 from cocoon.util.proc import alive
+from cocoon.util.proc import run as run_on_host
 
 DEFAULT_ROOT = "/run/cocoon-runtime"
 HOOK_TIMEOUT_S = 30.0
@@ -167,16 +167,14 @@ def run_hooks(d: ContainerDir, kind: str, *, strict: bool) -> None:
         path = h.get("path", "")
         argv = h.get("args") or [path]
         try:
-            subprocess.run(
+            run_on_host(
                 argv,
                 executable=path,
                 input=state,
                 env=dict(e.split("=", 1) for e in h.get("env", []) if "=" in e),
-                timeout=h.get("timeout") or HOOK_TIMEOUT_S,
-                check=True,
-                capture_output=True,
+                timeout_s=h.get("timeout") or HOOK_TIMEOUT_S,
             )
-        except (OSError, subprocess.SubprocessError) as e:
+        except (OSError, CocoonError) as e:
             msg = f"{kind} hook {path} failed: {e}"
             if strict:
                 raise OciError(msg) from e

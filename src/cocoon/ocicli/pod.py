@@ -23,7 +23,7 @@ from pathlib import Path
 from cocoon.config import Config
 from cocoon.errors import HostError
 from cocoon.log import teardown_step
-from cocoon.sandbox.sandbox import mount_points_under
+from cocoon.util.fs import mount_points_under
 from cocoon.util.proc import run
 
 CONTAINER_TYPE = "io.kubernetes.cri.container-type"

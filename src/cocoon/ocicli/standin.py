@@ -30,8 +30,8 @@ import tty as tty_mod
 from typing import Any
 
 from cocoon.errors import CocoonError, error_line, from_error_line
-from cocoon.runtime.containers import ContainerDir
 from cocoon.runtime.control import MonitorClient
+from cocoon.runtime.records import ContainerDir
 from cocoon.runtime.stdio import relay
 from cocoon.sandbox.sandbox import Process
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -21,12 +20,12 @@ from typing import Any
 from cocoon.config import Config
 from cocoon.errors import OciError
 from cocoon.log import rfc3339
-from cocoon.runtime.containers import ContainerConfig, ContainerDir, ContainerState
+from cocoon.protocol.ids import OCI_ID as OCI_ID_RE
+from cocoon.runtime.records import ContainerConfig, ContainerDir, ContainerState
 from cocoon.util.fs import atomic_write
 from cocoon.util.proc import alive, start_time
 
 #: runc's rule for ids, bounded (they become file names).
-OCI_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$")
 OCI_VERSION = "1.0.2"
 
 

@@ -4,9 +4,13 @@ One module used by both sides (the guest imports it from its read-only image),
 so the two can never disagree on a field. Messages are immutable classes with a
 ``TYPE`` tag; the JSON body of a REQUEST/REPLY frame is ``{"type": ..., **fields}``.
 
-``decode`` checks every field's type, every string's and list's length, and
-calls the message's own ``check()`` for ranges and ids. It raises ``ValueError``
-with a short reason; nothing from the peer is echoed unbounded.
+A field's annotation says how it is checked: a plain type (``int``, ``str``,
+a list, a message), or a named field type (``ContainerId``, ``Signal``,
+``GuestPath``...) that is its plain type plus a rule, listed once in ``KINDS``.
+``decode`` checks each field as it reads it (type, string and list length, the
+rule), so a message that decodes is valid; ``check()`` applies the same rules
+to a message built on this side. It raises ``ValueError`` with a short reason;
+nothing from the peer is echoed unbounded.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import json
 import re
 
+from cocoon.protocol import ids
 from cocoon.protocol.framing import MAX_FRAME
 from cocoon.util import boundedjson
 
@@ -22,6 +27,7 @@ from cocoon.util import boundedjson
 # own does the same for flat message classes; mypy reads it via the stub below.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Any, ClassVar, dataclass_transform
 else:
 
@@ -36,18 +42,220 @@ MAX_STR = 64 << 10
 MAX_LIST = 4096
 MAX_SPEC = (1 << 20) - 4096
 
-ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-
 
 def check_id(value: str, what: str) -> None:
     """The single place container/exec ids are validated (they become paths)."""
-    if not ID_RE.match(value):
+    if not ids.NAME.match(value):
         raise ValueError(f"invalid {what} {value[:40]!r}")
 
 
 def check_range(value: int, lo: int, hi: int, what: str) -> None:
     if not lo <= value <= hi:
         raise ValueError(f"{what} {value} outside [{lo}, {hi}]")
+
+
+# ----------------------------------------------------------------------------
+# Field types. A named one is its plain type to mypy; to the decoder it is the
+# plain type plus the rule KINDS gives it, so a field's annotation is its check.
+ContainerId = str
+ExecId = str
+ExecIdOrInit = str  # "" = the container's init
+GuestPath = str  # absolute, no "..": it is used as a path in the guest
+HostPath = str
+OciSpec = str
+SmallJson = str
+MountKind = str
+MountOption = str
+Entropy = str
+Hostname = str
+MachineId = str
+MacChange = str  # "TEMPLATE_MAC=MAC"
+MacChanges = list[MacChange]
+UserName = str
+CommandLine = str
+IfName = str
+Mac = str
+Cidr = str
+Addresses = list[Cidr]
+RouteDest = str  # "default" or a CIDR
+Gateway = str  # "" = on-link
+NeighborAddress = str
+Sysctl = str  # "net.x.y=value"
+NetFile = str
+StreamId = int
+TermSize = int  # 0 = not known (no terminal)
+NewTermSize = int
+Signal = int
+ExitCode = int
+Pid = int
+Mtu = int
+
+_HEX_RE = re.compile(r"^[0-9a-f]+$")
+_DIGITS_RE = re.compile(r"^[0-9]{1,3}$")  # str.isdigit() is true for "²", which int() refuses
+_HOSTNAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,62})$")
+_SYSCTL_RE = re.compile(r"^net\.[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+){1,6}$")
+_IFNAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
+_MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+_IP_RE = re.compile(r"^(?:[0-9]{1,3}(?:\.[0-9]{1,3}){3}|[0-9a-fA-F:.]{2,45})$")
+
+
+def _check_ifname(name: str) -> None:
+    if not _IFNAME_RE.match(name) or name in (".", ".."):
+        raise ValueError("bad interface name")
+
+
+def _check_mac(mac: str) -> None:
+    if not _MAC_RE.match(mac):
+        raise ValueError("bad MAC address")
+
+
+def _check_cidr(text: str) -> None:
+    addr, sep, plen = text.partition("/")
+    if not sep or not _IP_RE.match(addr) or not _DIGITS_RE.match(plen):
+        raise ValueError("bad address/prefix")
+    check_range(int(plen), 0, 32 if "." in addr and ":" not in addr else 128, "prefix length")
+
+
+def _check_guest_path(path: str, what: str) -> None:
+    if not path.startswith("/") or "\0" in path or len(path) > 4096:
+        raise ValueError(f"{what} must be an absolute path")
+    if any(part == ".." for part in path.split("/")):
+        raise ValueError(f"{what} must not contain '..'")
+
+
+def _check_ip(address: str, what: str) -> None:
+    if not _IP_RE.match(address):
+        raise ValueError(f"bad {what} address")
+
+
+def _check_mac_change(pair: str) -> None:
+    old, sep, new = pair.partition("=")
+    if not sep:
+        raise ValueError("macs entries are OLD=NEW")
+    _check_mac(old)
+    _check_mac(new)
+
+
+def _check_sysctl(kv: str) -> None:
+    key, sep, value = kv.partition("=")
+    if not sep or not _SYSCTL_RE.match(key) or len(value) > 4096 or "\n" in value:
+        raise ValueError("bad network sysctl")
+
+
+def _check_hex(value: str, lo: int, hi: int, error: str) -> None:
+    if not lo <= len(value) <= hi or not _HEX_RE.match(value):
+        raise ValueError(error)
+
+
+def _check_mount_option(opt: str) -> None:
+    if "," in opt or len(opt) > 4096:
+        raise ValueError("mount option must not contain ','")
+
+
+def _check_mount_kind(kind: str) -> None:
+    if kind not in MOUNT_KINDS:
+        raise ValueError(f"unknown mount kind {kind[:20]!r}")
+
+
+def _check_host_path(path: str, what: str) -> None:
+    if not path.startswith("/") or len(path) > 4096:
+        raise ValueError(f"{what} must be an absolute path")
+
+
+def _check_hostname(name: str) -> None:
+    if not _HOSTNAME_RE.match(name):
+        raise ValueError("bad hostname")
+
+
+def _check_exec_id_or_init(value: str) -> None:
+    if value:
+        check_id(value, "exec id")
+
+
+def _check_route_dest(dest: str) -> None:
+    if dest != "default":
+        _check_cidr(dest)
+
+
+def _check_gateway(gateway: str) -> None:
+    if gateway:
+        _check_ip(gateway, "gateway")
+
+
+def _check_small_json(text: str, what: str) -> None:
+    if len(text) > MAX_STR:
+        raise ValueError(f"{what} too large")
+
+
+class Kind:
+    """A named field type: its plain JSON type (``base``, itself a field type)
+    and ``test(value, field name)``, which raises ValueError for a bad value."""
+
+    __slots__ = ("base", "test")
+
+    def __init__(self, base: str, test: Callable[[Any, str], None]) -> None:
+        self.base = base
+        self.test = test
+
+
+def _span(lo: int, hi: int, what: str = "") -> Kind:
+    """An int in [lo, hi], named ``what`` (else by its field) in the error."""
+    return Kind("int", lambda v, name: check_range(v, lo, hi, what or name))
+
+
+def _at_most(limit: int, error: str, base: str = "str") -> Kind:
+    """A string (or a list, given its ``base``) of at most ``limit`` items."""
+
+    def test(value: Any, _name: str) -> None:
+        if len(value) > limit:
+            raise ValueError(error)
+
+    return Kind(base, test)
+
+
+def _str(check: Callable[[str], None]) -> Kind:
+    return Kind("str", lambda v, _name: check(v))
+
+
+_TOO_MANY_NET = "too many interfaces, routes or neighbours"
+
+KINDS: dict[str, Kind] = {
+    "ContainerId": _str(lambda v: check_id(v, "container id")),
+    "ExecId": _str(lambda v: check_id(v, "exec id")),
+    "ExecIdOrInit": _str(_check_exec_id_or_init),
+    "GuestPath": Kind("str", _check_guest_path),
+    "HostPath": Kind("str", _check_host_path),
+    "OciSpec": _at_most(MAX_SPEC, "spec too large"),
+    "SmallJson": Kind("str", _check_small_json),
+    "MountKind": _str(_check_mount_kind),
+    "MountOption": _str(_check_mount_option),
+    "Entropy": _str(lambda v: _check_hex(v, 64, 1024, "entropy must be 32-512 bytes of hex")),
+    "Hostname": _str(_check_hostname),
+    "MachineId": _str(lambda v: _check_hex(v, 32, 32, "machine_id must be 32 hex digits")),
+    "MacChange": _str(_check_mac_change),
+    "MacChanges": _at_most(16, "too many NICs", "list[MacChange]"),
+    "UserName": _at_most(256, "process_info field too long"),
+    "CommandLine": _at_most(4096, "process_info field too long"),
+    "IfName": _str(_check_ifname),
+    "Mac": _str(_check_mac),
+    "Cidr": _str(_check_cidr),
+    "Addresses": _at_most(64, "too many addresses", "list[Cidr]"),
+    "RouteDest": _str(_check_route_dest),
+    "Gateway": _str(_check_gateway),
+    "NeighborAddress": _str(lambda v: _check_ip(v, "neighbour")),
+    "Sysctl": _str(_check_sysctl),
+    "NetFile": _at_most(64 << 10, "network file too large"),
+    "NetInterfaces": _at_most(16, _TOO_MANY_NET, "list[NetInterface]"),
+    "NetRoutes": _at_most(256, _TOO_MANY_NET, "list[NetRoute]"),
+    "NetNeighbors": _at_most(256, _TOO_MANY_NET, "list[NetNeighbor]"),
+    "StreamId": _span(0, 0xFFFFFFFF, "stream id"),
+    "TermSize": _span(0, 10000),
+    "NewTermSize": _span(1, 10000),
+    "Signal": _span(0, 64, "signal"),
+    "ExitCode": _span(0, 255, "exit code"),
+    "Pid": _span(1, 1 << 22, "pid"),
+    "Mtu": _span(68, 65535, "mtu"),
+}
 
 
 class Message:
@@ -86,7 +294,14 @@ class Message:
         return f"{type(self).__name__}({inner})"
 
     def check(self) -> None:
-        """Semantic validation beyond types; overridden where ranges matter."""
+        """Every field against its type's rule, nested messages too: for a
+        message built on this side (``decode`` checks each field as it reads it)."""
+        for name, tp in self.FIELDS:
+            _verify(tp, getattr(self, name), name)
+        self.relate()
+
+    def relate(self) -> None:
+        """Rules between fields; overridden where one field constrains another."""
 
 
 REGISTRY: dict[str, type[Message]] = {}
@@ -135,28 +350,12 @@ class Identity(Message):
 
     TYPE = "identity"
     #: Host entropy (hex), mixed into the guest's pool and then a forced reseed.
-    entropy: str
-    hostname: str
-    machine_id: str  # 32 lowercase hex digits
+    entropy: Entropy
+    hostname: Hostname
+    machine_id: MachineId  # 32 lowercase hex digits
     #: "TEMPLATE_MAC=MAC": a NIC restored from a template still has the
     #: template's MAC; the agent gives it the sandbox's (QEMU follows the guest).
-    macs: list[str]
-
-    def check(self) -> None:
-        if len(self.macs) > 16:
-            raise ValueError("too many NICs")
-        for pair in self.macs:
-            old, sep, new = pair.partition("=")
-            if not sep:
-                raise ValueError("macs entries are OLD=NEW")
-            _check_mac(old)
-            _check_mac(new)
-        if not 64 <= len(self.entropy) <= 1024 or not _HEX_RE.match(self.entropy):
-            raise ValueError("entropy must be 32-512 bytes of hex")
-        if not _HOSTNAME_RE.match(self.hostname):
-            raise ValueError("bad hostname")
-        if len(self.machine_id) != 32 or not _HEX_RE.match(self.machine_id):
-            raise ValueError("machine_id must be 32 hex digits")
+    macs: MacChanges
 
 
 @message
@@ -210,29 +409,18 @@ class Mount(Message):
     """
 
     TYPE = "mount"
-    kind: str
+    kind: MountKind
     source: str
-    target: str
+    target: GuestPath
     fstype: str
-    options: list[str]
+    options: list[MountOption]
     readonly: bool
-
-    def check(self) -> None:
-        if self.kind not in MOUNT_KINDS:
-            raise ValueError(f"unknown mount kind {self.kind[:20]!r}")
-        _check_guest_path(self.target, "mount target")
-        for opt in self.options:
-            if "," in opt or len(opt) > 4096:
-                raise ValueError("mount option must not contain ','")
 
 
 @message
 class Unmount(Message):
     TYPE = "unmount"
-    target: str
-
-    def check(self) -> None:
-        _check_guest_path(self.target, "unmount target")
+    target: GuestPath
 
 
 @message
@@ -240,18 +428,12 @@ class StdioSpec(Message):
     """Stream ids the host allocated for one process (0 = not connected)."""
 
     TYPE = "stdio"
-    stdin: int
-    stdout: int
-    stderr: int
+    stdin: StreamId
+    stdout: StreamId
+    stderr: StreamId
     terminal: bool
-    rows: int
-    cols: int
-
-    def check(self) -> None:
-        for s in (self.stdin, self.stdout, self.stderr):
-            check_range(s, 0, 0xFFFFFFFF, "stream id")
-        check_range(self.rows, 0, 10000, "rows")
-        check_range(self.cols, 0, 10000, "cols")
+    rows: TermSize
+    cols: TermSize
 
 
 @message
@@ -263,17 +445,10 @@ class CreateContainer(Message):
     """
 
     TYPE = "create_container"
-    container_id: str
-    rootfs: str
-    spec_json: str
+    container_id: ContainerId
+    rootfs: GuestPath
+    spec_json: OciSpec
     stdio: StdioSpec
-
-    def check(self) -> None:
-        check_id(self.container_id, "container id")
-        _check_guest_path(self.rootfs, "rootfs")
-        if len(self.spec_json) > MAX_SPEC:
-            raise ValueError("spec too large")
-        self.stdio.check()
 
 
 @message
@@ -285,10 +460,7 @@ class ProcessStarted(Message):
 @message
 class StartContainer(Message):
     TYPE = "start_container"
-    container_id: str
-
-    def check(self) -> None:
-        check_id(self.container_id, "container id")
+    container_id: ContainerId
 
 
 @message
@@ -296,17 +468,10 @@ class ExecProcess(Message):
     """Run an extra process in a container; ``process_json`` is an OCI process."""
 
     TYPE = "exec_process"
-    container_id: str
-    exec_id: str
-    process_json: str
+    container_id: ContainerId
+    exec_id: ExecId
+    process_json: SmallJson
     stdio: StdioSpec
-
-    def check(self) -> None:
-        check_id(self.container_id, "container id")
-        check_id(self.exec_id, "exec id")
-        if len(self.process_json) > MAX_STR:
-            raise ValueError("process spec too large")
-        self.stdio.check()
 
 
 @message
@@ -314,28 +479,17 @@ class SignalProcess(Message):
     """exec_id "" means the container's init; ``all`` signals every process."""
 
     TYPE = "signal_process"
-    container_id: str
-    exec_id: str
-    signal: int
+    container_id: ContainerId
+    exec_id: ExecIdOrInit
+    signal: Signal
     all: bool
-
-    def check(self) -> None:
-        check_id(self.container_id, "container id")
-        if self.exec_id:
-            check_id(self.exec_id, "exec id")
-        check_range(self.signal, 0, 64, "signal")
 
 
 @message
 class WaitProcess(Message):
     TYPE = "wait_process"
-    container_id: str
-    exec_id: str
-
-    def check(self) -> None:
-        check_id(self.container_id, "container id")
-        if self.exec_id:
-            check_id(self.exec_id, "exec id")
+    container_id: ContainerId
+    exec_id: ExecIdOrInit
 
 
 @message
@@ -343,47 +497,30 @@ class ProcessExited(Message):
     """``exit_code`` follows the shell: 128+N when killed by signal N."""
 
     TYPE = "process_exited"
-    exit_code: int
-    signal: int
+    exit_code: ExitCode
+    signal: Signal
     oom_killed: bool
-
-    def check(self) -> None:
-        check_range(self.exit_code, 0, 255, "exit code")
-        check_range(self.signal, 0, 64, "signal")
 
 
 @message
 class ResizeTty(Message):
     TYPE = "resize_tty"
-    container_id: str
-    exec_id: str
-    rows: int
-    cols: int
-
-    def check(self) -> None:
-        check_id(self.container_id, "container id")
-        if self.exec_id:
-            check_id(self.exec_id, "exec id")
-        check_range(self.rows, 1, 10000, "rows")
-        check_range(self.cols, 1, 10000, "cols")
+    container_id: ContainerId
+    exec_id: ExecIdOrInit
+    rows: NewTermSize
+    cols: NewTermSize
 
 
 @message
 class DeleteContainer(Message):
     TYPE = "delete_container"
-    container_id: str
-
-    def check(self) -> None:
-        check_id(self.container_id, "container id")
+    container_id: ContainerId
 
 
 @message
 class ListProcesses(Message):
     TYPE = "list_processes"
-    container_id: str
-
-    def check(self) -> None:
-        check_id(self.container_id, "container id")
+    container_id: ContainerId
 
 
 @message
@@ -399,16 +536,10 @@ class AddContainer(Message):
     monitor writes its state there); ``rootfs`` a guest path. Never sent to the agent."""
 
     TYPE = "add_container"
-    record_dir: str
-    container_id: str
-    rootfs: str
+    record_dir: HostPath
+    container_id: ContainerId
+    rootfs: GuestPath
     tty: bool
-
-    def check(self) -> None:
-        check_id(self.container_id, "container id")
-        _check_guest_path(self.rootfs, "rootfs")
-        if not self.record_dir.startswith("/") or len(self.record_dir) > 4096:
-            raise ValueError("record_dir must be an absolute path")
 
 
 @message
@@ -416,19 +547,13 @@ class PauseContainer(Message):
     """Freeze every process of the container (its cgroup), as `runc pause`."""
 
     TYPE = "pause_container"
-    container_id: str
-
-    def check(self) -> None:
-        check_id(self.container_id, "container id")
+    container_id: ContainerId
 
 
 @message
 class ResumeContainer(Message):
     TYPE = "resume_container"
-    container_id: str
-
-    def check(self) -> None:
-        check_id(self.container_id, "container id")
+    container_id: ContainerId
 
 
 @message
@@ -436,13 +561,8 @@ class UpdateResources(Message):
     """New cgroup limits (an OCI ``linux.resources`` object) for a running container."""
 
     TYPE = "update_resources"
-    container_id: str
-    resources_json: str
-
-    def check(self) -> None:
-        check_id(self.container_id, "container id")
-        if len(self.resources_json) > MAX_STR:
-            raise ValueError("resources too large")
+    container_id: ContainerId
+    resources_json: SmallJson
 
 
 @message
@@ -450,10 +570,7 @@ class Top(Message):
     """The container's processes with owner, CPU time and command line (docker top)."""
 
     TYPE = "top"
-    container_id: str
-
-    def check(self) -> None:
-        check_id(self.container_id, "container id")
+    container_id: ContainerId
 
 
 @message
@@ -461,15 +578,10 @@ class ProcessInfo(Message):
     """One row of ``top``: guest pid, user name (or uid), CPU ms, command line."""
 
     TYPE = "process_info"
-    pid: int
-    user: str
+    pid: Pid
+    user: UserName
     cpu_ms: int
-    command: str
-
-    def check(self) -> None:
-        check_range(self.pid, 1, 1 << 22, "pid")
-        if len(self.user) > 256 or len(self.command) > 4096:
-            raise ValueError("process_info field too long")
+    command: CommandLine
 
 
 @message
@@ -488,17 +600,11 @@ class Attach(Message):
     stdio: StdioSpec
     bind: bool  # the client stands for the init: its end kills the container
 
-    def check(self) -> None:
-        self.stdio.check()
-
 
 @message
 class Stats(Message):
     TYPE = "stats"
-    container_id: str
-
-    def check(self) -> None:
-        check_id(self.container_id, "container id")
+    container_id: ContainerId
 
 
 @message
@@ -550,48 +656,31 @@ class NetInterface(Message):
     """One guest NIC, found by its MAC (QEMU gave it the host link's), renamed and addressed."""
 
     TYPE = "net_interface"
-    name: str
-    mac: str
-    mtu: int
-    addresses: list[str]  # CIDRs, IPv4 or IPv6
-
-    def check(self) -> None:
-        _check_ifname(self.name)
-        _check_mac(self.mac)
-        check_range(self.mtu, 68, 65535, "mtu")
-        if len(self.addresses) > 64:
-            raise ValueError("too many addresses")
-        for a in self.addresses:
-            _check_cidr(a)
+    name: IfName
+    mac: Mac
+    mtu: Mtu
+    addresses: Addresses  # CIDRs, IPv4 or IPv6
 
 
 @message
 class NetRoute(Message):
     TYPE = "net_route"
-    dest: str  # "default" or a CIDR
-    gateway: str  # "" = on-link
-    device: str
-
-    def check(self) -> None:
-        if self.dest != "default":
-            _check_cidr(self.dest)
-        if self.gateway and not _IP_RE.match(self.gateway):
-            raise ValueError("bad gateway address")
-        _check_ifname(self.device)
+    dest: RouteDest
+    gateway: Gateway
+    device: IfName
 
 
 @message
 class NetNeighbor(Message):
     TYPE = "net_neighbor"
-    address: str
-    mac: str
-    device: str
+    address: NeighborAddress
+    mac: Mac
+    device: IfName
 
-    def check(self) -> None:
-        if not _IP_RE.match(self.address):
-            raise ValueError("bad neighbour address")
-        _check_mac(self.mac)
-        _check_ifname(self.device)
+
+NetInterfaces = list[NetInterface]
+NetRoutes = list[NetRoute]
+NetNeighbors = list[NetNeighbor]
 
 
 @message
@@ -600,67 +689,23 @@ class ConfigureNetwork(Message):
     hosts/resolv.conf/hostname files (written under a guest dir; "" = none)."""
 
     TYPE = "configure_network"
-    interfaces: list[NetInterface]
-    routes: list[NetRoute]
-    neighbors: list[NetNeighbor]
-    hosts: str
-    resolv: str
-    hostname: str
+    interfaces: NetInterfaces
+    routes: NetRoutes
+    neighbors: NetNeighbors
+    hosts: NetFile
+    resolv: NetFile
+    hostname: NetFile
     #: "net.x.y=value": the VM's network namespace is the container's, so the
     #: spec's net.* sysctls are set there rather than in a namespace of its own.
-    sysctls: list[str]
+    sysctls: list[Sysctl]
 
-    def check(self) -> None:
-        for kv in self.sysctls:
-            key, sep, value = kv.partition("=")
-            if not sep or not _SYSCTL_RE.match(key) or len(value) > 4096 or "\n" in value:
-                raise ValueError("bad network sysctl")
-        if len(self.interfaces) > 16 or len(self.routes) > 256 or len(self.neighbors) > 256:
-            raise ValueError("too many interfaces, routes or neighbours")
-        for part in (*self.interfaces, *self.routes, *self.neighbors):
-            part.check()
+    def relate(self) -> None:
         names = {i.name for i in self.interfaces}
         if len(names) != len(self.interfaces):
             raise ValueError("duplicate interface name")
         for dev in [r.device for r in self.routes] + [n.device for n in self.neighbors]:
             if dev not in names:
                 raise ValueError("route or neighbour on an unknown interface")
-        for f in (self.hosts, self.resolv, self.hostname):
-            if len(f) > 64 << 10:
-                raise ValueError("network file too large")
-
-
-_HEX_RE = re.compile(r"^[0-9a-f]+$")
-_DIGITS_RE = re.compile(r"^[0-9]{1,3}$")  # str.isdigit() is true for "²", which int() refuses
-_HOSTNAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,62})$")
-_SYSCTL_RE = re.compile(r"^net\.[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+){1,6}$")
-_IFNAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
-_MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
-_IP_RE = re.compile(r"^(?:[0-9]{1,3}(?:\.[0-9]{1,3}){3}|[0-9a-fA-F:.]{2,45})$")
-
-
-def _check_ifname(name: str) -> None:
-    if not _IFNAME_RE.match(name) or name in (".", ".."):
-        raise ValueError("bad interface name")
-
-
-def _check_mac(mac: str) -> None:
-    if not _MAC_RE.match(mac):
-        raise ValueError("bad MAC address")
-
-
-def _check_cidr(text: str) -> None:
-    addr, sep, plen = text.partition("/")
-    if not sep or not _IP_RE.match(addr) or not _DIGITS_RE.match(plen):
-        raise ValueError("bad address/prefix")
-    check_range(int(plen), 0, 32 if "." in addr and ":" not in addr else 128, "prefix length")
-
-
-def _check_guest_path(path: str, what: str) -> None:
-    if not path.startswith("/") or "\0" in path or len(path) > 4096:
-        raise ValueError(f"{what} must be an absolute path")
-    if any(part == ".." for part in path.split("/")):
-        raise ValueError(f"{what} must not contain '..'")
 
 
 # ----------------------------------------------------------------------------
@@ -716,7 +761,7 @@ def _build(cls: type[Message], body: Any) -> Message:
             raise ValueError(f"{cls.TYPE}: missing field {name}")
         kwargs[name] = _coerce(tp, body[name], f"{cls.TYPE}.{name}")
     msg = cls(**kwargs)
-    msg.check()
+    msg.relate()
     return msg
 
 
@@ -725,6 +770,11 @@ _CLASSES: dict[str, type[Message]] = {}
 
 def _coerce(tp: str, value: Any, where: str) -> Any:
     """Check ``value`` against the annotation string ``tp`` (flat types only)."""
+    kind = KINDS.get(tp)
+    if kind is not None:
+        value = _coerce(kind.base, value, where)
+        kind.test(value, where.rpartition(".")[2])
+        return value
     if tp == "bool":
         if not isinstance(value, bool):
             raise ValueError(f"{where}: expected bool")
@@ -760,6 +810,19 @@ def _coerce(tp: str, value: Any, where: str) -> Any:
     return _build(cls, value)
 
 
+def _verify(tp: str, value: Any, name: str) -> None:
+    """The rules of ``tp`` over a value already of its type (``Message.check``)."""
+    kind = KINDS.get(tp)
+    if kind is not None:
+        _verify(kind.base, value, name)
+        kind.test(value, name)
+    elif tp.startswith("list[") and tp.endswith("]"):
+        for v in value:
+            _verify(tp[5:-1], v, name)
+    elif tp not in ("bool", "int", "float", "str"):
+        value.check()
+
+
 def _message_class(name: str) -> type[Message]:
     cls = _CLASSES.get(name)
     if cls is None:
@@ -773,6 +836,8 @@ def _message_class(name: str) -> type[Message]:
 
 def _nesting(tp: str) -> int:
     """How deep a field of annotation ``tp`` nests in JSON (a list or message adds one)."""
+    if tp in KINDS:
+        return _nesting(KINDS[tp].base)
     if tp.startswith("list[") and tp.endswith("]"):
         return 1 + _nesting(tp[5:-1])
     if tp in ("bool", "int", "float", "str"):

@@ -10,14 +10,15 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import subprocess
 import tempfile
 from pathlib import Path
 
 from cocoon.config import Config
 from cocoon.errors import HostError
+from cocoon.util.proc import run
 
 BUSYBOX = "/bin/busybox"
+LIST_TIMEOUT_S = 30.0
 
 
 def busybox_rootfs(cfg: Config) -> Path:
@@ -35,9 +36,7 @@ def busybox_rootfs(cfg: Config) -> Path:
         for d in ("bin", "etc", "proc", "sys", "dev", "tmp", "root", "var/tmp", "run"):
             (tmp / d).mkdir(parents=True, exist_ok=True)
         shutil.copy2(BUSYBOX, tmp / "bin/busybox")
-        applets = subprocess.run(
-            [BUSYBOX, "--list"], capture_output=True, text=True, check=True
-        ).stdout.split()
+        applets = run([BUSYBOX, "--list"], timeout_s=LIST_TIMEOUT_S).stdout.decode().split()
         for a in applets:
             if a != "busybox":
                 os.symlink("busybox", tmp / "bin" / a)

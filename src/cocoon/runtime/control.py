@@ -14,9 +14,9 @@ from typing import Any, TypeVar
 
 from cocoon.errors import AgentError, GuestError, NotRunning, StateError, VmExited
 from cocoon.protocol import messages
-from cocoon.runtime.containers import ContainerDir
 from cocoon.runtime.monitor import CONTAINER_ID
-from cocoon.sandbox.channel import AgentChannel
+from cocoon.runtime.records import ContainerDir
+from cocoon.sandbox.channel import AgentChannel, Timeout
 from cocoon.sandbox.sandbox import Process
 
 M = TypeVar("M", bound=messages.Message)
@@ -40,7 +40,11 @@ class MonitorClient:
         return cls(cdir, ch)
 
     async def call(
-        self, msg: messages.Message, expect: type[M], *, timeout_s: float | None = -1.0
+        self,
+        msg: messages.Message,
+        expect: type[M],
+        *,
+        timeout_s: float | None | Timeout = Timeout.AGENT,
     ) -> M:
         try:
             return await self.channel.call(msg, expect, timeout_s=timeout_s)
@@ -58,28 +62,12 @@ class MonitorClient:
                 f"lost the monitor of container {self.cdir.id[:12]} during {msg.TYPE}"
             ) from e
 
-    def _stdio(
-        self, stdin: bool, tty: bool, rows: int, cols: int
-    ) -> tuple[messages.StdioSpec, Any, Any, Any]:
-        sin = self.channel.open_out() if stdin else None
-        sout = self.channel.open_in()
-        serr = None if tty else self.channel.open_in()
-        spec = messages.StdioSpec(
-            stdin=sin.chan if sin else 0,
-            stdout=sout.chan,
-            stderr=serr.chan if serr else 0,
-            terminal=tty,
-            rows=rows,
-            cols=cols,
-        )
-        return spec, sin, sout, serr
-
     async def attach(
         self, *, stdin: bool, tty: bool, rows: int = 0, cols: int = 0, bind: bool = False
     ) -> Process:
         """The container's init process: its output from now on, our stdin to it.
         ``bind``: we stand for it on the host, our end kills it."""
-        spec, sin, sout, serr = self._stdio(stdin, tty, rows, cols)
+        spec, sin, sout, serr = self.channel.open_stdio(stdin, tty, rows, cols)
         reply = await self.call(messages.Attach(spec, bind), messages.ProcessStarted)
         return Process(self, CONTAINER_ID, "", reply.pid, sin, sout, serr)
 
@@ -92,7 +80,7 @@ class MonitorClient:
         rows: int = 24,
         cols: int = 80,
     ) -> Process:
-        spec, sin, sout, serr = self._stdio(stdin, tty, rows, cols)
+        spec, sin, sout, serr = self.channel.open_stdio(stdin, tty, rows, cols)
         eid = "exec-" + secrets.token_hex(6)
         msg = messages.ExecProcess(CONTAINER_ID, eid, json.dumps(process), spec)
         reply = await self.call(msg, messages.ProcessStarted, timeout_s=120.0)

@@ -19,8 +19,8 @@ from cocoon.errors import CocoonError, NotRunning, StateError
 from cocoon.log import teardown_step
 from cocoon.oci.spec import merge_env, parse_user
 from cocoon.protocol import messages
-from cocoon.runtime.containers import ContainerConfig, ContainerDir, ContainerStore
 from cocoon.runtime.control import MonitorClient
+from cocoon.runtime.records import ContainerConfig, ContainerDir, ContainerStore
 from cocoon.runtime.stdio import attach, terminal_size
 from cocoon.state import gc
 from cocoon.util.proc import alive

@@ -23,7 +23,6 @@ import contextlib
 import json
 import logging
 import os
-import re
 import select
 import shutil
 import signal
@@ -49,10 +48,10 @@ from cocoon.errors import (
 from cocoon.hypervisor.base import Disk, Share
 from cocoon.network import NetworkPlan
 from cocoon.network.ports import PortSpec, Publisher
-from cocoon.protocol import messages
+from cocoon.protocol import ids, messages
 from cocoon.protocol.session import OutStream, RemoteError, Session
-from cocoon.runtime.containers import ContainerConfig, ContainerDir, ContainerState
 from cocoon.runtime.logs import CriLogWriter
+from cocoon.runtime.records import ContainerConfig, ContainerDir, ContainerState
 from cocoon.sandbox.admission import start_slot
 from cocoon.sandbox.sandbox import Process, Sandbox
 from cocoon.storage.scratch import ScratchDisk
@@ -377,7 +376,7 @@ class Monitor:
         cid = Path(msg.record_dir).name
         if Path(msg.record_dir) != main_dir.path.parent / cid or msg.container_id in self.members:
             raise RemoteError("invalid", "not a container of this runtime, or taken")
-        cdir = ContainerDir(main_dir.path.parent, cid, re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$"))
+        cdir = ContainerDir(main_dir.path.parent, cid, ids.OCI_RECORD_DIR)
         config = cdir.config()
         m = Member(cdir, config, msg.container_id, None)
         if not cdir.life.take():

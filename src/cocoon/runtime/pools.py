@@ -7,27 +7,29 @@ import sys
 from typing import Any
 
 from cocoon.config import Config
-from cocoon.sandbox import pool
+from cocoon.sandbox import poolclient
 
 
 def serve(cfg: Config) -> None:
     """Run the pool server in the foreground until SIGTERM/SIGINT."""
+    # Only the server needs the sandbox's imports; status, fill and drain are a socket.
+    from cocoon.sandbox.pool import PoolServer
 
     def log(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
-    asyncio.run(pool.PoolServer(cfg, log).serve())
+    asyncio.run(PoolServer(cfg, log).serve())
 
 
 def status(cfg: Config) -> dict[str, Any]:
-    return pool.status(cfg)
+    return poolclient.status(cfg)
 
 
 def fill(cfg: Config) -> dict[str, Any]:
     """Resume filling (after a drain) and wait, a minute at most, until full."""
-    return pool.status(cfg, "fill")
+    return poolclient.status(cfg, "fill")
 
 
 def drain(cfg: Config) -> int:
     """Destroy every ready sandbox and stop refilling until `fill`."""
-    return int(pool.status(cfg, "drain").get("drained", 0))
+    return int(poolclient.status(cfg, "drain").get("drained", 0))

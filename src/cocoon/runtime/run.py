@@ -1,6 +1,6 @@
 """`cocoon run`: one container from an image, in its own VM.
 
-The container is recorded first (runtime.containers), then a monitor process
+The container is recorded first (runtime.records), then a monitor process
 is forked to own its VM (runtime.monitor); an attached run talks to that
 monitor like any other command would (runtime.control). The image's read-only
 erofs block image goes to the VM as a virtio-blk disk; the guest stacks an
@@ -28,10 +28,10 @@ from cocoon.network import GUEST_FILES, NetworkPlan
 from cocoon.network.ports import PortSpec
 from cocoon.oci.spec import default_spec, merge_env, parse_user, process_args
 from cocoon.runtime import volumes
-from cocoon.runtime.containers import ContainerConfig, ContainerDir, ContainerStore
 from cocoon.runtime.control import MonitorClient
 from cocoon.runtime.logs import DEFAULT_MAX_BYTES, DEFAULT_MAX_FILES
 from cocoon.runtime.monitor import CONTAINER_ID, LaunchPlan, spawn
+from cocoon.runtime.records import ContainerConfig, ContainerDir, ContainerStore
 from cocoon.runtime.stdio import attach, terminal_size
 from cocoon.runtime.volumes import VolumeSpec
 from cocoon.sandbox.sandbox import Sandbox

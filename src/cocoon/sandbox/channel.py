@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import os
 import socket
 import time
@@ -22,6 +23,14 @@ from cocoon.protocol import messages
 from cocoon.protocol.session import InStream, OutStream, RemoteError, Session, SessionClosed
 
 M = TypeVar("M", bound=messages.Message)
+
+
+class Timeout(enum.Enum):
+    """A call's ``timeout_s`` left to the channel: a number is seconds, None is no
+    deadline (asyncio's convention: waits on processes, which the keepalive
+    still guards), and ``AGENT`` is the channel's own ``agent_timeout_s``."""
+
+    AGENT = "agent_timeout_s"
 
 
 class AgentChannel:
@@ -145,12 +154,11 @@ class AgentChannel:
         msg: messages.Message,
         expect: type[M],
         *,
-        timeout_s: float | None = -1.0,
+        timeout_s: float | None | Timeout = Timeout.AGENT,
         what: str = "",
     ) -> M:
-        """One request with a deadline (default: agent_timeout_s; None: unbounded,
-        for waits on processes, which the keepalive still guards)."""
-        t = self.agent_timeout_s if timeout_s == -1.0 else timeout_s
+        """One request with a deadline (see ``Timeout``)."""
+        t = self.agent_timeout_s if timeout_s is Timeout.AGENT else timeout_s
         try:
             reply = await self.session.request(msg, (expect,), t)
         except TimeoutError:
@@ -175,6 +183,25 @@ class AgentChannel:
 
     def open_out(self) -> OutStream:
         return self.session.open_out(self.new_stream_id())
+
+    def open_stdio(
+        self, stdin: bool, tty: bool, rows: int, cols: int
+    ) -> tuple[messages.StdioSpec, OutStream | None, InStream, InStream | None]:
+        """A process's streams, registered before its request goes out (the host
+        refuses DATA on streams it does not know): its StdioSpec, stdin, stdout,
+        stderr (none with a terminal, which merges it into stdout)."""
+        sin = self.open_out() if stdin else None
+        sout = self.open_in()
+        serr = None if tty else self.open_in()
+        spec = messages.StdioSpec(
+            stdin=sin.chan if sin else 0,
+            stdout=sout.chan,
+            stderr=serr.chan if serr else 0,
+            terminal=tty,
+            rows=rows,
+            cols=cols,
+        )
+        return spec, sin, sout, serr
 
     async def close(self) -> None:
         self.session.close("host closed the channel")

@@ -26,7 +26,6 @@ import signal
 import socket
 import subprocess
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,123 +33,31 @@ from cocoon.config import Config
 from cocoon.errors import CocoonError, SandboxError
 from cocoon.sandbox import admission
 from cocoon.sandbox import template as templates
+from cocoon.sandbox.poolclient import (
+    MAX_LINE,
+    TAKE_TIMEOUT_S,
+    SizeClass,
+    classes,
+    close_fds,
+    socket_path,
+)
+from cocoon.sandbox.sandbox import Sandbox
 from cocoon.sandbox.warmup import warm_up
-from cocoon.state.store import check_sandbox_id
 
-TAKE_TIMEOUT_S = 2.0
-MAX_LINE = 4096
 #: Seconds after a hand-out before the pool starts its replacement.
 REFILL_AFTER_S = 1.0
 #: Pause before retrying after a failed fill (a broken template, a full host).
 RETRY_S = 2.0
-#: Where a pooled sandbox runs its warm-up container (gone before hand-out).
-
-
-@dataclass(frozen=True)
-class SizeClass:
-    vcpus: int
-    memory_mib: int
-
-    @property
-    def name(self) -> str:
-        return f"{self.vcpus}x{self.memory_mib}"
-
-
-def classes(cfg: Config) -> list[SizeClass]:
-    out = [SizeClass(cfg.hypervisor.vcpus, cfg.hypervisor.memory_mib)]
-    for c in cfg.pool.classes:
-        v, _, m = c.partition("x")
-        sc = SizeClass(int(v), int(m))
-        if sc not in out:
-            out.append(sc)
-    return out
-
-
-def socket_path(cfg: Config) -> Path:
-    return cfg.root / "pool.sock"
-
-
-@dataclass(frozen=True)
-class Taken:
-    """A pooled sandbox as it reaches its new owner."""
-
-    sandbox_id: str
-    owner_fd: int  # holds the sandbox's owner lock
-    channel_fd: int  # the agent channel, connected and quiet
-
-
-def _ask(
-    cfg: Config, request: dict[str, Any], timeout_s: float
-) -> tuple[dict[str, Any], list[int]]:
-    """One request to the pool server: (its reply, the fds it sent)."""
-    path = socket_path(cfg)
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(timeout_s)
-    try:
-        s.connect(str(path))
-        s.sendall(json.dumps(request).encode() + b"\n")
-        data, fds, _, _ = socket.recv_fds(s, MAX_LINE, 2)
-    finally:
-        s.close()
-    try:
-        reply = json.loads(data)
-        if not isinstance(reply, dict):
-            raise ValueError("not an object")
-    except ValueError as e:
-        _close(fds)
-        raise SandboxError("the pool server sent a reply that is not JSON") from e
-    return reply, fds
-
-
-def _close(fds: list[int]) -> None:
-    for fd in fds:
-        with contextlib.suppress(OSError):
-            os.close(fd)
-
-
-def take(cfg: Config, vcpus: int, memory_mib: int) -> Taken | None:
-    """A pooled sandbox of this size, or None when there is no server or no
-    sandbox ready (the caller then starts one itself)."""
-    if not socket_path(cfg).exists():
-        return None
-    try:
-        reply, fds = _ask(cfg, {"take": SizeClass(vcpus, memory_mib).name}, TAKE_TIMEOUT_S)
-    except (OSError, SandboxError):
-        return None
-    sid = reply.get("sandbox")
-    if len(fds) != 2 or not isinstance(sid, str) or not sid:
-        _close(fds)
-        return None
-    try:
-        check_sandbox_id(sid)
-    except CocoonError:
-        _close(fds)
-        return None
-    return Taken(sid, fds[0], fds[1])
-
-
-def status(cfg: Config, request: str = "status") -> dict[str, Any]:
-    """The server's view (ready sandboxes per class); raises SandboxError without one."""
-    try:
-        reply, fds = _ask(cfg, {request: True}, 60.0 if request == "fill" else 10.0)
-    except OSError as e:
-        raise SandboxError(
-            f"no pool server on {socket_path(cfg)} ({e.strerror or e}): start `cocoon pool serve`"
-        ) from e
-    _close(fds)
-    return reply
 
 
 class PoolServer:
     """The long-lived owner of the pooled sandboxes (one per state root)."""
 
     def __init__(self, cfg: Config, log: Any = print) -> None:
-        from cocoon.sandbox.sandbox import Sandbox  # the pool sits above the sandbox
-
         self.cfg = cfg
         self.log = log
         self._sandbox = Sandbox
-        self.ready: dict[str, list[Any]] = {c.name: [] for c in classes(cfg)}
+        self.ready: dict[str, list[Sandbox]] = {c.name: [] for c in classes(cfg)}
         self.filling = cfg.pool.size > 0
         self.handed: list[subprocess.Popen[bytes]] = []
         self._wake = asyncio.Event()
@@ -204,7 +111,7 @@ class PoolServer:
                 n += 1
         return n
 
-    def _usable(self, sb: Any, c: SizeClass) -> str:
+    def _usable(self, sb: Sandbox, c: SizeClass) -> str:
         """Why a pooled sandbox must not be handed out ("" = it may)."""
         if sb.channel is None or sb.channel.session.closed is not None:
             return "its agent channel failed"
@@ -335,6 +242,7 @@ class PoolServer:
                 self.log(f"pool: discarding {sb.id} ({e})")
                 await sb.destroy()
                 continue
+            assert sb.launched is not None  # _usable() saw its VM
             qemu = sb.backend.child(sb.launched.processes["qemu"])
             if qemu is not None:
                 self.handed.append(qemu)
@@ -352,7 +260,7 @@ class PoolServer:
                 sb.reclaim(fds[0])
                 await sb.destroy()
                 return
-            _close(fds)
+            close_fds(fds)
             self.log(f"pool: handed out {sb.id}")
             return
         w.write(b'{"sandbox": ""}\n')

@@ -20,9 +20,8 @@ from pathlib import Path
 from cocoon.config import Config
 from cocoon.errors import TemplateError
 from cocoon.hypervisor import cgroup, jail
-from cocoon.hypervisor.base import Layout, Nic, TemplateMemory, VmSpec, file_stamp
+from cocoon.hypervisor.base import Hypervisor, Layout, Nic, TemplateMemory, VmSpec, file_stamp
 from cocoon.hypervisor.jail import Jail
-from cocoon.hypervisor.qemu.backend import QemuBackend
 from cocoon.network.plumb import throwaway_taps
 from cocoon.sandbox import template
 from cocoon.sandbox.channel import AgentChannel
@@ -78,7 +77,7 @@ def clone_spec(spec: VmSpec, ram: Path, state_empty: Path) -> VmSpec:
     )
 
 
-def template_meta(cfg: Config, backend: QemuBackend, spec: VmSpec) -> dict[str, object]:
+def template_meta(cfg: Config, backend: Hypervisor, spec: VmSpec) -> dict[str, object]:
     inputs = backend.machine_files(spec)
     return {
         "vcpus": spec.vcpus,
@@ -94,7 +93,7 @@ def template_meta(cfg: Config, backend: QemuBackend, spec: VmSpec) -> dict[str, 
 
 
 async def build(
-    cfg: Config, backend: QemuBackend, tshape: VmSpec, work: Path, timeout_s: float
+    cfg: Config, backend: Hypervisor, tshape: VmSpec, work: Path, timeout_s: float
 ) -> None:
     """Boot the template VM to agent-ready with its RAM in ``work/ram``, then
     save its device state to ``work/state``.
@@ -176,7 +175,7 @@ def jail_for(cfg: Config, sdir: SandboxDir, st: SandboxState) -> Jail | None:
 
 async def obtain(
     cfg: Config,
-    backend: QemuBackend,
+    backend: Hypervisor,
     spec: VmSpec,
     timeout_s: float,
     built: list[bool] | None = None,

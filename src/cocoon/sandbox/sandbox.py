@@ -17,7 +17,6 @@ import contextlib
 import json
 import logging
 import os
-import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -29,16 +28,26 @@ from cocoon import network as net
 from cocoon.config import Config
 from cocoon.errors import CocoonError, GuestError, HypervisorError, SandboxError, TemplateError
 from cocoon.guestassets.cache import resolve
-from cocoon.hypervisor import accel, cgroup, jail
-from cocoon.hypervisor.base import AGENT_VSOCK_PORT, Disk, Launched, Layout, Nic, Share, VmSpec
+from cocoon.hypervisor import accel
+from cocoon.hypervisor.base import (
+    AGENT_VSOCK_PORT,
+    Disk,
+    Hypervisor,
+    Launched,
+    Layout,
+    Nic,
+    Share,
+    VmSpec,
+)
 from cocoon.hypervisor.qemu.backend import QemuBackend
 from cocoon.hypervisor.qemu.cmdline import slot_serial
 from cocoon.log import teardown_step
 from cocoon.protocol import messages
 from cocoon.protocol.session import InStream, OutStream
-from cocoon.sandbox import pool, restore, template
-from cocoon.sandbox.channel import AgentChannel
+from cocoon.sandbox import poolclient, restore, template
+from cocoon.sandbox.channel import AgentChannel, Timeout
 from cocoon.sandbox.template import template_mac
+from cocoon.state.gc import release_host, remove_dir
 from cocoon.state.store import ProcessRecord, SandboxDir, SandboxState
 from cocoon.storage import scratch as scratch_files
 from cocoon.storage.scratch import ScratchDisk
@@ -62,7 +71,7 @@ def new_id() -> str:
     return secrets.token_hex(6)
 
 
-def backend_for(cfg: Config) -> QemuBackend:
+def backend_for(cfg: Config) -> Hypervisor:
     """The configured hypervisor backend (QEMU is the only one so far)."""
     return QemuBackend(cfg.hypervisor)
 
@@ -194,7 +203,11 @@ class Caller(Protocol):
     monitor relaying for another cocoon command (runtime.control)."""
 
     async def call(
-        self, msg: messages.Message, expect: type[M], *, timeout_s: float | None = -1.0
+        self,
+        msg: messages.Message,
+        expect: type[M],
+        *,
+        timeout_s: float | None | Timeout = Timeout.AGENT,
     ) -> M: ...
 
 
@@ -318,7 +331,7 @@ class Sandbox:
         use_template = cfg.sandbox.templates if template is None else template
         if use_template and not pooled and poolable(cfg, disks, scratch, shares, init, network):
             got = await asyncio.to_thread(
-                pool.take, cfg, vcpus or cfg.hypervisor.vcpus,
+                poolclient.take, cfg, vcpus or cfg.hypervisor.vcpus,
                 memory_mib or cfg.hypervisor.memory_mib,
             )  # fmt: skip
             if got is not None:
@@ -427,7 +440,7 @@ class Sandbox:
     async def _adopt(
         cls,
         cfg: Config,
-        got: pool.Taken,
+        got: poolclient.Taken,
         *,
         disks: list[Disk],
         scratch: Sequence[ScratchDisk],
@@ -687,7 +700,11 @@ class Sandbox:
     # -- calls --------------------------------------------------------------
 
     async def call(
-        self, msg: messages.Message, expect: type[M], *, timeout_s: float | None = -1.0
+        self,
+        msg: messages.Message,
+        expect: type[M],
+        *,
+        timeout_s: float | None | Timeout = Timeout.AGENT,
     ) -> M:
         """Call the agent; a GuestError tears the sandbox down before it propagates."""
         if self.channel is None or self._destroyed:
@@ -761,17 +778,7 @@ class Sandbox:
         DATA on streams it does not know) and dropped if the process never started.
         """
         assert self.channel is not None
-        sin = self.channel.open_out() if stdin else None
-        sout = self.channel.open_in()
-        serr = None if tty else self.channel.open_in()
-        stdio = messages.StdioSpec(
-            stdin=sin.chan if sin else 0,
-            stdout=sout.chan,
-            stderr=serr.chan if serr else 0,
-            terminal=tty,
-            rows=rows,
-            cols=cols,
-        )
+        stdio, sin, sout, serr = self.channel.open_stdio(stdin, tty, rows, cols)
         try:
             reply = await self.call(
                 make(stdio),
@@ -847,83 +854,6 @@ class Sandbox:
 
     async def top(self, container_id: str) -> list[messages.ProcessInfo]:
         return (await self.call(messages.Top(container_id), messages.TopReply)).processes
-
-
-def release_host(st: SandboxState, root: Path) -> None:
-    """Delete what the sandbox made on the host outside its state dir (VM already gone)."""
-    if st.scratch_dir:
-        scratch_files.remove_dir(Path(st.scratch_dir))
-    if st.network:
-        net.release(st.network, st.id)
-    if st.jail_uid:
-        cgroup.remove(st.id)
-        jail.release(root, st.jail_uid, st.id)
-
-
-def _unescape_mountinfo(field: str) -> str:
-    """mountinfo writes space, tab, newline and backslash as octal escapes."""
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
-
-
-def mount_points_under(path: str | os.PathLike[str]) -> list[str]:
-    """Mount points at or below ``path`` in this mount namespace."""
-    top = os.path.realpath(path)
-    out = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split(" ")
-            if len(fields) < 5:
-                continue
-            mp = _unescape_mountinfo(fields[4])
-            if mp == top or mp.startswith(top.rstrip("/") + "/"):
-                out.append(mp)
-    return out
-
-
-def remove_dir(path: Path) -> None:
-    """Remove a sandbox dir (sockets, logs, state) without leaving it for anything else.
-
-    Never follows a symlink, never crosses into another file system or into a
-    mount point (bind mounts of the same file system included): whatever is
-    mounted below a state dir may be a user's own directory. Such a dir is left
-    in place and reported, so nothing of the user's is ever deleted.
-    """
-    if not os.path.lexists(path):
-        return
-    top = os.path.realpath(path)
-    mounts = set(mount_points_under(top))
-    if top in mounts:
-        raise SandboxError(f"{top} is a mount point: not removing it; unmount it first")
-    dev = os.lstat(top).st_dev
-    refused: list[str] = []
-
-    def empty(d: str) -> bool:
-        clean = True
-        with os.scandir(d) as it:
-            entries = list(it)
-        for e in entries:
-            try:
-                if e.is_dir(follow_symlinks=False):
-                    if e.path in mounts or e.stat(follow_symlinks=False).st_dev != dev:
-                        refused.append(e.path)
-                        clean = False
-                    elif empty(e.path):
-                        os.rmdir(e.path)
-                    else:
-                        clean = False
-                else:
-                    os.unlink(e.path)
-            except FileNotFoundError:
-                continue
-        return clean
-
-    if empty(top):
-        with contextlib.suppress(FileNotFoundError):
-            os.rmdir(top)
-    if refused:
-        raise SandboxError(
-            f"{refused[0]} is a mount point: left in place with {top}; unmount it, then `cocoon gc`"
-        )
 
 
 def _fits(body: str, limit: int, what: str) -> str:

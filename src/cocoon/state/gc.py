@@ -9,6 +9,10 @@ made on the host outside its dir (scratch images), then the dir.
 Scratch images live in the data dir, which outlives a reboot while the state
 root (a tmpfs) does not: given the data dir, ``reap`` also removes scratch dirs
 stamped with this root whose sandbox dir is gone.
+
+``release_host`` and ``remove_dir`` are also how ``Sandbox.destroy`` ends a
+sandbox: one code path for an owner's teardown and a reaper's, kept here, below
+the sandbox, so that the sandbox uses gc and gc never needs the sandbox.
 """
 
 from __future__ import annotations
@@ -20,11 +24,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from cocoon.errors import CocoonError
+from cocoon import network as net
+from cocoon.errors import CocoonError, SandboxError
 from cocoon.hypervisor import cgroup, jail
-from cocoon.sandbox.sandbox import release_host, remove_dir
-from cocoon.state.store import SandboxDir, list_ids
+from cocoon.state.store import SandboxDir, SandboxState, list_ids
 from cocoon.storage import scratch
+from cocoon.util.fs import mount_points_under
 from cocoon.util.proc import alive
 
 
@@ -129,3 +134,60 @@ def reap(
         jail.sweep(root, live)
         cgroup.sweep(live)
     return reaped
+
+
+def release_host(st: SandboxState, root: Path) -> None:
+    """Delete what the sandbox made on the host outside its state dir (VM already gone)."""
+    if st.scratch_dir:
+        scratch.remove_dir(Path(st.scratch_dir))
+    if st.network:
+        net.release(st.network, st.id)
+    if st.jail_uid:
+        cgroup.remove(st.id)
+        jail.release(root, st.jail_uid, st.id)
+
+
+def remove_dir(path: Path) -> None:
+    """Remove a sandbox dir (sockets, logs, state) without leaving it for anything else.
+
+    Never follows a symlink, never crosses into another file system or into a
+    mount point (bind mounts of the same file system included): whatever is
+    mounted below a state dir may be a user's own directory. Such a dir is left
+    in place and reported, so nothing of the user's is ever deleted.
+    """
+    if not os.path.lexists(path):
+        return
+    top = os.path.realpath(path)
+    mounts = set(mount_points_under(top))
+    if top in mounts:
+        raise SandboxError(f"{top} is a mount point: not removing it; unmount it first")
+    dev = os.lstat(top).st_dev
+    refused: list[str] = []
+
+    def empty(d: str) -> bool:
+        clean = True
+        with os.scandir(d) as it:
+            entries = list(it)
+        for e in entries:
+            try:
+                if e.is_dir(follow_symlinks=False):
+                    if e.path in mounts or e.stat(follow_symlinks=False).st_dev != dev:
+                        refused.append(e.path)
+                        clean = False
+                    elif empty(e.path):
+                        os.rmdir(e.path)
+                    else:
+                        clean = False
+                else:
+                    os.unlink(e.path)
+            except FileNotFoundError:
+                continue
+        return clean
+
+    if empty(top):
+        with contextlib.suppress(FileNotFoundError):
+            os.rmdir(top)
+    if refused:
+        raise SandboxError(
+            f"{refused[0]} is a mount point: left in place with {top}; unmount it, then `cocoon gc`"
+        )

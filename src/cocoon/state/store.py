@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -20,14 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from cocoon.errors import SandboxError, StateError
+from cocoon.protocol.ids import SANDBOX_ID
 from cocoon.util.fs import LifeLock, atomic_write, locked_file
 
-ID_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 STATUSES = ("creating", "running", "stopping", "stopped")
 
 
 def check_sandbox_id(sid: str) -> str:
-    if not ID_RE.match(sid):
+    if not SANDBOX_ID.match(sid):
         raise SandboxError(
             f"invalid sandbox id {sid[:70]!r}: use 1-64 of [a-z0-9_.-], starting alphanumeric"
         )
@@ -143,4 +142,4 @@ def list_ids(root: Path) -> list[str]:
         names = os.listdir(d)
     except FileNotFoundError:
         return []
-    return sorted(n for n in names if ID_RE.match(n))
+    return sorted(n for n in names if SANDBOX_ID.match(n))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import re
 import tempfile
 import time
 from collections.abc import Iterator
@@ -126,3 +127,23 @@ class LifeLock:
                 return False
             time.sleep(0.02)
         return True
+
+
+def _unescape_mountinfo(field: str) -> str:
+    """mountinfo writes space, tab, newline and backslash as octal escapes."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def mount_points_under(path: str | os.PathLike[str]) -> list[str]:
+    """Mount points at or below ``path`` in this mount namespace."""
+    top = os.path.realpath(path)
+    out = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split(" ")
+            if len(fields) < 5:
+                continue
+            mp = _unescape_mountinfo(fields[4])
+            if mp == top or mp.startswith(top.rstrip("/") + "/"):
+                out.append(mp)
+    return out

@@ -27,10 +27,14 @@ def run(
     check: bool = True,
     capture: bool = True,
     input: bytes | None = None,
+    executable: str | None = None,
 ) -> subprocess.CompletedProcess[bytes]:
+    """``argv`` to completion within ``timeout_s``, or ``error``; ``executable``
+    runs another file than ``argv[0]`` names (execv's path, as OCI hooks have)."""
     try:
         p = subprocess.Popen(
             list(argv),
+            executable=executable,
             cwd=cwd,
             env=env,
             stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,

@@ -23,10 +23,9 @@ from typing import Any
 
 from cocoon.config import Config
 from cocoon.errors import CocoonError, NoSuchContainer, StateError
+from cocoon.protocol import ids
 from cocoon.util.fs import LifeLock, atomic_write, locked_file
 
-ID_RE = re.compile(r"^[0-9a-f]{64}$")
-NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}$")
 STATUSES = ("created", "running", "paused", "exited")
 #: unix socket paths are limited to 107 bytes; the dir path must leave room.
 MAX_SOCKET_PATH = 107
@@ -72,7 +71,7 @@ class ContainerConfig:
     def sandbox_id(self) -> str:
         """Our 64-hex ids give their first 12; any other id (an OCI runtime
         caller's) is hashed into the sandbox id alphabet."""
-        if ID_RE.match(self.id):
+        if ids.CONTAINER_ID.match(self.id):
             return self.id[:12]
         return hashlib.sha256(self.id.encode()).hexdigest()[:12]
 
@@ -103,7 +102,7 @@ class ContainerState:
 
 
 class ContainerDir:
-    def __init__(self, root: Path, cid: str, id_re: re.Pattern[str] = ID_RE) -> None:
+    def __init__(self, root: Path, cid: str, id_re: re.Pattern[str] = ids.CONTAINER_ID) -> None:
         if not id_re.match(cid):
             raise StateError(f"invalid container id {cid[:70]!r}")
         self.id = cid
@@ -174,7 +173,7 @@ class ContainerStore:
             names = {c.name: c.id for c in self._configs()}
             if not config.name:
                 config.name = self._fresh_name(set(names))
-            if not NAME_RE.match(config.name):
+            if not ids.NAME.match(config.name):
                 raise StateError(
                     f"invalid container name {config.name[:70]!r}: use [a-zA-Z0-9][a-zA-Z0-9_.-]*"
                 )
@@ -200,7 +199,7 @@ class ContainerStore:
 
     def ids(self) -> list[str]:
         try:
-            return sorted(n for n in os.listdir(self.root) if ID_RE.match(n))
+            return sorted(n for n in os.listdir(self.root) if ids.CONTAINER_ID.match(n))
         except FileNotFoundError:
             return []
 

@@ -3,6 +3,9 @@
 ``fatal`` items make `cocoon check` exit non-zero: without them no sandbox can
 start. The rest say what a feature will cost or lack (no vhost-vsock: the agent
 channel is virtio-serial; no vhost-net: network runs through QEMU's userspace).
+
+In ``runtime/`` because it asks every layer below (hypervisor, guest assets,
+templates) what it can do, and ``cocoon check`` is a front end like the others.
 """
 
 from __future__ import annotations
@@ -10,7 +13,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +21,8 @@ from cocoon.errors import CocoonError
 from cocoon.guestassets.cache import resolve
 from cocoon.guestassets.rootfs import image_key, image_path
 from cocoon.hypervisor import accel
+from cocoon.sandbox.template import listing, templates_dir
+from cocoon.util.proc import run
 
 
 @dataclass
@@ -34,8 +38,8 @@ def _qemu_version(binary: str) -> tuple[bool, str]:
     if not path:
         return False, f"{binary} not found (apt-get install qemu-system-x86)"
     try:
-        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.TimeoutExpired) as e:
+        out = run([path, "--version"], timeout_s=10, check=False).stdout.decode(errors="replace")
+    except (OSError, CocoonError) as e:
         return False, f"{path} does not run: {e}"
     m = re.search(r"version (\S+)", out)
     return True, f"{path} {m.group(1) if m else '?'}"
@@ -52,8 +56,6 @@ def _cgroups() -> tuple[bool, str]:
 
 
 def _templates(cfg: Config) -> Item:
-    from cocoon.sandbox.template import listing, templates_dir  # only this check needs them
-
     if not cfg.sandbox.templates:
         return Item("templates", False, "off (sandbox.templates = false): every start boots")
     found = listing(cfg)
@@ -71,8 +73,10 @@ def _jail(cfg: Config) -> Item:
     detail = (
         f"QEMU as uids {sec.uid_base}..{sec.uid_base + sec.uid_count - 1} (one per sandbox), "
         "own mount/ipc/uts/net namespaces, root and host cgroup, no capabilities, "
-        "no_new_privs, QEMU seccomp sandbox, no core dumps; not yet: virtiofsd and "
-        "virtfs-proxy-helper themselves, a pid namespace"
+        "no_new_privs, QEMU seccomp sandbox, no core dumps; virtiofsd in its own "
+        "namespaces under its seccomp filter, virtfs-proxy-helper in its own namespaces "
+        "with only the capabilities it serves owners with; not yet: pid namespaces for "
+        "QEMU and virtfs-proxy-helper, a seccomp filter for virtfs-proxy-helper"
     )
     return Item("jail", True, detail)
 

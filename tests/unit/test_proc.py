@@ -1,0 +1,35 @@
+"""util.proc.run: the one way cocoon runs a host program to completion."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from cocoon.errors import HostError, NetworkError
+from cocoon.util.proc import run
+
+
+def test_executable_runs_another_file_than_argv0() -> None:
+    """As an OCI hook's path and args: argv[0] is only a name."""
+    cp = run(["not-a-shell", "-c", 'echo "$0"'], executable="/bin/sh", timeout_s=10)
+    assert cp.stdout == b"not-a-shell\n"
+
+
+def test_timeout_kills_and_raises_the_callers_error() -> None:
+    t = time.monotonic()
+    with pytest.raises(NetworkError, match="did not finish within 0.2 s"):
+        run(["sleep", "30"], timeout_s=0.2, error=NetworkError)
+    assert time.monotonic() - t < 10
+
+
+def test_failure_names_the_last_line_of_stderr() -> None:
+    with pytest.raises(HostError, match=r"failed \(exit 3\): second"):
+        run(["sh", "-c", "echo first >&2; echo second >&2; exit 3"], timeout_s=10)
+    cp = run(["sh", "-c", "exit 3"], timeout_s=10, check=False)
+    assert cp.returncode == 3
+
+
+def test_a_missing_program_is_the_callers_error() -> None:
+    with pytest.raises(HostError, match="no-such-program-x not found"):
+        run(["no-such-program-x"], timeout_s=10)
