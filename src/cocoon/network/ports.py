@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import logging
 import re
 import time
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from typing import cast
 
 from cocoon.errors import NetworkError
+from cocoon.util.tasks import TaskSet
 
 PORT_RE = re.compile(
     r"^(?:(?P<ip>\[[0-9a-fA-F:.]+\]|\d+\.\d+\.\d+\.\d+):)?(?:(?P<host>\d*):)?(?P<ctr>\d+)(?:/(?P<proto>tcp|udp))?$"
@@ -26,6 +28,8 @@ PORT_RE = re.compile(
 BUF = 256 << 10
 UDP_IDLE_S = 60.0
 MAX_UDP_FLOWS = 1024
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -75,12 +79,15 @@ class _UdpRelay(asyncio.DatagramProtocol):
         self.target = target
         self.transport: asyncio.DatagramTransport | None = None
         self.flows: dict[tuple[str, int], tuple[asyncio.DatagramTransport, float]] = {}
+        #: Datagrams on their way up (a new flow's socket is being opened).
+        self._forwards = TaskSet(log)
+        self._name = f"udp relay to {target[0]}:{target[1]}"
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        asyncio.get_running_loop().create_task(self._forward(data, addr))
+        self._forwards.spawn(self._forward(data, addr), self._name)
 
     async def _forward(self, data: bytes, addr: tuple[str, int]) -> None:
         flow = self.flows.get(addr)
@@ -113,6 +120,7 @@ class _UdpRelay(asyncio.DatagramProtocol):
                 force = False
 
     def close(self) -> None:
+        self._forwards.cancel()
         for t, _ in self.flows.values():
             t.close()
         self.flows.clear()

@@ -18,6 +18,7 @@ import array
 import asyncio
 import contextlib
 import fcntl
+import logging
 import os
 import select
 import signal
@@ -34,11 +35,14 @@ from cocoon.runtime.control import MonitorClient
 from cocoon.runtime.records import ContainerDir
 from cocoon.runtime.stdio import relay
 from cocoon.sandbox.sandbox import Process
+from cocoon.util.tasks import CLOSE_S, TaskSet
 
 #: Signals a stand-in passes on (not the ones the kernel keeps for itself, nor
 #: the job-control and terminal ones that concern the stand-in's own tty).
 NOT_FORWARDED = {signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD, signal.SIGWINCH,
                  signal.SIGPIPE, signal.SIGTTIN, signal.SIGTTOU}  # fmt: skip
+
+log = logging.getLogger(__name__)
 
 
 def send_console(socket_path: str, master: int) -> None:
@@ -135,9 +139,11 @@ async def _main(
             print(f"cocoon-runtime stand-in: no controlling tty, no resizes: {e}", file=sys.stderr)
     os.write(ready_fd, f"ready {proc.pid}\n".encode())
     os.close(ready_fd)
+    # A signal for a process that has just ended has nowhere to go: not an error.
+    tasks = TaskSet(log, level=logging.DEBUG)
 
     def forward(sig: int) -> None:
-        loop.create_task(_quiet(proc.signal(sig)))
+        tasks.spawn(proc.signal(sig), f"forwarding signal {sig}")
 
     for s in signal.valid_signals():
         if isinstance(s, signal.Signals) and s not in NOT_FORWARDED:
@@ -151,13 +157,13 @@ async def _main(
                 size = fcntl.ioctl(slave, termios.TIOCGWINSZ, b"\0" * 8)
                 rows, cols = struct.unpack("HHHH", size)[:2]
                 if rows and cols:
-                    loop.create_task(_quiet(proc.resize(rows, cols)))
+                    tasks.spawn(proc.resize(rows, cols), "passing on the terminal size")
 
         loop.add_signal_handler(signal.SIGWINCH, resized)
         resized()
     out_fd = slave if tty else 1
     in_fd = slave if tty else 0
-    feeder = loop.create_task(_feed(proc, in_fd))
+    tasks.spawn(_feed(proc, in_fd), "relaying stdin")
     with contextlib.suppress(OSError):  # our stdout's reader went away: keep the exit
         await asyncio.gather(relay(proc.stdout, out_fd), relay(proc.stderr, 2))
     try:
@@ -165,7 +171,7 @@ async def _main(
     except CocoonError:
         return 137
     finally:
-        feeder.cancel()
+        await tasks.aclose(CLOSE_S)
         await client.close()
     if exited.signal:
         sig = exited.signal
@@ -178,11 +184,6 @@ async def _main(
             os.kill(os.getpid(), sig)
             time.sleep(1)
     return exited.exit_code
-
-
-async def _quiet(coro: Any) -> None:
-    with contextlib.suppress(Exception):
-        await coro
 
 
 async def _feed(proc: Process, fd: int) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 import sys
@@ -17,8 +18,11 @@ import tty as ttymod
 
 from cocoon.protocol.session import InStream
 from cocoon.sandbox.sandbox import Process
+from cocoon.util.tasks import CLOSE_S, TaskSet
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+log = logging.getLogger(__name__)
 
 
 async def relay(stream: InStream | None, fd: int) -> None:
@@ -79,12 +83,15 @@ async def attach(proc: Process, *, stdin: bool, tty: bool = False) -> int:
     docker -it) and restored however we leave.
     """
     loop = asyncio.get_running_loop()
+    # A signal or a size for a process that has just ended, or stdin it no
+    # longer reads, fails as expected: said with --debug only.
+    tasks = TaskSet(log, level=logging.DEBUG)
 
     def forward(sig: int) -> None:
-        loop.create_task(proc.signal(sig))
+        tasks.spawn(proc.signal(sig), f"forwarding signal {sig}")
 
     def resized() -> None:
-        loop.create_task(proc.resize(*terminal_size()))
+        tasks.spawn(proc.resize(*terminal_size()), "passing on the terminal size")
 
     saved = None
     if tty and stdin and os.isatty(0):
@@ -94,7 +101,8 @@ async def attach(proc: Process, *, stdin: bool, tty: bool = False) -> int:
         loop.add_signal_handler(s, forward, s)
     if tty:
         loop.add_signal_handler(signal.SIGWINCH, resized)
-    feeder = loop.create_task(feed_stdin(proc)) if stdin else None
+    if stdin:
+        tasks.spawn(feed_stdin(proc), "relaying stdin")
     try:
         await asyncio.gather(
             relay(proc.stdout, sys.stdout.fileno()), relay(proc.stderr, sys.stderr.fileno())
@@ -105,10 +113,7 @@ async def attach(proc: Process, *, stdin: bool, tty: bool = False) -> int:
             loop.remove_signal_handler(s)
         if tty:
             loop.remove_signal_handler(signal.SIGWINCH)
-        if feeder is not None:
-            feeder.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await feeder
+        await tasks.aclose(CLOSE_S)
         if saved is not None:
             termios.tcsetattr(0, termios.TCSADRAIN, saved)
     return exited.exit_code
