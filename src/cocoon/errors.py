@@ -157,6 +157,20 @@ class NotRunning(CocoonError):
     exit_code = 1
 
 
+class IllegalTransition(CocoonError):
+    """A container was asked for what its status does not allow (start a
+    running one, exec in a paused one): runtime/status.py's table says what
+    each status allows. Exit 1, as docker's "not running" and runc's refusals."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, status: str, op: str) -> None:
+        super().__init__(message)
+        #: The container's status, and what it was asked (runtime.status.Op).
+        self.status = status
+        self.op = op
+
+
 class VmExited(CocoonError):
     """The container's VM died under it; the monitor recorded why."""
 

@@ -18,6 +18,7 @@ from cocoon.cli.main import State, cli
 from cocoon.errors import CocoonError, NotRunning
 from cocoon.runtime import lifecycle, logs
 from cocoon.runtime.records import ContainerDir, ContainerStore
+from cocoon.runtime.status import Status
 
 
 def _resolve(state: State, ref: str) -> ContainerDir:
@@ -51,8 +52,8 @@ def ps(state: State, show_all: bool, quiet: bool, no_trunc: bool) -> None:
         try:
             status = d.status()
         except CocoonError:
-            status = "dead"
-        if not show_all and status != "running":
+            status = Status.DEAD
+        if not show_all and status != Status.RUNNING:
             continue
         cid = c.id if no_trunc else c.id[:12]
         if quiet:
@@ -225,7 +226,7 @@ def stats(state: State, no_stream: bool, fmt: str, containers: tuple[str, ...]) 
     dirs = (
         [store.resolve(r) for r in containers]
         if containers
-        else [d for d, _ in store.all() if d.status() == "running"]
+        else [d for d, _ in store.all() if d.status() == Status.RUNNING]
     )
     while True:
         rows = [["CONTAINER ID", "NAME", "CPU %", "MEM USAGE / LIMIT", "MEM %", "NET I/O",

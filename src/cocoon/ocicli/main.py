@@ -38,7 +38,7 @@ from cocoon.ocicli.state import (
     now_rfc3339,
     oci_state,
     record,
-    status,
+    require,
     write_standin,
 )
 from cocoon.protocol import messages
@@ -46,6 +46,7 @@ from cocoon.runtime.control import MonitorClient
 from cocoon.runtime.lifecycle import parse_signal
 from cocoon.runtime.monitor import CONTAINER_ID, LaunchPlan, spawn
 from cocoon.runtime.records import ContainerConfig, ContainerDir
+from cocoon.runtime.status import LIVE, Op
 from cocoon.state import gc
 from cocoon.util import boundedjson
 from cocoon.util.fs import atomic_write
@@ -335,8 +336,7 @@ def create_member(
     srec = record(sandbox)
     if not srec.pod_dir:
         raise OciError(f"container {sandbox_ref} is not a pod sandbox")
-    if status(sandbox) not in ("created", "running"):
-        raise OciError(f"the pod's sandbox {sandbox_ref} is {status(sandbox)}")
+    require(sandbox, Op.JOIN)
     k = pod.key(cid)
     mp = bundles.plan_member(bundle, spec, Path(srec.pod_dir), k)
     if mp.plan.terminal and not console_socket:
@@ -376,8 +376,7 @@ def create_member(
 def start(container_id: str) -> None:
     """Start a created container's process."""
     d = _ctx().store.get(container_id)
-    if status(d) != "created":
-        raise OciError(f"cannot start a container that is {status(d)}")
+    require(d, Op.START)
     run_hooks(d, "startContainer", strict=True)
     _call(d, messages.StartContainer(CONTAINER_ID), messages.Ok)
     run_hooks(d, "poststart", strict=False)
@@ -398,8 +397,7 @@ def kill(all_processes: bool, container_id: str, sig: str) -> None:
     """Send a signal to the container's init (or every process with --all)."""
     d = _ctx().store.get(container_id)
     num = parse_signal(sig)
-    if status(d) not in ("created", "running", "paused"):
-        raise OciError("container not running")
+    require(d, Op.SIGNAL)
     _call(d, messages.SignalProcess(CONTAINER_ID, "", num, all_processes), messages.Ok)
 
 
@@ -447,9 +445,7 @@ def delete(force: bool, container_id: str) -> None:
         if force:
             return
         raise
-    s = status(d)
-    if s in ("running", "paused") and not force:
-        raise OciError(f"cannot delete container {container_id} that is not stopped: {s}")
+    require(d, Op.DELETE, force=force)
     rec_hooks = bool(record(d).hooks.get("poststop"))
     if rec_hooks:
         with contextlib.suppress(CocoonError):
@@ -542,8 +538,7 @@ def exec_cmd(
 ) -> None:
     """Run a further process in a running container."""
     d = _ctx().store.get(container_id)
-    if status(d) != "running":
-        raise OciError(f"cannot exec in a container that is {status(d)}")
+    require(d, Op.EXEC)
     if process_file:
         process = _json_file(process_file, "process")
     else:
@@ -585,8 +580,7 @@ def exec_cmd(
 def pause(container_id: str) -> None:
     """Freeze every process of the container."""
     d = _ctx().store.get(container_id)
-    if status(d) != "running":
-        raise OciError(f"cannot pause a container that is {status(d)}")
+    require(d, Op.PAUSE)
     _call(d, messages.PauseContainer(CONTAINER_ID), messages.Ok)
 
 
@@ -595,8 +589,7 @@ def pause(container_id: str) -> None:
 def resume(container_id: str) -> None:
     """Thaw a paused container."""
     d = _ctx().store.get(container_id)
-    if status(d) != "paused":
-        raise OciError(f"cannot resume a container that is {status(d)}")
+    require(d, Op.RESUME)
     _call(d, messages.ResumeContainer(CONTAINER_ID), messages.Ok)
 
 
@@ -681,7 +674,7 @@ def events(stats: bool, interval: str, container_id: str) -> None:
     if stats:
         click.echo(json.dumps(_stats_event(d)))
         return
-    while status(d) in ("running", "paused", "created"):
+    while d.status() in LIVE:
         with contextlib.suppress(CocoonError):
             click.echo(json.dumps(_stats_event(d)), nl=True)
             sys.stdout.flush()

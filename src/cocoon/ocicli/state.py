@@ -22,6 +22,7 @@ from cocoon.errors import OciError
 from cocoon.log import rfc3339
 from cocoon.protocol.ids import OCI_ID as OCI_ID_RE
 from cocoon.runtime.records import ContainerConfig, ContainerDir, ContainerState
+from cocoon.runtime.status import LIVE, Op, Status, check, current
 from cocoon.util.fs import atomic_write
 from cocoon.util.proc import alive, start_time
 
@@ -102,24 +103,53 @@ def standin(d: ContainerDir) -> int:
     return pid if alive(pid, st) else 0
 
 
+#: runc's words for what a status does not allow.
+REFUSALS = {
+    Op.START: "cannot start a container that is {status}",
+    Op.PAUSE: "cannot pause a container that is {status}",
+    Op.RESUME: "cannot resume a container that is {status}",
+    Op.EXEC: "cannot exec in a container that is {status}",
+    Op.SIGNAL: "container not running",
+    Op.DELETE: "cannot delete container {id} that is not stopped: {status}",
+    Op.JOIN: "the pod's sandbox {id} is {status}",
+}
+
+
+def view(d: ContainerDir) -> tuple[Status, str]:
+    """What the container is, and runc's word for it: creating (recorded, its
+    monitor not started yet), created, running, paused or stopped (exited, or
+    its monitor died)."""
+    st = d.state()
+    s = current(st.status, d.life.held)
+    if s == Status.EXITED:
+        return s, "stopped"
+    if s == Status.DEAD:
+        return s, "stopped" if st.monitor_pid else "creating"
+    return s, str(s)
+
+
 def status(d: ContainerDir) -> str:
     """The OCI status: creating, created, running, paused or stopped."""
-    st = d.state()
-    if st.status == "exited":
-        return "stopped"
-    if not d.life.held():
-        return "stopped" if st.monitor_pid else "creating"
-    return st.status
+    return view(d)[1]
+
+
+def require(d: ContainerDir, op: Op, *, force: bool = False) -> None:
+    """IllegalTransition in runc's words unless the container's status allows
+    ``op``; with ``force`` anything goes (the status is still read: a record
+    that cannot be read is refused all the same)."""
+    s, word = view(d)
+    if not force:
+        check(s, op, REFUSALS[op].format(status=word, id=d.id))
 
 
 def oci_state(d: ContainerDir) -> dict[str, Any]:
     rec = record(d)
-    s = status(d)
+    s, word = view(d)
     out: dict[str, Any] = {
         "ociVersion": OCI_VERSION,
         "id": d.id,
-        "status": s,
-        "pid": standin(d) if s in ("created", "running", "paused") else 0,
+        "status": word,
+        "pid": standin(d) if s in LIVE else 0,
         "bundle": rec.bundle,
     }
     if rec.annotations:

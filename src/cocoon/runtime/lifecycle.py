@@ -21,6 +21,7 @@ from cocoon.oci.spec import merge_env, parse_user
 from cocoon.protocol import messages
 from cocoon.runtime.control import MonitorClient
 from cocoon.runtime.records import ContainerConfig, ContainerDir, ContainerStore
+from cocoon.runtime.status import Status
 from cocoon.runtime.stdio import attach, terminal_size
 from cocoon.state import gc
 from cocoon.util.proc import alive
@@ -109,7 +110,7 @@ def _wait_exited(cdir: ContainerDir, timeout_s: float) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         with contextlib.suppress(CocoonError):
-            if cdir.state().status == "exited" or not cdir.life.held():
+            if cdir.state().status == Status.EXITED or not cdir.life.held():
                 return True
         time.sleep(0.05)
     return False
@@ -160,11 +161,11 @@ def status_text(cdir: ContainerDir, now: float | None = None) -> str:
     now = now or time.time()
     st = cdir.state()
     status = cdir.status()
-    if status == "running":
+    if status == Status.RUNNING:
         return f"Up {ago(now - st.started_at)}"
-    if status == "exited":
+    if status == Status.EXITED:
         return f"Exited ({st.exit_code}) {ago(now - st.finished_at)} ago"
-    if status == "dead":
+    if status == Status.DEAD:
         return "Dead (its monitor died; `cocoon rm` cleans up)"
     return "Created"
 
@@ -201,14 +202,14 @@ def inspect(cdir: ContainerDir) -> dict[str, Any]:
         "Args": c.command[1:],
         "State": {
             "Status": status,
-            "Running": status == "running",
-            "Dead": status == "dead",
+            "Running": status == Status.RUNNING,
+            "Dead": status == Status.DEAD,
             "OOMKilled": st.oom_killed,
             "ExitCode": st.exit_code,
             "Error": st.error,
             "StartedAt": iso(st.started_at),
             "FinishedAt": iso(st.finished_at),
-            "Pid": st.monitor_pid if status == "running" else 0,
+            "Pid": st.monitor_pid if status == Status.RUNNING else 0,
             "GuestPid": st.pid,
         },
         "Config": {

@@ -40,6 +40,7 @@ from cocoon.errors import (
     CocoonError,
     CommandError,
     GuestError,
+    IllegalTransition,
     NetworkError,
     SandboxError,
     error_line,
@@ -52,6 +53,7 @@ from cocoon.protocol import ids, messages
 from cocoon.protocol.session import OutStream, RemoteError, Session
 from cocoon.runtime.logs import CriLogWriter
 from cocoon.runtime.records import ContainerConfig, ContainerDir, ContainerState
+from cocoon.runtime.status import Op, Status, allows, check
 from cocoon.sandbox.admission import start_slot
 from cocoon.sandbox.sandbox import Process, Sandbox
 from cocoon.storage.scratch import ScratchDisk
@@ -398,8 +400,9 @@ class Monitor:
 
     async def _start(self, m: Member) -> None:
         assert self.sb is not None and m.proc is not None
-        if m.state.status != "created" or m.started:
-            raise RemoteError("not_created", f"the container is {m.state.status}")
+        running = check(m.state.status, Op.START)
+        if m.started:  # one start per container, even one that failed
+            raise IllegalTransition(f"the container is {m.state.status}", m.state.status, Op.START)
         m.started = True
         # Output is pumped from before the start: nothing the process prints is lost.
         m.pumps = [
@@ -407,7 +410,7 @@ class Monitor:
             self._task(self._pump(m, "stderr")),
         ]
         await self.sb.start_container(m.guest_id)
-        m.state.status = "running"
+        m.state.status = running
         m.state.started_at = time.time()
         m.write_state()
         log.info(f"container {m.config.id[:12]} started")
@@ -474,7 +477,7 @@ class Monitor:
         except (GuestError, SandboxError) as e:
             error = str(e)
             log.error(f"container {c.id[:12]} lost its VM: {error}")
-        m.state.status = "exited"
+        m.state.status = check(m.state.status, Op.EXIT)
         m.state.finished_at = time.time()
         if result is not None:
             m.state.exit_code = result.exit_code
@@ -539,8 +542,12 @@ class Monitor:
         async def handler(msg: messages.Message) -> messages.Message:
             try:
                 return await self._dispatch(m, holder[0], msg)
+            except IllegalTransition as e:
+                # The words older clients know: a start is refused as not_created.
+                code = "not_created" if e.op == Op.START else "not_running"
+                raise RemoteError(code, str(e)) from e
             except (AgentError, GuestError, SandboxError) as e:
-                if m.state.status == "exited" or m.exited.done():
+                if m.state.status == Status.EXITED or m.exited.done():
                     # raced with the container's own exit and the VM's teardown
                     raise RemoteError("not_running", "the container has exited") from e
                 # A command that could not be run keeps its type for the client.
@@ -587,11 +594,10 @@ class Monitor:
                 await self._start(m)
                 return messages.Ok()
             case messages.PauseContainer() | messages.ResumeContainer():
-                paused = isinstance(msg, messages.PauseContainer)
-                if m.state.status != ("running" if paused else "paused"):
-                    raise RemoteError("not_running", f"the container is {m.state.status}")
+                op = Op.PAUSE if isinstance(msg, messages.PauseContainer) else Op.RESUME
+                after = check(m.state.status, op)
                 await sb.call(type(msg)(gid), messages.Ok)
-                m.state.status = "paused" if paused else "running"
+                m.state.status = after
                 m.write_state()
                 return messages.Ok()
             case messages.UpdateResources():
@@ -600,7 +606,7 @@ class Monitor:
                 m.shutdown_requested.set()
                 return messages.Ok()
             case messages.ExecProcess():
-                self._check_running(m)
+                check(m.state.status, Op.EXEC)
                 return await self._exec(m, session, msg)
             case messages.WaitProcess(exec_id=""):
                 return await asyncio.shield(m.exited)
@@ -618,22 +624,17 @@ class Monitor:
                     messages.ResizeTty(gid, msg.exec_id, msg.rows, msg.cols), messages.Ok
                 )
             case messages.SignalProcess():
-                if m.state.status not in ("created", "running", "paused"):
-                    raise RemoteError("not_running", f"the container is {m.state.status}")
+                check(m.state.status, Op.SIGNAL)
                 return await sb.call(
                     messages.SignalProcess(gid, msg.exec_id, msg.signal, msg.all), messages.Ok
                 )
             case messages.Stats():
-                self._check_running(m)
+                check(m.state.status, Op.STATS)
                 return await sb.call(messages.Stats(gid), messages.StatsReply)
             case messages.Top():
-                self._check_running(m)
+                check(m.state.status, Op.TOP)
                 return await sb.call(messages.Top(gid), messages.TopReply)
         raise RemoteError("unsupported", f"the monitor does not serve {msg.TYPE}")
-
-    def _check_running(self, m: Member) -> None:
-        if m.state.status != "running":
-            raise RemoteError("not_running", f"the container is {m.state.status}")
 
     async def _attach(self, m: Member, session: Session, msg: messages.Attach) -> messages.Message:
         """Subscribe the client to the init process's output (and feed its stdin).
@@ -662,7 +663,7 @@ class Monitor:
 
     async def _bound(self, m: Member, session: Session) -> None:
         await session.done
-        if m.state.status in ("running", "paused", "created") and self.sb is not None:
+        if allows(m.state.status, Op.SIGNAL) and self.sb is not None:
             log.warning(f"the stand-in of {m.config.id[:12]} went away: killing the container")
             with cocoon_log.teardown_step(
                 log, f"killing container {m.config.id[:12]}", "the container, running",

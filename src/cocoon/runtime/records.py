@@ -24,9 +24,9 @@ from typing import Any
 from cocoon.config import Config
 from cocoon.errors import CocoonError, NoSuchContainer, StateError
 from cocoon.protocol import ids
+from cocoon.runtime.status import ON_DISK, Status, current
 from cocoon.util.fs import LifeLock, atomic_write, locked_file
 
-STATUSES = ("created", "running", "paused", "exited")
 #: unix socket paths are limited to 107 bytes; the dir path must leave room.
 MAX_SOCKET_PATH = 107
 
@@ -80,7 +80,7 @@ class ContainerConfig:
 class ContainerState:
     """What the container is; written by its monitor only."""
 
-    status: str = "created"
+    status: Status = Status.CREATED
     monitor_pid: int = 0
     pid: int = 0  # the init process's pid in the guest
     started_at: float = 0.0
@@ -137,19 +137,17 @@ class ContainerDir:
             return ContainerState()
         except (ValueError, TypeError) as e:
             raise StateError(f"state of container {self.id[:12]} is corrupt: {e}") from e
-        if st.status not in STATUSES:
+        if not isinstance(st.status, str) or st.status not in ON_DISK:
             raise StateError(f"state of container {self.id[:12]} is corrupt: {st.status!r}")
+        st.status = Status(st.status)
         return st
 
     def write_state(self, st: ContainerState) -> None:
         atomic_write(self.path / "state.json", json.dumps(asdict(st)).encode(), durable=False)
 
-    def status(self) -> str:
-        """created/running/exited, or dead when the state claims a life nobody holds."""
-        st = self.state()
-        if st.status != "exited" and not self.life.held():
-            return "dead"
-        return st.status
+    def status(self) -> Status:
+        """What the record says, or dead when it claims a life nobody holds."""
+        return current(self.state().status, self.life.held)
 
 
 class ContainerStore:
