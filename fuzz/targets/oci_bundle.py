@@ -1,5 +1,5 @@
 """An OCI bundle's config.json as ``cocoon-runtime create`` reads it: parsed and
-checked (ocicli/bundle.py ``load``), planned for a VM and for a pod member
+checked (runtime/bundle.py ``load``), planned for a VM and for a pod member
 (``plan``, ``plan_member``), and turned into the container's record and
 annotations (ocicli/main.py). Nothing is mounted or started: that needs root
 and a VM, and decodes nothing."""
@@ -12,7 +12,9 @@ from pathlib import Path
 
 from cocoon.errors import BundleError
 from cocoon.oci.spec import default_spec
-from cocoon.ocicli import bundle, main, pod
+from cocoon.ocicli import main
+from cocoon.runtime import bundle
+from cocoon.runtime import pods as pod
 
 EXPECTED: tuple[type[BaseException], ...] = (BundleError,)
 

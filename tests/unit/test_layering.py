@@ -34,9 +34,6 @@ FRONT_END_DEBTS = {
     ("cocoon.ocicli.main", "hypervisor/"),  # issue 15: Share for a bundle's mounts
     ("cocoon.ocicli.main", "network/"),  # issue 15: the pod's NetworkPlan
     ("cocoon.ocicli.main", "state/"),  # issue 15: `delete` reaps with gc
-    ("cocoon.ocicli.bundle", "hypervisor/"),  # issue 15: Share for a bundle's mounts
-    ("cocoon.ocicli.bundle", "sandbox/"),  # issue 15: mounts a bundle into a Sandbox
-    ("cocoon.ocicli.standin", "sandbox/"),  # issue 15: relays a sandbox Process
 }
 
 

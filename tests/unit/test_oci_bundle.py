@@ -10,7 +10,7 @@ import pytest
 
 from cocoon.errors import BundleError, SandboxError
 from cocoon.oci.spec import default_spec
-from cocoon.ocicli import bundle
+from cocoon.runtime import bundle
 from cocoon.sandbox.sandbox import _fits
 
 

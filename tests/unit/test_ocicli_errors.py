@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from cocoon.ocicli import bundle, main
+from cocoon.ocicli import main
+from cocoon.runtime import bundle
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 

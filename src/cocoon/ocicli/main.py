@@ -29,22 +29,23 @@ from cocoon.hypervisor.base import Share
 from cocoon.log import teardown_step
 from cocoon.network import NetworkPlan
 from cocoon.oci.spec import default_spec
-from cocoon.ocicli import bundle as bundles
-from cocoon.ocicli import pod, standin
-from cocoon.ocicli.state import (
+from cocoon.protocol import messages
+from cocoon.runtime import bundle as bundles
+from cocoon.runtime import pods as pod
+from cocoon.runtime import standin
+from cocoon.runtime.control import MonitorClient
+from cocoon.runtime.lifecycle import parse_signal
+from cocoon.runtime.monitor import CONTAINER_ID, LaunchPlan, spawn
+from cocoon.runtime.ocirecords import (
     OCI_VERSION,
     OciRecord,
-    Store,
+    OciStore,
     now_rfc3339,
     oci_state,
     record,
     require,
     write_standin,
 )
-from cocoon.protocol import messages
-from cocoon.runtime.control import MonitorClient
-from cocoon.runtime.lifecycle import parse_signal
-from cocoon.runtime.monitor import CONTAINER_ID, LaunchPlan, spawn
 from cocoon.runtime.records import ContainerConfig, ContainerDir
 from cocoon.runtime.status import LIVE, Op
 from cocoon.state import gc
@@ -72,8 +73,8 @@ class Ctx:
         return self._cfg
 
     @property
-    def store(self) -> Store:
-        return Store(self.cfg)
+    def store(self) -> OciStore:
+        return OciStore(self.cfg)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -41,7 +41,7 @@ class OciRecord:
     binds: list[str] = field(default_factory=list)  # host bind mounts made for it
 
 
-class Store:
+class OciStore:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.root = cfg.root / "oci"
