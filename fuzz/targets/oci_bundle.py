@@ -1,7 +1,7 @@
 """An OCI bundle's config.json as ``cocoon-runtime create`` reads it: parsed and
 checked (runtime/bundle.py ``load``), planned for a VM and for a pod member
 (``plan``, ``plan_member``), and turned into the container's record and
-annotations (ocicli/main.py). Nothing is mounted or started: that needs root
+annotations (runtime/ocicreate.py). Nothing is mounted or started: that needs root
 and a VM, and decodes nothing."""
 
 from __future__ import annotations
@@ -12,9 +12,7 @@ from pathlib import Path
 
 from cocoon.errors import BundleError
 from cocoon.oci.spec import default_spec
-from cocoon.ocicli import main
-from cocoon.runtime import bundle
-from cocoon.runtime import pods as pod
+from cocoon.runtime import bundle, ocicreate, pods
 
 EXPECTED: tuple[type[BaseException], ...] = (BundleError,)
 
@@ -26,8 +24,8 @@ def run(data: bytes) -> None:
         (b / "config.json").write_bytes(data)
         spec = bundle.load(b)
         p = bundle.plan(b, spec, binds_dir=Path(tmp) / "binds", default_vcpus=1, default_mib=256)
-        main.container_config("fuzz", p)
-        pod.role(main.annotations_of(spec))
+        ocicreate.container_config("fuzz", p)
+        pods.role(ocicreate.annotations_of(spec))
         bundle.plan_member(b, spec, Path(tmp) / "pod", "k")
 
 

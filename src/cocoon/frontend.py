@@ -1,4 +1,5 @@
-"""How every command line ends a command that failed.
+"""What both command lines share: how a command that failed ends, and verbs
+imported only when used.
 
 `cocoon` keeps docker's conventions and `cocoon-runtime` runc's; they differ
 in their name and their exit codes, and in nothing else. What a failure looks
@@ -10,11 +11,12 @@ service) reports failures by the same function, not a copy of it.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import click
 
@@ -67,6 +69,27 @@ def configure(
         file=log_file,
         file_format=log_file_format,
     )
+
+
+class LazyGroup(click.Group):
+    """A command line whose verbs are defined one module each (or one per
+    small group) and imported on use: every call is a new process, and
+    `cocoon run` should not pay for the registry client's imports, nor
+    `cocoon-runtime state` for the sandbox's."""
+
+    def __init__(self, *args: Any, package: str, verbs: dict[str, str], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: verb -> the module of ``package`` that defines it
+        self.package = package
+        self.verbs = verbs
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(super().list_commands(ctx)) | set(self.verbs))
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands and cmd_name in self.verbs:
+            importlib.import_module(f"{self.package}.{self.verbs[cmd_name]}")
+        return super().get_command(ctx, cmd_name)
 
 
 def main(cli: click.Group, conv: Conventions) -> NoReturn:

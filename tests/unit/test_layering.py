@@ -31,9 +31,6 @@ NOT_SCANNED = (SRC / "guestassets" / "data",)
 FRONT_END_DEBTS = {
     ("cocoon.cli.containers", "network/"),  # issue 15: NetworkPlan, -p parsing
     ("cocoon.cli.sandbox", "state/"),  # issue 15: `sandbox gc` calls gc.reap
-    ("cocoon.ocicli.main", "hypervisor/"),  # issue 15: Share for a bundle's mounts
-    ("cocoon.ocicli.main", "network/"),  # issue 15: the pod's NetworkPlan
-    ("cocoon.ocicli.main", "state/"),  # issue 15: `delete` reaps with gc
 }
 
 

@@ -6,7 +6,6 @@ on stderr and an exit code by docker's conventions (cocoon.frontend).
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 import click
@@ -61,17 +60,12 @@ LAZY_VERBS = {
 }
 
 
-class LazyGroup(click.Group):
-    def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted(set(super().list_commands(ctx)) | set(LAZY_VERBS))
-
-    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        if cmd_name not in self.commands and cmd_name in LAZY_VERBS:
-            importlib.import_module(f"cocoon.cli.{LAZY_VERBS[cmd_name]}")
-        return super().get_command(ctx, cmd_name)
-
-
-@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(
+    cls=frontend.LazyGroup,
+    package="cocoon.cli",
+    verbs=LAZY_VERBS,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
 @click.version_option(__version__, prog_name="cocoon")
 @click.option("--config", "config_path", metavar="FILE", help="Configuration file (TOML).")
 @click.option("--root", metavar="DIR", help="Runtime state dir (default /run/cocoon).")

@@ -28,15 +28,19 @@ class MonitorClient:
         self.channel = channel
 
     @classmethod
-    async def connect(cls, cdir: ContainerDir, timeout_s: float = 10.0) -> MonitorClient:
+    async def connect(
+        cls, cdir: ContainerDir, timeout_s: float = 10.0, *, name: str = ""
+    ) -> MonitorClient:
+        """``name``: the container as the caller's messages name it (docker's
+        short id by default; runc's callers know only the whole id)."""
         if not cdir.life.held():
-            raise NotRunning(f"container {cdir.id[:12]} is not running")
+            raise NotRunning(f"container {name or cdir.id[:12]} is not running")
         deadline = time.monotonic() + timeout_s
         try:
             ch = await AgentChannel.connect(cdir.ctl_socket, deadline=deadline, agent_timeout_s=60)
             await ch.handshake(deadline)
         except GuestError as e:
-            raise NotRunning(f"container {cdir.id[:12]} is not running") from e
+            raise NotRunning(f"container {name or cdir.id[:12]} is not running") from e
         return cls(cdir, ch)
 
     async def call(
@@ -85,6 +89,29 @@ class MonitorClient:
         msg = messages.ExecProcess(CONTAINER_ID, eid, json.dumps(process), spec)
         reply = await self.call(msg, messages.ProcessStarted, timeout_s=120.0)
         return Process(self, CONTAINER_ID, eid, reply.pid, sin, sout, serr)
+
+    async def start(self) -> None:
+        await self.call(messages.StartContainer(CONTAINER_ID), messages.Ok)
+
+    async def pause(self) -> None:
+        await self.call(messages.PauseContainer(CONTAINER_ID), messages.Ok)
+
+    async def resume(self) -> None:
+        await self.call(messages.ResumeContainer(CONTAINER_ID), messages.Ok)
+
+    async def update(self, resources: dict[str, Any]) -> None:
+        """New cgroup limits (runtime-spec's linux.resources) for the container."""
+        msg = messages.UpdateResources(CONTAINER_ID, json.dumps(resources))
+        await self.call(msg, messages.Ok)
+
+    async def shutdown(self) -> None:
+        """End the container (killed if it runs) and its VM; for a pod's
+        sandbox, the pod's every container."""
+        await self.call(messages.Shutdown(), messages.Ok)
+
+    async def add(self, record_dir: str, guest_id: str, rootfs: str, tty: bool) -> None:
+        """Create a pod's further container (recorded in ``record_dir``) in this VM."""
+        await self.call(messages.AddContainer(record_dir, guest_id, rootfs, tty), messages.Ok)
 
     async def signal(self, sig: int, *, all_processes: bool = False) -> None:
         await self.call(messages.SignalProcess(CONTAINER_ID, "", sig, all_processes), messages.Ok)

@@ -1,6 +1,7 @@
 """What the docker-like verbs do to a container once it exists: exec, stop,
-kill, rm, wait, inspect, top, stats. Each goes through the container's monitor
-while it lives; once it is gone, the container dir is all there is.
+kill, rm, wait, inspect, top, stats, in docker's terms over the one
+container lifecycle (runtime.container). Each goes through the container's
+monitor while it lives; once it is gone, the container dir is all there is.
 """
 
 from __future__ import annotations
@@ -8,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import signal
 import time
 from dataclasses import asdict
@@ -16,20 +16,14 @@ from typing import Any
 
 from cocoon.config import Config
 from cocoon.errors import CocoonError, NotRunning, StateError
-from cocoon.log import teardown_step
 from cocoon.oci.spec import merge_env, parse_user
 from cocoon.protocol import messages
-from cocoon.runtime.control import MonitorClient
+from cocoon.runtime.container import TEARDOWN_S, Container, reap_sandbox
 from cocoon.runtime.records import ContainerConfig, ContainerDir, ContainerStore
 from cocoon.runtime.status import Status
 from cocoon.runtime.stdio import attach, terminal_size
-from cocoon.state import gc
-from cocoon.util.proc import alive
 
 log = logging.getLogger(__name__)
-
-#: How long a monitor gets to tear its VM down after the container died.
-TEARDOWN_S = 30.0
 
 
 def parse_signal(text: str) -> int:
@@ -73,7 +67,7 @@ async def exec_process(
         uid, gid = parse_user(user)
         process["user"] = {"uid": uid, "gid": gid, "username": user}
     rows, cols = terminal_size()
-    client = await MonitorClient.connect(cdir)
+    client = await Container(cdir).connect()
     try:
         proc = await client.exec(process, stdin=stdin, tty=tty, rows=rows, cols=cols)
         return await attach(proc, stdin=stdin, tty=tty)
@@ -82,18 +76,14 @@ async def exec_process(
 
 
 async def kill(cdir: ContainerDir, sig: int) -> None:
-    client = await MonitorClient.connect(cdir)
-    try:
-        await client.signal(sig, all_processes=sig == signal.SIGKILL)
-    finally:
-        await client.close()
+    await Container(cdir).signal(sig, all_processes=sig == signal.SIGKILL)
 
 
 async def stop(cdir: ContainerDir, timeout_s: float) -> None:
     """The image's StopSignal, SIGKILL after ``timeout_s``; back once the VM is gone."""
     sig = parse_signal(cdir.config().stop_signal or "SIGTERM")
     try:
-        client = await MonitorClient.connect(cdir)
+        client = await Container(cdir).connect()
     except NotRunning:
         return
     try:
@@ -131,28 +121,17 @@ def remove(cfg: Config, cdir: ContainerDir, *, force: bool) -> None:
     if cdir.life.held():
         if not force:
             raise StateError(f"container {cdir.id[:12]} is running: stop it first or use `rm -f`")
-        with teardown_step(
-            log, f"killing container {cdir.id[:12]}", "its monitor, killed next",
-            level=logging.INFO, errors=(CocoonError, OSError, TimeoutError),
-        ):  # fmt: skip
-            asyncio.run(asyncio.wait_for(kill(cdir, signal.SIGKILL), 10.0))
-        if not cdir.life.wait_released(TEARDOWN_S):
-            pid = cdir.state().monitor_pid
-            if pid and alive(pid, None):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            cdir.life.wait_released(5.0)
+        Container(cdir).end_monitor(
+            lambda: asyncio.wait_for(kill(cdir, signal.SIGKILL), 10.0),
+            f"killing container {cdir.id[:12]}",
+            log=log,
+            errors=(CocoonError, OSError, TimeoutError),
+        )
     sid = ""
     with contextlib.suppress(CocoonError):  # no record: it never had a sandbox
         sid = cdir.state().sandbox_id or cdir.config().sandbox_id
-    left = f"sandbox {sid} (VM, dir, network): `cocoon gc` reaps it"
-    with (
-        contextlib.suppress(FileNotFoundError),
-        teardown_step(
-            log, f"reaping the sandbox of container {cdir.id[:12]}", left, errors=(CocoonError,)
-        ),
-    ):
-        gc.reap(cfg.root, only=sid)
+    with contextlib.suppress(FileNotFoundError):
+        reap_sandbox(cfg, sid, f"reaping the sandbox of container {cdir.id[:12]}", log=log)
     ContainerStore(cfg).remove(cdir)
 
 
@@ -253,16 +232,12 @@ def inspect(cdir: ContainerDir) -> dict[str, Any]:
 
 
 async def top(cdir: ContainerDir) -> list[messages.ProcessInfo]:
-    client = await MonitorClient.connect(cdir)
-    try:
-        return await client.top()
-    finally:
-        await client.close()
+    return await Container(cdir).top()
 
 
 async def stats_sample(cdir: ContainerDir, interval_s: float) -> dict[str, Any]:
     """One `docker stats` row: CPU % over ``interval_s``, the rest as read now."""
-    client = await MonitorClient.connect(cdir)
+    client = await Container(cdir).connect()
     try:
         a = await client.stats()
         t0 = time.monotonic()

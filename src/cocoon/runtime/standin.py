@@ -31,7 +31,7 @@ import tty as tty_mod
 from typing import Any
 
 from cocoon.errors import CocoonError, error_line, from_error_line
-from cocoon.runtime.control import MonitorClient
+from cocoon.runtime.container import Container
 from cocoon.runtime.records import ContainerDir
 from cocoon.runtime.stdio import relay
 from cocoon.sandbox.sandbox import Process
@@ -93,6 +93,19 @@ def spawn(
     raise CocoonError("the stand-in process died")
 
 
+def wait(pid: int) -> int:
+    """A stand-in's status (it is our child) the shell's way: 128+N for signal N."""
+    while True:
+        try:
+            _, st = os.waitpid(pid, 0)
+            break
+        except InterruptedError:
+            continue
+        except ChildProcessError:
+            return 0
+    return os.waitstatus_to_exitcode(st) if os.WIFEXITED(st) else 128 + os.WTERMSIG(st)
+
+
 def _read_line(fd: int, timeout_s: float) -> str:
     buf = b""
     deadline = time.monotonic() + timeout_s
@@ -118,7 +131,7 @@ async def _main(
     master = slave = -1
     if tty:
         master, slave = os.openpty()
-    client = await MonitorClient.connect(cdir)
+    client = await Container(cdir).connect()
     if process is None:
         proc = await client.attach(stdin=True, tty=tty, bind=True)
     else:

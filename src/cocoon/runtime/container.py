@@ -1,0 +1,129 @@
+"""One container as every front end drives it: its record, its status and its
+monitor's requests, and how it is torn down after any crash.
+
+A container's life belongs to its monitor (runtime.monitor), the only writer
+of its status; a front end holds only the record dir. ``Container`` is what a
+front end calls: docker's verbs (runtime.lifecycle) and runc's
+(runtime.ocicontainer) are this one lifecycle in their own words, and a shim
+or a function service would call it the same way. Requests are async (a
+long-lived front end serves many containers from one event loop); tearing
+down blocks (it waits for locks and kills processes), so an async caller runs
+it in a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
+
+from cocoon.config import Config
+from cocoon.errors import CocoonError
+from cocoon.log import teardown_step
+from cocoon.protocol import messages
+from cocoon.runtime.control import MonitorClient
+from cocoon.runtime.records import ContainerConfig, ContainerDir, ContainerState
+from cocoon.runtime.status import Status
+from cocoon.state import gc
+from cocoon.util.proc import alive
+
+T = TypeVar("T")
+
+#: How long a monitor gets to tear its VM down once asked to end.
+TEARDOWN_S = 30.0
+
+
+class Container:
+    def __init__(self, cdir: ContainerDir, *, name: str = "") -> None:
+        self.dir = cdir
+        #: The container as messages name it: docker's short id unless told.
+        self.name = name or cdir.id[:12]
+
+    @property
+    def id(self) -> str:
+        return self.dir.id
+
+    def config(self) -> ContainerConfig:
+        return self.dir.config()
+
+    def state(self) -> ContainerState:
+        return self.dir.state()
+
+    def status(self) -> Status:
+        return self.dir.status()
+
+    # -- requests to the monitor (NotRunning when it is gone) ------------------
+
+    async def connect(self) -> MonitorClient:
+        """A connection of the caller's own, for what outlives one request (an
+        attached or exec'd process's stdio)."""
+        return await MonitorClient.connect(self.dir, name=self.name)
+
+    async def _request(self, call: Callable[[MonitorClient], Awaitable[T]]) -> T:
+        client = await self.connect()
+        try:
+            return await call(client)
+        finally:
+            await client.close()
+
+    async def start(self) -> None:
+        await self._request(MonitorClient.start)
+
+    async def signal(self, sig: int, *, all_processes: bool = False) -> None:
+        await self._request(lambda c: c.signal(sig, all_processes=all_processes))
+
+    async def pause(self) -> None:
+        await self._request(MonitorClient.pause)
+
+    async def resume(self) -> None:
+        await self._request(MonitorClient.resume)
+
+    async def update(self, resources: dict[str, Any]) -> None:
+        await self._request(lambda c: c.update(resources))
+
+    async def stats(self) -> messages.StatsReply:
+        return await self._request(MonitorClient.stats)
+
+    async def top(self) -> list[messages.ProcessInfo]:
+        return await self._request(MonitorClient.top)
+
+    async def shutdown(self) -> None:
+        await self._request(MonitorClient.shutdown)
+
+    async def add(self, member: ContainerDir, guest_id: str, rootfs: str, tty: bool) -> None:
+        """Create a pod's further container, ``member``, in this one's VM."""
+        await self._request(lambda c: c.add(str(member.path), guest_id, rootfs, tty))
+
+    # -- teardown (blocking) -----------------------------------------------------
+
+    def end_monitor(
+        self,
+        ask: Callable[[], Coroutine[Any, Any, object]],
+        what: str,
+        *,
+        log: logging.Logger,
+        errors: tuple[type[BaseException], ...],
+    ) -> None:
+        """``ask`` the monitor to end the container and wait until it lets go
+        of its life; one that does not (or cannot be asked) is killed by pid."""
+        left = "its monitor, killed next"
+        with teardown_step(log, what, left, level=logging.INFO, errors=errors):
+            asyncio.run(ask())
+        if not self.dir.life.wait_released(TEARDOWN_S):
+            pid = self.dir.state().monitor_pid
+            if pid and alive(pid, None):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            self.dir.life.wait_released(5.0)
+
+
+def reap_sandbox(cfg: Config, sid: str, what: str, *, log: logging.Logger) -> None:
+    """Whatever of a container's sandbox its monitor left (all of it, after a
+    crash): VM processes, network, dirs, as `cocoon gc` would."""
+    left = f"sandbox {sid} (VM, dir, network): `cocoon gc` reaps it"
+    with teardown_step(log, what, left, errors=(CocoonError,)):
+        gc.reap(cfg.root, only=sid)
