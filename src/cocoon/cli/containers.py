@@ -1,25 +1,46 @@
-"""`cocoon run`: a container from an image, in its own VM, docker's flags."""
+"""`cocoon run`: a container from an image, in its own VM, docker's flags.
+
+The verb only translates docker's flags; runtime.run pulls, records, boots
+and attaches."""
 
 from __future__ import annotations
 
 import asyncio
 import sys
-from pathlib import Path
 
 import click
 
 from cocoon.cli.env import env_flags
 from cocoon.cli.main import State, cli
 from cocoon.errors import UsageError
-from cocoon.images import service
-from cocoon.images.store import ImageStore
-from cocoon.network import NetworkPlan
-from cocoon.network.ports import parse as parse_port
 from cocoon.runtime import run as runner
 from cocoon.runtime import volumes
 from cocoon.runtime.logs import DEFAULT_MAX_BYTES, DEFAULT_MAX_FILES
 from cocoon.runtime.run import RunOptions
 from cocoon.util.units import parse_size
+
+
+def _limits(cpus: float, memory: str) -> int:
+    """--cpus checked; --memory in bytes (0: none)."""
+    if cpus < 0 or cpus > 64:
+        raise UsageError("--cpus must be between 0 and 64")
+    try:
+        mem = parse_size(memory) if memory else 0
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if mem and mem < 6 << 20:
+        raise UsageError("--memory must be at least 6m")
+    return mem
+
+
+def _labels(labels: tuple[str, ...]) -> dict[str, str]:
+    out = {}
+    for item in labels:
+        k, eq, v = item.partition("=")
+        if not k:
+            raise UsageError(f"invalid --label {item!r}: use KEY=VALUE")
+        out[k] = v
+    return out
 
 
 def _log_opts(opts: tuple[str, ...]) -> tuple[int, int]:
@@ -145,66 +166,26 @@ def run(
     """Run COMMAND in a new container from IMAGE, in its own VM; exit with its code."""
     if detach and (interactive or tty):
         raise UsageError("-d cannot be combined with -i/-t: there is no attach yet")
-    if cpus < 0 or cpus > 64:
-        raise UsageError("--cpus must be between 0 and 64")
-    try:
-        mem = parse_size(memory) if memory else 0
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    if mem and mem < 6 << 20:
-        raise UsageError("--memory must be at least 6m")
+    mem = _limits(cpus, memory)
     env = env_flags(envs, env_files)
-    label_map = {}
-    for item in labels:
-        k, eq, v = item.partition("=")
-        if not k:
-            raise UsageError(f"invalid --label {item!r}: use KEY=VALUE")
-        label_map[k] = v
+    label_map = _labels(labels)
     log_max_bytes, log_max_files = _log_opts(log_opts)
     vols = volumes.parse_all(volume_flags, mount_flags, tmpfs_flags)
-    cfg = state.cfg
-    net_plan = NetworkPlan(
-        networks=list(networks) or [cfg.network.default],
-        model=cfg.network.model,
-        rate=net_rate,
+    net_plan, ports = runner.networking(
+        state.cfg, networks=list(networks), rate=net_rate,
         hostname=hostname,  # "" = the container's short id (runtime.run.create)
-        dns=list(dns),
-        dns_search=list(dns_search),
-        add_hosts=list(add_hosts),
-    )
-    net_plan.check()
-    ports = [parse_port(p) for p in publish]
-    if ports and "bridge" not in net_plan.networks:
-        raise UsageError("-p needs --network bridge (the host reaches the container there)")
-    img = asyncio.run(service.get(cfg, image, policy=pull_policy, platform=platform))
-    config = ImageStore(cfg).inspect(img.id).config
+        dns=list(dns), dns_search=list(dns_search), add_hosts=list(add_hosts),
+        publish=list(publish),
+    )  # fmt: skip
     opts = RunOptions(
-        args=list(command),
-        entrypoint=entrypoint,
-        env=env,
-        workdir=workdir,
-        user=user,
-        hostname=hostname or name,
-        memory_bytes=mem,
-        cpus=cpus,
-        read_only=read_only,
-        stdin=interactive,
-        tty=tty,
-        name=name,
-        labels=label_map,
-        auto_remove=rm,
-        detach=detach,
-        log_max_bytes=log_max_bytes,
-        log_max_files=log_max_files,
-        volumes=vols,
-        network=net_plan,
-        publish=ports,
-        template=use_template,
-    )
-    cdir, cconf, vplan = runner.create(cfg, image, img.id, config, opts)
-    runner.start(cfg, cdir, cconf, Path(img.erofs), opts, vplan)
+        args=list(command), entrypoint=entrypoint, env=env, workdir=workdir, user=user,
+        hostname=hostname or name, memory_bytes=mem, cpus=cpus, read_only=read_only,
+        stdin=interactive, tty=tty, name=name, labels=label_map, auto_remove=rm,
+        detach=detach, log_max_bytes=log_max_bytes, log_max_files=log_max_files,
+        volumes=vols, network=net_plan, publish=ports, template=use_template,
+    )  # fmt: skip
+    cdir = runner.launch(state.cfg, image, opts, pull=pull_policy, platform=platform)
     if detach:
         click.echo(cdir.id)
         return
-    code = asyncio.run(runner.attach_run(cdir, opts))
-    sys.exit(code)
+    sys.exit(asyncio.run(runner.attach_run(cdir, opts)))

@@ -10,10 +10,9 @@ import sys
 import click
 
 from cocoon.cli.main import State, cli
-from cocoon.runtime import templates
+from cocoon.runtime import sandboxes, templates
 from cocoon.runtime.busybox import busybox_rootfs
 from cocoon.runtime.oneshot import run_in_sandbox
-from cocoon.state import gc
 
 
 @cli.group()
@@ -62,7 +61,7 @@ def run(
 @click.pass_obj
 def ls(state: State, fmt: str) -> None:
     """List sandboxes, including those a crashed process left (owner: dead)."""
-    infos = gc.describe(state.cfg.root)
+    infos = sandboxes.ls(state.cfg)
     if fmt == "json":
         click.echo(json.dumps([i.__dict__ for i in infos], indent=1))
         return
@@ -84,8 +83,7 @@ def rm(state: State, force: bool, ids: tuple[str, ...]) -> None:
     """Kill a sandbox's VM processes and remove its state."""
     failed = False
     for sid in ids:
-        done = gc.reap(state.cfg.root, only=sid, force=force)
-        if done:
+        if sandboxes.rm(state.cfg, sid, force=force):
             click.echo(sid)
         else:
             failed = True
@@ -100,7 +98,7 @@ def rm(state: State, force: bool, ids: tuple[str, ...]) -> None:
 @click.pass_obj
 def gc_cmd(state: State) -> None:
     """Reap everything crashed cocoon processes left: VM processes, sockets, state."""
-    for sid in gc.reap(state.cfg.root, data=state.cfg.data):
+    for sid in sandboxes.reap(state.cfg):
         click.echo(sid)
     for name in templates.sweep(state.cfg):
         click.echo(name)

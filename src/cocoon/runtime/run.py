@@ -23,9 +23,12 @@ from typing import Any
 from cocoon.config import Config
 from cocoon.errors import UsageError
 from cocoon.hypervisor.base import Disk
+from cocoon.images import service
 from cocoon.images.manifest import ImageConfig
+from cocoon.images.store import ImageStore
 from cocoon.network import GUEST_FILES, NetworkPlan
 from cocoon.network.ports import PortSpec
+from cocoon.network.ports import parse as parse_port
 from cocoon.oci.spec import default_spec, merge_env, parse_user, process_args
 from cocoon.runtime import volumes
 from cocoon.runtime.control import MonitorClient
@@ -65,6 +68,35 @@ class RunOptions:
     publish: list[PortSpec] = field(default_factory=list)
     #: Start from a VM template: None = as configured (sandbox.templates).
     template: bool | None = None
+
+
+def networking(
+    cfg: Config,
+    *,
+    networks: list[str],
+    rate: str,
+    hostname: str,
+    dns: list[str],
+    dns_search: list[str],
+    add_hosts: list[str],
+    publish: list[str],
+) -> tuple[NetworkPlan, list[PortSpec]]:
+    """docker's networking flags checked, before any pull: a typo costs nothing.
+    No ``networks``: network.default; ``hostname`` "": the container's short id."""
+    plan = NetworkPlan(
+        networks=networks or [cfg.network.default],
+        model=cfg.network.model,
+        rate=rate,
+        hostname=hostname,
+        dns=dns,
+        dns_search=dns_search,
+        add_hosts=add_hosts,
+    )
+    plan.check()
+    ports = [parse_port(p) for p in publish]
+    if ports and "bridge" not in plan.networks:
+        raise UsageError("-p needs --network bridge (the host reaches the container there)")
+    return plan, ports
 
 
 def build_spec(image: ImageConfig, opts: RunOptions) -> dict[str, Any]:
@@ -148,6 +180,19 @@ def describe(v: VolumeSpec) -> str:
     if v.size_bytes:
         text += f":size={v.size_bytes}"
     return text + (":ro" if v.readonly else "")
+
+
+def launch(
+    cfg: Config, image_ref: str, opts: RunOptions, *, pull: str, platform: str | None
+) -> ContainerDir:
+    """docker run up to the monitor's ready line: the image (pulled as ``pull``
+    says: missing, always, never), the container recorded, its VM booted and
+    the container created (attached) or started (detached)."""
+    img = asyncio.run(service.get(cfg, image_ref, policy=pull, platform=platform))
+    config = ImageStore(cfg).inspect(img.id).config
+    cdir, cconf, vplan = create(cfg, image_ref, img.id, config, opts)
+    start(cfg, cdir, cconf, Path(img.erofs), opts, vplan)
+    return cdir
 
 
 def create(
