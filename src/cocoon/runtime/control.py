@@ -14,8 +14,7 @@ from typing import Any, TypeVar
 
 from cocoon.errors import AgentError, GuestError, NotRunning, StateError, VmExited
 from cocoon.protocol import messages
-from cocoon.runtime.monitor import CONTAINER_ID
-from cocoon.runtime.records import ContainerDir
+from cocoon.runtime.records import CONTAINER_ID, ContainerDir
 from cocoon.sandbox.channel import AgentChannel, Timeout
 from cocoon.sandbox.sandbox import Process
 

@@ -22,11 +22,12 @@ from cocoon.log import teardown_step
 from cocoon.network import NetworkPlan
 from cocoon.runtime import bundle as bundles
 from cocoon.runtime import pods, standin
-from cocoon.runtime.monitor import LaunchPlan, spawn
+from cocoon.runtime.monitor import spawn
 from cocoon.runtime.ocicontainer import Handoff, OciContainer
 from cocoon.runtime.ocirecords import OciRecord, OciStore, now_rfc3339, record, require
 from cocoon.runtime.records import ContainerConfig, ContainerDir
 from cocoon.runtime.status import Op
+from cocoon.runtime.supervisor import LaunchPlan
 from cocoon.sandbox.sandbox import Sandbox
 
 log = logging.getLogger(__name__)

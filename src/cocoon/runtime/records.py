@@ -29,6 +29,9 @@ from cocoon.util.fs import LifeLock, atomic_write, locked_file
 
 #: unix socket paths are limited to 107 bytes; the dir path must leave room.
 MAX_SOCKET_PATH = 107
+#: The container's id inside its VM: the one a VM was booted for (a pod's
+#: further containers get ids of their own).
+CONTAINER_ID = "main"
 
 _ADJECTIVES = (
     "brave", "calm", "eager", "fancy", "gentle", "happy", "jolly", "keen", "lucid", "merry",

@@ -33,9 +33,10 @@ from cocoon.oci.spec import default_spec, merge_env, parse_user, process_args
 from cocoon.runtime import volumes
 from cocoon.runtime.control import MonitorClient
 from cocoon.runtime.logs import DEFAULT_MAX_BYTES, DEFAULT_MAX_FILES
-from cocoon.runtime.monitor import CONTAINER_ID, LaunchPlan, spawn
-from cocoon.runtime.records import ContainerConfig, ContainerDir, ContainerStore
+from cocoon.runtime.monitor import spawn
+from cocoon.runtime.records import CONTAINER_ID, ContainerConfig, ContainerDir, ContainerStore
 from cocoon.runtime.stdio import attach, terminal_size
+from cocoon.runtime.supervisor import LaunchPlan
 from cocoon.runtime.volumes import VolumeSpec
 from cocoon.sandbox.sandbox import Sandbox
 
