@@ -127,7 +127,6 @@ async def _main(
     tty: bool,
     ready_fd: int,
 ) -> int:
-    loop = asyncio.get_running_loop()
     master = slave = -1
     if tty:
         master, slave = os.openpty()
@@ -137,43 +136,12 @@ async def _main(
     else:
         proc = await client.exec(process, stdin=True, tty=tty)
     if tty:
-        if console_socket:
-            send_console(console_socket, master)
-        os.close(master)
-        # Raw: the guest's pty does the line discipline, ours must pass bytes as
-        # they are (no second \r, no local echo, no line buffering).
-        tty_mod.setraw(slave)
-        # The slave becomes our controlling tty: its size changes reach us as SIGWINCH.
-        try:
-            if os.getsid(0) != os.getpid():
-                os.setsid()
-            fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
-        except OSError as e:
-            print(f"cocoon-runtime stand-in: no controlling tty, no resizes: {e}", file=sys.stderr)
+        _take_terminal(master, slave, console_socket)
     os.write(ready_fd, f"ready {proc.pid}\n".encode())
     os.close(ready_fd)
     # A signal for a process that has just ended has nowhere to go: not an error.
     tasks = TaskSet(log, level=logging.DEBUG)
-
-    def forward(sig: int) -> None:
-        tasks.spawn(proc.signal(sig), f"forwarding signal {sig}")
-
-    for s in signal.valid_signals():
-        if isinstance(s, signal.Signals) and s not in NOT_FORWARDED:
-            with contextlib.suppress(OSError, RuntimeError, ValueError):
-                loop.add_signal_handler(s, forward, int(s))
-    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
-    if tty:
-
-        def resized() -> None:
-            with contextlib.suppress(OSError):
-                size = fcntl.ioctl(slave, termios.TIOCGWINSZ, b"\0" * 8)
-                rows, cols = struct.unpack("HHHH", size)[:2]
-                if rows and cols:
-                    tasks.spawn(proc.resize(rows, cols), "passing on the terminal size")
-
-        loop.add_signal_handler(signal.SIGWINCH, resized)
-        resized()
+    _forward_signals(proc, tasks, slave)
     out_fd = slave if tty else 1
     in_fd = slave if tty else 0
     tasks.spawn(_feed(proc, in_fd), "relaying stdin")
@@ -187,16 +155,64 @@ async def _main(
         await tasks.aclose(CLOSE_S)
         await client.close()
     if exited.signal:
-        sig = exited.signal
-        with contextlib.suppress(OSError, ValueError):
-            if sig not in (signal.SIGKILL, signal.SIGSTOP):  # those have no handler to reset
-                asyncio.get_running_loop().remove_signal_handler(sig)
-                signal.signal(sig, signal.SIG_DFL)
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, [sig])
-            sys.stdout.flush()
-            os.kill(os.getpid(), sig)
-            time.sleep(1)
+        _die_by(exited.signal)
     return exited.exit_code
+
+
+def _take_terminal(master: int, slave: int, console_socket: str | None) -> None:
+    """The pty's master to the caller, its slave our raw, controlling tty."""
+    if console_socket:
+        send_console(console_socket, master)
+    os.close(master)
+    # Raw: the guest's pty does the line discipline, ours must pass bytes as
+    # they are (no second \r, no local echo, no line buffering).
+    tty_mod.setraw(slave)
+    # The slave becomes our controlling tty: its size changes reach us as SIGWINCH.
+    try:
+        if os.getsid(0) != os.getpid():
+            os.setsid()
+        fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
+    except OSError as e:
+        print(f"cocoon-runtime stand-in: no controlling tty, no resizes: {e}", file=sys.stderr)
+
+
+def _forward_signals(proc: Process, tasks: TaskSet, tty_fd: int) -> None:
+    """Every catchable signal sent to us, to the guest process; with a tty
+    (``tty_fd`` >= 0), its size too, now and on every change."""
+    loop = asyncio.get_running_loop()
+
+    def forward(sig: int) -> None:
+        tasks.spawn(proc.signal(sig), f"forwarding signal {sig}")
+
+    for s in signal.valid_signals():
+        if isinstance(s, signal.Signals) and s not in NOT_FORWARDED:
+            with contextlib.suppress(OSError, RuntimeError, ValueError):
+                loop.add_signal_handler(s, forward, int(s))
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    if tty_fd < 0:
+        return
+
+    def resized() -> None:
+        with contextlib.suppress(OSError):
+            size = fcntl.ioctl(tty_fd, termios.TIOCGWINSZ, b"\0" * 8)
+            rows, cols = struct.unpack("HHHH", size)[:2]
+            if rows and cols:
+                tasks.spawn(proc.resize(rows, cols), "passing on the terminal size")
+
+    loop.add_signal_handler(signal.SIGWINCH, resized)
+    resized()
+
+
+def _die_by(sig: int) -> None:
+    """End as the guest process did: by its signal, so our caller reaps that."""
+    with contextlib.suppress(OSError, ValueError):
+        if sig not in (signal.SIGKILL, signal.SIGSTOP):  # those have no handler to reset
+            asyncio.get_running_loop().remove_signal_handler(sig)
+            signal.signal(sig, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, [sig])
+        sys.stdout.flush()
+        os.kill(os.getpid(), sig)
+        time.sleep(1)
 
 
 async def _feed(proc: Process, fd: int) -> None:
