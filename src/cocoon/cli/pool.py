@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import click
 
@@ -24,7 +25,11 @@ def serve(state: State, size: int | None) -> None:
     cfg = state.cfg
     if size is not None:
         cfg.pool.size = size
-    pools.serve(cfg)
+    pools.serve(cfg, _say)
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 @pool_group.command("ls")

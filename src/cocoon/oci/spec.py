@@ -57,6 +57,8 @@ def default_spec(
         },
         "root": {"path": "rootfs", "readonly": readonly_rootfs},
         "hostname": hostname,
+        # runc's default mounts (`runc spec`), one literal each: alike in shape
+        # because they are data, written out as runc's readers expect them.
         "mounts": [
             {"destination": "/proc", "type": "proc", "source": "proc"},
             {

@@ -3,22 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-import sys
+from collections.abc import Callable
 from typing import Any
 
 from cocoon.config import Config
 from cocoon.sandbox import poolclient
 
 
-def serve(cfg: Config) -> None:
-    """Run the pool server in the foreground until SIGTERM/SIGINT."""
+def serve(cfg: Config, say: Callable[[str], None]) -> None:
+    """Run the pool server in the foreground until SIGTERM/SIGINT; what it has
+    to say goes to ``say``, one line at a time (the front end shows it)."""
     # Only the server needs the sandbox's imports; status, fill and drain are a socket.
     from cocoon.sandbox.pool import PoolServer
 
-    def log(line: str) -> None:
-        print(line, file=sys.stderr, flush=True)
-
-    asyncio.run(PoolServer(cfg, log).serve())
+    asyncio.run(PoolServer(cfg, say).serve())
 
 
 def status(cfg: Config) -> dict[str, Any]:
