@@ -261,7 +261,8 @@ def do_create(cid: str, bundle: Path, pid_file: str | None, console_socket: str 
     if kind == "sandbox":
         pdir = pod.pod_dir(cfg, cid)
         rec.pod_dir = str(pdir)
-        p.shares.append(Share("pod", pdir, readonly=False))
+        # Members' roots are bound under it later: its file server must follow.
+        p.shares.append(Share("pod", pdir, readonly=False, propagate=True))
         p.guest_mounts.append(("pod", bundles.POD_GUEST, False))
     d = c.store.create(config, rec)
     fs = cfg.hypervisor.shared_fs

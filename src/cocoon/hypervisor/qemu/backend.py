@@ -304,7 +304,8 @@ class QemuBackend:
             ours = opened.enter_context(a)
             theirs = opened.enter_context(b)
             argv = [helper, "-n", "-f", str(theirs.fileno()), "-p", str(share.path)]
-            jail = ["--isolate", "--caps", PROXY_CAPS, *(["--ro"] if share.readonly else [])]
+            jail = ["--isolate", "--caps", PROXY_CAPS, *(["--ro"] if share.readonly else []),
+                    *(["--slave"] if share.propagate else [])]  # fmt: skip
             argv = [sys.executable, "-I", "-S", str(SHAREJAIL), *jail, str(share.path), "--", *argv]
             pid = self._spawn(argv, spec.workdir / f"9pproxy{i}.log", pass_fds=[theirs.fileno()])
             procs[f"9pproxy{i}"] = pid
