@@ -401,7 +401,13 @@ def kill(all_processes: bool, container_id: str, sig: str) -> None:
     num = parse_signal(sig)
     if status(d) not in ("created", "running", "paused"):
         raise OciError("container not running")
-    _call(d, messages.SignalProcess(CONTAINER_ID, "", num, all_processes), messages.Ok)
+    try:
+        _call(d, messages.SignalProcess(CONTAINER_ID, "", num, all_processes), messages.Ok)
+    except NotRunning as e:
+        # It exited between the check and the signal (containerd's force
+        # delete kills, then kills --all): runc's words, which the shim
+        # takes for "already finished" rather than a failure.
+        raise OciError("container not running") from e
 
 
 def _destroy(d: ContainerDir) -> None:
