@@ -11,7 +11,7 @@ PKGS=(
   linux-source-6.1 bc bison flex libelf-dev libssl-dev kmod cpio make gcc
   python3.11-minimal libpython3.11-stdlib
   docker-registry skopeo umoci apache2-utils
-  podman containerd runc runsc iperf3 iptables
+  podman containerd runc runsc iperf3 iptables tini
 )
 missing=()
 for p in "${PKGS[@]}"; do

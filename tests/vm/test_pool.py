@@ -16,6 +16,7 @@ import pytest
 
 from cocoon.config import Config
 from cocoon.state.store import SandboxDir
+from cocoon.util.fs import mount_points_under
 from tests.vm.conftest import cocoon, ok
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(300)]
@@ -92,15 +93,43 @@ def test_a_dead_pooled_vm_is_discarded_not_handed_out(
 
 
 def test_starts_that_do_not_fit_restore_by_themselves(
+    cfg: Config, busybox: None, server: subprocess.Popen[bytes]
+) -> None:
+    """A VM size the pool keeps no class of (2 vCPUs here) skips the pool."""
+    [pooled] = pool_ls(cfg)
+    r = cocoon(cfg, "run", "--rm", "--network", "none", "--cpus", "2", "busybox", "nproc")
+    assert (r.returncode, r.stdout) == (0, b"2\n"), r.stderr
+    assert pool_ls(cfg) == [pooled]
+
+
+def test_host_directories_reach_a_pooled_sandbox_through_its_hub(
     cfg: Config, busybox: None, server: subprocess.Popen[bytes], tmp_path: Any
 ) -> None:
-    """A volume (a share the pool's sandboxes have none of) skips the pool."""
+    """Volumes bound late into the pooled sandbox's hub: rw written through to
+    the host, :ro refused (a read-only bind on the host), and at the end every
+    bind gone from the host and every file of the user's still there."""
     [pooled] = pool_ls(cfg)
-    (tmp_path / "f").write_text("data\n")
-    r = cocoon(cfg, "run", "--rm", "--network", "none", "-v", f"{tmp_path}:/d:ro", "busybox",
-               "cat", "/d/f")  # fmt: skip
-    assert (r.returncode, r.stdout) == (0, b"data\n"), r.stderr
-    assert pool_ls(cfg) == [pooled]
+    rw, ro = tmp_path / "rw", tmp_path / "ro"
+    rw.mkdir()
+    ro.mkdir()
+    (ro / "hello").write_text("read me\n")
+    cid = ok(cocoon(cfg, "run", "-d", "--network", "none", "-v", f"{rw}:/data",
+                    "-v", f"{ro}:/ro:ro", "busybox", "sleep", "300")).strip()  # fmt: skip
+    hub = cfg.root / "hubs" / pooled
+    try:
+        info = json.loads(ok(cocoon(cfg, "inspect", cid)))
+        info = info[0] if isinstance(info, list) else info
+        assert info["Sandbox"]["Id"] == pooled
+        assert sorted(mount_points_under(hub)) == [str(hub), str(hub / "0"), str(hub / "1")]
+        script = "cat /ro/hello; echo written > /data/out; touch /ro/x 2>&1 || echo refused"
+        out = ok(cocoon(cfg, "exec", cid, "sh", "-c", script))
+        assert out.startswith("read me\n") and out.endswith("refused\n"), out
+        assert "Read-only file system" in out
+        assert (rw / "out").read_text() == "written\n" and not (ro / "x").exists()
+    finally:
+        ok(cocoon(cfg, "rm", "-f", cid))
+    assert not hub.exists() and mount_points_under(hub) == []  # (the refill has a hub of its own)
+    assert (rw / "out").read_text() == "written\n" and (ro / "hello").read_text() == "read me\n"
 
 
 def test_no_server_no_pool(cfg: Config) -> None:

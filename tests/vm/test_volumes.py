@@ -147,11 +147,12 @@ def test_bind_rw_ro_and_tmpfs_in_a_template_clone(
         info = run.sandbox()
         argv = Path(f"/proc/{info.processes['qemu']}/cmdline").read_bytes().split(b"\0")
         if jailed:
-            assert set(info.processes) == {"qemu", "9pproxy0", "9pproxy1"}
+            assert set(info.processes) == {"qemu", "jail", "9pproxy0", "9pproxy1"}
             proxies = [a.decode() for a in argv if a.startswith(b"proxy,")]
             assert len(proxies) == 2 and sum("readonly=on" in f for f in proxies) == 1, proxies
             helpers = {n: Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-                       for n, pid in info.processes.items() if n != "qemu"}  # fmt: skip
+                       for n, pid in info.processes.items()
+                       if n.startswith("9pproxy")}  # fmt: skip
             [ro_pid] = [info.processes[n] for n, h in helpers.items() if str(ro).encode() in h]
             assert os.readlink(f"/proc/{ro_pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt")
             info_text = Path(f"/proc/{ro_pid}/mountinfo").read_text()

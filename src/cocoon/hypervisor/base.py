@@ -35,6 +35,9 @@ class Share:
     tag: str
     path: Path
     readonly: bool = False
+    #: Mounts the host makes under ``path`` later must reach the VM (a pooled
+    #: sandbox's hub, storage/hub.py): its file server follows the host's mounts.
+    propagate: bool = False
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,11 @@ SECCOMP = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=de
 NOFILE = 4096
 #: Processes and threads of the jail's uid (a vCPU thread each, I/O workers).
 NPROC = 512
+#: The VMM is pid 1 of a pid namespace of its own, and a pid namespace's
+#: first process must be forked into it: Debian's tini (27 KB, outside the
+#: namespace, the jail's uid) forks it, forwards signals and exits with its
+#: status, so the host still sees how the VMM ended.
+TINI = "/usr/bin/tini"
 
 
 @dataclass(frozen=True)
@@ -62,7 +67,10 @@ class Plan:
     cgroups: list[str] = field(default_factory=list)
 
     def argv(self, vmm: list[str]) -> list[str]:
-        """The jailer's command line that ends as ``vmm``."""
+        """The jailer's command line that ends as ``vmm``, in a pid namespace
+        of its own under TINI."""
+        if not os.access(TINI, os.X_OK):
+            raise HypervisorError(f"{TINI} missing: the jail needs it (apt-get install tini)")
         plan = {
             "uid": self.uid,
             "gid": self.gid,
@@ -76,7 +84,9 @@ class Plan:
             "net_ns": self.net_ns,
             "nofile": NOFILE,
             "nproc": NPROC,
-            "argv": vmm,
+            "pid_ns": True,
+            # -s: tini is not pid 1 (the VMM is), so it registers as a subreaper
+            "argv": [TINI, "-s", "--", *vmm],
         }
         return [sys.executable, "-I", "-S", str(JAILER), json.dumps(plan)]
 

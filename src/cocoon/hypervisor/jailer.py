@@ -2,11 +2,12 @@
 
 Run as ``python3 -I -S jailer.py PLAN_JSON`` by root (hypervisor.jail builds
 the plan); the standard library only, so it starts in ~15 ms, and it execs the
-VMM in the end: the VMM keeps the jailer's pid, so the host tracks, signals
-and reaps it as it would an unjailed one. In order:
+VMM in the end, through tini: the jailer's pid becomes tini's, the host's
+child, and the VMM tini's, pid 1 of a pid namespace of its own (the host
+records both; see the backend's ``_wait_exec``). In order:
 
-1. into the sandbox's host cgroups (memory and pids capped); new mount, ipc
-   and uts namespaces (and network, when the VMM's NICs arrive
+1. into the sandbox's host cgroups (memory and pids capped); new mount, ipc,
+   uts and (for what it forks) pid namespaces (and network, when the VMM's NICs arrive
    as fds): nothing it mounts is seen on the host;
 2. a tmpfs root holding only the plan's paths, each bound at the path it has
    on the host (so the VMM's command line is unchanged), read-only unless the
@@ -36,6 +37,7 @@ CLONE_NEWNS = 0x00020000
 CLONE_NEWUTS = 0x04000000
 CLONE_NEWIPC = 0x08000000
 CLONE_NEWNET = 0x40000000
+CLONE_NEWPID = 0x20000000
 MS_RDONLY = 0x1
 MS_NOSUID = 0x2
 MS_NODEV = 0x4
@@ -168,6 +170,11 @@ def enter(plan: dict[str, Any]) -> None:
     flags = CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS
     if plan.get("net_ns", True):
         flags |= CLONE_NEWNET
+    if plan.get("pid_ns", False):
+        # Our children's: we stay outside, the first process we fork (the
+        # VMM, through tini) is pid 1 there. /proc below is mounted from
+        # our side, with hidepid: the VMM still sees only its own uid.
+        flags |= CLONE_NEWPID
     _check(_libc.unshare(flags), "unshare")
     _mount(None, "/", None, MS_REC | MS_PRIVATE)
     _mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=64k,nr_inodes=256")

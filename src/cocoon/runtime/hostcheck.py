@@ -72,11 +72,11 @@ def _jail(cfg: Config) -> Item:
         return Item("jail", False, "off (security.jail = false): QEMU runs as root")
     detail = (
         f"QEMU as uids {sec.uid_base}..{sec.uid_base + sec.uid_count - 1} (one per sandbox), "
-        "own mount/ipc/uts/net namespaces, root and host cgroup, no capabilities, "
+        "own mount/pid/ipc/uts/net namespaces, root and host cgroup, no capabilities, "
         "no_new_privs, QEMU seccomp sandbox, no core dumps; virtiofsd in its own "
         "namespaces under its seccomp filter, virtfs-proxy-helper in its own namespaces "
-        "with only the capabilities it serves owners with; not yet: pid namespaces for "
-        "QEMU and virtfs-proxy-helper, a seccomp filter for virtfs-proxy-helper"
+        "with only the capabilities it serves owners with; not yet: a pid namespace and "
+        "a seccomp filter for virtfs-proxy-helper"
     )
     return Item("jail", True, detail)
 

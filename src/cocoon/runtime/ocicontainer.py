@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from cocoon.config import Config
-from cocoon.errors import CocoonError, OciError
+from cocoon.errors import CocoonError, NotRunning, OciError
 from cocoon.protocol import messages
 from cocoon.runtime import pods, standin
 from cocoon.runtime.bundle import MAX_CONFIG, MAX_ID
@@ -118,7 +118,19 @@ class OciContainer:
 
     def kill(self, sig: int, *, all_processes: bool) -> None:
         require(self.dir, Op.SIGNAL)
-        asyncio.run(self.container.signal(sig, all_processes=all_processes))
+        asyncio.run(self._signal(sig, all_processes))
+
+    async def _signal(self, sig: int, all_processes: bool) -> None:
+        client = await self.container.connect()
+        try:
+            await client.signal(sig, all_processes=all_processes)
+        except NotRunning as e:
+            # It exited between the check and the signal (containerd's force
+            # delete kills, then kills --all): runc's words, which the shim
+            # takes for "already finished" rather than a failure.
+            raise OciError("container not running") from e
+        finally:
+            await client.close()
 
     def pause(self) -> None:
         require(self.dir, Op.PAUSE)

@@ -57,7 +57,8 @@ def create(cfg: Config, cid: str, bundle: Path, handoff: Handoff) -> int:
     if kind == "sandbox":
         pdir = pods.pod_dir(cfg, cid)
         rec.pod_dir = str(pdir)
-        p.shares.append(Share("pod", pdir, readonly=False))
+        # Members' roots are bound under it later: its file server must follow.
+        p.shares.append(Share("pod", pdir, readonly=False, propagate=True))
         p.guest_mounts.append(("pod", bundles.POD_GUEST, False))
     d = OciStore(cfg).create(config, rec)
     c = OciContainer(cfg, d)

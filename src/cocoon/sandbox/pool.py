@@ -243,7 +243,8 @@ class PoolServer:
                 await sb.destroy()
                 continue
             assert sb.launched is not None  # _usable() saw its VM
-            qemu = sb.backend.child(sb.launched.processes["qemu"])
+            procs = sb.launched.processes  # a jailed QEMU's parent here is its tini
+            qemu = sb.backend.child(procs.get("jail", procs["qemu"]))
             if qemu is not None:
                 self.handed.append(qemu)
             try:

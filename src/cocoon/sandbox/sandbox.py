@@ -49,12 +49,15 @@ from cocoon.sandbox.channel import AgentChannel, Timeout
 from cocoon.sandbox.template import template_mac
 from cocoon.state.gc import release_host, remove_dir
 from cocoon.state.store import ProcessRecord, SandboxDir, SandboxState
+from cocoon.storage import hub
 from cocoon.storage import scratch as scratch_files
 from cocoon.storage.scratch import ScratchDisk
 from cocoon.util.proc import cpu_seconds, runnable, start_time
 
 M = TypeVar("M", bound=messages.Message)
 CONSOLE_TAIL = 300
+#: The tag of a pooled sandbox's hub, its first share (storage/hub.py).
+HUB_TAG = "cocoon-hub"
 #: A boot that never got the CPU fails at this many times its CPU budget in wall time.
 WALL_FACTOR = 4
 PROGRESS_POLL_S = 0.05
@@ -119,8 +122,11 @@ def poolable(
     init: list[str] | None,
     network: net.NetworkPlan | None,
 ) -> bool:
-    """Whether a warm pool's sandbox (no NIC, no share, empty disk slots) fits."""
-    if shares or init is not None or cfg.hypervisor.machine != "microvm":
+    """Whether a warm pool's sandbox fits: no NIC, empty disk slots, and host
+    directories only through its hub (storage/hub.py)."""
+    if init is not None or cfg.hypervisor.machine != "microvm":
+        return False
+    if shares and cfg.hypervisor.shared_fs == "none":
         return False
     if network is not None and any(n != "none" for n in network.networks):
         return False
@@ -290,6 +296,8 @@ class Sandbox:
         self.pooled = False
         #: A pooled sandbox's disks sit in slots named before they came: serial -> slot's.
         self.disk_serials: dict[str, str] = {}
+        #: A pooled sandbox's shares, bound into its hub: the caller's tag -> guest path.
+        self.hub_shares: dict[str, str] = {}
         #: Host directories it may write: the guest flushes them before it is stopped.
         self.writes_host_dirs = False
 
@@ -337,8 +345,9 @@ class Sandbox:
             if got is not None:
                 try:
                     return await cls._adopt(
-                        cfg, got, disks=list(disks), scratch=scratch, network=network,
-                        annotations=annotations or {}, timeout_s=boot_timeout_s,
+                        cfg, got, disks=list(disks), scratch=scratch, shares=shares,
+                        network=network, annotations=annotations or {},
+                        timeout_s=boot_timeout_s,
                     )  # fmt: skip
                 except CocoonError as e:  # a pooled sandbox is a shortcut, never a failure
                     (warn or _warn)(f"pooled sandbox {got.sandbox_id} failed ({e}); "
@@ -363,6 +372,8 @@ class Sandbox:
         attached: net.Attachment | None = None
         try:
             scratch_disks = sb._make_scratch(scratch)
+            if pooled and cfg.hypervisor.shared_fs != "none":
+                shares = [sb._make_hub()]
             if network is not None:
                 attached = net.attach(
                     cfg, sdir.id, network, st.network, lambda: sdir.write(st), sdir.path
@@ -444,6 +455,7 @@ class Sandbox:
         *,
         disks: list[Disk],
         scratch: Sequence[ScratchDisk],
+        shares: Sequence[Share],
         network: net.NetworkPlan | None,
         annotations: dict[str, str],
         timeout_s: float | None,
@@ -490,6 +502,8 @@ class Sandbox:
             for slot, d in [*enumerate(ro), *((first_rw + i, d) for i, d in enumerate(rw))]:
                 await sb.backend.attach_disk(sb.launched, slot, d.path, d.readonly)
                 sb.disk_serials[d.serial] = slot_serial(slot)
+            if shares:
+                await sb._fill_hub(shares)
             sb.boot_s = time.monotonic() - t0
             sb.channel.start_keepalive(cfg.hypervisor.keepalive_s)
             st.status = "running"
@@ -500,6 +514,18 @@ class Sandbox:
             await sb.destroy()
             raise
         return sb
+
+    async def _fill_hub(self, shares: Sequence[Share]) -> None:
+        """Bind the caller's host directories into the hub, and mount it in the
+        guest: each share is then a bind of the hub's dir (``mount``)."""
+        if not self.state.hub:
+            raise SandboxError("this pooled sandbox has no hub for host directories")
+        path = Path(self.state.hub)
+        for n, sh in enumerate(shares):
+            self.hub_shares[sh.tag] = hub.attach(path, n, sh.path, sh.readonly)
+        self.writes_host_dirs = any(not sh.readonly for sh in shares)
+        mount = messages.Mount("9p", Layout.share_tag(0), hub.GUEST_DIR, "", [], False)
+        await self.call(mount, messages.Ok)
 
     async def let_go(self) -> tuple[int, int]:
         """Stop owning this sandbox without ending it (a pool handing it out):
@@ -619,6 +645,14 @@ class Sandbox:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
+
+    def _make_hub(self) -> Share:
+        """A pooled sandbox's hub, its first share (recorded first: gc removes it)."""
+        path = hub.hub_dir(self.cfg.root, self.id)
+        self.state.hub = str(path)
+        self.dir.write(self.state)
+        hub.create(path)
+        return Share(HUB_TAG, path, propagate=True)
 
     def _make_scratch(self, scratch: Sequence[ScratchDisk]) -> list[Disk]:
         if not scratch:
@@ -754,6 +788,8 @@ class Sandbox:
         options: Sequence[str] = (),
         readonly: bool = False,
     ) -> None:
+        if kind in ("virtiofs", "9p") and source in self.hub_shares:
+            kind, source, fstype, options = "bind", self.hub_shares[source], "", ()
         if kind == "block" and source in self.disk_serials:
             source = self.disk_serials[source]  # a pooled sandbox's disk slot
         if kind in ("virtiofs", "9p") and source in self.share_tags:

@@ -28,7 +28,7 @@ from cocoon import network as net
 from cocoon.errors import CocoonError, SandboxError
 from cocoon.hypervisor import cgroup, jail
 from cocoon.state.store import SandboxDir, SandboxState, list_ids
-from cocoon.storage import scratch
+from cocoon.storage import hub, scratch
 from cocoon.util.fs import mount_points_under
 from cocoon.util.proc import alive
 
@@ -133,6 +133,7 @@ def reap(
         live = set(list_ids(root))
         jail.sweep(root, live)
         cgroup.sweep(live)
+        hub.sweep(root, live)
     return reaped
 
 
@@ -145,6 +146,8 @@ def release_host(st: SandboxState, root: Path) -> None:
     if st.jail_uid:
         cgroup.remove(st.id)
         jail.release(root, st.jail_uid, st.id)
+    if st.hub:  # QEMU and its file server are gone: nothing holds the binds
+        hub.remove(Path(st.hub))
 
 
 def remove_dir(path: Path) -> None:

@@ -57,6 +57,8 @@ class SandboxState:
     template: str = ""
     #: The uid (and gid) its jailed VMM runs as (0 = not jailed); see hypervisor.jail.
     jail_uid: int = 0
+    #: A pooled sandbox's hub on the host ("" = none); see storage/hub.py.
+    hub: str = ""
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), indent=1, sort_keys=True).encode()

@@ -108,6 +108,8 @@ class QemuBackend:
     def __init__(self, cfg: HypervisorConfig) -> None:
         self.cfg = cfg
         self._children: dict[int, subprocess.Popen[bytes]] = {}
+        #: A jailed QEMU's pid -> its tini's, the child we started and reap.
+        self._via: dict[int, int] = {}
 
     def machine_identity(self, spec: VmSpec) -> str:
         """Everything a saved VM of ``spec`` depends on: its command line with
@@ -212,7 +214,13 @@ class QemuBackend:
                 procs["qemu"] = pid
                 record("qemu", pid)
             if jail is not None:
-                self._wait_exec(pid, qemu, wd)
+                # The host tracks QEMU itself (CPU time, renice, kill) and
+                # keeps tini, its parent outside its pid namespace, as "jail".
+                procs["jail"] = pid
+                record("jail", pid)
+                procs["qemu"] = vmm = self._wait_exec(pid, qemu, wd)
+                record("qemu", vmm)
+                self._via[vmm] = pid
             else:
                 self._wait_socket(sockets["qmp"], pid, "QEMU")
         except BaseException:
@@ -304,7 +312,8 @@ class QemuBackend:
             ours = opened.enter_context(a)
             theirs = opened.enter_context(b)
             argv = [helper, "-n", "-f", str(theirs.fileno()), "-p", str(share.path)]
-            jail = ["--isolate", "--caps", PROXY_CAPS, *(["--ro"] if share.readonly else [])]
+            jail = ["--isolate", "--caps", PROXY_CAPS, *(["--ro"] if share.readonly else []),
+                    *(["--slave"] if share.propagate else [])]  # fmt: skip
             argv = [sys.executable, "-I", "-S", str(SHAREJAIL), *jail, str(share.path), "--", *argv]
             pid = self._spawn(argv, spec.workdir / f"9pproxy{i}.log", pass_fds=[theirs.fileno()])
             procs[f"9pproxy{i}"] = pid
@@ -312,14 +321,16 @@ class QemuBackend:
             out[f"9p{i}"] = ours.fileno()
         return out
 
-    def _wait_exec(self, pid: int, qemu: str, wd: Path) -> None:
-        """Until the jailer has become QEMU (its sockets already exist: ours)."""
+    def _wait_exec(self, pid: int, qemu: str, wd: Path) -> int:
+        """Until the jailer's child (tini's, in the new pid namespace) is QEMU;
+        its host pid (the sockets already exist: ours)."""
         deadline = time.monotonic() + SOCKET_WAIT_S
         real = os.path.realpath(qemu)
         while True:
-            with contextlib.suppress(OSError):
-                if os.readlink(f"/proc/{pid}/exe") == real:
-                    return
+            with contextlib.suppress(OSError, ValueError):
+                kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+                if kids and os.readlink(f"/proc/{kids[0]}/exe") == real:
+                    return int(kids[0])
             if self._exited(pid):
                 tail = ""
                 with contextlib.suppress(OSError, IndexError):
@@ -504,14 +515,18 @@ class QemuBackend:
 
     def exit_reason(self, pid: int) -> str:
         """How a child we started ended ("" if running or not ours): for the one
-        line that tells a user their VM was killed rather than their code failing."""
-        p = self._children.get(pid)
+        line that tells a user their VM was killed rather than their code failing.
+        A jailed QEMU's end is its tini's exit status (128 + N: signal N)."""
+        p = self._children.get(pid) or self._children.get(self._via.get(pid, -1))
         if p is None or p.poll() is None:
             return ""
-        if p.returncode < 0:
+        code = p.returncode
+        if pid in self._via and code > 128:
+            code = 128 - code
+        if code < 0:
             try:
-                name = signal.Signals(-p.returncode).name
+                name = signal.Signals(-code).name
             except ValueError:
-                name = f"signal {-p.returncode}"
+                name = f"signal {-code}"
             return f"killed by {name}"
-        return f"exit status {p.returncode}"
+        return f"exit status {code}"

@@ -4,19 +4,22 @@ The file server runs as root, because it must give the guest's files their
 owners on the host; the guest on the other end is untrusted. So the backend
 starts it through this script::
 
-    python3 -I -S sharejail.py [--ro] [--isolate] [--caps NAME,...] DIR -- PROGRAM [ARG...]
+    python3 -I -S sharejail.py [--ro] [--slave] [--isolate] [--caps CAP,...] DIR -- PROG [ARG...]
 
 In order, then exec (same pid: what the backend recorded is the server):
 
 - a new mount namespace with every mount private (nothing propagates back to
-  the host), and DIR bound onto itself nosuid and nodev (read-only too with
+  the host) or, with ``--slave``, a slave of the host's (nothing propagates
+  back either, but mounts the host makes later under a shared DIR reach the
+  server: a pooled sandbox's hub), and DIR bound onto itself nosuid and nodev (read-only too with
   ``--ro``: QEMU 7.2's C virtiofsd has no read-only option, and a ``ro``
   mount inside the guest is a request, not a guarantee). These mounts exist
   only in the server's namespace and vanish with it: no host mount to
   record, to leak after a crash, or for a later ``rm -r`` to descend into.
-  The bind is not recursive on purpose: a recursive bind would carry DIR's
-  submounts along *writable* (a remount applies to one mount only), so mounts
-  below DIR show as empty directories instead.
+  A read-only bind is not recursive on purpose: a recursive bind would carry
+  DIR's submounts along *writable* (a remount applies to one mount only), so
+  mounts below DIR show as empty directories instead. A writable one is
+  recursive: an OCI bundle's binds dir is a tree of bind mounts.
 - ``--isolate``: new network, IPC and UTS namespaces too (virtiofsd makes its
   own; virtfs-proxy-helper, which only chroots, does not).
 - ``--caps``: every capability but these dropped from the bounding set, and
@@ -42,6 +45,7 @@ MS_REMOUNT = 0x20
 MS_BIND = 0x1000
 MS_REC = 0x4000
 MS_PRIVATE = 0x40000
+MS_SLAVE = 0x80000
 PR_CAPBSET_DROP = 24
 PR_SET_NO_NEW_PRIVS = 38
 LAST_CAP = 63  # unknown ones fail with EINVAL and are skipped
@@ -57,14 +61,15 @@ def _check(rc: int, what: str) -> None:
         raise SystemExit(f"cocoon sharejail: {what}: {os.strerror(err)}")
 
 
-def enter(path: str, readonly: bool, isolate: bool) -> None:
+def enter(path: str, readonly: bool, isolate: bool, slave: bool) -> None:
     """Give this process its own view of ``path`` (and namespaces with ``isolate``)."""
     libc = ctypes.CDLL(None, use_errno=True)
     src = os.fsencode(path)
     flags = CLONE_NEWNS | (CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS if isolate else 0)
     _check(libc.unshare(flags), "unshare")
-    _check(libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None), "make / rprivate")
-    _check(libc.mount(src, src, None, MS_BIND, None), f"bind {path}")
+    how = MS_SLAVE if slave else MS_PRIVATE
+    _check(libc.mount(None, b"/", None, MS_REC | how, None), "make / rprivate or rslave")
+    _check(libc.mount(src, src, None, MS_BIND | (0 if readonly else MS_REC), None), f"bind {path}")
     remount = MS_REMOUNT | MS_BIND | MS_NOSUID | MS_NODEV | (MS_RDONLY if readonly else 0)
     _check(libc.mount(None, src, None, remount, None), f"remount {path}")
     if readonly and not os.statvfs(path).f_flag & os.ST_RDONLY:
@@ -84,7 +89,7 @@ def limit(keep: set[int]) -> None:
 
 def main(argv: list[str]) -> None:
     args = argv[1:]
-    readonly = isolate = False
+    readonly = isolate = slave = False
     keep: set[int] | None = None
     while args and args[0].startswith("--") and args[0] != "--":
         opt = args.pop(0)
@@ -92,6 +97,8 @@ def main(argv: list[str]) -> None:
             readonly = True
         elif opt == "--isolate":
             isolate = True
+        elif opt == "--slave":
+            slave = True
         elif opt == "--caps" and args:
             try:
                 keep = {CAPS[name] for name in args.pop(0).split(",") if name}
@@ -101,9 +108,9 @@ def main(argv: list[str]) -> None:
             raise SystemExit(f"cocoon sharejail: unknown option {opt}")
     if len(args) < 3 or args[1] != "--" or not os.path.isabs(args[0]):
         raise SystemExit(
-            "usage: sharejail.py [--ro] [--isolate] [--caps NAME,...] ABSOLUTE_DIR -- PROGRAM"
+            "usage: sharejail.py [--ro] [--slave] [--isolate] [--caps NAME,...] DIR -- PROGRAM"
         )
-    enter(args[0], readonly, isolate)
+    enter(args[0], readonly, isolate, slave)
     if keep is not None:
         limit(keep)
     os.execv(args[2], args[2:])

@@ -1,0 +1,98 @@
+"""A pooled sandbox's hub: one share whose contents arrive after the VM started.
+
+A pooled sandbox is restored and warmed before anyone knows what it will
+run, and a 9p share's backend is fixed when QEMU starts. So every pooled
+sandbox exports one directory of its own, its hub (``<root>/hubs/<id>``),
+through its first share slot, with nothing in it. Whoever takes the sandbox
+binds its host directories into the hub (``<hub>/<n>``: an OCI bundle's
+rootfs, volumes; a read-only one remounted read-only on the host, so the
+host kernel enforces it), and the guest mounts the hub once and binds
+``<n>`` where each share belongs. No copy, no reboot, no device hot-plug:
+the start path Baidu's function compute measured at 98 ms.
+
+Who sees the binds: an unjailed QEMU serves the hub itself, in the host's
+mount namespace. A jailed VM's virtfs-proxy-helper runs in a mount namespace
+of its own (sharejail.py), a slave of the host's: so the hub is a mount of its
+own, made *shared*, and binds under it propagate into the helper's view.
+
+Never a recursive delete: ``remove`` unmounts what is under the hub (lazily:
+the file server may still hold an inode) and removes only the empty mount
+points it made. What is bound in is the user's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+from cocoon.errors import HostError
+from cocoon.util.fs import mount_points_under
+from cocoon.util.proc import run
+
+#: Where the guest mounts its hub; share n is ``GUEST_DIR/n``.
+GUEST_DIR = "/run/cocoon/hub"
+MOUNT_TIMEOUT_S = 10.0
+
+
+def hubs_dir(root: Path) -> Path:
+    return root / "hubs"
+
+
+def hub_dir(root: Path, sandbox_id: str) -> Path:
+    return hubs_dir(root) / sandbox_id
+
+
+def create(path: Path) -> None:
+    """An empty hub, a shared mount of itself (see the module's docstring)."""
+    path.parent.mkdir(mode=0o700, exist_ok=True)
+    path.mkdir(mode=0o700)
+    run(["mount", "--bind", str(path), str(path)], timeout_s=MOUNT_TIMEOUT_S, error=HostError)
+    run(["mount", "--make-shared", str(path)], timeout_s=MOUNT_TIMEOUT_S, error=HostError)
+
+
+def attach(path: Path, n: int, source: Path, readonly: bool) -> str:
+    """Bind ``source`` at ``<hub>/<n>``; returns where the guest finds it.
+
+    A read-only bind is remounted read-only, and is not recursive: a mount
+    below it would stay writable. A writable one carries its submounts
+    (an OCI bundle's binds dir is a tree of binds)."""
+    dst = path / str(n)
+    dst.mkdir(mode=0o700)
+    how = "--bind" if readonly else "--rbind"
+    run(["mount", how, str(source), str(dst)], timeout_s=MOUNT_TIMEOUT_S, error=HostError)
+    if readonly:
+        run(["mount", "-o", "remount,bind,ro", str(dst)], timeout_s=MOUNT_TIMEOUT_S,
+            error=HostError)  # fmt: skip
+    return f"{GUEST_DIR}/{n}"
+
+
+def remove(path: Path) -> None:
+    """Unmount everything in the hub and the hub itself, then its empty dirs.
+
+    Raises HostError, leaving the hub in place, if anything stays mounted or
+    a dir is not empty: nothing below it is ever deleted."""
+    if not path.exists():
+        return
+    for mp in sorted(mount_points_under(path), key=len, reverse=True):
+        with contextlib.suppress(HostError):  # already gone: checked below
+            run(["umount", "-l", mp], timeout_s=MOUNT_TIMEOUT_S, error=HostError)
+    if left := mount_points_under(path):
+        raise HostError(f"{left[0]} is still mounted: left in place; unmount it, then `cocoon gc`")
+    try:
+        for child in path.iterdir():
+            child.rmdir()  # only our empty mount points; anything else fails
+        path.rmdir()
+    except OSError as e:
+        raise HostError(f"hub {path} not removed: {e.strerror}: see what is in it") from e
+
+
+def sweep(root: Path, live: set[str]) -> None:
+    """Remove the hubs of sandboxes that are gone (a crash between making a
+    hub and recording it); one that will not go is left for the next gc."""
+    d = hubs_dir(root)
+    if not d.is_dir():
+        return
+    for hub in d.iterdir():
+        if hub.name not in live:
+            with contextlib.suppress(HostError):
+                remove(hub)
