@@ -140,12 +140,16 @@ def main() -> None:
     cold_rt = work / "cocoon-runtime-cold"
     cold_rt.write_text(f'#!/bin/sh\nCOCOON_SANDBOX_TEMPLATES=false exec {ocirt} "$@"\n')
     cold_rt.chmod(0o755)
+    pool_rt = work / "cocoon-runtime-pool"
+    pool_rt.write_text(f'#!/bin/sh\nexec {ocirt} --root {root / "pooled"} "$@"\n')
+    pool_rt.chmod(0o755)
     runtimes = {"runsc": ["--runtime", "runsc", "--runtime-flag", "network=none"],
                 "crun": ["--runtime", "crun"], "cocoon-runtime": ["--runtime", ocirt],
                 "cocoon-runtime-cold": ["--runtime", str(cold_rt)],
-                # its state root is the pool server's: it takes pooled sandboxes
-                "cocoon-runtime-pool": ["--runtime", ocirt, "--runtime-flag",
-                                        f"root={root / 'pooled'}"]}  # fmt: skip
+                # its state root is the pool server's, so it takes pooled
+                # sandboxes (a wrapper: podman passes --runtime-flag to create
+                # and start but not to delete, whose record would then leak)
+                "cocoon-runtime-pool": ["--runtime", str(pool_rt)]}  # fmt: skip
     print(f"accelerator: {'TCG' if Path('/sys/module/kvm_pvm').exists() else 'see cocoon check'};"
           f" {os.cpu_count()} CPUs; runs per path: {args.runs}")  # fmt: skip
     idle_ids: list[str] = []
