@@ -94,6 +94,31 @@ def test_exec_signal_and_kill_exit_status(booted: Sandbox, run: Runner) -> None:
     run(body())
 
 
+def test_container_processes_keep_address_randomisation(booted: Sandbox, run: Runner) -> None:
+    """crun runs with a fixed layout (a TCG speed-up); the container's init and
+    its execs must not inherit it: persona 0 and a stack somewhere new each time."""
+    probe = "cat /proc/self/personality; grep stack /proc/self/maps"
+    c = cid()
+
+    async def body() -> list[bytes]:
+        outs = [(await run_container(booted, ["sh", "-c", probe]))[0] for _ in range(2)]
+        init = await booted.create_container(c, GUEST_ROOTFS, spec(["sleep", "1000"]))
+        await booted.start_container(c)
+        for n in range(2):
+            e = await booted.exec(c, f"p{n}", spec(["sh", "-c", probe])["process"])
+            outs.append((await e.output())[0])
+            assert (await e.wait()).exit_code == 0
+        await init.signal(signal.SIGKILL)
+        await init.wait()
+        await booted.delete_container(c)
+        return outs
+
+    outs = run(body())
+    assert all(o.split(b"\n")[0] == b"00000000" for o in outs), outs
+    stacks = {o.split(b"\n")[1].split()[0] for o in outs}
+    assert len(stacks) == len(outs), outs
+
+
 def test_start_is_once_and_only_for_a_live_created_init(booted: Sandbox, run: Runner) -> None:
     """The agent starts a created container itself (crun's exec fifo, no crun
     process); a second start, or one after the init died, gets crun's refusal."""

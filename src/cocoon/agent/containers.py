@@ -123,6 +123,10 @@ class Containers:
         if not isinstance(linux, dict):
             raise RemoteError("invalid", "spec.linux must be an object")
         linux["cgroupsPath"] = f"/{system.CONTAINERS_CGROUP}/{req.container_id}"
+        # crun runs without address-space randomisation (spawn's fixed_layout);
+        # an explicit personality makes crun reset the persona, randomisation
+        # included, for the container's processes, execs too.
+        linux.setdefault("personality", {"domain": "LINUX"})
         bundle = os.path.join(BUNDLES, req.container_id)
         c = Container(req.container_id, bundle, req.rootfs)
         with self._lock:
@@ -313,7 +317,7 @@ class Containers:
             argv = [CRUN, "--root", CRUN_ROOT, "--log", c.path("crun.log")]
             argv += [*verb_args, c.id]
             _, crun_exit = spawn.spawn(
-                argv, self._reaper, (child_fds[0], child_fds[1], child_fds[2])
+                argv, self._reaper, (child_fds[0], child_fds[1], child_fds[2]), fixed_layout=True
             )
             for fd in set(child_fds):
                 os.close(fd)
