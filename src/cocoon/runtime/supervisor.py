@@ -497,9 +497,16 @@ class Supervisor:
         for other in list(self.members.values()):
             if other is not m:
                 other.shutdown_requested.set()
+        # The exit is reported as soon as the container's writes to host
+        # directories are on the host, as runc reports it before `delete`: the
+        # VM's teardown (~20-50 ms) is then not between a process's end and
+        # its caller (a stand-in, conmon, a shim) seeing it. Whoever removes
+        # the container waits for the teardown (its life lock) all the same.
+        if self.sb is not None:
+            await self.sb.sync_host_dirs()  # a failure is logged, never raised
+        self._answer(m, result)
         await self._teardown()
         m.write_state()
-        self._answer(m, result)
         if m.config.auto_remove:
             shutil.rmtree(m.cdir.path, ignore_errors=True)
         # Clients collect the exit (a `cocoon run` waiting on it), then we go.

@@ -300,6 +300,7 @@ class Sandbox:
         self.hub_shares: dict[str, str] = {}
         #: Host directories it may write: the guest flushes them before it is stopped.
         self.writes_host_dirs = False
+        self._synced = False
 
     @property
     def id(self) -> str:
@@ -689,9 +690,24 @@ class Sandbox:
         qemu = self.launched.processes["qemu"]
         while not self.backend.exited(qemu):
             await asyncio.sleep(0.05)
-        if self.channel is not None and not self._destroyed:
+        if self.channel is not None and not self._destroyed and not self._synced:
             tail = console_tail(self.launched.console_log)
             self.channel.session.close("the VM exited" + (f" (console: {tail})" if tail else ""))
+
+    async def sync_host_dirs(self) -> None:
+        """Have the guest sync and power off if it may hold writes to host
+        directories (once): after this, the host sees all of them. Any other
+        guest is stopped at once by ``destroy``: its disks are read-only or
+        deleted with it, and right after a container's exit the guest is busy
+        tearing its namespaces down (~60 ms under TCG before the agent would
+        even read the request)."""
+        if self._synced or not self.writes_host_dirs or self.channel is None:
+            return
+        self._synced = True  # the VM's exit that follows is ours, not news
+        if self.channel.session.closed is None:
+            left = "what the guest had not yet synced to host directories"
+            with teardown_step(log, f"syncing sandbox {self.id}", left, level=logging.INFO):
+                await self.channel.call(messages.Shutdown(), messages.Ok, timeout_s=2.0)
 
     async def destroy(self) -> None:
         """Stop the VM and remove every trace; safe to call twice or after a crash."""
@@ -703,15 +719,7 @@ class Sandbox:
             self.state.status = "stopping"
             self.dir.write(self.state)
         if self.channel is not None:
-            # Only a guest that may hold writes to host directories is asked to
-            # sync and power off; any other is stopped at once: its disks are
-            # read-only or deleted with it, and right after a container's exit
-            # the guest is busy tearing its namespaces down (~60 ms under TCG
-            # before the agent would even read the request).
-            if self.writes_host_dirs and self.channel.session.closed is None:
-                left = "what the guest had not yet synced to host directories"
-                with teardown_step(log, f"syncing sandbox {self.id}", left, level=logging.INFO):
-                    await self.channel.call(messages.Shutdown(), messages.Ok, timeout_s=2.0)
+            await self.sync_host_dirs()
             await self.channel.close()
         if self._watch_task is not None:
             self._watch_task.cancel()
