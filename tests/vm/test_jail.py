@@ -23,7 +23,8 @@ import pytest
 
 from cocoon.config import Config
 from cocoon.hypervisor import cgroup, jail
-from cocoon.hypervisor.qemu.backend import QemuBackend
+from cocoon.hypervisor.base import Share
+from cocoon.hypervisor.qemu.backend import QemuBackend, proxy_argv
 from cocoon.hypervisor.qemu.qmp import Qmp
 from cocoon.sandbox import restore
 from cocoon.sandbox.sandbox import Sandbox, backend_for, ensure_template, vm_spec
@@ -205,6 +206,57 @@ def test_a_compromised_qemu_reaches_nothing_of_the_host_or_other_sandboxes(
     assert got["fork_bomb"] == "EAGAIN" and got["forked"] < jail.NPROC
     # Its /proc shows its own uid's processes only (its children, its QEMU).
     assert all(_uid_of(x) in (me.state.jail_uid, -1) for x in got["in_proc"])
+
+
+PROXY_PROBE = r"""
+import ctypes, errno, json, os, signal, sys, time
+libc = ctypes.CDLL(None, use_errno=True)
+out = {}
+def attempt(name, rc):
+    out[name] = "ALLOWED" if rc >= 0 else errno.errorcode[ctypes.get_errno()]
+child = os.fork()
+if child == 0:
+    time.sleep(30); os._exit(0)
+attempt("ptrace_child", libc.ptrace(16, child, None, None))  # PTRACE_ATTACH
+os.kill(child, signal.SIGKILL); os.waitpid(child, 0)
+attempt("mount", libc.mount(b"none", b"/mnt", b"tmpfs", 0, None))
+attempt("unshare_user", libc.unshare(0x10000000))
+rc = libc.syscall(56, 0x10000000 | 0x40000000 | signal.SIGCHLD, 0, 0, 0, 0)  # clone
+if rc == 0:
+    os._exit(0)
+attempt("clone_namespaces", rc)
+attempt("bpf", libc.syscall(321, 0, None, 0))
+attempt("keyctl", libc.syscall(250, 0, -1, 0, 0, 0))  # KEYCTL_GET_KEYRING_ID
+try:
+    os.kill(int(sys.argv[1]), 0); out["signal_other_qemu"] = "ALLOWED"
+except OSError as e:
+    out["signal_other_qemu"] = errno.errorcode[e.errno]
+status = dict(l.split(":", 1) for l in open("/proc/self/status").read().splitlines())
+out["status"] = {k: status[k].strip() for k in ("Seccomp", "NoNewPrivs", "NSpid", "CapBnd")}
+print(json.dumps(out), flush=True)
+"""
+
+
+@pytest.mark.parametrize("readonly", [True, False], ids=["ro", "rw"])
+def test_a_compromised_9p_file_server_cannot_ptrace_mount_or_unshare(
+    jcfg: Config, two: list[Sandbox], tmp_path: Path, readonly: bool
+) -> None:
+    """A program run as a jailed VM's virtfs-proxy-helper would be, through
+    the backend's own launch line for a share (sharejail, tini, seccomp):
+    root, but in a pid namespace of its own and under its filter."""
+    share = Share("probe", tmp_path, readonly=readonly)
+    argv = proxy_argv(share, ["/usr/bin/python3", "-I", "-S", "-c", PROXY_PROBE,
+                              str(qemu_pid(jcfg, two[0].id))])  # fmt: skip
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr[-2000:]
+    got = json.loads(p.stdout.strip().splitlines()[-1])
+    for call in ("ptrace_child", "mount", "unshare_user", "clone_namespaces", "bpf", "keyctl"):
+        assert got[call] == "EPERM", (call, got)
+    assert got["signal_other_qemu"] == "ESRCH"  # not even addressable
+    st = got["status"]
+    assert st["Seccomp"] == "2" and st["NoNewPrivs"] == "1", st
+    assert st["NSpid"].split()[-1] == "1" and len(st["NSpid"].split()) == 2, st
+    assert int(st["CapBnd"], 16) == sum(1 << c for c in (0, 1, 2, 3, 4, 6, 7, 18, 27)), st
 
 
 def test_a_runaway_qemu_ends_only_its_own_sandbox(

@@ -179,7 +179,7 @@ class PoolServer:
             sbs.append(sb)
 
     async def _reap(self) -> None:
-        """QEMUs of handed-out sandboxes are still our children: collect their exits."""
+        """The VM processes of handed-out sandboxes are still our children: collect their exits."""
         while True:
             await asyncio.sleep(0.5)
             self.handed = [p for p in self.handed if p.poll() is None]
@@ -243,10 +243,9 @@ class PoolServer:
                 await sb.destroy()
                 continue
             assert sb.launched is not None  # _usable() saw its VM
-            procs = sb.launched.processes  # a jailed QEMU's parent here is its tini
-            qemu = sb.backend.child(procs.get("jail", procs["qemu"]))
-            if qemu is not None:
-                self.handed.append(qemu)
+            # Ours to reap: QEMU, or a jailed one's tini and its file servers' tinis.
+            kids = [sb.backend.child(pid) for pid in sb.launched.processes.values()]
+            self.handed += [p for p in kids if p is not None]
             try:
                 # asyncio's transport socket has no sendmsg: a plain one on a dup
                 # (non-blocking, the flag is shared, but a fresh connection's
