@@ -42,6 +42,7 @@ from cocoon.sandbox.poolclient import (
     socket_path,
 )
 from cocoon.sandbox.sandbox import Sandbox
+from cocoon.sandbox.spec import SandboxSpec
 from cocoon.sandbox.warmup import warm_up
 
 #: Seconds after a hand-out before the pool starts its replacement.
@@ -150,11 +151,13 @@ class PoolServer:
                 async with admission.start_slot(self.cfg):
                     sb = await self._sandbox.create(
                         self.cfg,
-                        vcpus=c.vcpus,
-                        memory_mib=c.memory_mib,
-                        template=True,
-                        pooled=True,
-                        annotations={"cocoon.pool": c.name},
+                        SandboxSpec(
+                            vcpus=c.vcpus,
+                            memory_mib=c.memory_mib,
+                            template=True,
+                            pooled=True,
+                            annotations={"cocoon.pool": c.name},
+                        ),
                     )
             except CocoonError as e:
                 self.log(f"pool: could not start a {c.name} sandbox: {e}")
