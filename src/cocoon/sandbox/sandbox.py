@@ -462,7 +462,8 @@ class Sandbox:
                 sdir.file("qmp.sock"),
                 sdir.file("console.log"),
             )
-            renice_all(sb.launched.processes["qemu"], 0)  # the pool ran it niced
+            for pid in sb.launched.processes.values():  # the pool ran them niced
+                renice_all(pid, 0)
             t0 = time.monotonic()
             sb.channel = await AgentChannel.from_fd(
                 got.channel_fd, agent_timeout_s=cfg.hypervisor.agent_timeout_s
