@@ -30,6 +30,7 @@ from cocoon.sandbox import restore
 from cocoon.sandbox.sandbox import Sandbox, backend_for, ensure_template, vm_spec
 from cocoon.state import gc
 from cocoon.state.store import SandboxDir
+from cocoon.util.proc import alive
 from tests.vm.conftest import Runner, cocoon, ok
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(300)]
@@ -278,22 +279,31 @@ def me_mib(c: Config) -> int:
     return c.hypervisor.memory_mib
 
 
-def test_gc_after_kill_9_leaves_no_uid_allocated(jcfg: Config, busybox: None) -> None:
+def test_gc_after_kill_9_leaves_no_uid_allocated(
+    jcfg: Config, busybox: None, tmp_path: Path
+) -> None:
     """The owner of a jailed sandbox (its monitor) dies: gc kills its QEMU and
-    frees its uid, and no process of that uid is left."""
-    cid = ok(cocoon(jcfg, "run", "-d", "--network", "none", "busybox", "sleep", "600",
-                    env=JAILED)).strip()  # fmt: skip
+    its volume's 9p file server, with their tinis, and frees its uid, and no
+    process of that uid is left."""
+    cid = ok(cocoon(jcfg, "run", "-d", "--network", "none", "-v", f"{tmp_path}:/data",
+                    "busybox", "sleep", "600", env=JAILED)).strip()  # fmt: skip
     try:
         [(uid, sid)] = jail.owners(jcfg.root).items()
         info = json.loads(ok(cocoon(jcfg, "inspect", cid)))[0]
         assert info["Sandbox"]["JailUid"] == uid and info["Sandbox"]["Id"] == sid
-        os.kill(SandboxDir(jcfg.root, sid).read().owner_pid, signal.SIGKILL)
+        st = SandboxDir(jcfg.root, sid).read()
+        # QEMU and its tini; the volume's 9p file server and its tini
+        recorded = st.processes
+        assert set(recorded) == {"qemu", "jail", "9pproxy0", "9pjail0"}, recorded
+        os.kill(st.owner_pid, signal.SIGKILL)
         deadline = time.monotonic() + 30
         while SandboxDir(jcfg.root, sid).owned():
             assert time.monotonic() < deadline, "the monitor did not die"
             time.sleep(0.05)
         assert gc.reap(jcfg.root) == [sid]
         assert jail.owners(jcfg.root) == {}
+        left = {n: r.pid for n, r in recorded.items() if alive(r.pid, r.start_time)}
+        assert not left, left  # (a zombie is not alive: it holds nothing)
         # Zombies excepted: the killed monitor's QEMU is reparented to pid 1,
         # which reaps it when it gets round to it; a zombie holds nothing.
         left = [x for x in os.listdir("/proc") if x.isdigit() and _uid_of(x) == uid
