@@ -45,6 +45,7 @@ from promises import Promises
 from cocoon.config import load
 from cocoon.runtime.busybox import busybox_rootfs
 from cocoon.sandbox.sandbox import Sandbox, ensure_template
+from cocoon.sandbox.spec import SandboxSpec
 
 #: The console script users run (as `cocoon-runtime` below), not `python -m`.
 COCOON = [installed("cocoon")]
@@ -188,7 +189,7 @@ def main() -> None:
         if 1 in only:
 
             async def boot(c: Any, template: bool) -> float:
-                sb = await Sandbox.create(c, template=template)
+                sb = await Sandbox.create(c, SandboxSpec(template=template))
                 try:
                     assert bool(sb.state.template) == template
                     return sb.boot_s or 0.0

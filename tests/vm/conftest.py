@@ -31,6 +31,7 @@ from cocoon.runtime.busybox import busybox_rootfs
 from cocoon.runtime.lifecycle import remove
 from cocoon.runtime.records import ContainerDir, ContainerStore
 from cocoon.sandbox.sandbox import Sandbox
+from cocoon.sandbox.spec import SandboxSpec
 from cocoon.state import gc
 from cocoon.state.store import list_ids
 from cocoon.util.fs import mount_points_under
@@ -84,7 +85,7 @@ def rootfs(cfg: Config) -> Path:
 
 @pytest.fixture(scope="session")
 def booted(cfg: Config, run: Runner, rootfs: Path) -> Iterator[Sandbox]:
-    sb = run(Sandbox.create(cfg, shares=[Share(ROOTFS_TAG, rootfs, readonly=True)]))
+    sb = run(Sandbox.create(cfg, SandboxSpec(shares=[Share(ROOTFS_TAG, rootfs, readonly=True)])))
     SHARED.add(sb.id)
     run(sb.mount("virtiofs", ROOTFS_TAG, GUEST_ROOTFS, readonly=True))
     yield sb

@@ -16,6 +16,7 @@ from cocoon.config import Config
 from cocoon.errors import GuestError
 from cocoon.hypervisor.base import Share
 from cocoon.sandbox.sandbox import Sandbox
+from cocoon.sandbox.spec import SandboxSpec
 from cocoon.state import gc
 from cocoon.state.store import list_ids
 from tests.vm.conftest import GUEST_ROOTFS, ROOTFS_TAG, Runner, spec
@@ -48,7 +49,7 @@ def test_hostile_agent_gives_clear_error_and_full_cleanup(
     script, why = HOSTILE[case]
     t0 = time.monotonic()
     with pytest.raises(GuestError, match=why) as ei:
-        run(Sandbox.create(cfg, init=["/bin/sh", "-c", script], boot_timeout_s=6))
+        run(Sandbox.create(cfg, SandboxSpec(init=["/bin/sh", "-c", script], boot_timeout_s=6)))
     assert "failed to boot" in str(ei.value)
     assert "\n" not in str(ei.value)  # one line
     assert time.monotonic() - t0 < 20
@@ -57,7 +58,9 @@ def test_hostile_agent_gives_clear_error_and_full_cleanup(
 
 def test_qemu_killed_mid_run(cfg: Config, run: Runner, rootfs: Path) -> None:
     async def body() -> None:
-        sb = await Sandbox.create(cfg, shares=[Share(ROOTFS_TAG, rootfs, readonly=True)])
+        sb = await Sandbox.create(
+            cfg, SandboxSpec(shares=[Share(ROOTFS_TAG, rootfs, readonly=True)])
+        )
         await sb.mount("virtiofs", ROOTFS_TAG, GUEST_ROOTFS, readonly=True)
         proc = await sb.create_container("c", GUEST_ROOTFS, spec(["sleep", "1000"]))
         await sb.start_container("c")

@@ -23,12 +23,14 @@ import pytest
 
 from cocoon.config import Config
 from cocoon.hypervisor import cgroup, jail
-from cocoon.hypervisor.qemu.backend import QemuBackend
+from cocoon.hypervisor.base import Share
+from cocoon.hypervisor.qemu.backend import QemuBackend, proxy_argv
 from cocoon.hypervisor.qemu.qmp import Qmp
 from cocoon.sandbox import restore
 from cocoon.sandbox.sandbox import Sandbox, backend_for, ensure_template, vm_spec
 from cocoon.state import gc
 from cocoon.state.store import SandboxDir
+from cocoon.util.proc import alive
 from tests.vm.conftest import Runner, cocoon, ok
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(300)]
@@ -207,6 +209,57 @@ def test_a_compromised_qemu_reaches_nothing_of_the_host_or_other_sandboxes(
     assert all(_uid_of(x) in (me.state.jail_uid, -1) for x in got["in_proc"])
 
 
+PROXY_PROBE = r"""
+import ctypes, errno, json, os, signal, sys, time
+libc = ctypes.CDLL(None, use_errno=True)
+out = {}
+def attempt(name, rc):
+    out[name] = "ALLOWED" if rc >= 0 else errno.errorcode[ctypes.get_errno()]
+child = os.fork()
+if child == 0:
+    time.sleep(30); os._exit(0)
+attempt("ptrace_child", libc.ptrace(16, child, None, None))  # PTRACE_ATTACH
+os.kill(child, signal.SIGKILL); os.waitpid(child, 0)
+attempt("mount", libc.mount(b"none", b"/mnt", b"tmpfs", 0, None))
+attempt("unshare_user", libc.unshare(0x10000000))
+rc = libc.syscall(56, 0x10000000 | 0x40000000 | signal.SIGCHLD, 0, 0, 0, 0)  # clone
+if rc == 0:
+    os._exit(0)
+attempt("clone_namespaces", rc)
+attempt("bpf", libc.syscall(321, 0, None, 0))
+attempt("keyctl", libc.syscall(250, 0, -1, 0, 0, 0))  # KEYCTL_GET_KEYRING_ID
+try:
+    os.kill(int(sys.argv[1]), 0); out["signal_other_qemu"] = "ALLOWED"
+except OSError as e:
+    out["signal_other_qemu"] = errno.errorcode[e.errno]
+status = dict(l.split(":", 1) for l in open("/proc/self/status").read().splitlines())
+out["status"] = {k: status[k].strip() for k in ("Seccomp", "NoNewPrivs", "NSpid", "CapBnd")}
+print(json.dumps(out), flush=True)
+"""
+
+
+@pytest.mark.parametrize("readonly", [True, False], ids=["ro", "rw"])
+def test_a_compromised_9p_file_server_cannot_ptrace_mount_or_unshare(
+    jcfg: Config, two: list[Sandbox], tmp_path: Path, readonly: bool
+) -> None:
+    """A program run as a jailed VM's virtfs-proxy-helper would be, through
+    the backend's own launch line for a share (sharejail, tini, seccomp):
+    root, but in a pid namespace of its own and under its filter."""
+    share = Share("probe", tmp_path, readonly=readonly)
+    argv = proxy_argv(share, ["/usr/bin/python3", "-I", "-S", "-c", PROXY_PROBE,
+                              str(qemu_pid(jcfg, two[0].id))])  # fmt: skip
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr[-2000:]
+    got = json.loads(p.stdout.strip().splitlines()[-1])
+    for call in ("ptrace_child", "mount", "unshare_user", "clone_namespaces", "bpf", "keyctl"):
+        assert got[call] == "EPERM", (call, got)
+    assert got["signal_other_qemu"] == "ESRCH"  # not even addressable
+    st = got["status"]
+    assert st["Seccomp"] == "2" and st["NoNewPrivs"] == "1", st
+    assert st["NSpid"].split()[-1] == "1" and len(st["NSpid"].split()) == 2, st
+    assert int(st["CapBnd"], 16) == sum(1 << c for c in (0, 1, 2, 3, 4, 6, 7, 18, 27)), st
+
+
 def test_a_runaway_qemu_ends_only_its_own_sandbox(
     jcfg: Config, two: list[Sandbox], run: Runner, tmp_path: Path
 ) -> None:
@@ -226,22 +279,31 @@ def me_mib(c: Config) -> int:
     return c.hypervisor.memory_mib
 
 
-def test_gc_after_kill_9_leaves_no_uid_allocated(jcfg: Config, busybox: None) -> None:
+def test_gc_after_kill_9_leaves_no_uid_allocated(
+    jcfg: Config, busybox: None, tmp_path: Path
+) -> None:
     """The owner of a jailed sandbox (its monitor) dies: gc kills its QEMU and
-    frees its uid, and no process of that uid is left."""
-    cid = ok(cocoon(jcfg, "run", "-d", "--network", "none", "busybox", "sleep", "600",
-                    env=JAILED)).strip()  # fmt: skip
+    its volume's 9p file server, with their tinis, and frees its uid, and no
+    process of that uid is left."""
+    cid = ok(cocoon(jcfg, "run", "-d", "--network", "none", "-v", f"{tmp_path}:/data",
+                    "busybox", "sleep", "600", env=JAILED)).strip()  # fmt: skip
     try:
         [(uid, sid)] = jail.owners(jcfg.root).items()
         info = json.loads(ok(cocoon(jcfg, "inspect", cid)))[0]
         assert info["Sandbox"]["JailUid"] == uid and info["Sandbox"]["Id"] == sid
-        os.kill(SandboxDir(jcfg.root, sid).read().owner_pid, signal.SIGKILL)
+        st = SandboxDir(jcfg.root, sid).read()
+        # QEMU and its tini; the volume's 9p file server and its tini
+        recorded = st.processes
+        assert set(recorded) == {"qemu", "jail", "9pproxy0", "9pjail0"}, recorded
+        os.kill(st.owner_pid, signal.SIGKILL)
         deadline = time.monotonic() + 30
         while SandboxDir(jcfg.root, sid).owned():
             assert time.monotonic() < deadline, "the monitor did not die"
             time.sleep(0.05)
         assert gc.reap(jcfg.root) == [sid]
         assert jail.owners(jcfg.root) == {}
+        left = {n: r.pid for n, r in recorded.items() if alive(r.pid, r.start_time)}
+        assert not left, left  # (a zombie is not alive: it holds nothing)
         # Zombies excepted: the killed monitor's QEMU is reparented to pid 1,
         # which reaps it when it gets round to it; a zombie holds nothing.
         left = [x for x in os.listdir("/proc") if x.isdigit() and _uid_of(x) == uid

@@ -126,6 +126,13 @@ def test_host_directories_reach_a_pooled_sandbox_through_its_hub(
         assert out.startswith("read me\n") and out.endswith("refused\n"), out
         assert "Read-only file system" in out
         assert (rw / "out").read_text() == "written\n" and not (ro / "x").exists()
+        # Taken, its VM's processes (the hub's file server too) run at the
+        # taker's priority, not the pool's.
+        procs = SandboxDir(cfg.root, pooled).read().processes
+        assert {"qemu", "9pproxy0"} <= set(procs), procs
+        assert {n: os.getpriority(os.PRIO_PROCESS, r.pid) for n, r in procs.items()} == {
+            n: 0 for n in procs
+        }
     finally:
         ok(cocoon(cfg, "rm", "-f", cid))
     assert not hub.exists() and mount_points_under(hub) == []  # (the refill has a hub of its own)

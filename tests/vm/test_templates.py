@@ -21,6 +21,7 @@ import pytest
 from cocoon.config import Config
 from cocoon.hypervisor.base import Share
 from cocoon.sandbox.sandbox import Sandbox
+from cocoon.sandbox.spec import SandboxSpec
 from cocoon.state import gc
 from tests.vm.conftest import GUEST_ROOTFS, ROOTFS_TAG, SHARED, Runner, cocoon, ok, spec
 
@@ -65,7 +66,7 @@ def test_first_start_builds_the_template_then_clones_it(
     share = [Share(ROOTFS_TAG, rootfs, readonly=True)]
     keys = []
     for _ in range(2):
-        sb = run(Sandbox.create(own, shares=share))
+        sb = run(Sandbox.create(own, SandboxSpec(shares=share)))
         try:
             keys.append(sb.state.template)
             out, err, code = run(run_in(sb, ["sh", "-c", "echo out; echo err >&2; exit 3"]))
@@ -87,7 +88,7 @@ def test_clones_are_distinct_machines(own: Config, run: Runner, rootfs: Path) ->
     )
     seen = []
     for _ in range(2):
-        sb = run(Sandbox.create(own, shares=share))
+        sb = run(Sandbox.create(own, SandboxSpec(shares=share)))
         try:
             assert sb.state.template
             before = time.time()
@@ -237,7 +238,7 @@ def test_a_killed_build_leaves_nothing_trusted(own: Config) -> None:
 def test_templates_off_boots_cold(own: Config, run: Runner, rootfs: Path) -> None:
     """`sandbox.templates = false` (and the per-run flag): no template is made or used."""
     own.sandbox.templates = False
-    sb = run(Sandbox.create(own, shares=[Share(ROOTFS_TAG, rootfs, readonly=True)]))
+    sb = run(Sandbox.create(own, SandboxSpec(shares=[Share(ROOTFS_TAG, rootfs, readonly=True)])))
     try:
         assert sb.state.template == ""
         out, _, code = run(run_in(sb, ["echo", "cold"]))

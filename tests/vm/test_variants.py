@@ -10,6 +10,7 @@ import pytest
 from cocoon.config import Config
 from cocoon.hypervisor.base import Share
 from cocoon.sandbox.sandbox import Sandbox
+from cocoon.sandbox.spec import SandboxSpec
 from tests.vm.conftest import GUEST_ROOTFS, ROOTFS_TAG, Runner, spec
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(300)]
@@ -17,7 +18,9 @@ pytestmark = [pytest.mark.vm, pytest.mark.timeout(300)]
 
 def _boot_and_run(cfg: Config, run: Runner, rootfs: Path, fs_kind: str) -> tuple[str, bytes]:
     async def body() -> tuple[str, bytes]:
-        sb = await Sandbox.create(cfg, shares=[Share(ROOTFS_TAG, rootfs, readonly=True)])
+        sb = await Sandbox.create(
+            cfg, SandboxSpec(shares=[Share(ROOTFS_TAG, rootfs, readonly=True)])
+        )
         try:
             release = (await sb.details()).kernel_release
             await sb.mount(fs_kind, ROOTFS_TAG, GUEST_ROOTFS, readonly=True)

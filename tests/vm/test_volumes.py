@@ -147,7 +147,8 @@ def test_bind_rw_ro_and_tmpfs_in_a_template_clone(
         info = run.sandbox()
         argv = Path(f"/proc/{info.processes['qemu']}/cmdline").read_bytes().split(b"\0")
         if jailed:
-            assert set(info.processes) == {"qemu", "jail", "9pproxy0", "9pproxy1"}
+            assert set(info.processes) == {"qemu", "jail", "9pproxy0", "9pproxy1", "9pjail0",
+                                           "9pjail1"}  # fmt: skip
             proxies = [a.decode() for a in argv if a.startswith(b"proxy,")]
             assert len(proxies) == 2 and sum("readonly=on" in f for f in proxies) == 1, proxies
             helpers = {n: Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
@@ -158,15 +159,22 @@ def test_bind_rw_ro_and_tmpfs_in_a_template_clone(
             info_text = Path(f"/proc/{ro_pid}/mountinfo").read_text()
             mounts = [ln.split() for ln in info_text.splitlines()]
             assert any(m[4] in ("/", str(ro)) and "ro" in m[5].split(",") for m in mounts), mounts
-            for pid in (info.processes["9pproxy0"], info.processes["9pproxy1"]):
+            for i in (0, 1):
+                pid = info.processes[f"9pproxy{i}"]
                 # Jailed as the helper is: own namespaces, a bounding set of
-                # only what serving owners needs (no CAP_SYS_ADMIN, 21), NNP.
-                for ns in ("mnt", "net", "ipc", "uts"):
+                # only what serving owners needs (no CAP_SYS_ADMIN, 21), NNP,
+                # its own seccomp filter, and pid 1 of a pid namespace of its
+                # own under its tini (recorded too: our child, outside).
+                for ns in ("mnt", "net", "ipc", "uts", "pid"):
                     assert os.readlink(f"/proc/{pid}/ns/{ns}") != os.readlink(f"/proc/self/ns/{ns}")
                 status = Path(f"/proc/{pid}/status").read_text()
                 bnd = int(status.split("CapBnd:\t")[1].split()[0], 16)
                 assert bnd and not bnd & (1 << 21), hex(bnd)
                 assert "NoNewPrivs:\t1" in status, status
+                assert "Seccomp:\t2" in status, status
+                assert f"NSpid:\t{pid}\t1\n" in status, status
+                tini = info.processes[f"9pjail{i}"]
+                assert Path(f"/proc/{tini}/task/{tini}/children").read_text().split() == [str(pid)]
         else:
             assert set(info.processes) == {"qemu"}
             fsdevs = [a.decode() for a in argv if a.startswith(b"local,")]

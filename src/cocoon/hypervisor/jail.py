@@ -69,8 +69,6 @@ class Plan:
     def argv(self, vmm: list[str]) -> list[str]:
         """The jailer's command line that ends as ``vmm``, in a pid namespace
         of its own under TINI."""
-        if not os.access(TINI, os.X_OK):
-            raise HypervisorError(f"{TINI} missing: the jail needs it (apt-get install tini)")
         plan = {
             "uid": self.uid,
             "gid": self.gid,
@@ -85,12 +83,21 @@ class Plan:
             "nofile": NOFILE,
             "nproc": NPROC,
             "pid_ns": True,
-            # -s: tini is not pid 1 (the VMM is), so it registers as a subreaper
-            "argv": [TINI, "-s", "--", *vmm],
+            "argv": under_tini(vmm),
         }
         # marshal, not JSON: the jailer is this interpreter, and json costs it
         # ~6 ms to import.
         return [sys.executable, "-I", "-S", str(JAILER), marshal.dumps(plan).hex()]
+
+
+def under_tini(argv: list[str]) -> list[str]:
+    """``argv`` forked by TINI, for a launcher that unshared a pid namespace
+    and then execs this: ``argv`` is pid 1 there (the jailed VMM, a share's
+    file server), tini its parent outside, the launcher's child."""
+    if not os.access(TINI, os.X_OK):
+        raise HypervisorError(f"{TINI} missing: the jail needs it (apt-get install tini)")
+    # -s: tini is not pid 1 (the program is), so it registers as a subreaper
+    return [TINI, "-s", "--", *argv]
 
 
 def _under_system(path: str) -> bool:

@@ -11,6 +11,7 @@ templates) what it can do, and ``cocoon check`` is a front end like the others.
 from __future__ import annotations
 
 import os
+import platform
 import re
 import shutil
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from cocoon.config import Config
 from cocoon.errors import CocoonError
 from cocoon.guestassets.cache import resolve
 from cocoon.guestassets.rootfs import image_key, image_path
-from cocoon.hypervisor import accel
+from cocoon.hypervisor import accel, jail
 from cocoon.sandbox.template import listing, templates_dir
 from cocoon.util.proc import run
 
@@ -70,13 +71,19 @@ def _jail(cfg: Config) -> Item:
     sec = cfg.security
     if not sec.jail:
         return Item("jail", False, "off (security.jail = false): QEMU runs as root")
+    if platform.machine() != "x86_64":
+        return Item("jail", False, f"on, but written for x86_64, not {platform.machine()}: "
+                    "jailed VMs will not start (set security.jail = false)")  # fmt: skip
+    if not os.access(jail.TINI, os.X_OK):
+        return Item("jail", False, f"on, but {jail.TINI} is missing: jailed VMs will not "
+                    "start (apt-get install tini)")  # fmt: skip
     detail = (
         f"QEMU as uids {sec.uid_base}..{sec.uid_base + sec.uid_count - 1} (one per sandbox), "
         "own mount/pid/ipc/uts/net namespaces, root and host cgroup, no capabilities, "
         "no_new_privs, QEMU seccomp sandbox, no core dumps; virtiofsd in its own "
-        "namespaces under its seccomp filter, virtfs-proxy-helper in its own namespaces "
-        "with only the capabilities it serves owners with; not yet: a pid namespace and "
-        "a seccomp filter for virtfs-proxy-helper"
+        "namespaces under its seccomp filter; virtfs-proxy-helper in its own "
+        "mount/pid/ipc/uts/net namespaces with only the capabilities it serves owners "
+        "with, no_new_privs, under cocoon's seccomp filter"
     )
     return Item("jail", True, detail)
 

@@ -47,7 +47,7 @@ class OciStore:
         self.root = cfg.root / "oci"
 
     def dir(self, cid: str) -> ContainerDir:
-        if not OCI_ID_RE.match(cid):
+        if not OCI_ID_RE.fullmatch(cid):
             raise OciError(f"invalid container id {cid[:80]!r}")
         return ContainerDir(self.root, cid, OCI_ID_RE)
 
@@ -71,7 +71,7 @@ class OciStore:
 
     def ids(self) -> list[str]:
         try:
-            return sorted(n for n in os.listdir(self.root) if OCI_ID_RE.match(n))
+            return sorted(n for n in os.listdir(self.root) if OCI_ID_RE.fullmatch(n))
         except FileNotFoundError:
             return []
 

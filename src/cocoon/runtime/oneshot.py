@@ -17,6 +17,7 @@ from cocoon.oci.spec import default_spec
 from cocoon.runtime.stdio import attach
 from cocoon.sandbox.admission import start_slot
 from cocoon.sandbox.sandbox import Sandbox
+from cocoon.sandbox.spec import SandboxSpec
 
 ROOTFS_TAG = "cocoon-rootfs"
 GUEST_ROOTFS = "/run/cocoon/rootfs"
@@ -40,10 +41,12 @@ async def run_in_sandbox(
         async with start_slot(cfg):  # the VM's start and the container's: the CPU-bound part
             sb = await Sandbox.create(
                 cfg,
-                vcpus=vcpus,
-                memory_mib=memory_mib,
-                shares=[Share(ROOTFS_TAG, rootfs, readonly=True)],
-                template=template,
+                SandboxSpec(
+                    vcpus=vcpus,
+                    memory_mib=memory_mib,
+                    shares=[Share(ROOTFS_TAG, rootfs, readonly=True)],
+                    template=template,
+                ),
             )
             await sb.mount("virtiofs" if cfg.hypervisor.shared_fs == "virtio-fs" else "9p",
                            ROOTFS_TAG, GUEST_ROOTFS, readonly=True)  # fmt: skip

@@ -74,7 +74,7 @@ class ContainerConfig:
     def sandbox_id(self) -> str:
         """Our 64-hex ids give their first 12; any other id (an OCI runtime
         caller's) is hashed into the sandbox id alphabet."""
-        if ids.CONTAINER_ID.match(self.id):
+        if ids.CONTAINER_ID.fullmatch(self.id):
             return self.id[:12]
         return hashlib.sha256(self.id.encode()).hexdigest()[:12]
 
@@ -106,7 +106,7 @@ class ContainerState:
 
 class ContainerDir:
     def __init__(self, root: Path, cid: str, id_re: re.Pattern[str] = ids.CONTAINER_ID) -> None:
-        if not id_re.match(cid):
+        if not id_re.fullmatch(cid):
             raise StateError(f"invalid container id {cid[:70]!r}")
         self.id = cid
         self.path = root / cid
@@ -174,7 +174,7 @@ class ContainerStore:
             names = {c.name: c.id for c in self._configs()}
             if not config.name:
                 config.name = self._fresh_name(set(names))
-            if not ids.NAME.match(config.name):
+            if not ids.NAME.fullmatch(config.name):
                 raise StateError(
                     f"invalid container name {config.name[:70]!r}: use [a-zA-Z0-9][a-zA-Z0-9_.-]*"
                 )
@@ -200,7 +200,7 @@ class ContainerStore:
 
     def ids(self) -> list[str]:
         try:
-            return sorted(n for n in os.listdir(self.root) if ids.CONTAINER_ID.match(n))
+            return sorted(n for n in os.listdir(self.root) if ids.CONTAINER_ID.fullmatch(n))
         except FileNotFoundError:
             return []
 

@@ -173,7 +173,7 @@ def _take_terminal(master: int, slave: int, console_socket: str | None) -> None:
             os.setsid()
         fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
     except OSError as e:
-        print(f"cocoon-runtime stand-in: no controlling tty, no resizes: {e}", file=sys.stderr)
+        log.warning("stand-in: no controlling tty, so no resizes: %s", e)
 
 
 def _forward_signals(proc: Process, tasks: TaskSet, tty_fd: int) -> None:

@@ -49,6 +49,7 @@ from cocoon.runtime.records import CONTAINER_ID, ContainerConfig, ContainerDir, 
 from cocoon.runtime.status import Op, allows, check
 from cocoon.sandbox.admission import start_slot
 from cocoon.sandbox.sandbox import Process, Sandbox
+from cocoon.sandbox.spec import SandboxSpec
 from cocoon.storage.scratch import ScratchDisk
 from cocoon.util.tasks import TaskSet
 
@@ -248,19 +249,21 @@ class Supervisor:
         c = m.config
         self.sb = await Sandbox.create(
             cfg,
-            sandbox_id=c.sandbox_id,
-            vcpus=c.vcpus,
-            memory_mib=c.vm_memory_mib or None,
-            disks=self.plan.disks,
-            shares=self.plan.shares,
-            scratch=self.plan.scratch,
-            annotations={
-                "cocoon.container": c.id,
-                "cocoon.container.name": c.name,
-                **self.plan.annotations,
-            },
-            network=self.plan.network,
-            template=self.plan.template,
+            SandboxSpec(
+                sandbox_id=c.sandbox_id,
+                vcpus=c.vcpus,
+                memory_mib=c.vm_memory_mib or None,
+                disks=self.plan.disks,
+                shares=self.plan.shares,
+                scratch=self.plan.scratch,
+                annotations={
+                    "cocoon.container": c.id,
+                    "cocoon.container.name": c.name,
+                    **self.plan.annotations,
+                },
+                network=self.plan.network,
+                template=self.plan.template,
+            ),
             warn=self.ready.warn,
         )
         m.state.addresses = list(self.sb.addresses)

@@ -42,6 +42,7 @@ from cocoon.sandbox.poolclient import (
     socket_path,
 )
 from cocoon.sandbox.sandbox import Sandbox
+from cocoon.sandbox.spec import SandboxSpec
 from cocoon.sandbox.warmup import warm_up
 
 #: Seconds after a hand-out before the pool starts its replacement.
@@ -150,11 +151,13 @@ class PoolServer:
                 async with admission.start_slot(self.cfg):
                     sb = await self._sandbox.create(
                         self.cfg,
-                        vcpus=c.vcpus,
-                        memory_mib=c.memory_mib,
-                        template=True,
-                        pooled=True,
-                        annotations={"cocoon.pool": c.name},
+                        SandboxSpec(
+                            vcpus=c.vcpus,
+                            memory_mib=c.memory_mib,
+                            template=True,
+                            pooled=True,
+                            annotations={"cocoon.pool": c.name},
+                        ),
                     )
             except CocoonError as e:
                 self.log(f"pool: could not start a {c.name} sandbox: {e}")
@@ -179,7 +182,7 @@ class PoolServer:
             sbs.append(sb)
 
     async def _reap(self) -> None:
-        """QEMUs of handed-out sandboxes are still our children: collect their exits."""
+        """The VM processes of handed-out sandboxes are still our children: collect their exits."""
         while True:
             await asyncio.sleep(0.5)
             self.handed = [p for p in self.handed if p.poll() is None]
@@ -243,10 +246,9 @@ class PoolServer:
                 await sb.destroy()
                 continue
             assert sb.launched is not None  # _usable() saw its VM
-            procs = sb.launched.processes  # a jailed QEMU's parent here is its tini
-            qemu = sb.backend.child(procs.get("jail", procs["qemu"]))
-            if qemu is not None:
-                self.handed.append(qemu)
+            # Ours to reap: QEMU, or a jailed one's tini and its file servers' tinis.
+            kids = [sb.backend.child(pid) for pid in sb.launched.processes.values()]
+            self.handed += [p for p in kids if p is not None]
             try:
                 # asyncio's transport socket has no sendmsg: a plain one on a dup
                 # (non-blocking, the flag is shared, but a fresh connection's

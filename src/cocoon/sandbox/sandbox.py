@@ -46,6 +46,7 @@ from cocoon.protocol import messages
 from cocoon.protocol.session import InStream, OutStream
 from cocoon.sandbox import poolclient, restore, template
 from cocoon.sandbox.channel import AgentChannel, Timeout
+from cocoon.sandbox.spec import SandboxSpec
 from cocoon.sandbox.template import template_mac
 from cocoon.state.gc import release_host, remove_dir
 from cocoon.state.store import ProcessRecord, SandboxDir, SandboxState
@@ -114,25 +115,18 @@ def renice_all(pid: int, nice: int) -> None:
                 os.setpriority(os.PRIO_PROCESS, int(tid), nice)
 
 
-def poolable(
-    cfg: Config,
-    disks: Sequence[Disk],
-    scratch: Sequence[ScratchDisk],
-    shares: Sequence[Share],
-    init: list[str] | None,
-    network: net.NetworkPlan | None,
-) -> bool:
+def poolable(cfg: Config, want: SandboxSpec) -> bool:
     """Whether a warm pool's sandbox fits: no NIC, empty disk slots, and host
     directories only through its hub (storage/hub.py)."""
-    if init is not None or cfg.hypervisor.machine != "microvm":
+    if want.init is not None or cfg.hypervisor.machine != "microvm":
         return False
-    if shares and cfg.hypervisor.shared_fs == "none":
+    if want.shares and cfg.hypervisor.shared_fs == "none":
         return False
-    if network is not None and any(n != "none" for n in network.networks):
+    if want.network is not None and any(n != "none" for n in want.network.networks):
         return False
     if choose_channel(cfg.hypervisor.channel) != "virtio-serial":
         return False
-    every = [*disks, *(Disk(s.serial, Path("/"), readonly=False) for s in scratch)]
+    every = [*want.disks, *(Disk(s.serial, Path("/"), readonly=False) for s in want.scratch)]
     return Layout().fits(every, 0, 0)
 
 
@@ -312,68 +306,63 @@ class Sandbox:
     async def create(
         cls,
         cfg: Config,
+        spec: SandboxSpec | None = None,
         *,
-        sandbox_id: str | None = None,
-        vcpus: int | None = None,
-        memory_mib: int | None = None,
-        shares: Sequence[Share] = (),
-        disks: Sequence[Disk] = (),
-        scratch: Sequence[ScratchDisk] = (),
-        init: list[str] | None = None,
-        boot_timeout_s: float | None = None,
-        annotations: dict[str, str] | None = None,
-        network: net.NetworkPlan | None = None,
-        template: bool | None = None,
         warn: Callable[[str], None] | None = None,
-        pooled: bool = False,
     ) -> Sandbox:
         """Start a VM and wait for its agent; on any failure nothing is left behind.
 
-        The VM is a clone of a template where ``template`` (default:
-        ``sandbox.templates``) allows and the request fits one (``restore.unfit``);
-        the template is built on first need. A template that is bad or fails
-        to restore costs one ``warn`` line and a cold boot, never the sandbox.
+        The VM is taken from a warm pool where one fits, else a clone of a
+        template where ``spec.template`` (default: ``sandbox.templates``)
+        allows and the request fits one (``restore.unfit``); the template is
+        built on first need. A template that is bad or fails to restore costs
+        one ``warn`` line and a cold boot, never the sandbox.
 
-        ``scratch`` disks are created here (recorded in the state first, so gc
-        finds them after a crash) and deleted by ``destroy``.
+        ``spec.scratch`` disks are created here (recorded in the state first,
+        so gc finds them after a crash) and deleted by ``destroy``.
         """
-        use_template = cfg.sandbox.templates if template is None else template
-        if use_template and not pooled and poolable(cfg, disks, scratch, shares, init, network):
+        want = spec or SandboxSpec()
+        use_template = cfg.sandbox.templates if want.template is None else want.template
+        if use_template and not want.pooled and poolable(cfg, want):
             got = await asyncio.to_thread(
-                poolclient.take, cfg, vcpus or cfg.hypervisor.vcpus,
-                memory_mib or cfg.hypervisor.memory_mib,
+                poolclient.take, cfg, want.vcpus or cfg.hypervisor.vcpus,
+                want.memory_mib or cfg.hypervisor.memory_mib,
             )  # fmt: skip
             if got is not None:
                 try:
-                    return await cls._adopt(
-                        cfg, got, disks=list(disks), scratch=scratch, shares=shares,
-                        network=network, annotations=annotations or {},
-                        timeout_s=boot_timeout_s,
-                    )  # fmt: skip
+                    return await cls._adopt(cfg, got, want)
                 except CocoonError as e:  # a pooled sandbox is a shortcut, never a failure
                     (warn or _warn)(f"pooled sandbox {got.sandbox_id} failed ({e}); "
                                     "starting one from the template")  # fmt: skip
+        return await cls._start(cfg, want, use_template, warn or _warn)
+
+    @classmethod
+    async def _start(
+        cls, cfg: Config, want: SandboxSpec, use_template: bool, warn: Callable[[str], None]
+    ) -> Sandbox:
+        """A sandbox of its own: a template's clone, or a cold boot."""
+        shares, network = want.shares, want.network
         accel_name = choose_accel(cfg)
-        sdir = SandboxDir(cfg.root, sandbox_id or new_id())
+        sdir = SandboxDir(cfg.root, want.sandbox_id or new_id())
         sdir.create()
         sdir.take_ownership()
         st = SandboxState(
             id=sdir.id,
             hypervisor=cfg.hypervisor.backend,
             accel=accel_name,
-            annotations=dict(annotations or {}),
+            annotations=dict(want.annotations),
         )
         sdir.write(st)
         sb = cls(cfg, sdir, st)
-        sb.pooled = pooled
+        sb.pooled = want.pooled
         sb.writes_host_dirs = any(not s.readonly for s in shares)
         if shares and cfg.hypervisor.shared_fs == "none":
             await sb.destroy()
             raise SandboxError("host directories need hypervisor.shared_fs = virtio-fs or 9p")
         attached: net.Attachment | None = None
         try:
-            scratch_disks = sb._make_scratch(scratch)
-            if pooled and cfg.hypervisor.shared_fs != "none":
+            scratch_disks = sb._make_scratch(want.scratch)
+            if want.pooled and cfg.hypervisor.shared_fs != "none":
                 shares = [sb._make_hub()]
             if network is not None:
                 attached = net.attach(
@@ -388,12 +377,12 @@ class Sandbox:
             sdir.id,
             sdir.path,
             accel_name,
-            vcpus=vcpus,
-            memory_mib=memory_mib,
-            disks=[*disks, *scratch_disks],
+            vcpus=want.vcpus,
+            memory_mib=want.memory_mib,
+            disks=[*want.disks, *scratch_disks],
             shares=list(shares),
             nics=list(attached.nics) if attached else [],
-            init=init,
+            init=want.init,
         )
         try:
             spec.jail = restore.jail_for(cfg, sdir, st)
@@ -402,10 +391,10 @@ class Sandbox:
                 attached.close_fds()
             await sb.destroy()
             raise
-        timeout = boot_timeout_s or cfg.hypervisor.boot_timeout_s
+        timeout = want.boot_timeout_s or cfg.hypervisor.boot_timeout_s
         try:
             try:
-                restored = use_template and await sb._restore(spec, timeout, warn or _warn)
+                restored = use_template and await sb._restore(spec, timeout, warn)
                 if not restored:
                     await sb._boot(spec, timeout)
             finally:
@@ -449,18 +438,7 @@ class Sandbox:
         self.dir.write(self.state)
 
     @classmethod
-    async def _adopt(
-        cls,
-        cfg: Config,
-        got: poolclient.Taken,
-        *,
-        disks: list[Disk],
-        scratch: Sequence[ScratchDisk],
-        shares: Sequence[Share],
-        network: net.NetworkPlan | None,
-        annotations: dict[str, str],
-        timeout_s: float | None,
-    ) -> Sandbox:
+    async def _adopt(cls, cfg: Config, got: poolclient.Taken, want: SandboxSpec) -> Sandbox:
         """Take over a pooled sandbox: its owner lock and its open agent channel
         arrive as fds (the agent never sees its host change); its empty disk
         slots get this sandbox's disks."""
@@ -474,10 +452,10 @@ class Sandbox:
             raise
         st.owner_pid = os.getpid()
         st.annotations.pop("cocoon.pool", None)
-        st.annotations.update(annotations)
+        st.annotations.update(want.annotations)
         sdir.write(st)
         sb = cls(cfg, sdir, st)
-        timeout = timeout_s or cfg.hypervisor.boot_timeout_s
+        timeout = want.boot_timeout_s or cfg.hypervisor.boot_timeout_s
         try:
             sb.launched = Launched(
                 {k: r.pid for k, r in st.processes.items()},
@@ -485,26 +463,27 @@ class Sandbox:
                 sdir.file("qmp.sock"),
                 sdir.file("console.log"),
             )
-            renice_all(sb.launched.processes["qemu"], 0)  # the pool ran it niced
+            for pid in sb.launched.processes.values():  # the pool ran them niced
+                renice_all(pid, 0)
             t0 = time.monotonic()
             sb.channel = await AgentChannel.from_fd(
                 got.channel_fd, agent_timeout_s=cfg.hypervisor.agent_timeout_s
             )
             sb._watch_task = asyncio.get_running_loop().create_task(sb._watch_vm())
-            made = sb._make_scratch(scratch)
+            made = sb._make_scratch(want.scratch)
             attached = None
-            if network is not None:
-                attached = net.attach(cfg, sdir.id, network, st.network, lambda: sdir.write(st),
-                                      sdir.path)  # fmt: skip
+            if want.network is not None:
+                attached = net.attach(cfg, sdir.id, want.network, st.network,
+                                      lambda: sdir.write(st), sdir.path)  # fmt: skip
             await sb._until_ready(sb.channel.handshake(t0 + WALL_FACTOR * timeout), timeout)
-            ro = [d for d in disks if d.readonly]
-            rw = [d for d in [*disks, *made] if not d.readonly]
+            ro = [d for d in want.disks if d.readonly]
+            rw = [d for d in [*want.disks, *made] if not d.readonly]
             first_rw = Layout().ro_disks
             for slot, d in [*enumerate(ro), *((first_rw + i, d) for i, d in enumerate(rw))]:
                 await sb.backend.attach_disk(sb.launched, slot, d.path, d.readonly)
                 sb.disk_serials[d.serial] = slot_serial(slot)
-            if shares:
-                await sb._fill_hub(shares)
+            if want.shares:
+                await sb._fill_hub(want.shares)
             sb.boot_s = time.monotonic() - t0
             sb.channel.start_keepalive(cfg.hypervisor.keepalive_s)
             st.status = "running"

@@ -26,7 +26,7 @@ STATUSES = ("creating", "running", "stopping", "stopped")
 
 
 def check_sandbox_id(sid: str) -> str:
-    if not SANDBOX_ID.match(sid):
+    if not SANDBOX_ID.fullmatch(sid):
         raise SandboxError(
             f"invalid sandbox id {sid[:70]!r}: use 1-64 of [a-z0-9_.-], starting alphanumeric"
         )
@@ -144,4 +144,4 @@ def list_ids(root: Path) -> list[str]:
         names = os.listdir(d)
     except FileNotFoundError:
         return []
-    return sorted(n for n in names if SANDBOX_ID.match(n))
+    return sorted(n for n in names if SANDBOX_ID.fullmatch(n))

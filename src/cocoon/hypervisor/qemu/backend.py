@@ -17,8 +17,16 @@ from pathlib import Path
 from cocoon.config import HypervisorConfig
 from cocoon.errors import HypervisorError
 from cocoon.hypervisor import cgroup
-from cocoon.hypervisor.base import Launched, Nic, RecordFn, TemplateMemory, VmSpec, file_stamp
-from cocoon.hypervisor.jail import NPROC, SECCOMP, Plan, give
+from cocoon.hypervisor.base import (
+    Launched,
+    Nic,
+    RecordFn,
+    Share,
+    TemplateMemory,
+    VmSpec,
+    file_stamp,
+)
+from cocoon.hypervisor.jail import NPROC, SECCOMP, Plan, give, under_tini
 from cocoon.hypervisor.qemu import cmdline
 from cocoon.hypervisor.qemu.qmp import Qmp
 from cocoon.hypervisor.sealed import template_ram_fd
@@ -33,6 +41,19 @@ SHAREJAIL = Path(__file__).with_name("sharejail.py")
 #: What virtfs-proxy-helper needs to serve the guest's files with their
 #: owners (it chroots into the share itself): nothing else survives.
 PROXY_CAPS = "chown,dac_override,dac_read_search,fowner,fsetid,setgid,setuid,mknod,sys_chroot"
+#: A share's virtfs-proxy-helper: network, IPC and UTS namespaces of its own
+#: (its mount namespace always is), a pid namespace whose pid 1 it is, only
+#: PROXY_CAPS in its bounding set and sharejail's seccomp filter.
+PROXY_JAIL = ["--isolate", "--pid-ns", "--seccomp", "--caps", PROXY_CAPS]
+
+
+def proxy_argv(share: Share, program: list[str]) -> list[str]:
+    """How the file server ``program`` of a jailed VM's 9p ``share`` is
+    started: sharejail.py, then tini (outside its pid namespace), then it."""
+    opts = [*PROXY_JAIL, *(["--ro"] if share.readonly else []),
+            *(["--slave"] if share.propagate else [])]  # fmt: skip
+    return [sys.executable, "-I", "-S", str(SHAREJAIL), *opts, str(share.path), "--",
+            *under_tini(program)]  # fmt: skip
 
 
 def host_tsc_khz() -> int | None:
@@ -182,12 +203,13 @@ class QemuBackend:
             with contextlib.ExitStack() as opened:
                 fds: dict[str, int] = {}
                 jail = None
+                proxies: dict[int, int] = {}
                 if (
                     spec.jail is not None
                     and spec.shares
                     and (spec.layout is not None or spec.shared_fs == "9p")
                 ):
-                    fds.update(self._proxies(spec, record, procs, opened))
+                    proxies = self._proxies(spec, record, procs, fds, opened)
                 if spec.jail is not None:
                     spec, jail = self.jail_plan(spec, sockets, console, fds, opened)
                 argv = cmdline.build(
@@ -218,11 +240,12 @@ class QemuBackend:
                 # keeps tini, its parent outside its pid namespace, as "jail".
                 procs["jail"] = pid
                 record("jail", pid)
-                procs["qemu"] = vmm = self._wait_exec(pid, qemu, wd)
-                record("qemu", vmm)
-                self._via[vmm] = pid
+                self._record_exec(procs, record, "qemu", pid, qemu, wd / "qemu.log", "jailed QEMU")
             else:
                 self._wait_socket(sockets["qmp"], pid, "QEMU")
+            for i, tini in proxies.items():  # started before QEMU, so up by now
+                self._record_exec(procs, record, f"9pproxy{i}", tini, self.cfg.virtfs_proxy_helper,
+                                  wd / f"9pproxy{i}.log", f"9p file server {i}")  # fmt: skip
         except BaseException:
             for pid in procs.values():
                 self._kill(pid)
@@ -292,40 +315,63 @@ class QemuBackend:
         return spec, plan
 
     def _proxies(
-        self, spec: VmSpec, record: RecordFn, procs: dict[str, int], opened: contextlib.ExitStack
-    ) -> dict[str, int]:
+        self,
+        spec: VmSpec,
+        record: RecordFn,
+        procs: dict[str, int],
+        fds: dict[str, int],
+        opened: contextlib.ExitStack,
+    ) -> dict[int, int]:
         """One virtfs-proxy-helper per 9p share of a jailed VM: it does the
-        file access QEMU no longer can, over a socketpair, as root (the guest's
-        files keep their owners on the host) but jailed by sharejail.py: own
-        mount, network, IPC and UTS namespaces, the share bound nosuid and
-        nodev (and read-only for a read-only share: QEMU's readonly=on alone
-        is a request from the process the jail assumes compromised), only
-        PROXY_CAPS in its bounding set, no_new_privs; it chroots into the
-        share itself."""
+        file access QEMU no longer can, over a socketpair (QEMU's end goes in
+        ``fds``), as root (the guest's files keep their owners on the host)
+        but jailed by sharejail.py: own mount, network, IPC, UTS and pid
+        namespaces, the share bound nosuid and nodev (and read-only for a
+        read-only share: QEMU's readonly=on alone is a request from the
+        process the jail assumes compromised), only PROXY_CAPS in its bounding
+        set, no_new_privs, seccomp; it chroots into the share itself.
+
+        Each is recorded as ``9pjail<i>``, its tini (our child) until the
+        helper's exec: share index -> tini's pid."""
         helper = self.cfg.virtfs_proxy_helper
         if not os.access(helper, os.X_OK):
             raise HypervisorError(f"{helper} missing: a jailed VM's 9p shares need it "
                                   "(apt-get install qemu-system-common)")  # fmt: skip
-        out: dict[str, int] = {}
+        tinis: dict[int, int] = {}
         for i, share in enumerate(spec.shares):
             a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             ours = opened.enter_context(a)
             theirs = opened.enter_context(b)
-            argv = [helper, "-n", "-f", str(theirs.fileno()), "-p", str(share.path)]
-            jail = ["--isolate", "--caps", PROXY_CAPS, *(["--ro"] if share.readonly else []),
-                    *(["--slave"] if share.propagate else [])]  # fmt: skip
-            argv = [sys.executable, "-I", "-S", str(SHAREJAIL), *jail, str(share.path), "--", *argv]
+            argv = proxy_argv(share, [helper, "-n", "-f", str(theirs.fileno()),
+                                      "-p", str(share.path)])  # fmt: skip
             pid = self._spawn(argv, spec.workdir / f"9pproxy{i}.log", pass_fds=[theirs.fileno()])
-            procs[f"9pproxy{i}"] = pid
-            record(f"9pproxy{i}", pid)
-            out[f"9p{i}"] = ours.fileno()
-        return out
+            procs[f"9pjail{i}"] = tinis[i] = pid
+            record(f"9pjail{i}", pid)
+            fds[f"9p{i}"] = ours.fileno()
+        return tinis
 
-    def _wait_exec(self, pid: int, qemu: str, wd: Path) -> int:
-        """Until the jailer's child (tini's, in the new pid namespace) is QEMU;
-        its host pid (the sockets already exist: ours)."""
+    def _record_exec(
+        self,
+        procs: dict[str, int],
+        record: RecordFn,
+        name: str,
+        tini: int,
+        program: str,
+        log: Path,
+        what: str,
+    ) -> None:
+        """Record as ``name`` the process ``tini`` (our child) forks into its
+        pid namespace, once it is ``program``: the host tracks it itself (CPU
+        time, renice, kill) and reaps it through its tini."""
+        procs[name] = pid = self._wait_exec(tini, program, log, what)
+        record(name, pid)
+        self._via[pid] = tini
+
+    def _wait_exec(self, pid: int, program: str, log: Path, what: str) -> int:
+        """Until the launcher's child (tini's, in the new pid namespace) is
+        ``program``; its host pid."""
         deadline = time.monotonic() + SOCKET_WAIT_S
-        real = os.path.realpath(qemu)
+        real = os.path.realpath(program)
         while True:
             with contextlib.suppress(OSError, ValueError):
                 kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
@@ -334,10 +380,10 @@ class QemuBackend:
             if self._exited(pid):
                 tail = ""
                 with contextlib.suppress(OSError, IndexError):
-                    tail = (wd / "qemu.log").read_text(errors="replace").strip().splitlines()[-1]
-                raise HypervisorError(f"jailed QEMU exited at start: {tail[:300] or 'no output'}")
+                    tail = log.read_text(errors="replace").strip().splitlines()[-1]
+                raise HypervisorError(f"{what} exited at start: {tail[:300] or 'no output'}")
             if time.monotonic() > deadline:
-                raise HypervisorError(f"the jailer did not start QEMU within {SOCKET_WAIT_S:g} s")
+                raise HypervisorError(f"{what} did not start within {SOCKET_WAIT_S:g} s")
             time.sleep(0.002)
 
     def _spawn(self, argv: list[str], log: Path, pass_fds: list[int] | None = None) -> int:
