@@ -114,6 +114,9 @@ def test_expect_restricts_type() -> None:
     "msg, why",
     [
         (messages.WaitProcess("../x", ""), "invalid container id"),
+        # A regex's `$` matches before a final newline: every field is matched whole.
+        (messages.WaitProcess("c1\n", ""), "invalid container id"),
+        (messages.Identity("ab" * 32, "box\n", "0" * 32, []), "bad hostname"),
         (messages.ResizeTty("c1", "", 0, 80), "rows 0 outside"),
         (messages.ProcessExited(300, 0, False), "exit code 300 outside"),
         (messages.Mount("nfs", "s", "/a", "", [], False), "unknown mount kind"),

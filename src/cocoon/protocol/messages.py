@@ -45,7 +45,7 @@ MAX_SPEC = (1 << 20) - 4096
 
 def check_id(value: str, what: str) -> None:
     """The single place container/exec ids are validated (they become paths)."""
-    if not ids.NAME.match(value):
+    if not ids.NAME.fullmatch(value):
         raise ValueError(f"invalid {what} {value[:40]!r}")
 
 
@@ -100,18 +100,18 @@ _IP_RE = re.compile(r"^(?:[0-9]{1,3}(?:\.[0-9]{1,3}){3}|[0-9a-fA-F:.]{2,45})$")
 
 
 def _check_ifname(name: str) -> None:
-    if not _IFNAME_RE.match(name) or name in (".", ".."):
+    if not _IFNAME_RE.fullmatch(name) or name in (".", ".."):
         raise ValueError("bad interface name")
 
 
 def _check_mac(mac: str) -> None:
-    if not _MAC_RE.match(mac):
+    if not _MAC_RE.fullmatch(mac):
         raise ValueError("bad MAC address")
 
 
 def _check_cidr(text: str) -> None:
     addr, sep, plen = text.partition("/")
-    if not sep or not _IP_RE.match(addr) or not _DIGITS_RE.match(plen):
+    if not sep or not _IP_RE.fullmatch(addr) or not _DIGITS_RE.fullmatch(plen):
         raise ValueError("bad address/prefix")
     check_range(int(plen), 0, 32 if "." in addr and ":" not in addr else 128, "prefix length")
 
@@ -124,7 +124,7 @@ def _check_guest_path(path: str, what: str) -> None:
 
 
 def _check_ip(address: str, what: str) -> None:
-    if not _IP_RE.match(address):
+    if not _IP_RE.fullmatch(address):
         raise ValueError(f"bad {what} address")
 
 
@@ -138,12 +138,12 @@ def _check_mac_change(pair: str) -> None:
 
 def _check_sysctl(kv: str) -> None:
     key, sep, value = kv.partition("=")
-    if not sep or not _SYSCTL_RE.match(key) or len(value) > 4096 or "\n" in value:
+    if not sep or not _SYSCTL_RE.fullmatch(key) or len(value) > 4096 or "\n" in value:
         raise ValueError("bad network sysctl")
 
 
 def _check_hex(value: str, lo: int, hi: int, error: str) -> None:
-    if not lo <= len(value) <= hi or not _HEX_RE.match(value):
+    if not lo <= len(value) <= hi or not _HEX_RE.fullmatch(value):
         raise ValueError(error)
 
 
@@ -163,7 +163,7 @@ def _check_host_path(path: str, what: str) -> None:
 
 
 def _check_hostname(name: str) -> None:
-    if not _HOSTNAME_RE.match(name):
+    if not _HOSTNAME_RE.fullmatch(name):
         raise ValueError("bad hostname")
 
 
