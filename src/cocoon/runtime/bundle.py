@@ -25,13 +25,15 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cocoon.errors import BundleError
 from cocoon.hypervisor.base import Share
 from cocoon.protocol import messages
-from cocoon.sandbox.sandbox import Sandbox
 from cocoon.util import boundedjson, nsfs
+
+if TYPE_CHECKING:  # the verbs that load a bundle's record need no VM machinery
+    from cocoon.sandbox.sandbox import Sandbox
 
 #: Guest kernel + agent headroom on top of the container's memory limit.
 VM_OVERHEAD_MIB = 128

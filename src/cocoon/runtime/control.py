@@ -16,7 +16,7 @@ from cocoon.errors import AgentError, GuestError, NotRunning, StateError, VmExit
 from cocoon.protocol import messages
 from cocoon.runtime.records import CONTAINER_ID, ContainerDir
 from cocoon.sandbox.channel import AgentChannel, Timeout
-from cocoon.sandbox.sandbox import Process
+from cocoon.sandbox.process import Process
 
 M = TypeVar("M", bound=messages.Message)
 

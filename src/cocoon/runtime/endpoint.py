@@ -30,7 +30,7 @@ from cocoon.protocol.session import Session
 from cocoon.runtime import fanout
 from cocoon.runtime.records import CONTAINER_ID
 from cocoon.runtime.status import Op, Status
-from cocoon.sandbox.sandbox import Process
+from cocoon.sandbox.process import Process
 from cocoon.util.tasks import TaskSet
 
 if TYPE_CHECKING:

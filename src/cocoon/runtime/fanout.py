@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 from cocoon.protocol.session import InStream, OutStream
 from cocoon.runtime.logs import CriLogWriter
-from cocoon.sandbox.sandbox import Process
+from cocoon.sandbox.process import Process
 
 #: The monitor's log names one logger, whichever of its modules writes.
 log = logging.getLogger("cocoon.runtime.monitor")

@@ -34,7 +34,7 @@ from cocoon.errors import CocoonError, error_line, from_error_line
 from cocoon.runtime.container import Container
 from cocoon.runtime.records import ContainerDir
 from cocoon.runtime.stdio import relay
-from cocoon.sandbox.sandbox import Process
+from cocoon.sandbox.process import Process
 from cocoon.util.tasks import CLOSE_S, TaskSet
 
 #: Signals a stand-in passes on (not the ones the kernel keeps for itself, nor

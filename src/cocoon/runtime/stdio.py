@@ -17,7 +17,7 @@ import termios
 import tty as ttymod
 
 from cocoon.protocol.session import InStream
-from cocoon.sandbox.sandbox import Process
+from cocoon.sandbox.process import Process
 from cocoon.util.tasks import CLOSE_S, TaskSet
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)

@@ -48,7 +48,8 @@ from cocoon.runtime.logs import CriLogWriter
 from cocoon.runtime.records import CONTAINER_ID, ContainerConfig, ContainerDir, ContainerState
 from cocoon.runtime.status import Op, allows, check
 from cocoon.sandbox.admission import start_slot
-from cocoon.sandbox.sandbox import Process, Sandbox
+from cocoon.sandbox.process import Process
+from cocoon.sandbox.sandbox import Sandbox
 from cocoon.sandbox.spec import SandboxSpec
 from cocoon.storage.scratch import ScratchDisk
 from cocoon.util.tasks import TaskSet

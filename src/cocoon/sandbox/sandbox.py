@@ -20,9 +20,8 @@ import os
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 from cocoon import network as net
 from cocoon.config import Config
@@ -43,9 +42,9 @@ from cocoon.hypervisor.qemu.backend import QemuBackend
 from cocoon.hypervisor.qemu.cmdline import slot_serial
 from cocoon.log import teardown_step
 from cocoon.protocol import messages
-from cocoon.protocol.session import InStream, OutStream
 from cocoon.sandbox import poolclient, restore, template
 from cocoon.sandbox.channel import AgentChannel, Timeout
+from cocoon.sandbox.process import Process
 from cocoon.sandbox.spec import SandboxSpec
 from cocoon.sandbox.template import template_mac
 from cocoon.state.gc import release_host, remove_dir
@@ -196,79 +195,6 @@ def console_tail(path: Path, lines: int = 3) -> str:
         return ""
     kept = [ln.strip() for ln in text.splitlines() if ln.strip()][-lines:]
     return " | ".join(kept)[-CONSOLE_TAIL:]
-
-
-class Caller(Protocol):
-    """What a Process needs to reach its guest: a Sandbox, or a container's
-    monitor relaying for another cocoon command (runtime.control)."""
-
-    async def call(
-        self,
-        msg: messages.Message,
-        expect: type[M],
-        *,
-        timeout_s: float | None | Timeout = Timeout.AGENT,
-    ) -> M: ...
-
-
-@dataclass
-class Process:
-    """A process in the guest with its stdio streams, as the host sees it."""
-
-    sandbox: Caller
-    container_id: str
-    exec_id: str
-    pid: int
-    stdin: OutStream | None
-    stdout: InStream | None
-    stderr: InStream | None
-
-    async def wait(self) -> messages.ProcessExited:
-        return await self.sandbox.call(
-            messages.WaitProcess(self.container_id, self.exec_id),
-            messages.ProcessExited,
-            timeout_s=None,
-        )
-
-    async def signal(self, sig: int) -> None:
-        await self.sandbox.call(
-            messages.SignalProcess(self.container_id, self.exec_id, sig, False), messages.Ok
-        )
-
-    async def resize(self, rows: int, cols: int) -> None:
-        await self.sandbox.call(
-            messages.ResizeTty(self.container_id, self.exec_id, rows, cols), messages.Ok
-        )
-
-    async def write_stdin(self, data: bytes, close: bool = True) -> None:
-        if self.stdin is None:
-            raise SandboxError("process has no stdin")
-        try:
-            if data:
-                await self.stdin.write(data)
-            if close:
-                await self.stdin.close()
-        except ConnectionError as e:
-            raise GuestError(f"stdin of process {self.pid} failed: {e}") from e
-
-    async def output(self, limit: int = 256 << 20) -> tuple[bytes, bytes]:
-        """All of stdout and stderr (bounded by ``limit`` each)."""
-
-        async def drain(s: InStream | None) -> bytes:
-            buf = bytearray()
-            if s is None:
-                return b""
-            try:
-                while chunk := await s.read():
-                    if len(buf) + len(chunk) > limit:
-                        raise SandboxError(f"process output exceeded {limit} bytes")
-                    buf += chunk
-            except ConnectionError as e:
-                raise GuestError(f"output of process {self.pid} cut off: {e}") from e
-            return bytes(buf)
-
-        out, err = await asyncio.gather(drain(self.stdout), drain(self.stderr))
-        return out, err
 
 
 class Sandbox:
