@@ -23,12 +23,11 @@ from pathlib import Path
 from cocoon.config import Config
 from cocoon.errors import HostError
 from cocoon.log import teardown_step
+from cocoon.util import mounts
 from cocoon.util.fs import mount_points_under
-from cocoon.util.proc import run
 
 CONTAINER_TYPE = "io.kubernetes.cri.container-type"
 SANDBOX_ID = "io.kubernetes.cri.sandbox-id"
-MOUNT_TIMEOUT_S = 10.0
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +49,8 @@ def pod_dir(cfg: Config, sandbox_cid: str) -> Path:
 def make_pod_dir(path: Path) -> None:
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
     if str(path) not in mount_points_under(path):
-        run(["mount", "--bind", str(path), str(path)], timeout_s=MOUNT_TIMEOUT_S)
-    run(["mount", "--make-shared", str(path)], timeout_s=MOUNT_TIMEOUT_S)
+        mounts.bind(str(path), str(path))
+    mounts.make_shared(str(path))
 
 
 def bind(src: str, dst: Path, readonly: bool, recursive: bool = False) -> None:
@@ -62,10 +61,9 @@ def bind(src: str, dst: Path, readonly: bool, recursive: bool = False) -> None:
         dst.mkdir(exist_ok=True)
     else:
         dst.touch(exist_ok=True)
-    how = "--rbind" if recursive and not readonly else "--bind"
-    run(["mount", how, src, str(dst)], timeout_s=MOUNT_TIMEOUT_S)
+    mounts.bind(src, str(dst), recursive=recursive and not readonly)
     if readonly:
-        run(["mount", "-o", "remount,bind,ro", str(dst)], timeout_s=MOUNT_TIMEOUT_S)
+        mounts.remount_readonly(str(dst))
 
 
 def unbind(targets: list[str], top: Path) -> None:
@@ -77,7 +75,7 @@ def unbind(targets: list[str], top: Path) -> None:
     for t in reversed(targets):
         for mp in sorted(mount_points_under(t), key=len, reverse=True):  # an rbind's too
             with teardown_step(log, f"unmounting {mp}", f"{mp}, mounted", errors=(HostError,)):
-                run(["umount", "-l", mp], timeout_s=MOUNT_TIMEOUT_S)
+                mounts.detach(mp)
         with contextlib.suppress(OSError):
             p = Path(t)
             if p.is_dir() and not p.is_symlink():
@@ -106,7 +104,7 @@ def remove_pod_dir(path: Path) -> None:
         return
     for mp in sorted(mount_points_under(path), key=len, reverse=True):
         with teardown_step(log, f"unmounting {mp}", f"{mp}, mounted", errors=(HostError,)):
-            run(["umount", "-l", mp], timeout_s=MOUNT_TIMEOUT_S)
+            mounts.detach(mp)
     if not mount_points_under(path):
         for dirpath, dirnames, filenames in os.walk(path, topdown=False):
             for f in filenames:

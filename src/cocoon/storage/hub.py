@@ -26,12 +26,11 @@ import contextlib
 from pathlib import Path
 
 from cocoon.errors import HostError
+from cocoon.util import mounts
 from cocoon.util.fs import mount_points_under
-from cocoon.util.proc import run
 
 #: Where the guest mounts its hub; share n is ``GUEST_DIR/n``.
 GUEST_DIR = "/run/cocoon/hub"
-MOUNT_TIMEOUT_S = 10.0
 
 
 def hubs_dir(root: Path) -> Path:
@@ -46,8 +45,8 @@ def create(path: Path) -> None:
     """An empty hub, a shared mount of itself (see the module's docstring)."""
     path.parent.mkdir(mode=0o700, exist_ok=True)
     path.mkdir(mode=0o700)
-    run(["mount", "--bind", str(path), str(path)], timeout_s=MOUNT_TIMEOUT_S, error=HostError)
-    run(["mount", "--make-shared", str(path)], timeout_s=MOUNT_TIMEOUT_S, error=HostError)
+    mounts.bind(str(path), str(path))
+    mounts.make_shared(str(path))
 
 
 def attach(path: Path, n: int, source: Path, readonly: bool) -> str:
@@ -58,11 +57,9 @@ def attach(path: Path, n: int, source: Path, readonly: bool) -> str:
     (an OCI bundle's binds dir is a tree of binds)."""
     dst = path / str(n)
     dst.mkdir(mode=0o700)
-    how = "--bind" if readonly else "--rbind"
-    run(["mount", how, str(source), str(dst)], timeout_s=MOUNT_TIMEOUT_S, error=HostError)
+    mounts.bind(str(source), str(dst), recursive=not readonly)
     if readonly:
-        run(["mount", "-o", "remount,bind,ro", str(dst)], timeout_s=MOUNT_TIMEOUT_S,
-            error=HostError)  # fmt: skip
+        mounts.remount_readonly(str(dst))
     return f"{GUEST_DIR}/{n}"
 
 
@@ -75,7 +72,7 @@ def remove(path: Path) -> None:
         return
     for mp in sorted(mount_points_under(path), key=len, reverse=True):
         with contextlib.suppress(HostError):  # already gone: checked below
-            run(["umount", "-l", mp], timeout_s=MOUNT_TIMEOUT_S, error=HostError)
+            mounts.detach(mp)
     if left := mount_points_under(path):
         raise HostError(f"{left[0]} is still mounted: left in place; unmount it, then `cocoon gc`")
     try:
