@@ -1,0 +1,126 @@
+"""containerd's own runtime path: `ctr --runtime io.containerd.cocoon.v2`.
+
+containerd 1.6 (private root, state, socket) starts `containerd-shim-cocoon-v2`
+from its PATH, talks ttrpc to it and reads its events; each task is a cocoon
+container in a real VM. After each test: no shim, no VM process, no record,
+no mount, no network namespace, no shim socket left.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from cocoon.shim.main import socket_path
+from cocoon.state import gc
+from cocoon.util.fs import mount_points_under
+from tests.compat.conftest import IMAGE, SHIM_RUNTIME, Containerd
+from tests.vm.conftest import _owned_elsewhere, our_netns
+
+pytestmark = [pytest.mark.vm, pytest.mark.timeout(300)]
+
+NAMESPACE = "cocoontest"  # Containerd.ctr's
+
+
+def monitors(root: Path) -> set[int]:
+    """The container monitors under the shim's root (forked from the shim, so
+    with its command line)."""
+    out = set()
+    for st in root.glob("oci/*/state.json"):
+        with contextlib.suppress(OSError, ValueError):
+            out.add(int(json.loads(st.read_bytes()).get("monitor_pid") or 0))
+    return out
+
+
+def shims(c: Containerd) -> list[int]:
+    """Our shims serving this containerd (their command line names its socket)."""
+    out = []
+    skip = monitors(c.shim_root / NAMESPACE)
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            argv = (d / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        ours = b"containerd_shim" in b" ".join(argv) and str(c.sock).encode() in argv
+        if ours and int(d.name) not in skip:
+            out.append(int(d.name))
+    return out
+
+
+def qemus(root: Path) -> list[int]:
+    return [p for p in gc.processes_naming(root)
+            if Path(f"/proc/{p}/comm").read_text().startswith("qemu")]  # fmt: skip
+
+
+@pytest.fixture
+def shim_clean(containerd: Containerd):  # type: ignore[no-untyped-def]
+    """After the test: nothing of the shim's left (teardown may still be finishing)."""
+    nets = our_netns()
+    yield
+    root = containerd.shim_root / NAMESPACE
+    deadline = time.monotonic() + 30
+    while True:
+        procs = shims(containerd)
+        vms = gc.processes_naming(root)
+        records = os.listdir(root / "oci") if (root / "oci").exists() else []
+        if not procs and not vms and not records:
+            break
+        if time.monotonic() > deadline:
+            gc.reap(root, force=True)
+            pytest.fail(f"left behind: shims {procs}, VM processes {vms}, records {records}")
+        time.sleep(0.2)
+    assert not mount_points_under(containerd.shim_root), "mounts left under the shim's root"
+    assert not mount_points_under(containerd.run), "rootfs mounts left in containerd's state"
+    left = {n for n in our_netns() - nets if not _owned_elsewhere(n, root)}
+    assert not left, f"network namespaces left: {left}"
+    for group in ("s1", "s2", "s3", "s4", "pod1"):
+        assert not os.path.exists(socket_path(str(containerd.sock), NAMESPACE, group))
+
+
+def test_run_prints_and_exits_with_the_code(containerd: Containerd, shim_clean: None) -> None:
+    ctr = containerd.ctr
+    r = ctr("run", "--rm", "--runtime", SHIM_RUNTIME, IMAGE, "s1", "echo", "hello")
+    assert (r.returncode, r.stdout) == (0, b"hello\n"), r.stderr
+    r = ctr("run", "--rm", "--runtime", SHIM_RUNTIME, IMAGE, "s1",
+            "sh", "-c", "echo out; echo err >&2; exit 7")  # fmt: skip
+    assert (r.returncode, r.stdout, r.stderr) == (7, b"out\n", b"err\n")
+    # stdin from ctr's fifo, and its EOF
+    r = ctr("run", "--rm", "--runtime", SHIM_RUNTIME, IMAGE, "s1", "cat", input=b"piped\n")
+    assert (r.returncode, r.stdout) == (0, b"piped\n"), r.stderr
+
+
+def test_task_exec_ls_pause_kill(containerd: Containerd, shim_clean: None) -> None:
+    ctr = containerd.ctr
+    r = ctr("run", "-d", "--runtime", SHIM_RUNTIME, IMAGE, "s2",
+            "sh", "-c", "while true; do sleep 0.2; done")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    try:
+        assert len(shims(containerd)) == 1
+        ls = ctr("task", "ls").stdout.decode()
+        assert any(line.split()[0] == "s2" and "RUNNING" in line for line in ls.splitlines()[1:])
+        r = ctr("task", "exec", "--exec-id", "e1", "s2", "sh", "-c", "echo in exec; exit 6")
+        assert (r.returncode, r.stdout) == (6, b"in exec\n"), r.stderr
+        r = ctr("task", "ps", "s2")
+        assert r.returncode == 0 and len(r.stdout.splitlines()) >= 2, r
+        assert ctr("task", "pause", "s2").returncode == 0
+        assert b"PAUSED" in ctr("task", "ls").stdout
+        assert ctr("task", "resume", "s2").returncode == 0
+        assert b"RUNNING" in ctr("task", "ls").stdout
+        r = ctr("task", "kill", "-s", "SIGKILL", "s2")
+        assert r.returncode == 0, r.stderr
+        deadline = time.monotonic() + 30
+        while b"STOPPED" not in ctr("task", "ls").stdout:
+            assert time.monotonic() < deadline, ctr("task", "ls").stdout
+            time.sleep(0.2)
+        r = ctr("task", "delete", "s2")
+        assert r.returncode == 0, r.stderr
+    finally:
+        ctr("task", "delete", "-f", "s2")
+        ctr("container", "rm", "s2")
