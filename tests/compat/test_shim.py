@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -109,6 +110,10 @@ def test_task_exec_ls_pause_kill(containerd: Containerd, shim_clean: None) -> No
         assert (r.returncode, r.stdout) == (6, b"in exec\n"), r.stderr
         r = ctr("task", "ps", "s2")
         assert r.returncode == 0 and len(r.stdout.splitlines()) >= 2, r
+        # the guest's cgroup, as containerd decodes a cgroup v2 container's metrics
+        r = ctr("task", "metrics", "s2")
+        rows = dict(line.split()[:2] for line in r.stdout.decode().splitlines() if "." in line)
+        assert int(rows["pids.current"]) >= 2 and int(rows["memory.usage"]) > 0, r
         assert ctr("task", "pause", "s2").returncode == 0
         assert b"PAUSED" in ctr("task", "ls").stdout
         assert ctr("task", "resume", "s2").returncode == 0
@@ -124,3 +129,60 @@ def test_task_exec_ls_pause_kill(containerd: Containerd, shim_clean: None) -> No
     finally:
         ctr("task", "delete", "-f", "s2")
         ctr("container", "rm", "s2")
+
+
+def _wait_stopped(c: Containerd, cid: str) -> None:
+    deadline = time.monotonic() + 30
+    while True:
+        rows = [line.split() for line in c.ctr("task", "ls").stdout.decode().splitlines()[1:]]
+        if any(r[0] == cid and r[-1] == "STOPPED" for r in rows) or all(r[0] != cid for r in rows):
+            return
+        assert time.monotonic() < deadline, rows
+        time.sleep(0.2)
+
+
+def test_a_pod_has_one_shim_and_one_vm(containerd: Containerd, shim_clean: None) -> None:
+    """CRI's annotations: the pod's second container goes to the sandbox's
+    shim (containerd is told its address by `start`) and into its VM."""
+    ctr = containerd.ctr
+    root = containerd.shim_root / NAMESPACE
+    pod = ["--runtime", SHIM_RUNTIME, "--annotation", "io.kubernetes.cri.sandbox-id=pod1"]
+    try:
+        r = ctr("run", "-d", *pod, "--annotation", "io.kubernetes.cri.container-type=sandbox",
+                IMAGE, "pod1", "sleep", "1000")  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        r = ctr("run", "-d", *pod, "--annotation", "io.kubernetes.cri.container-type=container",
+                IMAGE, "app1", "sleep", "1000")  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        assert len(shims(containerd)) == 1
+        assert len(qemus(root)) == 1
+        boot = "cat /proc/sys/kernel/random/boot_id"
+        ids = [ctr("task", "exec", "--exec-id", f"b{i}", name, "sh", "-c", boot).stdout
+               for i, name in enumerate(("pod1", "app1"))]  # fmt: skip
+        assert ids[0] == ids[1] and len(ids[0]) == 37, ids
+        # the member's own end and removal; the pod and its shim live on
+        assert ctr("task", "kill", "-s", "SIGKILL", "app1").returncode == 0
+        _wait_stopped(containerd, "app1")
+        r = ctr("task", "delete", "app1")
+        assert r.returncode == 0, r.stderr
+        assert b"RUNNING" in ctr("task", "ls").stdout
+        assert len(shims(containerd)) == 1
+    finally:
+        for name in ("app1", "pod1"):
+            ctr("task", "delete", "-f", name)
+            ctr("container", "rm", name)
+
+
+def test_a_killed_shim_leaves_nothing(containerd: Containerd, shim_clean: None) -> None:
+    """kill -9 of the shim: its container dies with it (the shim's attach is
+    bound), containerd runs `delete` for the dead shim, which removes the rest."""
+    ctr = containerd.ctr
+    try:
+        r = ctr("run", "-d", "--runtime", SHIM_RUNTIME, IMAGE, "s3", "sleep", "1000")
+        assert r.returncode == 0, r.stderr
+        (pid,) = shims(containerd)
+        os.kill(pid, signal.SIGKILL)
+        _wait_stopped(containerd, "s3")
+    finally:
+        ctr("task", "delete", "-f", "s3")
+        ctr("container", "rm", "s3")

@@ -22,14 +22,10 @@ import os
 import stat
 import threading
 
-from cocoon.errors import CocoonError
+from cocoon.errors import ShimError
 from cocoon.runtime.container import InStream, Process
 
 CHUNK = 65536
-
-
-class FifoError(CocoonError):
-    """A stdio path containerd gave cannot be used."""
 
 
 def open_output(path: str) -> int:
@@ -37,7 +33,7 @@ def open_output(path: str) -> int:
     try:
         fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as e:
-        raise FifoError(f"cannot open {path}: {e.strerror}") from e
+        raise ShimError(f"cannot open {path}: {e.strerror}") from e
     if not stat.S_ISFIFO(os.fstat(fd).st_mode):
         os.set_blocking(fd, True)
     return fd
@@ -97,7 +93,7 @@ async def open_input(path: str) -> int:
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as e:
-            err = FifoError(f"cannot open {path}: {e.strerror}")
+            err = ShimError(f"cannot open {path}: {e.strerror}")
 
             def fail() -> None:
                 if not done.done():

@@ -42,7 +42,7 @@ from pathlib import Path
 from cocoon import __version__
 from cocoon import log as cocoon_log
 from cocoon.config import Config, load
-from cocoon.errors import CocoonError
+from cocoon.errors import CocoonError, ShimError
 from cocoon.runtime import ocicontainer, pods, rootfs
 from cocoon.shim.events import Publisher
 from cocoon.shim.proto import task_pb2
@@ -63,10 +63,6 @@ MAX_OPTIONS = 1 << 20
 THREADS = 64
 
 log = logging.getLogger(__name__)
-
-
-class ShimError(CocoonError):
-    """A `start` or `delete` that cannot be done: one line on stderr, exit 1."""
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
