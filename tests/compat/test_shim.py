@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -95,6 +97,14 @@ def test_run_prints_and_exits_with_the_code(containerd: Containerd, shim_clean: 
     # stdin from ctr's fifo, and its EOF
     r = ctr("run", "--rm", "--runtime", SHIM_RUNTIME, IMAGE, "s1", "cat", input=b"piped\n")
     assert (r.returncode, r.stdout) == (0, b"piped\n"), r.stderr
+    # a terminal: ctr -t needs one of its own, which script(1) gives it
+    argv = ["ctr", "--address", str(containerd.sock), "-n", NAMESPACE, "run", "--rm", "-t",
+            "--runtime", SHIM_RUNTIME, IMAGE, "s1", "sh", "-c", "tty; stty size; exit 4",
+            ]  # fmt: skip
+    r = subprocess.run(["script", "-qec", shlex.join(argv), "/dev/null"],
+                       capture_output=True, timeout=120, input=b"")  # fmt: skip
+    # (script's terminal adds a \r to the guest's \r\n, as it does with runc)
+    assert r.returncode == 4 and b"/dev/pts/0\n24 80\n" in r.stdout.replace(b"\r", b""), r
 
 
 def test_task_exec_ls_pause_kill(containerd: Containerd, shim_clean: None) -> None:
