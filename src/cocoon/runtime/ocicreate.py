@@ -5,7 +5,9 @@ then its host binds are made, then its monitor is forked to boot its VM
 (runtime.monitor) and a stand-in to hold its init for the caller
 (runtime.standin); any failure on the way destroys what was made. A pod's
 further container (CRI's annotations, runtime.pods) is created in the running
-VM of its pod's sandbox container instead of a VM of its own.
+VM of its pod's sandbox container instead of a VM of its own. A front end
+that holds the container's stdio itself (containerd's shim v2) makes it with
+``create_task``: the same, without the stand-in.
 """
 
 from __future__ import annotations
