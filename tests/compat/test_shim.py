@@ -8,6 +8,7 @@ no mount, no network namespace, no shim socket left.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -20,6 +21,9 @@ from pathlib import Path
 import pytest
 
 from cocoon.shim.main import socket_path
+from cocoon.shim.proto import task_pb2
+from cocoon.shim.service import SERVICE
+from cocoon.shim.ttrpc import Client, Code, RpcError
 from cocoon.state import gc
 from cocoon.util.fs import mount_points_under
 from tests.compat.conftest import IMAGE, SHIM_RUNTIME, Containerd
@@ -124,6 +128,12 @@ def test_task_exec_ls_pause_kill(containerd: Containerd, shim_clean: None) -> No
         r = ctr("task", "metrics", "s2")
         rows = dict(line.split()[:2] for line in r.stdout.decode().splitlines() if "." in line)
         assert int(rows["pids.current"]) >= 2 and int(rows["memory.usage"]) > 0, r
+        # what ctr 1.6 cannot ask, asked over ttrpc on the shim's own socket
+        limit = asyncio.run(
+            _calls_ctr_cannot_make(socket_path(str(containerd.sock), NAMESPACE, "s2"))
+        )
+        r = ctr("task", "metrics", "s2")
+        assert f"memory.usage_limit    {limit}".encode() in r.stdout, r.stdout
         assert ctr("task", "pause", "s2").returncode == 0
         assert b"PAUSED" in ctr("task", "ls").stdout
         assert ctr("task", "resume", "s2").returncode == 0
@@ -139,6 +149,43 @@ def test_task_exec_ls_pause_kill(containerd: Containerd, shim_clean: None) -> No
     finally:
         ctr("task", "delete", "-f", "s2")
         ctr("container", "rm", "s2")
+
+
+async def _calls_ctr_cannot_make(path: str) -> int:
+    """Connect, Update (a new memory limit: returned) and Checkpoint on the
+    shim of task s2, as containerd would call them."""
+    client = await Client.connect(path)
+    try:
+        r = task_pb2.ConnectResponse.FromString(
+            await client.call(
+                SERVICE, "Connect", task_pb2.ConnectRequest(id="s2").SerializeToString(), 10
+            )
+        )
+        assert r.shim_pid == r.task_pid and r.shim_pid in shims_of(path)
+        limit = 300 << 20
+        req = task_pb2.UpdateTaskRequest(id="s2")
+        req.resources.type_url = "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources"
+        req.resources.value = json.dumps({"memory": {"limit": limit}}).encode()
+        await client.call(SERVICE, "Update", req.SerializeToString(), 30)
+        with pytest.raises(RpcError) as e:
+            chk = task_pb2.CheckpointTaskRequest(id="s2", path="/tmp/x")
+            await client.call(SERVICE, "Checkpoint", chk.SerializeToString(), 10)
+        assert e.value.code == Code.UNIMPLEMENTED
+        return limit
+    finally:
+        await client.close()
+
+
+def shims_of(path: str) -> list[int]:
+    """The processes listening on the shim socket ``path`` (from /proc/net/unix)."""
+    inodes = {line.split()[6] for line in Path("/proc/net/unix").read_text().splitlines()[1:]
+              if line.endswith(" " + path)}  # fmt: skip
+    out = []
+    for fd in Path("/proc").glob("[0-9]*/fd/*"):
+        with contextlib.suppress(OSError):
+            if os.readlink(fd).removeprefix("socket:[").rstrip("]") in inodes:
+                out.append(int(fd.parts[2]))
+    return out
 
 
 def _wait_stopped(c: Containerd, cid: str) -> None:
