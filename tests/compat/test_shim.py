@@ -243,3 +243,26 @@ def test_a_killed_shim_leaves_nothing(containerd: Containerd, shim_clean: None) 
     finally:
         ctr("task", "delete", "-f", "s3")
         ctr("container", "rm", "s3")
+
+
+def test_a_killed_vm_ends_the_task(containerd: Containerd, shim_clean: None) -> None:
+    """kill -9 of the pod's QEMU: the task exits with 137 (SIGKILL's status)
+    and `ctr run --rm` cleans up as after any exit."""
+    root = containerd.shim_root / NAMESPACE
+    argv = ["ctr", "--address", str(containerd.sock), "-n", NAMESPACE,
+            "run", "--rm", "--runtime", SHIM_RUNTIME, IMAGE, "s4", "sleep", "1000"]  # fmt: skip
+    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while b"RUNNING" not in containerd.ctr("task", "ls").stdout or not qemus(root):
+            assert p.poll() is None and time.monotonic() < deadline, p.communicate()
+            time.sleep(0.2)
+        for pid in qemus(root):
+            os.kill(pid, signal.SIGKILL)
+        assert p.wait(timeout=60) == 137, p.communicate()
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        containerd.ctr("task", "delete", "-f", "s4")
+        containerd.ctr("container", "rm", "s4")
