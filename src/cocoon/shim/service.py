@@ -44,7 +44,7 @@ from cocoon.errors import (
     VmExited,
 )
 from cocoon.runtime import ocicreate, rootfs
-from cocoon.runtime.container import Process
+from cocoon.runtime.container import InStream, Process
 from cocoon.runtime.control import MonitorClient
 from cocoon.runtime.ocicontainer import OciContainer
 from cocoon.shim import fifos
@@ -229,13 +229,21 @@ class TaskService:
 
     def _relay(self, p: Proc, client: MonitorClient, proc: Process) -> None:
         """``p``'s stdio to its fifos, and its end waited for, from now on."""
+        wanted = [(p.stdout, proc.stdout)] + ([] if p.terminal else [(p.stderr, proc.stderr)])
+        opened: list[tuple[InStream, int]] = []
+        try:
+            for path, src in wanted:
+                if path and src is not None:
+                    opened.append((src, fifos.open_output(path)))
+        except BaseException:
+            for _, fd in opened:
+                os.close(fd)
+            raise
         p.process, p.client = proc, client
-        outs: list[Coroutine[Any, Any, None]] = []
-        for path, src in ((p.stdout, proc.stdout), (p.stderr, proc.stderr)):
-            if path and src is not None and not (p.terminal and src is proc.stderr):
-                outs.append(fifos.copy_out(src, fifos.open_output(path)))
-            elif src is not None:
+        for src in (proc.stdout, proc.stderr):
+            if src is not None and all(src is not s for s, _ in opened):
                 src.discard()
+        outs = [fifos.copy_out(src, fd) for src, fd in opened]
         name = f"{p.task_id}/{p.exec_id or 'init'}"
         if p.stdin:
             p.stdin_task = self.background.spawn(fifos.copy_in(p.stdin, proc), f"stdin of {name}")
@@ -257,11 +265,9 @@ class TaskService:
             status = LOST_STATUS
         if p.start_done is not None:
             await p.start_done.wait()
+        # Stopped and published with no await between: whoever the stop wakes
+        # (a Wait, a Delete and its TaskDelete) comes after the TaskExit.
         p.stopped(status)
-        if p.stdin_task is not None:
-            p.stdin_task.cancel()
-        if p.client is not None:
-            await p.client.close()
         if oom:
             self.publisher.publish(events_pb2.TaskOOM(container_id=p.task_id))
         ev = events_pb2.TaskExit(
@@ -269,6 +275,10 @@ class TaskService:
         )
         _stamp(ev.exited_at, p.exited_at)
         self.publisher.publish(ev)
+        if p.stdin_task is not None:
+            p.stdin_task.cancel()
+        if p.client is not None:
+            await p.client.close()
 
     async def start(self, req: task_pb2.StartRequest) -> task_pb2.StartResponse:
         task, p = self._proc(req.id, req.exec_id)
