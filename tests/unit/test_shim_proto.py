@@ -26,9 +26,13 @@ def test_generated_modules_are_current(tmp_path: Path) -> None:
         old.unlink()
     protos = sorted(str(p.relative_to(tree)) for p in (tree / "cocoon/shim/proto").glob("*.proto"))
     assert protos
+    # mypy-protobuf's plugin, beside this interpreter (or on PATH)
+    plugin = Path(sys.executable).parent / "protoc-gen-mypy"
+    found = str(plugin) if plugin.exists() else shutil.which("protoc-gen-mypy")
+    assert found, "protoc-gen-mypy (mypy-protobuf) is not installed: run scripts/setup.sh"
     r = subprocess.run(
-        [sys.executable, "-m", "grpc_tools.protoc", "-I", ".", "--python_out=.", "--mypy_out=.",
-         *protos],
+        [sys.executable, "-m", "grpc_tools.protoc", "-I", ".", f"--plugin=protoc-gen-mypy={found}",
+         "--python_out=.", "--mypy_out=.", *protos],
         cwd=tree, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
