@@ -163,6 +163,15 @@ class PoolConfig:
 
 
 @dataclass
+class ShimConfig:
+    #: State roots of containerd's shim (`containerd-shim-cocoon-v2`), one per
+    #: containerd namespace: <root_dir>/<namespace> (container ids are unique
+    #: only within a namespace). A pool for the shim's containers is served on
+    #: that root (`cocoon --root /run/cocoon-shim/k8s.io pool serve`).
+    root_dir: str = "/run/cocoon-shim"
+
+
+@dataclass
 class SecurityConfig:
     #: Run each sandbox's QEMU jailed: its own unprivileged uid and gid, its own
     #: mount, ipc, uts and network namespaces and root (only that VM's files),
@@ -187,6 +196,7 @@ class Config:
     images: ImagesConfig = field(default_factory=ImagesConfig)
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
     pool: PoolConfig = field(default_factory=PoolConfig)
+    shim: ShimConfig = field(default_factory=ShimConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
 
     @property
@@ -249,6 +259,8 @@ class Config:
         for name in ("root_dir", "data_dir"):
             if not os.path.isabs(getattr(self, name)):
                 raise ConfigError(f"{name} must be an absolute path")
+        if not os.path.isabs(self.shim.root_dir):
+            raise ConfigError("shim.root_dir must be an absolute path")
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -31,6 +31,12 @@ def cocoon_runtime() -> NoReturn:
     _run(main)
 
 
+def containerd_shim() -> NoReturn:
+    from cocoon.shim.main import main
+
+    _run(lambda: sys.exit(main()))
+
+
 def _run(main: Callable[[], object]) -> NoReturn:
     try:
         main()

@@ -183,6 +183,14 @@ class OciError(CocoonError):
     exit_code = 1
 
 
+class ShimError(CocoonError):
+    """containerd's shim (`containerd-shim-cocoon-v2`): a `start` or `delete`
+    that cannot be done, or a stdio path of containerd's that cannot be used.
+    One line on stderr and exit 1 (containerd shows the line)."""
+
+    exit_code = 1
+
+
 class BundleError(CocoonError):
     """An OCI bundle (config.json, its rootfs or mounts) cannot be run: runc exits 1."""
 

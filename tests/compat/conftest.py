@@ -12,8 +12,10 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import shutil
 import subprocess
+import sys
 import tarfile
 import tempfile
 import time
@@ -158,11 +160,31 @@ def podman(image_archive: Path) -> Iterator[Podman]:
     shutil.rmtree(base, ignore_errors=True)
 
 
+#: containerd's name for cocoon's shim v2, and the binary it looks for on its PATH.
+SHIM_RUNTIME = "io.containerd.cocoon.v2"
+SHIM_BINARY = "containerd-shim-cocoon-v2"
+
+
+def shim_bin(dest: Path) -> Path:
+    """A dir holding ``containerd-shim-cocoon-v2``: a wrapper running this
+    checkout's shim (its src on PYTHONPATH) with this interpreter, so that the
+    tests drive the code under test whatever is installed."""
+    src = Path(__file__).resolve().parents[2] / "src"
+    dest.mkdir(parents=True, exist_ok=True)
+    script = dest / SHIM_BINARY
+    code = "import sys; from cocoon.entry import containerd_shim; containerd_shim()"
+    script.write_text(f"#!/bin/sh\nPYTHONPATH={src} exec {sys.executable} -c '{code}' \"$@\"\n")
+    script.chmod(0o755)
+    return dest
+
+
 class Containerd:
     def __init__(self, base: Path, run: Path) -> None:
         self.base = base
         self.run = run
         self.sock = run / "containerd.sock"
+        #: The shim's state roots (one per namespace), private to this containerd.
+        self.shim_root = run / "cocoon-shim"
         (base / "config.toml").write_text(
             "version = 2\n"
             f'root = "{base / "root"}"\n'
@@ -171,9 +193,16 @@ class Containerd:
             f'[grpc]\n  address = "{self.sock}"\n'
         )
         self.log = open(base / "containerd.log", "wb")  # noqa: SIM115
+        # The shims containerd starts inherit its environment: our shim on the
+        # PATH, and its state under our private dir.
+        env = {
+            **os.environ,
+            "PATH": f"{shim_bin(base / 'bin')}:{os.environ.get('PATH', '')}",
+            "COCOON_SHIM_ROOT_DIR": str(self.shim_root),
+        }
         self.proc = subprocess.Popen(
             ["containerd", "--config", str(base / "config.toml")],
-            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True, env=env,
         )  # fmt: skip
         deadline = time.monotonic() + 30
         while not self.sock.exists():

@@ -25,9 +25,15 @@ from cocoon.config import Config
 from cocoon.errors import CocoonError
 from cocoon.log import teardown_step
 from cocoon.protocol import messages
+
+# ``X as X``: re-exported, what a front end holds of a container process (the
+# Process an attach or exec gives, its output streams), so that it needs
+# nothing below runtime/.
+from cocoon.protocol.session import InStream as InStream
 from cocoon.runtime.control import MonitorClient
 from cocoon.runtime.records import ContainerConfig, ContainerDir, ContainerState
 from cocoon.runtime.status import Status
+from cocoon.sandbox.process import Process as Process
 from cocoon.util.proc import alive
 
 T = TypeVar("T")

@@ -244,12 +244,16 @@ class OciContainer:
         pid = standin.spawn(self.dir, process=None, console_socket=handoff.console_socket, tty=tty)
         write_standin(self.dir, pid)
         _write_pid(handoff, pid)
-        # All on the host: a hook names a host binary, and the guest has none of
-        # them. createContainer runs here too, not in the container's namespaces.
+        self.run_creation_hooks()
+        return pid
+
+    def run_creation_hooks(self) -> None:
+        """prestart, createRuntime and createContainer, in that order. All on
+        the host: a hook names a host binary, and the guest has none of them.
+        createContainer runs here too, not in the container's namespaces."""
         self.run_hooks("prestart", strict=True)
         self.run_hooks("createRuntime", strict=True)
         self.run_hooks("createContainer", strict=True)
-        return pid
 
     def run_hooks(self, kind: str, *, strict: bool) -> None:
         """The caller's hooks of one kind, on the host, with the OCI state on stdin."""

@@ -5,7 +5,9 @@ then its host binds are made, then its monitor is forked to boot its VM
 (runtime.monitor) and a stand-in to hold its init for the caller
 (runtime.standin); any failure on the way destroys what was made. A pod's
 further container (CRI's annotations, runtime.pods) is created in the running
-VM of its pod's sandbox container instead of a VM of its own.
+VM of its pod's sandbox container instead of a VM of its own. A front end
+that holds the container's stdio itself (containerd's shim v2) makes it with
+``create_task``: the same, without the stand-in.
 """
 
 from __future__ import annotations
@@ -36,6 +38,35 @@ log = logging.getLogger(__name__)
 def create(cfg: Config, cid: str, bundle: Path, handoff: Handoff) -> int:
     """runc create: the container's VM boots, its process waits for `start`.
     Returns the pid of its stand-in, which the caller reaps."""
+    c, terminal = _create(cfg, cid, bundle, handoff)
+    try:
+        return c.stand_in(handoff, terminal)
+    except BaseException:
+        c.destroy()
+        raise
+
+
+def create_task(cfg: Config, cid: str, bundle: Path) -> OciContainer:
+    """containerd's shim v2 Create: the container's VM boots (or, for a pod's
+    further container, it joins the pod's VM) and its process waits for
+    `start`. No stand-in: the caller is a long-lived front end that attaches
+    to the container itself (``Container.connect``) and holds its stdio. The
+    creation hooks run here, on the host, as with ``create``."""
+    c, _ = _create(cfg, cid, bundle, None)
+    try:
+        c.run_creation_hooks()
+    except BaseException:
+        c.destroy()
+        raise
+    return c
+
+
+def _create(
+    cfg: Config, cid: str, bundle: Path, handoff: Handoff | None
+) -> tuple[OciContainer, bool]:
+    """The container recorded, its binds made and its monitor ready (its VM
+    up, its process created): the container and whether it has a terminal.
+    ``handoff`` None: the caller attaches itself (no console socket needed)."""
     spec = bundles.load(bundle)
     p = bundles.plan(
         bundle,
@@ -68,10 +99,10 @@ def create(cfg: Config, cid: str, bundle: Path, handoff: Handoff) -> int:
         for b in p.binds:  # recorded above: delete undoes them, whatever happens now
             pods.bind(b.source, b.target, b.readonly, b.recursive)
         spawn(_launch_plan(cfg, d, config, p))
-        return c.stand_in(handoff, p.terminal)
     except BaseException:
         c.destroy()
         raise
+    return c, p.terminal
 
 
 def run(cfg: Config, cid: str, bundle: Path, handoff: Handoff, *, detach: bool) -> int | None:
@@ -117,9 +148,9 @@ def annotations_of(spec: dict[str, Any]) -> dict[str, str]:
     return {str(k): str(v) for k, v in (spec.get("annotations") or {}).items()}
 
 
-def _accept(p: bundles.BundlePlan, handoff: Handoff) -> None:
+def _accept(p: bundles.BundlePlan, handoff: Handoff | None) -> None:
     """The plan's process can be handed over as asked; what it left out is logged."""
-    if p.terminal and not handoff.console_socket:
+    if p.terminal and handoff is not None and not handoff.console_socket:
         raise OciError("process.terminal is true: --console-socket is required")
     for w in p.warnings:
         log.warning(w)
@@ -172,8 +203,8 @@ def _join(
     bundle: Path,
     spec: dict[str, Any],
     sandbox_ref: str,
-    handoff: Handoff,
-) -> int:
+    handoff: Handoff | None,
+) -> tuple[OciContainer, bool]:
     """A further container of a pod, created in the pod's running VM."""
     store = OciStore(cfg)
     sandbox = store.get(sandbox_ref)
@@ -196,7 +227,7 @@ def _join(
             pods.bind(b.source, b.target, b.readonly, b.recursive)
         pod = OciContainer(cfg, sandbox).container
         asyncio.run(pod.add(d, f"c-{k}", mp.rootfs_guest, mp.plan.terminal))
-        return c.stand_in(handoff, mp.plan.terminal)
     except BaseException:
         c.destroy()
         raise
+    return c, mp.plan.terminal
