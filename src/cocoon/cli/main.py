@@ -38,6 +38,7 @@ LAZY_VERBS = {
     "sandbox": "sandbox",
     "template": "template",
     "pool": "pool",
+    "metrics": "metrics",
     "gc": "sandbox",
     "run": "containers",
     "ps": "lifecycle",
