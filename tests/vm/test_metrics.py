@@ -15,6 +15,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from cocoon.config import Config
+from tests.unit.test_deploy import pod_fixed_memory_bytes
 from tests.vm.conftest import cocoon, ok
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(300)]
@@ -64,6 +65,14 @@ def test_metrics_match_a_container_of_known_usage(
         assert qemu > 48 * MIB  # the guest's pages the container touched live in QEMU
         assert of(found, "cocoon_sandbox_host_pss_bytes", sandbox=sid, process="owner") > MIB
         assert of(found, "cocoon_sandbox_host_cpu_seconds_total", sandbox=sid, process="qemu") > 0
+        # What the sandbox costs the host beyond the container's own memory is
+        # the overhead deploy/kubernetes's RuntimeClass declares (its shim
+        # stands for the monitor here; the margin covers the shim's own).
+        host = sum(
+            v for lab2, v in found["cocoon_sandbox_host_pss_bytes"] if lab2["sandbox"] == sid
+        )
+        own = of(found, "cocoon_container_memory_bytes", **lab)
+        assert host - own < pod_fixed_memory_bytes("cocoon") - 16 * MIB, (host, own)
 
         # The same over HTTP, as Prometheus scrapes it.
         with socket.socket() as s:
