@@ -1,0 +1,474 @@
+"""Warm instances: where invocations run.
+
+An instance serves one version of one function and nothing else, ever. It is
+one long-lived container, started through runtime/ exactly as `cocoon run -d`
+starts one: the runtime's image (busybox for the shell runtime), the
+version's memory and vCPUs as the container's limits (the VM sized from them),
+no network, the version's code bound read-only at ``/code``, and an idle init.
+With `cocoon pool serve` running on the same state root, the start takes a
+pooled sandbox, restored and agent-ready, and the code reaches it through the
+sandbox's hub (a bind on the host, no copy, no reboot, no hot-plug): the
+"pre-warmed sandbox, code mounted in" path. Without a pool it is a template
+clone.
+
+Each invocation is one exec in the instance (runtime.lifecycle.Exec): the
+runtime's handler command, the request body on its stdin, the result from its
+stdout, its stderr kept as logs. One invocation at a time per instance; a
+version gets up to ``max_concurrency`` instances, then requests wait (at most
+``serve.queue_per_function`` of them, else 429). A released instance is warm:
+the next invocation of the same version reuses it; one idle past the
+version's keep-alive is removed. An invocation past its timeout is killed and
+its instance removed with it (whatever the handler left running goes too);
+so is an instance whose VM or container died. The caller always gets an
+answer.
+
+Instances are started in helper processes (``Launcher``): starting a
+container forks its monitor, and a fork from this multi-threaded server (the
+event loop, its executor threads, uvicorn's) could copy a lock some other
+thread holds; the helpers are single-threaded processes started fresh
+(``spawn``) and die with the service (``PR_SET_PDEATHSIG``). Every instance
+carries the service's label and is recorded in the database, so a restart
+after a crash removes what the dead service left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import math
+import multiprocessing
+import signal
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cocoon.config import Config
+from cocoon.errors import CocoonError
+from cocoon.errors import FunctionBusy as Busy
+from cocoon.errors import FunctionGone as Gone
+from cocoon.runtime import run as runner
+from cocoon.runtime.lifecycle import Exec, remove
+from cocoon.runtime.records import ContainerDir, ContainerStore
+from cocoon.runtime.volumes import VolumeSpec
+from cocoon.serve import store as st
+from cocoon.serve.store import Store, Version
+
+log = logging.getLogger(__name__)
+
+#: Labels of an instance's container.
+SERVICE_LABEL = "io.cocoon.serve"
+FUNCTION_LABEL = "io.cocoon.serve.function"
+#: The init of an instance: idle until removed.
+IDLE = ["tail", "-f", "/dev/null"]
+#: Billing granularity.
+BILL_UNIT_MS = 100
+#: How long a request may wait for a free instance of its version.
+QUEUE_WAIT_S = 300.0
+
+
+@dataclass(frozen=True)
+class Runtime:
+    image: str
+    #: The handler's command line: ``{handler}`` is the handler's path in /code.
+    command: tuple[str, ...]
+
+    def argv(self, handler: str) -> list[str]:
+        return [a.replace("{handler}", f"/code/{handler}") for a in self.command]
+
+
+RUNTIMES = {
+    # busybox sh runs the handler script: body on stdin, result on stdout.
+    "shell": Runtime("busybox:latest", ("/bin/sh", "{handler}")),
+}
+
+
+# -- helper processes --------------------------------------------------------
+
+
+def _worker_init() -> None:  # pragma: no cover - runs in the helper process
+    """A helper dies with the service (no orphan starting containers for
+    nobody) and leaves Ctrl-C to it."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_pdeathsig = 1
+    libc.prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _launch(cfg: Config, image: str, args: list[str], env: list[str], memory_bytes: int,
+            cpus: float, code: str, labels: dict[str, str]) -> str:  # fmt: skip
+    """In a helper: one instance's container, as `cocoon run -d` makes it."""
+
+    net, _ = runner.networking(
+        cfg, networks=["none"], rate="", hostname="", dns=[], dns_search=[], add_hosts=[],
+        publish=[],
+    )  # fmt: skip
+    opts = runner.RunOptions(
+        args=args, env=env, workdir="/code", memory_bytes=memory_bytes, cpus=cpus,
+        labels=labels, detach=True, network=net,
+        volumes=[VolumeSpec("bind", "/code", source=Path(code), readonly=True)],
+    )  # fmt: skip
+    return runner.launch(cfg, image, opts, pull="never", platform=None).id
+
+
+def remove_container(cfg: Config, cid: str) -> None:
+    """An instance's container, running or not, and its VM (blocking)."""
+
+    store = ContainerStore(cfg)
+    cdir = ContainerDir(store.root, cid)
+    if not cdir.path.exists():
+        return
+    try:
+        remove(cfg, cdir, force=True)
+    except CocoonError as e:
+        log.warning("removing instance %s: %s", cid[:12], e)
+
+
+def containers_of(cfg: Config, service_id: str) -> list[str]:
+    """Every container this service started (by its label), live or not."""
+
+    return [d.id for d, c in ContainerStore(cfg).all() if c.labels.get(SERVICE_LABEL) == service_id]
+
+
+class Launcher:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self._pool = ProcessPoolExecutor(
+            cfg.serve.launch_workers,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_worker_init,
+        )
+
+    async def start(self, *args: Any) -> str:
+        # Submitted from the event loop's thread, which lives as long as the
+        # service: a helper's parent-death signal follows the thread that made it.
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, _launch, self.cfg, *args)
+
+    async def remove(self, cid: str) -> None:
+        await asyncio.to_thread(remove_container, self.cfg, cid)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+# -- instances -----------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class Instance:
+    cid: str
+    version: Version
+    busy: bool = True
+    last_used: float = field(default_factory=time.monotonic)
+    calls: int = 0
+
+
+@dataclass(eq=False)
+class VersionPool:
+    version: Version
+    instances: list[Instance] = field(default_factory=list)
+    starting: int = 0
+    waiting: int = 0
+    retired: bool = False
+    cond: asyncio.Condition = field(default_factory=asyncio.Condition)
+
+
+@dataclass
+class Outcome:
+    status: str
+    result: bytes = b""
+    logs: bytes = b""
+    error: str = ""
+    exit_code: int | None = None
+    start_kind: str = ""
+    instance: str = ""
+    duration_ms: float = 0.0
+    billed_ms: int = 0
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "status": self.status,
+            "result": self.result,
+            "logs": self.logs,
+            "error": self.error,
+            "exit_code": self.exit_code,
+            "duration_ms": round(self.duration_ms, 3),
+            "billed_ms": self.billed_ms,
+            "finished_at": time.time(),
+        }
+
+
+def version_key(v: Version) -> tuple[str, str, int]:
+    return (v.namespace, v.name, v.version)
+
+
+class Instances:
+    """Every instance of every version, and the invocations run in them."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        store: Store,
+        launcher: Launcher,
+        service_id: str,
+        code_dir: Callable[[Version], Path],
+    ) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.launcher = launcher
+        self.service_id = service_id
+        self.code_dir = code_dir
+        self.pools: dict[tuple[str, str, int], VersionPool] = {}
+        self._removals: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    # -- instances ---------------------------------------------------------------
+
+    def _pool(self, v: Version) -> VersionPool:
+        key = version_key(v)
+        if key not in self.pools:
+            self.pools[key] = VersionPool(v)
+        return self.pools[key]
+
+    async def acquire(self, v: Version) -> tuple[Instance, str]:
+        """A free instance of ``v`` (warm), or a new one (cold) while under its
+        max concurrency; else wait for one (Busy past the queue's bound)."""
+        pool = self._pool(v)
+        deadline = time.monotonic() + QUEUE_WAIT_S
+        async with pool.cond:
+            while True:
+                if pool.retired or self._closed:
+                    raise Gone(f"function {v.name} was removed")
+                idle = next((i for i in pool.instances if not i.busy), None)
+                if idle is not None:
+                    idle.busy = True
+                    return idle, "warm"
+                if len(pool.instances) + pool.starting < v.spec["max_concurrency"]:
+                    pool.starting += 1
+                    break
+                if pool.waiting >= self.cfg.serve.queue_per_function:
+                    raise Busy(
+                        f"function {v.name}: all {v.spec['max_concurrency']} instances are busy "
+                        f"and {pool.waiting} requests wait already; try again later"
+                    )
+                pool.waiting += 1
+                try:
+                    await asyncio.wait_for(pool.cond.wait(), deadline - time.monotonic())
+                except TimeoutError:
+                    raise Busy(f"function {v.name}: no instance became free in time") from None
+                finally:
+                    pool.waiting -= 1
+        try:
+            cid = await self._start(v)
+        except BaseException:
+            async with pool.cond:
+                pool.starting -= 1
+                pool.cond.notify()
+            raise
+        inst = Instance(cid, v)
+        async with pool.cond:
+            pool.starting -= 1
+            if pool.retired or self._closed:
+                self._remove_later(inst)
+                raise Gone(f"function {v.name} was removed")
+            pool.instances.append(inst)
+        return inst, "cold"
+
+    async def _start(self, v: Version) -> str:
+        spec = v.spec
+        runtime = RUNTIMES[spec["runtime"]]
+        labels = {
+            SERVICE_LABEL: self.service_id,
+            FUNCTION_LABEL: f"{v.namespace}/{v.name}@{v.version}",
+        }
+        cid = await self.launcher.start(
+            runtime.image, list(IDLE), base_env(v), spec["memory_mib"] << 20,
+            float(spec["vcpus"]), str(self.code_dir(v)), labels,
+        )  # fmt: skip
+        self.store.add_instance(cid, v)
+        return cid
+
+    async def release(self, inst: Instance, healthy: bool) -> None:
+        pool = self._pool(inst.version)
+        async with pool.cond:
+            inst.busy = False
+            inst.last_used = time.monotonic()
+            if not healthy or pool.retired or self._closed:
+                if inst in pool.instances:
+                    pool.instances.remove(inst)
+                self._remove_later(inst)
+            pool.cond.notify()
+
+    def _remove_later(self, inst: Instance) -> None:
+        async def remove() -> None:
+            await self.launcher.remove(inst.cid)
+            self.store.remove_instance(inst.cid)
+
+        t = asyncio.get_running_loop().create_task(remove(), name=f"remove {inst.cid[:12]}")
+        self._removals.add(t)
+        t.add_done_callback(self._removals.discard)
+
+    async def retire(self, namespace: str, name: str) -> None:
+        """A removed function: its idle instances go now, busy ones when released."""
+        for key, pool in list(self.pools.items()):
+            if key[:2] != (namespace, name):
+                continue
+            async with pool.cond:
+                pool.retired = True
+                for inst in [i for i in pool.instances if not i.busy]:
+                    pool.instances.remove(inst)
+                    self._remove_later(inst)
+                pool.cond.notify_all()
+            del self.pools[key]
+
+    async def reap_idle(self) -> None:
+        """Instances idle past their version's keep-alive are removed (each second)."""
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.monotonic()
+            for key, pool in list(self.pools.items()):
+                keep = pool.version.spec["keep_alive_s"]
+                async with pool.cond:
+                    for inst in [i for i in pool.instances if not i.busy]:
+                        if now - inst.last_used >= keep:
+                            pool.instances.remove(inst)
+                            self._remove_later(inst)
+                    if not pool.instances and not pool.starting and not pool.waiting:
+                        del self.pools[key]
+
+    def live(self) -> list[Instance]:
+        return [i for p in self.pools.values() for i in p.instances]
+
+    async def close(self) -> None:
+        """Every instance removed (busy ones too: their invocations were cancelled)."""
+        self._closed = True
+        for pool in self.pools.values():
+            for inst in pool.instances:
+                self._remove_later(inst)
+            pool.instances.clear()
+        if self._removals:
+            await asyncio.gather(*self._removals, return_exceptions=True)
+
+    # -- invocations -------------------------------------------------------------
+
+    async def invoke(self, v: Version, payload: bytes, iid: str) -> Outcome:
+        """Run one invocation to its end; never raises but Busy/Gone (no
+        instance could be had) and cancellation."""
+        inst, kind = await self.acquire(v)
+        self.store.update_invocation(
+            iid, status=st.RUNNING, start_kind=kind, instance=inst.cid, started_at=time.time()
+        )
+        healthy = False
+        try:
+            out, healthy = await self._run(inst, payload, iid)
+        except CocoonError as e:
+            out = Outcome(st.FAILED, error=f"the instance failed: {e}")
+        finally:
+            inst.calls += 1
+            await asyncio.shield(self.release(inst, healthy))
+        out.start_kind, out.instance = kind, inst.cid
+        return out
+
+    async def _run(self, inst: Instance, payload: bytes, iid: str) -> tuple[Outcome, bool]:
+        v = inst.version
+        spec = v.spec
+        env = [*base_env(v), f"COCOON_FN_INVOCATION_ID={iid}"]
+        argv = RUNTIMES[spec["runtime"]].argv(spec["handler"])
+        t0 = time.monotonic()
+        ex = await Exec.start(_cdir(self.cfg, inst.cid), argv, env=env, workdir="/code")
+        out = _Output(self.cfg.serve.max_result_bytes, self.cfg.serve.max_log_bytes)
+        exited: Any = None
+        try:
+            try:
+                exited = await asyncio.wait_for(_io(ex, payload, out), spec["timeout_s"])
+            except TimeoutError:
+                with contextlib.suppress(CocoonError, OSError, TimeoutError):
+                    await asyncio.wait_for(ex.process.signal(signal.SIGKILL), 5.0)
+        finally:
+            with contextlib.suppress(CocoonError, OSError):
+                await ex.close()
+        ms = (time.monotonic() - t0) * 1000
+        common: dict[str, Any] = {
+            "logs": out.logs(),
+            "duration_ms": ms,
+            "billed_ms": math.ceil(ms / BILL_UNIT_MS) * BILL_UNIT_MS,
+        }
+        if exited is None:
+            err = f"timed out after {spec['timeout_s']:g} s: killed"
+            return Outcome(st.TIMEOUT, result=out.result(), error=err, **common), False
+        common["exit_code"] = exited.exit_code
+        if exited.oom_killed:
+            err = f"out of memory: killed at its {spec['memory_mib']} MiB limit"
+            return Outcome(st.FAILED, error=err, **common), False
+        if out.result_over:
+            err = f"the result is over {out.max_result} B (serve.max_result_bytes)"
+            return Outcome(st.FAILED, error=err, **common), True
+        if exited.exit_code != 0:
+            err = f"the handler exited with code {exited.exit_code}"
+            return Outcome(st.FAILED, result=out.result(), error=err, **common), True
+        return Outcome(st.SUCCEEDED, result=out.result(), **common), True
+
+
+class _Output:
+    """What a handler wrote, bounded, kept as it arrives (so a handler that
+    is killed still has its output up to then)."""
+
+    def __init__(self, max_result: int, max_logs: int) -> None:
+        self.max_result = max_result
+        self.max_logs = max_logs
+        self.out = bytearray()
+        self.err = bytearray()
+        self.result_over = False
+        self.logs_over = False
+
+    def result(self) -> bytes:
+        return bytes(self.out[: self.max_result])
+
+    def logs(self) -> bytes:
+        tail = b"\n[logs cut at serve.max_log_bytes]\n" if self.logs_over else b""
+        return bytes(self.err[: self.max_logs]) + tail
+
+
+async def _io(ex: Exec, payload: bytes, out: _Output) -> Any:
+    """Body in, stdout and stderr out, then the exit (ProcessExited)."""
+    proc = ex.process
+
+    async def feed() -> None:
+        # A handler that exits without reading its input is no error.
+        with contextlib.suppress(CocoonError, ConnectionError):
+            await proc.write_stdin(payload, close=True)
+
+    async def drain(stream: Any, buf: bytearray, cap: int, over: str) -> None:
+        while chunk := await stream.read():
+            if len(buf) + len(chunk) > cap:
+                setattr(out, over, True)
+            if len(buf) <= cap:
+                buf += chunk[: cap + 1 - len(buf)]
+
+    await asyncio.gather(
+        feed(),
+        drain(proc.stdout, out.out, out.max_result, "result_over"),
+        drain(proc.stderr, out.err, out.max_logs, "logs_over"),
+    )
+    return await proc.wait()
+
+
+def _cdir(cfg: Config, cid: str) -> ContainerDir:
+    return ContainerDir(ContainerStore(cfg).root, cid)
+
+
+def base_env(v: Version) -> list[str]:
+    env = [f"{k}={val}" for k, val in sorted(v.spec.get("env", {}).items())]
+    return [
+        *env,
+        f"COCOON_FN_NAMESPACE={v.namespace}",
+        f"COCOON_FN_NAME={v.name}",
+        f"COCOON_FN_VERSION={v.version}",
+        f"COCOON_FN_MEMORY_MIB={v.spec['memory_mib']}",
+        f"COCOON_FN_TIMEOUT_S={v.spec['timeout_s']}",
+    ]

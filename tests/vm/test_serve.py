@@ -1,0 +1,140 @@
+"""The function service with real VMs: a shell function invoked synchronously
+and asynchronously, its warm instance reused (seen from inside), a failing
+and a timed-out handler reported (and the next call answered), every
+instance gone when the service stops; and a kill -9 mid-invocation, after
+which a restart keeps the records, marks the invocation failed and leaves no
+VM behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cocoon.config import Config
+from cocoon.runtime.records import ContainerStore
+from cocoon.serve.client import Client
+from tests.servefn import Served, invoke, zip_code
+
+pytestmark = [pytest.mark.vm, pytest.mark.timeout(300)]
+
+SCRIPT = """\
+read -r line
+case "$line" in
+  sleep) echo "about to sleep" ; sleep 60 ;;
+  fail) echo "bad input" >&2; exit 3 ;;
+esac
+echo "$COCOON_FN_INVOCATION_ID" >> /tmp/calls
+echo "hello $line from $(hostname)"
+echo "calls: $(wc -l < /tmp/calls)"
+echo "logged $line" >&2
+"""
+
+
+def wait_for(c: Client, iid: str, done: tuple[str, ...], timeout_s: float = 60) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while (rec := c.invocation("default", iid))["status"] not in done:
+        assert time.monotonic() < deadline, rec
+        time.sleep(0.1)
+    return rec
+
+
+def test_invocations_sync_async_warm_failure_timeout(
+    cfg: Config, busybox: None, tmp_path: Path
+) -> None:
+    s = Served(cfg.root, tmp_path / "state").start()
+    try:
+        with s.admin() as c:
+            code = zip_code({"handler.sh": SCRIPT})
+            c.create("default", {"name": "echo", "handler": "handler.sh", "timeout_s": 3,
+                                 "keep_alive_s": 120, "code": code})  # fmt: skip
+            r = invoke(c, "echo", b"one\n")
+            assert r.status_code == 200, (r.headers, r.content)
+            assert r.headers["x-cocoon-status"] == "succeeded"
+            assert r.headers["x-cocoon-start"] == "cold"
+            lines = r.content.decode().splitlines()
+            assert lines[0].startswith("hello one from ") and lines[1] == "calls: 1"
+            host = lines[0].rsplit(" ", 1)[1]
+            assert int(r.headers["x-cocoon-billed-ms"]) >= float(r.headers["x-cocoon-duration-ms"])
+
+            # Warm: the same instance, and what the first call left in its /tmp.
+            r = invoke(c, "echo", b"two\n")
+            assert r.headers["x-cocoon-start"] == "warm"
+            assert r.content.decode().splitlines() == [f"hello two from {host}", "calls: 2"]
+
+            # A failing handler: 502, its exit code and logs; the instance stays warm.
+            r = invoke(c, "echo", b"fail\n")
+            assert r.status_code == 502
+            assert r.headers["x-cocoon-status"] == "failed"
+            assert r.headers["x-cocoon-exit-code"] == "3"
+            assert c.logs("default", r.headers["x-cocoon-invocation-id"]) == "bad input\n"
+
+            # Asynchronous: an id at once, the result and logs later.
+            r = c.invoke("default", "echo", b"later\n", mode="async")
+            assert r.status_code == 202
+            iid = r.json()["id"]
+            rec = wait_for(c, iid, ("succeeded", "failed", "timeout"))
+            assert rec["status"] == "succeeded" and rec["start_kind"] == "warm", rec
+            assert rec["result"] == f"hello later from {host}\ncalls: 3\n"
+            assert c.logs("default", iid) == "logged later\n"
+            assert c.result("default", iid) == rec["result"].encode()
+
+            # Past its timeout: killed, reported, what it wrote kept; the next
+            # call is answered by a fresh instance.
+            r = invoke(c, "echo", b"sleep\n")
+            assert r.status_code == 504
+            assert r.headers["x-cocoon-status"] == "timeout"
+            assert "timed out after 3 s" in r.headers["x-cocoon-error"]
+            assert r.content == b"about to sleep\n"
+            r = invoke(c, "echo", b"after\n")
+            assert r.status_code == 200 and r.headers["x-cocoon-start"] == "cold"
+            assert r.content.decode().splitlines()[1] == "calls: 1"
+
+            done = [x["status"] for x in c.invocations("default", "echo")]
+            assert sorted(done) == sorted(
+                ["succeeded", "succeeded", "failed", "succeeded", "timeout", "succeeded"]
+            )
+            assert len(ContainerStore(cfg).ids()) == 1  # the timed-out one was removed
+    finally:
+        assert s.stop() == 0, s.output()
+    assert ContainerStore(cfg).ids() == [], "instances outlived the service"
+
+
+def test_kill_9_mid_invocation_then_restart(cfg: Config, busybox: None, tmp_path: Path) -> None:
+    s = Served(cfg.root, tmp_path / "state").start()
+    try:
+        with s.admin() as c:
+            c.create("default", {"name": "slow", "handler": "handler.sh", "timeout_s": 120,
+                                 "code": zip_code({"handler.sh": SCRIPT})})  # fmt: skip
+            r = c.invoke("default", "slow", b"sleep\n", mode="async")
+            iid = r.json()["id"]
+            wait_for(c, iid, ("running",))
+            time.sleep(1.0)  # the handler runs
+        assert s.proc is not None
+        helpers = [int(p) for p in os.popen(f"pgrep -P {s.proc.pid}").read().split()]
+    except BaseException:
+        s.stop()
+        raise
+    assert s.stop(signal.SIGKILL) == -signal.SIGKILL
+    # Its helper processes die with it; its instance is left running.
+    deadline = time.monotonic() + 10
+    while any(os.path.exists(f"/proc/{p}") for p in helpers):
+        assert time.monotonic() < deadline, "helper processes outlived the service"
+        time.sleep(0.1)
+    assert len(ContainerStore(cfg).ids()) == 1
+
+    s2 = Served(cfg.root, tmp_path / "state").start()
+    try:
+        assert "1 unfinished invocation(s) marked failed, 1 instance(s) removed" in s2.output()
+        assert ContainerStore(cfg).ids() == []
+        with s2.admin() as c:
+            rec = c.invocation("default", iid)
+            assert rec["status"] == "failed"
+            assert "the service stopped while this invocation was queued or running" in rec["error"]
+            assert c.get("default", "slow")["version"] == 1
+    finally:
+        assert s2.stop() == 0, s2.output()
