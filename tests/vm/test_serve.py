@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 import pytest
 
 from cocoon.config import Config
+from cocoon.errors import ServiceError
 from cocoon.runtime.records import ContainerStore
 from cocoon.serve.client import Client
 from tests.servefn import Served, invoke, zip_code
@@ -99,6 +101,21 @@ def test_invocations_sync_async_warm_failure_timeout(
                 ["succeeded", "succeeded", "failed", "succeeded", "timeout", "succeeded"]
             )
             assert len(ContainerStore(cfg).ids()) == 1  # the timed-out one was removed
+
+            # A new version runs in instances of its own; one idle past its
+            # keep-alive is removed (the old version's stays: its keep-alive).
+            old = set(ContainerStore(cfg).ids())
+            assert c.update("default", "echo", {"keep_alive_s": 1})["version"] == 2
+            r = invoke(c, "echo", b"v2\n")
+            assert r.headers["x-cocoon-start"] == "cold"
+            first, calls = r.content.decode().splitlines()
+            assert first.startswith("hello v2 from ") and first != f"hello v2 from {host}"
+            assert calls == "calls: 1"
+            assert len(set(ContainerStore(cfg).ids()) - old) == 1
+            deadline = time.monotonic() + 15
+            while set(ContainerStore(cfg).ids()) != old:
+                assert time.monotonic() < deadline, "an idle instance outlived its keep-alive"
+                time.sleep(0.2)
     finally:
         assert s.stop() == 0, s.output()
     assert ContainerStore(cfg).ids() == [], "instances outlived the service"
@@ -138,3 +155,38 @@ def test_kill_9_mid_invocation_then_restart(cfg: Config, busybox: None, tmp_path
             assert c.get("default", "slow")["version"] == 1
     finally:
         assert s2.stop() == 0, s2.output()
+
+
+def test_max_concurrency_and_a_bounded_queue(cfg: Config, busybox: None, tmp_path: Path) -> None:
+    s = Served(cfg.root, tmp_path / "state", {"COCOON_SERVE_QUEUE_PER_FUNCTION": "1"}).start()
+    code = zip_code({"handler.sh": "sleep 2; echo ok\n"})
+    answers: dict[str, Any] = {}
+
+    def call(tag: str) -> None:
+        with s.admin() as c:
+            try:
+                answers[tag] = invoke(c, "one", b"")
+            except ServiceError as e:
+                answers[tag] = e
+
+    try:
+        with s.admin() as c:
+            c.create("default", {"name": "one", "handler": "handler.sh", "max_concurrency": 1,
+                                 "code": code})  # fmt: skip
+        threads = []
+        for tag in ("a", "b", "c"):  # a runs, b waits, c finds the queue full
+            threads.append(threading.Thread(target=call, args=(tag,)))
+            threads[-1].start()
+            time.sleep(0.5)
+        assert len(ContainerStore(cfg).ids()) <= 1
+        for t in threads:
+            t.join(120)
+        assert answers["a"].status_code == 200 and answers["a"].content == b"ok\n"
+        assert answers["b"].status_code == 200 and answers["b"].headers["x-cocoon-start"] == "warm"
+        assert isinstance(answers["c"], ServiceError) and "(HTTP 429)" in str(answers["c"])
+        assert len(ContainerStore(cfg).ids()) == 1
+        with s.admin() as c:
+            done = sorted((x["status"], x["error"][:9]) for x in c.invocations("default", "one"))
+        assert done == [("failed", "throttled"), ("succeeded", ""), ("succeeded", "")]
+    finally:
+        assert s.stop() == 0, s.output()

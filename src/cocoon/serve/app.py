@@ -299,6 +299,7 @@ def make_app(service: Service) -> FastAPI:
             "X-Cocoon-Invocation-Id": iid,
             "X-Cocoon-Status": out.status,
             "X-Cocoon-Start": out.start_kind,
+            "X-Cocoon-Start-Ms": f"{out.start_ms:.3f}",
             "X-Cocoon-Duration-Ms": f"{out.duration_ms:.3f}",
             "X-Cocoon-Billed-Ms": str(out.billed_ms),
         }

@@ -43,12 +43,13 @@ import signal
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cocoon.config import Config
-from cocoon.errors import CocoonError
+from cocoon.errors import CocoonError, SandboxError
 from cocoon.errors import FunctionBusy as Busy
 from cocoon.errors import FunctionGone as Gone
 from cocoon.runtime import run as runner
@@ -99,6 +100,10 @@ def _worker_init() -> None:  # pragma: no cover - runs in the helper process
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def _ready() -> None:  # pragma: no cover - runs in the helper process
+    """Nothing: importing this module (to find this function) was the work."""
+
+
 def _launch(cfg: Config, image: str, args: list[str], env: list[str], memory_bytes: int,
             cpus: float, code: str, labels: dict[str, str]) -> str:  # fmt: skip
     """In a helper: one instance's container, as `cocoon run -d` makes it."""
@@ -137,17 +142,39 @@ def containers_of(cfg: Config, service_id: str) -> list[str]:
 class Launcher:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        self._pool = ProcessPoolExecutor(
-            cfg.serve.launch_workers,
+        self._pool = self._new_pool()
+
+    def _new_pool(self) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(
+            self.cfg.serve.launch_workers,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_worker_init,
         )
 
+    def warm_up(self) -> None:
+        """Start the helpers now (each imports runtime/ once), so that the
+        first cold start does not wait for an interpreter. Called from the
+        event loop's thread (see ``start``)."""
+        for _ in range(self.cfg.serve.launch_workers):
+            self._pool.submit(_ready)
+
     async def start(self, *args: Any) -> str:
-        # Submitted from the event loop's thread, which lives as long as the
-        # service: a helper's parent-death signal follows the thread that made it.
+        """A new instance's container id. Submitted from the event loop's
+        thread, which lives as long as the service: a helper's parent-death
+        signal follows the thread that made it. A helper that died (killed,
+        out of memory) breaks its pool: a new pool, and the start once more."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, _launch, self.cfg, *args)
+        for attempt in (1, 2):
+            pool = self._pool
+            try:
+                return await loop.run_in_executor(pool, _launch, self.cfg, *args)
+            except BrokenProcessPool:
+                if pool is self._pool:
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    self._pool = self._new_pool()
+                if attempt == 2:
+                    raise SandboxError("the helper starting the instance died twice") from None
+        raise AssertionError("unreachable")
 
     async def remove(self, cid: str) -> None:
         await asyncio.to_thread(remove_container, self.cfg, cid)
@@ -187,6 +214,9 @@ class Outcome:
     exit_code: int | None = None
     start_kind: str = ""
     instance: str = ""
+    #: From the request to an instance ready for it: a cold start's whole
+    #: cost (a warm one's is ~0), and any wait in the queue.
+    start_ms: float = 0.0
     duration_ms: float = 0.0
     billed_ms: int = 0
 
@@ -359,10 +389,13 @@ class Instances:
     async def invoke(self, v: Version, payload: bytes, iid: str) -> Outcome:
         """Run one invocation to its end; never raises but Busy/Gone (no
         instance could be had) and cancellation."""
+        t0 = time.monotonic()
         inst, kind = await self.acquire(v)
+        start_ms = (time.monotonic() - t0) * 1000
         self.store.update_invocation(
-            iid, status=st.RUNNING, start_kind=kind, instance=inst.cid, started_at=time.time()
-        )
+            iid, status=st.RUNNING, start_kind=kind, instance=inst.cid, started_at=time.time(),
+            start_ms=round(start_ms, 3),
+        )  # fmt: skip
         healthy = False
         try:
             out, healthy = await self._run(inst, payload, iid)
@@ -371,7 +404,7 @@ class Instances:
         finally:
             inst.calls += 1
             await asyncio.shield(self.release(inst, healthy))
-        out.start_kind, out.instance = kind, inst.cid
+        out.start_kind, out.instance, out.start_ms = kind, inst.cid, start_ms
         return out
 
     async def _run(self, inst: Instance, payload: bytes, iid: str) -> tuple[Outcome, bool]:

@@ -155,7 +155,8 @@ class InvocationOut(BaseModel):
     status: Literal["queued", "running", "succeeded", "failed", "timeout"]
     error: str
     exit_code: int | None
-    start_kind: str
+    start_kind: str = Field(description="cold (a new instance) or warm (a free one reused).")
+    start_ms: float | None = Field(None, description="From the request to an instance for it.")
     result: str | None = Field(None, description="stdout, as UTF-8 (raw bytes: /result).")
     created_at: float
     started_at: float | None

@@ -89,6 +89,7 @@ class Service:
 
     async def start(self) -> None:
         self.launcher = Launcher(self.cfg)
+        self.launcher.warm_up()
         self.instances = Instances(
             self.cfg, self.store, self.launcher, self.id, lambda v: self.code_dir(v)
         )
@@ -297,7 +298,8 @@ def invocation_out(rec: dict[str, Any], with_result: bool = True) -> dict[str, A
         k: rec[k]
         for k in (
             "id", "namespace", "function", "version", "mode", "status", "error", "exit_code",
-            "start_kind", "created_at", "started_at", "finished_at", "duration_ms", "billed_ms",
+            "start_kind", "start_ms", "created_at", "started_at", "finished_at", "duration_ms",
+            "billed_ms",
         )
     }  # fmt: skip
     if with_result:

@@ -64,6 +64,7 @@ CREATE TABLE IF NOT EXISTS invocations (
     error TEXT NOT NULL DEFAULT '',
     exit_code INTEGER,
     start_kind TEXT NOT NULL DEFAULT '',
+    start_ms REAL,
     instance TEXT NOT NULL DEFAULT '',
     input BLOB,
     result BLOB,
