@@ -248,3 +248,24 @@ def test_cli_errors_follow_docker(served: Served, tmp_path: Path) -> None:
                         "nope"], capture_output=True, timeout=60)  # fmt: skip
     assert r.returncode == 1
     assert r.stderr.decode().strip() == "cocoon: no such function: nope (HTTP 404)"
+
+
+def test_cgi_request_and_answer() -> None:
+    from cocoon.serve import cgi
+
+    env = cgi.request_env(
+        "PUT", "/a/b", "q=1", [("Authorization", "Bearer cct_x"), ("Content-Type", "text/x"),
+                               ("X-A", "1"), ("x-a", "2"), ("Content-Length", "9")], 3, "1.2.3.4",
+    )  # fmt: skip
+    assert "REQUEST_METHOD=PUT" in env and "PATH_INFO=/a/b" in env and "QUERY_STRING=q=1" in env
+    assert "CONTENT_TYPE=text/x" in env and "CONTENT_LENGTH=3" in env and "HTTP_X_A=1, 2" in env
+    assert not [e for e in env if "cct_x" in e or e.startswith("HTTP_CONTENT")]
+    assert cgi.parse_response(b"Status: 404 Nope\r\nX-B: c\r\nConnection: close\r\n\r\nbody") == (
+        404, [("X-B", "c")], b"body",
+    )  # fmt: skip
+    assert cgi.parse_response(b"Content-Type: text/plain\n\nhi\n\nthere") == (
+        200, [("Content-Type", "text/plain")], b"hi\n\nthere",
+    )  # fmt: skip
+    for bad in (b"just a body", b"no colon here\n\nx", b"Status: 99\n\n", b"X: a\x01b\n\nx"):
+        with pytest.raises(cgi.NotCgi):
+            cgi.parse_response(bad)

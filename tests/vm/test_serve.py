@@ -36,6 +36,15 @@ echo "calls: $(wc -l < /tmp/calls)"
 echo "logged $line" >&2
 """
 
+WEB = """\
+body=$(cat)
+printf 'Status: 201 Created\\r\\nContent-Type: text/plain\\r\\nX-Handler: web\\r\\n\\r\\n'
+echo "$REQUEST_METHOD $PATH_INFO $QUERY_STRING"
+echo "thing=$HTTP_X_THING type=$CONTENT_TYPE auth=${HTTP_AUTHORIZATION:-none}"
+echo "body=$body"
+echo "host=$(hostname) calls=$(cat /tmp/calls 2>/dev/null | wc -l)"
+"""
+
 
 def wait_for(c: Client, iid: str, done: tuple[str, ...], timeout_s: float = 60) -> dict[str, Any]:
     deadline = time.monotonic() + timeout_s
@@ -116,6 +125,30 @@ def test_invocations_sync_async_warm_failure_timeout(
             while set(ContainerStore(cfg).ids()) != old:
                 assert time.monotonic() < deadline, "an idle instance outlived its keep-alive"
                 time.sleep(0.2)
+
+        # The HTTP trigger: the whole request in, as CGI; the handler's CGI
+        # answer out. Another function: another sandbox (nothing of echo's).
+        with s.tcp(s.admin_token()) as c:
+            c.create("default", {"name": "web", "handler": "handler.sh",
+                                 "code": zip_code({"handler.sh": WEB})})  # fmt: skip
+            r = c.http.post(
+                "/v1/namespaces/default/functions/web/http/some/path?x=1&y=2",
+                content=b"payload",
+                headers={"X-Thing": "yes", "Content-Type": "text/plain"},
+            )
+            assert r.status_code == 201, r.text
+            assert r.headers["x-handler"] == "web" and r.headers["content-type"] == "text/plain"
+            lines = r.text.splitlines()
+            assert lines[:3] == [
+                "POST /some/path x=1&y=2",
+                "thing=yes type=text/plain auth=none",
+                "body=payload",
+            ]
+            assert lines[3] != f"host={host} calls=0" and lines[3].endswith(" calls=0")
+            rec = c.invocation("default", r.headers["x-cocoon-invocation-id"])
+            assert rec["mode"] == "http" and rec["status"] == "succeeded"
+            r = c.http.get("/v1/namespaces/default/functions/web/http")
+            assert r.status_code == 201 and r.text.startswith("GET / \n")
     finally:
         assert s.stop() == 0, s.output()
     assert ContainerStore(cfg).ids() == [], "instances outlived the service"

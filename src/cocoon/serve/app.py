@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cocoon import __version__
-from cocoon.serve import auth
+from cocoon.serve import auth, cgi
 from cocoon.serve.auth import Principal
 from cocoon.serve.models import (
     Accepted,
@@ -310,6 +310,46 @@ def make_app(service: Service) -> FastAPI:
         return Response(
             out.result, status_code=status, headers=headers, media_type="application/octet-stream"
         )
+
+    async def http_trigger(ns: str, name: str, path: str, request: Request) -> Response:
+        payload = await request.body()
+        if len(payload) > MAX_PAYLOAD:
+            raise ApiError(413, f"the request body is over {MAX_PAYLOAD} B")
+        client = request.client.host if request.client else ""
+        env = cgi.request_env(
+            request.method, "/" + path, request.url.query, list(request.headers.items()),
+            len(payload), client,
+        )  # fmt: skip
+        iid, out = await service.invoke_sync(ns, name, None, payload, mode="http", env=env)
+        ids = {"X-Cocoon-Invocation-Id": iid}
+        if out.status != "succeeded":
+            ids["X-Cocoon-Error"] = _header_text(out.error)
+            return _error(504 if out.status == "timeout" else 502, out.error, ids)
+        try:
+            status, headers, body = cgi.parse_response(out.result)
+        except cgi.NotCgi as e:
+            return _error(502, str(e), ids)
+        r = Response(body, status_code=status)
+        for k, v in [*headers, *ids.items()]:
+            r.headers.append(k, v)
+        return r
+
+    trigger_doc = {
+        "summary": "HTTP trigger",
+        "description": "The whole request (method, path below /http, query, headers but "
+        "Authorization, body) goes to the function as CGI (RFC 3875); its CGI answer is "
+        "the response.",
+        "responses": {**ERRORS, 502: {"model": ErrorOut}, 504: {"model": ErrorOut}},
+        "methods": ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
+    }
+
+    @app.api_route("/v1/namespaces/{ns}/functions/{name}/http", **trigger_doc)  # type: ignore[arg-type]
+    async def http_root(ns: Ns, name: Name, request: Request) -> Response:
+        return await http_trigger(ns, name, "", request)
+
+    @app.api_route("/v1/namespaces/{ns}/functions/{name}/http/{path:path}", **trigger_doc)  # type: ignore[arg-type]
+    async def http_path(ns: Ns, name: Name, path: str, request: Request) -> Response:
+        return await http_trigger(ns, name, path, request)
 
     @app.get(
         "/v1/namespaces/{ns}/functions/{name}/invocations",

@@ -316,10 +316,21 @@ class Instances:
             SERVICE_LABEL: self.service_id,
             FUNCTION_LABEL: f"{v.namespace}/{v.name}@{v.version}",
         }
-        cid = await self.launcher.start(
+        launch = asyncio.ensure_future(self.launcher.start(
             runtime.image, list(IDLE), base_env(v), spec["memory_mib"] << 20,
             float(spec["vcpus"]), str(self.code_dir(v)), labels,
-        )  # fmt: skip
+        ))  # fmt: skip
+        try:
+            cid = await asyncio.shield(launch)
+        except asyncio.CancelledError:
+            # The request went away (or the service stops): the helper still
+            # finishes the start, and its instance is removed then.
+            def drop(f: asyncio.Future[str]) -> None:
+                if not f.cancelled() and f.exception() is None:
+                    self._remove_later(Instance(f.result(), v))
+
+            launch.add_done_callback(drop)
+            raise
         self.store.add_instance(cid, v)
         return cid
 
@@ -386,7 +397,9 @@ class Instances:
 
     # -- invocations -------------------------------------------------------------
 
-    async def invoke(self, v: Version, payload: bytes, iid: str) -> Outcome:
+    async def invoke(
+        self, v: Version, payload: bytes, iid: str, env: list[str] | None = None
+    ) -> Outcome:
         """Run one invocation to its end; never raises but Busy/Gone (no
         instance could be had) and cancellation."""
         t0 = time.monotonic()
@@ -398,7 +411,7 @@ class Instances:
         )  # fmt: skip
         healthy = False
         try:
-            out, healthy = await self._run(inst, payload, iid)
+            out, healthy = await self._run(inst, payload, iid, env or [])
         except CocoonError as e:
             out = Outcome(st.FAILED, error=f"the instance failed: {e}")
         finally:
@@ -407,10 +420,12 @@ class Instances:
         out.start_kind, out.instance, out.start_ms = kind, inst.cid, start_ms
         return out
 
-    async def _run(self, inst: Instance, payload: bytes, iid: str) -> tuple[Outcome, bool]:
+    async def _run(
+        self, inst: Instance, payload: bytes, iid: str, extra: list[str]
+    ) -> tuple[Outcome, bool]:
         v = inst.version
         spec = v.spec
-        env = [*base_env(v), f"COCOON_FN_INVOCATION_ID={iid}"]
+        env = [*base_env(v), *extra, f"COCOON_FN_INVOCATION_ID={iid}"]
         argv = RUNTIMES[spec["runtime"]].argv(spec["handler"])
         t0 = time.monotonic()
         ex = await Exec.start(_cdir(self.cfg, inst.cid), argv, env=env, workdir="/code")

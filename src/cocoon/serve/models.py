@@ -151,7 +151,7 @@ class InvocationOut(BaseModel):
     namespace: str
     function: str
     version: int
-    mode: Literal["sync", "async"]
+    mode: Literal["sync", "async", "http"]
     status: Literal["queued", "running", "succeeded", "failed", "timeout"]
     error: str
     exit_code: int | None

@@ -137,9 +137,10 @@ async def _main(
     limit = max(MAX_PAYLOAD, cfg.serve.max_code_bytes * 4 // 3 + (1 << 20))
     app = BodyLimit(make_app(service), limit)
     path = socket_path(cfg)
-    listeners: list[tuple[Literal["unix", "tcp"], socket.socket]] = [("unix", _unix_socket(path))]
-    if tcp:
+    listeners: list[tuple[Literal["unix", "tcp"], socket.socket]] = []
+    if tcp:  # first: a port in use then leaves no socket file behind
         listeners.append(("tcp", _tcp_socket(*tcp)))
+    listeners.insert(0, ("unix", _unix_socket(path)))
     servers = []
     for kind, sock in listeners:
         config = uvicorn.Config(

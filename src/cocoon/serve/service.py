@@ -24,7 +24,13 @@ from cocoon.errors import FunctionBusy as Busy
 from cocoon.errors import FunctionGone as Gone
 from cocoon.serve import code as codes
 from cocoon.serve import store as st
-from cocoon.serve.instances import Instances, Launcher, Outcome, containers_of
+from cocoon.serve.instances import (
+    Instances,
+    Launcher,
+    Outcome,
+    containers_of,
+    remove_container,
+)
 from cocoon.serve.models import DEFAULTS, FunctionIn, Settings
 from cocoon.serve.store import Store, Version
 
@@ -79,13 +85,15 @@ class Service:
             "the service stopped while this invocation was queued or running "
             f"(found at its restart, {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())})"
         )
-        from cocoon.serve.instances import remove_container
+        left = len(set(self.store.instances()) | set(containers_of(self.cfg, self.id)))
+        self._sweep()
+        return failed, left
 
-        left = set(self.store.instances()) | set(containers_of(self.cfg, self.id))
-        for cid in sorted(left):
+    def _sweep(self) -> None:
+        """Every instance container of this service still there, removed."""
+        for cid in sorted(set(self.store.instances()) | set(containers_of(self.cfg, self.id))):
             remove_container(self.cfg, cid)
             self.store.remove_instance(cid)
-        return failed, len(left)
 
     async def start(self) -> None:
         self.launcher = Launcher(self.cfg)
@@ -103,6 +111,8 @@ class Service:
             await self.instances.close()
         if self.launcher is not None:
             await asyncio.to_thread(self.launcher.close)
+            # A start a helper finished for a request that went away meanwhile.
+            await asyncio.to_thread(self._sweep)
         self.store.fail_unfinished("the service stopped while this invocation was running")
         self.store.close()
 
@@ -213,11 +223,13 @@ class Service:
             raise ApiError(404, f"no such function: {what}")
         return v
 
-    async def _run(self, v: Version, payload: bytes, iid: str) -> Outcome:
+    async def _run(
+        self, v: Version, payload: bytes, iid: str, env: list[str] | None = None
+    ) -> Outcome:
         """One invocation to its end, recorded; Busy is the caller's to report."""
         assert self.instances is not None
         try:
-            out = await self.instances.invoke(v, payload, iid)
+            out = await self.instances.invoke(v, payload, iid, env)
         except Busy:
             raise
         except Gone as e:
@@ -237,13 +249,21 @@ class Service:
         return out
 
     async def invoke_sync(
-        self, ns: str, name: str, version: int | None, payload: bytes
+        self,
+        ns: str,
+        name: str,
+        version: int | None,
+        payload: bytes,
+        *,
+        mode: str = "sync",
+        env: list[str] | None = None,
     ) -> tuple[str, Outcome]:
+        """``mode`` "http" with ``env``: an HTTP trigger's request (cgi.py)."""
         v = self._version(ns, name, version)
         iid = new_invocation_id()
-        self.store.add_invocation(iid, v, "sync", st.QUEUED, None)
+        self.store.add_invocation(iid, v, mode, st.QUEUED, None)
         try:
-            return iid, await self._run(v, payload, iid)
+            return iid, await self._run(v, payload, iid, env)
         except Busy as e:
             self.store.update_invocation(
                 iid, status=st.FAILED, error=f"throttled: {e}", finished_at=time.time()
