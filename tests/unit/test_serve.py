@@ -269,3 +269,15 @@ def test_cgi_request_and_answer() -> None:
     for bad in (b"just a body", b"no colon here\n\nx", b"Status: 99\n\n", b"X: a\x01b\n\nx"):
         with pytest.raises(cgi.NotCgi):
             cgi.parse_response(bad)
+
+
+def test_metrics_need_a_token_and_parse(served: Served) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with served.tcp() as anon:
+        assert anon.http.get("/metrics").status_code == 401
+    with served.tcp(served.admin_token()) as c:
+        r = c.request("GET", "/metrics")
+        names = {f.name for f in text_string_to_metric_families(r.text)}
+        assert {"cocoon_function_calls", "cocoon_function_duration_seconds"} <= names
+        assert c.json("GET", "/v1/namespaces/default/metering") == []

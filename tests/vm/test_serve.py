@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from cocoon.config import Config
 from cocoon.errors import ServiceError
@@ -44,6 +45,20 @@ echo "thing=$HTTP_X_THING type=$CONTENT_TYPE auth=${HTTP_AUTHORIZATION:-none}"
 echo "body=$body"
 echo "host=$(hostname) calls=$(cat /tmp/calls 2>/dev/null | wc -l)"
 """
+
+
+def scrape(c: Client) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    r = c.request("GET", "/metrics")
+    assert r.headers["content-type"].startswith("text/plain; version=")
+    return {
+        (x.name, tuple(sorted(x.labels.items()))): x.value
+        for family in text_string_to_metric_families(r.text)
+        for x in family.samples
+    }
+
+
+def labels(base: dict[str, str], **more: str) -> tuple[tuple[str, str], ...]:
+    return tuple(sorted({**base, **more}.items()))
 
 
 def wait_for(c: Client, iid: str, done: tuple[str, ...], timeout_s: float = 60) -> dict[str, Any]:
@@ -149,9 +164,43 @@ def test_invocations_sync_async_warm_failure_timeout(
             assert rec["mode"] == "http" and rec["status"] == "succeeded"
             r = c.http.get("/v1/namespaces/default/functions/web/http")
             assert r.status_code == 201 and r.text.startswith("GET / \n")
+
+            # Metrics: Prometheus' own parser reads them, and they count what ran.
+            m = scrape(c)
+            echo1 = {"namespace": "default", "function": "echo", "version": "1"}
+            for status, n in (("succeeded", 4), ("failed", 1), ("timeout", 1)):
+                assert m["cocoon_function_calls_total", labels(echo1, status=status)] == n
+            assert m["cocoon_function_errors_total", labels(echo1)] == 2
+            assert m["cocoon_function_cold_starts_total", labels(echo1)] == 2
+            assert m["cocoon_function_starts_total", labels(echo1, kind="warm")] == 4
+            assert m["cocoon_function_duration_seconds_count", labels(echo1)] == 6
+            web = {"namespace": "default", "function": "web", "version": "1"}
+            assert m["cocoon_function_calls_total", labels(web, status="succeeded")] == 2
+            gb_s = m["cocoon_function_gb_seconds_total", labels(web)]
+            billed = m["cocoon_function_billed_seconds_total", labels(web)]
+            assert billed >= 0.2 and gb_s == pytest.approx(billed * 128 / 1024)
+            meter = {(x["function"], x["version"]): x for x in c.json(
+                "GET", "/v1/namespaces/default/metering")}  # fmt: skip
+            assert (meter["echo", 1]["succeeded"], meter["echo", 1]["cold"]) == (4, 2)
+            # Another namespace's token scrapes none of these.
+            c.http.post("/v1/namespaces", json={"name": "other"})
+            other = c.json("POST", "/v1/namespaces/other/tokens")["token"]
+        with s.tcp(other) as o:
+            assert not [k for k in scrape(o) if dict(k[1]).get("namespace") != "other"]
+        with s.tcp() as anon:
+            assert anon.http.get("/metrics").status_code == 401
     finally:
         assert s.stop() == 0, s.output()
     assert ContainerStore(cfg).ids() == [], "instances outlived the service"
+    # The counters are the metering: a restart keeps them.
+    s = Served(cfg.root, tmp_path / "state", port=s.port).start()
+    try:
+        with s.admin() as c:
+            m = scrape(c)
+        assert m["cocoon_function_calls_total", labels(echo1, status="succeeded")] == 4
+        assert m["cocoon_function_gb_seconds_total", labels(web)] == pytest.approx(gb_s)
+    finally:
+        assert s.stop() == 0, s.output()
 
 
 def test_kill_9_mid_invocation_then_restart(cfg: Config, busybox: None, tmp_path: Path) -> None:
@@ -220,6 +269,10 @@ def test_max_concurrency_and_a_bounded_queue(cfg: Config, busybox: None, tmp_pat
         assert len(ContainerStore(cfg).ids()) == 1
         with s.admin() as c:
             done = sorted((x["status"], x["error"][:9]) for x in c.invocations("default", "one"))
+            m = scrape(c)
         assert done == [("failed", "throttled"), ("succeeded", ""), ("succeeded", "")]
+        one = {"namespace": "default", "function": "one", "version": "1"}
+        assert m["cocoon_function_throttled_total", labels(one)] == 1
+        assert m["cocoon_function_calls_total", labels(one, status="succeeded")] == 2
     finally:
         assert s.stop() == 0, s.output()

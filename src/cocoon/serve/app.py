@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cocoon import __version__
@@ -29,6 +30,7 @@ from cocoon.serve.models import (
     FunctionIn,
     FunctionOut,
     InvocationOut,
+    MeteringOut,
     NamespaceIn,
     NamespaceOut,
     Settings,
@@ -176,6 +178,24 @@ def make_app(service: Service) -> FastAPI:
             raise ApiError(400, str(e)) from None
 
     Name = Annotated[str, Depends(fname)]
+
+    @app.get(
+        "/metrics",
+        response_class=PlainTextResponse,
+        responses={**ERRORS, 200: {"description": "Prometheus' text format."}},
+    )
+    async def metrics(who: Who) -> Response:
+        """Every namespace's series for the admin, its own for a namespace token."""
+        body = service.metrics.text(None if who.admin else who.namespace)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/namespaces/{ns}/metering", response_model=list[MeteringOut], responses=ERRORS)
+    async def metering(ns: Ns) -> list[dict[str, Any]]:
+        """Per function version, kept across restarts: calls by outcome, cold
+        and warm starts, time run and billed, GB-seconds."""
+        if not service.store.has_namespace(ns):
+            raise ApiError(404, f"no such namespace: {ns}")
+        return service.store.metering(ns)
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, Any]:

@@ -183,5 +183,20 @@ class NamespaceOut(BaseModel):
     created_at: float
 
 
+class MeteringOut(BaseModel):
+    namespace: str
+    function: str
+    version: int
+    succeeded: int
+    failed: int
+    timeout: int
+    throttled: int
+    cold: int
+    warm: int
+    duration_ms: float
+    billed_ms: int
+    gb_s: float
+
+
 class ErrorOut(BaseModel):
     error: str

@@ -31,6 +31,7 @@ from cocoon.serve.instances import (
     containers_of,
     remove_container,
 )
+from cocoon.serve.metrics import Metrics
 from cocoon.serve.models import DEFAULTS, FunctionIn, Settings
 from cocoon.serve.store import Store, Version
 
@@ -69,6 +70,8 @@ class Service:
             self.store.set_meta("service_id", sid)
         self.id = sid
         self.store.add_namespace(DEFAULT_NAMESPACE)
+        self.metrics = Metrics()
+        self.metrics.load(self.store.metering())
         self.launcher: Launcher | None = None
         self.instances: Instances | None = None
         #: Code trees are written and collected one request at a time.
@@ -245,8 +248,24 @@ class Service:
         except Exception as e:
             log.exception("invocation %s", iid)
             out = Outcome(st.FAILED, error=f"internal error: {e.__class__.__name__}: {e}")
-        self.store.update_invocation(iid, **out.record())
+        self._finish(iid, v, out)
         return out
+
+    def _finish(self, iid: str, v: Version, out: Outcome, *, throttled: bool = False) -> None:
+        """Recorded and metered: the record, the metering row, the metrics."""
+        gb_s = v.spec["memory_mib"] / 1024 * out.billed_ms / 1000
+        fields = out.record()
+        if throttled:
+            fields["status"] = "throttled"
+        self.store.finish_invocation(iid, v, fields, kind=out.start_kind, gb_s=gb_s)
+        lv = (v.namespace, v.name, str(v.version))
+        if throttled:
+            self.metrics.throttled.labels(*lv).inc()
+            return
+        self.metrics.observe(
+            lv, status=out.status, kind=out.start_kind, start_s=out.start_ms / 1000,
+            duration_s=out.duration_ms / 1000, billed_s=out.billed_ms / 1000, gb_s=gb_s,
+        )  # fmt: skip
 
     async def invoke_sync(
         self,
@@ -265,9 +284,7 @@ class Service:
         try:
             return iid, await self._run(v, payload, iid, env)
         except Busy as e:
-            self.store.update_invocation(
-                iid, status=st.FAILED, error=f"throttled: {e}", finished_at=time.time()
-            )
+            self._finish(iid, v, Outcome(st.FAILED, error=f"throttled: {e}"), throttled=True)
             raise ApiError(429, str(e)) from None
 
     def invoke_async(self, ns: str, name: str, version: int | None, payload: bytes) -> str:
@@ -279,9 +296,7 @@ class Service:
             try:
                 await self._run(v, payload, iid)
             except Busy as e:
-                self.store.update_invocation(
-                    iid, status=st.FAILED, error=f"throttled: {e}", finished_at=time.time()
-                )
+                self._finish(iid, v, Outcome(st.FAILED, error=f"throttled: {e}"), throttled=True)
 
         t = asyncio.get_running_loop().create_task(run(), name=f"invocation {iid}")
         self.tasks.add(t)

@@ -77,6 +77,21 @@ CREATE TABLE IF NOT EXISTS invocations (
 );
 CREATE INDEX IF NOT EXISTS invocations_by_function
     ON invocations (namespace, function, created_at);
+CREATE TABLE IF NOT EXISTS metering (
+    namespace TEXT NOT NULL,
+    function TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    succeeded INTEGER NOT NULL DEFAULT 0,
+    failed INTEGER NOT NULL DEFAULT 0,
+    timeout INTEGER NOT NULL DEFAULT 0,
+    throttled INTEGER NOT NULL DEFAULT 0,
+    cold INTEGER NOT NULL DEFAULT 0,
+    warm INTEGER NOT NULL DEFAULT 0,
+    duration_ms REAL NOT NULL DEFAULT 0,
+    billed_ms INTEGER NOT NULL DEFAULT 0,
+    gb_s REAL NOT NULL DEFAULT 0,
+    PRIMARY KEY (namespace, function, version)
+);
 CREATE TABLE IF NOT EXISTS instances (
     container_id TEXT PRIMARY KEY,
     namespace TEXT NOT NULL,
@@ -333,6 +348,47 @@ class Store:
         cols = ", ".join(f"{k}=?" for k in fields)
         with self.transaction() as db:
             db.execute(f"UPDATE invocations SET {cols} WHERE id=?", (*fields.values(), iid))
+
+    def finish_invocation(
+        self, iid: str, v: Version, fields: dict[str, Any], *, kind: str, gb_s: float
+    ) -> None:
+        """An invocation's end and its metering, in one transaction: a crash
+        keeps both or neither. ``fields["status"]`` "throttled" counts a 429
+        (the invocation itself is recorded failed)."""
+        status = fields["status"]
+        column = {"succeeded": "succeeded", "failed": "failed", "timeout": "timeout"}
+        col = column.get(status, "throttled")
+        if col == "throttled":
+            fields = {**fields, "status": FAILED}
+        cols = ", ".join(f"{k}=?" for k in fields)
+        key = (v.namespace, v.name, v.version)
+        with self.transaction() as db:
+            db.execute(f"UPDATE invocations SET {cols} WHERE id=?", (*fields.values(), iid))
+            db.execute(
+                "INSERT INTO metering (namespace, function, version) VALUES (?, ?, ?) "
+                "ON CONFLICT DO NOTHING",
+                key,
+            )
+            db.execute(
+                f"UPDATE metering SET {col}={col}+1, cold=cold+?, warm=warm+?, "
+                "duration_ms=duration_ms+?, billed_ms=billed_ms+?, gb_s=gb_s+? "
+                "WHERE namespace=? AND function=? AND version=?",
+                (
+                    int(kind == "cold"),
+                    int(kind == "warm"),
+                    fields.get("duration_ms") or 0.0,
+                    fields.get("billed_ms") or 0,
+                    gb_s,
+                    *key,
+                ),
+            )
+
+    def metering(self, namespace: str | None = None) -> list[dict[str, Any]]:
+        """Per function version; a removed function's rows stay (they were billed)."""
+        sql, args = "SELECT * FROM metering", ()  # type: tuple[str, tuple[Any, ...]]
+        if namespace is not None:
+            sql, args = "SELECT * FROM metering WHERE namespace=?", (namespace,)
+        return [dict(r) for r in self.query(sql + " ORDER BY namespace, function, version", args)]
 
     def invocation(self, namespace: str, iid: str) -> dict[str, Any] | None:
         rows = self.query("SELECT * FROM invocations WHERE namespace=? AND id=?", (namespace, iid))
