@@ -10,6 +10,7 @@ import os
 import signal
 import stat
 import tarfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -204,6 +205,9 @@ def test_state_survives_kill_9(tmp_path: Path) -> None:
         c.create("default", fn("keep"))
         c.update("default", "keep", {"timeout_s": 7})
         token = c.json("POST", "/v1/namespaces/default/tokens")["token"]
+        base = "/v1/namespaces/default/functions/keep/triggers"
+        timer = c.json("POST", base, json={"kind": "timer", "cron": "0 0 1 1 *"})
+        chain = c.json("POST", base, json={"kind": "chain", "target": "keep", "on": "failed"})
     admin = s.admin_token()
     assert s.stop(signal.SIGKILL) == -signal.SIGKILL
     s2 = Served(tmp_path / "root", tmp_path / "state", ENV, port=s.port).start()
@@ -211,6 +215,9 @@ def test_state_survives_kill_9(tmp_path: Path) -> None:
         with s2.tcp(token) as c:
             f = c.get("default", "keep")
             assert (f["version"], f["timeout_s"], f["versions"]) == (2, 7, [1, 2])
+            assert sorted(t["id"] for t in c.json("GET", base)) == sorted(
+                [timer["id"], chain["id"]]
+            )
         assert s2.admin_token() == admin  # the same admin token
         with s2.tcp(admin) as c:
             assert c.get("default", "keep")["version"] == 2
@@ -281,3 +288,31 @@ def test_metrics_need_a_token_and_parse(served: Served) -> None:
         names = {f.name for f in text_string_to_metric_families(r.text)}
         assert {"cocoon_function_calls", "cocoon_function_duration_seconds"} <= names
         assert c.json("GET", "/v1/namespaces/default/metering") == []
+
+
+def test_triggers_are_checked_listed_removed_and_end_with_their_functions(served: Served) -> None:
+    with served.admin() as c:
+        for name in ("ta", "tb"):
+            c.create("default", fn(name))
+        base = "/v1/namespaces/default/functions/ta/triggers"
+        for body, status, message in [
+            ({"kind": "timer", "cron": "every minute"}, 400, "invalid cron expression"),
+            ({"kind": "timer"}, 400, "a timer trigger needs cron"),
+            ({"kind": "chain", "target": "Nope"}, 400, "invalid function name"),
+            ({"kind": "chain", "target": "missing"}, 404, "no such function: missing"),
+            ({"kind": "chain", "target": "tb", "on": "maybe"}, 400, "on: Input should be"),
+            ({"kind": "webhook"}, 400, "kind: Input should be"),
+        ]:
+            r = c.http.post(base, json=body)
+            assert (r.status_code, r.json()["error"][: len(message)]) == (status, message)
+        yearly = c.json("POST", base, json={"kind": "timer", "cron": "0 0 1 1 *"})
+        assert yearly["next_fire"] > time.time() and yearly["last_fired"] is None
+        chain = c.json("POST", base, json={"kind": "chain", "target": "tb", "on": "any"})
+        got = {t["id"]: t for t in c.json("GET", base)}
+        assert got[chain["id"]]["target"] == "tb" and got[yearly["id"]]["cron"] == "0 0 1 1 *"
+        assert c.http.delete(f"{base}/{yearly['id']}").status_code == 204
+        assert c.http.delete(f"{base}/{yearly['id']}").status_code == 404
+        # Removing a chain's target removes the chain; removing a function, its triggers.
+        c.delete("default", "tb")
+        assert c.json("GET", base) == []
+        c.delete("default", "ta")

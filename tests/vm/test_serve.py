@@ -276,3 +276,34 @@ def test_max_concurrency_and_a_bounded_queue(cfg: Config, busybox: None, tmp_pat
         assert m["cocoon_function_calls_total", labels(one, status="succeeded")] == 2
     finally:
         assert s.stop() == 0, s.output()
+
+
+def test_a_timer_fires_and_a_chain_runs_a_then_b(
+    cfg: Config, busybox: None, tmp_path: Path
+) -> None:
+    s = Served(cfg.root, tmp_path / "state").start()
+    a = "t=$(grep -o 'trg-[0-9a-f]*' | head -n 1); echo \"from-a $t\"\n"
+    b = 'read -r got; echo "b got: $got"\n'
+    try:
+        with s.admin() as c:
+            for name, script in (("a", a), ("b", b)):
+                c.create("default", {"name": name, "handler": "h.sh", "keep_alive_s": 60,
+                                     "code": zip_code({"h.sh": script})})  # fmt: skip
+            base = "/v1/namespaces/default/functions/a/triggers"
+            chain = c.json("POST", base, json={"kind": "chain", "target": "b"})["id"]
+            timer = c.json("POST", base, json={"kind": "timer", "cron": "* * * * * */2"})["id"]
+            deadline = time.monotonic() + 60
+            while not [x for x in c.invocations("default", "b") if x["status"] == "succeeded"]:
+                assert time.monotonic() < deadline, c.invocations("default", "a")
+                time.sleep(0.2)
+            assert c.http.delete(f"{base}/{timer}").status_code == 204
+            fired = c.invocations("default", "a")
+            assert fired and all(x["trigger"] == f"timer:{timer}" for x in fired), fired
+            first = c.invocation("default", fired[-1]["id"])
+            assert first["status"] == "succeeded" and first["result"] == f"from-a {timer}\n"
+            then = [x for x in c.invocations("default", "b") if x["status"] == "succeeded"][-1]
+            rec = c.invocation("default", then["id"])
+            assert rec["trigger"] == f"chain:{chain}" and rec["depth"] == 1
+            assert rec["result"] == f"b got: from-a {timer}\n"
+    finally:
+        assert s.stop() == 0, s.output()

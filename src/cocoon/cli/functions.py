@@ -305,6 +305,56 @@ def rm(obj: Fn, names: tuple[str, ...]) -> None:
             click.echo(n)
 
 
+@fn.command("triggers")
+@click.option(
+    "--cron",
+    default=None,
+    metavar="EXPR",
+    help="Add a timer: cron in UTC (a 6th field is seconds: '* * * * * */10').",
+)
+@click.option(
+    "--chain", default=None, metavar="TARGET", help="Add a chain: invoke TARGET with NAME's result."
+)
+@click.option(
+    "--on",
+    "on",
+    type=click.Choice(["succeeded", "failed", "any"]),
+    default="succeeded",
+    help="With --chain: after which ends.",
+)
+@click.option("--rm", "remove", default=None, metavar="TRIGGER", help="Remove a trigger.")
+@click.argument("name")
+@click.pass_obj
+def triggers(obj: Fn, cron: str | None, chain: str | None, on: str, remove: str | None,
+             name: str) -> None:  # fmt: skip
+    """NAME's triggers (timers and chains), or add or remove one."""
+    base = f"/v1/namespaces/{obj.ns}/functions/{name}/triggers"
+    with obj.client() as c:
+        if sum(x is not None for x in (cron, chain, remove)) > 1:
+            raise UsageError("give one of --cron, --chain, --rm")
+        if remove is not None:
+            c.request("DELETE", f"{base}/{remove}")
+            click.echo(remove)
+            return
+        if cron is not None or chain is not None:
+            body: dict[str, Any] = {"kind": "timer", "cron": cron}
+            if chain is not None:
+                body = {"kind": "chain", "target": chain, "on": on}
+            click.echo(c.json("POST", base, json=body)["id"])
+            return
+        rows = [["TRIGGER", "KIND", "WHAT", "LAST FIRED", "NEXT"]]
+        for t in c.json("GET", base):
+            what = t["cron"] if t["kind"] == "timer" else f"-> {t['target']} on {t['on']}"
+            last = _when(t["last_fired"]) if t["last_fired"] else "-"
+            nxt = _when(t["next_fire"]) if t["next_fire"] else "-"
+            rows.append([t["id"], t["kind"], what, last, nxt])
+    _table(rows)
+
+
+def _when(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
 @fn.command("token")
 @click.argument("namespace")
 @click.pass_obj

@@ -35,6 +35,8 @@ from cocoon.serve.models import (
     NamespaceOut,
     Settings,
     TokenOut,
+    TriggerIn,
+    TriggerOut,
     check_name,
 )
 from cocoon.serve.service import MAX_PAYLOAD, ApiError, Service, describe, invocation_out
@@ -111,6 +113,8 @@ def _first_error(e: RequestValidationError) -> str:
         return f"{'.'.join(loc) or 'the body'} is required"
     if err.get("type") == "extra_forbidden":
         return f"unknown field {'.'.join(loc)!r}"
+    if not loc and err.get("type") == "value_error":  # a check of the whole body
+        return msg
     return f"{'.'.join(loc)}: {msg}" if loc else f"the body: {msg}"
 
 
@@ -274,6 +278,32 @@ def make_app(service: Service) -> FastAPI:
     @app.delete("/v1/namespaces/{ns}/functions/{name}", status_code=204, responses=ERRORS)
     async def delete_function(ns: Ns, name: Name) -> Response:
         await service.delete(ns, name)
+        return Response(status_code=204)
+
+    # -- triggers ----------------------------------------------------------------------
+
+    @app.post(
+        "/v1/namespaces/{ns}/functions/{name}/triggers",
+        status_code=201,
+        response_model=TriggerOut,
+        responses=ERRORS,
+    )
+    async def add_trigger(ns: Ns, name: Name, body: TriggerIn) -> dict[str, Any]:
+        return service.add_trigger(ns, name, body)
+
+    @app.get(
+        "/v1/namespaces/{ns}/functions/{name}/triggers",
+        response_model=list[TriggerOut],
+        responses=ERRORS,
+    )
+    async def list_triggers(ns: Ns, name: Name) -> list[dict[str, Any]]:
+        return service.triggers(ns, name)
+
+    @app.delete(
+        "/v1/namespaces/{ns}/functions/{name}/triggers/{tid}", status_code=204, responses=ERRORS
+    )
+    async def remove_trigger(ns: Ns, name: Name, tid: str) -> Response:
+        service.remove_trigger(ns, name, tid)
         return Response(status_code=204)
 
     # -- invocations -----------------------------------------------------------------

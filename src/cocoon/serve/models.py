@@ -121,6 +121,48 @@ class NamespaceIn(Strict):
         return check_name("namespace", v)
 
 
+class TriggerIn(Strict):
+    """A timer (``cron``) or a chain (``target``: another function of the
+    namespace, invoked with this one's result when it ends as ``on`` says)."""
+
+    kind: Literal["timer", "chain"]
+    cron: str | None = Field(
+        None, max_length=200,
+        description="timer: a cron expression in UTC, 5 fields, or 6 with seconds last "
+        "(`* * * * * */10`: every 10 s).",
+    )  # fmt: skip
+    target: str | None = Field(None, description="chain: the function to invoke next.")
+    on: Literal["succeeded", "failed", "any"] = "succeeded"
+
+    @model_validator(mode="after")
+    def _kind(self) -> TriggerIn:
+        from croniter import croniter
+
+        if self.kind == "timer":
+            if self.cron is None or self.target is not None:
+                raise ValueError("a timer trigger needs cron (and no target)")
+            if not croniter.is_valid(self.cron):
+                raise ValueError(f"invalid cron expression {self.cron[:80]!r}")
+        else:
+            if self.target is None or self.cron is not None:
+                raise ValueError("a chain trigger needs target (and no cron)")
+            check_name("function", self.target)
+        return self
+
+
+class TriggerOut(BaseModel):
+    id: str
+    namespace: str
+    function: str
+    kind: Literal["timer", "chain"]
+    cron: str | None = None
+    target: str | None = None
+    on: str | None = None
+    created_at: float
+    last_fired: float | None = None
+    next_fire: float | None = None
+
+
 class CodeOut(BaseModel):
     kind: Literal["archive", "host_dir"]
     format: str | None = None
@@ -157,6 +199,8 @@ class InvocationOut(BaseModel):
     exit_code: int | None
     start_kind: str = Field(description="cold (a new instance) or warm (a free one reused).")
     start_ms: float | None = Field(None, description="From the request to an instance for it.")
+    trigger: str = Field("", description="What started it: timer:<id> or chain:<id>.")
+    depth: int = Field(0, description="Its place in a chain (0: called directly).")
     result: str | None = Field(None, description="stdout, as UTF-8 (raw bytes: /result).")
     created_at: float
     started_at: float | None

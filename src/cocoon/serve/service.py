@@ -12,11 +12,15 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import json
 import logging
 import secrets
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from croniter import croniter
 
 from cocoon.config import Config
 from cocoon.errors import CocoonError, CodeError
@@ -32,7 +36,7 @@ from cocoon.serve.instances import (
     remove_container,
 )
 from cocoon.serve.metrics import Metrics
-from cocoon.serve.models import DEFAULTS, FunctionIn, Settings
+from cocoon.serve.models import DEFAULTS, FunctionIn, Settings, TriggerIn
 from cocoon.serve.store import Store, Version
 
 log = logging.getLogger(__name__)
@@ -41,6 +45,10 @@ log = logging.getLogger(__name__)
 DEFAULT_NAMESPACE = "default"
 #: The most an invocation's request body may hold.
 MAX_PAYLOAD = 6 << 20
+#: A chain stops here: A -> B -> A ... would otherwise never end.
+MAX_CHAIN_DEPTH = 16
+#: How often timers are looked at.
+TIMER_TICK_S = 0.25
 
 
 class ApiError(Exception):
@@ -77,6 +85,7 @@ class Service:
         #: Code trees are written and collected one request at a time.
         self.code_lock = asyncio.Lock()
         self.tasks: set[asyncio.Task[None]] = set()
+        self.timers: asyncio.Task[None] | None = None
 
     # -- life ------------------------------------------------------------------------
 
@@ -101,11 +110,16 @@ class Service:
     async def start(self) -> None:
         self.launcher = Launcher(self.cfg)
         self.launcher.warm_up()
+        self.timers = asyncio.get_running_loop().create_task(self.run_timers(), name="timers")
         self.instances = Instances(
             self.cfg, self.store, self.launcher, self.id, lambda v: self.code_dir(v)
         )
 
     async def stop(self) -> None:
+        if self.timers is not None:
+            self.timers.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.timers
         for t in list(self.tasks):
             t.cancel()
         if self.tasks:
@@ -216,6 +230,49 @@ class Service:
         if self.instances is not None:
             await self.instances.retire(ns, name)
 
+    # -- triggers ----------------------------------------------------------------------
+
+    def add_trigger(self, ns: str, name: str, body: TriggerIn) -> dict[str, Any]:
+        self._version(ns, name, None)
+        if body.kind == "chain":
+            assert body.target is not None
+            self._version(ns, body.target, None)
+            spec: dict[str, Any] = {"target": body.target, "on": body.on}
+        else:
+            spec = {"cron": body.cron}
+        t = self.store.add_trigger("trg-" + secrets.token_hex(6), ns, name, body.kind, spec)
+        if t is None:
+            raise ApiError(404, f"no such function: {name}")
+        return trigger_out(t)
+
+    def triggers(self, ns: str, name: str) -> list[dict[str, Any]]:
+        self._version(ns, name, None)
+        return [trigger_out(t) for t in self.store.triggers(ns, name)]
+
+    def remove_trigger(self, ns: str, name: str, tid: str) -> None:
+        self._namespace(ns)
+        if not self.store.remove_trigger(ns, name, tid):
+            raise ApiError(404, f"no such trigger of {name}: {tid[:80]}")
+
+    async def run_timers(self) -> None:
+        """Fire each timer whose time has come: an asynchronous invocation
+        whose input says which timer and when. A timer's firing is recorded
+        before it fires; firings missed while the service was down are not
+        caught up (the next one after its last firing is due at once)."""
+        while True:
+            await asyncio.sleep(TIMER_TICK_S)
+            now = time.time()
+            for t in self.store.triggers(kind="timer"):
+                due = next_fire(t["spec"]["cron"], t["last_fired"] or t["created_at"])
+                if due > now or not self.store.fired(t["id"], now):
+                    continue
+                payload = json.dumps({"trigger": t["id"], "scheduled": due, "fired": now})
+                try:
+                    self.invoke_async(t["namespace"], t["function"], None, payload.encode(),
+                                      trigger=f"timer:{t['id']}")  # fmt: skip
+                except ApiError as e:
+                    log.warning("timer %s: %s", t["id"], e)
+
     # -- invocations -----------------------------------------------------------------
 
     def _version(self, ns: str, name: str, version: int | None) -> Version:
@@ -227,7 +284,7 @@ class Service:
         return v
 
     async def _run(
-        self, v: Version, payload: bytes, iid: str, env: list[str] | None = None
+        self, v: Version, payload: bytes, iid: str, env: list[str] | None = None, depth: int = 0
     ) -> Outcome:
         """One invocation to its end, recorded; Busy is the caller's to report."""
         assert self.instances is not None
@@ -249,7 +306,25 @@ class Service:
             log.exception("invocation %s", iid)
             out = Outcome(st.FAILED, error=f"internal error: {e.__class__.__name__}: {e}")
         self._finish(iid, v, out)
+        self._chain(v, out, iid, depth)
         return out
+
+    def _chain(self, v: Version, out: Outcome, iid: str, depth: int) -> None:
+        """The chain triggers of ``v``'s function that ``out`` sets off: each
+        target invoked asynchronously with this result as its input."""
+        for t in self.store.triggers(v.namespace, v.name, "chain"):
+            on, target = t["spec"]["on"], t["spec"]["target"]
+            failed = out.status in (st.FAILED, st.TIMEOUT)
+            if not (on == "any" or (on == "failed") == failed):
+                continue
+            if depth >= MAX_CHAIN_DEPTH:
+                log.warning("chain %s after %s: stopped at depth %d", t["id"], iid, depth)
+                continue
+            try:
+                self.invoke_async(v.namespace, target, None, out.result,
+                                  trigger=f"chain:{t['id']}", depth=depth + 1)  # fmt: skip
+            except ApiError as e:
+                log.warning("chain %s after %s: %s", t["id"], iid, e)
 
     def _finish(self, iid: str, v: Version, out: Outcome, *, throttled: bool = False) -> None:
         """Recorded and metered: the record, the metering row, the metrics."""
@@ -287,14 +362,23 @@ class Service:
             self._finish(iid, v, Outcome(st.FAILED, error=f"throttled: {e}"), throttled=True)
             raise ApiError(429, str(e)) from None
 
-    def invoke_async(self, ns: str, name: str, version: int | None, payload: bytes) -> str:
+    def invoke_async(
+        self,
+        ns: str,
+        name: str,
+        version: int | None,
+        payload: bytes,
+        *,
+        trigger: str = "",
+        depth: int = 0,
+    ) -> str:
         v = self._version(ns, name, version)
         iid = new_invocation_id()
-        self.store.add_invocation(iid, v, "async", st.QUEUED, payload)
+        self.store.add_invocation(iid, v, "async", st.QUEUED, payload, trigger=trigger, depth=depth)
 
         async def run() -> None:
             try:
-                await self._run(v, payload, iid)
+                await self._run(v, payload, iid, depth=depth)
             except Busy as e:
                 self._finish(iid, v, Outcome(st.FAILED, error=f"throttled: {e}"), throttled=True)
 
@@ -333,11 +417,24 @@ def invocation_out(rec: dict[str, Any], with_result: bool = True) -> dict[str, A
         k: rec[k]
         for k in (
             "id", "namespace", "function", "version", "mode", "status", "error", "exit_code",
-            "start_kind", "start_ms", "created_at", "started_at", "finished_at", "duration_ms",
-            "billed_ms",
+            "start_kind", "start_ms", "trigger", "depth", "created_at", "started_at",
+            "finished_at", "duration_ms", "billed_ms",
         )
     }  # fmt: skip
     if with_result:
         with contextlib.suppress(AttributeError):
             out["result"] = (rec["result"] or b"").decode("utf-8", "replace")
+    return out
+
+
+def next_fire(cron: str, after: float) -> float:
+    """When a timer fires next after ``after`` (UTC)."""
+    return float(croniter(cron, datetime.fromtimestamp(after, UTC)).get_next(float))
+
+
+def trigger_out(t: dict[str, Any]) -> dict[str, Any]:
+    out = {k: t[k] for k in ("id", "namespace", "function", "kind", "created_at", "last_fired")}
+    out.update(t["spec"])
+    if t["kind"] == "timer":
+        out["next_fire"] = next_fire(t["spec"]["cron"], t["last_fired"] or t["created_at"])
     return out

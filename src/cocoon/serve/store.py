@@ -65,6 +65,8 @@ CREATE TABLE IF NOT EXISTS invocations (
     exit_code INTEGER,
     start_kind TEXT NOT NULL DEFAULT '',
     start_ms REAL,
+    trigger TEXT NOT NULL DEFAULT '',
+    depth INTEGER NOT NULL DEFAULT 0,
     instance TEXT NOT NULL DEFAULT '',
     input BLOB,
     result BLOB,
@@ -77,6 +79,16 @@ CREATE TABLE IF NOT EXISTS invocations (
 );
 CREATE INDEX IF NOT EXISTS invocations_by_function
     ON invocations (namespace, function, created_at);
+CREATE TABLE IF NOT EXISTS triggers (
+    id TEXT PRIMARY KEY,
+    namespace TEXT NOT NULL,
+    function TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    spec TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    last_fired REAL,
+    FOREIGN KEY (namespace, function) REFERENCES functions(namespace, name) ON DELETE CASCADE
+);
 CREATE TABLE IF NOT EXISTS metering (
     namespace TEXT NOT NULL,
     function TEXT NOT NULL,
@@ -327,6 +339,12 @@ class Store:
             db.execute(
                 "DELETE FROM invocations WHERE namespace=? AND function=?", (namespace, name)
             )
+            # Chains into it end with it (its own triggers cascade).
+            db.execute(
+                "DELETE FROM triggers WHERE namespace=? AND kind='chain' "
+                "AND json_extract(spec, '$.target')=?",
+                (namespace, name),
+            )
         return gone
 
     def code_in_use(self, code: dict[str, Any]) -> bool:
@@ -335,14 +353,72 @@ class Store:
     # -- invocations -----------------------------------------------------------
 
     def add_invocation(
-        self, iid: str, v: Version, mode: str, status: str, payload: bytes | None
+        self,
+        iid: str,
+        v: Version,
+        mode: str,
+        status: str,
+        payload: bytes | None,
+        *,
+        trigger: str = "",
+        depth: int = 0,
     ) -> None:
         with self.transaction() as db:
             db.execute(
                 "INSERT INTO invocations (id, namespace, function, version, mode, status, "
-                "input, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (iid, v.namespace, v.name, v.version, mode, status, payload, time.time()),
+                "input, created_at, trigger, depth) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (iid, v.namespace, v.name, v.version, mode, status, payload, time.time(),
+                 trigger, depth),
+            )  # fmt: skip
+
+    # -- triggers --------------------------------------------------------------
+
+    def add_trigger(
+        self, tid: str, namespace: str, function: str, kind: str, spec: dict[str, Any]
+    ) -> dict[str, Any] | None:
+        """None if the function is gone."""
+        with self.transaction() as db:
+            if not db.execute(
+                "SELECT 1 FROM functions WHERE namespace=? AND name=?", (namespace, function)
+            ).fetchone():
+                return None
+            db.execute(
+                "INSERT INTO triggers VALUES (?, ?, ?, ?, ?, ?, NULL)",
+                (tid, namespace, function, kind, json.dumps(spec), time.time()),
             )
+        return self.trigger(namespace, tid)
+
+    def _trigger(self, r: sqlite3.Row) -> dict[str, Any]:
+        return {**dict(r), "spec": json.loads(r["spec"])}
+
+    def trigger(self, namespace: str, tid: str) -> dict[str, Any] | None:
+        rows = self.query("SELECT * FROM triggers WHERE namespace=? AND id=?", (namespace, tid))
+        return self._trigger(rows[0]) if rows else None
+
+    def triggers(
+        self, namespace: str | None = None, function: str | None = None, kind: str | None = None
+    ) -> list[dict[str, Any]]:
+        sql, args = "SELECT * FROM triggers WHERE 1", []  # type: tuple[str, list[Any]]
+        for col, val in (("namespace", namespace), ("function", function), ("kind", kind)):
+            if val is not None:
+                sql += f" AND {col}=?"
+                args.append(val)
+        return [self._trigger(r) for r in self.query(sql + " ORDER BY created_at", tuple(args))]
+
+    def remove_trigger(self, namespace: str, function: str, tid: str) -> bool:
+        with self.transaction() as db:
+            cur = db.execute(
+                "DELETE FROM triggers WHERE namespace=? AND function=? AND id=?",
+                (namespace, function, tid),
+            )
+            return cur.rowcount == 1
+
+    def fired(self, tid: str, at: float) -> bool:
+        """A timer's firing, recorded before it fires (a crash then skips it
+        rather than firing twice). False if the trigger is gone."""
+        with self.transaction() as db:
+            cur = db.execute("UPDATE triggers SET last_fired=? WHERE id=?", (at, tid))
+            return cur.rowcount == 1
 
     def update_invocation(self, iid: str, **fields: Any) -> None:
         cols = ", ".join(f"{k}=?" for k in fields)
