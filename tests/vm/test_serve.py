@@ -7,6 +7,7 @@ VM behind."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -305,5 +306,42 @@ def test_a_timer_fires_and_a_chain_runs_a_then_b(
             rec = c.invocation("default", then["id"])
             assert rec["trigger"] == f"chain:{chain}" and rec["depth"] == 1
             assert rec["result"] == f"b got: from-a {timer}\n"
+    finally:
+        assert s.stop() == 0, s.output()
+
+
+PY = """\
+import json, os, platform
+
+
+def handle(body):
+    if body == b"boom":
+        raise ValueError("boom")
+    req = json.loads(body)
+    return {"hello": req["who"], "python": platform.python_version(), "code": os.listdir("/code")}
+"""
+
+
+def test_a_python_function(cfg: Config, busybox: None, tmp_path: Path) -> None:
+    s = Served(cfg.root, tmp_path / "state").start()
+    try:
+        with s.admin() as c:
+            r = c.http.post("/v1/namespaces/default/functions", json={
+                "name": "py", "runtime": "python", "handler": "main.nope.x",
+                "code": zip_code({"main.py": PY})})  # fmt: skip
+            assert r.status_code == 400 and "'main/nope.py' is not a file" in r.json()["error"]
+            c.create("default", {"name": "py", "runtime": "python", "handler": "main.handle",
+                                 "code": zip_code({"main.py": PY})})  # fmt: skip
+            r = invoke(c, "py", b'{"who": "you"}')
+            assert r.status_code == 200, (r.headers, r.content)
+            assert json.loads(r.content) == {
+                "hello": "you",
+                "python": "3.11.2",
+                "code": ["main.py"],
+            }
+            r = invoke(c, "py", b"boom")
+            assert r.status_code == 502 and r.headers["x-cocoon-start"] == "warm"
+            logs = c.logs("default", r.headers["x-cocoon-invocation-id"])
+            assert "Traceback" in logs and "ValueError: boom" in logs
     finally:
         assert s.stop() == 0, s.output()

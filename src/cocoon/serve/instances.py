@@ -57,6 +57,7 @@ from cocoon.runtime.lifecycle import Exec, remove
 from cocoon.runtime.records import ContainerDir, ContainerStore
 from cocoon.runtime.volumes import VolumeSpec
 from cocoon.serve import store as st
+from cocoon.serve.runtimes import RUNTIMES
 from cocoon.serve.store import Store, Version
 
 log = logging.getLogger(__name__)
@@ -70,22 +71,6 @@ IDLE = ["tail", "-f", "/dev/null"]
 BILL_UNIT_MS = 100
 #: How long a request may wait for a free instance of its version.
 QUEUE_WAIT_S = 300.0
-
-
-@dataclass(frozen=True)
-class Runtime:
-    image: str
-    #: The handler's command line: ``{handler}`` is the handler's path in /code.
-    command: tuple[str, ...]
-
-    def argv(self, handler: str) -> list[str]:
-        return [a.replace("{handler}", f"/code/{handler}") for a in self.command]
-
-
-RUNTIMES = {
-    # busybox sh runs the handler script: body on stdin, result on stdout.
-    "shell": Runtime("busybox:latest", ("/bin/sh", "{handler}")),
-}
 
 
 # -- helper processes --------------------------------------------------------

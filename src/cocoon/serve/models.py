@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from cocoon.serve.instances import RUNTIMES
+from cocoon.serve.runtimes import RUNTIMES
 
 #: Namespace and function names: a DNS label (lower case, digits, inner dashes).
 NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
@@ -56,8 +56,9 @@ class Settings(Strict):
 
     runtime: str | None = Field(None, description=f"One of: {', '.join(RUNTIMES)}.")
     handler: str | None = Field(
-        None, min_length=1, max_length=1024, description="A file in the code, e.g. handler.sh."
-    )
+        None, min_length=1, max_length=1024,
+        description="shell: a file in the code (handler.sh); python: main.handle.",
+    )  # fmt: skip
     memory_mib: int | None = Field(None, ge=64, le=8192)
     vcpus: int | None = Field(None, ge=1, le=8)
     timeout_s: float | None = Field(None, gt=0, le=900)

@@ -23,7 +23,7 @@ from typing import Any
 from croniter import croniter
 
 from cocoon.config import Config
-from cocoon.errors import CocoonError, CodeError
+from cocoon.errors import CocoonError, CodeError, ImageError
 from cocoon.errors import FunctionBusy as Busy
 from cocoon.errors import FunctionGone as Gone
 from cocoon.serve import code as codes
@@ -37,6 +37,7 @@ from cocoon.serve.instances import (
 )
 from cocoon.serve.metrics import Metrics
 from cocoon.serve.models import DEFAULTS, FunctionIn, Settings, TriggerIn
+from cocoon.serve.runtimes import RUNTIMES
 from cocoon.serve.store import Store, Version
 
 log = logging.getLogger(__name__)
@@ -196,11 +197,16 @@ class Service:
                 if body.code is not None:
                     code = await self._code(body, admin)
                 assert code is not None
-                codes.check_handler(codes.code_dir(self.code_root, code), spec["handler"])
-            except CodeError as e:
+                runtime = RUNTIMES[spec["runtime"]]
+                codes.check_handler(
+                    codes.code_dir(self.code_root, code), runtime.handler_file(spec["handler"])
+                )
+                await asyncio.to_thread(runtime.ensure, self.cfg)
+            except (CodeError, ImageError) as e:
                 if code is not None and not self.store.code_in_use(code):
                     codes.remove_unused(self.code_root, code)
-                raise ApiError(400, str(e)) from None
+                what = "" if isinstance(e, CodeError) else f"runtime {spec['runtime']}: "
+                raise ApiError(400, what + str(e)) from None
             v = self.store.add_version(ns, name, spec, code, new=new)
             if v is None:  # raced with another create or a delete
                 if not self.store.code_in_use(code):
