@@ -345,3 +345,48 @@ def test_a_python_function(cfg: Config, busybox: None, tmp_path: Path) -> None:
             assert "Traceback" in logs and "ValueError: boom" in logs
     finally:
         assert s.stop() == 0, s.output()
+
+
+def test_twenty_at_once_within_max_concurrency_and_a_memory_limit(
+    cfg: Config, busybox: None, tmp_path: Path
+) -> None:
+    s = Served(cfg.root, tmp_path / "state").start()
+    script = """\
+read -r what
+if [ "$what" = hog ]; then x=$(head -c 300m /dev/zero | tr '\\0' a); fi
+echo "$what $(hostname)"
+"""
+    answers: list[Any] = []
+
+    def call(i: int) -> None:
+        with s.admin() as c:
+            answers.append((i, invoke(c, "many", f"n{i}\n".encode())))
+
+    try:
+        with s.admin() as c:
+            c.create("default", {"name": "many", "handler": "h.sh", "max_concurrency": 3,
+                                 "memory_mib": 64, "code": zip_code({"h.sh": script})})  # fmt: skip
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(20)]
+        for t in threads:
+            t.start()
+        peak = 0
+        while any(t.is_alive() for t in threads):
+            peak = max(peak, len(ContainerStore(cfg).ids()))
+            time.sleep(0.05)
+        assert len(answers) == 20 and peak <= 3
+        hosts = set()
+        for i, r in answers:
+            assert r.status_code == 200, (i, r.headers)
+            word, host = r.content.decode().split()
+            assert word == f"n{i}"
+            hosts.add(host)
+        assert 1 <= len(hosts) <= 3
+        # Past its memory: killed, reported as such; the next call is answered.
+        with s.admin() as c:
+            r = invoke(c, "many", b"hog\n")
+            assert r.status_code == 502, r.headers
+            assert "out of memory" in r.headers["x-cocoon-error"], r.headers
+            r = invoke(c, "many", b"after\n")
+            assert r.status_code == 200 and r.content.startswith(b"after ")
+    finally:
+        assert s.stop() == 0, s.output()
