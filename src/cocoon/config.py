@@ -198,6 +198,13 @@ class ServeConfig:
     max_log_bytes: int = 1 << 20
     #: Processes that start instances (each forks a container's monitor).
     launch_workers: int = 4
+    #: How an instance gets its code (the three start paths, to measure them):
+    #: "mount": a pre-warmed sandbox (a pooled one when `cocoon pool serve`
+    #: runs, else a template clone) with the code bound in read-only, no copy;
+    #: "copy": the same sandbox, the code copied into the container (tar over
+    #: an exec); "cold": a VM booted for it (no template, no pool), the code
+    #: shared from its boot.
+    start_path: str = "mount"
 
 
 @dataclass
@@ -280,6 +287,7 @@ class Config:
                      "queue_per_function", "max_result_bytes", "max_log_bytes"):  # fmt: skip
             if getattr(sv, name) <= 0:
                 raise ConfigError(f"serve.{name} must be > 0")
+        _choice("serve.start_path", sv.start_path, ("mount", "copy", "cold"))
         if not 1 <= sv.launch_workers <= 64 or sv.max_inflation_ratio < 2:
             raise ConfigError("serve.launch_workers must be 1..64, max_inflation_ratio >= 2")
         for name in ("root_dir", "data_dir"):

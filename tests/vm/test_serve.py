@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from cocoon.config import Config
 from cocoon.errors import ServiceError
-from cocoon.runtime.records import ContainerStore
+from cocoon.runtime.records import ContainerDir, ContainerStore
 from cocoon.serve.client import Client
 from tests.servefn import Served, invoke, zip_code
 
@@ -388,5 +388,27 @@ echo "$what $(hostname)"
             assert "out of memory" in r.headers["x-cocoon-error"], r.headers
             r = invoke(c, "many", b"after\n")
             assert r.status_code == 200 and r.content.startswith(b"after ")
+    finally:
+        assert s.stop() == 0, s.output()
+
+
+@pytest.mark.parametrize("path", ["copy", "cold"])
+def test_the_other_start_paths(cfg: Config, busybox: None, tmp_path: Path, path: str) -> None:
+    """serve.start_path: "copy" puts the code in the container (no mount at
+    /code); "cold" boots a VM for the instance (no template)."""
+    s = Served(cfg.root, tmp_path / "state", {"COCOON_SERVE_START_PATH": path}).start()
+    script = "echo \"$(cat /code/data.txt) $(grep -c ' /code ' /proc/mounts)\"\n"
+    try:
+        with s.admin() as c:
+            code = zip_code({"h.sh": script, "data.txt": "payload"})
+            c.create("default", {"name": "paths", "handler": "h.sh", "code": code})
+            r = invoke(c, "paths")
+            assert r.status_code == 200, r.headers
+            assert r.content == (b"payload 0\n" if path == "copy" else b"payload 1\n")
+            store = ContainerStore(cfg)
+            [cid] = store.ids()
+            template = ContainerDir(store.root, cid).state().template
+            assert bool(template) == (path == "copy")
+            assert invoke(c, "paths").headers["x-cocoon-start"] == "warm"
     finally:
         assert s.stop() == 0, s.output()

@@ -36,10 +36,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import io
 import logging
 import math
 import multiprocessing
 import signal
+import tarfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -91,16 +93,19 @@ def _ready() -> None:  # pragma: no cover - runs in the helper process
 
 def _launch(cfg: Config, image: str, args: list[str], env: list[str], memory_bytes: int,
             cpus: float, code: str, labels: dict[str, str]) -> str:  # fmt: skip
-    """In a helper: one instance's container, as `cocoon run -d` makes it."""
-
+    """In a helper: one instance's container, as `cocoon run -d` makes it,
+    by ``serve.start_path`` (see START_PATHS)."""
+    path = cfg.serve.start_path
     net, _ = runner.networking(
         cfg, networks=["none"], rate="", hostname="", dns=[], dns_search=[], add_hosts=[],
         publish=[],
     )  # fmt: skip
+    code_volume = [VolumeSpec("bind", "/code", source=Path(code), readonly=True)]
     opts = runner.RunOptions(
-        args=args, env=env, workdir="/code", memory_bytes=memory_bytes, cpus=cpus,
-        labels=labels, detach=True, network=net,
-        volumes=[VolumeSpec("bind", "/code", source=Path(code), readonly=True)],
+        args=args, env=env, workdir="/" if path == "copy" else "/code",
+        memory_bytes=memory_bytes, cpus=cpus, labels=labels, detach=True, network=net,
+        volumes=[] if path == "copy" else code_volume,
+        template=False if path == "cold" else None,
     )  # fmt: skip
     return runner.launch(cfg, image, opts, pull="never", platform=None).id
 
@@ -317,7 +322,30 @@ class Instances:
             launch.add_done_callback(drop)
             raise
         self.store.add_instance(cid, v)
+        if self.cfg.serve.start_path == "copy":
+            try:
+                await self._copy_code(cid, self.code_dir(v))
+            except BaseException:
+                self._remove_later(Instance(cid, v))
+                raise
         return cid
+
+    async def _copy_code(self, cid: str, code: Path) -> None:
+        """The "pre-warmed + copy" start: the code copied into the container
+        (its overlay, in guest memory) by a tar over an exec's stdin."""
+        data = await asyncio.to_thread(_tar_of, code, self.cfg.serve.max_unpacked_bytes)
+        argv = ["/bin/sh", "-c", "mkdir -p /code && tar -xf - -C /code"]
+        ex = await Exec.start(_cdir(self.cfg, cid), argv, env=[])
+        try:
+            await ex.process.write_stdin(data, close=True)
+            _, err = await asyncio.wait_for(ex.process.output(1 << 16), 120)
+            exited = await ex.process.wait()
+        finally:
+            with contextlib.suppress(CocoonError, OSError):
+                await ex.close()
+        if exited.exit_code != 0:
+            text = err.decode(errors="replace")[:200]
+            raise SandboxError(f"copying the code in failed ({exited.exit_code}): {text}")
 
     async def release(self, inst: Instance, healthy: bool) -> None:
         pool = self._pool(inst.version)
@@ -489,6 +517,17 @@ async def _io(ex: Exec, payload: bytes, out: _Output) -> Any:
         drain(proc.stderr, out.err, out.max_logs, "logs_over"),
     )
     return await proc.wait()
+
+
+def _tar_of(tree: Path, cap: int) -> bytes:
+    """``tree`` as a tar (links as links), at most ``cap`` bytes."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for child in sorted(tree.iterdir()):
+            tf.add(child, arcname=child.name)
+            if buf.tell() > cap:
+                raise SandboxError(f"the code is over {cap} B to copy")
+    return buf.getvalue()
 
 
 def _cdir(cfg: Config, cid: str) -> ContainerDir:
