@@ -15,8 +15,9 @@ import logging
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Annotated, Any, Literal
 
-from fastapi import Depends, FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -25,6 +26,7 @@ from cocoon import __version__
 from cocoon.serve import auth, cgi
 from cocoon.serve.auth import Principal
 from cocoon.serve.models import (
+    NAME_PATTERN,
     Accepted,
     ErrorOut,
     FunctionIn,
@@ -51,6 +53,9 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+#: Names are checked by the routes (one message); the schema says which.
+NAME_DOC = Path(json_schema_extra={"pattern": NAME_PATTERN, "maxLength": 63})
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorOut} for code in (400, 401, 403, 404, 409, 413, 429)
@@ -139,7 +144,7 @@ def make_app(service: Service) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
-        return _error(e.status_code, str(e.detail))
+        return _error(e.status_code, str(e.detail), dict(e.headers or {}))  # 405: Allow
 
     @app.exception_handler(Exception)
     async def bug(request: Request, e: Exception) -> JSONResponse:
@@ -165,7 +170,7 @@ def make_app(service: Service) -> FastAPI:
 
     Admin = Annotated[Principal, Depends(admin)]
 
-    def namespace(ns: str, who: Who) -> str:
+    def namespace(ns: Annotated[str, NAME_DOC], who: Who) -> str:
         if not who.may(ns):
             raise ApiError(403, f"this token is for namespace {who.namespace}, not {ns[:80]}")
         try:
@@ -175,7 +180,7 @@ def make_app(service: Service) -> FastAPI:
 
     Ns = Annotated[str, Depends(namespace)]
 
-    def fname(name: str) -> str:
+    def fname(name: Annotated[str, NAME_DOC]) -> str:
         try:
             return check_name("function", name)
         except ValueError as e:
@@ -435,6 +440,22 @@ def make_app(service: Service) -> FastAPI:
         rec = service.invocation(ns, iid)
         return PlainTextResponse((rec["logs"] or b"").decode("utf-8", "replace"))
 
+    def openapi() -> dict[str, Any]:
+        """FastAPI's description, less the 422 it adds to every operation:
+        a body that fails validation is a 400 here (one message)."""
+        if app.openapi_schema is None:
+            spec = get_openapi(
+                title=app.title, version=app.version, description=app.description,
+                routes=app.routes,
+            )  # fmt: skip
+            for ops in spec.get("paths", {}).values():
+                for op in ops.values():
+                    if isinstance(op, dict):
+                        op.get("responses", {}).pop("422", None)
+            app.openapi_schema = spec
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app
 
 
