@@ -25,7 +25,7 @@ if [ "${#missing[@]}" -gt 0 ]; then
 fi
 
 PY=${PYTHON:-python3}
-if ! "$PY" -c 'import cocoon, click, httpx, zstandard, rich, pytest, pytest_timeout, mypy, cryptography' 2>/dev/null \
+if ! "$PY" -c 'import cocoon, click, httpx, zstandard, rich, pytest, pytest_timeout, mypy, cryptography, fastapi, uvicorn, prometheus_client, croniter, schemathesis' 2>/dev/null \
    || [ "$("$PY" -c 'import cocoon, os; print(os.path.realpath(cocoon.__file__))' 2>/dev/null)" \
         != "$(realpath src/cocoon/__init__.py)" ]; then
   echo "setup: installing the cocoon Python package" >&2
