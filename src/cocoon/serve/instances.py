@@ -177,15 +177,6 @@ class Launcher:
 
 
 @dataclass(eq=False)
-class Instance:
-    cid: str
-    version: Version
-    busy: bool = True
-    last_used: float = field(default_factory=time.monotonic)
-    calls: int = 0
-
-
-@dataclass(eq=False)
 class VersionPool:
     version: Version
     instances: list[Instance] = field(default_factory=list)
@@ -193,6 +184,17 @@ class VersionPool:
     waiting: int = 0
     retired: bool = False
     cond: asyncio.Condition = field(default_factory=asyncio.Condition)
+
+
+@dataclass(eq=False)
+class Instance:
+    cid: str
+    version: Version
+    #: The pool it belongs to (a removed function's is no longer in ``pools``).
+    pool: VersionPool | None = None
+    busy: bool = True
+    last_used: float = field(default_factory=time.monotonic)
+    calls: int = 0
 
 
 @dataclass
@@ -290,7 +292,7 @@ class Instances:
                 pool.starting -= 1
                 pool.cond.notify()
             raise
-        inst = Instance(cid, v)
+        inst = Instance(cid, v, pool)
         async with pool.cond:
             pool.starting -= 1
             if pool.retired or self._closed:
@@ -348,7 +350,7 @@ class Instances:
             raise SandboxError(f"copying the code in failed ({exited.exit_code}): {text}")
 
     async def release(self, inst: Instance, healthy: bool) -> None:
-        pool = self._pool(inst.version)
+        pool = inst.pool or self._pool(inst.version)
         async with pool.cond:
             inst.busy = False
             inst.last_used = time.monotonic()
