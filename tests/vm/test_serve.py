@@ -311,14 +311,22 @@ def test_a_timer_fires_and_a_chain_runs_a_then_b(
 
 
 PY = """\
-import json, os, platform
+import json, os, platform, time
+
+CALLS = 0
 
 
 def handle(body):
+    global CALLS
+    CALLS += 1
+    print("a log line")
     if body == b"boom":
         raise ValueError("boom")
+    if body == b"slow":
+        time.sleep(60)
     req = json.loads(body)
-    return {"hello": req["who"], "python": platform.python_version(), "code": os.listdir("/code")}
+    return {"hello": req["who"], "python": platform.python_version(), "code": os.listdir("/code"),
+            "calls": CALLS, "id": os.environ["COCOON_FN_INVOCATION_ID"]}
 """
 
 
@@ -331,18 +339,33 @@ def test_a_python_function(cfg: Config, busybox: None, tmp_path: Path) -> None:
                 "code": zip_code({"main.py": PY})})  # fmt: skip
             assert r.status_code == 400 and "'main/nope.py' is not a file" in r.json()["error"]
             c.create("default", {"name": "py", "runtime": "python", "handler": "main.handle",
-                                 "code": zip_code({"main.py": PY})})  # fmt: skip
+                                 "timeout_s": 3, "code": zip_code({"main.py": PY})})  # fmt: skip
             r = invoke(c, "py", b'{"who": "you"}')
             assert r.status_code == 200, (r.headers, r.content)
-            assert json.loads(r.content) == {
-                "hello": "you",
-                "python": "3.11.2",
-                "code": ["main.py"],
-            }
+            iid = r.headers["x-cocoon-invocation-id"]
+            want = {"hello": "you", "python": "3.11.2", "code": ["main.py"], "calls": 1, "id": iid}
+            assert json.loads(r.content) == want
+            assert c.logs("default", iid) == "a log line\n"
+            # The handler loop: the same process serves the next call.
+            r = invoke(c, "py", b'{"who": "again"}')
+            assert r.headers["x-cocoon-start"] == "warm" and json.loads(r.content)["calls"] == 2
             r = invoke(c, "py", b"boom")
             assert r.status_code == 502 and r.headers["x-cocoon-start"] == "warm"
+            assert r.headers["x-cocoon-error"] == "the handler raised ValueError: boom"
             logs = c.logs("default", r.headers["x-cocoon-invocation-id"])
             assert "Traceback" in logs and "ValueError: boom" in logs
+            assert json.loads(invoke(c, "py", b'{"who": "x"}').content)["calls"] == 4
+            # Past its timeout: the loop is killed with its instance; a fresh one answers.
+            r = invoke(c, "py", b"slow")
+            assert r.status_code == 504 and "timed out after 3 s" in r.headers["x-cocoon-error"]
+            r = invoke(c, "py", b'{"who": "y"}')
+            assert r.headers["x-cocoon-start"] == "cold" and json.loads(r.content)["calls"] == 1
+            # A handler that cannot be imported: the call says why.
+            c.update("default", "py", {"code": zip_code({"main.py": "def handle(:\n"})})
+            r = invoke(c, "py", b"{}")
+            assert r.status_code == 502, r.headers
+            assert "the handler could not be loaded" in r.headers["x-cocoon-error"]
+            assert "SyntaxError" in r.headers["x-cocoon-error"]
     finally:
         assert s.stop() == 0, s.output()
 

@@ -6,11 +6,9 @@ extension module in ``lib-dynload``, and the standard library without what a
 function never needs (tests, IDLE, tkinter, the build config, 2to3, pip's
 wheels), with Debian's precompiled ``__pycache__`` kept (and the sources'
 mtimes, so the bytecode stays valid: each import would otherwise compile
-again in every instance). And the runtime's bootstrap, ``/opt/cocoon/
-bootstrap.py``: it imports the handler (``module.function``) from ``/code``,
-calls it with the request body (bytes) and writes what it returns (bytes,
-str, or JSON for anything else) to stdout; an exception is its traceback on
-stderr and exit 1.
+again in every instance). And the runtime's handler loop,
+``/opt/cocoon/loop.py`` (images/pyloop.py): one process per instance that
+imports the handler once and serves invocations over framed stdin/stdout.
 
 It is not the agent's guest image: that is the guest's own root, never a
 container's. Built on first need (a few seconds) and added through
@@ -37,36 +35,16 @@ from cocoon.util.proc import run
 
 PYTHON = Path("/usr/bin/python3.11")
 STDLIB = Path("/usr/lib/python3.11")
-TAG = "localhost/cocoon/python:3.11"
 #: Parts of the standard library no function needs.
 LEFT_OUT = {
     "test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3", "pydoc_data",
     "distutils", "site-packages", "dist-packages", "config-3.11-x86_64-linux-gnu",
     "EXTERNALLY-MANAGED", "turtle.py",
 }  # fmt: skip
-BOOTSTRAP = b'''"""cocoon's Python runtime: one invocation, the handler given as module.function."""
-import importlib
-import json
-import sys
-
-
-def main() -> int:
-    module, _, name = sys.argv[1].rpartition(".")
-    sys.path.insert(0, "/code")
-    handler = getattr(importlib.import_module(module), name)
-    out = handler(sys.stdin.buffer.read())
-    if out is None:
-        out = b""
-    elif isinstance(out, str):
-        out = out.encode()
-    elif not isinstance(out, (bytes, bytearray)):
-        out = json.dumps(out).encode()
-    sys.stdout.buffer.write(out)
-    return 0
-
-
-sys.exit(main())
-'''
+#: The handler loop (pyloop.py), copied in as /opt/cocoon/loop.py.
+LOOP = (Path(__file__).parent / "pyloop.py").read_bytes()
+#: The tag names the loop's revision: a new loop is a new image.
+TAG = "localhost/cocoon/python:3.11-" + hashlib.sha256(LOOP).hexdigest()[:12]
 _LDD_RE = re.compile(r"(?:=>\s*)?(/\S+)\s+\(0x")
 
 
@@ -138,9 +116,9 @@ def build_layer() -> bytes:
         entries[name] = (_info(name, tarfile.SYMTYPE, 0o777, link="python3.11"), None)
     for d in ("opt", "opt/cocoon"):
         entries[d] = (_info(d, tarfile.DIRTYPE, 0o755), None)
-    entries["opt/cocoon/bootstrap.py"] = (
-        _info("opt/cocoon/bootstrap.py", tarfile.REGTYPE, 0o644, size=len(BOOTSTRAP)),
-        BOOTSTRAP,
+    entries["opt/cocoon/loop.py"] = (
+        _info("opt/cocoon/loop.py", tarfile.REGTYPE, 0o644, size=len(LOOP)),
+        LOOP,
     )
     return tar_of(entries)
 

@@ -37,6 +37,7 @@ import asyncio
 import contextlib
 import ctypes
 import io
+import json
 import logging
 import math
 import multiprocessing
@@ -195,6 +196,8 @@ class Instance:
     busy: bool = True
     last_used: float = field(default_factory=time.monotonic)
     calls: int = 0
+    #: A loop runtime's process, serving every invocation of this instance.
+    session: LoopSession | None = None
 
 
 @dataclass
@@ -286,13 +289,13 @@ class Instances:
                 finally:
                     pool.waiting -= 1
         try:
-            cid = await self._start(v)
+            cid, session = await self._start(v)
         except BaseException:
             async with pool.cond:
                 pool.starting -= 1
                 pool.cond.notify()
             raise
-        inst = Instance(cid, v, pool)
+        inst = Instance(cid, v, pool, session=session)
         async with pool.cond:
             pool.starting -= 1
             if pool.retired or self._closed:
@@ -301,7 +304,7 @@ class Instances:
             pool.instances.append(inst)
         return inst, "cold"
 
-    async def _start(self, v: Version) -> str:
+    async def _start(self, v: Version) -> tuple[str, LoopSession | None]:
         spec = v.spec
         runtime = RUNTIMES[spec["runtime"]]
         labels = {
@@ -324,13 +327,19 @@ class Instances:
             launch.add_done_callback(drop)
             raise
         self.store.add_instance(cid, v)
-        if self.cfg.serve.start_path == "copy":
-            try:
+        session = None
+        try:
+            if self.cfg.serve.start_path == "copy":
                 await self._copy_code(cid, self.code_dir(v))
-            except BaseException:
-                self._remove_later(Instance(cid, v))
-                raise
-        return cid
+            if runtime.loop:
+                session = await LoopSession.start(
+                    _cdir(self.cfg, cid), runtime.argv(spec["handler"], loop=True),
+                    base_env(v), self.cfg, max(30.0, spec["timeout_s"]),
+                )  # fmt: skip
+        except BaseException:
+            self._remove_later(Instance(cid, v))
+            raise
+        return cid, session
 
     async def _copy_code(self, cid: str, code: Path) -> None:
         """The "pre-warmed + copy" start: the code copied into the container
@@ -362,6 +371,8 @@ class Instances:
 
     def _remove_later(self, inst: Instance) -> None:
         async def remove() -> None:
+            if inst.session is not None:
+                await inst.session.close()
             await self.launcher.remove(inst.cid)
             self.store.remove_instance(inst.cid)
 
@@ -440,6 +451,8 @@ class Instances:
     ) -> tuple[Outcome, bool]:
         v = inst.version
         spec = v.spec
+        if inst.session is not None:
+            return await self._call(inst, inst.session, payload, iid, extra)
         env = [*base_env(v), *extra, f"COCOON_FN_INVOCATION_ID={iid}"]
         argv = RUNTIMES[spec["runtime"]].argv(spec["handler"])
         t0 = time.monotonic()
@@ -475,6 +488,153 @@ class Instances:
             err = f"the handler exited with code {exited.exit_code}"
             return Outcome(st.FAILED, result=out.result(), error=err, **common), True
         return Outcome(st.SUCCEEDED, result=out.result(), **common), True
+
+    async def _call(
+        self, inst: Instance, session: LoopSession, payload: bytes, iid: str, extra: list[str]
+    ) -> tuple[Outcome, bool]:
+        """One invocation through the instance's handler loop."""
+        spec = inst.version.spec
+        env = dict(e.partition("=")[::2] for e in [*extra, f"COCOON_FN_INVOCATION_ID={iid}"])
+        t0 = time.monotonic()
+        try:
+            ok, error, result, logs = await asyncio.wait_for(
+                session.call(env, payload), spec["timeout_s"]
+            )
+        except TimeoutError:
+            await session.kill()
+            ms = (time.monotonic() - t0) * 1000
+            err = f"timed out after {spec['timeout_s']:g} s: killed"
+            return Outcome(st.TIMEOUT, error=err, logs=session.take_stray(), duration_ms=ms,
+                           billed_ms=_billed(ms)), False  # fmt: skip
+        except (EOFError, ValueError, KeyError, TypeError, CocoonError) as e:
+            # The loop died (out of memory, os._exit, a crash) or broke its frames.
+            exited = await session.exited()
+            ms = (time.monotonic() - t0) * 1000
+            common: dict[str, Any] = {"logs": session.take_stray(), "duration_ms": ms,
+                                      "billed_ms": _billed(ms)}  # fmt: skip
+            if exited is not None and exited.oom_killed:
+                err = f"out of memory: killed at its {spec['memory_mib']} MiB limit"
+            elif exited is not None:
+                err = f"the runtime exited with code {exited.exit_code}"
+                common["exit_code"] = exited.exit_code
+            else:
+                err = f"the runtime broke off: {e or e.__class__.__name__}"
+            return Outcome(st.FAILED, error=err, **common), False
+        ms = (time.monotonic() - t0) * 1000
+        common = {"logs": logs, "duration_ms": ms, "billed_ms": _billed(ms)}
+        if not ok:
+            return Outcome(st.FAILED, result=result, error=f"the handler raised {error}",
+                           exit_code=1, **common), True  # fmt: skip
+        return Outcome(st.SUCCEEDED, result=result, exit_code=0, **common), True
+
+
+def _billed(ms: float) -> int:
+    return math.ceil(ms / BILL_UNIT_MS) * BILL_UNIT_MS
+
+
+class LoopSession:
+    """A loop runtime's process in one instance (images/pyloop.py): started
+    with the instance, it imports the handler once, then answers framed
+    requests on its stdin with framed answers on its stdout. Its stderr
+    (what escapes the handler's redirected prints: its children's output)
+    is drained all along and given to the invocation it came during.
+
+    Everything it writes is untrusted: frames are bounded (the result by
+    serve.max_result_bytes, the rest by serve.max_log_bytes), a header must
+    be a JSON object, and any violation ends the instance."""
+
+    def __init__(self, ex: Exec, cfg: Config) -> None:
+        self.ex = ex
+        self.max_result = cfg.serve.max_result_bytes
+        self.max_logs = cfg.serve.max_log_bytes
+        self._buf = bytearray()
+        self._stray = bytearray()
+        self._drain = asyncio.get_running_loop().create_task(self._drain_stderr())
+
+    @classmethod
+    async def start(
+        cls, cdir: ContainerDir, argv: list[str], env: list[str], cfg: Config, timeout_s: float
+    ) -> LoopSession:
+        ex = await Exec.start(cdir, argv, env=env, workdir="/code")
+        session = cls(ex, cfg)
+        try:
+            hello = await asyncio.wait_for(session._header(), timeout_s)
+            if hello.get("ready") is not True:
+                lines = str(hello.get("error", "")).strip().splitlines() or ["?"]
+                raise SandboxError(f"the handler could not be loaded: {lines[-1][:500]}")
+        except (EOFError, ValueError, TimeoutError) as e:
+            await session.close()
+            raise SandboxError(f"the runtime did not start: {e or e.__class__.__name__}") from None
+        except BaseException:
+            await session.close()
+            raise
+        return session
+
+    async def _drain_stderr(self) -> None:
+        stream = self.ex.process.stderr
+        if stream is None:
+            return
+        with contextlib.suppress(CocoonError, ConnectionError):
+            while chunk := await stream.read():
+                room = self.max_logs - len(self._stray)
+                if room > 0:
+                    self._stray += chunk[:room]
+
+    def take_stray(self) -> bytes:
+        out = bytes(self._stray)
+        self._stray.clear()
+        return out
+
+    async def _exact(self, n: int) -> bytes:
+        stream = self.ex.process.stdout
+        assert stream is not None
+        while len(self._buf) < n:
+            chunk = await stream.read()
+            if not chunk:
+                raise EOFError("the runtime's output ended")
+            self._buf += chunk
+        out = bytes(self._buf[:n])
+        del self._buf[:n]
+        return out
+
+    async def _frame(self, cap: int) -> bytes:
+        n = int.from_bytes(await self._exact(4), "big")
+        if n > cap:
+            raise ValueError(f"a frame of {n} B from the runtime, over {cap}")
+        return await self._exact(n)
+
+    async def _header(self) -> dict[str, Any]:
+        header = json.loads(await self._frame(1 << 20))
+        if not isinstance(header, dict):
+            raise ValueError("the runtime's header is not an object")
+        return header
+
+    async def call(self, env: dict[str, str], payload: bytes) -> tuple[bool, str, bytes, bytes]:
+        """(ok, error, result, logs) of one invocation."""
+        head = json.dumps({"env": env}).encode()
+        frames = b"".join(len(x).to_bytes(4, "big") + x for x in (head, payload))
+        await self.ex.process.write_stdin(frames, close=False)
+        header = await self._header()
+        result = await self._frame(self.max_result)
+        logs = await self._frame(self.max_logs) + self.take_stray()
+        return bool(header["ok"]), str(header.get("error", ""))[:1000], result, logs
+
+    async def kill(self) -> None:
+        with contextlib.suppress(CocoonError, OSError, TimeoutError):
+            await asyncio.wait_for(self.ex.process.signal(signal.SIGKILL), 5.0)
+
+    async def exited(self) -> Any:
+        """The process's end (ProcessExited), if it ended; None if it did not say."""
+        with contextlib.suppress(CocoonError, OSError, TimeoutError):
+            return await asyncio.wait_for(self.ex.process.wait(), 5.0)
+        return None
+
+    async def close(self) -> None:
+        self._drain.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._drain
+        with contextlib.suppress(CocoonError, OSError):
+            await self.ex.close()
 
 
 class _Output:

@@ -2,10 +2,11 @@
 
 ``shell``: the handler is a script in the code, run by busybox ``sh`` on the
 default busybox image. ``python``: the handler is ``module.function`` (the
-module a file in the code), run by the Python runtime image's bootstrap
-(images.pyruntime) with Debian's python3.11. Each invocation is one process:
-the request body on its stdin, the result on its stdout, logs on stderr.
-Both images are built offline on first need.
+module a file in the code), served by the Python runtime image's handler
+loop (images.pyloop) with Debian's python3.11: one process per instance,
+the handler imported once. A shell invocation is one process: the request
+body on its stdin, the result on its stdout, logs on stderr. Both images
+are built offline on first need.
 """
 
 from __future__ import annotations
@@ -26,11 +27,14 @@ _MODULE_FUNCTION = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*
 @dataclass(frozen=True)
 class Runtime:
     image: str
-    #: The handler's command line: ``{file}`` is the handler's file in /code,
-    #: ``{handler}`` the handler as given.
-    command: tuple[str, ...]
     #: Makes the image if it is missing (a few seconds, once).
     ensure: Callable[[Config], object]
+    #: One process per invocation: its command line (``{file}`` is the
+    #: handler's file in /code, ``{handler}`` the handler as given) ...
+    command: tuple[str, ...] = ()
+    #: ... or one process per instance that serves every invocation
+    #: (images/pyloop.py's frames).
+    loop: tuple[str, ...] = ()
     #: "file": the handler names a file; "module": ``module.function``.
     handler_kind: str = "file"
 
@@ -42,17 +46,18 @@ class Runtime:
             raise CodeError(f"handler {handler[:80]!r}: use module.function, e.g. main.handle")
         return handler.rpartition(".")[0].replace(".", "/") + ".py"
 
-    def argv(self, handler: str) -> list[str]:
+    def argv(self, handler: str, *, loop: bool = False) -> list[str]:
         path = f"/code/{self.handler_file(handler)}"
-        return [a.replace("{file}", path).replace("{handler}", handler) for a in self.command]
+        cmd = self.loop if loop else self.command
+        return [a.replace("{file}", path).replace("{handler}", handler) for a in cmd]
 
 
 RUNTIMES = {
-    "shell": Runtime("busybox:latest", ("/bin/sh", "{file}"), ensure_default_image),
+    "shell": Runtime("busybox:latest", ensure_default_image, command=("/bin/sh", "{file}")),
     "python": Runtime(
         PYTHON_TAG,
-        ("/usr/bin/python3", "/opt/cocoon/bootstrap.py", "{handler}"),
         ensure_python_image,
+        loop=("/usr/bin/python3", "/opt/cocoon/loop.py", "{handler}"),
         handler_kind="module",
     ),
 }
