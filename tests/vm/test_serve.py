@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -93,6 +95,15 @@ def test_invocations_sync_async_warm_failure_timeout(
             assert r.headers["x-cocoon-start"] == "warm"
             assert r.content.decode().splitlines() == [f"hello two from {host}", "calls: 2"]
 
+            # `cocoon fn invoke`: the result on stdout, the handler's exit code.
+            fn = [sys.executable, "-m", "cocoon.cli", "--root", str(cfg.root), "fn", "invoke"]
+            ok = subprocess.run([*fn, "echo", "-d", "cli"], capture_output=True, timeout=60)
+            assert ok.returncode == 0 and ok.stdout.startswith(b"hello cli from "), ok.stderr
+            bad = subprocess.run([*fn, "echo"], input=b"fail\n", capture_output=True, timeout=60)
+            assert bad.returncode == 3, bad.stderr
+            assert bad.stderr.decode().startswith("cocoon: invocation inv-")
+            assert bad.stderr.decode().endswith(" failed: the handler exited with code 3\n")
+
             # A failing handler: 502, its exit code and logs; the instance stays warm.
             r = invoke(c, "echo", b"fail\n")
             assert r.status_code == 502
@@ -106,7 +117,7 @@ def test_invocations_sync_async_warm_failure_timeout(
             iid = r.json()["id"]
             rec = wait_for(c, iid, ("succeeded", "failed", "timeout"))
             assert rec["status"] == "succeeded" and rec["start_kind"] == "warm", rec
-            assert rec["result"] == f"hello later from {host}\ncalls: 3\n"
+            assert rec["result"] == f"hello later from {host}\ncalls: 4\n"
             assert c.logs("default", iid) == "logged later\n"
             assert c.result("default", iid) == rec["result"].encode()
 
@@ -123,7 +134,16 @@ def test_invocations_sync_async_warm_failure_timeout(
 
             done = [x["status"] for x in c.invocations("default", "echo")]
             assert sorted(done) == sorted(
-                ["succeeded", "succeeded", "failed", "succeeded", "timeout", "succeeded"]
+                [
+                    "succeeded",
+                    "succeeded",
+                    "succeeded",
+                    "failed",
+                    "failed",
+                    "succeeded",
+                    "timeout",
+                    "succeeded",
+                ]
             )
             assert len(ContainerStore(cfg).ids()) == 1  # the timed-out one was removed
 
@@ -169,12 +189,12 @@ def test_invocations_sync_async_warm_failure_timeout(
             # Metrics: Prometheus' own parser reads them, and they count what ran.
             m = scrape(c)
             echo1 = {"namespace": "default", "function": "echo", "version": "1"}
-            for status, n in (("succeeded", 4), ("failed", 1), ("timeout", 1)):
+            for status, n in (("succeeded", 5), ("failed", 2), ("timeout", 1)):
                 assert m["cocoon_function_calls_total", labels(echo1, status=status)] == n
-            assert m["cocoon_function_errors_total", labels(echo1)] == 2
+            assert m["cocoon_function_errors_total", labels(echo1)] == 3
             assert m["cocoon_function_cold_starts_total", labels(echo1)] == 2
-            assert m["cocoon_function_starts_total", labels(echo1, kind="warm")] == 4
-            assert m["cocoon_function_duration_seconds_count", labels(echo1)] == 6
+            assert m["cocoon_function_starts_total", labels(echo1, kind="warm")] == 6
+            assert m["cocoon_function_duration_seconds_count", labels(echo1)] == 8
             web = {"namespace": "default", "function": "web", "version": "1"}
             assert m["cocoon_function_calls_total", labels(web, status="succeeded")] == 2
             gb_s = m["cocoon_function_gb_seconds_total", labels(web)]
@@ -182,7 +202,7 @@ def test_invocations_sync_async_warm_failure_timeout(
             assert billed >= 0.2 and gb_s == pytest.approx(billed * 128 / 1024)
             meter = {(x["function"], x["version"]): x for x in c.json(
                 "GET", "/v1/namespaces/default/metering")}  # fmt: skip
-            assert (meter["echo", 1]["succeeded"], meter["echo", 1]["cold"]) == (4, 2)
+            assert (meter["echo", 1]["succeeded"], meter["echo", 1]["cold"]) == (5, 2)
             # Another namespace's token scrapes none of these.
             c.http.post("/v1/namespaces", json={"name": "other"})
             other = c.json("POST", "/v1/namespaces/other/tokens")["token"]
@@ -198,7 +218,7 @@ def test_invocations_sync_async_warm_failure_timeout(
     try:
         with s.admin() as c:
             m = scrape(c)
-        assert m["cocoon_function_calls_total", labels(echo1, status="succeeded")] == 4
+        assert m["cocoon_function_calls_total", labels(echo1, status="succeeded")] == 5
         assert m["cocoon_function_gb_seconds_total", labels(web)] == pytest.approx(gb_s)
     finally:
         assert s.stop() == 0, s.output()
