@@ -119,6 +119,11 @@ def test_bad_json_and_oversized_bodies(served: Served) -> None:
         assert r.status_code == 413 and "serve.max_code_bytes" in r.json()["error"], r.text
         r = c.http.post("/v1/namespaces/default/functions", content=b"x" * (7 << 20))
         assert r.status_code == 413
+        # Found by the fuzz: a version past SQLite's integers was a 500.
+        for method in ("GET", "POST"):
+            path = "/v1/namespaces/default/functions/x" + ("/invoke" if method == "POST" else "")
+            r = c.http.request(method, path, params={"version": 2**70})
+            assert r.status_code == 400 and r.json()["error"].startswith("version: "), r.text
         assert "big" not in [f["name"] for f in c.functions("default")]
 
 

@@ -271,7 +271,7 @@ def make_app(service: Service) -> FastAPI:
 
     @app.get("/v1/namespaces/{ns}/functions/{name}", response_model=FunctionOut, responses=ERRORS)
     async def get_function(
-        ns: Ns, name: Name, version: Annotated[int | None, Query(ge=1)] = None
+        ns: Ns, name: Name, version: Annotated[int | None, Query(ge=1, le=2**31 - 1)] = None
     ) -> dict[str, Any]:
         return describe(*service.get(ns, name, version))
 
@@ -336,7 +336,7 @@ def make_app(service: Service) -> FastAPI:
         name: Name,
         request: Request,
         mode: Annotated[Literal["sync", "async"], Query()] = "sync",
-        version: Annotated[int | None, Query(ge=1)] = None,
+        version: Annotated[int | None, Query(ge=1, le=2**31 - 1)] = None,
     ) -> Response:
         payload = await request.body()
         if len(payload) > MAX_PAYLOAD:
