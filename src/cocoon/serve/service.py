@@ -111,10 +111,10 @@ class Service:
     async def start(self) -> None:
         self.launcher = Launcher(self.cfg)
         self.launcher.warm_up()
-        self.timers = asyncio.get_running_loop().create_task(self.run_timers(), name="timers")
         self.instances = Instances(
             self.cfg, self.store, self.launcher, self.id, lambda v: self.code_dir(v)
         )
+        self.timers = asyncio.get_running_loop().create_task(self.run_timers(), name="timers")
 
     async def stop(self) -> None:
         if self.timers is not None:
@@ -267,17 +267,22 @@ class Service:
         caught up (the next one after its last firing is due at once)."""
         while True:
             await asyncio.sleep(TIMER_TICK_S)
-            now = time.time()
-            for t in self.store.triggers(kind="timer"):
-                due = next_fire(t["spec"]["cron"], t["last_fired"] or t["created_at"])
-                if due > now or not self.store.fired(t["id"], now):
-                    continue
-                payload = json.dumps({"trigger": t["id"], "scheduled": due, "fired": now})
-                try:
-                    self.invoke_async(t["namespace"], t["function"], None, payload.encode(),
-                                      trigger=f"timer:{t['id']}")  # fmt: skip
-                except ApiError as e:
-                    log.warning("timer %s: %s", t["id"], e)
+            try:
+                self._fire_timers(time.time())
+            except Exception:  # one bad tick (a locked database) must not end the timers
+                log.exception("timers")
+
+    def _fire_timers(self, now: float) -> None:
+        for t in self.store.triggers(kind="timer"):
+            due = next_fire(t["spec"]["cron"], t["last_fired"] or t["created_at"])
+            if due > now or not self.store.fired(t["id"], now):
+                continue
+            payload = json.dumps({"trigger": t["id"], "scheduled": due, "fired": now})
+            try:
+                self.invoke_async(t["namespace"], t["function"], None, payload.encode(),
+                                  trigger=f"timer:{t['id']}")  # fmt: skip
+            except ApiError as e:
+                log.warning("timer %s: %s", t["id"], e)
 
     # -- invocations -----------------------------------------------------------------
 
