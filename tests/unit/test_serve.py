@@ -249,6 +249,18 @@ def test_cli_errors_follow_docker(served: Served, tmp_path: Path) -> None:
     )
     r = subprocess.run([*base, "ls", "-q"], capture_output=True, timeout=60)
     assert b"cli-fn\n" in r.stdout
+    r = subprocess.run([*base, "triggers", "cli-fn", "--cron", "0 0 1 1 *"], capture_output=True,
+                       timeout=60)  # fmt: skip
+    assert r.returncode == 0 and r.stdout.startswith(b"trg-"), r.stderr
+    tid = r.stdout.decode().strip()
+    r = subprocess.run([*base, "triggers", "cli-fn"], capture_output=True, timeout=60)
+    assert r.returncode == 0 and f"{tid}   timer   0 0 1 1 *".encode() in r.stdout, r.stdout
+    r = subprocess.run([*base, "triggers", "cli-fn", "--cron", "nonsense"], capture_output=True,
+                       timeout=60)  # fmt: skip
+    assert r.returncode == 1
+    assert r.stderr == b"cocoon: invalid cron expression 'nonsense' (HTTP 400)\n", r.stderr
+    r = subprocess.run([*base, "triggers", "cli-fn", "--rm", tid], capture_output=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.decode().strip() == tid
     r = subprocess.run([*base, "rm", "cli-fn"], capture_output=True, timeout=60)
     assert r.returncode == 0
     r = subprocess.run([*base, "--url", "http://127.0.0.1:1", "ls"], capture_output=True,
