@@ -48,6 +48,17 @@ def test_listeners_and_admin_token_are_root_only(served: Served) -> None:
     with served.tcp() as c:
         spec = c.http.get("/openapi.json").json()
     assert "/v1/namespaces/{ns}/functions/{name}/invoke" in spec["paths"]
+    # One service per state dir, and per socket: a second is refused in one line.
+    import subprocess
+    import sys
+
+    serve = [sys.executable, "-m", "cocoon.cli", "--root", str(served.root), "serve"]
+    other = ["--state-dir", str(served.state) + "2"]
+    for extra, why in (([], "another `cocoon serve` uses"), (other, "is listening there")):
+        r = subprocess.run([*serve, "--state-dir", str(served.state), *extra],
+                           capture_output=True, timeout=60)  # fmt: skip
+        assert r.returncode == 125 and why.encode() in r.stderr, r.stderr
+        assert r.stderr.count(b"\n") == 1
 
 
 def test_create_get_update_list_delete(served: Served) -> None:

@@ -29,7 +29,7 @@ from cocoon.config import Config
 from cocoon.errors import ConfigError, StateError
 from cocoon.serve import auth
 from cocoon.serve.app import BodyLimit, make_app, tagged
-from cocoon.serve.service import MAX_PAYLOAD, Service
+from cocoon.serve.service import MAX_PAYLOAD, Service, state_dir
 
 log = logging.getLogger(__name__)
 
@@ -117,30 +117,49 @@ def _lock(state: Path) -> Iterator[None]:
 
 
 def serve(cfg: Config, listen: str, say: Callable[[str], None]) -> None:
-    """Run the service until SIGTERM/SIGINT; ``say`` prints its few lines."""
+    """Run the service until SIGTERM/SIGINT; ``say`` prints its few lines.
+    Its state dir is locked and its listeners bound before anything is
+    touched: a second service on either is refused and changes nothing."""
     tcp = parse_listen(listen) if listen else None
-    service = Service(cfg)
-    with _lock(service.dir):
-        token_file = service.dir / "admin.token"
-        if auth.ensure_admin_token(service.store, token_file):
-            say(f"admin token written to {token_file} (0600)")
-        failed, removed = service.recover()
-        if failed or removed:
-            say(f"recovered: {failed} unfinished invocation(s) marked failed, "
-                f"{removed} instance(s) removed")  # fmt: skip
-        asyncio.run(_main(cfg, service, tcp, say))
+    state = state_dir(cfg)
+    state.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with _lock(state):
+        path = socket_path(cfg)
+        listeners: list[tuple[Literal["unix", "tcp"], socket.socket]] = []
+        if tcp:  # first: a port in use then leaves no socket file behind
+            listeners.append(("tcp", _tcp_socket(*tcp)))
+        try:
+            listeners.insert(0, ("unix", _unix_socket(path)))
+        except BaseException:
+            for _, sock in listeners:
+                sock.close()
+            raise
+        try:
+            service = Service(cfg)
+            token_file = service.dir / "admin.token"
+            if auth.ensure_admin_token(service.store, token_file):
+                say(f"admin token written to {token_file} (0600)")
+            failed, removed = service.recover()
+            if failed or removed:
+                say(f"recovered: {failed} unfinished invocation(s) marked failed, "
+                    f"{removed} instance(s) removed")  # fmt: skip
+            asyncio.run(_main(cfg, service, listeners, path, say))
+        finally:
+            for _, sock in listeners:
+                sock.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
 
 
 async def _main(
-    cfg: Config, service: Service, tcp: tuple[str, int] | None, say: Callable[[str], None]
+    cfg: Config,
+    service: Service,
+    listeners: list[tuple[Literal["unix", "tcp"], socket.socket]],
+    path: Path,
+    say: Callable[[str], None],
 ) -> None:
     limit = max(MAX_PAYLOAD, cfg.serve.max_code_bytes * 4 // 3 + (1 << 20))
     app = BodyLimit(make_app(service), limit)
-    path = socket_path(cfg)
-    listeners: list[tuple[Literal["unix", "tcp"], socket.socket]] = []
-    if tcp:  # first: a port in use then leaves no socket file behind
-        listeners.append(("tcp", _tcp_socket(*tcp)))
-    listeners.insert(0, ("unix", _unix_socket(path)))
     servers = []
     for kind, sock in listeners:
         config = uvicorn.Config(
@@ -164,7 +183,12 @@ async def _main(
     await service.start()
     assert service.instances is not None
     reaper = loop.create_task(service.instances.reap_idle(), name="keep-alive")
-    say(f"listening on {path}" + (f" and http://{tcp[0]}:{tcp[1]}" if tcp else ""))
+    where = [str(path)]
+    for kind, sock in listeners:
+        if kind == "tcp":
+            host, port = sock.getsockname()[:2]
+            where.append(f"http://{f'[{host}]' if ':' in host else host}:{port}")
+    say("listening on " + " and ".join(where))
     try:
         await asyncio.gather(*(srv.serve(sockets=[sock]) for srv, sock in servers))
     finally:
@@ -172,10 +196,6 @@ async def _main(
         with contextlib.suppress(asyncio.CancelledError):
             await reaper
         await service.stop()
-        for _, sock in listeners:
-            sock.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         say("stopped: every instance removed")
