@@ -9,12 +9,17 @@ With `cocoon pool serve` running on the same state root, the start takes a
 pooled sandbox, restored and agent-ready, and the code reaches it through the
 sandbox's hub (a bind on the host, no copy, no reboot, no hot-plug): the
 "pre-warmed sandbox, code mounted in" path. Without a pool it is a template
-clone.
+clone. (``serve.start_path`` switches to the other two starts, to measure
+them: the code copied into the container, or a VM booted cold.)
 
-Each invocation is one exec in the instance (runtime.lifecycle.Exec): the
-runtime's handler command, the request body on its stdin, the result from its
-stdout, its stderr kept as logs. One invocation at a time per instance; a
-version gets up to ``max_concurrency`` instances, then requests wait (at most
+An invocation of a shell function is one exec in the instance
+(runtime.lifecycle.Exec): the handler, the request body on its stdin, the
+result from its stdout, its stderr kept as logs. A Python instance runs one
+exec for its life instead, the runtime's handler loop (``LoopSession``,
+images/pyloop.py), and an invocation is a framed request to it.
+
+One invocation at a time per instance; a version gets up to
+``max_concurrency`` instances, then requests wait (at most
 ``serve.queue_per_function`` of them, else 429). A released instance is warm:
 the next invocation of the same version reuses it; one idle past the
 version's keep-alive is removed. An invocation past its timeout is killed and
