@@ -22,7 +22,7 @@ from cocoon.errors import ServiceError
 from tests.servefn import Served, entry, tgz_code, zip_code
 
 HANDLER = {"handler.sh": "cat; echo done\n"}
-ENV = {"COCOON_SERVE_MAX_CODE_BYTES": str(256 << 10)}
+ENV = {"COCOON_SERVE_MAX_CODE_BYTES": str(256 << 10), "COCOON_SERVE_LAUNCH_WORKERS": "1"}
 
 
 @pytest.fixture(scope="module")

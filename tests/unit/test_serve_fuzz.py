@@ -19,7 +19,7 @@ from tests.servefn import Served
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     base: Path = tmp_path_factory.mktemp("fuzz")
-    s = Served(base / "root", base / "state").start()
+    s = Served(base / "root", base / "state", {"COCOON_SERVE_LAUNCH_WORKERS": "1"}).start()
     yield s
     assert s.stop() == 0, s.output()
 
