@@ -25,7 +25,7 @@ if [ "${#missing[@]}" -gt 0 ]; then
 fi
 
 PY=${PYTHON:-python3}
-if ! "$PY" -c 'import cocoon, click, httpx, zstandard, rich, pytest, pytest_timeout, mypy, cryptography, google.protobuf, grpc_tools, mypy_protobuf, prometheus_client, kubernetes_validate, yaml' 2>/dev/null \
+if ! "$PY" -c 'import cocoon, click, httpx, zstandard, rich, pytest, pytest_timeout, mypy, cryptography, google.protobuf, grpc_tools, mypy_protobuf, prometheus_client, kubernetes_validate, yaml, fastapi, uvicorn, croniter, schemathesis' 2>/dev/null \
    || [ "$("$PY" -c 'import cocoon, os; print(os.path.realpath(cocoon.__file__))' 2>/dev/null)" \
         != "$(realpath src/cocoon/__init__.py)" ]; then
   echo "setup: installing the cocoon Python package" >&2

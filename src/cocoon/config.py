@@ -185,6 +185,41 @@ class SecurityConfig:
 
 
 @dataclass
+class ServeConfig:
+    """`cocoon serve`, the function service (cocoon.serve)."""
+
+    #: Its unix socket ("" = <root_dir>/serve.sock): root-only (0600), admin.
+    socket: str = ""
+    #: Also listen on TCP at HOST:PORT ("" = not); every request there needs a
+    #: bearer token.
+    listen: str = ""
+    #: SQLite database, admin token and unpacked code ("" = <data_dir>/serve).
+    state_dir: str = ""
+    #: A code archive (zip or tar.gz) as uploaded, and unpacked: the caps
+    #: against oversized code and decompression bombs.
+    max_code_bytes: int = 64 << 20
+    max_unpacked_bytes: int = 256 << 20
+    max_code_entries: int = 20_000
+    #: Past 16 MiB unpacked, an archive may inflate at most this many times its size.
+    max_inflation_ratio: float = 50.0
+    #: Requests that wait per function version once max concurrency is reached;
+    #: past it the answer is 429.
+    queue_per_function: int = 64
+    #: Bytes of a result (stdout) and of logs (stderr) kept per invocation.
+    max_result_bytes: int = 6 << 20
+    max_log_bytes: int = 1 << 20
+    #: Processes that start instances (each forks a container's monitor).
+    launch_workers: int = 4
+    #: How an instance gets its code (the three start paths, to measure them):
+    #: "mount": a pre-warmed sandbox (a pooled one when `cocoon pool serve`
+    #: runs, else a template clone) with the code bound in read-only, no copy;
+    #: "copy": the same sandbox, the code copied into the container (tar over
+    #: an exec); "cold": a VM booted for it (no template, no pool), the code
+    #: shared from its boot.
+    start_path: str = "mount"
+
+
+@dataclass
 class Config:
     #: Runtime state, one dir per sandbox (tmpfs: gone on reboot with the VMs).
     root_dir: str = "/run/cocoon"
@@ -198,6 +233,7 @@ class Config:
     pool: PoolConfig = field(default_factory=PoolConfig)
     shim: ShimConfig = field(default_factory=ShimConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
     @property
     def root(self) -> Path:
@@ -256,6 +292,17 @@ class Config:
         sec = self.security
         if sec.uid_base < 1000 or sec.uid_count < 1 or sec.uid_base + sec.uid_count >= 2**32 - 1:
             raise ConfigError("security.uid_base must be >= 1000 and the range below 2^32-1")
+        sv = self.serve
+        for name in ("socket", "state_dir"):
+            if getattr(sv, name) and not os.path.isabs(getattr(sv, name)):
+                raise ConfigError(f"serve.{name} must be an absolute path")
+        for name in ("max_code_bytes", "max_unpacked_bytes", "max_code_entries",
+                     "queue_per_function", "max_result_bytes", "max_log_bytes"):  # fmt: skip
+            if getattr(sv, name) <= 0:
+                raise ConfigError(f"serve.{name} must be > 0")
+        _choice("serve.start_path", sv.start_path, ("mount", "copy", "cold"))
+        if not 1 <= sv.launch_workers <= 64 or sv.max_inflation_ratio < 2:
+            raise ConfigError("serve.launch_workers must be 1..64, max_inflation_ratio >= 2")
         for name in ("root_dir", "data_dir"):
             if not os.path.isabs(getattr(self, name)):
                 raise ConfigError(f"{name} must be an absolute path")

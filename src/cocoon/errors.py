@@ -195,3 +195,38 @@ class BundleError(CocoonError):
     """An OCI bundle (config.json, its rootfs or mounts) cannot be run: runc exits 1."""
 
     exit_code = 1
+
+
+class ServiceError(CocoonError):
+    """The function service refused or failed a request (`cocoon fn`): exit 1,
+    as docker's client exits for its daemon's refusals."""
+
+    exit_code = 1
+
+
+class ServiceUnreachable(CocoonError):
+    """`cocoon fn` could not reach the function service at all."""
+
+
+class FunctionFailed(CocoonError):
+    """An invocation ran and failed: `cocoon fn invoke` exits with the
+    handler's own exit code when it had one (as `cocoon run` does), 124 when
+    it timed out (as timeout(1)), else 1."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class CodeError(CocoonError):
+    """A function's code is refused (`cocoon serve`): hostile, oversized,
+    corrupt, or not what it claims. Nothing of it is kept."""
+
+
+class FunctionBusy(CocoonError):
+    """Every instance of a function version is busy and its queue is full
+    (the service's 429)."""
+
+
+class FunctionGone(CocoonError):
+    """A function was removed while a request for it waited."""

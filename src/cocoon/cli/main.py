@@ -58,6 +58,8 @@ LAZY_VERBS = {
     "load": "images",
     "login": "images",
     "logout": "images",
+    "serve": "functions",
+    "fn": "functions",
 }
 
 

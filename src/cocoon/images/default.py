@@ -49,9 +49,27 @@ def applets(busybox: Path = BUSYBOX) -> list[str]:
     return names
 
 
+Entries = dict[str, tuple[tarfile.TarInfo, bytes | None]]
+
+
 def build_layer(busybox: Path = BUSYBOX) -> bytes:
     """The uncompressed layer tar: busybox, one symlink per applet, passwd/group, base dirs."""
-    entries: dict[str, tuple[tarfile.TarInfo, bytes | None]] = {}
+    return tar_of(layer_entries(busybox))
+
+
+def tar_of(entries: Entries) -> bytes:
+    """A deterministic tar: sorted names, PAX."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for name in sorted(entries):
+            ti, data = entries[name]
+            tf.addfile(ti, io.BytesIO(data) if data is not None else None)
+    return buf.getvalue()
+
+
+def layer_entries(busybox: Path = BUSYBOX) -> Entries:
+    """busybox's tree (the default image's, and the base of the runtime images')."""
+    entries: Entries = {}
 
     def add(name: str, kind: bytes, mode: int, data: bytes | None = None, link: str = "") -> None:
         ti = tarfile.TarInfo(name)
@@ -69,12 +87,7 @@ def build_layer(busybox: Path = BUSYBOX) -> bytes:
         add(f"bin/{a}", tarfile.SYMTYPE, 0o777, link="busybox")
     add("etc/passwd", tarfile.REGTYPE, 0o644, PASSWD)
     add("etc/group", tarfile.REGTYPE, 0o644, GROUP)
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
-        for name in sorted(entries):
-            ti, data = entries[name]
-            tf.addfile(ti, io.BytesIO(data) if data is not None else None)
-    return buf.getvalue()
+    return entries
 
 
 def build_image(busybox: Path = BUSYBOX) -> tuple[bytes, bytes, bytes]:

@@ -19,9 +19,11 @@ from cocoon.errors import CocoonError, NotRunning, StateError
 from cocoon.oci.spec import merge_env, parse_user
 from cocoon.protocol import messages
 from cocoon.runtime.container import TEARDOWN_S, Container, reap_sandbox
+from cocoon.runtime.control import MonitorClient
 from cocoon.runtime.records import ContainerConfig, ContainerDir, ContainerStore
 from cocoon.runtime.status import Status
 from cocoon.runtime.stdio import attach, terminal_size
+from cocoon.sandbox.sandbox import Process
 
 log = logging.getLogger(__name__)
 
@@ -41,19 +43,12 @@ def parse_signal(text: str) -> int:
         ) from None
 
 
-async def exec_process(
-    cdir: ContainerDir,
-    args: list[str],
-    *,
-    env: list[str],
-    workdir: str,
-    user: str,
-    stdin: bool,
-    tty: bool,
-) -> int:
-    """docker exec: a new process in the running container, attached; its exit code."""
-    config = cdir.config()
-    base = config.spec["process"]
+def exec_spec(
+    cdir: ContainerDir, args: list[str], *, env: list[str], workdir: str, user: str, tty: bool
+) -> dict[str, Any]:
+    """The OCI process of a new process in the container: the container's own
+    environment, user and capabilities, with docker exec's overrides."""
+    base = cdir.config().spec["process"]
     process: dict[str, Any] = {
         "args": args,
         "env": merge_env(list(base.get("env", [])), env),
@@ -66,6 +61,21 @@ async def exec_process(
     if user:
         uid, gid = parse_user(user)
         process["user"] = {"uid": uid, "gid": gid, "username": user}
+    return process
+
+
+async def exec_process(
+    cdir: ContainerDir,
+    args: list[str],
+    *,
+    env: list[str],
+    workdir: str,
+    user: str,
+    stdin: bool,
+    tty: bool,
+) -> int:
+    """docker exec: a new process in the running container, attached; its exit code."""
+    process = exec_spec(cdir, args, env=env, workdir=workdir, user=user, tty=tty)
     rows, cols = terminal_size()
     client = await Container(cdir).connect()
     try:
@@ -73,6 +83,32 @@ async def exec_process(
         return await attach(proc, stdin=stdin, tty=tty)
     finally:
         await client.close()
+
+
+class Exec:
+    """A process exec'd in a running container for a caller that does its own
+    I/O (a service): its stdin, stdout and stderr are streams, not this
+    process's. ``close`` when done (the process is not killed by it)."""
+
+    def __init__(self, client: MonitorClient, process: Process) -> None:
+        self.client = client
+        self.process = process
+
+    @classmethod
+    async def start(
+        cls, cdir: ContainerDir, args: list[str], *, env: list[str], workdir: str = ""
+    ) -> Exec:
+        process = exec_spec(cdir, args, env=env, workdir=workdir, user="", tty=False)
+        client = await Container(cdir).connect()
+        try:
+            proc = await client.exec(process, stdin=True, tty=False)
+        except BaseException:
+            await client.close()
+            raise
+        return cls(client, proc)
+
+    async def close(self) -> None:
+        await self.client.close()
 
 
 async def kill(cdir: ContainerDir, sig: int) -> None:

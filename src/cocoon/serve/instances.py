@@ -1,0 +1,713 @@
+"""Warm instances: where invocations run.
+
+An instance serves one version of one function and nothing else, ever. It is
+one long-lived container, started through runtime/ exactly as `cocoon run -d`
+starts one: the runtime's image (busybox for the shell runtime), the
+version's memory and vCPUs as the container's limits (the VM sized from them),
+no network, the version's code bound read-only at ``/code``, and an idle init.
+With `cocoon pool serve` running on the same state root, the start takes a
+pooled sandbox, restored and agent-ready, and the code reaches it through the
+sandbox's hub (a bind on the host, no copy, no reboot, no hot-plug): the
+"pre-warmed sandbox, code mounted in" path. Without a pool it is a template
+clone. (``serve.start_path`` switches to the other two starts, to measure
+them: the code copied into the container, or a VM booted cold.)
+
+An invocation of a shell function is one exec in the instance
+(runtime.lifecycle.Exec): the handler, the request body on its stdin, the
+result from its stdout, its stderr kept as logs. A Python instance runs one
+exec for its life instead, the runtime's handler loop (``LoopSession``,
+images/pyloop.py), and an invocation is a framed request to it.
+
+One invocation at a time per instance; a version gets up to
+``max_concurrency`` instances, then requests wait (at most
+``serve.queue_per_function`` of them, else 429). A released instance is warm:
+the next invocation of the same version reuses it; one idle past the
+version's keep-alive is removed. An invocation past its timeout is killed and
+its instance removed with it (whatever the handler left running goes too);
+so is an instance whose VM or container died. The caller always gets an
+answer.
+
+Instances are started in helper processes (``Launcher``): starting a
+container forks its monitor, and a fork from this multi-threaded server (the
+event loop, its executor threads, uvicorn's) could copy a lock some other
+thread holds; the helpers are single-threaded processes started fresh
+(``spawn``) and die with the service (``PR_SET_PDEATHSIG``). Every instance
+carries the service's label and is recorded in the database, so a restart
+after a crash removes what the dead service left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import io
+import json
+import logging
+import math
+import multiprocessing
+import signal
+import tarfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cocoon.config import Config
+from cocoon.errors import CocoonError, SandboxError
+from cocoon.errors import FunctionBusy as Busy
+from cocoon.errors import FunctionGone as Gone
+from cocoon.runtime import run as runner
+from cocoon.runtime.lifecycle import Exec, remove
+from cocoon.runtime.records import ContainerDir, ContainerStore
+from cocoon.runtime.volumes import VolumeSpec
+from cocoon.serve import store as st
+from cocoon.serve.runtimes import RUNTIMES
+from cocoon.serve.store import Store, Version
+
+log = logging.getLogger(__name__)
+
+#: Labels of an instance's container.
+SERVICE_LABEL = "io.cocoon.serve"
+FUNCTION_LABEL = "io.cocoon.serve.function"
+#: The init of an instance: idle until removed.
+IDLE = ["tail", "-f", "/dev/null"]
+#: Billing granularity.
+BILL_UNIT_MS = 100
+#: How long a request may wait for a free instance of its version.
+QUEUE_WAIT_S = 300.0
+
+
+# -- helper processes --------------------------------------------------------
+
+
+def _worker_init() -> None:  # pragma: no cover - runs in the helper process
+    """A helper dies with the service (no orphan starting containers for
+    nobody) and leaves Ctrl-C to it."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_pdeathsig = 1
+    libc.prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _ready() -> None:  # pragma: no cover - runs in the helper process
+    """Nothing: importing this module (to find this function) was the work."""
+
+
+def _launch(cfg: Config, image: str, args: list[str], env: list[str], memory_bytes: int,
+            cpus: float, code: str, labels: dict[str, str]) -> str:  # fmt: skip
+    """In a helper: one instance's container, as `cocoon run -d` makes it,
+    by ``serve.start_path`` (see START_PATHS)."""
+    path = cfg.serve.start_path
+    net, _ = runner.networking(
+        cfg, networks=["none"], rate="", hostname="", dns=[], dns_search=[], add_hosts=[],
+        publish=[],
+    )  # fmt: skip
+    code_volume = [VolumeSpec("bind", "/code", source=Path(code), readonly=True)]
+    opts = runner.RunOptions(
+        args=args, env=env, workdir="/" if path == "copy" else "/code",
+        memory_bytes=memory_bytes, cpus=cpus, labels=labels, detach=True, network=net,
+        volumes=[] if path == "copy" else code_volume,
+        template=False if path == "cold" else None,
+    )  # fmt: skip
+    return runner.launch(cfg, image, opts, pull="never", platform=None).id
+
+
+def remove_container(cfg: Config, cid: str) -> None:
+    """An instance's container, running or not, and its VM (blocking)."""
+
+    store = ContainerStore(cfg)
+    cdir = ContainerDir(store.root, cid)
+    if not cdir.path.exists():
+        return
+    try:
+        remove(cfg, cdir, force=True)
+    except CocoonError as e:
+        log.warning("removing instance %s: %s", cid[:12], e)
+
+
+def containers_of(cfg: Config, service_id: str) -> list[str]:
+    """Every container this service started (by its label), live or not."""
+
+    return [d.id for d, c in ContainerStore(cfg).all() if c.labels.get(SERVICE_LABEL) == service_id]
+
+
+class Launcher:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self._pool = self._new_pool()
+
+    def _new_pool(self) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(
+            self.cfg.serve.launch_workers,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_worker_init,
+        )
+
+    def warm_up(self) -> None:
+        """Start the helpers now (each imports runtime/ once), so that the
+        first cold start does not wait for an interpreter. Called from the
+        event loop's thread (see ``start``)."""
+        for _ in range(self.cfg.serve.launch_workers):
+            self._pool.submit(_ready)
+
+    async def start(self, *args: Any) -> str:
+        """A new instance's container id. Submitted from the event loop's
+        thread, which lives as long as the service: a helper's parent-death
+        signal follows the thread that made it. A helper that died (killed,
+        out of memory) breaks its pool: a new pool, and the start once more."""
+        loop = asyncio.get_running_loop()
+        for attempt in (1, 2):
+            pool = self._pool
+            try:
+                return await loop.run_in_executor(pool, _launch, self.cfg, *args)
+            except BrokenProcessPool:
+                if pool is self._pool:
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    self._pool = self._new_pool()
+                if attempt == 2:
+                    raise SandboxError("the helper starting the instance died twice") from None
+        raise AssertionError("unreachable")
+
+    async def remove(self, cid: str) -> None:
+        await asyncio.to_thread(remove_container, self.cfg, cid)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+# -- instances -----------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class VersionPool:
+    version: Version
+    instances: list[Instance] = field(default_factory=list)
+    starting: int = 0
+    waiting: int = 0
+    retired: bool = False
+    cond: asyncio.Condition = field(default_factory=asyncio.Condition)
+
+
+@dataclass(eq=False)
+class Instance:
+    cid: str
+    version: Version
+    #: The pool it belongs to (a removed function's is no longer in ``pools``).
+    pool: VersionPool | None = None
+    busy: bool = True
+    last_used: float = field(default_factory=time.monotonic)
+    calls: int = 0
+    #: A loop runtime's process, serving every invocation of this instance.
+    session: LoopSession | None = None
+
+
+@dataclass
+class Outcome:
+    status: str
+    result: bytes = b""
+    logs: bytes = b""
+    error: str = ""
+    exit_code: int | None = None
+    start_kind: str = ""
+    instance: str = ""
+    #: From the request to an instance ready for it: a cold start's whole
+    #: cost (a warm one's is ~0), and any wait in the queue.
+    start_ms: float = 0.0
+    duration_ms: float = 0.0
+    billed_ms: int = 0
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "status": self.status,
+            "result": self.result,
+            "logs": self.logs,
+            "error": self.error,
+            "exit_code": self.exit_code,
+            "duration_ms": round(self.duration_ms, 3),
+            "billed_ms": self.billed_ms,
+            "finished_at": time.time(),
+        }
+
+
+def version_key(v: Version) -> tuple[str, str, int]:
+    return (v.namespace, v.name, v.version)
+
+
+class Instances:
+    """Every instance of every version, and the invocations run in them."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        store: Store,
+        launcher: Launcher,
+        service_id: str,
+        code_dir: Callable[[Version], Path],
+    ) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.launcher = launcher
+        self.service_id = service_id
+        self.code_dir = code_dir
+        self.pools: dict[tuple[str, str, int], VersionPool] = {}
+        self._removals: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    # -- instances ---------------------------------------------------------------
+
+    def _pool(self, v: Version) -> VersionPool:
+        key = version_key(v)
+        if key not in self.pools:
+            self.pools[key] = VersionPool(v)
+        return self.pools[key]
+
+    async def acquire(self, v: Version) -> tuple[Instance, str]:
+        """A free instance of ``v`` (warm), or a new one (cold) while under its
+        max concurrency; else wait for one (Busy past the queue's bound)."""
+        pool = self._pool(v)
+        deadline = time.monotonic() + QUEUE_WAIT_S
+        async with pool.cond:
+            while True:
+                if pool.retired or self._closed:
+                    raise Gone(f"function {v.name} was removed")
+                idle = next((i for i in pool.instances if not i.busy), None)
+                if idle is not None:
+                    idle.busy = True
+                    return idle, "warm"
+                if len(pool.instances) + pool.starting < v.spec["max_concurrency"]:
+                    pool.starting += 1
+                    break
+                if pool.waiting >= self.cfg.serve.queue_per_function:
+                    raise Busy(
+                        f"function {v.name}: all {v.spec['max_concurrency']} instances are busy "
+                        f"and {pool.waiting} requests wait already; try again later"
+                    )
+                pool.waiting += 1
+                try:
+                    await asyncio.wait_for(pool.cond.wait(), deadline - time.monotonic())
+                except TimeoutError:
+                    raise Busy(f"function {v.name}: no instance became free in time") from None
+                finally:
+                    pool.waiting -= 1
+        try:
+            cid, session = await self._start(v)
+        except BaseException:
+            async with pool.cond:
+                pool.starting -= 1
+                pool.cond.notify()
+            raise
+        inst = Instance(cid, v, pool, session=session)
+        async with pool.cond:
+            pool.starting -= 1
+            if pool.retired or self._closed:
+                self._remove_later(inst)
+                raise Gone(f"function {v.name} was removed")
+            pool.instances.append(inst)
+        return inst, "cold"
+
+    async def _start(self, v: Version) -> tuple[str, LoopSession | None]:
+        spec = v.spec
+        runtime = RUNTIMES[spec["runtime"]]
+        labels = {
+            SERVICE_LABEL: self.service_id,
+            FUNCTION_LABEL: f"{v.namespace}/{v.name}@{v.version}",
+        }
+        launch = asyncio.ensure_future(self.launcher.start(
+            runtime.image, list(IDLE), base_env(v), spec["memory_mib"] << 20,
+            float(spec["vcpus"]), str(self.code_dir(v)), labels,
+        ))  # fmt: skip
+        try:
+            cid = await asyncio.shield(launch)
+        except asyncio.CancelledError:
+            # The request went away (or the service stops): the helper still
+            # finishes the start, and its instance is removed then.
+            def drop(f: asyncio.Future[str]) -> None:
+                if not f.cancelled() and f.exception() is None:
+                    self._remove_later(Instance(f.result(), v))
+
+            launch.add_done_callback(drop)
+            raise
+        self.store.add_instance(cid, v)
+        session = None
+        try:
+            if self.cfg.serve.start_path == "copy":
+                await self._copy_code(cid, self.code_dir(v))
+            if runtime.loop:
+                session = await LoopSession.start(
+                    _cdir(self.cfg, cid), runtime.argv(spec["handler"], loop=True),
+                    base_env(v), self.cfg, max(30.0, spec["timeout_s"]),
+                )  # fmt: skip
+        except BaseException:
+            self._remove_later(Instance(cid, v))
+            raise
+        return cid, session
+
+    async def _copy_code(self, cid: str, code: Path) -> None:
+        """The "pre-warmed + copy" start: the code copied into the container
+        (its overlay, in guest memory) by a tar over an exec's stdin."""
+        data = await asyncio.to_thread(_tar_of, code, self.cfg.serve.max_unpacked_bytes)
+        argv = ["/bin/sh", "-c", "mkdir -p /code && tar -xf - -C /code"]
+        ex = await Exec.start(_cdir(self.cfg, cid), argv, env=[])
+        try:
+            await ex.process.write_stdin(data, close=True)
+            _, err = await asyncio.wait_for(ex.process.output(1 << 16), 120)
+            exited = await ex.process.wait()
+        finally:
+            with contextlib.suppress(CocoonError, OSError):
+                await ex.close()
+        if exited.exit_code != 0:
+            text = err.decode(errors="replace")[:200]
+            raise SandboxError(f"copying the code in failed ({exited.exit_code}): {text}")
+
+    async def release(self, inst: Instance, healthy: bool) -> None:
+        pool = inst.pool or self._pool(inst.version)
+        async with pool.cond:
+            inst.busy = False
+            inst.last_used = time.monotonic()
+            if not healthy or pool.retired or self._closed:
+                if inst in pool.instances:
+                    pool.instances.remove(inst)
+                self._remove_later(inst)
+            pool.cond.notify()
+
+    def _remove_later(self, inst: Instance) -> None:
+        async def remove() -> None:
+            if inst.session is not None:
+                await inst.session.close()
+            await self.launcher.remove(inst.cid)
+            self.store.remove_instance(inst.cid)
+
+        t = asyncio.get_running_loop().create_task(remove(), name=f"remove {inst.cid[:12]}")
+        self._removals.add(t)
+        t.add_done_callback(self._removals.discard)
+
+    async def retire(self, namespace: str, name: str) -> None:
+        """A removed function: its idle instances go now, busy ones when released."""
+        for key, pool in list(self.pools.items()):
+            if key[:2] != (namespace, name):
+                continue
+            async with pool.cond:
+                pool.retired = True
+                for inst in [i for i in pool.instances if not i.busy]:
+                    pool.instances.remove(inst)
+                    self._remove_later(inst)
+                pool.cond.notify_all()
+            del self.pools[key]
+
+    async def reap_idle(self) -> None:
+        """Instances idle past their version's keep-alive are removed (each second)."""
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.monotonic()
+            for key, pool in list(self.pools.items()):
+                keep = pool.version.spec["keep_alive_s"]
+                async with pool.cond:
+                    for inst in [i for i in pool.instances if not i.busy]:
+                        if now - inst.last_used >= keep:
+                            pool.instances.remove(inst)
+                            self._remove_later(inst)
+                    if not pool.instances and not pool.starting and not pool.waiting:
+                        del self.pools[key]
+
+    def live(self) -> list[Instance]:
+        return [i for p in self.pools.values() for i in p.instances]
+
+    async def close(self) -> None:
+        """Every instance removed (busy ones too: their invocations were cancelled)."""
+        self._closed = True
+        for pool in self.pools.values():
+            for inst in pool.instances:
+                self._remove_later(inst)
+            pool.instances.clear()
+        if self._removals:
+            await asyncio.gather(*self._removals, return_exceptions=True)
+
+    # -- invocations -------------------------------------------------------------
+
+    async def invoke(
+        self, v: Version, payload: bytes, iid: str, env: list[str] | None = None
+    ) -> Outcome:
+        """Run one invocation to its end; never raises but Busy/Gone (no
+        instance could be had) and cancellation."""
+        t0 = time.monotonic()
+        inst, kind = await self.acquire(v)
+        start_ms = (time.monotonic() - t0) * 1000
+        self.store.update_invocation(
+            iid, status=st.RUNNING, start_kind=kind, instance=inst.cid, started_at=time.time(),
+            start_ms=round(start_ms, 3),
+        )  # fmt: skip
+        healthy = False
+        try:
+            out, healthy = await self._run(inst, payload, iid, env or [])
+        except CocoonError as e:
+            out = Outcome(st.FAILED, error=f"the instance failed: {e}")
+        finally:
+            inst.calls += 1
+            await asyncio.shield(self.release(inst, healthy))
+        out.start_kind, out.instance, out.start_ms = kind, inst.cid, start_ms
+        return out
+
+    async def _run(
+        self, inst: Instance, payload: bytes, iid: str, extra: list[str]
+    ) -> tuple[Outcome, bool]:
+        v = inst.version
+        spec = v.spec
+        if inst.session is not None:
+            return await self._call(inst, inst.session, payload, iid, extra)
+        env = [*base_env(v), *extra, f"COCOON_FN_INVOCATION_ID={iid}"]
+        argv = RUNTIMES[spec["runtime"]].argv(spec["handler"])
+        t0 = time.monotonic()
+        ex = await Exec.start(_cdir(self.cfg, inst.cid), argv, env=env, workdir="/code")
+        out = _Output(self.cfg.serve.max_result_bytes, self.cfg.serve.max_log_bytes)
+        exited: Any = None
+        try:
+            try:
+                exited = await asyncio.wait_for(_io(ex, payload, out), spec["timeout_s"])
+            except TimeoutError:
+                with contextlib.suppress(CocoonError, OSError, TimeoutError):
+                    await asyncio.wait_for(ex.process.signal(signal.SIGKILL), 5.0)
+        finally:
+            with contextlib.suppress(CocoonError, OSError):
+                await ex.close()
+        ms = (time.monotonic() - t0) * 1000
+        common: dict[str, Any] = {
+            "logs": out.logs(),
+            "duration_ms": ms,
+            "billed_ms": math.ceil(ms / BILL_UNIT_MS) * BILL_UNIT_MS,
+        }
+        if exited is None:
+            err = f"timed out after {spec['timeout_s']:g} s: killed"
+            return Outcome(st.TIMEOUT, result=out.result(), error=err, **common), False
+        common["exit_code"] = exited.exit_code
+        if exited.oom_killed:
+            err = f"out of memory: killed at its {spec['memory_mib']} MiB limit"
+            return Outcome(st.FAILED, error=err, **common), False
+        if out.result_over:
+            err = f"the result is over {out.max_result} B (serve.max_result_bytes)"
+            return Outcome(st.FAILED, error=err, **common), True
+        if exited.exit_code != 0:
+            err = f"the handler exited with code {exited.exit_code}"
+            return Outcome(st.FAILED, result=out.result(), error=err, **common), True
+        return Outcome(st.SUCCEEDED, result=out.result(), **common), True
+
+    async def _call(
+        self, inst: Instance, session: LoopSession, payload: bytes, iid: str, extra: list[str]
+    ) -> tuple[Outcome, bool]:
+        """One invocation through the instance's handler loop."""
+        spec = inst.version.spec
+        env = dict(e.partition("=")[::2] for e in [*extra, f"COCOON_FN_INVOCATION_ID={iid}"])
+        t0 = time.monotonic()
+        try:
+            ok, error, result, logs = await asyncio.wait_for(
+                session.call(env, payload), spec["timeout_s"]
+            )
+        except TimeoutError:
+            await session.kill()
+            ms = (time.monotonic() - t0) * 1000
+            err = f"timed out after {spec['timeout_s']:g} s: killed"
+            return Outcome(st.TIMEOUT, error=err, logs=session.take_stray(), duration_ms=ms,
+                           billed_ms=_billed(ms)), False  # fmt: skip
+        except (EOFError, ValueError, KeyError, TypeError, CocoonError) as e:
+            # The loop died (out of memory, os._exit, a crash) or broke its frames.
+            exited = await session.exited()
+            ms = (time.monotonic() - t0) * 1000
+            common: dict[str, Any] = {"logs": session.take_stray(), "duration_ms": ms,
+                                      "billed_ms": _billed(ms)}  # fmt: skip
+            if exited is not None and exited.oom_killed:
+                err = f"out of memory: killed at its {spec['memory_mib']} MiB limit"
+            elif exited is not None:
+                err = f"the runtime exited with code {exited.exit_code}"
+                common["exit_code"] = exited.exit_code
+            else:
+                err = f"the runtime broke off: {e or e.__class__.__name__}"
+            return Outcome(st.FAILED, error=err, **common), False
+        ms = (time.monotonic() - t0) * 1000
+        common = {"logs": logs, "duration_ms": ms, "billed_ms": _billed(ms)}
+        if not ok:
+            return Outcome(st.FAILED, result=result, error=f"the handler raised {error}",
+                           exit_code=1, **common), True  # fmt: skip
+        return Outcome(st.SUCCEEDED, result=result, exit_code=0, **common), True
+
+
+def _billed(ms: float) -> int:
+    return math.ceil(ms / BILL_UNIT_MS) * BILL_UNIT_MS
+
+
+class LoopSession:
+    """A loop runtime's process in one instance (images/pyloop.py): started
+    with the instance, it imports the handler once, then answers framed
+    requests on its stdin with framed answers on its stdout. Its stderr
+    (what escapes the handler's redirected prints: its children's output)
+    is drained all along and given to the invocation it came during.
+
+    Everything it writes is untrusted: frames are bounded (the result by
+    serve.max_result_bytes, the rest by serve.max_log_bytes), a header must
+    be a JSON object, and any violation ends the instance."""
+
+    def __init__(self, ex: Exec, cfg: Config) -> None:
+        self.ex = ex
+        self.max_result = cfg.serve.max_result_bytes
+        self.max_logs = cfg.serve.max_log_bytes
+        self._buf = bytearray()
+        self._stray = bytearray()
+        self._drain = asyncio.get_running_loop().create_task(self._drain_stderr())
+
+    @classmethod
+    async def start(
+        cls, cdir: ContainerDir, argv: list[str], env: list[str], cfg: Config, timeout_s: float
+    ) -> LoopSession:
+        ex = await Exec.start(cdir, argv, env=env, workdir="/code")
+        session = cls(ex, cfg)
+        try:
+            hello = await asyncio.wait_for(session._header(), timeout_s)
+            if hello.get("ready") is not True:
+                lines = str(hello.get("error", "")).strip().splitlines() or ["?"]
+                raise SandboxError(f"the handler could not be loaded: {lines[-1][:500]}")
+        except (EOFError, ValueError, TimeoutError) as e:
+            await session.close()
+            raise SandboxError(f"the runtime did not start: {e or e.__class__.__name__}") from None
+        except BaseException:
+            await session.close()
+            raise
+        return session
+
+    async def _drain_stderr(self) -> None:
+        stream = self.ex.process.stderr
+        if stream is None:
+            return
+        with contextlib.suppress(CocoonError, ConnectionError):
+            while chunk := await stream.read():
+                room = self.max_logs - len(self._stray)
+                if room > 0:
+                    self._stray += chunk[:room]
+
+    def take_stray(self) -> bytes:
+        out = bytes(self._stray)
+        self._stray.clear()
+        return out
+
+    async def _exact(self, n: int) -> bytes:
+        stream = self.ex.process.stdout
+        assert stream is not None
+        while len(self._buf) < n:
+            chunk = await stream.read()
+            if not chunk:
+                raise EOFError("the runtime's output ended")
+            self._buf += chunk
+        out = bytes(self._buf[:n])
+        del self._buf[:n]
+        return out
+
+    async def _frame(self, cap: int) -> bytes:
+        n = int.from_bytes(await self._exact(4), "big")
+        if n > cap:
+            raise ValueError(f"a frame of {n} B from the runtime, over {cap}")
+        return await self._exact(n)
+
+    async def _header(self) -> dict[str, Any]:
+        header = json.loads(await self._frame(1 << 20))
+        if not isinstance(header, dict):
+            raise ValueError("the runtime's header is not an object")
+        return header
+
+    async def call(self, env: dict[str, str], payload: bytes) -> tuple[bool, str, bytes, bytes]:
+        """(ok, error, result, logs) of one invocation."""
+        head = json.dumps({"env": env}).encode()
+        frames = b"".join(len(x).to_bytes(4, "big") + x for x in (head, payload))
+        await self.ex.process.write_stdin(frames, close=False)
+        header = await self._header()
+        result = await self._frame(self.max_result)
+        logs = await self._frame(self.max_logs) + self.take_stray()
+        return bool(header["ok"]), str(header.get("error", ""))[:1000], result, logs
+
+    async def kill(self) -> None:
+        with contextlib.suppress(CocoonError, OSError, TimeoutError):
+            await asyncio.wait_for(self.ex.process.signal(signal.SIGKILL), 5.0)
+
+    async def exited(self) -> Any:
+        """The process's end (ProcessExited), if it ended; None if it did not say."""
+        with contextlib.suppress(CocoonError, OSError, TimeoutError):
+            return await asyncio.wait_for(self.ex.process.wait(), 5.0)
+        return None
+
+    async def close(self) -> None:
+        self._drain.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._drain
+        with contextlib.suppress(CocoonError, OSError):
+            await self.ex.close()
+
+
+class _Output:
+    """What a handler wrote, bounded, kept as it arrives (so a handler that
+    is killed still has its output up to then)."""
+
+    def __init__(self, max_result: int, max_logs: int) -> None:
+        self.max_result = max_result
+        self.max_logs = max_logs
+        self.out = bytearray()
+        self.err = bytearray()
+        self.result_over = False
+        self.logs_over = False
+
+    def result(self) -> bytes:
+        return bytes(self.out[: self.max_result])
+
+    def logs(self) -> bytes:
+        tail = b"\n[logs cut at serve.max_log_bytes]\n" if self.logs_over else b""
+        return bytes(self.err[: self.max_logs]) + tail
+
+
+async def _io(ex: Exec, payload: bytes, out: _Output) -> Any:
+    """Body in, stdout and stderr out, then the exit (ProcessExited)."""
+    proc = ex.process
+
+    async def feed() -> None:
+        # A handler that exits without reading its input is no error.
+        with contextlib.suppress(CocoonError, ConnectionError):
+            await proc.write_stdin(payload, close=True)
+
+    async def drain(stream: Any, buf: bytearray, cap: int, over: str) -> None:
+        while chunk := await stream.read():
+            if len(buf) + len(chunk) > cap:
+                setattr(out, over, True)
+            if len(buf) <= cap:
+                buf += chunk[: cap + 1 - len(buf)]
+
+    await asyncio.gather(
+        feed(),
+        drain(proc.stdout, out.out, out.max_result, "result_over"),
+        drain(proc.stderr, out.err, out.max_logs, "logs_over"),
+    )
+    return await proc.wait()
+
+
+def _tar_of(tree: Path, cap: int) -> bytes:
+    """``tree`` as a tar (links as links), at most ``cap`` bytes."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for child in sorted(tree.iterdir()):
+            tf.add(child, arcname=child.name)
+            if buf.tell() > cap:
+                raise SandboxError(f"the code is over {cap} B to copy")
+    return buf.getvalue()
+
+
+def _cdir(cfg: Config, cid: str) -> ContainerDir:
+    return ContainerDir(ContainerStore(cfg).root, cid)
+
+
+def base_env(v: Version) -> list[str]:
+    env = [f"{k}={val}" for k, val in sorted(v.spec.get("env", {}).items())]
+    return [
+        *env,
+        f"COCOON_FN_NAMESPACE={v.namespace}",
+        f"COCOON_FN_NAME={v.name}",
+        f"COCOON_FN_VERSION={v.version}",
+        f"COCOON_FN_MEMORY_MIB={v.spec['memory_mib']}",
+        f"COCOON_FN_TIMEOUT_S={v.spec['timeout_s']}",
+    ]
