@@ -23,7 +23,7 @@ from cocoon.runtime.control import MonitorClient
 from cocoon.runtime.records import ContainerConfig, ContainerDir, ContainerStore
 from cocoon.runtime.status import Status
 from cocoon.runtime.stdio import attach, terminal_size
-from cocoon.sandbox.sandbox import Process
+from cocoon.sandbox.process import Process
 
 log = logging.getLogger(__name__)
 
