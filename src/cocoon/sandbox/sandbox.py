@@ -41,6 +41,7 @@ from cocoon.hypervisor.base import (
 from cocoon.hypervisor.qemu.backend import QemuBackend
 from cocoon.hypervisor.qemu.cmdline import slot_serial
 from cocoon.log import teardown_step
+from cocoon.oci import seccomp
 from cocoon.protocol import messages
 from cocoon.sandbox import poolclient, restore, template
 from cocoon.sandbox.channel import AgentChannel, Timeout
@@ -752,7 +753,9 @@ class Sandbox:
         rows: int = 24,
         cols: int = 80,
     ) -> Process:
-        """crun create in the guest; the container's init waits for ``start_container``."""
+        """crun create in the guest; the container's init waits for ``start_container``.
+        A seccomp profile is compiled here, not by the guest's crun (oci/seccomp.py)."""
+        spec = seccomp.compiled(spec, self.cfg.data / "seccomp")
         body = _fits(json.dumps(spec), messages.MAX_SPEC, "the container's OCI spec")
         return await self._launch(
             container_id,
