@@ -23,6 +23,25 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _NamespaceMode:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _NamespaceModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_NamespaceMode.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    POD: _NamespaceMode.ValueType  # 0
+    CONTAINER: _NamespaceMode.ValueType  # 1
+    NODE: _NamespaceMode.ValueType  # 2
+    TARGET: _NamespaceMode.ValueType  # 3
+
+class NamespaceMode(_NamespaceMode, metaclass=_NamespaceModeEnumTypeWrapper): ...
+
+POD: NamespaceMode.ValueType  # 0
+CONTAINER: NamespaceMode.ValueType  # 1
+NODE: NamespaceMode.ValueType  # 2
+TARGET: NamespaceMode.ValueType  # 3
+Global___NamespaceMode: _TypeAlias = NamespaceMode  # noqa: Y015
+
 class _PodSandboxState:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -198,19 +217,68 @@ class LinuxContainerResources(_message.Message):
 Global___LinuxContainerResources: _TypeAlias = LinuxContainerResources  # noqa: Y015
 
 @_typing.final
+class NamespaceOption(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NETWORK_FIELD_NUMBER: _builtins.int
+    PID_FIELD_NUMBER: _builtins.int
+    IPC_FIELD_NUMBER: _builtins.int
+    network: Global___NamespaceMode.ValueType
+    pid: Global___NamespaceMode.ValueType
+    ipc: Global___NamespaceMode.ValueType
+    def __init__(
+        self,
+        *,
+        network: Global___NamespaceMode.ValueType = ...,
+        pid: Global___NamespaceMode.ValueType = ...,
+        ipc: Global___NamespaceMode.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ipc", b"ipc", "network", b"network", "pid", b"pid"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NamespaceOption: _TypeAlias = NamespaceOption  # noqa: Y015
+
+@_typing.final
+class LinuxSandboxSecurityContext(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAMESPACE_OPTIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def namespace_options(self) -> Global___NamespaceOption: ...
+    def __init__(
+        self,
+        *,
+        namespace_options: Global___NamespaceOption | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["namespace_options", b"namespace_options"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["namespace_options", b"namespace_options"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LinuxSandboxSecurityContext: _TypeAlias = LinuxSandboxSecurityContext  # noqa: Y015
+
+@_typing.final
 class LinuxPodSandboxConfig(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     CGROUP_PARENT_FIELD_NUMBER: _builtins.int
+    SECURITY_CONTEXT_FIELD_NUMBER: _builtins.int
     cgroup_parent: _builtins.str
+    @_builtins.property
+    def security_context(self) -> Global___LinuxSandboxSecurityContext: ...
     def __init__(
         self,
         *,
         cgroup_parent: _builtins.str = ...,
+        security_context: Global___LinuxSandboxSecurityContext | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["security_context", b"security_context"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cgroup_parent", b"cgroup_parent"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cgroup_parent", b"cgroup_parent", "security_context", b"security_context"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -828,20 +896,44 @@ class ContainerMetadata(_message.Message):
 Global___ContainerMetadata: _TypeAlias = ContainerMetadata  # noqa: Y015
 
 @_typing.final
+class LinuxContainerSecurityContext(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAMESPACE_OPTIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def namespace_options(self) -> Global___NamespaceOption: ...
+    def __init__(
+        self,
+        *,
+        namespace_options: Global___NamespaceOption | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["namespace_options", b"namespace_options"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["namespace_options", b"namespace_options"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LinuxContainerSecurityContext: _TypeAlias = LinuxContainerSecurityContext  # noqa: Y015
+
+@_typing.final
 class LinuxContainerConfig(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     RESOURCES_FIELD_NUMBER: _builtins.int
+    SECURITY_CONTEXT_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def resources(self) -> Global___LinuxContainerResources: ...
+    @_builtins.property
+    def security_context(self) -> Global___LinuxContainerSecurityContext: ...
     def __init__(
         self,
         *,
         resources: Global___LinuxContainerResources | None = ...,
+        security_context: Global___LinuxContainerSecurityContext | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["resources", b"resources"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["resources", b"resources", "security_context", b"security_context"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["resources", b"resources"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["resources", b"resources", "security_context", b"security_context"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
