@@ -502,3 +502,57 @@ def test_a_pod_the_kubelet_way(env: Env, clean: None, handler: str) -> None:
     assert status(e, mem).state == api.CONTAINER_EXITED
     e.cri.rt("RemovePodSandbox", api.RemovePodSandboxRequest(pod_sandbox_id=pod.id), 120)
     assert not e.cri.rt("ListPodSandbox", api.ListPodSandboxRequest()).items
+
+
+def _sleeper_pod(e: Env, name: str) -> tuple[Pod, str]:
+    pod = run_pod(e, "cocoon", name)
+    image = e.cri.pull(e.busybox, pod.config)
+    return pod, create(e, pod, "sleeper", image, ["sleep", "100000"])
+
+
+def _remove(e: Env, pod: Pod) -> None:
+    e.cri.rt("StopPodSandbox", api.StopPodSandboxRequest(pod_sandbox_id=pod.id), 120)
+    e.cri.rt("RemovePodSandbox", api.RemovePodSandboxRequest(pod_sandbox_id=pod.id), 120)
+    assert not e.cri.rt("ListPodSandbox", api.ListPodSandboxRequest()).items
+
+
+def _pod_state(e: Env, pod: Pod) -> int:
+    req = api.PodSandboxStatusRequest(pod_sandbox_id=pod.id)
+    state: int = e.cri.rt("PodSandboxStatus", req).status.state
+    return state
+
+
+def test_a_killed_vm_ends_the_pods_containers(env: Env, clean: None) -> None:
+    """kill -9 of the pod's QEMU: its containers exit (SIGKILL's 137, reason
+    Error, as kubelet reads a crash), the sandbox is no longer ready, and the
+    pod's removal leaves nothing."""
+    e = env
+    pod, cid = _sleeper_pod(e, "pod-killed-vm")
+    (qemu,) = qemus(e)
+    os.kill(qemu, signal.SIGKILL)
+    s = until(
+        "the container's exit", lambda: (s := status(e, cid)).state == api.CONTAINER_EXITED and s
+    )
+    assert (s.exit_code, s.reason) == (137, "Error"), s
+    until("the sandbox's end", lambda: _pod_state(e, pod) == api.SANDBOX_NOTREADY)
+    _remove(e, pod)
+
+
+def test_a_killed_shim_is_a_dead_pod(env: Env, clean: None) -> None:
+    """kill -9 of the pod's shim: containerd sees its tasks dead (the shim's
+    containers die with it), and the pod's removal cleans up after it."""
+    e = env
+    pod, cid = _sleeper_pod(e, "pod-killed-shim")
+    # the shim serving the pod's socket (its monitors are its forks: skip them)
+    monitors = set()
+    for st in (e.containerd.shim_root / NAMESPACE).glob("oci/*/state.json"):
+        with contextlib.suppress(OSError, ValueError):
+            monitors.add(int(json.loads(st.read_bytes()).get("monitor_pid") or 0))
+    (shim,) = [p for p in shims(e) if p not in monitors]
+    os.kill(shim, signal.SIGKILL)
+    s = until(
+        "the container's exit", lambda: (s := status(e, cid)).state == api.CONTAINER_EXITED and s
+    )
+    assert s.exit_code != 0 and s.reason == "Error", s
+    until("the sandbox's end", lambda: _pod_state(e, pod) == api.SANDBOX_NOTREADY)
+    _remove(e, pod)
