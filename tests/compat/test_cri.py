@@ -245,6 +245,19 @@ def make_pod_cgroup(path: str) -> None:
                         (sub / f).write_text((top / f).read_text())
 
 
+def cgroup_members() -> dict[str, str]:
+    """What is left in the pods' memory cgroups: cgroup -> the names of its processes."""
+    out = {}
+    for procs in Path("/sys/fs/cgroup/memory", CGROUP_ROOT).rglob("cgroup.procs"):
+        names = []
+        for pid in procs.read_text().split():
+            with contextlib.suppress(OSError):
+                names.append(f"{pid}:{Path(f'/proc/{pid}/comm').read_text().strip()}")
+        if names:
+            out[str(procs.parent)] = " ".join(names)
+    return out
+
+
 def remove_cgroups() -> None:
     """Remove the pod cgroups, deepest first (kubelet's part: the runtime
     removes only its containers')."""
@@ -277,12 +290,18 @@ def clean(env: Env) -> Iterator[None]:
             for root in env.vm_roots():
                 gc.reap(root, force=True)
             remove_cgroups()
-            pytest.fail(f"left behind: shims {procs}, VM processes {vms}")
+            logged = (env.base / "containerd.log").read_text(errors="replace")[-6000:]
+            pytest.fail(f"left behind: shims {procs}, VM processes {vms}, in the pods' cgroups "
+                        f"{cgroup_members()}; containerd:\n{logged}")  # fmt: skip
         time.sleep(0.2)
     assert not mount_points_under(env.containerd.run), "mounts left in containerd's state"
     assert not mount_points_under(env.base), "mounts left in containerd's root"
     assert not netns() - nets, f"network namespaces left: {netns() - nets}"
+    # the runtime removes its containers' cgroups, kubelet the pods'
+    left = sorted({d.name for top in cgroups() for d in top.glob("pod*/*") if d.is_dir()})
+    members = cgroup_members()
     remove_cgroups()
+    assert not left, f"container cgroups left in the pods' cgroups: {left}, holding {members}"
     assert not cgroups(), f"pod cgroups left: {cgroups()}"
 
 
@@ -386,6 +405,34 @@ def qemus(e: Env) -> list[int]:
             if Path(f"/proc/{p}/comm").read_text().startswith("qemu")]  # fmt: skip
 
 
+def pod_tree(e: Env) -> set[int]:
+    """The VM handlers' monitors and everything they started (QEMU, virtiofsd,
+    the 9p servers)."""
+    tops: set[int] = set()
+    for root in e.vm_roots():
+        for st in root.glob("oci/*/state.json"):
+            with contextlib.suppress(OSError, ValueError):
+                tops.add(int(json.loads(st.read_bytes()).get("monitor_pid") or 0))
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").glob("[0-9]*"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            ppid = int(d.joinpath("stat").read_text().rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(d.name))
+    out, todo = set(), [p for p in tops if p]
+    while todo:
+        p = todo.pop()
+        if p not in out:
+            out.add(p)
+            todo += children.get(p, [])
+    return out
+
+
+def _in_cgroup(pid: int, parent: str) -> bool:
+    """Whether ``pid`` is below ``parent`` in every hierarchy it is in."""
+    lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+    return all(line.split(":", 2)[2].startswith(parent + "/") for line in lines)
+
+
 HOST_BOOT_ID = Path("/proc/sys/kernel/random/boot_id").read_text()
 
 
@@ -445,6 +492,14 @@ def test_a_pod_the_kubelet_way(env: Env, clean: None, handler: str) -> None:
     else:
         assert boots != {HOST_BOOT_ID.encode()}, "a VM handler's container runs on the host"
         assert len(qemus(e)) == 1, "the pod's two containers are not in one VM"
+        # the pod's host processes in the pod's host cgroup, in every hierarchy
+        # (the runc shim is containerd's, not the pod's: only cocoon's shim)
+        ours = set(vm_processes(e)) | pod_tree(e)
+        ours |= set(shims(e)) if handler == "cocoon" else set()
+        names = {Path(f"/proc/{p}/comm").read_text().strip() for p in ours}
+        assert {"qemu-system-x86", "python"} <= names, names  # the monitor, its file servers
+        for pid in ours:
+            assert _in_cgroup(pid, pod.cgroup), (pid, Path(f"/proc/{pid}/cmdline").read_bytes())
 
     # stats: the container that allocated shows it, the idle one does not.
     # Not through the runc shim: it reads the host cgroup of the process
@@ -465,6 +520,8 @@ def test_a_pod_the_kubelet_way(env: Env, clean: None, handler: str) -> None:
     assert set(by_name) == {"web", "mem"}, pods
     if true_stats:
         assert by_name["mem"].memory.working_set_bytes.value >= ALLOC, by_name["mem"]
+    # the pod's own cgroup (kubelet's), where the pod's host processes are
+    assert pods[0].linux.memory.working_set_bytes.value >= ALLOC, pods[0].linux.memory
 
     # UpdateContainerResources: the new limit, in the container's cgroup (and
     # as the stats read it back)

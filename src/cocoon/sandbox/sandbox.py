@@ -249,7 +249,8 @@ class Sandbox:
         """
         want = spec or SandboxSpec()
         use_template = cfg.sandbox.templates if want.template is None else want.template
-        if use_template and not want.pooled and poolable(cfg, want):
+        # (a pooled VM runs in the pool's cgroups: not in a caller's host cgroup)
+        if use_template and not want.pooled and not want.host_cgroup and poolable(cfg, want):
             got = await asyncio.to_thread(
                 poolclient.take, cfg, want.vcpus or cfg.hypervisor.vcpus,
                 want.memory_mib or cfg.hypervisor.memory_mib,
@@ -310,6 +311,7 @@ class Sandbox:
             nics=list(attached.nics) if attached else [],
             init=want.init,
         )
+        spec.cgroup = want.host_cgroup
         try:
             spec.jail = restore.jail_for(cfg, sdir, st)
         except BaseException:
