@@ -96,13 +96,17 @@ def oci_archive(
     return dest
 
 
+def image_archive_of(work: Path) -> Path:
+    """The busybox tree cocoon's tests use, as an OCI archive under ``work``."""
+    tree = work / "tree" / "rootfs"
+    shutil.copytree(busybox_rootfs(load()), tree, symlinks=True)
+    tree.chmod(0o755)  # a user other than root must be able to enter /
+    return oci_archive(tree, work / "busybox-oci.tar")
+
+
 @pytest.fixture(scope="session")
 def image_archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    src = busybox_rootfs(load())
-    tree = tmp_path_factory.mktemp("tree") / "rootfs"
-    shutil.copytree(src, tree, symlinks=True)
-    tree.chmod(0o755)  # a user other than root must be able to enter /
-    return oci_archive(tree, tmp_path_factory.mktemp("image") / "busybox-oci.tar")
+    return image_archive_of(tmp_path_factory.mktemp("image"))
 
 
 def leftovers(root: Path) -> tuple[list[str], dict[int, str]]:
