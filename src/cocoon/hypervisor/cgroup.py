@@ -88,6 +88,37 @@ def create(sandbox_id: str, guest_mib: int, pids: int, under: str = "") -> list[
     return made
 
 
+def hierarchies() -> list[Path]:
+    """Every mounted hierarchy's root: v2's, or each v1 one (with v2's
+    ``unified`` beside them on a hybrid host)."""
+    if _v2():
+        return [ROOT]
+    with contextlib.suppress(OSError):
+        return sorted(d for d in ROOT.iterdir() if (d / "cgroup.procs").exists())
+    return []
+
+
+def move_into(under: str, sandbox_id: str, pids: list[int], *, jailed: bool, guest_mib: int,
+              nproc: int) -> None:  # fmt: skip
+    """A running VM's processes (a warm pool's, taken by a pod) into the host
+    cgroup ``under`` in every hierarchy, with the jail's caps there when it
+    is jailed; its own ``cocoon/<id>`` cgroups, empty then, removed. Pages it
+    touched before stay charged where they were (v1 moves no charges)."""
+    if jailed:
+        create(sandbox_id, guest_mib, nproc, under)
+    for top in hierarchies():
+        d = top / under.strip("/")
+        for pid in pids:
+            try:
+                d.mkdir(parents=True, exist_ok=True)
+                (d / "cgroup.procs").write_text(str(pid))
+            except ProcessLookupError:
+                continue  # gone: its watcher reports the VM's end
+            except OSError as e:
+                raise HypervisorError(f"cannot move process {pid} into {d}: {e.strerror}") from e
+    remove(sandbox_id)
+
+
 def remove(sandbox_id: str) -> None:
     """Remove the sandbox's cgroups (empty once its QEMU is gone)."""
     for p in paths(sandbox_id):

@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 from cocoon.errors import OciError
+from cocoon.hypervisor.cgroup import hierarchies
 
 log = logging.getLogger(__name__)
 
@@ -70,16 +71,6 @@ def _expand_slice(name: str) -> list[str]:
     if "" in words:
         raise OciError(f"linux.cgroupsPath: {name[:200]!r} is not a valid slice name")
     return ["-".join(words[: i + 1]) + ".slice" for i in range(len(words))]
-
-
-def hierarchies() -> list[Path]:
-    """Every mounted hierarchy's root: v2's, or each v1 one (with v2's
-    ``unified`` beside them on a hybrid host)."""
-    if (ROOT / "cgroup.controllers").exists():
-        return [ROOT]
-    with contextlib.suppress(OSError):
-        return sorted(d for d in ROOT.iterdir() if (d / "cgroup.procs").exists())
-    return []
 
 
 def enter(rel: str, pid: int = 0) -> None:

@@ -27,7 +27,7 @@ from cocoon import network as net
 from cocoon.config import Config
 from cocoon.errors import CocoonError, GuestError, HypervisorError, SandboxError, TemplateError
 from cocoon.guestassets.cache import resolve
-from cocoon.hypervisor import accel
+from cocoon.hypervisor import accel, cgroup, jail
 from cocoon.hypervisor.base import (
     AGENT_VSOCK_PORT,
     Disk,
@@ -249,8 +249,7 @@ class Sandbox:
         """
         want = spec or SandboxSpec()
         use_template = cfg.sandbox.templates if want.template is None else want.template
-        # (a pooled VM runs in the pool's cgroups: not in a caller's host cgroup)
-        if use_template and not want.pooled and not want.host_cgroup and poolable(cfg, want):
+        if use_template and not want.pooled and poolable(cfg, want):
             got = await asyncio.to_thread(
                 poolclient.take, cfg, want.vcpus or cfg.hypervisor.vcpus,
                 want.memory_mib or cfg.hypervisor.memory_mib,
@@ -393,6 +392,12 @@ class Sandbox:
             )
             for pid in sb.launched.processes.values():  # the pool ran them niced
                 renice_all(pid, 0)
+            if want.host_cgroup:  # the pool ran them in its cgroups
+                cgroup.move_into(
+                    want.host_cgroup, sdir.id, list(sb.launched.processes.values()),
+                    jailed=st.jail_uid != 0, nproc=jail.NPROC,
+                    guest_mib=want.memory_mib or cfg.hypervisor.memory_mib,
+                )  # fmt: skip
             t0 = time.monotonic()
             sb.channel = await AgentChannel.from_fd(
                 got.channel_fd, agent_timeout_s=cfg.hypervisor.agent_timeout_s
