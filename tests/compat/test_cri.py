@@ -234,6 +234,9 @@ def test_a_pod_the_kubelet_way(env: Env, clean: None, handler: str) -> None:
         assert by_name["mem"].memory.working_set_bytes.value >= ALLOC, by_name["mem"]
     # the pod's own cgroup (kubelet's), where the pod's host processes are
     assert pods[0].linux.memory.working_set_bytes.value >= ALLOC, pods[0].linux.memory
+    # the pod's network, read by containerd in its namespace: the page went out
+    net = pods[0].linux.network.default_interface
+    assert net.tx_bytes.value > len(page) and net.rx_bytes.value > 0, pods[0].linux.network
 
     # UpdateContainerResources: the new limit, in the container's cgroup (and
     # as the stats read it back)
