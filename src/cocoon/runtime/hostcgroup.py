@@ -81,7 +81,7 @@ def enter(rel: str, pid: int = 0) -> None:
         d = top / rel
         try:
             d.mkdir(parents=True, exist_ok=True)
-            if top.name == "cpuset":
+            if "cpuset" in top.name.split(","):
                 _fill_cpuset(top, d)
             (d / "cgroup.procs").write_text(str(pid))
         except OSError as e:
