@@ -46,8 +46,11 @@ def _blob(root: Path, data: bytes) -> dict[str, object]:
     return {"digest": f"sha256:{d}", "size": len(data)}
 
 
-def oci_archive(rootfs: Path, dest: Path) -> Path:
-    """An OCI image archive (a tarred image layout) of ``rootfs``, tagged IMAGE."""
+def oci_archive(
+    rootfs: Path, dest: Path, name: str = IMAGE, cmd: tuple[str, ...] = ("sh",)
+) -> Path:
+    """An OCI image archive (a tarred image layout) of ``rootfs``, tagged ``name``
+    (IMAGE by default), running ``cmd``."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
         for path in sorted(rootfs.rglob("*")):
@@ -59,7 +62,7 @@ def oci_archive(rootfs: Path, dest: Path) -> Path:
         config = {
             "architecture": "amd64",
             "os": "linux",
-            "config": {"Env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"], "Cmd": ["sh"]},
+            "config": {"Env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"], "Cmd": list(cmd)},
             "rootfs": {"type": "layers", "diff_ids": [ldesc["digest"]]},
         }
         cdesc = _blob(work, json.dumps(config).encode())
@@ -77,7 +80,7 @@ def oci_archive(rootfs: Path, dest: Path) -> Path:
                     "mediaType": "application/vnd.oci.image.manifest.v1+json",
                     **mdesc,
                     "annotations": {
-                        "io.containerd.image.name": IMAGE,
+                        "io.containerd.image.name": name,
                         "org.opencontainers.image.ref.name": "latest",
                     },
                 }
@@ -93,13 +96,17 @@ def oci_archive(rootfs: Path, dest: Path) -> Path:
     return dest
 
 
+def image_archive_of(work: Path) -> Path:
+    """The busybox tree cocoon's tests use, as an OCI archive under ``work``."""
+    tree = work / "tree" / "rootfs"
+    shutil.copytree(busybox_rootfs(load()), tree, symlinks=True)
+    tree.chmod(0o755)  # a user other than root must be able to enter /
+    return oci_archive(tree, work / "busybox-oci.tar")
+
+
 @pytest.fixture(scope="session")
 def image_archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    src = busybox_rootfs(load())
-    tree = tmp_path_factory.mktemp("tree") / "rootfs"
-    shutil.copytree(src, tree, symlinks=True)
-    tree.chmod(0o755)  # a user other than root must be able to enter /
-    return oci_archive(tree, tmp_path_factory.mktemp("image") / "busybox-oci.tar")
+    return image_archive_of(tmp_path_factory.mktemp("image"))
 
 
 def leftovers(root: Path) -> tuple[list[str], dict[int, str]]:
@@ -178,8 +185,27 @@ def shim_bin(dest: Path) -> Path:
     return dest
 
 
+def runtime_bin(dest: Path) -> Path:
+    """A dir holding ``cocoon-runtime``: a wrapper running this checkout's, as
+    ``shim_bin`` does the shim (for a runc shim's ``BinaryName``)."""
+    src = Path(__file__).resolve().parents[2] / "src"
+    dest.mkdir(parents=True, exist_ok=True)
+    script = dest / "cocoon-runtime"
+    code = "import sys; from cocoon.entry import cocoon_runtime; cocoon_runtime()"
+    script.write_text(f"#!/bin/sh\nPYTHONPATH={src} exec {sys.executable} -c '{code}' \"$@\"\n")
+    script.chmod(0o755)
+    return script
+
+
 class Containerd:
-    def __init__(self, base: Path, run: Path) -> None:
+    """A containerd of its own (root, state, socket, config). ``cri`` is the
+    CRI plugin's config (TOML below ``[plugins."io.containerd.grpc.v1.cri"]``'s
+    level): without it the plugin is disabled; ``env`` adds to the
+    environment the shims inherit."""
+
+    def __init__(
+        self, base: Path, run: Path, cri: str | None = None, env: dict[str, str] | None = None
+    ) -> None:
         self.base = base
         self.run = run
         self.sock = run / "containerd.sock"
@@ -189,8 +215,9 @@ class Containerd:
             "version = 2\n"
             f'root = "{base / "root"}"\n'
             f'state = "{run / "state"}"\n'
-            'disabled_plugins = ["io.containerd.grpc.v1.cri"]\n'
-            f'[grpc]\n  address = "{self.sock}"\n'
+            + ('disabled_plugins = ["io.containerd.grpc.v1.cri"]\n' if cri is None else "")
+            + f'[grpc]\n  address = "{self.sock}"\n'
+            + (cri or "")
         )
         self.log = open(base / "containerd.log", "wb")  # noqa: SIM115
         # The shims containerd starts inherit its environment: our shim on the
@@ -199,6 +226,7 @@ class Containerd:
             **os.environ,
             "PATH": f"{shim_bin(base / 'bin')}:{os.environ.get('PATH', '')}",
             "COCOON_SHIM_ROOT_DIR": str(self.shim_root),
+            **(env or {}),
         }
         self.proc = subprocess.Popen(
             ["containerd", "--config", str(base / "config.toml")],

@@ -4,7 +4,9 @@ They are committed (an install needs no code generator), so a .proto edited
 without regenerating would ship stale code: this test regenerates them with
 grpcio-tools' protoc and mypy-protobuf and compares byte for byte. To
 regenerate: ``python -m grpc_tools.protoc -I src --python_out=src --mypy_out=src
-src/cocoon/shim/proto/*.proto``.
+src/cocoon/shim/proto/*.proto``, and the tests' CRI client's from the checkout's
+root: ``python -m grpc_tools.protoc -I . --python_out=. --mypy_out=.
+tests/compat/cri/*.proto``.
 """
 
 from __future__ import annotations
@@ -14,17 +16,23 @@ import subprocess
 import sys
 from pathlib import Path
 
-SRC = Path(__file__).resolve().parents[2] / "src"
-PROTO = SRC / "cocoon" / "shim" / "proto"
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_generated_modules_are_current(tmp_path: Path) -> None:
-    tree = tmp_path / "src"
-    (tree / "cocoon" / "shim").mkdir(parents=True)
-    shutil.copytree(PROTO, tree / "cocoon" / "shim" / "proto")
-    for old in (tree / "cocoon" / "shim" / "proto").glob("*_pb2.py*"):
-        old.unlink()
-    protos = sorted(str(p.relative_to(tree)) for p in (tree / "cocoon/shim/proto").glob("*.proto"))
+@pytest.mark.parametrize(
+    ("base", "pkg"),
+    [
+        (ROOT / "src", "cocoon/shim/proto"),  # the shim's wire
+        (ROOT, "tests/compat/cri"),  # the CRI client of tests/compat/test_cri.py
+    ],
+)
+def test_generated_modules_are_current(tmp_path: Path, base: Path, pkg: str) -> None:
+    tree = tmp_path / "tree"
+    (tree / pkg).parent.mkdir(parents=True)
+    shutil.copytree(base / pkg, tree / pkg, ignore=shutil.ignore_patterns("*_pb2.py*", "*.py"))
+    protos = sorted(str(p.relative_to(tree)) for p in (tree / pkg).glob("*.proto"))
     assert protos
     # mypy-protobuf's plugin, beside this interpreter (or on PATH)
     plugin = Path(sys.executable).parent / "protoc-gen-mypy"
@@ -36,12 +44,12 @@ def test_generated_modules_are_current(tmp_path: Path) -> None:
         cwd=tree, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
-    made = sorted(p.name for p in (tree / "cocoon/shim/proto").glob("*_pb2.py*"))
-    committed = sorted(p.name for p in PROTO.glob("*_pb2.py*"))
+    made = sorted(p.name for p in (tree / pkg).glob("*_pb2.py*"))
+    committed = sorted(p.name for p in (base / pkg).glob("*_pb2.py*"))
     assert made == committed
     for name in made:
-        fresh = (tree / "cocoon/shim/proto" / name).read_bytes()
-        assert fresh == (PROTO / name).read_bytes(), f"{name} is stale: regenerate it"
+        fresh = (tree / pkg / name).read_bytes()
+        assert fresh == (base / pkg / name).read_bytes(), f"{pkg}/{name} is stale: regenerate it"
 
 
 def test_events_carry_containerds_type_names() -> None:

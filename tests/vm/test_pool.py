@@ -9,7 +9,9 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,6 +20,7 @@ from cocoon.config import Config
 from cocoon.state.store import SandboxDir
 from cocoon.util.fs import mount_points_under
 from tests.vm.conftest import cocoon, ok
+from tests.vm.test_ocicli import make_bundle
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(300)]
 
@@ -164,3 +167,53 @@ def test_a_killed_server_leaves_nothing_gc_cannot_clean(cfg: Config, busybox: No
     r = cocoon(cfg, "run", "--rm", "--network", "none", "busybox", "echo", "ok")
     assert (r.returncode, r.stdout, r.stderr) == (0, b"ok\n", b"")
     (cfg.root / "pool.sock").unlink(missing_ok=True)
+
+
+def test_a_pod_takes_a_pooled_sandbox_into_its_host_cgroup(
+    cfg: Config, rootfs: Path, server: subprocess.Popen[bytes], tmp_path: Path
+) -> None:
+    """A bundle with a ``linux.cgroupsPath`` (kubelet's pod cgroup below it)
+    still takes a pooled VM: its processes, which the pool started in its own
+    cgroups, move into the container's host cgroup in every hierarchy, and
+    the delete removes that cgroup."""
+    [pooled] = pool_ls(cfg)
+    top = f"cocoon-pool-test-{uuid.uuid4().hex[:8]}"
+    rel = f"{top}/pod/c1"
+    b = make_bundle(tmp_path, rootfs, ["sleep", "300"])
+    spec = json.loads((b / "config.json").read_text())
+    spec.setdefault("linux", {})["cgroupsPath"] = f"/{rel}"
+    (b / "config.json").write_text(json.dumps(spec))
+    code = "from cocoon.entry import cocoon_runtime; cocoon_runtime()"
+    rt = [sys.executable, "-c", code, "--root", str(cfg.root)]
+    try:
+        create = [*rt, "create", "--bundle", str(b), "--pid-file", str(tmp_path / "pid"), "c1"]
+        with open(tmp_path / "err", "wb") as err:  # (the stand-in keeps create's stdio)
+            r = subprocess.run(create, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                               stderr=err, timeout=120)  # fmt: skip
+        assert r.returncode == 0, (tmp_path / "err").read_text()
+        state = json.loads((cfg.root / "oci" / "c1" / "state.json").read_text())
+        assert state["sandbox_id"] == pooled
+        st = SandboxDir(cfg.root, pooled).read()
+        pids = [p.pid for p in st.processes.values()] + [st.owner_pid]  # the VM's and its monitor
+        assert len(pids) >= 3, st.processes
+        for pid in pids:
+            for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+                assert line.split(":", 2)[2] == f"/{rel}", (pid, line)
+        mem = Path("/sys/fs/cgroup/memory", rel, "memory.limit_in_bytes")
+        if mem.exists() and st.jail_uid:  # the jail's cap came along
+            assert int(mem.read_text()) == (cfg.hypervisor.memory_mib + 256) << 20
+        assert not Path("/sys/fs/cgroup/memory/cocoon", pooled).exists()
+    finally:
+        subprocess.run([*rt, "delete", "--force", "c1"], capture_output=True, timeout=120)
+        wait_for(lambda: not any(Path(t, rel).exists() for t in _hierarchies()), 20)
+        for t in _hierarchies():
+            for d in (Path(t, top, "pod"), Path(t, top)):
+                if d.is_dir():
+                    d.rmdir()
+
+
+def _hierarchies() -> list[Path]:
+    root = Path("/sys/fs/cgroup")
+    if (root / "cgroup.controllers").exists():
+        return [root]
+    return [d for d in root.iterdir() if (d / "cgroup.procs").exists()]

@@ -130,6 +130,9 @@ class VmSpec:
     template: TemplateMemory | None = None
     #: Run the VMM jailed as this uid/gid (hypervisor.jail); None: as we run.
     jail: Jail | None = None
+    #: A host cgroup of the caller's (a pod's) where the jail's limits go
+    #: instead of ``cocoon/<id>`` (hypervisor.cgroup); "" for none.
+    cgroup: str = ""
 
 
 AGENT_VSOCK_PORT = 1024

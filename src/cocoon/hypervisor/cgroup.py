@@ -9,6 +9,12 @@ and threads at the jail's limit; past it the kernel kills within the cgroup.
 cgroup v2 (``/sys/fs/cgroup/cocoon/<id>``, memory.max and pids.max) where the
 host has it, else v1's memory and pids hierarchies (``.../memory/cocoon/<id>``,
 ``.../pids/cocoon/<id>``). The jailer joins them before it becomes QEMU.
+
+A sandbox given a host cgroup of its caller's (``under``: a pod's, from the
+OCI spec's ``linux.cgroupsPath``, which kubelet sizes and reads) is capped
+there instead, in that same cgroup: its QEMU then sits with the processes
+that serve it (monitor, file servers, shim), all counted in the pod's cgroup.
+That cgroup is its caller's to make and remove (``runtime.hostcgroup``).
 Pages of a template's sealed RAM are charged to its holder (they are shared),
 so a clone is charged for what it wrote, not for what every clone reads.
 """
@@ -33,10 +39,13 @@ def _v2() -> bool:
     return (ROOT / "cgroup.controllers").exists()
 
 
-def paths(sandbox_id: str) -> list[Path]:
+def paths(sandbox_id: str, under: str = "") -> list[Path]:
+    """The sandbox's jail cgroups: ``cocoon/<id>``, or the host cgroup ``under``
+    (a path below the hierarchies' roots)."""
+    rel = under.strip("/") or f"cocoon/{sandbox_id}"
     if _v2():
-        return [ROOT / "cocoon" / sandbox_id]
-    return [ROOT / "memory" / "cocoon" / sandbox_id, ROOT / "pids" / "cocoon" / sandbox_id]
+        return [ROOT / rel]
+    return [ROOT / "memory" / rel, ROOT / "pids" / rel]
 
 
 def _write(path: Path, value: str) -> None:
@@ -46,15 +55,17 @@ def _write(path: Path, value: str) -> None:
         raise HypervisorError(f"cannot set {path}: {e.strerror}") from e
 
 
-def create(sandbox_id: str, guest_mib: int, pids: int) -> list[Path]:
+def create(sandbox_id: str, guest_mib: int, pids: int, under: str = "") -> list[Path]:
     """The sandbox's cgroups, made and limited; the jailer joins them."""
     limit = (guest_mib + OVERHEAD_MIB) << 20
-    made = paths(sandbox_id)
+    made = paths(sandbox_id, under)
     try:
         if _v2():
-            top = ROOT / "cocoon"
-            top.mkdir(exist_ok=True)
-            _write(ROOT / "cgroup.subtree_control", "+memory +pids")
+            top = ROOT
+            for part in made[0].relative_to(ROOT).parts[:-1]:  # each ancestor delegates
+                _write(top / "cgroup.subtree_control", "+memory +pids")
+                top = top / part
+                top.mkdir(exist_ok=True)
             _write(top / "cgroup.subtree_control", "+memory +pids")
             made[0].mkdir(exist_ok=True)
             _write(made[0] / "memory.max", str(limit))
@@ -67,13 +78,45 @@ def create(sandbox_id: str, guest_mib: int, pids: int) -> list[Path]:
             _write(mem / "memory.limit_in_bytes", str(limit))
             _write(pid / "pids.max", str(pids))
     except (OSError, HypervisorError) as e:
-        remove(sandbox_id)
+        if not under:  # a host cgroup is its maker's to remove
+            remove(sandbox_id)
         why = str(e) if isinstance(e, HypervisorError) else f"{e.filename}: {e.strerror}"
         raise HypervisorError(
             f"the jail needs a host cgroup and cannot make one ({why}): give cocoon a "
             "writable cgroup v2 (or v1 memory and pids) hierarchy, or set security.jail = false"
         ) from e
     return made
+
+
+def hierarchies() -> list[Path]:
+    """Every mounted hierarchy's root: v2's, or each v1 one (with v2's
+    ``unified`` beside them on a hybrid host)."""
+    if _v2():
+        return [ROOT]
+    with contextlib.suppress(OSError):
+        return sorted(d for d in ROOT.iterdir() if (d / "cgroup.procs").exists())
+    return []
+
+
+def move_into(under: str, sandbox_id: str, pids: list[int], *, jailed: bool, guest_mib: int,
+              nproc: int) -> None:  # fmt: skip
+    """A running VM's processes (a warm pool's, taken by a pod) into the host
+    cgroup ``under`` in every hierarchy, with the jail's caps there when it
+    is jailed; its own ``cocoon/<id>`` cgroups, empty then, removed. Pages it
+    touched before stay charged where they were (v1 moves no charges)."""
+    if jailed:
+        create(sandbox_id, guest_mib, nproc, under)
+    for top in hierarchies():
+        d = top / under.strip("/")
+        for pid in pids:
+            try:
+                d.mkdir(parents=True, exist_ok=True)
+                (d / "cgroup.procs").write_text(str(pid))
+            except ProcessLookupError:
+                continue  # gone: its watcher reports the VM's end
+            except OSError as e:
+                raise HypervisorError(f"cannot move process {pid} into {d}: {e.strerror}") from e
+    remove(sandbox_id)
 
 
 def remove(sandbox_id: str) -> None:

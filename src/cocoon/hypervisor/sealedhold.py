@@ -101,12 +101,30 @@ def _ours(record: str) -> bool:
         return False
 
 
+def to_root_cgroups() -> None:
+    """Out of the cgroups of the start that needed us (a pod's, which goes
+    with the pod: runtime.hostcgroup) into each hierarchy's root, before the
+    copy: the memfd's pages are charged where they are first written, and
+    they belong to every clone of the template, not to one pod."""
+    top = "/sys/fs/cgroup"
+    tops = [top] if os.path.exists(f"{top}/cgroup.controllers") else [
+        f"{top}/{d}" for d in sorted(os.listdir(top)) if os.path.exists(f"{top}/{d}/cgroup.procs")
+    ]  # fmt: skip
+    for d in tops:
+        try:
+            with open(f"{d}/cgroup.procs", "w") as f:
+                f.write(str(os.getpid()))
+        except OSError:
+            pass  # not ours to move (an unprivileged cocoon): stay
+
+
 def main() -> None:
     ram, record = sys.argv[1], sys.argv[2]
     if os.fork() > 0:  # outlive the start that needed us, as nobody's child
         os._exit(0)
     os.setsid()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    to_root_cgroups()
     made = stamp(ram)
     fd = sealed_copy(ram)
     tmp = f"{record}.tmp{os.getpid()}"

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from cocoon.errors import BundleError
 from cocoon.hypervisor.base import Share
 from cocoon.protocol import messages
+from cocoon.runtime import hostcgroup
 from cocoon.util import boundedjson, nsfs
 
 if TYPE_CHECKING:  # the verbs that load a bundle's record need no VM machinery
@@ -87,6 +88,9 @@ class BundlePlan:
     net_sysctls: dict[str, str] = field(default_factory=dict)
     #: What was left out of the spec, for the caller's log.
     warnings: list[str] = field(default_factory=list)
+    #: The spec's cgroupsPath, resolved: the VM's host processes live there
+    #: (runtime.hostcgroup); "" for none.
+    host_cgroup: str = ""
 
     async def setup(self, sb: Sandbox, fs: str) -> str:
         """Mount the shares in the guest; the container's rootfs path."""
@@ -213,6 +217,7 @@ _SPEC = _fields(
     )))),
     ("annotations", _map(_string)),
     ("linux", _fields(
+        ("cgroupsPath", _string),
         ("namespaces", _list(_fields(("type", _string), ("path", _path)))),
         ("sysctl", _map(_string)),
         ("resources", _fields(
@@ -253,6 +258,7 @@ def plan(
         p.shares.append(Share("binds", binds_dir, readonly=False))
         p.guest_mounts.append(("binds", BINDS_GUEST, False))
     finish(guest, p, default_vcpus, default_mib)
+    p.host_cgroup = hostcgroup.resolve(str((spec.get("linux") or {}).get("cgroupsPath") or ""))
     return p
 
 

@@ -36,6 +36,7 @@ from pathlib import Path
 
 from cocoon import log as cocoon_log
 from cocoon.errors import SandboxError, from_error_line
+from cocoon.runtime import hostcgroup
 from cocoon.runtime.endpoint import ControlEndpoint
 from cocoon.runtime.supervisor import LaunchPlan, ReadyPipe, Supervisor
 from cocoon.util.tasks import CLOSE_S, TaskSet
@@ -122,3 +123,5 @@ async def _run(plan: LaunchPlan, ready_fd: int) -> int:
         return await sup.run()
     finally:
         await tasks.aclose(CLOSE_S)
+        if plan.host_cgroup:  # the VM's processes are gone: so is their cgroup
+            hostcgroup.leave(plan.host_cgroup)

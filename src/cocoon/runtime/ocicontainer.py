@@ -23,7 +23,7 @@ from typing import Any
 from cocoon.config import Config
 from cocoon.errors import CocoonError, NotRunning, OciError
 from cocoon.protocol import messages
-from cocoon.runtime import pods, standin
+from cocoon.runtime import hostcgroup, pods, standin
 from cocoon.runtime.bundle import MAX_CONFIG, MAX_ID
 from cocoon.runtime.container import Container, reap_sandbox
 from cocoon.runtime.ocirecords import (
@@ -235,6 +235,8 @@ class OciContainer:
             reap_sandbox(self.cfg, sid, f"reaping the sandbox of {d.id}", log=log)
         if rec is not None and rec.pod_dir:
             pods.remove_pod_dir(Path(rec.pod_dir))
+        if rec is not None and rec.host_cgroup:
+            hostcgroup.remove(rec.host_cgroup)
         OciStore(self.cfg).remove(d)
 
     # -- the caller's side: stand-ins and hooks --------------------------------

@@ -83,7 +83,7 @@ def _create(
         return _join(cfg, cid, bundle, spec, sandbox_ref, handoff)
     rec = OciRecord(
         str(p.bundle), now_rfc3339(), annotations, spec.get("hooks") or {},
-        binds=[str(b.target) for b in p.binds],
+        binds=[str(b.target) for b in p.binds], host_cgroup=p.host_cgroup,
     )  # fmt: skip
     if kind == "sandbox":
         pdir = pods.pod_dir(cfg, cid)
@@ -183,6 +183,7 @@ def _launch_plan(
         # containerd always mount one) gets crun's nodes in its rootfs, and
         # so a cold boot with virtio-fs.
         template=None if _mounts_dev(p.spec) else False,
+        host_cgroup=p.host_cgroup,
         # The caller's namespace (CNI, podman, containerd) is plumbed to the
         # VM's NICs; the caller keeps its own hosts/resolv.conf files.
         network=NetworkPlan(

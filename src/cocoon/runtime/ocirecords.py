@@ -39,6 +39,7 @@ class OciRecord:
     pod_dir: str = ""  # a pod's sandbox container: the dir shared into its VM
     pod_sandbox: str = ""  # a pod's further container: the sandbox container's id
     binds: list[str] = field(default_factory=list)  # host bind mounts made for it
+    host_cgroup: str = ""  # its VM's host cgroup (runtime.hostcgroup), removed with it
 
 
 class OciStore:

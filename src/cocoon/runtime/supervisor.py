@@ -42,7 +42,7 @@ from cocoon.network.ports import PortSpec, Publisher
 from cocoon.protocol import ids, messages
 from cocoon.protocol.errors import RemoteError
 from cocoon.protocol.session import InStream, OutStream
-from cocoon.runtime import fanout
+from cocoon.runtime import fanout, hostcgroup
 from cocoon.runtime.fanout import Fanout
 from cocoon.runtime.logs import CriLogWriter
 from cocoon.runtime.records import CONTAINER_ID, ContainerConfig, ContainerDir, ContainerState
@@ -93,6 +93,9 @@ class LaunchPlan:
     publish: list[PortSpec] = field(default_factory=list)
     #: Start from a VM template: None = as configured (sandbox.templates).
     template: bool | None = None
+    #: The host cgroup the monitor and the VM's processes live in (a pod's:
+    #: runtime.hostcgroup); "" for none.
+    host_cgroup: str = ""
 
 
 class ReadyPipe:
@@ -248,6 +251,8 @@ class Supervisor:
     async def _boot(self) -> None:
         m, cfg = self.main, self.plan.cfg
         c = m.config
+        if self.plan.host_cgroup:  # what this process starts is born there
+            hostcgroup.enter(self.plan.host_cgroup)
         self.sb = await Sandbox.create(
             cfg,
             SandboxSpec(
@@ -264,6 +269,7 @@ class Supervisor:
                 },
                 network=self.plan.network,
                 template=self.plan.template,
+                host_cgroup=self.plan.host_cgroup,
             ),
             warn=self.ready.warn,
         )

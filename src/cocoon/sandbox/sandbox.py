@@ -27,7 +27,7 @@ from cocoon import network as net
 from cocoon.config import Config
 from cocoon.errors import CocoonError, GuestError, HypervisorError, SandboxError, TemplateError
 from cocoon.guestassets.cache import resolve
-from cocoon.hypervisor import accel
+from cocoon.hypervisor import accel, cgroup, jail
 from cocoon.hypervisor.base import (
     AGENT_VSOCK_PORT,
     Disk,
@@ -311,6 +311,7 @@ class Sandbox:
             nics=list(attached.nics) if attached else [],
             init=want.init,
         )
+        spec.cgroup = want.host_cgroup
         try:
             spec.jail = restore.jail_for(cfg, sdir, st)
         except BaseException:
@@ -392,6 +393,12 @@ class Sandbox:
             )
             for pid in sb.launched.processes.values():  # the pool ran them niced
                 renice_all(pid, 0)
+            if want.host_cgroup:  # the pool ran them in its cgroups
+                cgroup.move_into(
+                    want.host_cgroup, sdir.id, list(sb.launched.processes.values()),
+                    jailed=st.jail_uid != 0, nproc=jail.NPROC,
+                    guest_mib=want.memory_mib or cfg.hypervisor.memory_mib,
+                )  # fmt: skip
             t0 = time.monotonic()
             sb.channel = await AgentChannel.from_fd(
                 got.channel_fd, agent_timeout_s=cfg.hypervisor.agent_timeout_s

@@ -33,3 +33,6 @@ class SandboxSpec:
     template: bool | None = None
     #: A warm pool's own sandbox (a hub for host directories, never taken from a pool).
     pooled: bool = False
+    #: The caller's host cgroup for the VM's processes (a pod's, from the OCI
+    #: spec's cgroupsPath): the jail's limits go there (hypervisor.cgroup).
+    host_cgroup: str = ""

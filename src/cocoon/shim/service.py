@@ -43,7 +43,7 @@ from cocoon.errors import (
     OciError,
     VmExited,
 )
-from cocoon.runtime import ocicreate, rootfs
+from cocoon.runtime import hostcgroup, ocicreate, rootfs
 from cocoon.runtime.container import InStream, Process
 from cocoon.runtime.control import MonitorClient
 from cocoon.runtime.ocicontainer import OciContainer
@@ -145,6 +145,10 @@ class TaskService:
         self._creating: set[str] = set()
         self.pid = os.getpid()
         self.background = TaskSet(log)
+        #: The pod's host cgroup this shim lives in, joined with the task that
+        #: boots the pod's VM, and where it came from (runtime.hostcgroup).
+        self.cgroup_task = ""
+        self.cgroup_home: dict[Path, str] = {}
 
     # -- the service's table ---------------------------------------------------
 
@@ -202,8 +206,10 @@ class TaskService:
             container = await _blocking(_create, self.cfg, req.id, bundle, mounts)
             task = Task(req, container)
             try:
+                self._join_cgroup(task)
                 await self._attach(task)
             except BaseException:
+                self._leave_cgroup(task)
                 await _blocking(_destroy, task)
                 raise
             self.tasks[req.id] = task
@@ -215,6 +221,21 @@ class TaskService:
         ev.io.terminal = req.terminal
         self.publisher.publish(ev)
         return task_pb2.CreateTaskResponse(pid=self.pid)
+
+    def _join_cgroup(self, task: Task) -> None:
+        """The shim is one of its pod's host processes, counted with its VM
+        in the pod's cgroup (kubelet's) for the pod's life."""
+        rel = task.container.record().host_cgroup
+        if rel and not self.cgroup_task:
+            home = hostcgroup.current()
+            hostcgroup.enter(rel)
+            self.cgroup_task, self.cgroup_home = task.id, home
+
+    def _leave_cgroup(self, task: Task) -> None:
+        """Out again before the task's delete removes the cgroup."""
+        if task.id == self.cgroup_task:
+            hostcgroup.restore(self.cgroup_home)
+            self.cgroup_task, self.cgroup_home = "", {}
 
     async def _attach(self, task: Task) -> None:
         """The init's streams, from before its start: nothing it prints is lost."""
@@ -324,6 +345,7 @@ class TaskService:
             return self._deleted(p)
         if p.status in (task_pb2.RUNNING, task_pb2.PAUSED):
             raise RpcError(Code.FAILED_PRECONDITION, f"cannot delete running task {req.id}")
+        self._leave_cgroup(task)
         await _blocking(_destroy, task)
         if not p.exited.is_set():  # a created task: its monitor killed it just now
             with contextlib.suppress(TimeoutError):

@@ -268,7 +268,7 @@ class QemuBackend:
         wd = spec.workdir
         (wd / "jail").mkdir(mode=0o755, exist_ok=True)
         plan = Plan(jail.uid, jail.gid, wd / "jail", kvm=spec.accel == "kvm")
-        plan.cgroups = [str(p) for p in cgroup.create(spec.id, spec.memory_mib, NPROC)]
+        plan.cgroups = [str(p) for p in cgroup.create(spec.id, spec.memory_mib, NPROC, spec.cgroup)]
         for name in ("qmp", "agent"):
             if name == "agent" and spec.channel == "vsock":
                 continue

@@ -1,0 +1,176 @@
+#!/usr/bin/env python3
+"""Pods through containerd's CRI plugin, the way kubelet starts them: runc,
+the runc shim + cocoon-runtime, and cocoon's shim v2, side by side in one run.
+
+The node is the CRI acceptance tests' (tests/compat/cri/node.py: containerd
+1.6 with the CRI plugin and the three runtime handlers, Debian's CNI bridge
+on a private /24, images from a local registry). For each run and handler,
+in turn:
+
+1. pod start: RunPodSandbox + CreateContainer + StartContainer of a busybox
+   `sleep`, until ContainerStatus says running (the image pulled once before);
+2. the pod's host processes and their PSS: what is in the pod's host cgroup
+   (kubelet's) and the shims serving the pod, with their descendants;
+3. pod removal: StopContainer + StopPodSandbox + RemovePodSandbox.
+
+Medians of --runs (10) with min/max, and issue 17's targets: pod start
+through the shim v2 <= 5x runc's, no slower than the runc shim +
+cocoon-runtime, one host process tree per pod. gVisor is not in the run:
+Debian's runsc package ships no containerd shim (containerd-shim-runsc-v1).
+
+Run as root, from the checkout, while nothing else boots VMs:
+
+    COCOON_DATA_DIR=... PYTHONPATH=src python3 bench/cri.py [--runs 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CHECKOUT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(CHECKOUT))  # the tests' node and client
+
+from memory import pss_kib  # noqa: E402 (bench/memory.py: the script's dir is on sys.path)
+from tests.compat.conftest import image_archive_of  # noqa: E402
+from tests.compat.cri import api_pb2 as api  # noqa: E402
+from tests.compat.cri.node import (  # noqa: E402
+    Env,
+    Pod,
+    create,
+    node,
+    remove_cgroups,
+    run_pod,
+    shims,
+)
+
+HANDLERS = ("runc", "cocoon-runtime", "cocoon")
+
+
+def pod_processes(e: Env, pod: Pod) -> set[int]:
+    """The pod's host processes: its cgroup's (every process the runtime put
+    there) and the shims serving it (their command lines name the sandbox,
+    or their forks do), with all their descendants."""
+    found: set[int] = set()
+    top = Path("/sys/fs/cgroup/memory") / pod.cgroup.lstrip("/")
+    for procs in top.rglob("cgroup.procs"):
+        found |= {int(p) for p in procs.read_text().split()}
+    for pid in shims(e):
+        with contextlib.suppress(OSError):
+            if pod.id.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.add(pid)
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").glob("[0-9]*"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            ppid = int(d.joinpath("stat").read_text().rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(d.name))
+    out, todo = set(), list(found)
+    while todo:
+        p = todo.pop()
+        if p not in out:
+            out.add(p)
+            todo += children.get(p, [])
+    return out
+
+
+def trees(pids: set[int]) -> int:
+    """How many process trees: processes whose parent is not in the set."""
+    roots = 0
+    for pid in pids:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            roots += ppid not in pids
+    return roots
+
+
+def one_pod(e: Env, handler: str, image: str, i: int) -> dict[str, float]:
+    t0 = time.monotonic()
+    pod = run_pod(e, handler, f"bench-{handler}-{i}")
+    cid = create(e, pod, "app", image, ["sleep", "100000"])
+    while True:
+        st = e.cri.rt("ContainerStatus", api.ContainerStatusRequest(container_id=cid)).status
+        if st.state == api.CONTAINER_RUNNING:
+            break
+        if time.monotonic() - t0 > 300:
+            raise SystemExit(f"{handler}: the pod's container is not running after 300 s: {st}")
+        time.sleep(0.01)
+    start = time.monotonic() - t0
+    procs = pod_processes(e, pod)
+    pss = sum(pss_kib(p) for p in procs) / 1024
+    t1 = time.monotonic()
+    e.cri.rt("StopContainer", api.StopContainerRequest(container_id=cid, timeout=0), 120)
+    e.cri.rt("StopPodSandbox", api.StopPodSandboxRequest(pod_sandbox_id=pod.id), 120)
+    e.cri.rt("RemovePodSandbox", api.RemovePodSandboxRequest(pod_sandbox_id=pod.id), 120)
+    removal = time.monotonic() - t1
+    deadline = time.monotonic() + 60
+    while pod_processes(e, pod) and time.monotonic() < deadline:  # the next run starts clean
+        time.sleep(0.1)
+    return {"start": start, "remove": removal, "procs": len(procs), "trees": trees(procs),
+            "pss": pss}  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--runs", type=int, default=10)
+    ap.add_argument("--handlers", default=",".join(HANDLERS))
+    args = ap.parse_args()
+    handlers = [h for h in args.handlers.split(",") if h]
+    if unknown := set(handlers) - set(HANDLERS):
+        raise SystemExit(f"unknown handlers: {sorted(unknown)} (known: {', '.join(HANDLERS)})")
+    work = Path(tempfile.mkdtemp(prefix="cocoon-bench-cri-"))
+    results: dict[str, list[dict[str, float]]] = {h: [] for h in handlers}
+    try:
+        with node(image_archive_of(work), work) as e:
+            first = run_pod(e, "runc", "bench-pull")
+            image = e.cri.pull(e.busybox, first.config)
+            e.cri.rt("StopPodSandbox", api.StopPodSandboxRequest(pod_sandbox_id=first.id))
+            e.cri.rt("RemovePodSandbox", api.RemovePodSandboxRequest(pod_sandbox_id=first.id))
+            for i in range(args.runs):
+                for h in handlers:  # interleaved: the host's noise falls on all alike
+                    results[h].append(one_pod(e, h, image, i))
+                    print(f"run {i + 1}/{args.runs} {h}: {results[h][-1]}", file=sys.stderr)
+    finally:
+        remove_cgroups()
+        shutil.rmtree(work, ignore_errors=True)
+    report(results, args.runs)
+
+
+def report(results: dict[str, list[dict[str, float]]], runs: int) -> None:
+    def med(h: str, k: str) -> float:
+        return statistics.median(r[k] for r in results[h])
+
+    def span(h: str, k: str) -> str:
+        xs = [r[k] for r in results[h]]
+        return f"{statistics.median(xs):.3f} ({min(xs):.3f}-{max(xs):.3f})"
+
+    print(f"\nPods through containerd's CRI plugin, medians of {runs} (min-max):")
+    print("| handler | pod start s | pod removal s | host processes | trees | host PSS MiB |")
+    print("|---|---|---|---|---|---|")
+    for h in results:
+        print(f"| {h} | {span(h, 'start')} | {span(h, 'remove')} | {med(h, 'procs'):.0f} | "
+              f"{med(h, 'trees'):.0f} | {med(h, 'pss'):.1f} |")  # fmt: skip
+    print("gVisor: not measured (Debian's runsc ships no containerd shim)")
+    targets = []
+    if {"cocoon", "runc"} <= results.keys():
+        r = med("cocoon", "start") / med("runc", "start")
+        targets.append(("pod start, shim v2 / runc <= 5x", f"{r:.1f}x", r <= 5))
+    if {"cocoon", "cocoon-runtime"} <= results.keys():
+        r = med("cocoon", "start") / med("cocoon-runtime", "start")
+        targets.append(("pod start, shim v2 / runc shim + cocoon-runtime <= 1x", f"{r:.2f}x",
+                        r <= 1))  # fmt: skip
+    if "cocoon" in results:
+        n = med("cocoon", "trees")
+        targets.append(("shim v2: one host process tree per pod", f"{n:.0f}", n == 1))
+    print("\nIssue 17's targets:")
+    for name, got, met in targets:
+        print(f"| {name} | {got} | {'met' if met else 'MISSED'} |")
+
+
+if __name__ == "__main__":
+    main()
