@@ -141,7 +141,10 @@ def remove(rel: str, wait_s: float = REMOVE_WAIT_S, *, quiet: bool = False) -> N
         d = top / rel
         if not d.is_dir():
             continue
-        below = sorted((p for p in d.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts))
+        try:
+            below = sorted((p for p in d.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts))
+        except FileNotFoundError:
+            continue  # removed while we looked: by the monitor, as it exits
         for sub in [*below, d]:
             while True:
                 try:

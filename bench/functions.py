@@ -1,0 +1,330 @@
+#!/usr/bin/env python3
+"""A function's start, the seeds' table: cold / pre-warmed + copy /
+pre-warmed + dynamic mount, for cocoon (`cocoon serve`), crun and runsc, side
+by side in one run; then warm invocations (latency, and throughput with 1 and
+10 callers).
+
+- **cocoon**: a hello shell function deployed to `cocoon serve`, timed from
+  the invoke request to its answer, each run a new function (so a new
+  instance): `serve.start_path` = cold (a VM booted for it), copy (a pooled
+  sandbox, the code copied into the container) or mount (a pooled sandbox,
+  the code bound in read-only). A `cocoon pool serve` on the same root keeps
+  the sandboxes pre-warmed.
+- **crun, runsc**: OCI bundles through their own command lines (no podman:
+  the paths need a container's rootfs on the host). cold: `run` of a bundle
+  whose rootfs holds the code; copy: the code copied into a running
+  container's rootfs (`sleep`, started before the clock), then `exec` of the
+  handler; mount: the code bound into a running container's rootfs, which
+  the container sees through `rootfsPropagation: rslave`, then `exec`. gVisor
+  takes no mounts into a running sandbox: its mount row is n/a. Its copy row
+  runs with `--file-access=shared` (else the sentry does not see new files).
+
+Medians of --runs (10) with min/max. Issue 16's targets: pre-warmed +
+dynamic mount within 2x of crun's same path; cocoon's cold path no worse
+than `cocoon run --rm busybox true` measured in the same run.
+
+Run as root from the checkout while nothing else boots VMs:
+    PYTHONPATH=src python3 bench/functions.py [--runs 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+CHECKOUT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(CHECKOUT))
+
+from promises import Promises  # noqa: E402 (bench/promises.py: the script's dir is on sys.path)
+from tests.servefn import Served, zip_code  # noqa: E402
+
+HANDLER = "echo hello\n"
+COCOON = [sys.executable, "-m", "cocoon.cli"]
+APPLETS = ("sh", "echo", "cat", "sleep", "true")
+
+
+def stats(xs: list[float]) -> str:
+    return f"{statistics.median(xs):.3f} | {min(xs):.3f} | {max(xs):.3f}"
+
+
+def rootfs(at: Path, with_code: bool) -> Path:
+    """A busybox root (Debian's static busybox), with /code made (and filled)."""
+    (at / "bin").mkdir(parents=True)
+    shutil.copy("/bin/busybox", at / "bin" / "busybox")
+    for a in APPLETS:
+        (at / "bin" / a).symlink_to("busybox")
+    (at / "code").mkdir()
+    (at / "proc").mkdir()
+    if with_code:
+        (at / "code" / "h.sh").write_text(HANDLER)
+    return at
+
+
+def bundle(at: Path, args: list[str], with_code: bool, propagate: bool = False) -> Path:
+    at.mkdir(parents=True)
+    rootfs(at / "rootfs", with_code)
+    subprocess.run(["crun", "spec"], cwd=at, check=True)
+    conf = json.loads((at / "config.json").read_text())
+    conf["process"]["args"] = args
+    conf["process"]["terminal"] = False
+    conf["linux"].pop("uidMappings", None)
+    if propagate:
+        # The host's binds under the rootfs reach the container (rootfs
+        # mount is a slave of the host's shared self-bind, below).
+        conf["linux"]["rootfsPropagation"] = "rslave"
+        rfs = str(at / "rootfs")
+        subprocess.run(["mount", "--bind", rfs, rfs], check=True)
+        subprocess.run(["mount", "--make-shared", rfs], check=True)
+    (at / "config.json").write_text(json.dumps(conf))
+    return at
+
+
+class Peer:
+    """crun or runsc through runc's command line."""
+
+    def __init__(self, name: str, work: Path) -> None:
+        self.name = name
+        self.work = work / name
+        self.root = self.work / "state"
+        base = [name, "--root", str(self.root)]
+        self.cli = [*base, "--network=none", "--file-access=shared"] if name == "runsc" else base
+        self.n = 0
+
+    def _id(self) -> str:
+        self.n += 1
+        return f"f{self.n}"
+
+    def run_out(self, argv: list[str]) -> bytes:
+        return subprocess.run(argv, check=True, capture_output=True, timeout=120).stdout
+
+    def cold(self) -> float:
+        cid = self._id()
+        b = bundle(self.work / cid, ["sh", "/code/h.sh"], with_code=True)
+        t = time.monotonic()
+        out = self.run_out([*self.cli, "run", "--bundle", str(b), cid])
+        took = time.monotonic() - t
+        assert out == b"hello\n", out
+        subprocess.run([*self.cli, "delete", "-f", cid], capture_output=True)
+        return took
+
+    def started(self, propagate: bool) -> tuple[str, Path]:
+        """A running container with nothing in /code yet (before the clock)."""
+        cid = self._id()
+        b = bundle(self.work / cid, ["sleep", "3600"], with_code=False, propagate=propagate)
+        subprocess.run([*self.cli, "run", "--detach", "--bundle", str(b), cid], check=True,
+                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, timeout=120)  # fmt: skip
+        return cid, b
+
+    def stop(self, cid: str, b: Path) -> None:
+        subprocess.run([*self.cli, "delete", "-f", cid], capture_output=True, timeout=120)
+        subprocess.run(["umount", "-R", str(b / "rootfs")], capture_output=True)
+
+    def exec_out(self, cid: str) -> bytes:
+        return self.run_out([*self.cli, "exec", cid, "sh", "/code/h.sh"])
+
+    def copy(self, code: Path) -> float:
+        cid, b = self.started(propagate=False)
+        try:
+            t = time.monotonic()
+            shutil.copytree(code, b / "rootfs" / "code", dirs_exist_ok=True)
+            out = self.exec_out(cid)
+            took = time.monotonic() - t
+            assert out == b"hello\n", out
+            return took
+        finally:
+            self.stop(cid, b)
+
+    def mount(self, code: Path) -> float:
+        cid, b = self.started(propagate=True)
+        try:
+            t = time.monotonic()
+            subprocess.run(["mount", "--bind", "-o", "ro", str(code), str(b / "rootfs" / "code")],
+                           check=True)  # fmt: skip
+            out = self.exec_out(cid)
+            took = time.monotonic() - t
+            assert out == b"hello\n", out
+            return took
+        finally:
+            self.stop(cid, b)
+
+    def warm(self, code: Path, n: int) -> list[float]:
+        cid, b = self.started(propagate=False)
+        try:
+            shutil.copytree(code, b / "rootfs" / "code", dirs_exist_ok=True)
+            xs = []
+            for _ in range(n):
+                t = time.monotonic()
+                assert self.exec_out(cid) == b"hello\n"
+                xs.append(time.monotonic() - t)
+            return xs
+        finally:
+            self.stop(cid, b)
+
+
+def caller(served: Served) -> Callable[[], None]:
+    """One warm invocation of "warm", on a connection of its own (callers run
+    in threads)."""
+
+    def call() -> None:
+        with served.admin() as c:
+            assert c.invoke("default", "warm", b"").content == b"hello\n"
+
+    return call
+
+
+def percentile(xs: list[float], p: float) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))]
+
+
+def throughput(call: Callable[[], None], callers: int, total: int) -> float:
+    """Invocations per second with ``callers`` at once, ``total`` in all."""
+    left = [total]
+    lock = threading.Lock()
+
+    def worker() -> None:
+        while True:
+            with lock:
+                if left[0] == 0:
+                    return
+                left[0] -= 1
+            call()
+
+    t = time.monotonic()
+    threads = [threading.Thread(target=worker) for _ in range(callers)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    return total / (time.monotonic() - t)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--runs", type=int, default=10)
+    ap.add_argument("--warm", type=int, default=100, help="warm invocations for p50/p99")
+    args = ap.parse_args()
+    for tool in ("crun", "runsc"):
+        if not shutil.which(tool):
+            raise SystemExit(f"needs {tool}: run scripts/setup.sh")
+    promises = Promises()
+    p_mount = promises.at_most("pre-warmed + dynamic mount, cocoon / crun", 2.0, "x")
+    p_cold = promises.at_most("cold function start / `cocoon run --rm busybox true`", 1.0, "x")
+    work = Path(tempfile.mkdtemp(prefix="cocoon-fnbench-"))
+    root = Path(tempfile.mkdtemp(prefix="cocoon-fnbench-", dir="/run"))
+    code = work / "code"
+    code.mkdir()
+    (code / "h.sh").write_text(HANDLER)
+    blob = zip_code({"h.sh": HANDLER})
+    coc = [*COCOON, "--root", str(root)]
+    pool = subprocess.Popen([*coc, "pool", "serve", "--size", "2"], stderr=subprocess.DEVNULL)
+    r: dict[str, list[float]] = {}
+    try:
+        deadline = time.monotonic() + 120
+        while not (root / "pool.sock").exists():
+            assert time.monotonic() < deadline, "the pool server did not start"
+            time.sleep(0.1)
+
+        def settle() -> None:
+            subprocess.run([*coc, "pool", "fill"], check=True, stdout=subprocess.DEVNULL)
+
+        for path in ("cold", "copy", "mount"):
+            served = Served(root, work / f"state-{path}", {"COCOON_SERVE_START_PATH": path})
+            served.start()
+            try:
+                with served.admin() as c:
+                    for i in range(args.runs):
+                        settle()
+                        name = f"{path}{i}"
+                        c.create("default", {"name": name, "handler": "h.sh", "code": blob,
+                                             "keep_alive_s": 600})  # fmt: skip
+                        t = time.monotonic()
+                        resp = c.invoke("default", name, b"")
+                        took = time.monotonic() - t
+                        assert resp.status_code == 200 and resp.content == b"hello\n", resp.headers
+                        assert resp.headers["x-cocoon-start"] != "warm", resp.headers
+                        r.setdefault(f"cocoon {path}", []).append(took)
+                        c.delete("default", name)
+                    if path == "mount":
+                        warm = {"name": "warm", "handler": "h.sh", "code": blob,
+                                "keep_alive_s": 600, "max_concurrency": 4}  # fmt: skip
+                        c.create("default", warm)
+                        c.invoke("default", "warm", b"")
+                        call = caller(served)
+
+                        xs = []
+                        for _ in range(args.warm):
+                            t = time.monotonic()
+                            call()
+                            xs.append(time.monotonic() - t)
+                        r["cocoon warm"] = xs
+                        r["cocoon rate 1"] = [throughput(call, 1, 50)]
+                        r["cocoon rate 10"] = [throughput(call, 10, 100)]
+            finally:
+                served.stop()
+        run_argv = [*coc, "run", "--rm", "--network", "none", "busybox", "true"]
+        for _ in range(args.runs):
+            t = time.monotonic()
+            subprocess.run(run_argv, check=True)
+            r.setdefault("cocoon run", []).append(time.monotonic() - t)
+        for name in ("crun", "runsc"):
+            peer = Peer(name, work)
+            for _ in range(args.runs):
+                r.setdefault(f"{name} cold", []).append(peer.cold())
+                r.setdefault(f"{name} copy", []).append(peer.copy(code))
+                if name == "crun":
+                    r.setdefault(f"{name} mount", []).append(peer.mount(code))
+            xs = peer.warm(code, args.warm)
+            r[f"{name} warm"] = xs
+    finally:
+        pool.terminate()
+        pool.wait(timeout=60)
+        subprocess.run([*coc, "gc"], capture_output=True)
+        for mp in sorted(_mounts_under(work), key=len, reverse=True):
+            subprocess.run(["umount", "-l", mp], capture_output=True)
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+    print(f"\nfunction start, hello (s; medians of {args.runs}, min, max; TCG)")
+    print("| path | cocoon | crun | runsc | cocoon / crun |\n|---|---|---|---|---|")
+    for path, label in (("cold", "cold start"), ("copy", "pre-warmed + copy"),
+                        ("mount", "pre-warmed + dynamic mount")):  # fmt: skip
+        ours, crun = r[f"cocoon {path}"], r[f"crun {path}"]
+        runsc = stats(r[f"runsc {path}"]) if f"runsc {path}" in r else "n/a"
+        ratio = statistics.median(ours) / statistics.median(crun)
+        print(f"| {label} | {stats(ours)} | {stats(crun)} | {runsc} | {ratio:.2f}x |")
+    print(f"| `cocoon run --rm busybox true` (for the cold target) | {stats(r['cocoon run'])} |"
+          " | | |")  # fmt: skip
+    print(f"\nwarm invocation latency ({args.warm} in a row, s)")
+    print("| | p50 | p99 |\n|---|---|---|")
+    for who in ("cocoon", "crun", "runsc"):
+        xs = r[f"{who} warm"]
+        print(f"| {who} | {percentile(xs, 50):.3f} | {percentile(xs, 99):.3f} |")
+    print(f"\ncocoon invocations/s: 1 caller {r['cocoon rate 1'][0]:.1f}, "
+          f"10 callers {r['cocoon rate 10'][0]:.1f} (max concurrency 4)")  # fmt: skip
+    p_mount.measured = statistics.median(r["cocoon mount"]) / statistics.median(r["crun mount"])
+    p_cold.measured = statistics.median(r["cocoon cold"]) / statistics.median(r["cocoon run"])
+    promises.finish()
+
+
+def _mounts_under(path: Path) -> list[str]:
+    out = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        mp = line.split()[4]
+        if mp.startswith(str(path)):
+            out.append(mp)
+    return out
+
+
+if __name__ == "__main__":
+    main()
