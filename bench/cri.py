@@ -29,9 +29,11 @@ import argparse
 import contextlib
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 CHECKOUT = Path(__file__).resolve().parents[1]
@@ -115,10 +117,47 @@ def one_pod(e: Env, handler: str, image: str, i: int) -> dict[str, float]:
             "pss": pss}  # fmt: skip
 
 
+@contextlib.contextmanager
+def pools(e: Env, on: bool) -> Iterator[Callable[[], None]]:
+    """With ``on``, a pool server on each VM handler's state root (the shim's
+    <shim root>/k8s.io, cocoon-runtime's --root), stopped after; yields what
+    refills them before a start (a no-op without)."""
+    if not on:
+        yield lambda: None
+        return
+    cocoon = [sys.executable, "-m", "cocoon.cli"]
+    roots = e.vm_roots()
+    servers = [subprocess.Popen([*cocoon, "--root", str(r), "pool", "serve", "--size", "1"],
+                                stderr=subprocess.DEVNULL) for r in roots]  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not all((r / "pool.sock").exists() for r in roots):
+            if time.monotonic() > deadline:
+                raise SystemExit("the pool servers did not start")
+            time.sleep(0.1)
+
+        def settle() -> None:
+            for r in roots:
+                subprocess.run([*cocoon, "--root", str(r), "pool", "fill"], check=True,
+                               stdout=subprocess.DEVNULL)  # fmt: skip
+
+        yield settle
+    finally:
+        for p in servers:
+            p.terminate()
+        for p in servers:
+            p.wait(timeout=60)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--handlers", default=",".join(HANDLERS))
+    ap.add_argument(
+        "--pool",
+        action="store_true",
+        help="a warm pool (`cocoon pool serve`) on each VM handler's state root",
+    )
     args = ap.parse_args()
     handlers = [h for h in args.handlers.split(",") if h]
     if unknown := set(handlers) - set(HANDLERS):
@@ -126,13 +165,14 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="cocoon-bench-cri-"))
     results: dict[str, list[dict[str, float]]] = {h: [] for h in handlers}
     try:
-        with node(image_archive_of(work), work) as e:
+        with node(image_archive_of(work), work) as e, pools(e, args.pool) as settle:
             first = run_pod(e, "runc", "bench-pull")
             image = e.cri.pull(e.busybox, first.config)
             e.cri.rt("StopPodSandbox", api.StopPodSandboxRequest(pod_sandbox_id=first.id))
             e.cri.rt("RemovePodSandbox", api.RemovePodSandboxRequest(pod_sandbox_id=first.id))
             for i in range(args.runs):
                 for h in handlers:  # interleaved: the host's noise falls on all alike
+                    settle()
                     results[h].append(one_pod(e, h, image, i))
                     print(f"run {i + 1}/{args.runs} {h}: {results[h][-1]}", file=sys.stderr)
     finally:
