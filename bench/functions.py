@@ -306,15 +306,16 @@ def main() -> None:
         shutil.rmtree(root, ignore_errors=True)
 
     print(f"\nfunction start, hello (s; medians of {args.runs}, min, max; TCG)")
-    print("| path | cocoon | crun | runsc | cocoon / crun |\n|---|---|---|---|---|")
+    print("| path | cocoon | min | max | crun | min | max | runsc | min | max | cocoon / crun |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for path, label in (("cold", "cold start"), ("copy", "pre-warmed + copy"),
                         ("mount", "pre-warmed + dynamic mount")):  # fmt: skip
         ours, crun = r[f"cocoon {path}"], r[f"crun {path}"]
-        runsc = stats(r[f"runsc {path}"]) if f"runsc {path}" in r else "n/a"
+        runsc = stats(r[f"runsc {path}"]) if f"runsc {path}" in r else "n/a | | "
         ratio = statistics.median(ours) / statistics.median(crun)
         print(f"| {label} | {stats(ours)} | {stats(crun)} | {runsc} | {ratio:.2f}x |")
     print(f"| `cocoon run --rm --no-template busybox true` (the cold yardstick) | "
-          f"{stats(r['cocoon run'])} | | | |")  # fmt: skip
+          f"{stats(r['cocoon run'])} | | | | | | | |")  # fmt: skip
     print(f"\nwarm invocation latency ({args.warm} in a row, s)")
     print("| | p50 | p99 |\n|---|---|---|")
     for who in ("cocoon", "crun", "runsc"):
