@@ -116,6 +116,9 @@ def main() -> None:
     p_podman = promises.at_most("podman + cocoon-runtime, warm pool / + runsc", 2.0, "x")
     p_idle = promises.at_most(f"idle PSS each, {args.idle} containers on one template", 60, "MiB")
     p_many = promises.at_least(f"{args.concurrent} started at once: right", 1.0, "share")
+    # Issue 14's: the jail adds under 10 % to a start and under 2 MiB to a sandbox.
+    p_jail_time = promises.at_most("the jail's cost: `cocoon run --rm`, on / off", 1.1, "x")
+    p_jail_pss = promises.at_most("the jail's cost: idle PSS, on minus off", 2.0, "MiB")
     for tool in ("podman", "crun", "runsc", "cocoon-runtime"):
         if not shutil.which(tool):
             raise SystemExit(f"needs {tool}: run scripts/setup.sh")
@@ -382,6 +385,9 @@ def main() -> None:
             tb.add("podman --runtime runsc run", r["runsc"])
             tb.show([("jail on (security.jail = true)", "jail off"),
                      ("jail on (security.jail = true)", "podman --runtime runsc run")])  # fmt: skip
+            p_jail_time.measured = tb.median("jail on (security.jail = true)") / tb.median(
+                "jail off"
+            )
             pss: dict[str, list[float]] = {}
             for label, env in (("jail off", UNJAILED), ("jail on", JAILED)):
                 started = [cocoon_idle(env) for _ in range(4)]  # clones share: measure them so
@@ -394,6 +400,7 @@ def main() -> None:
             print("|---|---|")
             for k, v in pss.items():
                 print(f"| {k} | {statistics.mean(v):.1f} |")
+            p_jail_pss.measured = statistics.mean(pss["jail on"]) - statistics.mean(pss["jail off"])
             holders = subprocess.run(["pgrep", "-f", "sealedhold.py"], capture_output=True,
                                      text=True).stdout.split()  # fmt: skip
             if holders:
