@@ -50,6 +50,7 @@ from tests.compat.cri.node import (  # noqa: E402
     remove_cgroups,
     run_pod,
     shims,
+    with_descendants,
 )
 
 HANDLERS = ("runc", "cocoon-runtime", "cocoon")
@@ -67,18 +68,7 @@ def pod_processes(e: Env, pod: Pod) -> set[int]:
         with contextlib.suppress(OSError):
             if pod.id.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
                 found.add(pid)
-    children: dict[int, list[int]] = {}
-    for d in Path("/proc").glob("[0-9]*"):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            ppid = int(d.joinpath("stat").read_text().rsplit(")", 1)[1].split()[1])
-            children.setdefault(ppid, []).append(int(d.name))
-    out, todo = set(), list(found)
-    while todo:
-        p = todo.pop()
-        if p not in out:
-            out.add(p)
-            todo += children.get(p, [])
-    return out
+    return with_descendants(found)
 
 
 def trees(pids: set[int]) -> int:

@@ -281,12 +281,17 @@ def pod_tree(e: Env) -> set[int]:
         for st in root.glob("oci/*/state.json"):
             with contextlib.suppress(OSError, ValueError):
                 tops.add(int(json.loads(st.read_bytes()).get("monitor_pid") or 0))
+    return with_descendants({p for p in tops if p})
+
+
+def with_descendants(pids: set[int]) -> set[int]:
+    """``pids`` and every process below them."""
     children: dict[int, list[int]] = {}
     for d in Path("/proc").glob("[0-9]*"):
         with contextlib.suppress(OSError, ValueError, IndexError):
             ppid = int(d.joinpath("stat").read_text().rsplit(")", 1)[1].split()[1])
             children.setdefault(ppid, []).append(int(d.name))
-    out, todo = set(), [p for p in tops if p]
+    out, todo = set(), list(pids)
     while todo:
         p = todo.pop()
         if p not in out:
