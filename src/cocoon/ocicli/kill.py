@@ -5,8 +5,7 @@ from __future__ import annotations
 import click
 
 from cocoon.ocicli.main import Ctx, cli
-from cocoon.runtime.lifecycle import parse_signal
-from cocoon.runtime.ocicontainer import OciContainer
+from cocoon.runtime.ocicontainer import OciContainer, parse_signal
 
 
 @cli.command()

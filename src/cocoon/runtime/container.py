@@ -13,28 +13,30 @@ it in a thread.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
 import signal
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from cocoon.config import Config
 from cocoon.errors import CocoonError
 from cocoon.log import teardown_step
 from cocoon.protocol import messages
-
-# ``X as X``: re-exported, what a front end holds of a container process (the
-# Process an attach or exec gives, its output streams), so that it needs
-# nothing below runtime/.
-from cocoon.protocol.session import InStream as InStream
-from cocoon.runtime.control import MonitorClient
 from cocoon.runtime.records import ContainerConfig, ContainerDir, ContainerState
 from cocoon.runtime.status import Status
-from cocoon.sandbox.process import Process as Process
 from cocoon.util.proc import alive
+
+if TYPE_CHECKING:
+    # ``X as X``: re-exported, what a front end holds of a container process
+    # (the Process an attach or exec gives, its output streams), so that it
+    # needs nothing below runtime/. Loaded on first use (``__getattr__``),
+    # with the async client: runc's verbs that never talk to a monitor, or
+    # talk to it once (runtime.ctlcall), do without asyncio (~20 ms a call).
+    from cocoon.protocol.session import InStream as InStream
+    from cocoon.runtime.control import MonitorClient
+    from cocoon.sandbox.process import Process as Process
 
 T = TypeVar("T")
 
@@ -66,6 +68,8 @@ class Container:
     async def connect(self) -> MonitorClient:
         """A connection of the caller's own, for what outlives one request (an
         attached or exec'd process's stdio)."""
+        from cocoon.runtime.control import MonitorClient
+
         return await MonitorClient.connect(self.dir, name=self.name)
 
     async def _request(self, call: Callable[[MonitorClient], Awaitable[T]]) -> T:
@@ -76,28 +80,28 @@ class Container:
             await client.close()
 
     async def start(self) -> None:
-        await self._request(MonitorClient.start)
+        await self._request(lambda c: c.start())
 
     async def signal(self, sig: int, *, all_processes: bool = False) -> None:
         await self._request(lambda c: c.signal(sig, all_processes=all_processes))
 
     async def pause(self) -> None:
-        await self._request(MonitorClient.pause)
+        await self._request(lambda c: c.pause())
 
     async def resume(self) -> None:
-        await self._request(MonitorClient.resume)
+        await self._request(lambda c: c.resume())
 
     async def update(self, resources: dict[str, Any]) -> None:
         await self._request(lambda c: c.update(resources))
 
     async def stats(self) -> messages.StatsReply:
-        return await self._request(MonitorClient.stats)
+        return await self._request(lambda c: c.stats())
 
     async def top(self) -> list[messages.ProcessInfo]:
-        return await self._request(MonitorClient.top)
+        return await self._request(lambda c: c.top())
 
     async def shutdown(self) -> None:
-        await self._request(MonitorClient.shutdown)
+        await self._request(lambda c: c.shutdown())
 
     async def add(self, member: ContainerDir, guest_id: str, rootfs: str, tty: bool) -> None:
         """Create a pod's further container, ``member``, in this one's VM."""
@@ -117,6 +121,8 @@ class Container:
         of its life; one that does not (or cannot be asked) is killed by pid."""
         left = "its monitor, killed next"
         with teardown_step(log, what, left, level=logging.INFO, errors=errors):
+            import asyncio
+
             asyncio.run(ask())
         if not self.dir.life.wait_released(TEARDOWN_S):
             pid = self.dir.state().monitor_pid
@@ -129,6 +135,13 @@ class Container:
 def reap_sandbox(cfg: Config, sid: str, what: str, *, log: logging.Logger) -> None:
     """Whatever of a container's sandbox its monitor left (all of it, after a
     crash): VM processes, network, dirs, as `cocoon gc` would."""
+    from cocoon.state.store import SandboxDir
+
+    if not SandboxDir(cfg.root, sid).path.exists():
+        # Nothing left: a sandbox's dir is made before its first process and
+        # removed after its last one is dead (Sandbox.destroy, gc). The
+        # common case of runc's delete, after a monitor's own teardown.
+        return
     # Imported here: the reaper pulls in the network and hypervisor layers,
     # which `start`, `state` and `kill` never need (~10 ms of each call).
     from cocoon.state import gc
@@ -136,3 +149,16 @@ def reap_sandbox(cfg: Config, sid: str, what: str, *, log: logging.Logger) -> No
     left = f"sandbox {sid} (VM, dir, network): `cocoon gc` reaps it"
     with teardown_step(log, what, left, errors=(CocoonError,)):
         gc.reap(cfg.root, only=sid)
+
+
+def __getattr__(name: str) -> Any:
+    """The re-exported process types, imported when a front end first asks."""
+    if name == "InStream":
+        from cocoon.protocol.session import InStream
+
+        return InStream
+    if name == "Process":
+        from cocoon.sandbox.process import Process
+
+        return Process
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

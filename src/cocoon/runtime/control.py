@@ -12,8 +12,9 @@ import secrets
 import time
 from typing import Any, TypeVar
 
-from cocoon.errors import AgentError, GuestError, NotRunning, StateError, VmExited
+from cocoon.errors import AgentError, GuestError, NotRunning, StateError
 from cocoon.protocol import messages
+from cocoon.runtime.ctlcall import monitor_error
 from cocoon.runtime.records import CONTAINER_ID, ContainerDir
 from cocoon.sandbox.channel import AgentChannel, Timeout
 from cocoon.sandbox.process import Process
@@ -52,14 +53,10 @@ class MonitorClient:
         try:
             return await self.channel.call(msg, expect, timeout_s=timeout_s)
         except AgentError as e:
-            text = str(e).partition(": ")[2] or str(e)
-            if e.code == "vm_exited":
-                raise VmExited(text) from e
-            if e.code == "start_failed":
-                raise AgentError(text, e.code) from e
-            if e.code == "not_running":
-                raise NotRunning(f"container {self.cdir.id[:12]}: {text}") from e
-            raise
+            mapped = monitor_error(e, self.cdir.id[:12])
+            if mapped is e:
+                raise
+            raise mapped from e
         except GuestError as e:
             raise StateError(
                 f"lost the monitor of container {self.cdir.id[:12]} during {msg.TYPE}"

@@ -24,23 +24,9 @@ from cocoon.runtime.records import ContainerConfig, ContainerDir, ContainerStore
 from cocoon.runtime.status import Status
 from cocoon.runtime.stdio import attach, terminal_size
 from cocoon.sandbox.process import Process
+from cocoon.util.proc import parse_signal as parse_signal  # docker's and runc's verbs
 
 log = logging.getLogger(__name__)
-
-
-def parse_signal(text: str) -> int:
-    """docker's forms: 9, KILL, SIGKILL (any case)."""
-    t = text.strip().upper()
-    # isascii: "²".isdigit() is true, but int() refuses it (an image's StopSignal).
-    if t.isascii() and t.isdigit() and len(t) <= 2 and 0 < int(t) <= 64:
-        return int(t)
-    name = t if t.startswith("SIG") else "SIG" + t
-    try:
-        return int(signal.Signals[name])
-    except KeyError:
-        raise StateError(
-            f"invalid signal {text[:20]!r}: use a name (TERM, SIGKILL) or number"
-        ) from None
 
 
 def exec_spec(

@@ -170,7 +170,7 @@ class PoolServer:
                 continue
             try:
                 assert sb.channel is not None
-                await warm_up(sb.channel)
+                await warm_up(sb.channel, engine_spec=True)
             except CocoonError as e:
                 self.log(f"pool: discarding {sb.id} (its warm-up failed: {e})")
                 await sb.destroy()

@@ -12,7 +12,7 @@ import signal
 import subprocess
 from collections.abc import Sequence
 
-from cocoon.errors import CocoonError, HostError
+from cocoon.errors import CocoonError, HostError, StateError
 
 STDERR_TAIL = 2000
 
@@ -121,3 +121,18 @@ def runnable() -> int:
             return int(f.read().split()[3].split("/")[0])
     except (OSError, IndexError, ValueError):
         return 0
+
+
+def parse_signal(text: str) -> int:
+    """docker's forms: 9, KILL, SIGKILL (any case)."""
+    t = text.strip().upper()
+    # isascii: "²".isdigit() is true, but int() refuses it (an image's StopSignal).
+    if t.isascii() and t.isdigit() and len(t) <= 2 and 0 < int(t) <= 64:
+        return int(t)
+    name = t if t.startswith("SIG") else "SIG" + t
+    try:
+        return int(signal.Signals[name])
+    except KeyError:
+        raise StateError(
+            f"invalid signal {text[:20]!r}: use a name (TERM, SIGKILL) or number"
+        ) from None
