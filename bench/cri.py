@@ -48,6 +48,7 @@ from tests.compat.cri.node import (  # noqa: E402
     create,
     node,
     remove_cgroups,
+    roots,
     run_pod,
     shims,
     with_descendants,
@@ -69,16 +70,6 @@ def pod_processes(e: Env, pod: Pod) -> set[int]:
             if pod.id.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
                 found.add(pid)
     return with_descendants(found)
-
-
-def trees(pids: set[int]) -> int:
-    """How many process trees: processes whose parent is not in the set."""
-    roots = 0
-    for pid in pids:
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            roots += ppid not in pids
-    return roots
 
 
 def one_pod(e: Env, handler: str, image: str, i: int) -> dict[str, float]:
@@ -103,7 +94,7 @@ def one_pod(e: Env, handler: str, image: str, i: int) -> dict[str, float]:
     deadline = time.monotonic() + 60
     while pod_processes(e, pod) and time.monotonic() < deadline:  # the next run starts clean
         time.sleep(0.1)
-    return {"start": start, "remove": removal, "procs": len(procs), "trees": trees(procs),
+    return {"start": start, "remove": removal, "procs": len(procs), "trees": len(roots(procs)),
             "pss": pss}  # fmt: skip
 
 

@@ -39,6 +39,7 @@ from tests.compat.cri.node import (
     pod_tree,
     qemus,
     remove_cgroups,
+    roots,
     run_pod,
     shims,
     vm_processes,
@@ -214,6 +215,10 @@ def test_a_pod_the_kubelet_way(env: Env, clean: None, handler: str) -> None:
         assert "qemu-system-x86" in names and names & {"python", "python3"}, names
         for pid in ours:
             assert _in_cgroup(pid, pod.cgroup), (pid, Path(f"/proc/{pid}/cmdline").read_bytes())
+        if handler == "cocoon":  # one host process tree per pod: its shim's
+            tops = roots(ours)
+            assert len(tops) == 1, f"{len(tops)} process trees: {tops} of {sorted(ours)}"
+            assert tops <= set(shims(e)), Path(f"/proc/{min(tops)}/cmdline").read_bytes()
 
     # stats: the container that allocated shows it, the idle one does not.
     # Not through the runc shim: it reads the host cgroup of the process

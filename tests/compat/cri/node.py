@@ -284,6 +284,19 @@ def pod_tree(e: Env) -> set[int]:
     return with_descendants({p for p in tops if p})
 
 
+def parent(pid: int) -> int:
+    """``pid``'s parent (0 when it is gone)."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def roots(pids: set[int]) -> set[int]:
+    """The tops of the process trees ``pids`` make: those whose parent is not one of them."""
+    return {p for p in pids if parent(p) not in pids and Path(f"/proc/{p}").exists()}
+
+
 def with_descendants(pids: set[int]) -> set[int]:
     """``pids`` and every process below them."""
     children: dict[int, list[int]] = {}
