@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import shutil
 import statistics
 import subprocess
@@ -43,6 +44,7 @@ from memory import pss_kib  # noqa: E402 (bench/memory.py: the script's dir is o
 from tests.compat.conftest import image_archive_of  # noqa: E402
 from tests.compat.cri import api_pb2 as api  # noqa: E402
 from tests.compat.cri.node import (  # noqa: E402
+    VM_MIB,
     Env,
     Pod,
     create,
@@ -108,8 +110,11 @@ def pools(e: Env, on: bool) -> Iterator[Callable[[], None]]:
         return
     cocoon = [sys.executable, "-m", "cocoon.cli"]
     roots = e.vm_roots()
-    servers = [subprocess.Popen([*cocoon, "--root", str(r), "pool", "serve", "--size", "1"],
-                                stderr=subprocess.DEVNULL) for r in roots]  # fmt: skip
+    # the pods' size (the node's VM_MIB) and NIC (CNI's veth)
+    env = {**os.environ, "COCOON_HYPERVISOR_MEMORY_MIB": str(VM_MIB)}
+    servers = [subprocess.Popen([*cocoon, "--root", str(r), "pool", "serve", "--size", "1",
+                                 "--nics", "1"], stderr=subprocess.DEVNULL, env=env)
+               for r in roots]  # fmt: skip
     try:
         deadline = time.monotonic() + 120
         while not all((r / "pool.sock").exists() for r in roots):
@@ -120,7 +125,7 @@ def pools(e: Env, on: bool) -> Iterator[Callable[[], None]]:
         def settle() -> None:
             for r in roots:
                 subprocess.run([*cocoon, "--root", str(r), "pool", "fill"], check=True,
-                               stdout=subprocess.DEVNULL)  # fmt: skip
+                               stdout=subprocess.DEVNULL, env=env)  # fmt: skip
 
         yield settle
     finally:
