@@ -20,7 +20,13 @@ Debian's runsc package ships no containerd shim (containerd-shim-runsc-v1).
 
 Run as root, from the checkout, while nothing else boots VMs:
 
-    COCOON_DATA_DIR=... PYTHONPATH=src python3 bench/cri.py [--runs 10]
+    COCOON_DATA_DIR=... PYTHONPATH=src python3 bench/cri.py [--runs 10] [--pool] [--fork-server]
+
+``--pool``: a warm pool of VMs with the pods' NIC on each VM handler's state
+root; ``--fork-server``: the shim's fork server (each pod's shim forked from
+a process that has the library imported). With a pool, a pod's VM processes
+were started by the pool server and stay its children: the pod's processes
+are then more than one tree (the shim's, and the VM's under the pool).
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ from tests.compat.cri.node import (  # noqa: E402
     Env,
     Pod,
     create,
+    fork_server,
     node,
     remove_cgroups,
     roots,
@@ -88,6 +95,7 @@ def one_pod(e: Env, handler: str, image: str, i: int) -> dict[str, float]:
     start = time.monotonic() - t0
     procs = pod_processes(e, pod)
     pss = sum(pss_kib(p) for p in procs) / 1024
+    tops = roots(procs)  # (while they live)
     t1 = time.monotonic()
     e.cri.rt("StopContainer", api.StopContainerRequest(container_id=cid, timeout=0), 120)
     e.cri.rt("StopPodSandbox", api.StopPodSandboxRequest(pod_sandbox_id=pod.id), 120)
@@ -96,7 +104,7 @@ def one_pod(e: Env, handler: str, image: str, i: int) -> dict[str, float]:
     deadline = time.monotonic() + 60
     while pod_processes(e, pod) and time.monotonic() < deadline:  # the next run starts clean
         time.sleep(0.1)
-    return {"start": start, "remove": removal, "procs": len(procs), "trees": len(roots(procs)),
+    return {"start": start, "remove": removal, "procs": len(procs), "trees": len(tops),
             "pss": pss}  # fmt: skip
 
 
@@ -142,7 +150,12 @@ def main() -> None:
     ap.add_argument(
         "--pool",
         action="store_true",
-        help="a warm pool (`cocoon pool serve`) on each VM handler's state root",
+        help="a warm pool (`cocoon pool serve --nics 1`) on each VM handler's state root",
+    )
+    ap.add_argument(
+        "--fork-server",
+        action="store_true",
+        help="the shim's fork server (`containerd-shim-cocoon-v2 fork-server`)",
     )
     args = ap.parse_args()
     handlers = [h for h in args.handlers.split(",") if h]
@@ -151,7 +164,11 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="cocoon-bench-cri-"))
     results: dict[str, list[dict[str, float]]] = {h: [] for h in handlers}
     try:
-        with node(image_archive_of(work), work) as e, pools(e, args.pool) as settle:
+        with (
+            node(image_archive_of(work), work) as e,
+            pools(e, args.pool) as settle,
+            fork_server(e) if args.fork_server else contextlib.nullcontext(),
+        ):
             first = run_pod(e, "runc", "bench-pull")
             image = e.cri.pull(e.busybox, first.config)
             e.cri.rt("StopPodSandbox", api.StopPodSandboxRequest(pod_sandbox_id=first.id))

@@ -37,7 +37,9 @@ from tests.compat.cri.node import (
     cgroup_members,
     cgroups,
     create,
+    fork_server,
     node,
+    parent,
     pod_tree,
     qemus,
     remove_cgroups,
@@ -364,11 +366,13 @@ def test_a_pod_from_a_warm_pool(env: Env, clean: None) -> None:
     """A pod's VM taken from a warm pool (`pool serve --nics 1` on the shim's
     root): its tap, waiting in the pool's namespace, is moved into the pod's
     CNI namespace and joined to the veth; the guest's NIC carries the veth's
-    MAC and the pod's IP, which answers from the host. The pool's end and the
+    MAC and the pod's IP, which answers from the host. Its shim was forked by
+    the shim's fork server. The pool's and the fork server's end and the
     pod's removal leave nothing (the clean fixture)."""
     e = env
-    with pool_server(e) as root:
+    with pool_server(e) as root, fork_server(e) as forks:
         pod = run_pod(e, "cocoon", "pod-pooled")
+        (shim,) = [p for p in shims(e) if parent(p) == forks.pid]
         image = e.cri.pull(e.busybox, pod.config)
         web = create(e, pod, "web", image, ["sh", "-c",
             "echo pooled > /tmp/index.html; exec httpd -f -p 8080 -h /tmp"])  # fmt: skip
@@ -389,4 +393,5 @@ def test_a_pod_from_a_warm_pool(env: Env, clean: None) -> None:
                                 link["link"]], capture_output=True, check=True).stdout  # fmt: skip
         r = exec_sync(e, web, "cat", f"/sys/class/net/{link['link']}/address")
         assert r.stdout.decode().strip() == json.loads(shown)[0]["address"], r
+        assert shim in shims(e)  # serving the pod all along
         _remove(e, pod)

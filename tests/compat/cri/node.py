@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import subprocess
 import tempfile
@@ -266,6 +267,27 @@ def create(e: Env, pod: Pod, name: str, image: str, argv: list[str]) -> str:
     cid: str = e.cri.rt("CreateContainer", req, 300).container_id
     e.cri.rt("StartContainer", api.StartContainerRequest(container_id=cid), 300)
     return cid
+
+
+@contextlib.contextmanager
+def fork_server(e: Env) -> Iterator[subprocess.Popen[bytes]]:
+    """The shim's fork server for our containerd (shim.forkserver), run as
+    containerd runs the shim (this checkout's, its environment), stopped after."""
+    shim = e.containerd.base / "bin" / "containerd-shim-cocoon-v2"
+    env = {**os.environ, "COCOON_SHIM_ROOT_DIR": str(e.containerd.shim_root),
+           "COCOON_HYPERVISOR_MEMORY_MIB": str(VM_MIB)}  # fmt: skip
+    p = subprocess.Popen([str(shim), "-address", str(e.containerd.sock), "fork-server"],
+                         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while not list(e.containerd.shim_root.glob("forks-*.sock")):
+            assert p.poll() is None and time.monotonic() < deadline, "no fork server"
+            time.sleep(0.05)
+        yield p
+    finally:
+        p.terminate()
+        _, err = p.communicate(timeout=30)
+        assert p.returncode == 0, err.decode(errors="replace")[-2000:]
 
 
 def qemus(e: Env) -> list[int]:
