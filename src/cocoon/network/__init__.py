@@ -143,9 +143,10 @@ def attach(
             else:
                 path = check_path(net[3:])
             ns = NetNs(path)
-            if plan.allow_empty and not plumb.candidates(ns.links()):
+            links = ns.links()
+            if plan.allow_empty and not plumb.candidates(links):
                 continue
-            got, ns_routes, ns_neigh = plumb.plumb(ns, plan.model, rate, scratch, keep, taps)
+            got, ns_routes, ns_neigh = plumb.plumb(ns, plan.model, rate, scratch, keep, taps, links)
             rename: dict[str, str] = {}
             for p in got:
                 name = p.nic.name

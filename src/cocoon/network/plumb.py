@@ -136,12 +136,14 @@ def throwaway_taps(count: int) -> list[int]:
     return in_new_netns(open_all)
 
 
-#: A pooled sandbox's taps, in the pool's namespace, before they are moved.
-POOL_TAP = OWN_PREFIX + "pool"
+#: A pooled sandbox's taps, in the pool's namespace, before they are moved:
+#: named as ``plumb`` names a namespace's taps, so that the usual case (one
+#: namespace) moves them with no rename.
+POOL_TAP = OWN_PREFIX + "tap"
 
 
 def pool_taps(count: int) -> tuple[int, list[int]]:
-    """A warm pool's taps: ``count`` tap fds (``ccpool<i>``) in a network
+    """A warm pool's taps: ``count`` tap fds (``cctap<i>``) in a network
     namespace made for them, and an fd of that namespace to move them out
     later. The namespace goes once the last of its fds and taps does."""
 
@@ -177,7 +179,8 @@ class PoolTaps:
         src = f"{POOL_TAP}{self.used}"
         self.used += 1
         NetNs(self.netns).ip("link", "set", "dev", src, "netns", dest.path)
-        dest.ip("link", "set", "dev", src, "name", name)
+        if src != name:  # (a further namespace's: its own taps count from 0)
+            dest.ip("link", "set", "dev", src, "name", name)
 
 
 def _macvtap_devnum(ns: NetNs, name: str) -> tuple[int, int]:
@@ -226,19 +229,21 @@ def plumb(
     scratch: Path,
     save: Callable[[dict[str, Any]], None],
     taps: PoolTaps | None = None,
+    links: list[Link] | None = None,
 ) -> tuple[list[Plumbed], list[Route], list[Neighbor]]:
     """A NIC for every veth-like link in ``ns``; their routes and neighbours.
 
     ``save(record)`` is called before anything for that link is made, so a
     crash at any point leaves a record ``unplumb`` can finish from. With
     ``taps`` (a pooled sandbox's), the NICs' taps are moved in, not made:
-    their fds are QEMU's already (``Plumbed.fd`` is -1).
+    their fds are QEMU's already (``Plumbed.fd`` is -1). ``links``: the
+    namespace's, if the caller has just read them.
     """
     if model not in MODELS:
         raise NetworkError(f"unknown network model {model!r}: use tcfilter or macvtap")
     if taps is not None and model != "tcfilter":
         raise NetworkError("a pooled sandbox's NICs are taps: network model tcfilter only")
-    links = ns.links()
+    links = ns.links() if links is None else links
     ours = [ln.name for ln in links if ln.name.startswith((f"{OWN_PREFIX}tap", f"{OWN_PREFIX}mvt"))]
     if ours:
         raise NetworkError(
