@@ -42,8 +42,10 @@ if TYPE_CHECKING:
 
 #: A request (a bundle path, an id, the environment), at most.
 MAX_REQUEST = 1 << 20
-#: How long ``start`` waits for the fork server before forking itself.
+#: How long ``start`` waits to hand the fork server its request (else it
+#: forks itself), and then for its answer.
 ASK_TIMEOUT_S = 2.0
+REPLY_TIMEOUT_S = 10.0
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +66,12 @@ def ask(
     bundle: Path,
 ) -> bool:
     """Have the fork server fork the pod's shim server on ``sock``: True if
-    it did (``sock`` is then the new shim's; the caller closes its copy)."""
+    it did (``sock`` is then the new shim's; the caller closes its copy),
+    False if there is none or it refused (nothing was forked: the caller
+    forks). A request it took but did not answer counts as forked: a shim
+    may serve ``sock`` already, and a second one must not; if none does, the
+    socket closes with the caller and containerd's connection is refused
+    (one failed task, nothing left behind)."""
     where = socket_for(cfg.shim.root_dir, address)
     if not where.exists():
         return False
@@ -75,10 +82,14 @@ def ask(
         try:
             c.connect(str(where))
             socket.send_fds(c, [json.dumps(req).encode() + b"\n"], [sock.fileno()])
-            reply = json.loads(c.makefile("rb").readline(4096) or b"{}")
+        except OSError:
+            return False  # a stale socket, or a server going away: nothing taken
+        try:
+            c.settimeout(REPLY_TIMEOUT_S)
+            reply = json.loads(c.makefile("rb").readline(4096))
         except (OSError, ValueError):
-            return False
-    return isinstance(reply, dict) and isinstance(reply.get("pid"), int) and reply["pid"] > 0
+            return True
+    return not (isinstance(reply, dict) and "error" in reply)
 
 
 def run(address: str) -> int:
@@ -164,9 +175,16 @@ def _serve_one(conn: socket.socket, srv: socket.socket, run_server: Any) -> None
         for fd in fds:
             os.close(fd)
         log.warning(f"refused a request: {e}")
+        _answer(conn, {"error": str(e)[:500]})
         return
     lsock = socket.socket(fileno=fds[0])
-    pid = os.fork()
+    try:
+        pid = os.fork()
+    except OSError as e:
+        lsock.close()
+        log.warning(f"cannot fork a shim: {e}")
+        _answer(conn, {"error": f"cannot fork: {e.strerror}"})
+        return
     if pid == 0:  # pragma: no cover - the pod's shim server
         try:
             conn.close()
@@ -184,8 +202,12 @@ def _serve_one(conn: socket.socket, srv: socket.socket, run_server: Any) -> None
             os._exit(1)
         run_server(cfg, req["namespace"], req["id"], lsock, req["path"], Path(req["bundle"]))
     lsock.close()
+    _answer(conn, {"pid": pid})
+
+
+def _answer(conn: socket.socket, reply: dict[str, Any]) -> None:
     with contextlib.suppress(OSError):
-        conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
+        conn.sendall(json.dumps(reply).encode() + b"\n")
 
 
 def _request(data: bytes, fds: list[int]) -> dict[str, Any]:
