@@ -321,17 +321,23 @@ def test_a_killed_vm_ends_the_pods_containers(env: Env, clean: None) -> None:
     _remove(e, pod)
 
 
-def test_a_killed_shim_is_a_dead_pod(env: Env, clean: None) -> None:
-    """kill -9 of the pod's shim: containerd sees its tasks dead (the shim's
-    containers die with it), and the pod's removal cleans up after it."""
-    e = env
+@pytest.mark.parametrize("forked", [False, True], ids=["own", "fork-server"])
+def test_a_killed_shim_is_a_dead_pod(env: Env, clean: None, forked: bool) -> None:
+    """kill -9 of the pod's shim (forked by its `start`, or by the fork
+    server): containerd sees its tasks dead (the shim's containers die with
+    it), and the pod's removal cleans up after it."""
+    with fork_server(env) if forked else contextlib.nullcontext() as forks:
+        _kill_the_shim(env, {forks.pid} if forks else set())
+
+
+def _kill_the_shim(e: Env, not_shims: set[int]) -> None:
     pod, cid = _sleeper_pod(e, "pod-killed-shim")
     # the shim serving the pod's socket (its monitors are its forks: skip them)
     monitors = set()
     for st in (e.containerd.shim_root / NAMESPACE).glob("oci/*/state.json"):
         with contextlib.suppress(OSError, ValueError):
             monitors.add(int(json.loads(st.read_bytes()).get("monitor_pid") or 0))
-    (shim,) = [p for p in shims(e) if p not in monitors]
+    (shim,) = [p for p in shims(e) if p not in monitors | not_shims]
     os.kill(shim, signal.SIGKILL)
     s = until(
         "the container's exit", lambda: (s := status(e, cid)).state == api.CONTAINER_EXITED and s

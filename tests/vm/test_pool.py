@@ -193,11 +193,19 @@ def test_a_pooled_sandbox_with_a_nic_serves_a_start_in_a_network_namespace(
             qdiscs = subprocess.run(["tc", "-n", ns, "qdisc", "show", "dev", "eth0"],
                                     capture_output=True, text=True).stdout  # fmt: skip
             assert "cctap" not in links and "ingress" not in qdiscs, (links, qdiscs)
-            refill = wait_for(lambda: pool_ls(cfg))
-            assert refill != [pooled]
-            held = [f for f in Path(f"/proc/{p.pid}/fd").iterdir()
-                    if os.readlink(f).startswith("net:")]  # fmt: skip
-            assert len(held) == 1, held  # the refill's namespace of taps, one
+            [refill] = wait_for(lambda: pool_ls(cfg))
+            assert refill != pooled
+
+            def held() -> list[str]:
+                fds = [os.readlink(f) for f in Path(f"/proc/{p.pid}/fd").iterdir()]
+                return [f for f in fds if f.startswith("net:")]
+
+            assert len(held()) == 1, held()  # the refill's namespace of taps, one
+            # a pooled VM that died is discarded: its namespace let go with it
+            os.kill(SandboxDir(cfg.root, refill).read().processes["qemu"].pid, signal.SIGKILL)
+            [fresh] = wait_for(lambda: [s for s in pool_ls(cfg) if s != refill])
+            assert len(held()) == 1 and not (cfg.root / "sandboxes" / refill).exists(), held()
+            assert fresh
         # drained: the server held no namespace, and nothing of the pool is left
         assert not list((cfg.root / "sandboxes").glob("*"))
     finally:
