@@ -9,6 +9,7 @@ import asyncio
 import dataclasses
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -46,6 +47,8 @@ def server(root: Path) -> Iterator[subprocess.Popen[bytes]]:
         assert p.poll() is None and time.monotonic() < deadline, p.stderr
         time.sleep(0.05)
     yield p
+    for shim in _children(p.pid):  # a failed test's: never left behind
+        os.kill(shim, signal.SIGKILL)
     p.terminate()
     _, err = p.communicate(timeout=30)
     assert p.returncode == 0, err.decode(errors="replace")
