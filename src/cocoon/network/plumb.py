@@ -22,7 +22,7 @@ where they will go: they wait in a namespace of the pool's own (``pool_taps``)
 and are moved into the taker's namespace (``PoolTaps``), where the same
 filters join them to the veth. A tap's fd stays valid across the move (QEMU
 keeps its fd; frames flow both ways; closing it deletes the tap in its new
-namespace: checked by hand on Linux 6.1 and 6.18).
+namespace: checked by hand here, on Linux 6.18).
 What outlives QEMU (the filters on the veth, a macvtap link, rate-limit
 qdiscs, an ifb) is written in the sandbox state before it is made and undone
 by ``unplumb``.
