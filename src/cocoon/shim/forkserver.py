@@ -1,7 +1,7 @@
 """Pods' shim servers forked from a warm process: the shim's fork server.
 
 containerd runs the shim binary for each pod's first task, and a new Python
-shim imports the runtime library (~0.13 s here, 121 modules) before it can
+shim imports the runtime library (0.05-0.08 s here, ~130 modules) before it can
 serve the Create containerd is already waiting on: after the VM itself, the
 largest part of a pod's start. ``containerd-shim-cocoon-v2 -address SOCK
 fork-server``, started once per containerd (as the warm pool is, under

@@ -152,7 +152,7 @@ def start(args: argparse.Namespace) -> str:
 
     containerd runs it for every task, and for all but a pod's first it only
     finds the pod's shim: so it imports and reads no more than that needs
-    (not the configuration, not the library: ~0.15 s of each pod container's
+    (not the configuration, not the library: ~0.06 s of each pod container's
     start here); the server imports the rest once forked."""
     if not args.id:
         raise ShimError("-id is required")

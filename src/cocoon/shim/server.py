@@ -100,7 +100,7 @@ async def serve(cfg: Config, namespace: str, sock: socket.socket, path: str) -> 
     deleted and containerd asks it to go. The service's modules are imported
     here, in the forked server, not by `start`: containerd runs `start` for
     every task, and for all but a pod's first it only finds the pod's shim
-    (importing them cost each `start` ~0.13 s here; a fork server has them
+    (importing them cost each `start` ~0.06 s here; a fork server has them
     imported already: shim.forkserver)."""
     import asyncio
     from concurrent.futures import ThreadPoolExecutor
