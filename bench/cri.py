@@ -20,13 +20,20 @@ Debian's runsc package ships no containerd shim (containerd-shim-runsc-v1).
 
 Run as root, from the checkout, while nothing else boots VMs:
 
-    COCOON_DATA_DIR=... PYTHONPATH=src python3 bench/cri.py [--runs 10]
+    COCOON_DATA_DIR=... PYTHONPATH=src python3 bench/cri.py [--runs 10] [--pool] [--fork-server]
+
+``--pool``: a warm pool of VMs with the pods' NIC on each VM handler's state
+root; ``--fork-server``: the shim's fork server (each pod's shim forked from
+a process that has the library imported). With a pool, a pod's VM processes
+were started by the pool server and stay its children: the pod's processes
+are then more than one tree (the shim's, and the VM's under the pool).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import shutil
 import statistics
 import subprocess
@@ -43,11 +50,14 @@ from memory import pss_kib  # noqa: E402 (bench/memory.py: the script's dir is o
 from tests.compat.conftest import image_archive_of  # noqa: E402
 from tests.compat.cri import api_pb2 as api  # noqa: E402
 from tests.compat.cri.node import (  # noqa: E402
+    VM_MIB,
     Env,
     Pod,
     create,
+    fork_server,
     node,
     remove_cgroups,
+    roots,
     run_pod,
     shims,
     with_descendants,
@@ -71,16 +81,6 @@ def pod_processes(e: Env, pod: Pod) -> set[int]:
     return with_descendants(found)
 
 
-def trees(pids: set[int]) -> int:
-    """How many process trees: processes whose parent is not in the set."""
-    roots = 0
-    for pid in pids:
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            roots += ppid not in pids
-    return roots
-
-
 def one_pod(e: Env, handler: str, image: str, i: int) -> dict[str, float]:
     t0 = time.monotonic()
     pod = run_pod(e, handler, f"bench-{handler}-{i}")
@@ -95,6 +95,7 @@ def one_pod(e: Env, handler: str, image: str, i: int) -> dict[str, float]:
     start = time.monotonic() - t0
     procs = pod_processes(e, pod)
     pss = sum(pss_kib(p) for p in procs) / 1024
+    tops = roots(procs)  # (while they live)
     t1 = time.monotonic()
     e.cri.rt("StopContainer", api.StopContainerRequest(container_id=cid, timeout=0), 120)
     e.cri.rt("StopPodSandbox", api.StopPodSandboxRequest(pod_sandbox_id=pod.id), 120)
@@ -103,7 +104,7 @@ def one_pod(e: Env, handler: str, image: str, i: int) -> dict[str, float]:
     deadline = time.monotonic() + 60
     while pod_processes(e, pod) and time.monotonic() < deadline:  # the next run starts clean
         time.sleep(0.1)
-    return {"start": start, "remove": removal, "procs": len(procs), "trees": trees(procs),
+    return {"start": start, "remove": removal, "procs": len(procs), "trees": len(tops),
             "pss": pss}  # fmt: skip
 
 
@@ -117,8 +118,11 @@ def pools(e: Env, on: bool) -> Iterator[Callable[[], None]]:
         return
     cocoon = [sys.executable, "-m", "cocoon.cli"]
     roots = e.vm_roots()
-    servers = [subprocess.Popen([*cocoon, "--root", str(r), "pool", "serve", "--size", "1"],
-                                stderr=subprocess.DEVNULL) for r in roots]  # fmt: skip
+    # the pods' size (the node's VM_MIB) and NIC (CNI's veth)
+    env = {**os.environ, "COCOON_HYPERVISOR_MEMORY_MIB": str(VM_MIB)}
+    servers = [subprocess.Popen([*cocoon, "--root", str(r), "pool", "serve", "--size", "1",
+                                 "--nics", "1"], stderr=subprocess.DEVNULL, env=env)
+               for r in roots]  # fmt: skip
     try:
         deadline = time.monotonic() + 120
         while not all((r / "pool.sock").exists() for r in roots):
@@ -129,7 +133,7 @@ def pools(e: Env, on: bool) -> Iterator[Callable[[], None]]:
         def settle() -> None:
             for r in roots:
                 subprocess.run([*cocoon, "--root", str(r), "pool", "fill"], check=True,
-                               stdout=subprocess.DEVNULL)  # fmt: skip
+                               stdout=subprocess.DEVNULL, env=env)  # fmt: skip
 
         yield settle
     finally:
@@ -146,7 +150,12 @@ def main() -> None:
     ap.add_argument(
         "--pool",
         action="store_true",
-        help="a warm pool (`cocoon pool serve`) on each VM handler's state root",
+        help="a warm pool (`cocoon pool serve --nics 1`) on each VM handler's state root",
+    )
+    ap.add_argument(
+        "--fork-server",
+        action="store_true",
+        help="the shim's fork server (`containerd-shim-cocoon-v2 fork-server`)",
     )
     args = ap.parse_args()
     handlers = [h for h in args.handlers.split(",") if h]
@@ -155,7 +164,11 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="cocoon-bench-cri-"))
     results: dict[str, list[dict[str, float]]] = {h: [] for h in handlers}
     try:
-        with node(image_archive_of(work), work) as e, pools(e, args.pool) as settle:
+        with (
+            node(image_archive_of(work), work) as e,
+            pools(e, args.pool) as settle,
+            fork_server(e) if args.fork_server else contextlib.nullcontext(),
+        ):
             first = run_pod(e, "runc", "bench-pull")
             image = e.cri.pull(e.busybox, first.config)
             e.cri.rt("StopPodSandbox", api.StopPodSandboxRequest(pod_sandbox_id=first.id))

@@ -160,6 +160,11 @@ class PoolConfig:
     size: int = 0
     #: Size classes as "VCPUSxMEMORY_MIB", e.g. "2x512" (empty: the default size).
     classes: list[str] = field(default_factory=list)
+    #: NICs of each pooled sandbox (0-4): its taps wait in a namespace of the
+    #: pool's own and move into the taker's network namespace (CNI's, a CRI
+    #: pod's: 1). A start takes a pooled sandbox only with exactly this many
+    #: links to connect (none: 0).
+    nics: int = 0
 
 
 @dataclass
@@ -280,6 +285,8 @@ class Config:
             raise ConfigError("sandbox.template_dir must be an absolute path")
         if not 0 <= self.pool.size <= 256:
             raise ConfigError("pool.size must be 0..256")
+        if not 0 <= self.pool.nics <= 4:
+            raise ConfigError("pool.nics must be 0..4")
         for c in self.pool.classes:
             v, _, m = c.partition("x")
             digits = (v + m).isascii() and v.isdigit() and m.isdigit()  # "²".isdigit() too

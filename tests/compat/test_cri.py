@@ -16,6 +16,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -30,15 +31,19 @@ from tests.compat.cri import api_pb2 as api
 from tests.compat.cri.node import (
     NAMESPACE,
     SUBNET,
+    VM_MIB,
     Env,
     Pod,
     cgroup_members,
     cgroups,
     create,
+    fork_server,
     node,
+    parent,
     pod_tree,
     qemus,
     remove_cgroups,
+    roots,
     run_pod,
     shims,
     vm_processes,
@@ -214,6 +219,10 @@ def test_a_pod_the_kubelet_way(env: Env, clean: None, handler: str) -> None:
         assert "qemu-system-x86" in names and names & {"python", "python3"}, names
         for pid in ours:
             assert _in_cgroup(pid, pod.cgroup), (pid, Path(f"/proc/{pid}/cmdline").read_bytes())
+        if handler == "cocoon":  # one host process tree per pod: its shim's
+            tops = roots(ours)
+            assert len(tops) == 1, f"{len(tops)} process trees: {tops} of {sorted(ours)}"
+            assert tops <= set(shims(e)), Path(f"/proc/{min(tops)}/cmdline").read_bytes()
 
     # stats: the container that allocated shows it, the idle one does not.
     # Not through the runc shim: it reads the host cgroup of the process
@@ -312,17 +321,23 @@ def test_a_killed_vm_ends_the_pods_containers(env: Env, clean: None) -> None:
     _remove(e, pod)
 
 
-def test_a_killed_shim_is_a_dead_pod(env: Env, clean: None) -> None:
-    """kill -9 of the pod's shim: containerd sees its tasks dead (the shim's
-    containers die with it), and the pod's removal cleans up after it."""
-    e = env
+@pytest.mark.parametrize("forked", [False, True], ids=["own", "fork-server"])
+def test_a_killed_shim_is_a_dead_pod(env: Env, clean: None, forked: bool) -> None:
+    """kill -9 of the pod's shim (forked by its `start`, or by the fork
+    server): containerd sees its tasks dead (the shim's containers die with
+    it), and the pod's removal cleans up after it."""
+    with fork_server(env) if forked else contextlib.nullcontext() as forks:
+        _kill_the_shim(env, {forks.pid} if forks else set())
+
+
+def _kill_the_shim(e: Env, not_shims: set[int]) -> None:
     pod, cid = _sleeper_pod(e, "pod-killed-shim")
     # the shim serving the pod's socket (its monitors are its forks: skip them)
     monitors = set()
     for st in (e.containerd.shim_root / NAMESPACE).glob("oci/*/state.json"):
         with contextlib.suppress(OSError, ValueError):
             monitors.add(int(json.loads(st.read_bytes()).get("monitor_pid") or 0))
-    (shim,) = [p for p in shims(e) if p not in monitors]
+    (shim,) = [p for p in shims(e) if p not in monitors | not_shims]
     os.kill(shim, signal.SIGKILL)
     s = until(
         "the container's exit", lambda: (s := status(e, cid)).state == api.CONTAINER_EXITED and s
@@ -330,3 +345,59 @@ def test_a_killed_shim_is_a_dead_pod(env: Env, clean: None) -> None:
     assert s.exit_code != 0 and s.reason == "Error", s
     until("the sandbox's end", lambda: _pod_state(e, pod) == api.SANDBOX_NOTREADY)
     _remove(e, pod)
+
+
+@contextlib.contextmanager
+def pool_server(e: Env) -> Iterator[Path]:
+    """`cocoon pool serve` on the shim's state root, one sandbox with the NIC
+    a CNI pod has, at the node's VM size; stopped (its sandboxes destroyed) after."""
+    root = e.containerd.shim_root / NAMESPACE
+    src = str(Path(__file__).resolve().parents[2] / "src")
+    env = {**os.environ, "PYTHONPATH": src, "COCOON_HYPERVISOR_MEMORY_MIB": str(VM_MIB)}
+    cocoon = [sys.executable, "-m", "cocoon.cli", "--root", str(root), "pool"]
+    p = subprocess.Popen([*cocoon, "serve", "--size", "1", "--nics", "1"], env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        until("the pool's sandbox", lambda: (root / "pool.sock").exists() and json.loads(
+            subprocess.run([*cocoon, "ls", "--format", "json"], env=env, capture_output=True,
+                           check=True).stdout)["classes"].get(f"1x{VM_MIB}+1nic"), 120)  # fmt: skip
+        yield root
+    finally:
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=60)
+        assert p.returncode == 0, err.decode(errors="replace")[-3000:]
+
+
+def test_a_pod_from_a_warm_pool(env: Env, clean: None) -> None:
+    """A pod's VM taken from a warm pool (`pool serve --nics 1` on the shim's
+    root): its tap, waiting in the pool's namespace, is moved into the pod's
+    CNI namespace and joined to the veth; the guest's NIC carries the veth's
+    MAC and the pod's IP, which answers from the host. Its shim was forked by
+    the shim's fork server. The pool's and the fork server's end and the
+    pod's removal leave nothing (the clean fixture)."""
+    e = env
+    with pool_server(e) as root, fork_server(e) as forks:
+        pod = run_pod(e, "cocoon", "pod-pooled")
+        (shim,) = [p for p in shims(e) if parent(p) == forks.pid]
+        image = e.cri.pull(e.busybox, pod.config)
+        web = create(e, pod, "web", image, ["sh", "-c",
+            "echo pooled > /tmp/index.html; exec httpd -f -p 8080 -h /tmp"])  # fmt: skip
+        state = json.loads((root / "oci" / pod.id / "state.json").read_bytes())
+        sb = json.loads((root / "sandboxes" / state["sandbox_id"] / "state.json").read_bytes())
+        assert "cocoon.pool" not in sb["annotations"] and sb["template"], sb
+        assert sb["network"].get("pool_nics") == 1, sb["network"]  # a pooled sandbox's
+        # the VM's processes, started in the pool's cgroups, are in the pod's now
+        for pid in [r["pid"] for r in sb["processes"].values()]:
+            assert _in_cgroup(pid, pod.cgroup), (pid, Path(f"/proc/{pid}/cgroup").read_text())
+        st = e.cri.rt("PodSandboxStatus", api.PodSandboxStatusRequest(pod_sandbox_id=pod.id))
+        ip = st.status.network.ip
+        page = until("the pod's server from the host", lambda: urllib.request.urlopen(
+            f"http://{ip}:8080/index.html", timeout=5).read())  # fmt: skip
+        assert page == b"pooled\n"
+        (link,) = sb["network"]["links"]
+        shown = subprocess.run(["nsenter", f"--net={link['netns']}", "ip", "-j", "link", "show",
+                                link["link"]], capture_output=True, check=True).stdout  # fmt: skip
+        r = exec_sync(e, web, "cat", f"/sys/class/net/{link['link']}/address")
+        assert r.stdout.decode().strip() == json.loads(shown)[0]["address"], r
+        assert shim in shims(e)  # serving the pod all along
+        _remove(e, pod)

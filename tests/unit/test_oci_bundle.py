@@ -237,6 +237,15 @@ def test_namespace_path_to_a_fifo_does_not_hang(tmp_path: Path) -> None:
         load_and_plan(b)
 
 
+def test_a_namespace_path_with_a_lone_surrogate_is_a_bundle_error(tmp_path: Path) -> None:
+    """Found by fuzz/targets/oci_bundle.py: JSON's "\\ud800" decodes to a str
+    no file name can be (os.stat raised UnicodeEncodeError)."""
+    ns = [{"type": "ipc", "path": "/proc/self/ns/\ud800"}]
+    b = write_raw(tmp_path, with_("linux.namespaces", ns))
+    with pytest.raises(BundleError, match="not valid UTF-8"):
+        load_and_plan(b)
+
+
 def test_a_root_path_too_long_for_the_system_is_a_bundle_error(tmp_path: Path) -> None:
     """Found by fuzz/targets/oci_bundle.py: Path.is_dir() raises ENAMETOOLONG."""
     b = write_raw(tmp_path, with_("root.path", "x" * 5000))

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from cocoon.runtime import pods
 from cocoon.shim import events
-from cocoon.shim.main import group_of, parse, socket_path
+from cocoon.shim.main import GROUP_ANNOTATIONS, group_of, parse, socket_path
 from cocoon.shim.proto import events_pb2, ttrpc_pb2
 from cocoon.shim.ttrpc import MAX_MESSAGE, Client, Code, RpcError, Server, frame
 
@@ -156,6 +157,7 @@ def test_one_socket_per_pod(tmp_path: Path) -> None:
         '{"annotations": {"io.kubernetes.cri.sandbox-id": "pod9"}}'
     )
     assert group_of(tmp_path, "c1") == "pod9"
+    assert pods.SANDBOX_ID in GROUP_ANNOTATIONS  # (written out: `start` imports no library)
     (tmp_path / "config.json").write_text("{}")
     assert group_of(tmp_path, "c1") == "c1"
     a = socket_path("/run/containerd/containerd.sock", "k8s.io", "pod9")

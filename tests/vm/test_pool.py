@@ -3,6 +3,7 @@ a start takes one (once), the pool refills, a dead pooled VM is thrown away."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -40,9 +41,15 @@ def wait_for(what: Callable[[], Any], timeout_s: float = 60.0) -> Any:
 
 @pytest.fixture
 def server(cfg: Config) -> Iterator[subprocess.Popen[bytes]]:
+    with serving(cfg) as p:
+        yield p
+
+
+@contextlib.contextmanager
+def serving(cfg: Config, *flags: str) -> Iterator[subprocess.Popen[bytes]]:
     p = subprocess.Popen(
         [sys.executable, "-m", "cocoon.cli", "--root", str(cfg.root), "pool", "serve",
-         "--size", "1"],
+         "--size", "1", *flags],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )  # fmt: skip
     try:
@@ -140,6 +147,70 @@ def test_host_directories_reach_a_pooled_sandbox_through_its_hub(
         ok(cocoon(cfg, "rm", "-f", cid))
     assert not hub.exists() and mount_points_under(hub) == []  # (the refill has a hub of its own)
     assert (rw / "out").read_text() == "written\n" and (ro / "hello").read_text() == "read me\n"
+
+
+def test_a_pooled_sandbox_with_a_nic_serves_a_start_in_a_network_namespace(
+    cfg: Config, busybox: None
+) -> None:
+    """``pool serve --nics 1``: the pooled VM's tap waits in the pool's own
+    namespace and moves into the start's (a veth's, as CNI makes it): the
+    guest's NIC has the veth's MAC and address and reaches its peer; the tap
+    and filters go with the container; a start without that NIC count, or the
+    pool's end, leaves no tap, filter or namespace anywhere."""
+    ns, peer = f"cocoon-pooltest-{uuid.uuid4().hex[:6]}", f"ccpt{uuid.uuid4().hex[:6]}"
+    ip = ["ip", "-n", ns]
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        subprocess.run(["ip", "link", "add", peer, "type", "veth", "peer", "name", "eth0",
+                        "netns", ns], check=True)  # fmt: skip
+        subprocess.run(["ip", "addr", "add", "10.233.9.1/24", "dev", peer], check=True)
+        subprocess.run(["ip", "link", "set", peer, "up"], check=True)
+        subprocess.run([*ip, "addr", "add", "10.233.9.2/24", "dev", "eth0"], check=True)
+        subprocess.run([*ip, "link", "set", "eth0", "up"], check=True)
+        mac = json.loads(subprocess.run([*ip, "-j", "link", "show", "eth0"], check=True,
+                                        capture_output=True).stdout)[0]["address"]  # fmt: skip
+        with serving(cfg, "--nics", "1") as p:
+            [pooled] = pool_ls(cfg)
+            # no NIC: not this pool's class, so restored by itself
+            r = cocoon(cfg, "run", "--rm", "--network", "none", "busybox", "true")
+            assert r.returncode == 0 and pool_ls(cfg) == [pooled], r.stderr
+            cid = ok(cocoon(cfg, "run", "-d", "--network", f"ns:/run/netns/{ns}", "busybox",
+                            "sleep", "300")).strip()  # fmt: skip
+            try:
+                info = json.loads(ok(cocoon(cfg, "inspect", cid)))
+                info = info[0] if isinstance(info, list) else info
+                assert info["Sandbox"]["Id"] == pooled
+                script = ("cat /sys/class/net/eth0/address; ip -4 -o addr show eth0; "
+                          "ping -c 1 -W 5 10.233.9.1 >/dev/null && echo reached")  # fmt: skip
+                out = ok(cocoon(cfg, "exec", cid, "sh", "-c", script))
+                assert out.splitlines()[0] == mac and "10.233.9.2/24" in out, out
+                assert out.endswith("reached\n"), out
+                links = subprocess.run([*ip, "-o", "link"], capture_output=True, text=True).stdout
+                assert "cctap0" in links, links
+            finally:
+                ok(cocoon(cfg, "rm", "-f", cid))
+            links = subprocess.run([*ip, "-o", "link"], capture_output=True, text=True).stdout
+            qdiscs = subprocess.run(["tc", "-n", ns, "qdisc", "show", "dev", "eth0"],
+                                    capture_output=True, text=True).stdout  # fmt: skip
+            assert "cctap" not in links and "ingress" not in qdiscs, (links, qdiscs)
+            [refill] = wait_for(lambda: pool_ls(cfg))
+            assert refill != pooled
+
+            def held() -> list[str]:
+                fds = [os.readlink(f) for f in Path(f"/proc/{p.pid}/fd").iterdir()]
+                return [f for f in fds if f.startswith("net:")]
+
+            assert len(held()) == 1, held()  # the refill's namespace of taps, one
+            # a pooled VM that died is discarded: its namespace let go with it
+            os.kill(SandboxDir(cfg.root, refill).read().processes["qemu"].pid, signal.SIGKILL)
+            [fresh] = wait_for(lambda: [s for s in pool_ls(cfg) if s != refill])
+            assert len(held()) == 1 and not (cfg.root / "sandboxes" / refill).exists(), held()
+            assert fresh
+        # drained: the server held no namespace, and nothing of the pool is left
+        assert not list((cfg.root / "sandboxes").glob("*"))
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=False)
+        subprocess.run(["ip", "link", "del", peer], capture_output=True, check=False)
 
 
 def test_no_server_no_pool(cfg: Config) -> None:

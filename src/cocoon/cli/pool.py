@@ -18,13 +18,21 @@ def pool_group() -> None:
 
 @pool_group.command("serve")
 @click.option("--size", type=click.IntRange(0, 256), help="Per class (default: pool.size).")
+@click.option(
+    "--nics",
+    type=click.IntRange(0, 4),
+    help="NICs of each pooled sandbox, moved into the taker's network namespace "
+    "(default: pool.nics; a CRI pod has 1).",
+)
 @click.pass_obj
-def serve(state: State, size: int | None) -> None:
+def serve(state: State, size: int | None, nics: int | None) -> None:
     """Keep pool.size sandboxes per size class ready (foreground; SIGTERM ends it
     and destroys the sandboxes still in the pool)."""
     cfg = state.cfg
     if size is not None:
         cfg.pool.size = size
+    if nics is not None:
+        cfg.pool.nics = nics
     pools.serve(cfg, _say)
 
 

@@ -97,8 +97,9 @@ class Attachment:
 
     def close_fds(self) -> None:
         for _, fd in self.nics:
-            with contextlib.suppress(OSError):
-                os.close(fd)
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
         self.nics = [(mac, -1) for mac, _ in self.nics]
 
 
@@ -109,8 +110,11 @@ def attach(
     record: dict[str, Any],
     save: Callable[[], None],
     scratch: Path,
+    taps: plumb.PoolTaps | None = None,
 ) -> Attachment:
-    """Make every NIC of the plan; ``record`` is filled (and ``save``d) ahead of each step."""
+    """Make every NIC of the plan; ``record`` is filled (and ``save``d) ahead
+    of each step. With ``taps`` (a pooled sandbox's), the NICs are its taps,
+    moved into the plan's namespaces: their fds in the result are -1."""
     plan.check()
     record.setdefault("links", [])
     nics: list[plumb.Plumbed] = []
@@ -139,9 +143,10 @@ def attach(
             else:
                 path = check_path(net[3:])
             ns = NetNs(path)
-            if plan.allow_empty and not plumb.candidates(ns.links()):
+            links = ns.links()
+            if plan.allow_empty and not plumb.candidates(links):
                 continue
-            got, ns_routes, ns_neigh = plumb.plumb(ns, plan.model, rate, scratch, keep)
+            got, ns_routes, ns_neigh = plumb.plumb(ns, plan.model, rate, scratch, keep, taps, links)
             rename: dict[str, str] = {}
             for p in got:
                 name = p.nic.name
@@ -162,8 +167,12 @@ def attach(
             ]
     except BaseException:
         for p in nics:
-            os.close(p.fd)
+            if p.fd >= 0:
+                os.close(p.fd)
         raise
+    if taps is not None and taps.used != taps.count:
+        raise NetworkError(f"the pooled sandbox has {taps.count} NIC(s), the namespaces "
+                           f"{taps.used} link(s) to connect")  # fmt: skip
     addresses = [a for p in nics for a in p.nic.addresses]
     hostname = plan.hostname or "cocoon"
     msg = messages.ConfigureNetwork(
@@ -179,6 +188,28 @@ def attach(
     )
     msg.check()
     return Attachment([(p.nic.mac, p.fd) for p in nics], msg, addresses)
+
+
+def pool_nics(plan: NetworkPlan) -> int | None:
+    """How many NICs ``plan`` makes, where a warm pool's sandbox can serve it
+    (its taps moved in: ``tcfilter``, namespaces someone else made); None
+    where none can (our own bridge's namespace is made per sandbox, macvtap
+    is not a tap, an empty namespace is an error of its own)."""
+    nets = [n for n in plan.networks if n != "none"]
+    if not nets:
+        return 0
+    if plan.model != "tcfilter" or not all(n.startswith("ns:") for n in nets):
+        return None
+    total = 0
+    try:
+        for n in nets:
+            found = len(plumb.candidates(NetNs(check_path(n[3:])).links()))
+            if not found and not plan.allow_empty:
+                return None
+            total += found
+    except NetworkError:
+        return None
+    return total
 
 
 def release(record: dict[str, Any], sandbox_id: str) -> None:

@@ -25,6 +25,8 @@ from cocoon.util.proc import run
 T = TypeVar("T")
 CLONE_NEWNET = 0x40000000
 CMD_TIMEOUT_S = 15.0
+#: Where ``ip netns`` keeps named namespaces (``ip -n NAME`` and ``tc -n NAME`` find them).
+NAMED_DIRS = ("/run/netns", "/var/run/netns")
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -131,26 +133,32 @@ class NetNs:
     def __init__(self, path: str = "") -> None:
         self.path = path
 
-    def _prefix(self) -> list[str]:
-        return ["nsenter", f"--net={self.path}", "--"] if self.path else []
+    def _argv(self, tool: str) -> list[str]:
+        """``tool`` run in the namespace: by name (``-n``, one exec) for one
+        ``ip netns`` named (CNI's, containerd's: /run/netns/NAME), else under
+        ``nsenter`` (two execs: ~3 ms more each, and a pod's start runs ~9)."""
+        if not self.path:
+            return [tool]
+        head, name = os.path.split(self.path)
+        if head in NAMED_DIRS and name and not name.startswith(("-", ".")):
+            return [tool, "-n", name]
+        return ["nsenter", f"--net={self.path}", "--", tool]
 
     def ip(self, *args: str, check: bool = True) -> str:
         cp = run(
-            [*self._prefix(), "ip", *args], timeout_s=CMD_TIMEOUT_S, error=NetworkError, check=check
+            [*self._argv("ip"), *args], timeout_s=CMD_TIMEOUT_S, error=NetworkError, check=check
         )
         return cp.stdout.decode(errors="replace")
 
     def tc(self, *args: str, check: bool = True) -> None:
-        run(
-            [*self._prefix(), "tc", *args], timeout_s=CMD_TIMEOUT_S, error=NetworkError, check=check
-        )
+        run([*self._argv("tc"), *args], timeout_s=CMD_TIMEOUT_S, error=NetworkError, check=check)
 
     def batch(self, tool: str, lines: Sequence[str], check: bool = True) -> None:
         """Many ``ip``/``tc`` commands in one process (``-batch``), stopping at the first error."""
         if not lines:
             return
         run(
-            [*self._prefix(), tool, "-batch", "-"],
+            [*self._argv(tool), "-batch", "-"],
             timeout_s=CMD_TIMEOUT_S,
             error=NetworkError,
             input=("\n".join(lines) + "\n").encode(),

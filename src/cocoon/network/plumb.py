@@ -17,6 +17,12 @@ bridge) sees the traffic it expects without knowing a VM is there.
 
 The tap is opened without TUNSETPERSIST and its fd goes to QEMU: when QEMU
 dies, however it dies, the kernel deletes the tap and its tc state with it.
+A warm pool's sandbox (``tcfilter`` only) has its taps before anyone knows
+where they will go: they wait in a namespace of the pool's own (``pool_taps``)
+and are moved into the taker's namespace (``PoolTaps``), where the same
+filters join them to the veth. A tap's fd stays valid across the move (QEMU
+keeps its fd; frames flow both ways; closing it deletes the tap in its new
+namespace: checked by hand here, on Linux 6.18).
 What outlives QEMU (the filters on the veth, a macvtap link, rate-limit
 qdiscs, an ifb) is written in the sandbox state before it is made and undone
 by ``unplumb``.
@@ -130,6 +136,53 @@ def throwaway_taps(count: int) -> list[int]:
     return in_new_netns(open_all)
 
 
+#: A pooled sandbox's taps, in the pool's namespace, before they are moved:
+#: named as ``plumb`` names a namespace's taps, so that the usual case (one
+#: namespace) moves them with no rename.
+POOL_TAP = OWN_PREFIX + "tap"
+
+
+def pool_taps(count: int) -> tuple[int, list[int]]:
+    """A warm pool's taps: ``count`` tap fds (``cctap<i>``) in a network
+    namespace made for them, and an fd of that namespace to move them out
+    later. The namespace goes once the last of its fds and taps does."""
+
+    def open_all() -> tuple[int, list[int]]:
+        fds: list[int] = []
+        try:
+            for i in range(count):
+                fds.append(_open_tap(f"{POOL_TAP}{i}"))
+            return os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC), fds
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+
+    return in_new_netns(open_all)
+
+
+@dataclass
+class PoolTaps:
+    """A pooled sandbox's taps, waiting in the pool's namespace (``netns``, a
+    path) with QEMU holding their fds; taken in guest NIC order."""
+
+    netns: str
+    count: int
+    used: int = 0
+
+    def move(self, dest: NetNs, name: str) -> None:
+        """The next tap, moved into ``dest`` and renamed ``name`` there."""
+        if self.used >= self.count:
+            raise NetworkError(
+                f"the pooled sandbox has {self.count} NIC(s); the namespaces have more links"
+            )
+        src = f"{POOL_TAP}{self.used}"
+        self.used += 1
+        NetNs(self.netns).ip("link", "set", "dev", src, "netns", dest.path)
+        if src != name:  # (a further namespace's: its own taps count from 0)
+            dest.ip("link", "set", "dev", src, "name", name)
+
+
 def _macvtap_devnum(ns: NetNs, name: str) -> tuple[int, int]:
     """The macvtap's char device number, read from a sysfs mounted inside the
     namespace (the host's sysfs shows only the host's links)."""
@@ -175,15 +228,22 @@ def plumb(
     rate_bits: int,
     scratch: Path,
     save: Callable[[dict[str, Any]], None],
+    taps: PoolTaps | None = None,
+    links: list[Link] | None = None,
 ) -> tuple[list[Plumbed], list[Route], list[Neighbor]]:
     """A NIC for every veth-like link in ``ns``; their routes and neighbours.
 
     ``save(record)`` is called before anything for that link is made, so a
-    crash at any point leaves a record ``unplumb`` can finish from.
+    crash at any point leaves a record ``unplumb`` can finish from. With
+    ``taps`` (a pooled sandbox's), the NICs' taps are moved in, not made:
+    their fds are QEMU's already (``Plumbed.fd`` is -1). ``links``: the
+    namespace's, if the caller has just read them.
     """
     if model not in MODELS:
         raise NetworkError(f"unknown network model {model!r}: use tcfilter or macvtap")
-    links = ns.links()
+    if taps is not None and model != "tcfilter":
+        raise NetworkError("a pooled sandbox's NICs are taps: network model tcfilter only")
+    links = ns.links() if links is None else links
     ours = [ln.name for ln in links if ln.name.startswith((f"{OWN_PREFIX}tap", f"{OWN_PREFIX}mvt"))]
     if ours:
         raise NetworkError(
@@ -198,10 +258,11 @@ def plumb(
     out: list[Plumbed] = []
     try:
         for i, link in enumerate(pairs):
-            out.append(_plumb_one(ns, link, i, model, rate_bits, scratch, save))
+            out.append(_plumb_one(ns, link, i, model, rate_bits, scratch, save, taps))
     except BaseException:
         for p in out:
-            os.close(p.fd)
+            if p.fd >= 0:
+                os.close(p.fd)
         raise
     names = {ln.name for ln in pairs}
     routes = [r for r in ns.routes() if r.device in names]
@@ -217,6 +278,7 @@ def _plumb_one(
     rate_bits: int,
     scratch: Path,
     save: Callable[[dict[str, Any]], None],
+    taps: PoolTaps | None = None,
 ) -> Plumbed:
     tap = f"{OWN_PREFIX}tap{i}" if model == "tcfilter" else f"{OWN_PREFIX}mvt{i}"
     ifb = f"{OWN_PREFIX}ifb{i}"
@@ -228,7 +290,11 @@ def _plumb_one(
     save(record)
     nic = GuestNic(link.name, link.mac, link.mtu, list(link.addresses))
     if model == "tcfilter":
-        fd = in_netns(ns.path, lambda: _open_tap(tap))
+        if taps is not None:
+            taps.move(ns, tap)
+            fd = -1
+        else:
+            fd = in_netns(ns.path, lambda: _open_tap(tap))
         try:
             cmds = [f"link set dev {tap} mtu {link.mtu} up"]
             if not link.up:
@@ -239,7 +305,8 @@ def _plumb_one(
                 tc += [tbf(tap, rate_bits), tbf(link.name, rate_bits)]
             ns.batch("tc", tc)
         except BaseException:
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
             raise
         return Plumbed(fd, nic, record)
     cmds = [

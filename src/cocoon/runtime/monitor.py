@@ -32,6 +32,7 @@ import select
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from cocoon import log as cocoon_log
@@ -44,9 +45,22 @@ from cocoon.util.tasks import CLOSE_S, TaskSet
 log = logging.getLogger(__name__)
 
 
-def spawn(plan: LaunchPlan) -> None:
+def spawn(plan: LaunchPlan, reap: Callable[[int], None] | None = None) -> None:
     """Fork the monitor and return once the container is created (attach) or
-    started (detached); raise its one-line error if it could not get there."""
+    started (detached); raise its one-line error if it could not get there.
+
+    By default the monitor is forked twice (the first child exits at once), so
+    that it is re-parented to init: `cocoon run` and `cocoon-runtime` are
+    short-lived, and their monitor must outlive them with nobody left to reap
+    it. A long-lived caller that reaps (containerd's shim, one per pod) passes
+    ``reap``: the monitor is then forked once and stays its child, so the pod's
+    host processes are one tree under the caller, as with containerd's own
+    shims. ``reap(pid)`` is called at once, before the monitor reports, and
+    must collect that pid's exit, and only that pid's, whenever it comes (a
+    ``waitpid(-1)`` or a child subreaper would also collect the exits that
+    ``subprocess`` and asyncio wait for by pid, and the monitor's children,
+    QEMU and its file servers, would come back to the caller when a monitor
+    died before them)."""
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - runs in the forked child
@@ -54,7 +68,7 @@ def spawn(plan: LaunchPlan) -> None:
         try:
             os.close(r)
             os.setsid()
-            if os.fork() == 0:
+            if reap is not None or os.fork() == 0:
                 _detach_stdio(w, plan.cdir.path / "monitor.log")
                 code = asyncio.run(_run(plan, w))
             else:
@@ -62,7 +76,10 @@ def spawn(plan: LaunchPlan) -> None:
         finally:
             os._exit(code)
     os.close(w)
-    os.waitpid(pid, 0)
+    if reap is None:
+        os.waitpid(pid, 0)
+    else:
+        reap(pid)
     timeout = plan.cfg.hypervisor.boot_timeout_s + plan.cfg.hypervisor.agent_timeout_s + 60
     timeout += plan.cfg.sandbox.template_wait_s if plan.cfg.sandbox.templates else 0
     timeout += plan.cfg.sandbox.start_queue_s

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,13 +47,16 @@ def create(cfg: Config, cid: str, bundle: Path, handoff: Handoff) -> int:
         raise
 
 
-def create_task(cfg: Config, cid: str, bundle: Path) -> OciContainer:
+def create_task(
+    cfg: Config, cid: str, bundle: Path, reap: Callable[[int], None] | None = None
+) -> OciContainer:
     """containerd's shim v2 Create: the container's VM boots (or, for a pod's
     further container, it joins the pod's VM) and its process waits for
     `start`. No stand-in: the caller is a long-lived front end that attaches
     to the container itself (``Container.connect``) and holds its stdio. The
-    creation hooks run here, on the host, as with ``create``."""
-    c, _ = _create(cfg, cid, bundle, None)
+    creation hooks run here, on the host, as with ``create``. With ``reap``,
+    a monitor forked for it stays the caller's child (``monitor.spawn``)."""
+    c, _ = _create(cfg, cid, bundle, None, reap)
     try:
         c.run_creation_hooks()
     except BaseException:
@@ -62,7 +66,11 @@ def create_task(cfg: Config, cid: str, bundle: Path) -> OciContainer:
 
 
 def _create(
-    cfg: Config, cid: str, bundle: Path, handoff: Handoff | None
+    cfg: Config,
+    cid: str,
+    bundle: Path,
+    handoff: Handoff | None,
+    reap: Callable[[int], None] | None = None,
 ) -> tuple[OciContainer, bool]:
     """The container recorded, its binds made and its monitor ready (its VM
     up, its process created): the container and whether it has a terminal.
@@ -98,7 +106,7 @@ def _create(
             pods.make_pod_dir(Path(rec.pod_dir))
         for b in p.binds:  # recorded above: delete undoes them, whatever happens now
             pods.bind(b.source, b.target, b.readonly, b.recursive)
-        spawn(_launch_plan(cfg, d, config, p))
+        spawn(_launch_plan(cfg, d, config, p), reap)
     except BaseException:
         c.destroy()
         raise

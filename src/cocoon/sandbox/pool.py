@@ -2,10 +2,13 @@
 
 `cocoon pool serve` keeps ``pool.size`` sandboxes per size class restored
 from their template and agent-ready, with no tenant in them: no disk in their
-slots, no network, nothing of anyone's. A start that fits a class (no host
-directories, no NIC, disks within the slots) asks the server on
-``<root>/pool.sock`` for one and gets its id and, over SCM_RIGHTS, the fd that
-holds the sandbox's owner lock: ownership moves without ever lapsing, so
+slots, no network (``pool.nics`` taps in a namespace of the pool's own, joined
+to nothing), nothing of anyone's. A start that fits a class (disks within the
+slots, as many links to connect in namespaces given by path as the class has
+NICs) asks the server on ``<root>/pool.sock`` for one and gets its id and, over
+SCM_RIGHTS, the fd that holds the sandbox's owner lock (and the fd of its
+taps' namespace, which the taker moves them out of): ownership moves without
+ever lapsing, so
 ``cocoon gc`` never sees it unowned. The server lets go of the sandbox's agent
 channel first, and the taker connects its own. A sandbox is handed out once
 and never comes back; the server starts another in its place.
@@ -156,6 +159,7 @@ class PoolServer:
                             memory_mib=c.memory_mib,
                             template=True,
                             pooled=True,
+                            pool_nics=c.nics,
                             annotations={"cocoon.pool": c.name},
                         ),
                     )
@@ -240,7 +244,7 @@ class PoolServer:
                 await sb.destroy()
                 continue
             try:
-                fds = list(await sb.let_go())
+                fds = await sb.let_go()
             except CocoonError as e:
                 self.log(f"pool: discarding {sb.id} ({e})")
                 await sb.destroy()
@@ -259,7 +263,7 @@ class PoolServer:
             except Exception as e:
                 # Nobody has it, and a half-taken sandbox is never pooled again: end it.
                 self.log(f"pool: hand-out of {sb.id} failed ({e}); destroying it")
-                os.close(fds[1])
+                close_fds(fds[1:])
                 sb.reclaim(fds[0])
                 await sb.destroy()
                 return

@@ -28,17 +28,20 @@ MAX_LINE = 4096
 class SizeClass:
     vcpus: int
     memory_mib: int
+    #: NICs on taps in the pool's own namespace (``pool.nics``).
+    nics: int = 0
 
     @property
     def name(self) -> str:
-        return f"{self.vcpus}x{self.memory_mib}"
+        return f"{self.vcpus}x{self.memory_mib}" + (f"+{self.nics}nic" if self.nics else "")
 
 
 def classes(cfg: Config) -> list[SizeClass]:
-    out = [SizeClass(cfg.hypervisor.vcpus, cfg.hypervisor.memory_mib)]
+    n = cfg.pool.nics
+    out = [SizeClass(cfg.hypervisor.vcpus, cfg.hypervisor.memory_mib, n)]
     for c in cfg.pool.classes:
         v, _, m = c.partition("x")
-        sc = SizeClass(int(v), int(m))
+        sc = SizeClass(int(v), int(m), n)
         if sc not in out:
             out.append(sc)
     return out
@@ -55,6 +58,8 @@ class Taken:
     sandbox_id: str
     owner_fd: int  # holds the sandbox's owner lock
     channel_fd: int  # the agent channel, connected and quiet
+    #: The pool's network namespace holding its NICs' taps (-1: no NIC).
+    netns_fd: int = -1
 
 
 def _ask(
@@ -67,7 +72,7 @@ def _ask(
     try:
         s.connect(str(path))
         s.sendall(json.dumps(request).encode() + b"\n")
-        data, fds, _, _ = socket.recv_fds(s, MAX_LINE, 2)
+        data, fds, _, _ = socket.recv_fds(s, MAX_LINE, 3)
     finally:
         s.close()
     try:
@@ -86,17 +91,22 @@ def close_fds(fds: list[int]) -> None:
             os.close(fd)
 
 
-def take(cfg: Config, vcpus: int, memory_mib: int) -> Taken | None:
-    """A pooled sandbox of this size, or None when there is no server or no
-    sandbox ready (the caller then starts one itself)."""
-    if not socket_path(cfg).exists():
+def serving(cfg: Config) -> bool:
+    """Whether a pool server may be there to ask (its socket exists)."""
+    return socket_path(cfg).exists()
+
+
+def take(cfg: Config, vcpus: int, memory_mib: int, nics: int = 0) -> Taken | None:
+    """A pooled sandbox of this size and NIC count, or None when there is no
+    server or no sandbox ready (the caller then starts one itself)."""
+    if not serving(cfg):
         return None
     try:
-        reply, fds = _ask(cfg, {"take": SizeClass(vcpus, memory_mib).name}, TAKE_TIMEOUT_S)
+        reply, fds = _ask(cfg, {"take": SizeClass(vcpus, memory_mib, nics).name}, TAKE_TIMEOUT_S)
     except (OSError, SandboxError):
         return None
     sid = reply.get("sandbox")
-    if len(fds) != 2 or not isinstance(sid, str) or not sid:
+    if len(fds) != (3 if nics else 2) or not isinstance(sid, str) or not sid:
         close_fds(fds)
         return None
     try:
@@ -104,7 +114,7 @@ def take(cfg: Config, vcpus: int, memory_mib: int) -> Taken | None:
     except CocoonError:
         close_fds(fds)
         return None
-    return Taken(sid, fds[0], fds[1])
+    return Taken(sid, fds[0], fds[1], fds[2] if nics else -1)
 
 
 def status(cfg: Config, request: str = "status") -> dict[str, Any]:

@@ -115,19 +115,33 @@ def renice_all(pid: int, nice: int) -> None:
                 os.setpriority(os.PRIO_PROCESS, int(tid), nice)
 
 
-def poolable(cfg: Config, want: SandboxSpec) -> bool:
-    """Whether a warm pool's sandbox fits: no NIC, empty disk slots, and host
-    directories only through its hub (storage/hub.py)."""
+def pool_fit(cfg: Config, want: SandboxSpec) -> int | None:
+    """The NIC count of a warm pool's sandbox that fits ``want`` (empty disk
+    slots, host directories only through its hub: storage/hub.py; NICs only
+    as taps moved into namespaces given by path: network.pool_nics); None:
+    none fits. Counting a namespace's links runs ``ip``: asked only where a
+    pool server may answer."""
     if want.init is not None or cfg.hypervisor.machine != "microvm":
-        return False
+        return None
     if want.shares and cfg.hypervisor.shared_fs == "none":
-        return False
-    if want.network is not None and any(n != "none" for n in want.network.networks):
-        return False
+        return None
     if choose_channel(cfg.hypervisor.channel) != "virtio-serial":
-        return False
+        return None
     every = [*want.disks, *(Disk(s.serial, Path("/"), readonly=False) for s in want.scratch)]
-    return Layout().fits(every, 0, 0)
+    if not Layout().fits(every, 0, 0) or not poolclient.serving(cfg):
+        return None
+    if want.network is None:
+        return 0
+    return net.pool_nics(want.network)
+
+
+def _take_pooled(cfg: Config, want: SandboxSpec) -> poolclient.Taken | None:
+    nics = pool_fit(cfg, want)
+    if nics is None:
+        return None
+    return poolclient.take(
+        cfg, want.vcpus or cfg.hypervisor.vcpus, want.memory_mib or cfg.hypervisor.memory_mib, nics
+    )
 
 
 def choose_accel(cfg: Config) -> str:
@@ -221,6 +235,8 @@ class Sandbox:
         self.hub_shares: dict[str, str] = {}
         #: Host directories it may write: the guest flushes them before it is stopped.
         self.writes_host_dirs = False
+        #: A pooled sandbox's namespace holding its NICs' taps (-1: none).
+        self.taps_netns_fd = -1
         self._synced = False
 
     @property
@@ -250,11 +266,8 @@ class Sandbox:
         """
         want = spec or SandboxSpec()
         use_template = cfg.sandbox.templates if want.template is None else want.template
-        if use_template and not want.pooled and poolable(cfg, want):
-            got = await asyncio.to_thread(
-                poolclient.take, cfg, want.vcpus or cfg.hypervisor.vcpus,
-                want.memory_mib or cfg.hypervisor.memory_mib,
-            )  # fmt: skip
+        if use_template and not want.pooled:
+            got = await asyncio.to_thread(_take_pooled, cfg, want)
             if got is not None:
                 try:
                     return await cls._adopt(cfg, got, want)
@@ -287,11 +300,17 @@ class Sandbox:
             await sb.destroy()
             raise SandboxError("host directories need hypervisor.shared_fs = virtio-fs or 9p")
         attached: net.Attachment | None = None
+        nics: list[tuple[str, int]] = []  # a pooled sandbox's taps
         try:
             scratch_disks = sb._make_scratch(want.scratch)
             if want.pooled and cfg.hypervisor.shared_fs != "none":
                 shares = [sb._make_hub()]
-            if network is not None:
+            if want.pooled and want.pool_nics:
+                st.network["pool_nics"] = want.pool_nics
+                sdir.write(st)
+                sb.taps_netns_fd, fds = net.plumb.pool_taps(want.pool_nics)
+                nics = [(template_mac(i), fd) for i, fd in enumerate(fds)]
+            elif network is not None:
                 attached = net.attach(
                     cfg, sdir.id, network, st.network, lambda: sdir.write(st), sdir.path
                 )
@@ -308,7 +327,7 @@ class Sandbox:
             memory_mib=want.memory_mib,
             disks=[*want.disks, *scratch_disks],
             shares=list(shares),
-            nics=list(attached.nics) if attached else [],
+            nics=nics or (list(attached.nics) if attached else []),
             init=want.init,
         )
         spec.cgroup = want.host_cgroup
@@ -317,6 +336,7 @@ class Sandbox:
         except BaseException:
             if attached is not None:
                 attached.close_fds()
+            _close_all(nics)
             await sb.destroy()
             raise
         timeout = want.boot_timeout_s or cfg.hypervisor.boot_timeout_s
@@ -328,7 +348,8 @@ class Sandbox:
             finally:
                 if attached is not None:
                     attached.close_fds()  # QEMU has them: the taps now live as long as it does
-            await sb._identify(spec, restored)
+                _close_all(nics)
+            await sb._identify([n.mac for n in spec.nics] if restored else [])
             if attached is not None:
                 await sb.call(attached.message, messages.Ok)
         except BaseException as e:
@@ -369,13 +390,15 @@ class Sandbox:
     async def _adopt(cls, cfg: Config, got: poolclient.Taken, want: SandboxSpec) -> Sandbox:
         """Take over a pooled sandbox: its owner lock and its open agent channel
         arrive as fds (the agent never sees its host change); its empty disk
-        slots get this sandbox's disks."""
+        slots get this sandbox's disks; its NICs' taps (in the pool's
+        namespace, whose fd arrives too) move into this sandbox's network
+        namespaces, and the guest gives its NICs their MACs."""
         sdir = SandboxDir(cfg.root, got.sandbox_id)
         sdir.adopt_ownership(got.owner_fd)
         try:
             st = sdir.read()
         except BaseException:
-            os.close(got.channel_fd)
+            poolclient.close_fds([got.channel_fd, *([got.netns_fd] if got.netns_fd >= 0 else [])])
             sdir.release_ownership()  # unreadable: gc reaps it
             raise
         st.owner_pid = os.getpid()
@@ -383,6 +406,7 @@ class Sandbox:
         st.annotations.update(want.annotations)
         sdir.write(st)
         sb = cls(cfg, sdir, st)
+        sb.taps_netns_fd = got.netns_fd
         timeout = want.boot_timeout_s or cfg.hypervisor.boot_timeout_s
         try:
             sb.launched = Launched(
@@ -407,9 +431,16 @@ class Sandbox:
             made = sb._make_scratch(want.scratch)
             attached = None
             if want.network is not None:
+                taps = None
+                if sb.taps_netns_fd >= 0:
+                    path = f"/proc/{os.getpid()}/fd/{sb.taps_netns_fd}"
+                    taps = net.plumb.PoolTaps(path, int(st.network.get("pool_nics") or 0))
                 attached = net.attach(cfg, sdir.id, want.network, st.network,
-                                      lambda: sdir.write(st), sdir.path)  # fmt: skip
+                                      lambda: sdir.write(st), sdir.path, taps)  # fmt: skip
+            sb._close_taps_netns()
             await sb._until_ready(sb.channel.handshake(t0 + WALL_FACTOR * timeout), timeout)
+            if attached is not None and attached.nics:  # its NICs' MACs: the veths'
+                await sb._identify([mac for mac, _ in attached.nics])
             ro = [d for d in want.disks if d.readonly]
             rw = [d for d in [*want.disks, *made] if not d.readonly]
             first_rw = Layout().ro_disks
@@ -441,9 +472,10 @@ class Sandbox:
         mount = messages.Mount("9p", Layout.share_tag(0), hub.GUEST_DIR, "", [], False)
         await self.call(mount, messages.Ok)
 
-    async def let_go(self) -> tuple[int, int]:
+    async def let_go(self) -> list[int]:
         """Stop owning this sandbox without ending it (a pool handing it out):
-        returns the fds of its owner lock and of its open agent channel."""
+        returns the fds of its owner lock, of its open agent channel and, if
+        it has NICs, of the namespace holding their taps."""
         assert self.channel is not None
         chan = await self.channel.detach()
         self.channel = None
@@ -452,7 +484,15 @@ class Sandbox:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._watch_task
         self._destroyed = True  # this object never touches the VM again
-        return self.dir.hand_over_ownership(), chan
+        taps, self.taps_netns_fd = self.taps_netns_fd, -1
+        return [self.dir.hand_over_ownership(), chan, *([taps] if taps >= 0 else [])]
+
+    def _close_taps_netns(self) -> None:
+        """Let go of the pool's namespace of taps (it ends once it holds none)."""
+        if self.taps_netns_fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.taps_netns_fd)
+            self.taps_netns_fd = -1
 
     def reclaim(self, owner_fd: int) -> None:
         """Own again a sandbox ``let_go`` gave up that nobody took (to destroy it)."""
@@ -514,10 +554,12 @@ class Sandbox:
         self.state.processes.clear()
         self.dir.write(self.state)
 
-    async def _identify(self, spec: VmSpec, restored: bool) -> None:
-        """Entropy, hostname, machine-id and (for a clone) NIC MACs of its own,
-        before any user code runs in the guest."""
-        macs = [f"{template_mac(i)}={n.mac}" for i, n in enumerate(spec.nics)] if restored else []
+    async def _identify(self, nic_macs: list[str]) -> None:
+        """Entropy, hostname, machine-id and (for a clone: ``nic_macs``, in
+        slot order) NIC MACs of its own, before any user code runs in the
+        guest. Sent again when a pooled sandbox with NICs is taken: its NICs
+        get the taker's MACs, and the guest fresh entropy once more."""
+        macs = [f"{template_mac(i)}={mac}" for i, mac in enumerate(nic_macs)]
         await self.call(
             messages.Identity(secrets.token_hex(64), self.id[:63], secrets.token_hex(16), macs),
             messages.Ok,
@@ -640,6 +682,7 @@ class Sandbox:
                 await self._watch_task
         if self.launched is not None:
             await self.backend.stop(self.launched, grace_s=3.0)
+        self._close_taps_netns()
         try:
             release_host(self.state, self.cfg.root)
             remove_dir(self.dir.path)
@@ -813,6 +856,13 @@ class Sandbox:
 
     async def top(self, container_id: str) -> list[messages.ProcessInfo]:
         return (await self.call(messages.Top(container_id), messages.TopReply)).processes
+
+
+def _close_all(nics: list[tuple[str, int]]) -> None:
+    for _, fd in nics:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    nics.clear()
 
 
 def _fits(body: str, limit: int, what: str) -> str:

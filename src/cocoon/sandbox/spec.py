@@ -33,6 +33,9 @@ class SandboxSpec:
     template: bool | None = None
     #: A warm pool's own sandbox (a hub for host directories, never taken from a pool).
     pooled: bool = False
+    #: A pooled sandbox's NICs: taps in the pool's own namespace, moved into
+    #: the taker's (network.plumb.PoolTaps).
+    pool_nics: int = 0
     #: The caller's host cgroup for the VM's processes (a pod's, from the OCI
     #: spec's cgroupsPath): the jail's limits go there (hypervisor.cgroup).
     host_cgroup: str = ""

@@ -12,6 +12,8 @@ bundle dir, with ``TTRPC_ADDRESS`` (its ttrpc socket, for events) set:
   way the socket's address, ``unix:///run/containerd/s/<hash>``, is printed
   on stdout (containerd reads stdout and stderr together: nothing else may
   be printed) and written to the bundle's ``address`` file.
+- ``-address SOCK fork-server``: a warm process that forks pods' shim
+  servers for ``start`` (shim.forkserver), started once, as the warm pool is.
 - ``... -id ID -bundle DIR delete``: after a shim died, remove what it left
   of the task (its container, VM, binds, rootfs mount) and print a
   DeleteResponse (protobuf) on stdout.
@@ -23,45 +25,32 @@ root per containerd namespace as container ids are unique only within one.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
-import dataclasses
 import errno
 import hashlib
 import json
 import logging
 import os
-import re
 import signal
 import socket
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cocoon import __version__
 from cocoon import log as cocoon_log
-from cocoon.config import Config, load
 from cocoon.errors import CocoonError, ShimError
-from cocoon.runtime import ocicontainer, pods, rootfs
-from cocoon.shim.events import Publisher
-from cocoon.shim.proto import task_pb2
-from cocoon.shim.service import TaskService
-from cocoon.shim.ttrpc import Server
+from cocoon.shim.server import SOCKET_DIR, check_namespace, run_server, shim_config
 
-#: Where containerd's shims put their sockets (containerd's socketRoot + "/s").
-SOCKET_DIR = "/run/containerd/s"
-#: containerd's rule for namespaces (namespaces.Validate).
-NAMESPACE_RE = re.compile(r"^[A-Za-z0-9]+(?:[._-][A-Za-z0-9]+)*$")
-MAX_NAMESPACE = 76
+if TYPE_CHECKING:
+    from cocoon.shim.proto import task_pb2
+
 #: runc's shim groups by these, in this order; the CRI plugin sets the second.
-GROUP_ANNOTATIONS = ("io.containerd.runc.v2.group", pods.SANDBOX_ID)
+#: (the second is runtime.pods.SANDBOX_ID, not imported: see ``start``)
+GROUP_ANNOTATIONS = ("io.containerd.runc.v2.group", "io.kubernetes.cri.sandbox-id")
 #: The runtime options containerd writes on `start`'s stdin (ignored), at most.
 MAX_OPTIONS = 1 << 20
-#: Threads for the library's blocking calls (each pod container's create,
-#: start, delete): an idle one costs nothing.
-THREADS = 64
-
 log = logging.getLogger(__name__)
 
 
@@ -85,23 +74,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.action == "start":
             print(start(args), flush=True)
             return 0
+        if args.action == "fork-server":
+            from cocoon.shim import forkserver
+
+            return forkserver.run(args.address)
         if args.action == "delete":
             sys.stdout.buffer.write(delete(args).SerializeToString())
             sys.stdout.flush()
             return 0
-        raise ShimError(f"unknown action {args.action[:40]!r}: start or delete")
+        raise ShimError(f"unknown action {args.action[:40]!r}: start, delete or fork-server")
     except CocoonError as e:
         print(f"containerd-shim-cocoon-v2: {e}", file=sys.stderr)
         return 1
-
-
-def shim_config(namespace: str) -> Config:
-    if not (NAMESPACE_RE.match(namespace) and len(namespace) <= MAX_NAMESPACE):
-        raise ShimError(f"invalid namespace {namespace[:80]!r}")
-    base = load()
-    cfg = dataclasses.replace(base, root_dir=os.path.join(base.shim.root_dir, namespace))
-    cfg.validate()
-    return cfg
 
 
 def group_of(bundle: Path, cid: str) -> str:
@@ -164,10 +148,15 @@ def _write_address(bundle: Path, address: str) -> None:
 
 
 def start(args: argparse.Namespace) -> str:
-    """The address of the pod's shim, started here if it has none yet."""
+    """The address of the pod's shim, started here if it has none yet.
+
+    containerd runs it for every task, and for all but a pod's first it only
+    finds the pod's shim: so it imports and reads no more than that needs
+    (not the configuration, not the library: ~0.06 s of each pod container's
+    start here); the server imports the rest once forked."""
     if not args.id:
         raise ShimError("-id is required")
-    cfg = shim_config(args.namespace)
+    check_namespace(args.namespace)
     if not sys.stdin.isatty():
         sys.stdin.buffer.read(MAX_OPTIONS)  # runtime options: nothing of ours in them yet
     bundle = Path.cwd()
@@ -178,77 +167,30 @@ def start(args: argparse.Namespace) -> str:
         _write_address(bundle, address)
         return address
     try:
+        cfg = shim_config(args.namespace)
         _write_address(bundle, address)
-        pid = os.fork()
+        from cocoon.shim import forkserver  # (small: what asking it takes)
+
+        forked = forkserver.ask(cfg, args.address, args.namespace, args.id, sock, path, bundle)
+        pid = 1 if forked else os.fork()
     except BaseException:
         sock.close()
         with contextlib.suppress(OSError):
             os.unlink(path)
         raise
     if pid == 0:  # pragma: no cover - the shim server, detached
-        code = 1
-        try:
-            os.setsid()
-            _detach(bundle / "log")
-            log.info(f"shim {os.getpid()} for {args.namespace}/{args.id} on {path}")
-            code = asyncio.run(serve(cfg, args.namespace, sock, path))
-        except BaseException:
-            log.exception("the shim failed")
-        finally:
-            os._exit(code)
+        run_server(cfg, args.namespace, args.id, sock, path, bundle)
     sock.close()
     return address
-
-
-def _detach(log_fifo: Path) -> None:
-    """No stdio of containerd's (it waits for `start`'s output to end): the
-    log to the bundle's log fifo, non-blocking so a slow reader costs lines,
-    never the shim."""
-    null = os.open(os.devnull, os.O_RDWR)
-    try:
-        err = os.open(log_fifo, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
-        err = null
-    os.dup2(null, 0)
-    os.dup2(null, 1)
-    os.dup2(err, 2)
-    for fd in {null, err}:
-        if fd > 2:
-            os.close(fd)
-    sys.stdout = open(os.devnull, "w")  # noqa: SIM115
-    sys.stderr = os.fdopen(2, "w", buffering=1)
-    cocoon_log.setup_process_log(sys.stderr)
-    logging.raiseExceptions = False  # a log line that cannot be written is dropped
-    for s in (signal.SIGINT, signal.SIGHUP, signal.SIGPIPE):
-        signal.signal(s, signal.SIG_IGN)
-
-
-async def serve(cfg: Config, namespace: str, sock: socket.socket, path: str) -> int:
-    """The shim's life: serve the Task service until the pod's last task is
-    deleted and containerd asks it to go."""
-    loop = asyncio.get_running_loop()
-    loop.set_default_executor(ThreadPoolExecutor(THREADS, thread_name_prefix="shim"))
-    publisher = Publisher(os.environ.get("TTRPC_ADDRESS", ""), namespace)
-    done = asyncio.Event()
-    service = TaskService(cfg, publisher, done)
-    server = Server(service.methods())
-    await server.start(sock)
-    try:
-        await done.wait()
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        await publisher.flush(10.0)
-        await server.close()
-        await service.close()
-    log.info(f"shim {os.getpid()} done")
-    return 0
 
 
 def delete(args: argparse.Namespace) -> task_pb2.DeleteResponse:
     """What a dead shim left of a task: its container (its monitor asked to
     end, or its VM reaped), binds and rootfs mount; its socket if no shim
     answers on it any more."""
+    from cocoon.runtime import ocicontainer, rootfs
+    from cocoon.shim.proto import task_pb2
+
     if not args.id:
         raise ShimError("-id is required")
     cocoon_log.setup("containerd-shim-cocoon-v2", level=logging.WARNING)

@@ -48,6 +48,7 @@ from cocoon.runtime.container import InStream, Process
 from cocoon.runtime.control import MonitorClient
 from cocoon.runtime.ocicontainer import OciContainer
 from cocoon.shim import fifos
+from cocoon.shim.children import Children
 from cocoon.shim.events import Publisher
 from cocoon.shim.proto import events_pb2, metrics_pb2, task_pb2
 from cocoon.shim.ttrpc import Code, Handler, RpcError
@@ -145,6 +146,8 @@ class TaskService:
         self._creating: set[str] = set()
         self.pid = os.getpid()
         self.background = TaskSet(log)
+        #: The pods' monitors, forked as the shim's children (one process tree).
+        self.children = Children(asyncio.get_running_loop())
         #: The pod's host cgroup this shim lives in, joined with the task that
         #: boots the pod's VM, and where it came from (runtime.hostcgroup).
         self.cgroup_task = ""
@@ -203,7 +206,9 @@ class TaskService:
         try:
             mounts = [rootfs.Mount(m.type, m.source, list(m.options)) for m in req.rootfs]
             bundle = Path(req.bundle)
-            container = await _blocking(_create, self.cfg, req.id, bundle, mounts)
+            container = await _blocking(
+                _create, self.cfg, req.id, bundle, mounts, self.children.reap
+            )
             task = Task(req, container)
             try:
                 self._join_cgroup(task)
@@ -492,6 +497,7 @@ class TaskService:
 
     async def close(self) -> None:
         await self.background.aclose(CLOSE_S)
+        self.children.close()
 
 
 def _handler(kind: type[R], fn: Callable[[R], Awaitable[Message]]) -> Handler:
@@ -512,11 +518,17 @@ async def _blocking(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     return await asyncio.get_running_loop().run_in_executor(None, lambda: fn(*args, **kwargs))
 
 
-def _create(cfg: Config, cid: str, bundle: Path, mounts: list[rootfs.Mount]) -> OciContainer:
+def _create(
+    cfg: Config,
+    cid: str,
+    bundle: Path,
+    mounts: list[rootfs.Mount],
+    reap: Callable[[int], None],
+) -> OciContainer:
     if mounts:
         rootfs.mount(mounts, bundle / "rootfs")
     try:
-        return ocicreate.create_task(cfg, cid, bundle)
+        return ocicreate.create_task(cfg, cid, bundle, reap)
     except BaseException:
         if mounts:
             rootfs.unmount(bundle / "rootfs")

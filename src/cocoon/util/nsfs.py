@@ -31,6 +31,10 @@ def kind_of(path: str) -> str:
     """
     if "\0" in path:
         raise OSError(errno.EINVAL, "path contains a NUL byte")
+    try:
+        os.fsencode(path)
+    except UnicodeEncodeError:  # a JSON string may hold lone surrogates
+        raise OSError(errno.EINVAL, "path is not valid UTF-8") from None
     if not stat.S_ISREG(os.stat(path).st_mode):
         return ""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)

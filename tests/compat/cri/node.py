@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import subprocess
 import tempfile
@@ -268,6 +269,27 @@ def create(e: Env, pod: Pod, name: str, image: str, argv: list[str]) -> str:
     return cid
 
 
+@contextlib.contextmanager
+def fork_server(e: Env) -> Iterator[subprocess.Popen[bytes]]:
+    """The shim's fork server for our containerd (shim.forkserver), run as
+    containerd runs the shim (this checkout's, its environment), stopped after."""
+    shim = e.containerd.base / "bin" / "containerd-shim-cocoon-v2"
+    env = {**os.environ, "COCOON_SHIM_ROOT_DIR": str(e.containerd.shim_root),
+           "COCOON_HYPERVISOR_MEMORY_MIB": str(VM_MIB)}  # fmt: skip
+    p = subprocess.Popen([str(shim), "-address", str(e.containerd.sock), "fork-server"],
+                         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while not list(e.containerd.shim_root.glob("forks-*.sock")):
+            assert p.poll() is None and time.monotonic() < deadline, "no fork server"
+            time.sleep(0.05)
+        yield p
+    finally:
+        p.terminate()
+        _, err = p.communicate(timeout=30)
+        assert p.returncode == 0, err.decode(errors="replace")[-2000:]
+
+
 def qemus(e: Env) -> list[int]:
     return [p for p, _ in vm_processes(e).items()
             if Path(f"/proc/{p}/comm").read_text().startswith("qemu")]  # fmt: skip
@@ -282,6 +304,19 @@ def pod_tree(e: Env) -> set[int]:
             with contextlib.suppress(OSError, ValueError):
                 tops.add(int(json.loads(st.read_bytes()).get("monitor_pid") or 0))
     return with_descendants({p for p in tops if p})
+
+
+def parent(pid: int) -> int:
+    """``pid``'s parent (0 when it is gone)."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def roots(pids: set[int]) -> set[int]:
+    """The tops of the process trees ``pids`` make: those whose parent is not one of them."""
+    return {p for p in pids if parent(p) not in pids and Path(f"/proc/{p}").exists()}
 
 
 def with_descendants(pids: set[int]) -> set[int]:
