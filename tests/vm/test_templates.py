@@ -78,6 +78,27 @@ def test_first_start_builds_the_template_then_clones_it(
     assert (t["key"], t["problem"], t["memory_mib"], t["vcpus"]) == (keys[0], "", 256, 1)
 
 
+def test_share_slots_only_where_there_are_host_dirs(own: Config, run: Runner, rootfs: Path) -> None:
+    """A sandbox with no host directory is a clone of a template with no 9p
+    device (each costs a clone ~1.2 MiB of QEMU's memory); one with host
+    directories, of the template with the share slots."""
+    seen: dict[bool, tuple[str, int]] = {}
+    for shares in ([], [Share(ROOTFS_TAG, rootfs, readonly=True)]):
+        sb = run(Sandbox.create(own, SandboxSpec(shares=shares)))
+        try:
+            argv = sb.dir.file("qemu.argv").read_text().split("\0")
+            nine_p = sum(a.startswith("virtio-9p-device,") for a in argv)
+            seen[bool(shares)] = (sb.state.template, nine_p)
+            if shares:  # the slotted clone serves the share as before
+                assert run(run_in(sb, ["echo", "ok"]))[::2] == (b"ok\n", 0)
+        finally:
+            run(sb.destroy())
+    assert seen[False][0] and seen[True][0] and seen[False][0] != seen[True][0]
+    assert (seen[False][1], seen[True][1]) == (0, 4)
+    by_key = {t["key"]: t["shares"] for t in templates(own)}
+    assert (by_key[seen[False][0]], by_key[seen[True][0]]) == (0, 4)
+
+
 def test_clones_are_distinct_machines(own: Config, run: Runner, rootfs: Path) -> None:
     """Two clones of one template: different kernel RNG output, boot_id,
     hostname and machine-id, and both carry the host's wall clock."""
@@ -180,7 +201,8 @@ def _input_changed(t: Path) -> None:
 def test_a_bad_template_costs_one_warning_and_a_cold_boot(
     own: Config, spoil: Any, said: str
 ) -> None:
-    key = ok(cocoon(own, "template", "build", env=env_of(own))).strip()
+    # `sandbox run` shares its busybox tree: the template with share slots.
+    key = ok(cocoon(own, "template", "build", "--host-dirs", env=env_of(own))).strip()
     spoil(Path(own.sandbox.template_dir) / key)
     r = cocoon(own, "sandbox", "run", "--", "echo", "ok", env=env_of(own))
     assert (r.returncode, r.stdout) == (0, b"ok\n"), r.stderr

@@ -22,6 +22,8 @@ class TemplateInfo:
     vcpus: int
     memory_mib: int
     nics: int
+    #: 9p share slots (host directories): 0 or restore.layout's count.
+    shares: int
     accel: str
     created: float
     build_s: float
@@ -45,6 +47,7 @@ def ls(cfg: Config) -> list[TemplateInfo]:
                 vcpus=int(meta.get("vcpus", 0)),
                 memory_mib=int(meta.get("memory_mib", 0)),
                 nics=int(meta.get("nics", 0)),
+                shares=int(meta.get("shares", 4)),  # made before the count was recorded: 4
                 accel=str(meta.get("accel", "")),
                 created=float(meta.get("created", 0.0)),
                 build_s=float(meta.get("build_s", 0.0)),
@@ -56,11 +59,19 @@ def ls(cfg: Config) -> list[TemplateInfo]:
 
 
 async def build(
-    cfg: Config, *, vcpus: int | None = None, memory_mib: int | None = None, nics: int = 0
+    cfg: Config,
+    *,
+    vcpus: int | None = None,
+    memory_mib: int | None = None,
+    nics: int = 0,
+    host_dirs: bool = False,
 ) -> tuple[str, bool, float]:
-    """(key, newly built, seconds) of the template for sandboxes of this size."""
+    """(key, newly built, seconds) of the template for sandboxes of this size
+    (``host_dirs``: with share slots, for sandboxes given host directories)."""
     t0 = time.monotonic()
-    t, built = await ensure_template(cfg, vcpus=vcpus, memory_mib=memory_mib, nics=nics)
+    t, built = await ensure_template(
+        cfg, vcpus=vcpus, memory_mib=memory_mib, nics=nics, host_dirs=host_dirs
+    )
     return t.key, built, time.monotonic() - t0
 
 

@@ -5,7 +5,8 @@ template's slots (``Layout``): the image's disk and up to two scratch disks,
 up to four host directories (9p, the only shared file system a clone can
 have: QEMU 7.2 cannot save a VM with a virtio-fs device, and virtiofsd would
 map the template's RAM file shared and write into it), and the NICs (one
-template per NIC count). Everything else boots cold: ``unfit`` says why.
+template per NIC count, and per whether there are host directories: see
+``layout``). Everything else boots cold: ``unfit`` says why.
 """
 
 from __future__ import annotations
@@ -48,9 +49,17 @@ def unfit(cfg: Config, spec: VmSpec) -> str:
         return "host directories with Debian's cloud kernel (no 9p)"
     if len(spec.nics) > MAX_NICS:
         return f"more than {MAX_NICS} NICs"
-    if not Layout(nics=len(spec.nics)).fits(spec.disks, len(spec.shares), len(spec.nics)):
+    if not layout(spec).fits(spec.disks, len(spec.shares), len(spec.nics)):
         return "more disks or host directories than a template has slots for"
     return ""
+
+
+def layout(spec: VmSpec) -> Layout:
+    """The slots of the template ``spec`` is cloned from: its NICs, and share
+    slots only if it has host directories. A 9p device costs every clone
+    ~1.2 MiB of QEMU's memory (its file server's hash tables) used or not, so
+    a sandbox with none (most `cocoon run`s) comes from a template without."""
+    return Layout(shares=Layout().shares if spec.shares else 0, nics=len(spec.nics))
 
 
 def shape(spec: VmSpec) -> VmSpec:
@@ -62,7 +71,7 @@ def shape(spec: VmSpec) -> VmSpec:
         disks=[],
         shares=[],
         nics=[Nic(template_mac(i), -1, n.vhost) for i, n in enumerate(spec.nics)],
-        layout=Layout(nics=len(spec.nics)),
+        layout=layout(spec),
         init=None,
     )
 
@@ -72,7 +81,7 @@ def clone_spec(spec: VmSpec, ram: Path, state_empty: Path) -> VmSpec:
     return dataclasses.replace(
         spec,
         nics=[Nic(template_mac(i), n.fd, n.vhost) for i, n in enumerate(spec.nics)],
-        layout=Layout(nics=len(spec.nics)),
+        layout=layout(spec),
         template=TemplateMemory(ram, False, state_empty),
     )
 
@@ -83,6 +92,7 @@ def template_meta(cfg: Config, backend: Hypervisor, spec: VmSpec) -> dict[str, o
         "vcpus": spec.vcpus,
         "memory_mib": spec.memory_mib,
         "nics": len(spec.nics),
+        "shares": spec.layout.shares if spec.layout is not None else 0,
         "accel": spec.accel,
         "machine": cfg.hypervisor.machine,
         "inputs": inputs,

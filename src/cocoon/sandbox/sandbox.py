@@ -189,12 +189,19 @@ def vm_spec(
 
 
 async def ensure_template(
-    cfg: Config, *, vcpus: int | None = None, memory_mib: int | None = None, nics: int = 0
+    cfg: Config,
+    *,
+    vcpus: int | None = None,
+    memory_mib: int | None = None,
+    nics: int = 0,
+    host_dirs: bool = False,
 ) -> tuple[template.Template, bool]:
-    """The template for sandboxes of this size (built now if missing); True if built."""
+    """The template for sandboxes of this size (built now if missing); True if
+    built. ``host_dirs``: the one with share slots (restore.layout)."""
     spec = vm_spec(
         cfg, "template", Path("/@"), choose_accel(cfg), vcpus=vcpus, memory_mib=memory_mib,
         nics=[(template_mac(i), -1) for i in range(nics)],
+        shares=[Share("template", Path("/@"))] if host_dirs else [],
     )  # fmt: skip
     if why := restore.unfit(cfg, spec):
         raise TemplateError(f"no template for {why}")
