@@ -46,6 +46,18 @@ def test_agent_answers_from_its_own_kernel(booted: Sandbox, run: Runner) -> None
     assert booted.boot_s is not None and booted.boot_s < 30
 
 
+def test_qemu_runs_without_huge_pages_under_tcg(booted: Sandbox) -> None:
+    """Under TCG, huge pages only fatten QEMU (its translation cache, its ROM):
+    its process has them off; under KVM, on (a cold boot's guest RAM)."""
+    assert booted.launched is not None
+    qemu = booted.launched.processes["qemu"]
+    with open(f"/proc/{qemu}/status") as f:
+        status = dict(line.split(":", 1) for line in f if ":" in line)
+    assert status["THP_enabled"].strip() == ("0" if booted.state.accel == "tcg" else "1")
+    with open("/proc/self/status") as f:  # the launcher put its own back
+        assert "THP_enabled:\t1" in f.read()
+
+
 def test_process_stdout_stderr_and_exit_code(booted: Sandbox, run: Runner) -> None:
     out, err, ex = run(
         run_container(booted, ["sh", "-c", "echo out; echo err >&2; uname -r; exit 3"])
