@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -336,6 +335,10 @@ def load(
     file = Path(path) if path else Path(env.get("COCOON_CONFIG") or DEFAULT_FILE)
     explicit = bool(path or env.get("COCOON_CONFIG"))
     if file.exists():
+        # Imported here: most hosts have no file, and every cocoon and
+        # cocoon-runtime process loads the configuration (~4 ms of each).
+        import tomllib
+
         try:
             data = tomllib.loads(file.read_text())
         except (tomllib.TOMLDecodeError, OSError, UnicodeDecodeError) as e:
