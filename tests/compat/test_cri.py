@@ -236,6 +236,11 @@ def test_a_pod_the_kubelet_way(env: Env, clean: None, handler: str) -> None:
         idle = stats(e, web)
         assert idle.memory.working_set_bytes.value < ALLOC // 2, (ws, idle)
         assert idle.cpu.usage_core_nano_seconds.value > 0, idle
+        # RSS (its anonymous memory) and the page faults that made it
+        m = stats(e, mem).memory
+        assert m.rss_bytes.value >= ALLOC and m.page_faults.value > 0, m
+        assert m.working_set_bytes.value <= m.usage_bytes.value, m
+        assert idle.memory.rss_bytes.value < ALLOC // 2, idle
     pods = e.cri.rt("ListPodSandboxStats", api.ListPodSandboxStatsRequest(
         filter=api.PodSandboxStatsFilter(id=pod.id))).stats  # fmt: skip
     assert [p.attributes.id for p in pods] == [pod.id], pods

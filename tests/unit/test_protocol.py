@@ -46,7 +46,9 @@ def test_message_roundtrip_nested() -> None:
         "c1", "/run/rootfs", "{}", messages.StdioSpec(0, 1, 2, False, 24, 80)
     )
     assert messages.decode(messages.encode(msg)) == msg
-    stats = messages.StatsReply(1, 2, 3, 4, 5, 6, [messages.NetStats("eth0", 1, 2, 3, 4)])
+    stats = messages.StatsReply(
+        1, 2, 3, 4, 5, 6, [messages.NetStats("eth0", 1, 2, 3, 4)], 7, 8, 9, 10, 11
+    )
     assert messages.decode(messages.encode(stats)) == stats
 
 

@@ -210,6 +210,7 @@ def stats(container_id: str) -> messages.StatsReply:
                 tx_packets=_read_int(st + "tx_packets"),
             )
         )
+    mem = _read_kv(cg + "/memory.stat")
     return messages.StatsReply(
         cpu_usage_us=_read_kv(cg + "/cpu.stat").get("usage_usec", 0),
         memory_bytes=_read_int(cg + "/memory.current"),
@@ -218,6 +219,11 @@ def stats(container_id: str) -> messages.StatsReply:
         io_read_bytes=rd,
         io_write_bytes=wr,
         net=net,
+        memory_anon_bytes=mem.get("anon", 0),
+        memory_file_bytes=mem.get("file", 0),
+        memory_inactive_file_bytes=mem.get("inactive_file", 0),
+        memory_pgfault=mem.get("pgfault", 0),
+        memory_pgmajfault=mem.get("pgmajfault", 0),
     )
 
 

@@ -36,7 +36,7 @@ else:
 
 
 #: Bumped on any incompatible change; the host refuses an agent that differs.
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 
 MAX_STR = 64 << 10
 MAX_LIST = 4096
@@ -629,6 +629,13 @@ class StatsReply(Message):
     io_read_bytes: int
     io_write_bytes: int
     net: list[NetStats]
+    #: From memory.stat: what containerd's CRI turns into a container's RSS
+    #: (anon), working set (usage less inactive_file) and page faults.
+    memory_anon_bytes: int
+    memory_file_bytes: int
+    memory_inactive_file_bytes: int
+    memory_pgfault: int
+    memory_pgmajfault: int
 
 
 @message

@@ -456,6 +456,12 @@ class TaskService:
         m.cpu.usage_usec = st.cpu_usage_us
         m.memory.usage = st.memory_bytes
         m.memory.usage_limit = st.memory_limit_bytes
+        # containerd's CRI: RSS = anon, working set = usage - inactive_file.
+        m.memory.anon = st.memory_anon_bytes
+        m.memory.file = st.memory_file_bytes
+        m.memory.inactive_file = st.memory_inactive_file_bytes
+        m.memory.pgfault = st.memory_pgfault
+        m.memory.pgmajfault = st.memory_pgmajfault
         m.io.usage.add(rbytes=st.io_read_bytes, wbytes=st.io_write_bytes)
         r = task_pb2.StatsResponse()
         r.stats.type_url = m.DESCRIPTOR.full_name

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x63ocoon/shim/proto/metrics.proto\x12\x18io.containerd.cgroups.v2\"\xcf\x01\n\x07Metrics\x12\x30\n\x04pids\x18\x01 \x01(\x0b\x32\".io.containerd.cgroups.v2.PidsStat\x12.\n\x03\x63pu\x18\x02 \x01(\x0b\x32!.io.containerd.cgroups.v2.CPUStat\x12\x34\n\x06memory\x18\x04 \x01(\x0b\x32$.io.containerd.cgroups.v2.MemoryStat\x12,\n\x02io\x18\x06 \x01(\x0b\x32 .io.containerd.cgroups.v2.IOStat\"*\n\x08PidsStat\x12\x0f\n\x07\x63urrent\x18\x01 \x01(\x04\x12\r\n\x05limit\x18\x02 \x01(\x04\"E\n\x07\x43PUStat\x12\x12\n\nusage_usec\x18\x01 \x01(\x04\x12\x11\n\tuser_usec\x18\x02 \x01(\x04\x12\x13\n\x0bsystem_usec\x18\x03 \x01(\x04\"0\n\nMemoryStat\x12\r\n\x05usage\x18  \x01(\x04\x12\x13\n\x0busage_limit\x18! \x01(\x04\":\n\x06IOStat\x12\x30\n\x05usage\x18\x01 \x03(\x0b\x32!.io.containerd.cgroups.v2.IOEntry\"c\n\x07IOEntry\x12\r\n\x05major\x18\x01 \x01(\x04\x12\r\n\x05minor\x18\x02 \x01(\x04\x12\x0e\n\x06rbytes\x18\x03 \x01(\x04\x12\x0e\n\x06wbytes\x18\x04 \x01(\x04\x12\x0c\n\x04rios\x18\x05 \x01(\x04\x12\x0c\n\x04wios\x18\x06 \x01(\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x63ocoon/shim/proto/metrics.proto\x12\x18io.containerd.cgroups.v2\"\xcf\x01\n\x07Metrics\x12\x30\n\x04pids\x18\x01 \x01(\x0b\x32\".io.containerd.cgroups.v2.PidsStat\x12.\n\x03\x63pu\x18\x02 \x01(\x0b\x32!.io.containerd.cgroups.v2.CPUStat\x12\x34\n\x06memory\x18\x04 \x01(\x0b\x32$.io.containerd.cgroups.v2.MemoryStat\x12,\n\x02io\x18\x06 \x01(\x0b\x32 .io.containerd.cgroups.v2.IOStat\"*\n\x08PidsStat\x12\x0f\n\x07\x63urrent\x18\x01 \x01(\x04\x12\r\n\x05limit\x18\x02 \x01(\x04\"E\n\x07\x43PUStat\x12\x12\n\nusage_usec\x18\x01 \x01(\x04\x12\x11\n\tuser_usec\x18\x02 \x01(\x04\x12\x13\n\x0bsystem_usec\x18\x03 \x01(\x04\"\x88\x01\n\nMemoryStat\x12\x0c\n\x04\x61non\x18\x01 \x01(\x04\x12\x0c\n\x04\x66ile\x18\x02 \x01(\x04\x12\x15\n\rinactive_file\x18\r \x01(\x04\x12\x0f\n\x07pgfault\x18\x12 \x01(\x04\x12\x12\n\npgmajfault\x18\x13 \x01(\x04\x12\r\n\x05usage\x18  \x01(\x04\x12\x13\n\x0busage_limit\x18! \x01(\x04\":\n\x06IOStat\x12\x30\n\x05usage\x18\x01 \x03(\x0b\x32!.io.containerd.cgroups.v2.IOEntry\"c\n\x07IOEntry\x12\r\n\x05major\x18\x01 \x01(\x04\x12\r\n\x05minor\x18\x02 \x01(\x04\x12\x0e\n\x06rbytes\x18\x03 \x01(\x04\x12\x0e\n\x06wbytes\x18\x04 \x01(\x04\x12\x0c\n\x04rios\x18\x05 \x01(\x04\x12\x0c\n\x04wios\x18\x06 \x01(\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,10 +37,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PIDSSTAT']._serialized_end=313
   _globals['_CPUSTAT']._serialized_start=315
   _globals['_CPUSTAT']._serialized_end=384
-  _globals['_MEMORYSTAT']._serialized_start=386
-  _globals['_MEMORYSTAT']._serialized_end=434
-  _globals['_IOSTAT']._serialized_start=436
-  _globals['_IOSTAT']._serialized_end=494
-  _globals['_IOENTRY']._serialized_start=496
-  _globals['_IOENTRY']._serialized_end=595
+  _globals['_MEMORYSTAT']._serialized_start=387
+  _globals['_MEMORYSTAT']._serialized_end=523
+  _globals['_IOSTAT']._serialized_start=525
+  _globals['_IOSTAT']._serialized_end=583
+  _globals['_IOENTRY']._serialized_start=585
+  _globals['_IOENTRY']._serialized_end=684
 # @@protoc_insertion_point(module_scope)

@@ -105,19 +105,34 @@ Global___CPUStat: _TypeAlias = CPUStat  # noqa: Y015
 class MemoryStat(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    ANON_FIELD_NUMBER: _builtins.int
+    FILE_FIELD_NUMBER: _builtins.int
+    INACTIVE_FILE_FIELD_NUMBER: _builtins.int
+    PGFAULT_FIELD_NUMBER: _builtins.int
+    PGMAJFAULT_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
     USAGE_LIMIT_FIELD_NUMBER: _builtins.int
+    anon: _builtins.int
+    file: _builtins.int
+    inactive_file: _builtins.int
+    pgfault: _builtins.int
+    pgmajfault: _builtins.int
     usage: _builtins.int
     usage_limit: _builtins.int
     def __init__(
         self,
         *,
+        anon: _builtins.int = ...,
+        file: _builtins.int = ...,
+        inactive_file: _builtins.int = ...,
+        pgfault: _builtins.int = ...,
+        pgmajfault: _builtins.int = ...,
         usage: _builtins.int = ...,
         usage_limit: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage", "usage_limit", b"usage_limit"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["anon", b"anon", "file", b"file", "inactive_file", b"inactive_file", "pgfault", b"pgfault", "pgmajfault", b"pgmajfault", "usage", b"usage", "usage_limit", b"usage_limit"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
