@@ -7,10 +7,15 @@ version's memory and vCPUs as the container's limits (the VM sized from them),
 no network, the version's code bound read-only at ``/code``, and an idle init.
 With `cocoon pool serve` running on the same state root, the start takes a
 pooled sandbox, restored and agent-ready, and the code reaches it through the
-sandbox's hub (a bind on the host, no copy, no reboot, no hot-plug): the
-"pre-warmed sandbox, code mounted in" path. Without a pool it is a template
-clone. (``serve.start_path`` switches to the other two starts, to measure
-them: the code copied into the container, or a VM booted cold.)
+sandbox's hub (a bind on the host, no copy, no reboot, no hot-plug). Without
+a pool it is a template clone. Faster still, with a pool and
+``serve.prewarm``: a blank instance, the runtime's container already started
+in a pooled sandbox with an empty /code (serve/prewarm.py), taken by the
+version and given its code by a read-only bind on the host over that /code's
+hub slot (runtime/latemount.py): no container start on the request's path,
+the seeds' "pre-warmed sandbox, code mounted in" (start kind ``prewarmed``).
+(``serve.start_path`` switches to the other two starts, to measure them: the
+code copied into the container, or a VM booted cold.)
 
 An invocation of a shell function is one exec in the instance
 (runtime.lifecycle.Exec): the handler, the request body on its stdin, the
@@ -60,11 +65,14 @@ from cocoon.config import Config
 from cocoon.errors import CocoonError, SandboxError
 from cocoon.errors import FunctionBusy as Busy
 from cocoon.errors import FunctionGone as Gone
+from cocoon.runtime import latemount
 from cocoon.runtime import run as runner
 from cocoon.runtime.lifecycle import Exec, remove
 from cocoon.runtime.records import ContainerDir, ContainerStore
+from cocoon.runtime.status import Status
 from cocoon.runtime.volumes import VolumeSpec
 from cocoon.serve import store as st
+from cocoon.serve.prewarm import Blank, Prewarmer, Shape, shape_of
 from cocoon.serve.runtimes import RUNTIMES
 from cocoon.serve.store import Store, Version
 
@@ -73,6 +81,8 @@ log = logging.getLogger(__name__)
 #: Labels of an instance's container.
 SERVICE_LABEL = "io.cocoon.serve"
 FUNCTION_LABEL = "io.cocoon.serve.function"
+#: A pre-warmed blank's (serve/prewarm.py): the runtime it waits with.
+BLANK_LABEL = "io.cocoon.serve.blank"
 #: The init of an instance: idle until removed.
 IDLE = ["tail", "-f", "/dev/null"]
 #: Billing granularity.
@@ -116,6 +126,27 @@ def _launch(cfg: Config, image: str, args: list[str], env: list[str], memory_byt
     return runner.launch(cfg, image, opts, pull="never", platform=None).id
 
 
+def _launch_blank(cfg: Config, shape: Shape, empty: str, labels: dict[str, str]) -> tuple[str, str]:
+    """In a helper: a pre-warmed blank's container (serve/prewarm.py), and
+    the hub slot at its /code. One that did not land in a pooled sandbox is
+    removed: without a hub its /code could never receive a mount."""
+    net, _ = runner.networking(
+        cfg, networks=["none"], rate="", hostname="", dns=[], dns_search=[], add_hosts=[],
+        publish=[],
+    )  # fmt: skip
+    opts = runner.RunOptions(
+        args=list(IDLE), env=[], workdir="/code", memory_bytes=shape.memory_mib << 20,
+        cpus=float(shape.vcpus), labels=labels, detach=True, network=net,
+        volumes=[VolumeSpec("bind", "/code", source=Path(empty), readonly=True)],
+    )  # fmt: skip
+    cid = runner.launch(cfg, RUNTIMES[shape.runtime].image, opts, pull="never", platform=None).id
+    slot = latemount.first_volume_slot(cfg, cid)
+    if slot is None:
+        remove_container(cfg, cid)
+        raise SandboxError("no pooled sandbox was ready (a blank needs one's hub)")
+    return cid, str(slot)
+
+
 def remove_container(cfg: Config, cid: str) -> None:
     """An instance's container, running or not, and its VM (blocking)."""
 
@@ -155,15 +186,20 @@ class Launcher:
             self._pool.submit(_ready)
 
     async def start(self, *args: Any) -> str:
-        """A new instance's container id. Submitted from the event loop's
+        """A new instance's container id."""
+        cid: str = await self.run(_launch, *args)
+        return cid
+
+    async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(cfg, *args)`` in a helper. Submitted from the event loop's
         thread, which lives as long as the service: a helper's parent-death
         signal follows the thread that made it. A helper that died (killed,
-        out of memory) breaks its pool: a new pool, and the start once more."""
+        out of memory) breaks its pool: a new pool, and the call once more."""
         loop = asyncio.get_running_loop()
         for attempt in (1, 2):
             pool = self._pool
             try:
-                return await loop.run_in_executor(pool, _launch, self.cfg, *args)
+                return await loop.run_in_executor(pool, fn, self.cfg, *args)
             except BrokenProcessPool:
                 if pool is self._pool:
                     pool.shutdown(wait=False, cancel_futures=True)
@@ -247,15 +283,44 @@ class Instances:
         launcher: Launcher,
         service_id: str,
         code_dir: Callable[[Version], Path],
+        blank_dir: Path,
     ) -> None:
         self.cfg = cfg
         self.store = store
         self.launcher = launcher
         self.service_id = service_id
         self.code_dir = code_dir
+        #: An empty directory: a blank's /code until it is taken.
+        self.blank_dir = blank_dir
         self.pools: dict[tuple[str, str, int], VersionPool] = {}
         self._removals: set[asyncio.Task[None]] = set()
         self._closed = False
+        self.prewarm: Prewarmer | None = None
+        self._prewarming: asyncio.Task[None] | None = None
+        if cfg.serve.start_path == "mount" and cfg.serve.prewarm > 0:
+            self.prewarm = Prewarmer(cfg, self.start_blank)
+
+    def start_prewarming(self) -> None:
+        if self.prewarm is not None:
+            self.blank_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+            if any(self.blank_dir.iterdir()):
+                log.warning("%s is not empty: no pre-warmed instances", self.blank_dir)
+                self.prewarm = None
+                return
+            loop = asyncio.get_running_loop()
+            self._prewarming = loop.create_task(self.prewarm.run(), name="prewarm")
+
+    def want(self, runtime: str) -> None:
+        """A function of ``runtime`` exists: keep blanks of it."""
+        if self.prewarm is not None:
+            self.prewarm.want(runtime)
+
+    async def start_blank(self, shape: Shape) -> Blank:
+        labels = {SERVICE_LABEL: self.service_id, BLANK_LABEL: shape.runtime}
+        # Cancelled (the service stops), the helper still finishes the start:
+        # the service's sweep after its helpers are done removes it by label.
+        cid, slot = await self.launcher.run(_launch_blank, shape, str(self.blank_dir), labels)
+        return Blank(cid, shape, Path(slot))
 
     # -- instances ---------------------------------------------------------------
 
@@ -294,7 +359,7 @@ class Instances:
                 finally:
                     pool.waiting -= 1
         try:
-            cid, session = await self._start(v)
+            cid, session, kind = await self._start(v)
         except BaseException:
             async with pool.cond:
                 pool.starting -= 1
@@ -307,9 +372,14 @@ class Instances:
                 self._remove_later(inst)
                 raise Gone(f"function {v.name} was removed")
             pool.instances.append(inst)
-        return inst, "cold"
+        return inst, kind
 
-    async def _start(self, v: Version) -> tuple[str, LoopSession | None]:
+    async def _start(self, v: Version) -> tuple[str, LoopSession | None, str]:
+        """A new instance of ``v``: (its container, its loop session, its start kind)."""
+        cid = await self._take_blank(v)
+        if cid:
+            return cid, await self._begin(cid, v), st.PREWARMED
+        self.want(v.spec["runtime"])
         spec = v.spec
         runtime = RUNTIMES[spec["runtime"]]
         labels = {
@@ -332,6 +402,34 @@ class Instances:
             launch.add_done_callback(drop)
             raise
         self.store.add_instance(cid, v)
+        return cid, await self._begin(cid, v), st.COLD
+
+    async def _take_blank(self, v: Version) -> str:
+        """A pre-warmed blank's container with ``v``'s code bound at its
+        /code, now ``v``'s for good ("" = none to be had). One whose
+        container died while it waited is removed, and the next one tried."""
+        while self.prewarm is not None and (blank := self.prewarm.take(shape_of(v.spec))):
+            self.store.add_instance(blank.cid, v)
+            try:
+                if _cdir(self.cfg, blank.cid).status() != Status.RUNNING:
+                    raise SandboxError("its container is no longer running")
+                await asyncio.to_thread(latemount.cover, blank.slot, self.code_dir(v))
+            except (CocoonError, OSError) as e:
+                log.warning("pre-warmed instance %s: %s; removed", blank.cid[:12], e)
+                self._remove_later(Instance(blank.cid, v))
+                continue
+            except BaseException:  # the request went away: the instance with it
+                self._remove_later(Instance(blank.cid, v))
+                raise
+            return blank.cid
+        return ""
+
+    async def _begin(self, cid: str, v: Version) -> LoopSession | None:
+        """A new instance's code in place (copied, for the copy path) and
+        its handler loop started (for a loop runtime); the instance is
+        removed if either fails."""
+        spec = v.spec
+        runtime = RUNTIMES[spec["runtime"]]
         session = None
         try:
             if self.cfg.serve.start_path == "copy":
@@ -344,7 +442,7 @@ class Instances:
         except BaseException:
             self._remove_later(Instance(cid, v))
             raise
-        return cid, session
+        return session
 
     async def _copy_code(self, cid: str, code: Path) -> None:
         """The "pre-warmed + copy" start: the code copied into the container
@@ -417,8 +515,18 @@ class Instances:
         return [i for p in self.pools.values() for i in p.instances]
 
     async def close(self) -> None:
-        """Every instance removed (busy ones too: their invocations were cancelled)."""
+        """Every instance removed (busy ones too: their invocations were
+        cancelled), and every blank."""
         self._closed = True
+        if self._prewarming is not None:
+            self._prewarming.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._prewarming
+        if self.prewarm is not None:
+            for cid in self.prewarm.drain():
+                t = asyncio.get_running_loop().create_task(self.launcher.remove(cid))
+                self._removals.add(t)
+                t.add_done_callback(self._removals.discard)
         for pool in self.pools.values():
             for inst in pool.instances:
                 self._remove_later(inst)
