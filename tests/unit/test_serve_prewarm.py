@@ -19,7 +19,7 @@ def test_each_blank_is_taken_once_and_only_for_its_shape() -> None:
         return Blank(f"c{len(made)}", shape, Path("/nowhere"))
 
     async def scenario() -> None:
-        p = Prewarmer(cfg, start)
+        p = Prewarmer(cfg, start, lambda shape: True)
         p.ready[default_shape("shell")] += [await start(default_shape("shell"))]
         shell = default_shape("shell")
         assert p.take(Shape("shell", 512, 1)) is None  # another size: its own start

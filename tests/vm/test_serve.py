@@ -475,7 +475,8 @@ def test_prewarmed_instances_take_the_code_mounted_in(
     """With a warm pool, serve.prewarm keeps a blank instance started: a new
     function's first call is served by it (its container there before the
     function), the code read-only at /code; a second function takes another
-    blank, never the first one's; the blanks refill; nothing is left after."""
+    blank, never the first one's; the blanks refill; a Python function's
+    loop starts once its code is in; nothing is left after."""
     coc = [sys.executable, "-m", "cocoon.cli", "--root", str(cfg.root)]
     pool = subprocess.Popen([*coc, "pool", "serve", "--size", "1"], stderr=subprocess.DEVNULL)
     s: Served | None = None
@@ -509,6 +510,15 @@ def test_prewarmed_instances_take_the_code_mounted_in(
                 assert len(code) >= 2 and all(f[5].split(",")[0] == "ro" for f in code)
                 assert invoke(c, name).headers["x-cocoon-start"] == "warm"
             assert s.prewarmed() == 1  # refilled once more
+            # A Python function: the runtime is pre-warmed once one is
+            # deployed, and the handler loop starts after the code is in.
+            src = "def handle(body):\n    return open('/code/data.txt').read()\n"
+            code = zip_code({"main.py": src, "data.txt": "from python"})
+            c.create("default", {"name": "py", "runtime": "python", "handler": "main.handle",
+                                 "code": code})  # fmt: skip
+            assert s.prewarmed(2) == 2
+            r = invoke(c, "py")
+            assert r.headers["x-cocoon-start"] == "prewarmed" and r.content == b"from python"
             metrics = scrape(c)
             base = {"namespace": "default", "function": "a", "version": "1"}
             assert metrics[("cocoon_function_cold_starts_total", labels(base))] == 1

@@ -34,12 +34,13 @@ def drain(cfg: Config) -> int:
     return int(poolclient.status(cfg, "drain").get("drained", 0))
 
 
-def has_ready(cfg: Config) -> bool:
-    """Whether a pool server runs and has a sandbox ready (a start would get one)."""
+def has_ready(cfg: Config, vcpus: int, memory_mib: int) -> bool:
+    """Whether a pool server runs and has a sandbox of this VM size ready (a
+    start of that size would get one)."""
     if not poolclient.socket_path(cfg).exists():
         return False
     try:
         ready = poolclient.status(cfg).get("classes", {})
     except CocoonError:
         return False
-    return isinstance(ready, dict) and any(ready.values())
+    return isinstance(ready, dict) and bool(ready.get(poolclient.SizeClass(vcpus, memory_mib).name))

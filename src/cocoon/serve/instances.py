@@ -65,7 +65,7 @@ from cocoon.config import Config
 from cocoon.errors import CocoonError, SandboxError
 from cocoon.errors import FunctionBusy as Busy
 from cocoon.errors import FunctionGone as Gone
-from cocoon.runtime import latemount
+from cocoon.runtime import latemount, pools
 from cocoon.runtime import run as runner
 from cocoon.runtime.lifecycle import Exec, remove
 from cocoon.runtime.records import ContainerDir, ContainerStore
@@ -298,7 +298,7 @@ class Instances:
         self.prewarm: Prewarmer | None = None
         self._prewarming: asyncio.Task[None] | None = None
         if cfg.serve.start_path == "mount" and cfg.serve.prewarm > 0:
-            self.prewarm = Prewarmer(cfg, self.start_blank)
+            self.prewarm = Prewarmer(cfg, self.start_blank, self.pool_ready)
 
     def start_prewarming(self) -> None:
         if self.prewarm is not None:
@@ -314,6 +314,11 @@ class Instances:
         """A function of ``runtime`` exists: keep blanks of it."""
         if self.prewarm is not None:
             self.prewarm.want(runtime)
+
+    def pool_ready(self, shape: Shape) -> bool:
+        """Whether a blank of ``shape`` would get a pooled sandbox now (blocking)."""
+        opts = runner.RunOptions(memory_bytes=shape.memory_mib << 20, cpus=float(shape.vcpus))
+        return pools.has_ready(self.cfg, *runner.vm_size(self.cfg, opts))
 
     async def start_blank(self, shape: Shape) -> Blank:
         labels = {SERVICE_LABEL: self.service_id, BLANK_LABEL: shape.runtime}

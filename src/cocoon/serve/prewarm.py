@@ -38,7 +38,6 @@ from typing import Any
 
 from cocoon.config import Config
 from cocoon.errors import CocoonError
-from cocoon.runtime import pools
 from cocoon.serve.models import DEFAULTS
 
 log = logging.getLogger(__name__)
@@ -75,10 +74,17 @@ class Blank:
 class Prewarmer:
     """The blanks, per shape, and the task that keeps ``serve.prewarm`` of each."""
 
-    def __init__(self, cfg: Config, start: Callable[[Shape], Awaitable[Blank]]) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        start: Callable[[Shape], Awaitable[Blank]],
+        pool_ready: Callable[[Shape], bool],
+    ) -> None:
         self.cfg = cfg
         #: Starts one blank (instances.Instances.start_blank).
         self.start = start
+        #: Whether the warm pool has a sandbox for a blank of this shape (blocking).
+        self.pool_ready = pool_ready
         self.ready: dict[Shape, list[Blank]] = {}
         self.wanted: list[Shape] = []
         self._wake = asyncio.Event()
@@ -123,7 +129,7 @@ class Prewarmer:
                     async with asyncio.timeout(max(quiet, 0.05) if shape else 5.0):
                         await self._wake.wait()
                 continue
-            if not await asyncio.to_thread(pools.has_ready, self.cfg):
+            if not await asyncio.to_thread(self.pool_ready, shape):
                 await asyncio.sleep(RETRY_S)
                 continue
             try:
