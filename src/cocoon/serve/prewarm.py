@@ -46,6 +46,9 @@ log = logging.getLogger(__name__)
 REFILL_AFTER_S = 1.0
 #: Pause after a failed fill, or while no pool server has a sandbox ready.
 RETRY_S = 3.0
+#: Failed starts back off, doubling up to this: a start that fails after it
+#: took a pooled sandbox costs the pool a refill.
+MAX_BACKOFF_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,7 @@ class Prewarmer:
         self._wake = asyncio.Event()
         self._last_take = 0.0
         self._complained = ""
+        self._backoff = RETRY_S
         self.want("shell")
 
     @property
@@ -138,9 +142,11 @@ class Prewarmer:
                 if str(e) != self._complained:
                     log.warning("pre-warming a %s instance: %s", shape.runtime, e)
                     self._complained = str(e)
-                await asyncio.sleep(RETRY_S)
+                await asyncio.sleep(self._backoff)
+                self._backoff = min(self._backoff * 2, MAX_BACKOFF_S)
                 continue
             self._complained = ""
+            self._backoff = RETRY_S
             self.ready[shape].append(blank)
 
     def drain(self) -> list[str]:
