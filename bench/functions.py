@@ -120,7 +120,7 @@ class Peer:
         out = self.run_out([*self.cli, "run", "--bundle", str(b), cid])
         took = time.monotonic() - t
         assert out == b"hello\n", out
-        subprocess.run([*self.cli, "delete", "-f", cid], capture_output=True)
+        subprocess.run([*self.cli, "delete", "--force", cid], capture_output=True)
         return took
 
     def started(self, propagate: bool) -> tuple[str, Path]:
@@ -134,7 +134,7 @@ class Peer:
         return cid, b
 
     def stop(self, cid: str, b: Path) -> None:
-        subprocess.run([*self.cli, "delete", "-f", cid], capture_output=True, timeout=120)
+        subprocess.run([*self.cli, "delete", "--force", cid], capture_output=True, timeout=120)
         subprocess.run(["umount", "-R", str(self.work / f"{cid}-hub")], capture_output=True)
 
     def exec_out(self, cid: str, handler: str = "/code/h.sh") -> bytes:
