@@ -478,7 +478,8 @@ def test_prewarmed_instances_take_the_code_mounted_in(
     blank, never the first one's; the blanks refill; a Python function's
     loop starts once its code is in; nothing is left after."""
     coc = [sys.executable, "-m", "cocoon.cli", "--root", str(cfg.root)]
-    pool = subprocess.Popen([*coc, "pool", "serve", "--size", "1"], stderr=subprocess.DEVNULL)
+    with open(tmp_path / "pool.log", "wb") as pool_log:
+        pool = subprocess.Popen([*coc, "pool", "serve", "--size", "1"], stderr=pool_log)
     s: Served | None = None
     try:
         deadline = time.monotonic() + 60

@@ -325,12 +325,16 @@ class Instances:
         # Cancelled (the service stops), the helper still finishes the start:
         # the service's sweep after its helpers are done removes it by label.
         cid, slot = await self.launcher.run(_launch_blank, shape, str(self.blank_dir), labels)
+        session = None
         try:
             await self._exec_once(cid)
+            if loop := RUNTIMES[shape.runtime].loop:
+                argv = [a.replace("{handler}", "-") for a in loop]
+                session = await LoopSession.waiting(_cdir(self.cfg, cid), argv, self.cfg)
         except BaseException:
             await asyncio.shield(self.launcher.remove(cid))
             raise
-        return Blank(cid, shape, Path(slot))
+        return Blank(cid, shape, Path(slot), session)
 
     async def _exec_once(self, cid: str) -> None:
         """One exec in a new blank, as an invocation's (stdin in, both outputs
@@ -403,9 +407,17 @@ class Instances:
 
     async def _start(self, v: Version) -> tuple[str, LoopSession | None, str]:
         """A new instance of ``v``: (its container, its loop session, its start kind)."""
-        cid = await self._take_blank(v)
-        if cid:
-            return cid, await self._begin(cid, v), st.PREWARMED
+        blank = await self._take_blank(v)
+        if blank is not None and blank.session is None:
+            return blank.cid, await self._begin(blank.cid, v), st.PREWARMED
+        if blank is not None:
+            session: LoopSession = blank.session
+            try:
+                await session.begin(v.spec["handler"], base_env(v), max(30.0, v.spec["timeout_s"]))
+            except BaseException:
+                self._remove_later(Instance(blank.cid, v))
+                raise
+            return blank.cid, session, st.PREWARMED
         self.want(v.spec["runtime"])
         spec = v.spec
         runtime = RUNTIMES[spec["runtime"]]
@@ -431,10 +443,10 @@ class Instances:
         self.store.add_instance(cid, v)
         return cid, await self._begin(cid, v), st.COLD
 
-    async def _take_blank(self, v: Version) -> str:
-        """A pre-warmed blank's container with ``v``'s code bound at its
-        /code, now ``v``'s for good ("" = none to be had). One whose
-        container died while it waited is removed, and the next one tried."""
+    async def _take_blank(self, v: Version) -> Blank | None:
+        """A pre-warmed blank with ``v``'s code bound at its /code, now
+        ``v``'s for good (None = none to be had). One whose container died
+        while it waited is removed, and the next one tried."""
         while self.prewarm is not None and (blank := self.prewarm.take(shape_of(v.spec))):
             self.store.add_instance(blank.cid, v)
             try:
@@ -443,13 +455,13 @@ class Instances:
                 await asyncio.to_thread(latemount.cover, blank.slot, self.code_dir(v))
             except (CocoonError, OSError) as e:
                 log.warning("pre-warmed instance %s: %s; removed", blank.cid[:12], e)
-                self._remove_later(Instance(blank.cid, v))
+                self._remove_later(Instance(blank.cid, v, session=blank.session))
                 continue
             except BaseException:  # the request went away: the instance with it
-                self._remove_later(Instance(blank.cid, v))
+                self._remove_later(Instance(blank.cid, v, session=blank.session))
                 raise
-            return blank.cid
-        return ""
+            return blank
+        return None
 
     async def _begin(self, cid: str, v: Version) -> LoopSession | None:
         """A new instance's code in place (copied, for the copy path) and
@@ -498,6 +510,11 @@ class Instances:
                     pool.instances.remove(inst)
                 self._remove_later(inst)
             pool.cond.notify()
+
+    async def _drop_blank(self, b: Blank) -> None:
+        if b.session is not None:
+            await b.session.close()
+        await self.launcher.remove(b.cid)
 
     def _remove_later(self, inst: Instance) -> None:
         async def remove() -> None:
@@ -550,8 +567,8 @@ class Instances:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._prewarming
         if self.prewarm is not None:
-            for cid in self.prewarm.drain():
-                t = asyncio.get_running_loop().create_task(self.launcher.remove(cid))
+            for b in self.prewarm.drain():
+                t = asyncio.get_running_loop().create_task(self._drop_blank(b))
                 self._removals.add(t)
                 t.add_done_callback(self._removals.discard)
         for pool in self.pools.values():
@@ -697,18 +714,41 @@ class LoopSession:
     ) -> LoopSession:
         ex = await Exec.start(cdir, argv, env=env, workdir="/code")
         session = cls(ex, cfg)
+        await session._ready(timeout_s)
+        return session
+
+    @classmethod
+    async def waiting(cls, cdir: ContainerDir, argv: list[str], cfg: Config) -> LoopSession:
+        """A loop started with no handler yet (``-``: a pre-warmed blank's),
+        its interpreter up and waiting for ``begin``."""
+        ex = await Exec.start(cdir, argv, env=[], workdir="/code")
+        return cls(ex, cfg)
+
+    async def begin(self, handler: str, env: list[str], timeout_s: float) -> None:
+        """A waiting loop's handler, and the version's environment, once its
+        code is in place; then it imports the handler and says ready."""
+        first = {"handler": handler, "env": dict(e.partition("=")[::2] for e in env)}
+        data = json.dumps(first).encode()
         try:
-            hello = await asyncio.wait_for(session._header(), timeout_s)
+            await self.ex.process.write_stdin(len(data).to_bytes(4, "big") + data, close=False)
+        except BaseException:
+            await self.close()
+            raise
+        await self._ready(timeout_s)
+
+    async def _ready(self, timeout_s: float) -> None:
+        """The loop's first answer: ready, or why not (then it is closed)."""
+        try:
+            hello = await asyncio.wait_for(self._header(), timeout_s)
             if hello.get("ready") is not True:
                 lines = str(hello.get("error", "")).strip().splitlines() or ["?"]
                 raise SandboxError(f"the handler could not be loaded: {lines[-1][:500]}")
         except (EOFError, ValueError, TimeoutError) as e:
-            await session.close()
+            await self.close()
             raise SandboxError(f"the runtime did not start: {e or e.__class__.__name__}") from None
         except BaseException:
-            await session.close()
+            await self.close()
             raise
-        return session
 
     async def _drain_stderr(self) -> None:
         stream = self.ex.process.stderr

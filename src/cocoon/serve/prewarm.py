@@ -13,7 +13,11 @@ path, and the guest is not even asked.
 A blank is taken once, by one version, and becomes that version's instance
 for its life; it never returns here. Nothing of a tenant is in it before:
 the empty directory, the runtime's image, an idle init, no environment of
-any function (each exec brings its own).
+any function (each exec brings its own). A loop runtime's blank (Python) also
+has its handler loop started with no handler (images/pyloop.py's ``-``): the
+interpreter's start, most of a Python instance's, is paid ahead; the take
+sends it the handler and the version's environment once the code is in, and
+only then does it import.
 
 Only a pooled sandbox has a hub (a plain template clone's shares are fixed
 when QEMU starts, its file server holding the directory itself), so blanks
@@ -72,6 +76,9 @@ class Blank:
     shape: Shape
     #: The hub's slot bound at the container's /code (on the host).
     slot: Path
+    #: A loop runtime's handler loop, started with no handler, waiting
+    #: (instances.LoopSession): the interpreter's start paid ahead too.
+    session: Any = None
 
 
 class Prewarmer:
@@ -149,9 +156,9 @@ class Prewarmer:
             self._backoff = RETRY_S
             self.ready[shape].append(blank)
 
-    def drain(self) -> list[str]:
-        """Every blank's container id, no longer kept (the service removes them)."""
-        out = [b.cid for bs in self.ready.values() for b in bs]
+    def drain(self) -> list[Blank]:
+        """Every blank, no longer kept (the service removes them)."""
+        out = [b for bs in self.ready.values() for b in bs]
         for bs in self.ready.values():
             bs.clear()
         return out
