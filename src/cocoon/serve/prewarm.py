@@ -41,7 +41,6 @@ from pathlib import Path
 from typing import Any
 
 from cocoon.config import Config
-from cocoon.errors import CocoonError
 from cocoon.serve.models import DEFAULTS
 
 log = logging.getLogger(__name__)
@@ -145,10 +144,11 @@ class Prewarmer:
                 continue
             try:
                 blank = await self.start(shape)
-            except CocoonError as e:
-                if str(e) != self._complained:
-                    log.warning("pre-warming a %s instance: %s", shape.runtime, e)
-                    self._complained = str(e)
+            except Exception as e:  # noqa: BLE001 - a failed start backs off; this task never ends
+                why = str(e) or e.__class__.__name__
+                if why != self._complained:
+                    log.warning("pre-warming a %s instance: %s", shape.runtime, why)
+                    self._complained = why
                 await asyncio.sleep(self._backoff)
                 self._backoff = min(self._backoff * 2, MAX_BACKOFF_S)
                 continue
