@@ -7,9 +7,11 @@ by side in one run; then warm invocations (latency, and throughput with 1 and
 - **cocoon**: a hello shell function deployed to `cocoon serve`, timed from
   the invoke request to its answer, each run a new function (so a new
   instance): `serve.start_path` = cold (a VM booted for it), copy (a pooled
-  sandbox, the code copied into the container) or mount (a pooled sandbox,
-  the code bound in read-only). A `cocoon pool serve` on the same root keeps
-  the sandboxes pre-warmed.
+  sandbox, the code copied into the container) or mount (a pre-warmed
+  instance, serve.prewarm: the runtime's container already started in a
+  pooled sandbox, the code bound in read-only over its empty /code). A
+  `cocoon pool serve` on the same root keeps the sandboxes pre-warmed; each
+  run waits until the pool and the service's blanks are refilled.
 - **crun, runsc**: OCI bundles through their own command lines (no podman:
   the paths need a container's rootfs on the host). cold: `run` of a bundle
   whose rootfs holds the code; copy: the code copied into a running
@@ -118,7 +120,7 @@ class Peer:
         out = self.run_out([*self.cli, "run", "--bundle", str(b), cid])
         took = time.monotonic() - t
         assert out == b"hello\n", out
-        subprocess.run([*self.cli, "delete", "-f", cid], capture_output=True)
+        subprocess.run([*self.cli, "delete", "--force", cid], capture_output=True)
         return took
 
     def started(self, propagate: bool) -> tuple[str, Path]:
@@ -132,7 +134,7 @@ class Peer:
         return cid, b
 
     def stop(self, cid: str, b: Path) -> None:
-        subprocess.run([*self.cli, "delete", "-f", cid], capture_output=True, timeout=120)
+        subprocess.run([*self.cli, "delete", "--force", cid], capture_output=True, timeout=120)
         subprocess.run(["umount", "-R", str(self.work / f"{cid}-hub")], capture_output=True)
 
     def exec_out(self, cid: str, handler: str = "/code/h.sh") -> bytes:
@@ -251,6 +253,8 @@ def main() -> None:
             try:
                 with served.admin() as c:
                     for i in range(args.runs):
+                        if path == "mount":
+                            served.prewarmed()
                         settle()
                         name = f"{path}{i}"
                         c.create("default", {"name": name, "handler": "h.sh", "code": blob,
@@ -259,7 +263,8 @@ def main() -> None:
                         resp = c.invoke("default", name, b"")
                         took = time.monotonic() - t
                         assert resp.status_code == 200 and resp.content == b"hello\n", resp.headers
-                        assert resp.headers["x-cocoon-start"] != "warm", resp.headers
+                        kind = "prewarmed" if path == "mount" else "cold"
+                        assert resp.headers["x-cocoon-start"] == kind, resp.headers
                         r.setdefault(f"cocoon {path}", []).append(took)
                         c.delete("default", name)
                     if path == "mount":

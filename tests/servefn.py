@@ -65,6 +65,15 @@ class Served:
     def output(self) -> str:
         return self.log.read_text(errors="replace")[-5000:] if self.log.exists() else ""
 
+    def prewarmed(self, at_least: int = 1, timeout_s: float = 120) -> int:
+        """Wait until the service has ``at_least`` pre-warmed blanks ready."""
+        deadline = time.monotonic() + timeout_s
+        with self.admin() as c:
+            while (n := int(c.request("GET", "/healthz").json()["prewarmed"])) < at_least:
+                assert time.monotonic() < deadline, "no pre-warmed instance:\n" + self.output()
+                time.sleep(0.1)
+        return n
+
     def admin(self) -> Client:
         """The unix socket: the admin, no token."""
         return Client(socket=self.socket)

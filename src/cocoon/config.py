@@ -221,6 +221,12 @@ class ServeConfig:
     #: an exec); "cold": a VM booted for it (no template, no pool), the code
     #: shared from its boot.
     start_path: str = "mount"
+    #: With start_path "mount" and a warm pool (`cocoon pool serve`): blank
+    #: instances kept started per runtime (at the default size), an idle
+    #: container with nothing at /code, each taken by one version's first
+    #: new instance, which gets its code bound in (0 = none: every new
+    #: instance is a container started for it).
+    prewarm: int = 1
 
 
 @dataclass
@@ -307,6 +313,8 @@ class Config:
             if getattr(sv, name) <= 0:
                 raise ConfigError(f"serve.{name} must be > 0")
         _choice("serve.start_path", sv.start_path, ("mount", "copy", "cold"))
+        if not 0 <= sv.prewarm <= 16:
+            raise ConfigError("serve.prewarm must be 0..16")
         if not 1 <= sv.launch_workers <= 64 or sv.max_inflation_ratio < 2:
             raise ConfigError("serve.launch_workers must be 1..64, max_inflation_ratio >= 2")
         for name in ("root_dir", "data_dir"):

@@ -458,3 +458,77 @@ def test_the_other_start_paths(cfg: Config, busybox: None, tmp_path: Path, path:
             assert invoke(c, "paths").headers["x-cocoon-start"] == "warm"
     finally:
         assert s.stop() == 0, s.output()
+
+
+PROBE = """\
+cat /code/data.txt
+ls /code | tr '\\n' ' '; echo
+grep ' /code ' /proc/mounts | cut -d' ' -f4 | cut -d, -f1
+touch /code/new 2>/dev/null && echo writable || echo refused
+hostname
+"""
+
+
+def test_prewarmed_instances_take_the_code_mounted_in(
+    cfg: Config, busybox: None, tmp_path: Path
+) -> None:
+    """With a warm pool, serve.prewarm keeps a blank instance started: a new
+    function's first call is served by it (its container there before the
+    function), the code read-only at /code; a second function takes another
+    blank, never the first one's; the blanks refill; a Python function's
+    loop starts once its code is in; nothing is left after."""
+    coc = [sys.executable, "-m", "cocoon.cli", "--root", str(cfg.root)]
+    with open(tmp_path / "pool.log", "wb") as pool_log:
+        pool = subprocess.Popen([*coc, "pool", "serve", "--size", "1"], stderr=pool_log)
+    s: Served | None = None
+    try:
+        deadline = time.monotonic() + 60
+        while not (cfg.root / "pool.sock").exists():
+            assert time.monotonic() < deadline and pool.poll() is None, "no pool server"
+            time.sleep(0.1)
+        s = Served(cfg.root, tmp_path / "state").start()
+        store = ContainerStore(cfg)
+        seen: list[str] = []
+        with s.admin() as c:
+            for name in ("a", "b"):
+                assert s.prewarmed() == 1
+                [blank] = [cid for cid in store.ids() if cid[:12] not in seen]
+                code = zip_code({"h.sh": PROBE, "data.txt": f"payload {name}\n"})
+                c.create("default", {"name": name, "handler": "h.sh", "code": code})
+                r = invoke(c, name)
+                assert r.status_code == 200, (r.headers, r.content)
+                assert r.headers["x-cocoon-start"] == "prewarmed"
+                rec = c.invocation("default", r.headers["x-cocoon-invocation-id"])
+                assert rec["start_kind"] == "prewarmed"
+                lines = r.content.decode().splitlines()
+                # Its own code only, read-only in the guest and on the host.
+                assert lines == [f"payload {name}", "data.txt h.sh ", "ro", "refused", blank[:12]]
+                seen.append(blank[:12])
+                slots = [x.split() for x in Path("/proc/self/mountinfo").read_text().splitlines()]
+                # Every code slot (and blank's empty one) is read-only on the host too.
+                code = [f for f in slots if f[4].startswith(f"{cfg.root}/hubs/") and
+                        f[4].endswith("/0")]  # fmt: skip
+                assert len(code) >= 2 and all(f[5].split(",")[0] == "ro" for f in code)
+                assert invoke(c, name).headers["x-cocoon-start"] == "warm"
+            assert s.prewarmed() == 1  # refilled once more
+            # A Python function: the runtime is pre-warmed once one is
+            # deployed, and the handler loop starts after the code is in.
+            src = "def handle(body):\n    return open('/code/data.txt').read()\n"
+            code = zip_code({"main.py": src, "data.txt": "from python"})
+            c.create("default", {"name": "py", "runtime": "python", "handler": "main.handle",
+                                 "code": code})  # fmt: skip
+            assert s.prewarmed(2) == 2
+            r = invoke(c, "py")
+            assert r.headers["x-cocoon-start"] == "prewarmed" and r.content == b"from python"
+            metrics = scrape(c)
+            base = {"namespace": "default", "function": "a", "version": "1"}
+            assert metrics[("cocoon_function_cold_starts_total", labels(base))] == 1
+    finally:
+        try:
+            if s is not None:
+                assert s.stop() == 0, s.output()
+        finally:
+            pool.terminate()
+            pool.wait(timeout=60)
+    assert ContainerStore(cfg).ids() == []
+    assert not any((cfg.root / "hubs").iterdir())

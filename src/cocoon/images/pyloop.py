@@ -9,6 +9,10 @@ then the bytes.
 
 - At start it writes ``{"ready": true}``, or ``{"ready": false, "error":
   <traceback>}`` and exits 1 when the handler cannot be imported.
+- Started with ``-`` for the handler (a pre-warmed instance, before any
+  function's code is there), it first waits for one frame, ``{"handler":
+  "module.function", "env": {...}}`` (variables for the process's life), and
+  only then imports: the interpreter's start is paid before the request.
 - Each request is two frames: a JSON header (``{"env": {...}}``: variables
   set for this call only) and the body. Each answer is three: a JSON header
   (``{"ok": bool, "error": <last line of the traceback>}``), the result (what
@@ -69,7 +73,17 @@ def main() -> int:
     os.dup2(null, 0)
     os.close(null)
     os.dup2(2, 1)
-    module, _, name = sys.argv[1].rpartition(".")
+    spec = sys.argv[1]
+    if spec == "-":
+        try:
+            first = json.loads(read_frame(frames_in))
+        except EOFError:
+            return 0
+        spec = str(first["handler"])
+        os.environ.update({str(k): str(v) for k, v in first.get("env", {}).items()})
+        os.chdir("/code")
+        importlib.invalidate_caches()
+    module, _, name = spec.rpartition(".")
     sys.path.insert(0, "/code")
     try:
         handler = getattr(importlib.import_module(module), name)

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from cocoon.config import Config
+from cocoon.errors import CocoonError
 from cocoon.sandbox import poolclient
 
 
@@ -31,3 +32,15 @@ def fill(cfg: Config) -> dict[str, Any]:
 def drain(cfg: Config) -> int:
     """Destroy every ready sandbox and stop refilling until `fill`."""
     return int(poolclient.status(cfg, "drain").get("drained", 0))
+
+
+def has_ready(cfg: Config, vcpus: int, memory_mib: int) -> bool:
+    """Whether a pool server runs and has a sandbox of this VM size ready (a
+    start of that size would get one)."""
+    if not poolclient.socket_path(cfg).exists():
+        return False
+    try:
+        ready = poolclient.status(cfg).get("classes", {})
+    except CocoonError:
+        return False
+    return isinstance(ready, dict) and bool(ready.get(poolclient.SizeClass(vcpus, memory_mib).name))

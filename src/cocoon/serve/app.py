@@ -208,7 +208,9 @@ def make_app(service: Service) -> FastAPI:
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, Any]:
-        return {"ok": True, "version": __version__}
+        inst = service.instances
+        ready = inst.prewarm.count if inst is not None and inst.prewarm is not None else 0
+        return {"ok": True, "version": __version__, "prewarmed": ready}
 
     # -- namespaces and tokens ---------------------------------------------------
 

@@ -7,10 +7,15 @@ version's memory and vCPUs as the container's limits (the VM sized from them),
 no network, the version's code bound read-only at ``/code``, and an idle init.
 With `cocoon pool serve` running on the same state root, the start takes a
 pooled sandbox, restored and agent-ready, and the code reaches it through the
-sandbox's hub (a bind on the host, no copy, no reboot, no hot-plug): the
-"pre-warmed sandbox, code mounted in" path. Without a pool it is a template
-clone. (``serve.start_path`` switches to the other two starts, to measure
-them: the code copied into the container, or a VM booted cold.)
+sandbox's hub (a bind on the host, no copy, no reboot, no hot-plug). Without
+a pool it is a template clone. Faster still, with a pool and
+``serve.prewarm``: a blank instance, the runtime's container already started
+in a pooled sandbox with an empty /code (serve/prewarm.py), taken by the
+version and given its code by a read-only bind on the host over that /code's
+hub slot (runtime/latemount.py): no container start on the request's path,
+the seeds' "pre-warmed sandbox, code mounted in" (start kind ``prewarmed``).
+(``serve.start_path`` switches to the other two starts, to measure them: the
+code copied into the container, or a VM booted cold.)
 
 An invocation of a shell function is one exec in the instance
 (runtime.lifecycle.Exec): the handler, the request body on its stdin, the
@@ -60,11 +65,14 @@ from cocoon.config import Config
 from cocoon.errors import CocoonError, SandboxError
 from cocoon.errors import FunctionBusy as Busy
 from cocoon.errors import FunctionGone as Gone
+from cocoon.runtime import latemount, pools
 from cocoon.runtime import run as runner
 from cocoon.runtime.lifecycle import Exec, remove
 from cocoon.runtime.records import ContainerDir, ContainerStore
+from cocoon.runtime.status import Status
 from cocoon.runtime.volumes import VolumeSpec
 from cocoon.serve import store as st
+from cocoon.serve.prewarm import Blank, Prewarmer, Shape, shape_of
 from cocoon.serve.runtimes import RUNTIMES
 from cocoon.serve.store import Store, Version
 
@@ -73,6 +81,8 @@ log = logging.getLogger(__name__)
 #: Labels of an instance's container.
 SERVICE_LABEL = "io.cocoon.serve"
 FUNCTION_LABEL = "io.cocoon.serve.function"
+#: A pre-warmed blank's (serve/prewarm.py): the runtime it waits with.
+BLANK_LABEL = "io.cocoon.serve.blank"
 #: The init of an instance: idle until removed.
 IDLE = ["tail", "-f", "/dev/null"]
 #: Billing granularity.
@@ -116,6 +126,27 @@ def _launch(cfg: Config, image: str, args: list[str], env: list[str], memory_byt
     return runner.launch(cfg, image, opts, pull="never", platform=None).id
 
 
+def _launch_blank(cfg: Config, shape: Shape, empty: str, labels: dict[str, str]) -> tuple[str, str]:
+    """In a helper: a pre-warmed blank's container (serve/prewarm.py), and
+    the hub slot at its /code. One that did not land in a pooled sandbox is
+    removed: without a hub its /code could never receive a mount."""
+    net, _ = runner.networking(
+        cfg, networks=["none"], rate="", hostname="", dns=[], dns_search=[], add_hosts=[],
+        publish=[],
+    )  # fmt: skip
+    opts = runner.RunOptions(
+        args=list(IDLE), env=[], workdir="/code", memory_bytes=shape.memory_mib << 20,
+        cpus=float(shape.vcpus), labels=labels, detach=True, network=net,
+        volumes=[VolumeSpec("bind", "/code", source=Path(empty), readonly=True)],
+    )  # fmt: skip
+    cid = runner.launch(cfg, RUNTIMES[shape.runtime].image, opts, pull="never", platform=None).id
+    slot = latemount.first_volume_slot(cfg, cid)
+    if slot is None:
+        remove_container(cfg, cid)
+        raise SandboxError("no pooled sandbox was ready (a blank needs one's hub)")
+    return cid, str(slot)
+
+
 def remove_container(cfg: Config, cid: str) -> None:
     """An instance's container, running or not, and its VM (blocking)."""
 
@@ -155,15 +186,20 @@ class Launcher:
             self._pool.submit(_ready)
 
     async def start(self, *args: Any) -> str:
-        """A new instance's container id. Submitted from the event loop's
+        """A new instance's container id."""
+        cid: str = await self.run(_launch, *args)
+        return cid
+
+    async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(cfg, *args)`` in a helper. Submitted from the event loop's
         thread, which lives as long as the service: a helper's parent-death
         signal follows the thread that made it. A helper that died (killed,
-        out of memory) breaks its pool: a new pool, and the start once more."""
+        out of memory) breaks its pool: a new pool, and the call once more."""
         loop = asyncio.get_running_loop()
         for attempt in (1, 2):
             pool = self._pool
             try:
-                return await loop.run_in_executor(pool, _launch, self.cfg, *args)
+                return await loop.run_in_executor(pool, fn, self.cfg, *args)
             except BrokenProcessPool:
                 if pool is self._pool:
                     pool.shutdown(wait=False, cancel_futures=True)
@@ -247,15 +283,75 @@ class Instances:
         launcher: Launcher,
         service_id: str,
         code_dir: Callable[[Version], Path],
+        blank_dir: Path,
     ) -> None:
         self.cfg = cfg
         self.store = store
         self.launcher = launcher
         self.service_id = service_id
         self.code_dir = code_dir
+        #: An empty directory: a blank's /code until it is taken.
+        self.blank_dir = blank_dir
         self.pools: dict[tuple[str, str, int], VersionPool] = {}
         self._removals: set[asyncio.Task[None]] = set()
         self._closed = False
+        self.prewarm: Prewarmer | None = None
+        self._prewarming: asyncio.Task[None] | None = None
+        if cfg.serve.start_path == "mount" and cfg.serve.prewarm > 0:
+            self.prewarm = Prewarmer(cfg, self.start_blank, self.pool_ready)
+
+    def start_prewarming(self) -> None:
+        if self.prewarm is not None:
+            self.blank_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+            if any(self.blank_dir.iterdir()):
+                log.warning("%s is not empty: no pre-warmed instances", self.blank_dir)
+                self.prewarm = None
+                return
+            loop = asyncio.get_running_loop()
+            self._prewarming = loop.create_task(self.prewarm.run(), name="prewarm")
+
+    def want(self, runtime: str) -> None:
+        """A function of ``runtime`` exists: keep blanks of it."""
+        if self.prewarm is not None:
+            self.prewarm.want(runtime)
+
+    def pool_ready(self, shape: Shape) -> bool:
+        """Whether a blank of ``shape`` would get a pooled sandbox now (blocking)."""
+        opts = runner.RunOptions(memory_bytes=shape.memory_mib << 20, cpus=float(shape.vcpus))
+        return pools.has_ready(self.cfg, *runner.vm_size(self.cfg, opts))
+
+    async def start_blank(self, shape: Shape) -> Blank:
+        labels = {SERVICE_LABEL: self.service_id, BLANK_LABEL: shape.runtime}
+        # Cancelled (the service stops), the helper still finishes the start:
+        # the service's sweep after its helpers are done removes it by label.
+        cid, slot = await self.launcher.run(_launch_blank, shape, str(self.blank_dir), labels)
+        session = None
+        try:
+            await self._exec_once(cid)
+            if loop := RUNTIMES[shape.runtime].loop:
+                argv = [a.replace("{handler}", "-") for a in loop]
+                session = await LoopSession.waiting(_cdir(self.cfg, cid), argv, self.cfg)
+        except BaseException:
+            await asyncio.shield(self.launcher.remove(cid))
+            raise
+        return Blank(cid, shape, Path(slot), session)
+
+    async def _exec_once(self, cid: str) -> None:
+        """One exec in a new blank, as an invocation's (stdin in, both outputs
+        drained, in /code), of nothing of anyone's: its VM is a fresh QEMU
+        whose TCG has translated none of the guest's exec path yet, and the
+        first exec in a container pays that (~35 ms here). Paid now, not by
+        the first call."""
+        argv = ["/bin/sh", "-c", "cat >/dev/null"]
+        ex = await Exec.start(_cdir(self.cfg, cid), argv, env=[], workdir="/code")
+        out = _Output(1 << 10, 1 << 10)
+        try:
+            exited = await asyncio.wait_for(_io(ex, b"", out), 60)
+        finally:
+            with contextlib.suppress(CocoonError, OSError):
+                await ex.close()
+        if exited.exit_code != 0:
+            raise SandboxError(f"a blank's first exec exited with {exited.exit_code}")
 
     # -- instances ---------------------------------------------------------------
 
@@ -294,7 +390,7 @@ class Instances:
                 finally:
                     pool.waiting -= 1
         try:
-            cid, session = await self._start(v)
+            cid, session, kind = await self._start(v)
         except BaseException:
             async with pool.cond:
                 pool.starting -= 1
@@ -307,9 +403,22 @@ class Instances:
                 self._remove_later(inst)
                 raise Gone(f"function {v.name} was removed")
             pool.instances.append(inst)
-        return inst, "cold"
+        return inst, kind
 
-    async def _start(self, v: Version) -> tuple[str, LoopSession | None]:
+    async def _start(self, v: Version) -> tuple[str, LoopSession | None, str]:
+        """A new instance of ``v``: (its container, its loop session, its start kind)."""
+        blank = await self._take_blank(v)
+        if blank is not None and blank.session is None:
+            return blank.cid, await self._begin(blank.cid, v), st.PREWARMED
+        if blank is not None:
+            session: LoopSession = blank.session
+            try:
+                await session.begin(v.spec["handler"], base_env(v), max(30.0, v.spec["timeout_s"]))
+            except BaseException:
+                self._remove_later(Instance(blank.cid, v))
+                raise
+            return blank.cid, session, st.PREWARMED
+        self.want(v.spec["runtime"])
         spec = v.spec
         runtime = RUNTIMES[spec["runtime"]]
         labels = {
@@ -332,6 +441,34 @@ class Instances:
             launch.add_done_callback(drop)
             raise
         self.store.add_instance(cid, v)
+        return cid, await self._begin(cid, v), st.COLD
+
+    async def _take_blank(self, v: Version) -> Blank | None:
+        """A pre-warmed blank with ``v``'s code bound at its /code, now
+        ``v``'s for good (None = none to be had). One whose container died
+        while it waited is removed, and the next one tried."""
+        while self.prewarm is not None and (blank := self.prewarm.take(shape_of(v.spec))):
+            self.store.add_instance(blank.cid, v)
+            try:
+                if _cdir(self.cfg, blank.cid).status() != Status.RUNNING:
+                    raise SandboxError("its container is no longer running")
+                await asyncio.to_thread(latemount.cover, blank.slot, self.code_dir(v))
+            except (CocoonError, OSError) as e:
+                log.warning("pre-warmed instance %s: %s; removed", blank.cid[:12], e)
+                self._remove_later(Instance(blank.cid, v, session=blank.session))
+                continue
+            except BaseException:  # the request went away: the instance with it
+                self._remove_later(Instance(blank.cid, v, session=blank.session))
+                raise
+            return blank
+        return None
+
+    async def _begin(self, cid: str, v: Version) -> LoopSession | None:
+        """A new instance's code in place (copied, for the copy path) and
+        its handler loop started (for a loop runtime); the instance is
+        removed if either fails."""
+        spec = v.spec
+        runtime = RUNTIMES[spec["runtime"]]
         session = None
         try:
             if self.cfg.serve.start_path == "copy":
@@ -344,7 +481,7 @@ class Instances:
         except BaseException:
             self._remove_later(Instance(cid, v))
             raise
-        return cid, session
+        return session
 
     async def _copy_code(self, cid: str, code: Path) -> None:
         """The "pre-warmed + copy" start: the code copied into the container
@@ -373,6 +510,11 @@ class Instances:
                     pool.instances.remove(inst)
                 self._remove_later(inst)
             pool.cond.notify()
+
+    async def _drop_blank(self, b: Blank) -> None:
+        if b.session is not None:
+            await b.session.close()
+        await self.launcher.remove(b.cid)
 
     def _remove_later(self, inst: Instance) -> None:
         async def remove() -> None:
@@ -417,8 +559,18 @@ class Instances:
         return [i for p in self.pools.values() for i in p.instances]
 
     async def close(self) -> None:
-        """Every instance removed (busy ones too: their invocations were cancelled)."""
+        """Every instance removed (busy ones too: their invocations were
+        cancelled), and every blank."""
         self._closed = True
+        if self._prewarming is not None:
+            self._prewarming.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._prewarming
+        if self.prewarm is not None:
+            for b in self.prewarm.drain():
+                t = asyncio.get_running_loop().create_task(self._drop_blank(b))
+                self._removals.add(t)
+                t.add_done_callback(self._removals.discard)
         for pool in self.pools.values():
             for inst in pool.instances:
                 self._remove_later(inst)
@@ -562,18 +714,41 @@ class LoopSession:
     ) -> LoopSession:
         ex = await Exec.start(cdir, argv, env=env, workdir="/code")
         session = cls(ex, cfg)
+        await session._ready(timeout_s)
+        return session
+
+    @classmethod
+    async def waiting(cls, cdir: ContainerDir, argv: list[str], cfg: Config) -> LoopSession:
+        """A loop started with no handler yet (``-``: a pre-warmed blank's),
+        its interpreter up and waiting for ``begin``."""
+        ex = await Exec.start(cdir, argv, env=[], workdir="/code")
+        return cls(ex, cfg)
+
+    async def begin(self, handler: str, env: list[str], timeout_s: float) -> None:
+        """A waiting loop's handler, and the version's environment, once its
+        code is in place; then it imports the handler and says ready."""
+        first = {"handler": handler, "env": dict(e.partition("=")[::2] for e in env)}
+        data = json.dumps(first).encode()
         try:
-            hello = await asyncio.wait_for(session._header(), timeout_s)
+            await self.ex.process.write_stdin(len(data).to_bytes(4, "big") + data, close=False)
+        except BaseException:
+            await self.close()
+            raise
+        await self._ready(timeout_s)
+
+    async def _ready(self, timeout_s: float) -> None:
+        """The loop's first answer: ready, or why not (then it is closed)."""
+        try:
+            hello = await asyncio.wait_for(self._header(), timeout_s)
             if hello.get("ready") is not True:
                 lines = str(hello.get("error", "")).strip().splitlines() or ["?"]
                 raise SandboxError(f"the handler could not be loaded: {lines[-1][:500]}")
         except (EOFError, ValueError, TimeoutError) as e:
-            await session.close()
+            await self.close()
             raise SandboxError(f"the runtime did not start: {e or e.__class__.__name__}") from None
         except BaseException:
-            await session.close()
+            await self.close()
             raise
-        return session
 
     async def _drain_stderr(self) -> None:
         stream = self.ex.process.stderr

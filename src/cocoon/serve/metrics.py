@@ -3,7 +3,8 @@
 Series are named as Fission's and OpenWhisk's users look for them (calls
 total, cold starts total, duration seconds), labelled by namespace, function
 and version, and by start kind (``cold``: a new instance; ``warm``: a free
-one reused) where it applies:
+one reused; the start histogram also has ``prewarmed``: a new instance taken
+pre-warmed, counted as cold elsewhere) where it applies:
 
 - ``cocoon_function_calls_total{status}``: invocations that ran to an end
   (succeeded, failed, timeout); ``cocoon_function_errors_total``: the
@@ -94,9 +95,12 @@ class Metrics:
         if status != "succeeded":
             self.errors.labels(*lv).inc()
         if kind:
-            self.starts.labels(*lv, kind).inc()
+            # A pre-warmed start is a new instance: counted as the metering
+            # counts it (cold), timed apart (the histograms are not kept).
+            counted = "cold" if kind == "prewarmed" else kind
+            self.starts.labels(*lv, counted).inc()
             self.start.labels(*lv, kind).observe(start_s)
-            if kind == "cold":
+            if counted == "cold":
                 self.cold.labels(*lv).inc()
         self.duration.labels(*lv).observe(duration_s)
         self.billed.labels(*lv).inc(billed_s)

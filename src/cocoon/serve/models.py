@@ -198,7 +198,10 @@ class InvocationOut(BaseModel):
     status: Literal["queued", "running", "succeeded", "failed", "timeout"]
     error: str
     exit_code: int | None
-    start_kind: str = Field(description="cold (a new instance) or warm (a free one reused).")
+    start_kind: str = Field(
+        description="cold (a new instance started), prewarmed (a new instance taken pre-warmed, "
+        "the code mounted in) or warm (a free one reused)."
+    )
     start_ms: float | None = Field(None, description="From the request to an instance for it.")
     trigger: str = Field("", description="What started it: timer:<id> or chain:<id>.")
     depth: int = Field(0, description="Its place in a chain (0: called directly).")

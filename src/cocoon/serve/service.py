@@ -112,8 +112,10 @@ class Service:
         self.launcher = Launcher(self.cfg)
         self.launcher.warm_up()
         self.instances = Instances(
-            self.cfg, self.store, self.launcher, self.id, lambda v: self.code_dir(v)
-        )
+            self.cfg, self.store, self.launcher, self.id, lambda v: self.code_dir(v),
+            self.dir / "blank",
+        )  # fmt: skip
+        self.instances.start_prewarming()
         self.timers = asyncio.get_running_loop().create_task(self.run_timers(), name="timers")
 
     async def stop(self) -> None:
@@ -212,6 +214,8 @@ class Service:
                 if not self.store.code_in_use(code):
                     codes.remove_unused(self.code_root, code)
                 raise ApiError(409 if new else 404, f"function {name} changed meanwhile: retry")
+        if self.instances is not None:
+            self.instances.want(spec["runtime"])
         log.info("function %s/%s version %d", ns, name, v.version)
         return v
 

@@ -117,6 +117,10 @@ CREATE TABLE IF NOT EXISTS instances (
 QUEUED, RUNNING = "queued", "running"
 SUCCEEDED, FAILED, TIMEOUT = "succeeded", "failed", "timeout"
 UNFINISHED = (QUEUED, RUNNING)
+#: Start kinds: a new instance started for the invocation (cold), or taken
+#: pre-warmed with the code mounted in (metered as cold: a new instance), or
+#: a free one reused (warm).
+COLD, PREWARMED, WARM = "cold", "prewarmed", "warm"
 
 
 @dataclass(frozen=True)
@@ -450,7 +454,7 @@ class Store:
                 "duration_ms=duration_ms+?, billed_ms=billed_ms+?, gb_s=gb_s+? "
                 "WHERE namespace=? AND function=? AND version=?",
                 (
-                    int(kind == "cold"),
+                    int(kind in (COLD, PREWARMED)),
                     int(kind == "warm"),
                     fields.get("duration_ms") or 0.0,
                     fields.get("billed_ms") or 0,

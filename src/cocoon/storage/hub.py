@@ -63,6 +63,22 @@ def attach(path: Path, n: int, source: Path, readonly: bool) -> str:
     return f"{GUEST_DIR}/{n}"
 
 
+def cover(slot: Path, source: Path) -> None:
+    """Bind ``source`` read-only over a slot already attached (a pre-warmed
+    function instance's empty /code taking its version's code).
+
+    The guest needs no word of it: its 9p mount of the hub resolves every
+    path anew on the host, so the slot's guest bind, and the container's bind
+    of that, show the top mount from the next lookup on; the host enforces
+    the read-only. ``remove`` unmounts both layers."""
+    mounts.bind(str(source), str(slot))
+    try:
+        mounts.remount_readonly(str(slot))
+    except HostError:
+        mounts.detach(str(slot))
+        raise
+
+
 def remove(path: Path) -> None:
     """Unmount everything in the hub and the hub itself, then its empty dirs.
 
