@@ -64,7 +64,7 @@ def qemu_parts_mib(pid: int) -> dict[str, float]:
     code: the one anonymous read-write-execute mapping, which a KVM VM does
     not have), ``guest RAM`` (its memory backend: a template's memfd or file
     for a clone, whose clean pages the clones split, or one big anonymous
-    mapping for a cold boot) and ``rest`` (QEMU's own heap, device state, TLB)."""
+    mapping for a cold boot) and ``rest`` (QEMU's own heap, device state, TCG's metadata)."""
     parts = {"code cache": 0.0, "guest RAM": 0.0, "rest": 0.0}
     kind = "rest"
     try:
