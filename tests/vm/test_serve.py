@@ -410,8 +410,11 @@ echo "$what $(hostname)"
 
     try:
         with s.admin() as c:
+            # (a long timeout: under TCG the hog can thrash its few file pages
+            # for a while before the guest's kernel gives up and kills it)
             c.create("default", {"name": "many", "handler": "h.sh", "max_concurrency": 3,
-                                 "memory_mib": 64, "code": zip_code({"h.sh": script})})  # fmt: skip
+                                 "memory_mib": 64, "timeout_s": 120,
+                                 "code": zip_code({"h.sh": script})})  # fmt: skip
         threads = [threading.Thread(target=call, args=(i,)) for i in range(20)]
         for t in threads:
             t.start()
