@@ -22,11 +22,14 @@ Run as root, from the checkout, while nothing else boots VMs:
 
     COCOON_DATA_DIR=... PYTHONPATH=src python3 bench/cri.py [--runs 10] [--pool] [--fork-server]
 
-``--pool``: a warm pool of VMs with the pods' NIC on each VM handler's state
-root; ``--fork-server``: the shim's fork server (each pod's shim forked from
-a process that has the library imported). With a pool, a pod's VM processes
-were started by the pool server and stay its children: the pod's processes
-are then more than one tree (the shim's, and the VM's under the pool).
+``--pool``: a warm pool of VMs with the pods' NIC for each VM handler;
+``--fork-server``: the shim's fork server (each pod's shim forked from a
+process that has the library imported). With both, the shim's pool is the
+fork server's own (shim.pool: each pod's VM waits under the shim process
+that will serve the pod, shim.carrier), so a pod's processes stay one tree;
+otherwise it is a `cocoon pool serve` on the handler's state root, whose VMs
+stay that server's children (the pod's processes are then more than one
+tree: the shim's, and the VM's under the pool server).
 """
 
 from __future__ import annotations
@@ -50,9 +53,11 @@ from memory import pss_kib  # noqa: E402 (bench/memory.py: the script's dir is o
 from tests.compat.conftest import image_archive_of  # noqa: E402
 from tests.compat.cri import api_pb2 as api  # noqa: E402
 from tests.compat.cri.node import (  # noqa: E402
+    NAMESPACE,
     VM_MIB,
     Env,
     Pod,
+    carriers_ready,
     create,
     fork_server,
     node,
@@ -109,15 +114,18 @@ def one_pod(e: Env, handler: str, image: str, i: int) -> dict[str, float]:
 
 
 @contextlib.contextmanager
-def pools(e: Env, on: bool) -> Iterator[Callable[[], None]]:
+def pools(e: Env, on: bool, carriers: bool) -> Iterator[Callable[[], None]]:
     """With ``on``, a pool server on each VM handler's state root (the shim's
-    <shim root>/k8s.io, cocoon-runtime's --root), stopped after; yields what
-    refills them before a start (a no-op without)."""
+    <shim root>/k8s.io, unless the fork server's ``carriers`` pool it,
+    cocoon-runtime's --root), stopped after; yields what refills them before
+    a start (a no-op without)."""
     if not on:
         yield lambda: None
         return
     cocoon = [sys.executable, "-m", "cocoon.cli"]
     roots = e.vm_roots()
+    if carriers:
+        roots = [r for r in roots if r != e.containerd.shim_root / NAMESPACE]
     # the pods' size (the node's VM_MIB) and NIC (CNI's veth)
     env = {**os.environ, "COCOON_HYPERVISOR_MEMORY_MIB": str(VM_MIB)}
     servers = [subprocess.Popen([*cocoon, "--root", str(r), "pool", "serve", "--size", "1",
@@ -134,6 +142,11 @@ def pools(e: Env, on: bool) -> Iterator[Callable[[], None]]:
             for r in roots:
                 subprocess.run([*cocoon, "--root", str(r), "pool", "fill"], check=True,
                                stdout=subprocess.DEVNULL, env=env)  # fmt: skip
+            deadline = time.monotonic() + 120
+            while carriers and carriers_ready(e) < 1:
+                if time.monotonic() > deadline:
+                    raise SystemExit("the fork server's pod VM is not ready after 120 s")
+                time.sleep(0.1)
 
         yield settle
     finally:
@@ -166,8 +179,10 @@ def main() -> None:
     try:
         with (
             node(image_archive_of(work), work) as e,
-            pools(e, args.pool) as settle,
-            fork_server(e) if args.fork_server else contextlib.nullcontext(),
+            pools(e, args.pool, carriers=args.fork_server) as settle,
+            fork_server(e, pool=1 if args.pool else 0)
+            if args.fork_server
+            else contextlib.nullcontext(),
         ):
             first = run_pod(e, "runc", "bench-pull")
             image = e.cri.pull(e.busybox, first.config)

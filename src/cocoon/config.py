@@ -164,6 +164,9 @@ class PoolConfig:
     #: pod's: 1). A start takes a pooled sandbox only with exactly this many
     #: links to connect (none: 0).
     nics: int = 0
+    #: The pool server's socket (empty: <root>/pool.sock). A pod's own pool,
+    #: the shim fork server's (shim.pool), serves on a socket of its own.
+    socket: str = ""
 
 
 @dataclass
@@ -173,6 +176,15 @@ class ShimConfig:
     #: only within a namespace). A pool for the shim's containers is served on
     #: that root (`cocoon --root /run/cocoon-shim/k8s.io pool serve`).
     root_dir: str = "/run/cocoon-shim"
+    #: Pods' VMs the shim's fork server keeps ready, each under the shim
+    #: process that will serve its pod (shim.carrier): a pod's processes are
+    #: then one tree even with a warm VM. 0: none (a `cocoon pool serve` on
+    #: the namespace's root is the shared alternative).
+    pool: int = 0
+    #: The containerd namespace those pods are in (Kubernetes': k8s.io).
+    pool_namespace: str = "k8s.io"
+    #: NICs of those pods' VMs (a CRI pod's, on CNI's veth: 1).
+    pool_nics: int = 1
 
 
 @dataclass
@@ -292,6 +304,12 @@ class Config:
             raise ConfigError("pool.size must be 0..256")
         if not 0 <= self.pool.nics <= 4:
             raise ConfigError("pool.nics must be 0..4")
+        if self.pool.socket and not os.path.isabs(self.pool.socket):
+            raise ConfigError("pool.socket must be an absolute path (or empty)")
+        if not 0 <= self.shim.pool <= 16:
+            raise ConfigError("shim.pool must be 0..16")
+        if not 0 <= self.shim.pool_nics <= 4:
+            raise ConfigError("shim.pool_nics must be 0..4")
         for c in self.pool.classes:
             v, _, m = c.partition("x")
             digits = (v + m).isascii() and v.isdigit() and m.isdigit()  # "²".isdigit() too

@@ -34,6 +34,7 @@ from tests.compat.cri.node import (
     VM_MIB,
     Env,
     Pod,
+    carriers_ready,
     cgroup_members,
     cgroups,
     create,
@@ -47,6 +48,7 @@ from tests.compat.cri.node import (
     run_pod,
     shims,
     vm_processes,
+    with_descendants,
 )  # fmt: skip
 from tests.images.servers import require
 
@@ -373,17 +375,29 @@ def pool_server(e: Env) -> Iterator[Path]:
         assert p.returncode == 0, err.decode(errors="replace")[-3000:]
 
 
-def test_a_pod_from_a_warm_pool(env: Env, clean: None) -> None:
-    """A pod's VM taken from a warm pool (`pool serve --nics 1` on the shim's
-    root): its tap, waiting in the pool's namespace, is moved into the pod's
-    CNI namespace and joined to the veth; the guest's NIC carries the veth's
-    MAC and the pod's IP, which answers from the host. Its shim was forked by
-    the shim's fork server. The pool's and the fork server's end and the
-    pod's removal leave nothing (the clean fixture)."""
+@pytest.mark.parametrize("pooled_by", ["pool-server", "fork-server"])
+def test_a_pod_from_a_warm_pool(env: Env, clean: None, pooled_by: str) -> None:
+    """A pod's VM taken from a warm pool: a `pool serve --nics 1` on the shim's
+    root, or the shim fork server's own (shim.pool: the pod's shim waited
+    with the VM, shim.carrier). Its tap, waiting in the pool's namespace, is
+    moved into the pod's CNI namespace and joined to the veth; the guest's
+    NIC carries the veth's MAC and the pod's IP, which answers from the
+    host. Its shim was forked by the fork server. With the fork server's
+    pool the pod's host processes are one tree, its shim's. The pools' and
+    the fork server's ends and the pod's removal leave nothing (the clean
+    fixture)."""
     e = env
-    with pool_server(e) as root, fork_server(e) as forks:
+    own = pooled_by == "fork-server"
+    root = e.containerd.shim_root / NAMESPACE
+    with (
+        contextlib.nullcontext(root) if own else pool_server(e),
+        fork_server(e, pool=1 if own else 0) as forks,
+    ):
+        if own:
+            until("the fork server's pod VM", lambda: carriers_ready(e) == 1, 120)
         pod = run_pod(e, "cocoon", "pod-pooled")
-        (shim,) = [p for p in shims(e) if parent(p) == forks.pid]
+        # (the fork server's next carrier is its child too, not in the pod's cgroup)
+        (shim,) = [p for p in shims(e) if parent(p) == forks.pid and _in_cgroup(p, pod.cgroup)]
         image = e.cri.pull(e.busybox, pod.config)
         web = create(e, pod, "web", image, ["sh", "-c",
             "echo pooled > /tmp/index.html; exec httpd -f -p 8080 -h /tmp"])  # fmt: skip
@@ -392,8 +406,15 @@ def test_a_pod_from_a_warm_pool(env: Env, clean: None) -> None:
         assert "cocoon.pool" not in sb["annotations"] and sb["template"], sb
         assert sb["network"].get("pool_nics") == 1, sb["network"]  # a pooled sandbox's
         # the VM's processes, started in the pool's cgroups, are in the pod's now
-        for pid in [r["pid"] for r in sb["processes"].values()]:
+        vm = [r["pid"] for r in sb["processes"].values()]
+        for pid in vm:
             assert _in_cgroup(pid, pod.cgroup), (pid, Path(f"/proc/{pid}/cgroup").read_text())
+        if own:  # one tree: the VM's processes (and its monitor) are below the shim
+            below = with_descendants({shim})
+            assert set(vm) | {state["monitor_pid"]} <= below, (vm, state, below)
+            top = Path("/sys/fs/cgroup/memory") / pod.cgroup.lstrip("/")
+            members = {int(p) for f in top.rglob("cgroup.procs") for p in f.read_text().split()}
+            assert roots(members | below) == {shim}, (members, below)
         st = e.cri.rt("PodSandboxStatus", api.PodSandboxStatusRequest(pod_sandbox_id=pod.id))
         ip = st.status.network.ip
         page = until("the pod's server from the host", lambda: urllib.request.urlopen(

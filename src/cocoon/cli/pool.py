@@ -24,8 +24,14 @@ def pool_group() -> None:
     help="NICs of each pooled sandbox, moved into the taker's network namespace "
     "(default: pool.nics; a CRI pod has 1).",
 )
+@click.option(
+    "--once",
+    is_flag=True,
+    help="Stop after the first hand-out (or drain), staying the parent of the VM "
+    "handed out until it ends (a pod's own pool: the shim fork server's).",
+)
 @click.pass_obj
-def serve(state: State, size: int | None, nics: int | None) -> None:
+def serve(state: State, size: int | None, nics: int | None, once: bool) -> None:
     """Keep pool.size sandboxes per size class ready (foreground; SIGTERM ends it
     and destroys the sandboxes still in the pool)."""
     cfg = state.cfg
@@ -33,7 +39,7 @@ def serve(state: State, size: int | None, nics: int | None) -> None:
         cfg.pool.size = size
     if nics is not None:
         cfg.pool.nics = nics
-    pools.serve(cfg, _say)
+    pools.serve(cfg, _say, once=once)
 
 
 def _say(line: str) -> None:

@@ -11,13 +11,18 @@ from cocoon.errors import CocoonError
 from cocoon.sandbox import poolclient
 
 
-def serve(cfg: Config, say: Callable[[str], None]) -> None:
+def serve(cfg: Config, say: Callable[[str], None], *, once: bool = False) -> None:
     """Run the pool server in the foreground until SIGTERM/SIGINT; what it has
-    to say goes to ``say``, one line at a time (the front end shows it)."""
+    to say goes to ``say``, one line at a time (the front end shows it). With
+    ``once``, until its first hand-out or drain, and then it stays the
+    parent of the VM it handed out until that ends (shim.carrier)."""
     # Only the server needs the sandbox's imports; status, fill and drain are a socket.
     from cocoon.sandbox.pool import PoolServer
 
-    asyncio.run(PoolServer(cfg, say).serve())
+    server = PoolServer(cfg, say, once=once)
+    asyncio.run(server.serve())
+    if once:
+        server.wait_for_handed()
 
 
 def status(cfg: Config) -> dict[str, Any]:

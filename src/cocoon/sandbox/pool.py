@@ -28,6 +28,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,17 @@ from cocoon.sandbox.sandbox import Sandbox
 from cocoon.sandbox.spec import SandboxSpec
 from cocoon.sandbox.warmup import warm_up
 
+#: The reaper a ``once`` server becomes (``wait_for_handed``).
+_REAPER = (
+    "import os, signal\n"
+    "for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):\n"
+    "    signal.signal(s, signal.SIG_IGN)\n"
+    "try:\n"
+    "    while True:\n"
+    "        os.wait()\n"
+    "except ChildProcessError:\n"
+    "    pass\n"
+)
 #: Seconds after a hand-out before the pool starts its replacement.
 REFILL_AFTER_S = 1.0
 #: Pause before retrying after a failed fill (a broken template, a full host).
@@ -57,9 +69,12 @@ RETRY_S = 2.0
 class PoolServer:
     """The long-lived owner of the pooled sandboxes (one per state root)."""
 
-    def __init__(self, cfg: Config, log: Any = print) -> None:
+    def __init__(self, cfg: Config, log: Any = print, *, once: bool = False) -> None:
         self.cfg = cfg
         self.log = log
+        #: Serve one hand-out (or one drain), then stop: a pod's own pool
+        #: (shim.carrier), whose one VM is that pod's or nobody's.
+        self.once = once
         self._sandbox = Sandbox
         self.ready: dict[str, list[Sandbox]] = {c.name: [] for c in classes(cfg)}
         self.filling = cfg.pool.size > 0
@@ -106,6 +121,16 @@ class PoolServer:
             return False
         finally:
             s.close()
+
+    def wait_for_handed(self) -> None:
+        """After a ``once`` server's end: stay the parent of the VM processes
+        it handed out until they end (their taker's tree is this process's
+        parent's), as a reaper that holds none of the server's memory: the
+        interpreter is replaced by a bare one. SIGTERM (the parent's end) does
+        not end it: the processes are the taker's to end."""
+        if not any(p.poll() is None for p in self.handed):
+            return
+        os.execv(sys.executable, [sys.executable, "-I", "-S", "-c", _REAPER])
 
     async def drain(self) -> int:
         n = 0
@@ -205,6 +230,8 @@ class PoolServer:
                     self.filling = False
                     n = await self.drain()
                     reply: dict[str, Any] = {"drained": n}
+                    if self.once:
+                        self._stop.set()
                 elif req.get("fill"):
                     self.filling = True
                     self._wake.set()
@@ -269,6 +296,9 @@ class PoolServer:
                 return
             close_fds(fds)
             self.log(f"pool: handed out {sb.id}")
+            if self.once:
+                self.filling = False
+                self._stop.set()
             return
         w.write(b'{"sandbox": ""}\n')
         await w.drain()

@@ -48,7 +48,7 @@ def classes(cfg: Config) -> list[SizeClass]:
 
 
 def socket_path(cfg: Config) -> Path:
-    return cfg.root / "pool.sock"
+    return Path(cfg.pool.socket) if cfg.pool.socket else cfg.root / "pool.sock"
 
 
 @dataclass(frozen=True)

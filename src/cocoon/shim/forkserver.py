@@ -29,6 +29,7 @@ import hashlib
 import json
 import logging
 import os
+import select
 import signal
 import socket
 import sys
@@ -39,6 +40,7 @@ from cocoon.errors import ShimError
 
 if TYPE_CHECKING:
     from cocoon.config import Config
+    from cocoon.shim.carrier import Carriers
 
 #: A request (a bundle path, an id, the environment), at most.
 MAX_REQUEST = 1 << 20
@@ -92,10 +94,25 @@ def ask(
     return not (isinstance(reply, dict) and "error" in reply)
 
 
+def status(cfg: Config, address: str) -> dict[str, int]:
+    """The fork server's carriers (shim.carrier): how many are ready, how
+    many starting; raises OSError when none answers."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
+        c.settimeout(REPLY_TIMEOUT_S)
+        c.connect(str(socket_for(cfg.shim.root_dir, address)))
+        c.sendall(b'{"status": true}\n')
+        reply = json.loads(c.makefile("rb").readline(4096))
+    got = reply.get("carriers") if isinstance(reply, dict) else None
+    if not isinstance(got, dict):
+        raise OSError("the fork server's status is not what it should be")
+    return {k: int(v) for k, v in got.items()}
+
+
 def run(address: str) -> int:
     """The fork server's life: serve ``start``'s requests until SIGTERM."""
     from cocoon import log as cocoon_log
     from cocoon.config import load
+    from cocoon.shim.carrier import Carriers
     from cocoon.shim.server import run_server
 
     if not address:
@@ -121,18 +138,30 @@ def run(address: str) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGCHLD, lambda *_: _reap())
-    log.info(f"fork server {os.getpid()} for {address} on {where}")
+    carriers = Carriers(cfg, [srv])
+    log.info(f"fork server {os.getpid()} for {address} on {where}"
+             + (f", {cfg.shim.pool} pods' VMs ready" if cfg.shim.pool else ""))  # fmt: skip
     try:
         while not stopping:
+            carriers.tick()
             try:
-                conn, _ = srv.accept()
-            except OSError:
-                continue  # interrupted, or closed by stop()
-            with conn:
-                _serve_one(conn, srv, run_server)
+                ready, _, _ = select.select([srv, *carriers.chans()], [], [], carriers.wait_s())
+            except (OSError, ValueError):
+                continue  # closed by stop()
+            for r in ready:
+                if r is not srv:
+                    carriers.readable(r)
+                    continue
+                try:
+                    conn, _ = srv.accept()
+                except OSError:
+                    continue  # interrupted, or closed by stop()
+                with conn:
+                    _serve_one(conn, [srv, *carriers.chans()], carriers, run_server)
     finally:
         with contextlib.suppress(OSError):
             where.unlink()
+        carriers.stop()
     log.info("fork server done")
     return 0
 
@@ -156,8 +185,11 @@ def _reap() -> None:
             return
 
 
-def _serve_one(conn: socket.socket, srv: socket.socket, run_server: Any) -> None:
-    """One ``start``'s request: fork its pod's shim server, answer its pid."""
+def _serve_one(
+    conn: socket.socket, inherited: list[socket.socket], carriers: Carriers, run_server: Any
+) -> None:
+    """One ``start``'s request: a carrier made its pod's shim server, or one
+    forked; its pid answered. (Or the carriers' status: ``status``.)"""
     conn.settimeout(ASK_TIMEOUT_S)
     try:
         data, fds, _, _ = socket.recv_fds(conn, MAX_REQUEST, 1)
@@ -169,6 +201,9 @@ def _serve_one(conn: socket.socket, srv: socket.socket, run_server: Any) -> None
     except OSError as e:
         log.warning(f"a request failed: {e}")
         return
+    if not fds and data.startswith(b'{"status"'):
+        _answer(conn, {"carriers": carriers.status()})
+        return
     try:
         req = _request(data, fds)
     except (ShimError, ValueError) as e:
@@ -178,6 +213,11 @@ def _serve_one(conn: socket.socket, srv: socket.socket, run_server: Any) -> None
         _answer(conn, {"error": str(e)[:500]})
         return
     lsock = socket.socket(fileno=fds[0])
+    carried = carriers.hand(req, lsock.fileno())
+    if carried is not None:
+        lsock.close()
+        _answer(conn, {"pid": carried})
+        return
     try:
         pid = os.fork()
     except OSError as e:
@@ -188,7 +228,8 @@ def _serve_one(conn: socket.socket, srv: socket.socket, run_server: Any) -> None
     if pid == 0:  # pragma: no cover - the pod's shim server
         try:
             conn.close()
-            srv.close()
+            for inh in inherited:
+                inh.close()
             for s in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
                 signal.signal(s, signal.SIG_DFL)
             os.chdir(req["bundle"])

@@ -25,6 +25,8 @@ from cocoon.errors import ShimError
 
 if TYPE_CHECKING:
     from cocoon.config import Config
+    from cocoon.shim.carrier import OwnPool
+    from cocoon.shim.service import TaskService
 
 #: Where containerd's shims put their sockets (containerd's socketRoot + "/s").
 SOCKET_DIR = "/run/containerd/s"
@@ -54,10 +56,16 @@ def shim_config(namespace: str) -> Config:
 
 
 def run_server(
-    cfg: Config, namespace: str, cid: str, sock: socket.socket, path: str, bundle: Path
+    cfg: Config,
+    namespace: str,
+    cid: str,
+    sock: socket.socket,
+    path: str,
+    bundle: Path,
+    own_pool: OwnPool | None = None,
 ) -> None:
     """In a forked child: become the pod's shim server, detached, and exit
-    when it is done."""
+    when it is done (with ``own_pool``, a carrier's: shim.carrier)."""
     code = 1
     try:
         os.setsid()
@@ -65,7 +73,7 @@ def run_server(
         log.info(f"shim {os.getpid()} for {namespace}/{cid} on {path}")
         import asyncio  # (the server's: `start` itself needs no event loop)
 
-        code = asyncio.run(serve(cfg, namespace, sock, path))
+        code = asyncio.run(serve(cfg, namespace, sock, path, own_pool))
     except BaseException:
         log.exception("the shim failed")
     finally:
@@ -95,7 +103,9 @@ def _detach(log_fifo: Path) -> None:
         signal.signal(s, signal.SIG_IGN)
 
 
-async def serve(cfg: Config, namespace: str, sock: socket.socket, path: str) -> int:
+async def serve(
+    cfg: Config, namespace: str, sock: socket.socket, path: str, own_pool: OwnPool | None = None
+) -> int:
     """The shim's life: serve the Task service until the pod's last task is
     deleted and containerd asks it to go. The service's modules are imported
     here, in the forked server, not by `start`: containerd runs `start` for
@@ -106,19 +116,24 @@ async def serve(cfg: Config, namespace: str, sock: socket.socket, path: str) -> 
     from concurrent.futures import ThreadPoolExecutor
 
     from cocoon.shim.events import Publisher
-    from cocoon.shim.service import TaskService
     from cocoon.shim.ttrpc import Server
 
     loop = asyncio.get_running_loop()
     loop.set_default_executor(ThreadPoolExecutor(THREADS, thread_name_prefix="shim"))
+    from cocoon.shim.service import TaskService
+
     publisher = Publisher(os.environ.get("TTRPC_ADDRESS", ""), namespace)
     done = asyncio.Event()
     service = TaskService(cfg, publisher, done)
     server = Server(service.methods())
     await server.start(sock)
+    if own_pool is not None:
+        service.background.spawn(_drain_after_create(service, own_pool), "the carrier's pool")
     try:
         await done.wait()
     finally:
+        if own_pool is not None:
+            own_pool.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         await publisher.flush(10.0)
@@ -126,3 +141,12 @@ async def serve(cfg: Config, namespace: str, sock: socket.socket, path: str) -> 
         await service.close()
     log.info(f"shim {os.getpid()} done")
     return 0
+
+
+async def _drain_after_create(service: TaskService, own_pool: OwnPool) -> None:
+    """A carrier's pool is for its pod's first task (the one that boots the
+    VM): once that is created, a VM the pod did not take goes."""
+    import asyncio
+
+    await service.first_created.wait()
+    await asyncio.to_thread(own_pool.drain)

@@ -152,6 +152,8 @@ class TaskService:
         #: boots the pod's VM, and where it came from (runtime.hostcgroup).
         self.cgroup_task = ""
         self.cgroup_home: dict[Path, str] = {}
+        #: Set once a Create has ended (a carrier's pool waits for it: shim.carrier).
+        self.first_created = asyncio.Event()
 
     # -- the service's table ---------------------------------------------------
 
@@ -220,6 +222,7 @@ class TaskService:
             self.tasks[req.id] = task
         finally:
             self._creating.discard(req.id)
+            self.first_created.set()
         ev = events_pb2.TaskCreate(container_id=req.id, bundle=req.bundle, pid=self.pid)
         ev.rootfs.extend(req.rootfs)
         ev.io.stdin, ev.io.stdout, ev.io.stderr = req.stdin, req.stdout, req.stderr

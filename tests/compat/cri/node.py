@@ -270,12 +270,13 @@ def create(e: Env, pod: Pod, name: str, image: str, argv: list[str]) -> str:
 
 
 @contextlib.contextmanager
-def fork_server(e: Env) -> Iterator[subprocess.Popen[bytes]]:
+def fork_server(e: Env, pool: int = 0) -> Iterator[subprocess.Popen[bytes]]:
     """The shim's fork server for our containerd (shim.forkserver), run as
-    containerd runs the shim (this checkout's, its environment), stopped after."""
+    containerd runs the shim (this checkout's, its environment), stopped
+    after; with ``pool``, that many pods' VMs kept ready (shim.carrier)."""
     shim = e.containerd.base / "bin" / "containerd-shim-cocoon-v2"
     env = {**os.environ, "COCOON_SHIM_ROOT_DIR": str(e.containerd.shim_root),
-           "COCOON_HYPERVISOR_MEMORY_MIB": str(VM_MIB)}  # fmt: skip
+           "COCOON_HYPERVISOR_MEMORY_MIB": str(VM_MIB), "COCOON_SHIM_POOL": str(pool)}  # fmt: skip
     p = subprocess.Popen([str(shim), "-address", str(e.containerd.sock), "fork-server"],
                          env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
     try:
@@ -288,6 +289,19 @@ def fork_server(e: Env) -> Iterator[subprocess.Popen[bytes]]:
         p.terminate()
         _, err = p.communicate(timeout=30)
         assert p.returncode == 0, err.decode(errors="replace")[-2000:]
+
+
+def carriers_ready(e: Env) -> int:
+    """How many of the fork server's pods' VMs are ready (0 while it has none
+    or does not answer)."""
+    from cocoon.config import load
+    from cocoon.shim import forkserver
+
+    cfg = load(env={"COCOON_SHIM_ROOT_DIR": str(e.containerd.shim_root)})
+    try:
+        return forkserver.status(cfg, str(e.containerd.sock))["ready"]
+    except (OSError, ValueError, KeyError):
+        return 0
 
 
 def qemus(e: Env) -> list[int]:
