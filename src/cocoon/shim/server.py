@@ -18,14 +18,13 @@ import signal
 import socket
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from cocoon import log as cocoon_log
 from cocoon.errors import ShimError
 
 if TYPE_CHECKING:
     from cocoon.config import Config
-    from cocoon.shim.carrier import OwnPool
     from cocoon.shim.service import TaskService
 
 #: Where containerd's shims put their sockets (containerd's socketRoot + "/s").
@@ -38,6 +37,14 @@ MAX_NAMESPACE = 76
 THREADS = 64
 
 log = logging.getLogger(__name__)
+
+
+class OwnPool(Protocol):
+    """A carrier's one-VM pool, as its pod's shim uses it (shim.carrier)."""
+
+    def drain(self) -> None: ...
+
+    def close(self) -> None: ...
 
 
 def check_namespace(namespace: str) -> None:
