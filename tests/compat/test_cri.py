@@ -328,23 +328,28 @@ def test_a_killed_vm_ends_the_pods_containers(env: Env, clean: None) -> None:
     _remove(e, pod)
 
 
-@pytest.mark.parametrize("forked", [False, True], ids=["own", "fork-server"])
-def test_a_killed_shim_is_a_dead_pod(env: Env, clean: None, forked: bool) -> None:
+@pytest.mark.parametrize("forked", ["own", "fork-server", "fork-server-pool"])
+def test_a_killed_shim_is_a_dead_pod(env: Env, clean: None, forked: str) -> None:
     """kill -9 of the pod's shim (forked by its `start`, or by the fork
-    server): containerd sees its tasks dead (the shim's containers die with
-    it), and the pod's removal cleans up after it."""
-    with fork_server(env) if forked else contextlib.nullcontext() as forks:
+    server, or one that waited with the pod's VM: shim.carrier): containerd
+    sees its tasks dead (the shim's containers die with it), and the pod's
+    removal cleans up after it (the carrier's VM reaper too)."""
+    pool = 1 if forked == "fork-server-pool" else 0
+    with fork_server(env, pool=pool) if forked != "own" else contextlib.nullcontext() as forks:
+        if pool:
+            until("the fork server's pod VM", lambda: carriers_ready(env) == 1, 120)
         _kill_the_shim(env, {forks.pid} if forks else set())
 
 
 def _kill_the_shim(e: Env, not_shims: set[int]) -> None:
     pod, cid = _sleeper_pod(e, "pod-killed-shim")
-    # the shim serving the pod's socket (its monitors are its forks: skip them)
+    # the shim serving the pod's socket (its monitors are its forks: skip
+    # them; so is the fork server's next carrier, not in the pod's cgroup)
     monitors = set()
     for st in (e.containerd.shim_root / NAMESPACE).glob("oci/*/state.json"):
         with contextlib.suppress(OSError, ValueError):
             monitors.add(int(json.loads(st.read_bytes()).get("monitor_pid") or 0))
-    (shim,) = [p for p in shims(e) if p not in monitors | not_shims]
+    (shim,) = [p for p in shims(e) if p not in monitors | not_shims and _in_cgroup(p, pod.cgroup)]
     os.kill(shim, signal.SIGKILL)
     s = until(
         "the container's exit", lambda: (s := status(e, cid)).state == api.CONTAINER_EXITED and s
