@@ -119,13 +119,16 @@ def test_host_directories_reach_a_pooled_sandbox_through_its_hub(
     the host, :ro refused (a read-only bind on the host), and at the end every
     bind gone from the host and every file of the user's still there."""
     [pooled] = pool_ls(cfg)
+    hub = cfg.root / "hubs" / pooled
+    # its warm-up's use of the hub (sandbox.warmup.hub_warm_up) left nothing
+    assert mount_points_under(hub) == [str(hub)] and not list(hub.iterdir())
+    assert not (cfg.root / "sandboxes" / pooled / "warm").exists()
     rw, ro = tmp_path / "rw", tmp_path / "ro"
     rw.mkdir()
     ro.mkdir()
     (ro / "hello").write_text("read me\n")
     cid = ok(cocoon(cfg, "run", "-d", "--network", "none", "-v", f"{rw}:/data",
                     "-v", f"{ro}:/ro:ro", "busybox", "sleep", "300")).strip()  # fmt: skip
-    hub = cfg.root / "hubs" / pooled
     try:
         info = json.loads(ok(cocoon(cfg, "inspect", cid)))
         info = info[0] if isinstance(info, list) else info

@@ -35,6 +35,7 @@ from typing import Any
 
 from cocoon.config import Config
 from cocoon.errors import CocoonError, SandboxError
+from cocoon.hypervisor.base import Layout
 from cocoon.sandbox import admission
 from cocoon.sandbox import template as templates
 from cocoon.sandbox.poolclient import (
@@ -47,7 +48,7 @@ from cocoon.sandbox.poolclient import (
 )
 from cocoon.sandbox.sandbox import Sandbox
 from cocoon.sandbox.spec import SandboxSpec
-from cocoon.sandbox.warmup import warm_up
+from cocoon.sandbox.warmup import hub_warm_up, warm_up
 
 #: The reaper a ``once`` server becomes (``wait_for_handed``).
 _REAPER = (
@@ -200,6 +201,9 @@ class PoolServer:
             try:
                 assert sb.channel is not None
                 await warm_up(sb.channel, engine_spec=True)
+                if sb.state.hub:
+                    tag, work = Layout.share_tag(0), sb.dir.path / "warm"
+                    await hub_warm_up(sb.channel, Path(sb.state.hub), tag, work)
             except CocoonError as e:
                 self.log(f"pool: discarding {sb.id} (its warm-up failed: {e})")
                 await sb.destroy()

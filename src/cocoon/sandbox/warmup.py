@@ -35,13 +35,18 @@ real start replaces its files.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import shutil
+from pathlib import Path
 from typing import Any
 
-from cocoon.errors import SandboxError
+from cocoon.errors import HostError, SandboxError
 from cocoon.oci.spec import default_spec
 from cocoon.protocol import messages
 from cocoon.sandbox.channel import AgentChannel
+from cocoon.storage import hub
+from cocoon.util import mounts
 
 WARM_DIR = "/run/cocoon/warm"
 WARM_ID = "cocoon-warm-up"
@@ -49,21 +54,36 @@ WARM_ID = "cocoon-warm-up"
 STEP_TIMEOUT_S = 60.0
 
 
-async def warm_up(channel: AgentChannel, *, engine_spec: bool = False) -> None:
+async def warm_up(
+    channel: AgentChannel,
+    *,
+    engine_spec: bool = False,
+    rootfs: str = "",
+    binds: tuple[tuple[str, str], ...] = (),
+) -> None:
     """Run ``/bin/true`` in a container on an overlay of the guest's root,
     its stdout and stderr on streams as a tenant's are (the pipes and pump
     threads are part of what a start runs); with ``engine_spec``, under a
-    spec shaped like the engines' (``warm_spec``)."""
+    spec shaped like the engines' (``warm_spec``). With ``rootfs``, on that
+    root instead (a pooled sandbox's hub: ``hub_warm_up``), with ``binds``
+    (guest source, container destination) as an engine's file binds."""
 
     async def ok(msg: messages.Message) -> None:
         await channel.call(msg, messages.Ok, timeout_s=STEP_TIMEOUT_S)
 
     await ok(messages.ConfigureNetwork([], [], [], "", "", "", []))
-    rootfs = f"{WARM_DIR}/rootfs"
-    await ok(messages.Mount("tmpfs", "tmpfs", WARM_DIR, "", ["size=4m", "mode=0700"], False))
-    layers = ["lowerdir=/", f"upperdir={WARM_DIR}/upper", f"workdir={WARM_DIR}/work"]
-    await ok(messages.Mount("overlay", "overlay", rootfs, "", layers, False))
-    spec = json.dumps(warm_spec(engine_spec))
+    own_root = not rootfs
+    if own_root:
+        rootfs = f"{WARM_DIR}/rootfs"
+        await ok(messages.Mount("tmpfs", "tmpfs", WARM_DIR, "", ["size=4m", "mode=0700"], False))
+        layers = ["lowerdir=/", f"upperdir={WARM_DIR}/upper", f"workdir={WARM_DIR}/work"]
+        await ok(messages.Mount("overlay", "overlay", rootfs, "", layers, False))
+    conf = warm_spec(engine_spec)
+    for src, dst in binds:
+        conf["mounts"].append(
+            {"destination": dst, "type": "bind", "source": src, "options": ["rbind", "ro"]}
+        )
+    spec = json.dumps(conf)
     out, err = channel.open_in(), channel.open_in()
     try:
         stdio = messages.StdioSpec(0, out.chan, err.chan, False, 0, 0)
@@ -81,10 +101,49 @@ async def warm_up(channel: AgentChannel, *, engine_spec: bool = False) -> None:
         for stream in (out, err):
             channel.session.close_in(stream.chan)
     await ok(messages.DeleteContainer(WARM_ID))
-    for target in (rootfs, WARM_DIR):
+    for target in (rootfs, WARM_DIR) if own_root else ():
         await ok(messages.Unmount(target))
     if done.exit_code != 0:
         raise SandboxError(f"its warm-up container exited {done.exit_code}")
+
+
+async def hub_warm_up(channel: AgentChannel, hub_path: Path, share_tag: str, work: Path) -> None:
+    """A pooled sandbox's hub used once, as a taker's start uses it: the
+    guest mounts the hub (9p), and a container runs on a root there (a host
+    dir whose /bin/true is the host's static busybox) with a file bound in
+    from another slot, as engines bind /etc/hosts and the like. Without it,
+    the guest kernel's 9p client paths (mount, lookups, creating mount
+    points, exec and binds over 9p) are first run, and translated, by the
+    tenant's first container. Everything is gone after: the guest's mount,
+    the slots, the host dir ``work`` (in the sandbox's own dir: no sweep
+    of hubs takes it for a hub). Skipped where the host has no static busybox."""
+    busybox = shutil.which("busybox")
+    if busybox is None:
+        return
+    work.mkdir(mode=0o700)
+    true = work / "rootfs" / "bin" / "true"
+    try:
+        true.parent.mkdir(parents=True)
+        true.touch()
+        (work / "files").mkdir()
+        (work / "files" / "hosts").write_text("127.0.0.1 localhost\n")
+        mounts.bind(busybox, str(true))
+        root = hub.attach(hub_path, 0, work / "rootfs", readonly=False)
+        files = hub.attach(hub_path, 1, work / "files", readonly=True)
+        mount = messages.Mount("9p", share_tag, hub.GUEST_DIR, "", [], False)
+        await channel.call(mount, messages.Ok, timeout_s=STEP_TIMEOUT_S)
+        try:
+            binds = ((f"{files}/hosts", "/etc/hosts"),)
+            await warm_up(channel, engine_spec=True, rootfs=root, binds=binds)
+        finally:
+            unmount = messages.Unmount(hub.GUEST_DIR)
+            await channel.call(unmount, messages.Ok, timeout_s=STEP_TIMEOUT_S)
+    finally:
+        hub.clear(hub_path)
+        if true.exists():
+            with contextlib.suppress(HostError):
+                mounts.detach(str(true))
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def warm_spec(engine_spec: bool) -> dict[str, Any]:

@@ -79,6 +79,23 @@ def cover(slot: Path, source: Path) -> None:
         raise
 
 
+def clear(path: Path) -> None:
+    """Unmount everything attached to the hub and remove the slots' empty
+    mount points, keeping the hub itself (a pool's warm-up used it: the
+    taker attaches from slot 0 on). Raises HostError as ``remove`` does."""
+    for mp in sorted(mount_points_under(path), key=len, reverse=True):
+        if Path(mp) != path:
+            with contextlib.suppress(HostError):
+                mounts.detach(mp)
+    if [mp for mp in mount_points_under(path) if Path(mp) != path]:
+        raise HostError(f"{path}: a slot is still mounted")
+    try:
+        for child in path.iterdir():
+            child.rmdir()
+    except OSError as e:
+        raise HostError(f"hub {path} not cleared: {e.strerror}") from e
+
+
 def remove(path: Path) -> None:
     """Unmount everything in the hub and the hub itself, then its empty dirs.
 
