@@ -249,9 +249,12 @@ def build(
         if machine == "microvm" and spec.shared_fs == "virtio-fs" and spec.shares:
             # virtiofsd aborts (and guest reads hang) on legacy virtio-mmio.
             argv += ["-global", "virtio-mmio.force-legacy=false"]
-    argv += ["-kernel", str(spec.kernel), "-append", cmdline]
-    if spec.initrd is not None:
-        argv += ["-initrd", str(spec.initrd)]
+    if spec.template is None or spec.template.saving:
+        # A clone's kernel is in its template's RAM: a -kernel would only be
+        # read (~6 MB) into an anonymous copy for fw_cfg that nothing reads.
+        argv += ["-kernel", str(spec.kernel), "-append", cmdline]
+        if spec.initrd is not None:
+            argv += ["-initrd", str(spec.initrd)]
     argv += ["-chardev", opts("file", id="console", path=console_log), "-serial", "chardev:console"]
     if "qmp" in socket_fds:  # a jailed QEMU gets its listening sockets made
         argv += ["-chardev", opts("socket", id="qmp", fd=socket_fds["qmp"], server=True,
