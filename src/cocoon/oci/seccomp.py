@@ -65,15 +65,23 @@ class _Unsupported(Exception):
     """What crun would refuse, or what we leave to it."""
 
 
+#: libseccomp's soname on Debian (and most): loaded by name, no ``ldconfig -p``
+#: run to find it (find_library forks it, in every container's monitor).
+_SONAME = "libseccomp.so.2"
+
+
 @functools.cache
 def _lib() -> ctypes.CDLL | None:
-    name = ctypes.util.find_library("seccomp")
-    if name is None:
-        return None
     try:
-        lib = ctypes.CDLL(name)
+        lib = ctypes.CDLL(_SONAME)
     except OSError:
-        return None
+        name = ctypes.util.find_library("seccomp")
+        if name is None:
+            return None
+        try:
+            lib = ctypes.CDLL(name)
+        except OSError:
+            return None
     lib.seccomp_init.restype = ctypes.c_void_p
     lib.seccomp_init.argtypes = [ctypes.c_uint32]
     lib.seccomp_release.argtypes = [ctypes.c_void_p]
