@@ -26,15 +26,28 @@ def cocoon() -> NoReturn:
 
 
 def cocoon_runtime() -> NoReturn:
+    _without_openssl()
     from cocoon.ocicli.main import main
 
     _run(main)
 
 
 def containerd_shim() -> NoReturn:
+    _without_openssl()
     from cocoon.shim.main import main
 
     _run(lambda: sys.exit(main()))
+
+
+def _without_openssl() -> None:
+    """runc's command line and containerd's shim never speak TLS (images
+    are pulled by the engine), yet asyncio imports ``ssl`` and hashlib its
+    OpenSSL backend: ~7 ms of every create, and ~1-2 MiB of every
+    container's monitor (a fork of these processes) for OpenSSL's libraries
+    and tables. Blocked, asyncio runs without TLS and hashlib with Python's
+    own digests (ids and cache keys: a few bytes each)."""
+    for name in ("ssl", "_ssl", "_hashlib"):
+        sys.modules.setdefault(name, None)  # type: ignore[arg-type]
 
 
 def _run(main: Callable[[], object]) -> NoReturn:

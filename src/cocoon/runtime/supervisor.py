@@ -251,8 +251,9 @@ class Supervisor:
     async def _boot(self) -> None:
         m, cfg = self.main, self.plan.cfg
         c = m.config
-        if self.plan.host_cgroup:  # what this process starts is born there
-            hostcgroup.enter(self.plan.host_cgroup)
+        joining = None
+        if rel := self.plan.host_cgroup:  # what this process starts is born there (Sandbox.create)
+            joining = asyncio.ensure_future(asyncio.to_thread(hostcgroup.enter, rel))
         self.sb = await Sandbox.create(
             cfg,
             SandboxSpec(
@@ -272,6 +273,7 @@ class Supervisor:
                 host_cgroup=self.plan.host_cgroup,
             ),
             warn=self.ready.warn,
+            host_join=joining,
         )
         m.state.addresses = list(self.sb.addresses)
         if self.plan.publish:

@@ -135,6 +135,25 @@ def pool_fit(cfg: Config, want: SandboxSpec) -> int | None:
     return net.pool_nics(want.network)
 
 
+async def _move_in(
+    host_join: asyncio.Future[None] | None,
+    under: str,
+    sandbox_id: str,
+    pids: list[int],
+    *,
+    jailed: bool,
+    guest_mib: int,
+) -> None:
+    """A pooled VM's processes into the taker's host cgroup, after the taker
+    itself (one RCU grace period for both, not two)."""
+    if host_join is not None:
+        await host_join
+    await asyncio.to_thread(
+        cgroup.move_into, under, sandbox_id, pids, jailed=jailed, nproc=jail.NPROC,
+        guest_mib=guest_mib,
+    )  # fmt: skip
+
+
 def _take_pooled(cfg: Config, want: SandboxSpec) -> poolclient.Taken | None:
     nics = pool_fit(cfg, want)
     if nics is None:
@@ -259,8 +278,16 @@ class Sandbox:
         spec: SandboxSpec | None = None,
         *,
         warn: Callable[[str], None] | None = None,
+        host_join: asyncio.Future[None] | None = None,
     ) -> Sandbox:
         """Start a VM and wait for its agent; on any failure nothing is left behind.
+
+        ``host_join``: the caller joining ``spec.host_cgroup`` itself, in a
+        thread (its first write to a v1 cgroup.procs waits ~15-20 ms for an
+        RCU grace period). A VM of its own is started only once that is done
+        (its processes are born in the cgroup); a pooled VM's processes are
+        moved in after it, beside the guest's first steps, and the sandbox is
+        returned once they are in.
 
         The VM is taken from a warm pool where one fits, else a clone of a
         template where ``spec.template`` (default: ``sandbox.templates``)
@@ -277,10 +304,12 @@ class Sandbox:
             got = await asyncio.to_thread(_take_pooled, cfg, want)
             if got is not None:
                 try:
-                    return await cls._adopt(cfg, got, want)
+                    return await cls._adopt(cfg, got, want, host_join)
                 except CocoonError as e:  # a pooled sandbox is a shortcut, never a failure
                     (warn or _warn)(f"pooled sandbox {got.sandbox_id} failed ({e}); "
                                     "starting one from the template")  # fmt: skip
+        if host_join is not None:
+            await host_join
         return await cls._start(cfg, want, use_template, warn or _warn)
 
     @classmethod
@@ -394,7 +423,13 @@ class Sandbox:
         self.dir.write(self.state)
 
     @classmethod
-    async def _adopt(cls, cfg: Config, got: poolclient.Taken, want: SandboxSpec) -> Sandbox:
+    async def _adopt(
+        cls,
+        cfg: Config,
+        got: poolclient.Taken,
+        want: SandboxSpec,
+        host_join: asyncio.Future[None] | None = None,
+    ) -> Sandbox:
         """Take over a pooled sandbox: its owner lock and its open agent channel
         arrive as fds (the agent never sees its host change); its empty disk
         slots get this sandbox's disks; its NICs' taps (in the pool's
@@ -415,6 +450,7 @@ class Sandbox:
         sb = cls(cfg, sdir, st)
         sb.taps_netns_fd = got.netns_fd
         timeout = want.boot_timeout_s or cfg.hypervisor.boot_timeout_s
+        moving: asyncio.Task[None] | None = None
         try:
             sb.launched = Launched(
                 {k: r.pid for k, r in st.processes.items()},
@@ -424,11 +460,11 @@ class Sandbox:
             )
             for pid in sb.launched.processes.values():  # the pool ran them niced
                 renice_all(pid, 0)
-            if want.host_cgroup:  # the pool ran them in its cgroups
-                cgroup.move_into(
-                    want.host_cgroup, sdir.id, list(sb.launched.processes.values()),
-                    jailed=st.jail_uid != 0, nproc=jail.NPROC,
-                    guest_mib=want.memory_mib or cfg.hypervisor.memory_mib,
+            if want.host_cgroup:  # the pool ran them in its cgroups: in, beside what follows
+                pids = list(sb.launched.processes.values())
+                moving = asyncio.get_running_loop().create_task(
+                    _move_in(host_join, want.host_cgroup, sdir.id, pids, jailed=st.jail_uid != 0,
+                             guest_mib=want.memory_mib or cfg.hypervisor.memory_mib)
                 )  # fmt: skip
             t0 = time.monotonic()
             sb.channel = await AgentChannel.from_fd(
@@ -462,7 +498,12 @@ class Sandbox:
             sdir.write(st)
             if attached is not None:
                 await sb.call(attached.message, messages.Ok)
+            if moving is not None:
+                await moving
         except BaseException:
+            if moving is not None:  # (a thread: it cannot be stopped, only waited for)
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(moving)
             await sb.destroy()
             raise
         return sb
