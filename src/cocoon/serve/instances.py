@@ -440,7 +440,7 @@ class Instances:
 
             launch.add_done_callback(drop)
             raise
-        self.store.add_instance(cid, v)
+        self.store.add_instance(cid, v, durable=False)
         return cid, await self._begin(cid, v), st.COLD
 
     async def _take_blank(self, v: Version) -> Blank | None:
@@ -448,7 +448,7 @@ class Instances:
         ``v``'s for good (None = none to be had). One whose container died
         while it waited is removed, and the next one tried."""
         while self.prewarm is not None and (blank := self.prewarm.take(shape_of(v.spec))):
-            self.store.add_instance(blank.cid, v)
+            self.store.add_instance(blank.cid, v, durable=False)
             try:
                 if _cdir(self.cfg, blank.cid).status() != Status.RUNNING:
                     raise SandboxError("its container is no longer running")
@@ -590,7 +590,7 @@ class Instances:
         start_ms = (time.monotonic() - t0) * 1000
         self.store.update_invocation(
             iid, status=st.RUNNING, start_kind=kind, instance=inst.cid, started_at=time.time(),
-            start_ms=round(start_ms, 3),
+            start_ms=round(start_ms, 3), durable=False,
         )  # fmt: skip
         healthy = False
         try:
