@@ -469,6 +469,9 @@ case "$what" in
   echo) cat; printf 'err\\000x' >&2 ;;
   skip) echo "skipped $COCOON_FN_VERSION" ;;
   boom) echo partial; exit 7 ;;
+  envs) printf '%s|%s' "${#BIG}" "$ODD" ;;
+  ppid) cat "/proc/$PPID/cmdline" 2>/dev/null | grep -c cocoon-shloop ;;
+  hdrs) printf 'Content-Type: text/plain\\n\\n%s %s' "${#HTTP_X_BIG}" "$PATH_INFO" ;;
 esac
 """
 
@@ -484,7 +487,8 @@ def test_a_shell_function_carries_any_bytes(
     data = bytes(range(256)) * 1024
     try:
         with s.admin() as c:
-            c.create("default", {"name": "bytes", "handler": "h.sh",
+            env = {"BIG": "x" * 3000, "ODD": 'a\'b\n"c" $d `e`\\'}
+            c.create("default", {"name": "bytes", "handler": "h.sh", "env": env,
                                  "code": zip_code({"h.sh": BYTES})})  # fmt: skip
             r = invoke(c, "bytes", b"echo" + data)
             assert r.status_code == 200 and r.content == data, r.headers
@@ -500,6 +504,13 @@ def test_a_shell_function_carries_any_bytes(
             r = invoke(c, "bytes", b"echo" + b"0123456789abcdef" * 2 + b" 0 0\n")
             assert r.content == b"0123456789abcdef" * 2 + b" 0 0\n"
             assert r.headers["x-cocoon-start"] == "warm"
+            # The loop is the handler's parent (or not: an exec per call).
+            assert invoke(c, "bytes", b"ppid").content == (b"1\n" if loop == "true" else b"0\n")
+            # The version's environment and a call's (long, and odd) as an exec's.
+            assert invoke(c, "bytes", b"envs").content == f"3000|{env['ODD']}".encode()
+            r = c.http.post("/v1/namespaces/default/functions/bytes/http/a%20b'c", content=b"hdrs",
+                            headers={"X-Big": "y" * 2000})  # fmt: skip
+            assert r.status_code == 200 and r.text == "2000 /a b'c", r.text
     finally:
         assert s.stop() == 0, s.output()
 
