@@ -471,6 +471,7 @@ case "$what" in
   boom) echo partial; exit 7 ;;
   envs) printf '%s|%s' "${#BIG}" "$ODD" ;;
   ppid) cat "/proc/$PPID/cmdline" 2>/dev/null | grep -c cocoon-shloop ;;
+  vars) echo "$SHLVL ${OLDPWD:-none} $(pwd)" ;;
   hdrs) printf 'Content-Type: text/plain\\n\\n%s %s' "${#HTTP_X_BIG}" "$PATH_INFO" ;;
 esac
 """
@@ -506,7 +507,9 @@ def test_a_shell_function_carries_any_bytes(
             assert r.headers["x-cocoon-start"] == "warm"
             # The loop is the handler's parent (or not: an exec per call).
             assert invoke(c, "bytes", b"ppid").content == (b"1\n" if loop == "true" else b"0\n")
-            # The version's environment and a call's (long, and odd) as an exec's.
+            # The version's environment and a call's (long, and odd) as an exec's,
+            # and nothing of the loop's.
+            assert invoke(c, "bytes", b"vars").content == b"1 none /code\n"
             assert invoke(c, "bytes", b"envs").content == f"3000|{env['ODD']}".encode()
             r = c.http.post("/v1/namespaces/default/functions/bytes/http/a%20b'c", content=b"hdrs",
                             headers={"X-Big": "y" * 2000})  # fmt: skip

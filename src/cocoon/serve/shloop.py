@@ -22,7 +22,9 @@ The loop's stdin, from the host (all lengths in bytes, decimal):
   handler that reads none of its input leaves nothing behind.
 
 The handler runs as the loop's child, in a subshell that exports the two
-environments and execs the command: its stdin the input (through a pipe
+environments and execs the command (the loop's own variables are not
+exported, and it unsets what it would add, OLDPWD and SHLVL, so the
+handler's environment is an exec's): its stdin the input (through a pipe
 from ``dd``, which has read all of it before it writes), its stdout and
 stderr the loop's own, so its output streams to the host as an exec's does
 and the host caps what it keeps (serve.max_result_bytes, max_log_bytes).
@@ -97,6 +99,7 @@ IFS=' ' read -r _n || exit 0
 _rd "$_n"
 eval "$_l"
 cd /code || exit 1
+unset OLDPWD SHLVL
 while IFS=' ' read -r _n _e _p; do
   _l=
   [ "$_e" -gt 0 ] && _rd "$_e"
