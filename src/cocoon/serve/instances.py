@@ -17,11 +17,14 @@ the seeds' "pre-warmed sandbox, code mounted in" (start kind ``prewarmed``).
 (``serve.start_path`` switches to the other two starts, to measure them: the
 code copied into the container, or a VM booted cold.)
 
-An invocation of a shell function is one exec in the instance
-(runtime.lifecycle.Exec): the handler, the request body on its stdin, the
-result from its stdout, its stderr kept as logs. A Python instance runs one
-exec for its life instead, the runtime's handler loop (``LoopSession``,
-images/pyloop.py), and an invocation is a framed request to it.
+An invocation of a shell function is one process, the handler: the request
+body on its stdin, the result from its stdout, its stderr kept as logs.
+The instance's shell loop forks it (``ShellSession``, serve/shloop.py: one
+exec for the instance's life); without a loop (serve.shell_loop off, or one
+that did not start) it is one exec in the instance (runtime.lifecycle.Exec),
+`crun exec` in the guest each time. A Python instance runs the runtime's
+handler loop (``LoopSession``, images/pyloop.py), and an invocation is a
+framed request to it.
 
 One invocation at a time per instance; a version gets up to
 ``max_concurrency`` instances, then requests wait (at most
