@@ -7,12 +7,13 @@ and one transaction per change: a change is all there or not at all, and a
 ``kill -9`` loses no committed one (a commit is in the WAL file, the
 kernel's, before it returns). ``synchronous=FULL`` besides (each commit
 fsync'd: the power may go too), but for the records only the running
-service needs, on a synchronous call's path (its queued and running states,
-an instance's row): those commit ``NORMAL`` (no fsync, ~0.3 ms to 4 ms each
-here, under a VM's load), made durable by the next FULL commit, at the
-latest the invocation's end. Power lost before that loses them, and with
-them nothing a caller was told: the call got no answer, its instances were
-VMs on that host. Every call comes
+service needs, on a call's path (a synchronous call's queued state, any
+call's running state, an instance's row): those commit ``NORMAL``, without
+the fsync (0.3 ms to 4 ms each here, under a VM's load), made durable by
+the next FULL commit, at the latest the invocation's end. Power lost before
+that loses them, and with them nothing a caller was told: a synchronous
+call got no answer, an asynchronous one's queued record was fsync'd, the
+instances were VMs on that host. Every call comes
 from the service's event loop thread (each is a few SQLite statements, well
 under a millisecond); the lock only guards against a thread that forgets so.
 """
