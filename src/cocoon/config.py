@@ -239,6 +239,10 @@ class ServeConfig:
     #: new instance, which gets its code bound in (0 = none: every new
     #: instance is a container started for it).
     prewarm: int = 1
+    #: Shell functions: each instance runs a shell loop (serve/shloop.py)
+    #: that forks each invocation's handler, ~10x cheaper under TCG than the
+    #: `crun exec` per invocation it replaces (false: an exec per invocation).
+    shell_loop: bool = True
 
 
 @dataclass

@@ -463,6 +463,61 @@ def test_the_other_start_paths(cfg: Config, busybox: None, tmp_path: Path, path:
         assert s.stop() == 0, s.output()
 
 
+BYTES = """\
+what=$(dd bs=4 count=1 2>/dev/null)
+case "$what" in
+  echo) cat; printf 'err\\000x' >&2 ;;
+  skip) echo "skipped $COCOON_FN_VERSION" ;;
+  boom) echo partial; exit 7 ;;
+  envs) printf '%s|%s' "${#BIG}" "$ODD" ;;
+  ppid) cat "/proc/$PPID/cmdline" 2>/dev/null | grep -c cocoon-shloop ;;
+  vars) echo "$SHLVL ${OLDPWD:-none} $(pwd)" ;;
+  hdrs) printf 'Content-Type: text/plain\\n\\n%s %s' "${#HTTP_X_BIG}" "$PATH_INFO" ;;
+esac
+"""
+
+
+@pytest.mark.parametrize("loop", ["true", "false"])
+def test_a_shell_function_carries_any_bytes(
+    cfg: Config, busybox: None, tmp_path: Path, loop: str
+) -> None:
+    """Through the shell loop (serve.shell_loop) as through an exec per call:
+    any bytes in and out, an input the handler leaves unread (more than a
+    pipe holds) gone with its call, an exit code with what was written."""
+    s = Served(cfg.root, tmp_path / "state", {"COCOON_SERVE_SHELL_LOOP": loop}).start()
+    data = bytes(range(256)) * 1024
+    try:
+        with s.admin() as c:
+            env = {"BIG": "x" * 3000, "ODD": 'a\'b\n"c" $d `e`\\'}
+            c.create("default", {"name": "bytes", "handler": "h.sh", "env": env,
+                                 "code": zip_code({"h.sh": BYTES})})  # fmt: skip
+            r = invoke(c, "bytes", b"echo" + data)
+            assert r.status_code == 200 and r.content == data, r.headers
+            assert c.logs("default", r.headers["x-cocoon-invocation-id"]) == "err\x00x"
+            r = invoke(c, "bytes", b"skip" + data)
+            assert r.content == b"skipped 1\n" and r.headers["x-cocoon-start"] == "warm"
+            r = invoke(c, "bytes", b"boom")
+            assert r.status_code == 502 and r.headers["x-cocoon-exit-code"] == "7"
+            assert r.content == b"partial\n"
+            r = invoke(c, "bytes", b"echo")
+            assert r.status_code == 200 and r.content == b"", r.headers
+            # A mark-like line is output like any other.
+            r = invoke(c, "bytes", b"echo" + b"0123456789abcdef" * 2 + b" 0 0\n")
+            assert r.content == b"0123456789abcdef" * 2 + b" 0 0\n"
+            assert r.headers["x-cocoon-start"] == "warm"
+            # The loop is the handler's parent (or not: an exec per call).
+            assert invoke(c, "bytes", b"ppid").content == (b"1\n" if loop == "true" else b"0\n")
+            # The version's environment and a call's (long, and odd) as an exec's,
+            # and nothing of the loop's.
+            assert invoke(c, "bytes", b"vars").content == b"1 none /code\n"
+            assert invoke(c, "bytes", b"envs").content == f"3000|{env['ODD']}".encode()
+            r = c.http.post("/v1/namespaces/default/functions/bytes/http/a%20b'c", content=b"hdrs",
+                            headers={"X-Big": "y" * 2000})  # fmt: skip
+            assert r.status_code == 200 and r.text == "2000 /a b'c", r.text
+    finally:
+        assert s.stop() == 0, s.output()
+
+
 PROBE = """\
 cat /code/data.txt
 ls /code | tr '\\n' ' '; echo

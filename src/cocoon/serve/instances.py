@@ -17,11 +17,14 @@ the seeds' "pre-warmed sandbox, code mounted in" (start kind ``prewarmed``).
 (``serve.start_path`` switches to the other two starts, to measure them: the
 code copied into the container, or a VM booted cold.)
 
-An invocation of a shell function is one exec in the instance
-(runtime.lifecycle.Exec): the handler, the request body on its stdin, the
-result from its stdout, its stderr kept as logs. A Python instance runs one
-exec for its life instead, the runtime's handler loop (``LoopSession``,
-images/pyloop.py), and an invocation is a framed request to it.
+An invocation of a shell function is one process, the handler: the request
+body on its stdin, the result from its stdout, its stderr kept as logs.
+The instance's shell loop forks it (``ShellSession``, serve/shloop.py: one
+exec for the instance's life); without a loop (serve.shell_loop off, or one
+that did not start) it is one exec in the instance (runtime.lifecycle.Exec),
+`crun exec` in the guest each time. A Python instance runs the runtime's
+handler loop (``LoopSession``, images/pyloop.py), and an invocation is a
+framed request to it.
 
 One invocation at a time per instance; a version gets up to
 ``max_concurrency`` instances, then requests wait (at most
@@ -74,6 +77,7 @@ from cocoon.runtime.volumes import VolumeSpec
 from cocoon.serve import store as st
 from cocoon.serve.prewarm import Blank, Prewarmer, Shape, shape_of
 from cocoon.serve.runtimes import RUNTIMES
+from cocoon.serve.shloop import ShellBroken, ShellSession
 from cocoon.serve.store import Store, Version
 
 log = logging.getLogger(__name__)
@@ -237,8 +241,9 @@ class Instance:
     busy: bool = True
     last_used: float = field(default_factory=time.monotonic)
     calls: int = 0
-    #: A loop runtime's process, serving every invocation of this instance.
-    session: LoopSession | None = None
+    #: A loop runtime's process (or the shell loop), serving every
+    #: invocation of this instance.
+    session: LoopSession | ShellSession | None = None
 
 
 @dataclass
@@ -325,9 +330,12 @@ class Instances:
         # Cancelled (the service stops), the helper still finishes the start:
         # the service's sweep after its helpers are done removes it by label.
         cid, slot = await self.launcher.run(_launch_blank, shape, str(self.blank_dir), labels)
-        session = None
+        session: LoopSession | ShellSession | None = None
         try:
-            await self._exec_once(cid)
+            if self._shell_loop(shape.runtime):
+                session = await self._shell(cid)
+            if session is None:
+                await self._exec_once(cid)
             if loop := RUNTIMES[shape.runtime].loop:
                 argv = [a.replace("{handler}", "-") for a in loop]
                 session = await LoopSession.waiting(_cdir(self.cfg, cid), argv, self.cfg)
@@ -335,6 +343,18 @@ class Instances:
             await asyncio.shield(self.launcher.remove(cid))
             raise
         return Blank(cid, shape, Path(slot), session)
+
+    def _shell_loop(self, runtime: str) -> bool:
+        return self.cfg.serve.shell_loop and RUNTIMES[runtime].shell_loop
+
+    async def _shell(self, cid: str) -> ShellSession | None:
+        """The shell loop started in a new instance; None if it did not
+        start (then each invocation is an exec, the fallback)."""
+        try:
+            return await ShellSession.start(_cdir(self.cfg, cid), self.cfg, 60.0)
+        except (CocoonError, OSError, TimeoutError) as e:
+            log.warning("instance %s: no shell loop (%s): an exec per invocation", cid[:12], e)
+            return None
 
     async def _exec_once(self, cid: str) -> None:
         """One exec in a new blank, as an invocation's (stdin in, both outputs
@@ -405,15 +425,20 @@ class Instances:
             pool.instances.append(inst)
         return inst, kind
 
-    async def _start(self, v: Version) -> tuple[str, LoopSession | None, str]:
+    async def _start(self, v: Version) -> tuple[str, LoopSession | ShellSession | None, str]:
         """A new instance of ``v``: (its container, its loop session, its start kind)."""
         blank = await self._take_blank(v)
         if blank is not None and blank.session is None:
-            return blank.cid, await self._begin(blank.cid, v), st.PREWARMED
+            return blank.cid, await self._begin(blank.cid, v, shell=False), st.PREWARMED
         if blank is not None:
-            session: LoopSession = blank.session
+            session: LoopSession | ShellSession = blank.session
+            spec = v.spec
             try:
-                await session.begin(v.spec["handler"], base_env(v), max(30.0, v.spec["timeout_s"]))
+                if isinstance(session, ShellSession):
+                    await session.begin(RUNTIMES[spec["runtime"]].argv(spec["handler"]),
+                                        base_env(v))  # fmt: skip
+                else:
+                    await session.begin(spec["handler"], base_env(v), max(30.0, spec["timeout_s"]))
             except BaseException:
                 self._remove_later(Instance(blank.cid, v))
                 raise
@@ -440,7 +465,7 @@ class Instances:
 
             launch.add_done_callback(drop)
             raise
-        self.store.add_instance(cid, v)
+        self.store.add_instance(cid, v, durable=False)
         return cid, await self._begin(cid, v), st.COLD
 
     async def _take_blank(self, v: Version) -> Blank | None:
@@ -448,7 +473,7 @@ class Instances:
         ``v``'s for good (None = none to be had). One whose container died
         while it waited is removed, and the next one tried."""
         while self.prewarm is not None and (blank := self.prewarm.take(shape_of(v.spec))):
-            self.store.add_instance(blank.cid, v)
+            self.store.add_instance(blank.cid, v, durable=False)
             try:
                 if _cdir(self.cfg, blank.cid).status() != Status.RUNNING:
                     raise SandboxError("its container is no longer running")
@@ -463,13 +488,15 @@ class Instances:
             return blank
         return None
 
-    async def _begin(self, cid: str, v: Version) -> LoopSession | None:
+    async def _begin(
+        self, cid: str, v: Version, *, shell: bool = True
+    ) -> LoopSession | ShellSession | None:
         """A new instance's code in place (copied, for the copy path) and
-        its handler loop started (for a loop runtime); the instance is
-        removed if either fails."""
+        its handler loop started (for a loop runtime; the shell loop unless
+        not ``shell``); the instance is removed if either fails."""
         spec = v.spec
         runtime = RUNTIMES[spec["runtime"]]
-        session = None
+        session: LoopSession | ShellSession | None = None
         try:
             if self.cfg.serve.start_path == "copy":
                 await self._copy_code(cid, self.code_dir(v))
@@ -478,6 +505,10 @@ class Instances:
                     _cdir(self.cfg, cid), runtime.argv(spec["handler"], loop=True),
                     base_env(v), self.cfg, max(30.0, spec["timeout_s"]),
                 )  # fmt: skip
+            elif shell and self._shell_loop(spec["runtime"]):
+                session = await self._shell(cid)
+                if session is not None:
+                    await session.begin(runtime.argv(spec["handler"]), base_env(v))
         except BaseException:
             self._remove_later(Instance(cid, v))
             raise
@@ -590,7 +621,7 @@ class Instances:
         start_ms = (time.monotonic() - t0) * 1000
         self.store.update_invocation(
             iid, status=st.RUNNING, start_kind=kind, instance=inst.cid, started_at=time.time(),
-            start_ms=round(start_ms, 3),
+            start_ms=round(start_ms, 3), durable=False,
         )  # fmt: skip
         healthy = False
         try:
@@ -608,8 +639,10 @@ class Instances:
     ) -> tuple[Outcome, bool]:
         v = inst.version
         spec = v.spec
-        if inst.session is not None:
+        if isinstance(inst.session, LoopSession):
             return await self._call(inst, inst.session, payload, iid, extra)
+        if isinstance(inst.session, ShellSession):
+            return await self._shell_call(inst, inst.session, payload, iid, extra)
         env = [*base_env(v), *extra, f"COCOON_FN_INVOCATION_ID={iid}"]
         argv = RUNTIMES[spec["runtime"]].argv(spec["handler"])
         t0 = time.monotonic()
@@ -626,25 +659,42 @@ class Instances:
             with contextlib.suppress(CocoonError, OSError):
                 await ex.close()
         ms = (time.monotonic() - t0) * 1000
-        common: dict[str, Any] = {
-            "logs": out.logs(),
-            "duration_ms": ms,
-            "billed_ms": math.ceil(ms / BILL_UNIT_MS) * BILL_UNIT_MS,
-        }
         if exited is None:
-            err = f"timed out after {spec['timeout_s']:g} s: killed"
-            return Outcome(st.TIMEOUT, result=out.result(), error=err, **common), False
-        common["exit_code"] = exited.exit_code
-        if exited.oom_killed:
-            err = f"out of memory: killed at its {spec['memory_mib']} MiB limit"
-            return Outcome(st.FAILED, error=err, **common), False
-        if out.result_over:
-            err = f"the result is over {out.max_result} B (serve.max_result_bytes)"
-            return Outcome(st.FAILED, error=err, **common), True
-        if exited.exit_code != 0:
-            err = f"the handler exited with code {exited.exit_code}"
-            return Outcome(st.FAILED, result=out.result(), error=err, **common), True
-        return Outcome(st.SUCCEEDED, result=out.result(), **common), True
+            return _timed_out(spec, out, ms), False
+        return _ended(spec, out, ms, exited.exit_code, exited.oom_killed)
+
+    async def _shell_call(
+        self, inst: Instance, session: ShellSession, payload: bytes, iid: str, extra: list[str]
+    ) -> tuple[Outcome, bool]:
+        """One invocation through the instance's shell loop: the same
+        outcomes as an exec's (the loop reports the handler's exit and OOM
+        kill as the agent reports an exec's)."""
+        spec = inst.version.spec
+        out = _Output(self.cfg.serve.max_result_bytes, self.cfg.serve.max_log_bytes)
+        out.add_err(session.take_stray())
+        env = [*extra, f"COCOON_FN_INVOCATION_ID={iid}"]
+        t0 = time.monotonic()
+        try:
+            res = await asyncio.wait_for(
+                session.call(env, payload, out.add_out, out.add_err), spec["timeout_s"]
+            )
+        except TimeoutError:
+            await session.kill()
+            return _timed_out(spec, out, (time.monotonic() - t0) * 1000), False
+        except ShellBroken as e:
+            # The loop died (out of memory, killed by its handler) or broke its output.
+            exited = await session.exited()
+            ms = (time.monotonic() - t0) * 1000
+            if exited is not None and exited.oom_killed:
+                err = f"out of memory: killed at its {spec['memory_mib']} MiB limit"
+            elif exited is not None:
+                err = f"the shell loop exited with code {exited.exit_code}"
+            else:
+                err = f"the shell loop broke off: {e}"
+            return Outcome(st.FAILED, error=err, logs=out.logs(), duration_ms=ms,
+                           billed_ms=_billed(ms)), False  # fmt: skip
+        ms = (time.monotonic() - t0) * 1000
+        return _ended(spec, out, ms, res.exit_code, res.oom_killed)
 
     async def _call(
         self, inst: Instance, session: LoopSession, payload: bytes, iid: str, extra: list[str]
@@ -687,6 +737,31 @@ class Instances:
 
 def _billed(ms: float) -> int:
     return math.ceil(ms / BILL_UNIT_MS) * BILL_UNIT_MS
+
+
+def _timed_out(spec: dict[str, Any], out: _Output, ms: float) -> Outcome:
+    err = f"timed out after {spec['timeout_s']:g} s: killed"
+    return Outcome(st.TIMEOUT, result=out.result(), error=err, logs=out.logs(), duration_ms=ms,
+                   billed_ms=_billed(ms))  # fmt: skip
+
+
+def _ended(
+    spec: dict[str, Any], out: _Output, ms: float, exit_code: int, oom_killed: bool
+) -> tuple[Outcome, bool]:
+    """A handler process's end as the invocation's outcome, and whether its
+    instance may serve again."""
+    common: dict[str, Any] = {"logs": out.logs(), "duration_ms": ms, "billed_ms": _billed(ms),
+                              "exit_code": exit_code}  # fmt: skip
+    if oom_killed:
+        err = f"out of memory: killed at its {spec['memory_mib']} MiB limit"
+        return Outcome(st.FAILED, error=err, **common), False
+    if out.result_over:
+        err = f"the result is over {out.max_result} B (serve.max_result_bytes)"
+        return Outcome(st.FAILED, error=err, **common), True
+    if exit_code != 0:
+        err = f"the handler exited with code {exit_code}"
+        return Outcome(st.FAILED, result=out.result(), error=err, **common), True
+    return Outcome(st.SUCCEEDED, result=out.result(), **common), True
 
 
 class LoopSession:
@@ -829,6 +904,18 @@ class _Output:
         self.result_over = False
         self.logs_over = False
 
+    def add_out(self, chunk: bytes) -> None:
+        if len(self.out) + len(chunk) > self.max_result:
+            self.result_over = True
+        if len(self.out) <= self.max_result:
+            self.out += chunk[: self.max_result + 1 - len(self.out)]
+
+    def add_err(self, chunk: bytes) -> None:
+        if len(self.err) + len(chunk) > self.max_logs:
+            self.logs_over = True
+        if len(self.err) <= self.max_logs:
+            self.err += chunk[: self.max_logs + 1 - len(self.err)]
+
     def result(self) -> bytes:
         return bytes(self.out[: self.max_result])
 
@@ -846,18 +933,11 @@ async def _io(ex: Exec, payload: bytes, out: _Output) -> Any:
         with contextlib.suppress(CocoonError, ConnectionError):
             await proc.write_stdin(payload, close=True)
 
-    async def drain(stream: Any, buf: bytearray, cap: int, over: str) -> None:
+    async def drain(stream: Any, add: Callable[[bytes], None]) -> None:
         while chunk := await stream.read():
-            if len(buf) + len(chunk) > cap:
-                setattr(out, over, True)
-            if len(buf) <= cap:
-                buf += chunk[: cap + 1 - len(buf)]
+            add(chunk)
 
-    await asyncio.gather(
-        feed(),
-        drain(proc.stdout, out.out, out.max_result, "result_over"),
-        drain(proc.stderr, out.err, out.max_logs, "logs_over"),
-    )
+    await asyncio.gather(feed(), drain(proc.stdout, out.add_out), drain(proc.stderr, out.add_err))
     return await proc.wait()
 
 

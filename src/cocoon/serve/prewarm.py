@@ -13,11 +13,12 @@ path, and the guest is not even asked.
 A blank is taken once, by one version, and becomes that version's instance
 for its life; it never returns here. Nothing of a tenant is in it before:
 the empty directory, the runtime's image, an idle init, no environment of
-any function (each exec brings its own). A loop runtime's blank (Python) also
-has its handler loop started with no handler (images/pyloop.py's ``-``): the
+any function (each exec brings its own). A shell blank also has its shell
+loop started (serve/shloop.py), waiting for a handler, and a loop runtime's
+(Python) its handler loop with no handler (images/pyloop.py's ``-``): the
 interpreter's start, most of a Python instance's, is paid ahead; the take
-sends it the handler and the version's environment once the code is in, and
-only then does it import.
+sends the loop the handler and the version's environment once the code is
+in, and only then does a Python loop import.
 
 Only a pooled sandbox has a hub (a plain template clone's shares are fixed
 when QEMU starts, its file server holding the directory itself), so blanks

@@ -5,8 +5,9 @@ default busybox image. ``python``: the handler is ``module.function`` (the
 module a file in the code), served by the Python runtime image's handler
 loop (images.pyloop) with Debian's python3.11: one process per instance,
 the handler imported once. A shell invocation is one process: the request
-body on its stdin, the result on its stdout, logs on stderr. Both images
-are built offline on first need.
+body on its stdin, the result on its stdout, logs on stderr; run by the
+instance's shell loop (serve/shloop.py), or exec'd in the instance. Both
+images are built offline on first need.
 """
 
 from __future__ import annotations
@@ -37,6 +38,11 @@ class Runtime:
     loop: tuple[str, ...] = ()
     #: "file": the handler names a file; "module": ``module.function``.
     handler_kind: str = "file"
+    #: ``command`` served by the shell loop (serve/shloop.py): one ``sh``
+    #: per instance runs it per invocation as its child, where an exec per
+    #: invocation (the fallback, serve.shell_loop = false) costs a `crun
+    #: exec` in the guest each time.
+    shell_loop: bool = False
 
     def handler_file(self, handler: str) -> str:
         """The file in the code that must exist for ``handler``."""
@@ -53,7 +59,9 @@ class Runtime:
 
 
 RUNTIMES = {
-    "shell": Runtime("busybox:latest", ensure_default_image, command=("/bin/sh", "{file}")),
+    "shell": Runtime(
+        "busybox:latest", ensure_default_image, command=("/bin/sh", "{file}"), shell_loop=True
+    ),
     "python": Runtime(
         PYTHON_TAG,
         ensure_python_image,

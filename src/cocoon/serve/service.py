@@ -370,7 +370,8 @@ class Service:
         """``mode`` "http" with ``env``: an HTTP trigger's request (cgi.py)."""
         v = self._version(ns, name, version)
         iid = new_invocation_id()
-        self.store.add_invocation(iid, v, mode, st.QUEUED, None)
+        # Not fsync'd: a synchronous call's caller is told nothing before its end.
+        self.store.add_invocation(iid, v, mode, st.QUEUED, None, durable=False)
         try:
             return iid, await self._run(v, payload, iid, env)
         except Busy as e:
