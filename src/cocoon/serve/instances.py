@@ -54,6 +54,7 @@ import json
 import logging
 import math
 import multiprocessing
+import os
 import signal
 import tarfile
 import time
@@ -98,12 +99,15 @@ QUEUE_WAIT_S = 300.0
 # -- helper processes --------------------------------------------------------
 
 
-def _worker_init() -> None:  # pragma: no cover - runs in the helper process
+def _worker_init(service: int) -> None:  # pragma: no cover - runs in the helper process
     """A helper dies with the service (no orphan starting containers for
-    nobody) and leaves Ctrl-C to it."""
+    nobody) and leaves Ctrl-C to it. A service that died before the signal
+    was asked for has already left it an orphan: it goes at once."""
     libc = ctypes.CDLL(None, use_errno=True)
     pr_set_pdeathsig = 1
     libc.prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+    if os.getppid() != service:
+        os._exit(0)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
@@ -180,6 +184,7 @@ class Launcher:
             self.cfg.serve.launch_workers,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_worker_init,
+            initargs=(os.getpid(),),
         )
 
     def warm_up(self) -> None:
