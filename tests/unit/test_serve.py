@@ -215,6 +215,18 @@ def test_tokens_and_namespaces(served: Served) -> None:
         assert a.http.get("/v1/namespaces/team-a/functions").status_code == 401
 
 
+def _writing_under(d: Path) -> list[str]:
+    """Processes whose stdout is a file below ``d`` (a service's, and what it started)."""
+    out = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if Path(os.readlink(proc / "fd" / "1")).is_relative_to(d):
+                out.append(f"{proc.name}: {(proc / 'cmdline').read_bytes()[:80]!r}")
+        except OSError:
+            continue
+    return out
+
+
 def test_state_survives_kill_9(tmp_path: Path) -> None:
     s = Served(tmp_path / "root", tmp_path / "state", ENV).start()
     with s.admin() as c:
@@ -226,6 +238,12 @@ def test_state_survives_kill_9(tmp_path: Path) -> None:
         chain = c.json("POST", base, json={"kind": "chain", "target": "keep", "on": "failed"})
     admin = s.admin_token()
     assert s.stop(signal.SIGKILL) == -signal.SIGKILL
+    # its launch helpers go with it (PR_SET_PDEATHSIG; one that was still
+    # starting when the service died sees it and goes too)
+    deadline = time.monotonic() + 10
+    while left := _writing_under(tmp_path):
+        assert time.monotonic() < deadline, f"outlived the service: {left}"
+        time.sleep(0.1)
     s2 = Served(tmp_path / "root", tmp_path / "state", ENV, port=s.port).start()
     try:
         with s2.tcp(token) as c:
