@@ -78,7 +78,7 @@ from cocoon.runtime.volumes import VolumeSpec
 from cocoon.serve import store as st
 from cocoon.serve.prewarm import Blank, Prewarmer, Shape, shape_of
 from cocoon.serve.runtimes import RUNTIMES
-from cocoon.serve.shloop import ShellBroken, ShellSession
+from cocoon.serve.shloop import HandlerLoop, ShellBroken, ShellSession
 from cocoon.serve.store import Store, Version
 
 log = logging.getLogger(__name__)
@@ -769,7 +769,7 @@ def _ended(
     return Outcome(st.SUCCEEDED, result=out.result(), **common), True
 
 
-class LoopSession:
+class LoopSession(HandlerLoop):
     """A loop runtime's process in one instance (images/pyloop.py): started
     with the instance, it imports the handler once, then answers framed
     requests on its stdin with framed answers on its stdout. Its stderr
@@ -878,16 +878,6 @@ class LoopSession:
         result = await self._frame(self.max_result)
         logs = await self._frame(self.max_logs) + self.take_stray()
         return bool(header["ok"]), str(header.get("error", ""))[:1000], result, logs
-
-    async def kill(self) -> None:
-        with contextlib.suppress(CocoonError, OSError, TimeoutError):
-            await asyncio.wait_for(self.ex.process.signal(signal.SIGKILL), 5.0)
-
-    async def exited(self) -> Any:
-        """The process's end (ProcessExited), if it ended; None if it did not say."""
-        with contextlib.suppress(CocoonError, OSError, TimeoutError):
-            return await asyncio.wait_for(self.ex.process.wait(), 5.0)
-        return None
 
     async def close(self) -> None:
         self._drain.cancel()

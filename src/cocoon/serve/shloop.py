@@ -240,7 +240,24 @@ class ShellBroken(Exception):
     """The loop ended or broke its protocol: the instance goes."""
 
 
-class ShellSession:
+class HandlerLoop:
+    """A handler loop's process in one instance (this shell loop, or
+    instances.LoopSession's Python one): what ending it takes."""
+
+    ex: Exec
+
+    async def kill(self) -> None:
+        with contextlib.suppress(CocoonError, OSError, TimeoutError):
+            await asyncio.wait_for(self.ex.process.signal(signal.SIGKILL), 5.0)
+
+    async def exited(self) -> Any:
+        """The loop's end (ProcessExited), if it ended; None if it did not say."""
+        with contextlib.suppress(CocoonError, OSError, TimeoutError):
+            return await asyncio.wait_for(self.ex.process.wait(), 5.0)
+        return None
+
+
+class ShellSession(HandlerLoop):
     """The shell loop in one instance, as the host drives it (see the
     module's docstring). One call at a time; its output goes through the
     ``sinks`` the caller gives, the same bounded buffers an exec fills."""
@@ -336,16 +353,6 @@ class ShellSession:
         if self._err.trailer != b"" or len(fields) != 2 or not all(f.isdigit() for f in fields):
             raise ShellBroken(f"a bad end of call: {trailer[:_MAX_TRAILER]!r}")
         return ShellResult(min(int(fields[0]), 255), fields[1] == b"1")
-
-    async def kill(self) -> None:
-        with contextlib.suppress(CocoonError, OSError, TimeoutError):
-            await asyncio.wait_for(self.ex.process.signal(signal.SIGKILL), 5.0)
-
-    async def exited(self) -> Any:
-        """The loop's end (ProcessExited), if it ended; None if it did not say."""
-        with contextlib.suppress(CocoonError, OSError, TimeoutError):
-            return await asyncio.wait_for(self.ex.process.wait(), 5.0)
-        return None
 
     async def close(self) -> None:
         for t in self._pumps:
