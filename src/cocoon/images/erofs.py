@@ -44,7 +44,6 @@ import uuid as uuid_mod
 from dataclasses import dataclass, field
 
 from cocoon.errors import ImageError
-from cocoon.images.layers import KEPT_XATTR_PREFIXES, KEPT_XATTRS
 
 BLOCK = 4096
 _MAGIC = 0xE0F5E1E2
@@ -112,6 +111,9 @@ class _Node:
 def _xattr_body(fd: int) -> bytes:
     """The inline xattr body of the open file ``fd``: the xattrs the unpacker
     keeps (see layers.py), never one the host's file system added (a label)."""
+    # (the unpacker, zstandard and all, only where an image is built)
+    from cocoon.images.layers import KEPT_XATTR_PREFIXES, KEPT_XATTRS
+
     names = sorted(
         n for n in os.listxattr(fd) if n in KEPT_XATTRS or n.startswith(KEPT_XATTR_PREFIXES)
     )

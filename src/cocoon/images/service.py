@@ -13,8 +13,7 @@ from pathlib import Path
 
 from cocoon.config import Config
 from cocoon.errors import ImageError
-from cocoon.images import auth, reference
-from cocoon.images.auth import Credentials
+from cocoon.images import reference
 from cocoon.images.manifest import Platform
 from cocoon.images.store import Image, ImageStore
 
@@ -90,6 +89,8 @@ async def login(cfg: Config, registry: str, username: str, password: str) -> str
     not into a confusing "unauthorized" at the next pull. Returns the
     normalized registry name the credentials are stored under.
     """
+    from cocoon.images import auth  # (credentials: a login's, not every run's)
+    from cocoon.images.auth import Credentials
     from cocoon.images.registry import RegistryClient  # httpx & co.: only a real login
 
     host = reference.registry_host(registry)

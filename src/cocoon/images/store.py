@@ -52,7 +52,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cocoon.config import Config
 from cocoon.errors import ImageError, StateError
@@ -60,7 +60,6 @@ from cocoon.images import erofs
 from cocoon.images.blobs import BlobFile, BlobRestarted, BlobStore, check_digest
 from cocoon.images.decompress import OpenedLayer, open_layer
 from cocoon.images.guard import WriteGuard
-from cocoon.images.layers import Budget, unpack_layer
 from cocoon.images.manifest import (
     MAX_CONFIG,
     MAX_MANIFEST,
@@ -72,6 +71,9 @@ from cocoon.images.manifest import (
 )
 from cocoon.util.fs import atomic_write, fsync_dir, locked_file
 from cocoon.util.proc import run
+
+if TYPE_CHECKING:
+    from cocoon.images.layers import Budget
 
 log = logging.getLogger(__name__)
 
@@ -613,6 +615,10 @@ class ImageStore:
         open_blob: Callable[[Descriptor], Path | BlobFile],
     ) -> Budget:
         """Apply the layers in order onto rootfs; what they used of the image's budget."""
+        # (the unpacker, zstandard and all: only where an image is added, not
+        # in every `cocoon` command that reads the store)
+        from cocoon.images.layers import Budget, unpack_layer
+
         budget = Budget.from_config(self.cfg.images, str(self.root))
         n = len(mf.layers)
 
