@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from cocoon.errors import HostError, SandboxError
+from cocoon.oci import seccomp
 from cocoon.oci.spec import default_spec
 from cocoon.protocol import messages
 from cocoon.sandbox.channel import AgentChannel
@@ -59,14 +60,14 @@ async def warm_up(
     *,
     engine_spec: bool = False,
     rootfs: str = "",
-    binds: tuple[tuple[str, str], ...] = (),
+    spec: dict[str, Any] | None = None,
 ) -> None:
     """Run ``/bin/true`` in a container on an overlay of the guest's root,
     its stdout and stderr on streams as a tenant's are (the pipes and pump
     threads are part of what a start runs); with ``engine_spec``, under a
     spec shaped like the engines' (``warm_spec``). With ``rootfs``, on that
-    root instead (a pooled sandbox's hub: ``hub_warm_up``), with ``binds``
-    (guest source, container destination) as an engine's file binds."""
+    root instead (a pooled sandbox's hub: ``hub_warm_up``), and ``spec``
+    instead of ``warm_spec``'s."""
 
     async def ok(msg: messages.Message) -> None:
         await channel.call(msg, messages.Ok, timeout_s=STEP_TIMEOUT_S)
@@ -78,16 +79,11 @@ async def warm_up(
         await ok(messages.Mount("tmpfs", "tmpfs", WARM_DIR, "", ["size=4m", "mode=0700"], False))
         layers = ["lowerdir=/", f"upperdir={WARM_DIR}/upper", f"workdir={WARM_DIR}/work"]
         await ok(messages.Mount("overlay", "overlay", rootfs, "", layers, False))
-    conf = warm_spec(engine_spec)
-    for src, dst in binds:
-        conf["mounts"].append(
-            {"destination": dst, "type": "bind", "source": src, "options": ["rbind", "ro"]}
-        )
-    spec = json.dumps(conf)
+    body = json.dumps(spec if spec is not None else warm_spec(engine_spec))
     out, err = channel.open_in(), channel.open_in()
     try:
         stdio = messages.StdioSpec(0, out.chan, err.chan, False, 0, 0)
-        create = messages.CreateContainer(WARM_ID, rootfs, spec, stdio)
+        create = messages.CreateContainer(WARM_ID, rootfs, body, stdio)
         await channel.call(create, messages.ProcessStarted, timeout_s=STEP_TIMEOUT_S)
         await ok(messages.StartContainer(WARM_ID))
         wait = messages.WaitProcess(WARM_ID, "")
@@ -125,16 +121,16 @@ async def hub_warm_up(channel: AgentChannel, hub_path: Path, share_tag: str, wor
     try:
         true.parent.mkdir(parents=True)
         true.touch()
-        (work / "files").mkdir()
-        (work / "files" / "hosts").write_text("127.0.0.1 localhost\n")
+        (work / "files" / "shm").mkdir(parents=True)
+        for name in ENGINE_FILES:
+            (work / "files" / name).write_text("\n")
         mounts.bind(busybox, str(true))
         root = hub.attach(hub_path, 0, work / "rootfs", readonly=False)
         files = hub.attach(hub_path, 1, work / "files", readonly=True)
         mount = messages.Mount("9p", share_tag, hub.GUEST_DIR, "", [], False)
         await channel.call(mount, messages.Ok, timeout_s=STEP_TIMEOUT_S)
         try:
-            binds = ((f"{files}/hosts", "/etc/hosts"),)
-            await warm_up(channel, engine_spec=True, rootfs=root, binds=binds)
+            await warm_up(channel, rootfs=root, spec=engine_like_spec(files))
         finally:
             unmount = messages.Unmount(hub.GUEST_DIR)
             await channel.call(unmount, messages.Ok, timeout_s=STEP_TIMEOUT_S)
@@ -144,6 +140,42 @@ async def hub_warm_up(channel: AgentChannel, hub_path: Path, share_tag: str, wor
             with contextlib.suppress(HostError):
                 mounts.detach(str(true))
         shutil.rmtree(work, ignore_errors=True)
+
+
+#: The files engines bind into a container (podman: from its userdata dir;
+#: containerd's CRI: the pod's), each as a file of its own.
+ENGINE_FILES = ("hosts", "hostname", "resolv.conf", ".containerenv")
+
+
+def engine_like_spec(files: str) -> dict[str, Any]:
+    """``warm_spec``'s engine spec with the rest of what engines ask of crun
+    and our warm-up spec did not: their file binds (and a /dev/shm bind) from
+    ``files``, limits on the container's cgroup (a pids limit, and the
+    deny-all device rule, for which crun attaches a BPF device filter), and a
+    seccomp filter, compiled on the host as every container's is
+    (oci/seccomp.py). Measured: the first podman container's crun create in
+    a pooled sandbox ~15 ms faster than after the plain engine spec."""
+    spec = warm_spec(True)
+    for name in ENGINE_FILES:
+        dst = "/run/.containerenv" if name == ".containerenv" else f"/etc/{name}"
+        spec["mounts"].append(
+            {"destination": dst, "type": "bind", "source": f"{files}/{name}",
+             "options": ["bind", "rprivate"]}
+        )  # fmt: skip
+    spec["mounts"].append(
+        {"destination": "/dev/shm", "type": "bind", "source": f"{files}/shm",
+         "options": ["bind", "rprivate", "nosuid", "noexec", "nodev"]}
+    )  # fmt: skip
+    spec["mounts"] = [m for m in spec["mounts"]
+                      if not (m["destination"] == "/dev/shm" and m["type"] == "tmpfs")]  # fmt: skip
+    spec["linux"]["resources"] = {"devices": [{"allow": False, "access": "rwm"}],
+                                  "pids": {"limit": 1024}}  # fmt: skip
+    spec["linux"]["seccomp"] = {
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "architectures": ["SCMP_ARCH_X86_64"],
+        "syscalls": [{"names": ["kexec_load", "init_module"], "action": "SCMP_ACT_ERRNO"}],
+    }
+    return seccomp.compiled(spec)
 
 
 def warm_spec(engine_spec: bool) -> dict[str, Any]:
