@@ -17,6 +17,7 @@ import pytest
 
 from cocoon.config import Config
 from cocoon.errors import ImageError, StateError
+from cocoon.images import layers as layers_mod
 from cocoon.images import store as store_mod
 from cocoon.images.store import Image, ImageStore, repository_of
 from tests.unit.imagekit import Tar, add_image, compress, dg, make_image, mounted
@@ -176,7 +177,7 @@ def test_hostile_layer_leaves_nothing(store: ImageStore, tmp_path: Path) -> None
 
 
 def test_failure_mid_unpack_then_retry(store: ImageStore, monkeypatch: pytest.MonkeyPatch) -> None:
-    real = store_mod.unpack_layer
+    real = layers_mod.unpack_layer
     calls = []
 
     def failing(*args: object, **kw: object) -> str:
@@ -185,12 +186,12 @@ def test_failure_mid_unpack_then_retry(store: ImageStore, monkeypatch: pytest.Mo
             raise KeyboardInterrupt  # as good as a crash for what is left behind
         return real(*args, **kw)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(store_mod, "unpack_layer", failing)
+    monkeypatch.setattr(layers_mod, "unpack_layer", failing)
     md, mb, cb = make_image(store, [BASE, APP])
     with pytest.raises(KeyboardInterrupt):
         store.add(md, mb, cb, ["r.io/x:1"])
     assert store.list() == [] and leftovers(store) == ([], [], [])
-    monkeypatch.setattr(store_mod, "unpack_layer", real)
+    monkeypatch.setattr(layers_mod, "unpack_layer", real)
     assert store.add(md, mb, cb, ["r.io/x:1"]).repo_tags == ["r.io/x:1"]
 
 
@@ -291,7 +292,7 @@ BIG = Tar().file("big", os.urandom(100_000)).file("etc/more", b"more").bytes()
 def test_add_pulled_unpacks_layers_as_they_arrive(
     store: ImageStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
 ) -> None:
-    real = store_mod.unpack_layer
+    real = layers_mod.unpack_layer
     done: list[float] = []
 
     def timed(*args: Any, **kw: Any) -> str:
@@ -299,7 +300,7 @@ def test_add_pulled_unpacks_layers_as_they_arrive(
         done.append(time.monotonic())
         return got
 
-    monkeypatch.setattr(store_mod, "unpack_layer", timed)
+    monkeypatch.setattr(layers_mod, "unpack_layer", timed)
     md, blobs = _pulling(store, [BASE, BIG, APP], how)
 
     async def fetch() -> float:
@@ -379,13 +380,13 @@ def test_add_pulled_blob_fetched_again_from_zero(
     """A partial thrown away while the unpacker read it (a refused resume): the
     layers are unpacked again from the verified blobs."""
     calls: list[int] = []
-    real = store_mod.unpack_layer
+    real = layers_mod.unpack_layer
 
     def counted(*args: Any, **kw: Any) -> str:
         calls.append(1)
         return real(*args, **kw)
 
-    monkeypatch.setattr(store_mod, "unpack_layer", counted)
+    monkeypatch.setattr(layers_mod, "unpack_layer", counted)
     md, blobs = _pulling(store, [BASE, BIG], "none")
 
     async def fetch() -> None:
