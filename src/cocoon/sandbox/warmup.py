@@ -106,8 +106,8 @@ async def warm_up(
 async def hub_warm_up(channel: AgentChannel, hub_path: Path, share_tag: str, work: Path) -> None:
     """A pooled sandbox's hub used once, as a taker's start uses it: the
     guest mounts the hub (9p), and a container runs on a root there (a host
-    dir whose /bin/true is the host's static busybox) with a file bound in
-    from another slot, as engines bind /etc/hosts and the like. Without it,
+    dir whose /bin/true is the host's static busybox) under an engine's spec
+    (``engine_like_spec``), its files bound in from another slot. Without it,
     the guest kernel's 9p client paths (mount, lookups, creating mount
     points, exec and binds over 9p) are first run, and translated, by the
     tenant's first container. Everything is gone after: the guest's mount,

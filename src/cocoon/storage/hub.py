@@ -23,6 +23,7 @@ points it made. What is bound in is the user's.
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 
 from cocoon.errors import HostError
@@ -83,17 +84,7 @@ def clear(path: Path) -> None:
     """Unmount everything attached to the hub and remove the slots' empty
     mount points, keeping the hub itself (a pool's warm-up used it: the
     taker attaches from slot 0 on). Raises HostError as ``remove`` does."""
-    for mp in sorted(mount_points_under(path), key=len, reverse=True):
-        if Path(mp) != path:
-            with contextlib.suppress(HostError):
-                mounts.detach(mp)
-    if [mp for mp in mount_points_under(path) if Path(mp) != path]:
-        raise HostError(f"{path}: a slot is still mounted")
-    try:
-        for child in path.iterdir():
-            child.rmdir()
-    except OSError as e:
-        raise HostError(f"hub {path} not cleared: {e.strerror}") from e
+    _empty(path, keep=True)
 
 
 def remove(path: Path) -> None:
@@ -103,17 +94,29 @@ def remove(path: Path) -> None:
     a dir is not empty: nothing below it is ever deleted."""
     if not path.exists():
         return
-    for mp in sorted(mount_points_under(path), key=len, reverse=True):
-        with contextlib.suppress(HostError):  # already gone: checked below
-            mounts.detach(mp)
-    if left := mount_points_under(path):
-        raise HostError(f"{left[0]} is still mounted: left in place; unmount it, then `cocoon gc`")
+    _empty(path, keep=False)
     try:
-        for child in path.iterdir():
-            child.rmdir()  # only our empty mount points; anything else fails
         path.rmdir()
     except OSError as e:
         raise HostError(f"hub {path} not removed: {e.strerror}: see what is in it") from e
+
+
+def _empty(path: Path, *, keep: bool) -> None:
+    """The hub's mounts gone (lazily: the file server may still hold an
+    inode), its own too unless ``keep``, and only our empty mount points
+    removed: anything else in it fails the rmdir and stays."""
+    held = [os.path.realpath(path)] if keep else []
+    for mp in sorted(mount_points_under(path), key=len, reverse=True):
+        if mp not in held:
+            with contextlib.suppress(HostError):  # already gone: checked below
+                mounts.detach(mp)
+    if left := [mp for mp in mount_points_under(path) if mp not in held]:
+        raise HostError(f"{left[0]} is still mounted: left in place; unmount it, then `cocoon gc`")
+    try:
+        for child in path.iterdir():
+            child.rmdir()
+    except OSError as e:
+        raise HostError(f"hub {path} not emptied: {e.strerror}: see what is in it") from e
 
 
 def sweep(root: Path, live: set[str]) -> None:
