@@ -149,6 +149,17 @@ print(json.dumps(out), flush=True)
 """
 
 
+def forked_by(pid: int) -> list[int]:
+    """The child ``pid`` (tini) forks, once it has."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError):
+            if kids := Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+                return [int(k) for k in kids]
+        time.sleep(0.002)
+    return []
+
+
 def probe(
     jcfg: Config, me: Sandbox, run: Runner, tmp_path: Path, args: Callable[[int], list[str]]
 ) -> tuple[subprocess.Popen[str], str, str]:
@@ -171,7 +182,10 @@ def probe(
         mem = int(str(jailed.template.path).rsplit("/", 1)[1])
         argv = plan.argv(["/usr/bin/python3", "-I", "-S", *args(mem)])
         p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             pass_fds=[mem, *fds.values()], start_new_session=True)  # fmt: skip
+                             pass_fds=[mem, *fds.values()], start_new_session=True,
+                             preexec_fn=plan.child_setup())  # fmt: skip
+        # In, as the backend moves a jailed QEMU in: tini and what it forked.
+        cgroup.enter(plan.cgroups, [p.pid, *forked_by(p.pid)])
         try:
             stdout, stderr = p.communicate(timeout=120)
         finally:

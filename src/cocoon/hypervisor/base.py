@@ -10,6 +10,7 @@ Boot readiness is the agent's business (the sandbox waits for its hello).
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import subprocess
 from dataclasses import dataclass, field
@@ -146,6 +147,10 @@ class Launched:
     agent_socket: Path  # the virtio-serial chardev socket (unused with vsock)
     control_socket: Path
     console_log: Path
+    #: The VMM's processes being moved into the sandbox's cgroups (a jailed
+    #: VM's; done in a thread, beside the VM's start): the sandbox is not
+    #: handed out before this is done.
+    confined: concurrent.futures.Future[None] | None = None
 
 
 class Hypervisor(Protocol):

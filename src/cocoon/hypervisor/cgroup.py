@@ -98,6 +98,19 @@ def hierarchies() -> list[Path]:
     return []
 
 
+def enter(dirs: list[str], pids: list[int]) -> None:
+    """Move each of ``pids`` (all its threads) into each cgroup of ``dirs``;
+    one gone already is skipped (its watcher reports the VM's end)."""
+    for d in dirs:
+        for pid in pids:
+            try:
+                Path(d, "cgroup.procs").write_text(str(pid))
+            except ProcessLookupError:
+                continue
+            except OSError as e:
+                raise HypervisorError(f"cannot move process {pid} into {d}: {e.strerror}") from e
+
+
 def move_into(under: str, sandbox_id: str, pids: list[int], *, jailed: bool, guest_mib: int,
               nproc: int) -> None:  # fmt: skip
     """A running VM's processes (a warm pool's, taken by a pod) into the host

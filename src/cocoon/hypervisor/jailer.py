@@ -1,14 +1,16 @@
-"""The jailer: set up a VMM's jail, then become the VMM.
+"""The jailer: set up a VMM's jail in the child of a fork, before it execs
+the VMM.
 
-Run as ``python3 -I -S jailer.py PLAN`` by root (hypervisor.jail builds the
-plan, marshalled, in hex); the standard library only, so it starts in ~10 ms,
-and it execs the VMM in the end, through tini: the jailer's pid becomes tini's, the host's
-child, and the VMM tini's, pid 1 of a pid namespace of its own (the host
-records both; see the backend's ``_wait_exec``). In order:
+``jail.Plan.child_setup`` runs ``enter`` in the child subprocess forks, after
+its stdio is set and before the exec: the host's own interpreter, already
+loaded, so a jail costs a few system calls, not an interpreter's start. The
+child then execs tini, which forks the VMM: the child's pid becomes tini's,
+the host's child, and the VMM tini's, pid 1 of a pid namespace of its own
+(the host records both; see the backend's ``_wait_exec``). In order:
 
-1. into the sandbox's host cgroups (memory and pids capped); new mount, ipc,
-   uts and (for what it forks) pid namespaces (and network, when the VMM's NICs arrive
-   as fds): nothing it mounts is seen on the host;
+1. new mount, ipc, uts and (for what it forks) pid namespaces (and network,
+   when the VMM's NICs arrive as fds): nothing it mounts is seen on the host
+   (the host moves the VMM into the sandbox's cgroups once it runs);
 2. a tmpfs root holding only the plan's paths, each bound at the path it has
    on the host (so the VMM's command line is unchanged), read-only unless the
    plan says otherwise; a few /dev nodes; /proc with only the jail's own
@@ -20,23 +22,19 @@ records both; see the backend's ``_wait_exec``). In order:
    copy of tenant memory); open files and processes capped;
 5. exec.
 
-Any failure is one line on stderr and exit 125: the VMM never starts half-jailed.
+Any failure raises; the child reports it in one line and exits 125 (see
+``child_setup``): the VMM never starts half-jailed. The child runs only this
+module's system calls: nothing that takes a lock another thread of the
+parent might have held at the fork.
 """
 
 from __future__ import annotations
 
 import ctypes
-import marshal
 import os
 import resource
 import stat
-import sys
-
-# typing and json (which imports re) cost ~10 ms of the jailer's start, on
-# every sandbox's start: the plan arrives marshalled, and Any is for mypy only.
-TYPE_CHECKING = False
-if TYPE_CHECKING:
-    from typing import Any
+from typing import Any
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUTS = 0x04000000
@@ -162,16 +160,8 @@ def _drop(uid: int, gid: int, nofile: int, nproc: int) -> None:
         raise JailError("the uid or groups did not change")
 
 
-def _join(cgroups: list[str]) -> None:
-    """Into the sandbox's cgroups first: everything QEMU allocates is charged there."""
-    for cg in cgroups:
-        with open(os.path.join(cg, "cgroup.procs"), "w") as f:
-            f.write(str(os.getpid()))
-
-
 def enter(plan: dict[str, Any]) -> None:
     root: str = plan["root"]
-    _join(plan.get("cgroups", []))
     flags = CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS
     if plan.get("net_ns", True):
         flags |= CLONE_NEWNET
@@ -196,18 +186,3 @@ def enter(plan: dict[str, Any]) -> None:
     _pivot(root)
     _drop(plan["uid"], plan["gid"], plan["nofile"], plan["nproc"])
     os.chdir("/")
-
-
-def main() -> None:
-    try:
-        plan = marshal.loads(bytes.fromhex(sys.argv[1]))
-        argv: list[str] = plan["argv"]
-        enter(plan)
-        os.execve(argv[0], argv, {"PATH": "/usr/bin:/bin"})
-    except (JailError, OSError, ValueError, KeyError, IndexError) as e:
-        print(f"cocoon jailer: {e}", file=sys.stderr)
-        sys.exit(125)
-
-
-if __name__ == "__main__":
-    main()

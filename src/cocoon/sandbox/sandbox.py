@@ -135,6 +135,13 @@ def pool_fit(cfg: Config, want: SandboxSpec) -> int | None:
     return net.pool_nics(want.network)
 
 
+async def confined(launched: Launched) -> None:
+    """Once the VM's processes are in the sandbox's cgroups (a jailed VM's
+    are moved in beside its start: ``Launched.confined``)."""
+    if launched.confined is not None:
+        await asyncio.wrap_future(launched.confined)
+
+
 async def _move_in(
     host_join: asyncio.Future[None] | None,
     under: str,
@@ -417,6 +424,7 @@ class Sandbox:
                 agent_timeout_s=self.cfg.hypervisor.agent_timeout_s,
             )
         await self._until_ready(self.channel.handshake(t0 + WALL_FACTOR * timeout_s), timeout_s)
+        await confined(self.launched)
         self.boot_s = time.monotonic() - t0
         self.channel.start_keepalive(self.cfg.hypervisor.keepalive_s)
         self.state.status = "running"
@@ -570,9 +578,19 @@ class Sandbox:
                 deadline=deadline,
                 agent_timeout_s=self.cfg.hypervisor.agent_timeout_s,
             )
-            # Connected before the load: the agent's session never sees its host leave.
-            await self.backend.restore(self.launched, t.state, timeout_s)
-            await self._until_ready(self.channel.handshake(t0 + WALL_FACTOR * timeout_s), timeout_s)
+            # Connected before the load: the agent's session never sees its
+            # host leave. The hello is sent now too: QEMU hands it to the
+            # guest once the load is done and it runs.
+            hello = asyncio.ensure_future(self.channel.handshake(t0 + WALL_FACTOR * timeout_s))
+            try:
+                await self.backend.restore(self.launched, t.state, timeout_s)
+            except BaseException:
+                hello.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await hello
+                raise
+            await self._until_ready(hello, timeout_s)
+            await confined(self.launched)
         except (CocoonError, OSError) as e:
             await self._abandon_vm()
             template.discard(self.cfg, key)

@@ -38,6 +38,57 @@ class Qmp:
         except (OSError, TimeoutError) as e:
             raise HypervisorError(f"cannot talk to QEMU's QMP socket {path}: {e}") from e
 
+    @classmethod
+    async def pipelined(
+        cls,
+        path: Path,
+        commands: list[tuple[str, dict[str, Any] | None, list[int]]],
+        timeout_s: float = 5.0,
+    ) -> tuple[Qmp, list[Any]]:
+        """Connect and run ``commands`` (name, arguments, fds) sent at once,
+        not each after the last one's reply: on a socket QEMU listens on
+        before its main loop runs (a jailed VM's, made by the host), they
+        wait there and run as soon as it does. Raises for the first that
+        failed; the rest of the replies are read all the same."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                reader, writer = await asyncio.open_unix_connection(str(path), limit=MAX_LINE)
+                q = cls(reader, writer)
+                sock = writer.get_extra_info("socket")
+                with socket.socket(fileno=os.dup(sock.fileno())) as plain:
+                    # Each command's fds go with its own line: QEMU takes a
+                    # command's fds from the bytes that carried them.
+                    for cmd, args, fds in [("qmp_capabilities", None, []), *commands]:
+                        line = _line(cmd, args)
+                        if fds:
+                            socket.send_fds(plain, [line], fds)
+                        else:
+                            plain.sendall(line)
+                greeting = await q._read()
+                if "QMP" not in greeting:
+                    raise HypervisorError("QMP socket sent no greeting")
+                replies: list[Any] = []
+                failed = ""
+                for cmd, _, _ in [("qmp_capabilities", None, []), *commands]:
+                    obj = await q._reply()
+                    if "error" in obj and not failed:
+                        err = obj["error"]
+                        failed = f"QMP {cmd}: {err.get('desc', err)}"
+                    replies.append(obj.get("return"))
+        except (OSError, TimeoutError) as e:
+            raise HypervisorError(f"cannot talk to QEMU's QMP socket {path}: {e}") from e
+        if failed:
+            q.close()
+            raise HypervisorError(failed)
+        return q, replies[1:]
+
+    async def _reply(self) -> dict[str, Any]:
+        """The next reply, events skipped."""
+        while True:
+            obj = await self._read()
+            if "event" not in obj:
+                return obj
+
     async def _read(self) -> dict[str, Any]:
         line = await self._reader.readline()
         if not line:
@@ -55,10 +106,7 @@ class Qmp:
         fds: list[int] | None = None,
     ) -> Any:
         """Run ``cmd``; ``fds`` go with it over SCM_RIGHTS (getfd, add-fd)."""
-        msg: dict[str, Any] = {"execute": cmd}
-        if args:
-            msg["arguments"] = args
-        line = json.dumps(msg).encode() + b"\n"
+        line = _line(cmd, args)
         async with self._lock, asyncio.timeout(timeout_s):
             if fds:
                 await self._writer.drain()  # nothing of ours queued ahead of it
@@ -70,14 +118,18 @@ class Qmp:
             else:
                 self._writer.write(line)
                 await self._writer.drain()
-            while True:
-                obj = await self._read()
-                if "event" in obj:
-                    continue
-                if "error" in obj:
-                    err = obj["error"]
-                    raise HypervisorError(f"QMP {cmd}: {err.get('desc', err)}")
-                return obj.get("return")
+            obj = await self._reply()
+            if "error" in obj:
+                err = obj["error"]
+                raise HypervisorError(f"QMP {cmd}: {err.get('desc', err)}")
+            return obj.get("return")
 
     def close(self) -> None:
         self._writer.close()
+
+
+def _line(cmd: str, args: dict[str, Any] | None) -> bytes:
+    msg: dict[str, Any] = {"execute": cmd}
+    if args:
+        msg["arguments"] = args
+    return json.dumps(msg).encode() + b"\n"
