@@ -100,15 +100,37 @@ def hierarchies() -> list[Path]:
 
 def enter(dirs: list[str], pids: list[int]) -> None:
     """Move each of ``pids`` (all its threads) into each cgroup of ``dirs``;
-    one gone already is skipped (its watcher reports the VM's end)."""
+    one gone already is skipped (its watcher reports the VM's end), and so is
+    a move into the cgroup a process is in (a pod's VM is born in it): on v1
+    even that write waits for an RCU grace period."""
     for d in dirs:
         for pid in pids:
             try:
+                if _within(pid, Path(d)):
+                    continue
                 Path(d, "cgroup.procs").write_text(str(pid))
             except ProcessLookupError:
                 continue
             except OSError as e:
                 raise HypervisorError(f"cannot move process {pid} into {d}: {e.strerror}") from e
+
+
+def _within(pid: int, d: Path) -> bool:
+    """Whether ``pid`` is in cgroup dir ``d`` (of the v2 hierarchy, or of
+    the v1 one ``d`` is under)."""
+    try:
+        parts = d.relative_to(ROOT).parts
+        lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+    except (ValueError, OSError):
+        return False
+    if _v2():
+        return f"0::/{'/'.join(parts)}" in lines
+    want = "/" + "/".join(parts[1:])
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if parts and parts[0] in controllers.split(",") and path == want:
+            return True
+    return False
 
 
 def move_into(under: str, sandbox_id: str, pids: list[int], *, jailed: bool, guest_mib: int,
