@@ -24,7 +24,7 @@ import pytest
 from cocoon.config import Config
 from cocoon.hypervisor import cgroup, jail
 from cocoon.hypervisor.base import Share
-from cocoon.hypervisor.qemu.backend import QemuBackend, proxy_argv
+from cocoon.hypervisor.qemu.backend import QemuBackend, proxy_launch
 from cocoon.hypervisor.qemu.qmp import Qmp
 from cocoon.sandbox import restore
 from cocoon.sandbox.sandbox import Sandbox, backend_for, ensure_template, vm_spec
@@ -260,9 +260,9 @@ def test_a_compromised_9p_file_server_cannot_ptrace_mount_or_unshare(
     the backend's own launch line for a share (sharejail, tini, seccomp):
     root, but in a pid namespace of its own and under its filter."""
     share = Share("probe", tmp_path, readonly=readonly)
-    argv = proxy_argv(share, ["/usr/bin/python3", "-I", "-S", "-c", PROXY_PROBE,
-                              str(qemu_pid(jcfg, two[0].id))])  # fmt: skip
-    p = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    argv, setup = proxy_launch(share, ["/usr/bin/python3", "-I", "-S", "-c", PROXY_PROBE,
+                                       str(qemu_pid(jcfg, two[0].id))])  # fmt: skip
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=60, preexec_fn=setup)
     assert p.returncode == 0, p.stderr[-2000:]
     got = json.loads(p.stdout.strip().splitlines()[-1])
     for call in ("ptrace_child", "mount", "unshare_user", "clone_namespaces", "bpf", "keyctl"):

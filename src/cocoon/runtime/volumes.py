@@ -6,7 +6,7 @@ bind from the guest into the container through the OCI spec's ``mounts``):
 - ``bind``: a host directory, shared over virtio-fs (one virtiofsd each) or
   9p (``hypervisor.shared_fs``). Read-only is enforced on the host, since the
   guest is untrusted: virtiofsd serves a read-only bind mount that exists only
-  in its own mount namespace (``hypervisor/qemu/sharejail.py``), QEMU's 9p has
+  in its own mount namespace (``hypervisor/qemu/sharejail``), QEMU's 9p has
   ``readonly=on``. The guest mounts it read-only too, for a plain EROFS.
 - ``scratch``: an empty ext4 of a fixed size on a sparse host file, attached as
   virtio-blk (an EmptyDir with a quota: one tenant cannot fill the host's disk).

@@ -12,7 +12,7 @@ the start path Baidu's function compute measured at 98 ms.
 
 Who sees the binds: an unjailed QEMU serves the hub itself, in the host's
 mount namespace. A jailed VM's virtfs-proxy-helper runs in a mount namespace
-of its own (sharejail.py), a slave of the host's: so the hub is a mount of its
+of its own (hypervisor/qemu/sharejail), a slave of the host's: so the hub is a mount of its
 own, made *shared*, and binds under it propagate into the helper's view.
 
 Never a recursive delete: ``remove`` unmounts what is under the hub (lazily:

@@ -12,7 +12,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -31,7 +30,7 @@ from cocoon.hypervisor.base import (
     file_stamp,
 )
 from cocoon.hypervisor.jail import NPROC, SECCOMP, Plan, give, under_tini
-from cocoon.hypervisor.qemu import cmdline
+from cocoon.hypervisor.qemu import cmdline, sharejail
 from cocoon.hypervisor.qemu.qmp import Qmp
 from cocoon.hypervisor.sealed import template_ram_fd
 from cocoon.util.proc import alive, start_time
@@ -40,24 +39,22 @@ SOCKET_WAIT_S = 5.0
 #: fdset ids of the disks given to a running VM's slots (QMP add-fd).
 FDSET_BASE = 100
 _IGNORE_SHARED = {"capabilities": [{"capability": "x-ignore-shared", "state": True}]}
-#: Starts a share's file server in a jail of its own (see its docstring).
-SHAREJAIL = Path(__file__).with_name("sharejail.py")
 #: What virtfs-proxy-helper needs to serve the guest's files with their
 #: owners (it chroots into the share itself): nothing else survives.
-PROXY_CAPS = "chown,dac_override,dac_read_search,fowner,fsetid,setgid,setuid,mknod,sys_chroot"
-#: A share's virtfs-proxy-helper: network, IPC and UTS namespaces of its own
-#: (its mount namespace always is), a pid namespace whose pid 1 it is, only
-#: PROXY_CAPS in its bounding set and sharejail's seccomp filter.
-PROXY_JAIL = ["--isolate", "--pid-ns", "--seccomp", "--caps", PROXY_CAPS]
+PROXY_CAPS = {"chown", "dac_override", "dac_read_search", "fowner", "fsetid", "setgid", "setuid",
+              "mknod", "sys_chroot"}  # fmt: skip
 
 
-def proxy_argv(share: Share, program: list[str]) -> list[str]:
+def proxy_launch(share: Share, program: list[str]) -> tuple[list[str], Callable[[], None]]:
     """How the file server ``program`` of a jailed VM's 9p ``share`` is
-    started: sharejail.py, then tini (outside its pid namespace), then it."""
-    opts = [*PROXY_JAIL, *(["--ro"] if share.readonly else []),
-            *(["--slave"] if share.propagate else [])]  # fmt: skip
-    return [sys.executable, "-I", "-S", str(SHAREJAIL), *opts, str(share.path), "--",
-            *under_tini(program)]  # fmt: skip
+    started: (argv, the jail its child enters before the exec). tini, then
+    it, in a pid namespace whose pid 1 it is; network, IPC and UTS namespaces
+    of its own (its mount namespace always is); only PROXY_CAPS in its
+    bounding set and sharejail's seccomp filter."""
+    setup = sharejail.child_setup(str(share.path), readonly=share.readonly, isolate=True,
+                                  slave=share.propagate, pid_ns=True, seccomp=True,
+                                  caps=PROXY_CAPS)  # fmt: skip
+    return under_tini(program), setup
 
 
 def host_tsc_khz() -> int | None:
@@ -215,12 +212,12 @@ class QemuBackend:
                         "-o", "modcaps=-setfcap",
                         "-o", "log_level=err",
                     ]  # fmt: skip
+                    ro = None
                     if share.readonly:
                         # The guest is untrusted and virtiofsd has no read-only
                         # option: the host kernel refuses the writes instead.
-                        argv = [sys.executable, "-I", "-S", str(SHAREJAIL), "--ro",
-                                str(share.path), "--", *argv]  # fmt: skip
-                    pid = self._spawn(argv, wd / f"virtiofsd{i}.log")
+                        ro = sharejail.child_setup(str(share.path), readonly=True)
+                    pid = self._spawn(argv, wd / f"virtiofsd{i}.log", setup=ro)
                     procs[f"virtiofsd{i}"] = pid
                     record(f"virtiofsd{i}", pid)
                 for i in range(len(spec.shares)):
@@ -359,7 +356,7 @@ class QemuBackend:
         """One virtfs-proxy-helper per 9p share of a jailed VM: it does the
         file access QEMU no longer can, over a socketpair (QEMU's end goes in
         ``fds``), as root (the guest's files keep their owners on the host)
-        but jailed by sharejail.py: own mount, network, IPC, UTS and pid
+        but jailed (sharejail.child_setup): own mount, network, IPC, UTS and pid
         namespaces, the share bound nosuid and nodev (and read-only for a
         read-only share: QEMU's readonly=on alone is a request from the
         process the jail assumes compromised), only PROXY_CAPS in its bounding
@@ -376,9 +373,10 @@ class QemuBackend:
             a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             ours = opened.enter_context(a)
             theirs = opened.enter_context(b)
-            argv = proxy_argv(share, [helper, "-n", "-f", str(theirs.fileno()),
-                                      "-p", str(share.path)])  # fmt: skip
-            pid = self._spawn(argv, spec.workdir / f"9pproxy{i}.log", pass_fds=[theirs.fileno()])
+            argv, setup = proxy_launch(share, [helper, "-n", "-f", str(theirs.fileno()),
+                                               "-p", str(share.path)])  # fmt: skip
+            pid = self._spawn(argv, spec.workdir / f"9pproxy{i}.log", pass_fds=[theirs.fileno()],
+                              setup=setup)  # fmt: skip
             procs[f"9pjail{i}"] = tinis[i] = pid
             record(f"9pjail{i}", pid)
             fds[f"9p{i}"] = ours.fileno()

@@ -1,19 +1,18 @@
-"""Exec a share's file server (virtiofsd, virtfs-proxy-helper) in a jail of its own.
+"""A share's file server (virtiofsd, virtfs-proxy-helper) in a jail of its own.
 
 The file server runs as root, because it must give the guest's files their
 owners on the host; the guest on the other end is untrusted. So the backend
-starts it through this script::
-
-    python3 -I -S sharejail.py [--ro] [--slave] [--isolate] [--pid-ns] [--seccomp]
-                               [--caps CAP,...] DIR -- PROG [ARG...]
-
-In order, then exec (same pid: what the backend recorded is the server):
+starts it with ``child_setup``'s jail entered in the forked child before its
+exec (subprocess's ``preexec_fn``: the launcher's own interpreter, already
+loaded, not a ``python3`` of its own, which was ~20 ms of every start with a
+host directory). In order, then exec (same pid: what the backend recorded is
+the server):
 
 - a new mount namespace with every mount private (nothing propagates back to
-  the host) or, with ``--slave``, a slave of the host's (nothing propagates
+  the host) or, with ``slave``, a slave of the host's (nothing propagates
   back either, but mounts the host makes later under a shared DIR reach the
   server: a pooled sandbox's hub), and DIR bound onto itself nosuid and nodev (read-only too with
-  ``--ro``: QEMU 7.2's C virtiofsd has no read-only option, and a ``ro``
+  ``readonly``: QEMU 7.2's C virtiofsd has no read-only option, and a ``ro``
   mount inside the guest is a request, not a guarantee). These mounts exist
   only in the server's namespace and vanish with it: no host mount to
   record, to leak after a crash, or for a later ``rm -r`` to descend into.
@@ -21,18 +20,21 @@ In order, then exec (same pid: what the backend recorded is the server):
   DIR's submounts along *writable* (a remount applies to one mount only), so
   mounts below DIR show as empty directories instead. A writable one is
   recursive: an OCI bundle's binds dir is a tree of bind mounts.
-- ``--isolate``: new network, IPC and UTS namespaces too (virtiofsd makes its
+- ``isolate``: new network, IPC and UTS namespaces too (virtiofsd makes its
   own; virtfs-proxy-helper, which only chroots, does not).
-- ``--pid-ns``: a new pid namespace for what PROG forks. PROG is then
+- ``pid_ns``: a new pid namespace for what the program forks. It is then
   tini, which forks the server as pid 1 there (the backend records both, as
   it does a jailed QEMU and its tini): the server cannot name, let alone
   signal or trace, any process of the host.
-- ``--caps``: every capability but these dropped from the bounding set, and
+- ``caps``: every capability but these dropped from the bounding set, and
   no_new_privs: the server can never regain what it does not need.
-- ``--seccomp``: the deny-list filter below, installed last, right before
-  the exec, and inherited by everything PROG runs (virtiofsd has its own).
+- ``seccomp``: the deny-list filter below, installed last, right before
+  the exec, and inherited by everything the program runs (virtiofsd has its
+  own).
 
-Run as a script with ``-I -S``: stdlib only, no cocoon import (~20 ms).
+The child runs only this module's system calls, nothing that takes a lock
+another thread of the parent might have held at the fork; a failure is one
+line on its stderr (the server's log) and exit 125.
 """
 
 from __future__ import annotations
@@ -41,7 +43,9 @@ import ctypes
 import os
 import platform
 import struct
-import sys
+from collections.abc import Callable
+
+from cocoon.errors import HypervisorError
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUTS = 0x04000000
@@ -65,10 +69,14 @@ CAPS = {
 }  # fmt: skip
 
 
+class JailError(Exception):
+    pass
+
+
 def _check(rc: int, what: str) -> None:
     if rc != 0:
         err = ctypes.get_errno()
-        raise SystemExit(f"cocoon sharejail: {what}: {os.strerror(err)}")
+        raise JailError(f"{what}: {os.strerror(err)}")
 
 
 def enter(path: str, readonly: bool, isolate: bool, slave: bool, pid_ns: bool = False) -> None:
@@ -85,7 +93,7 @@ def enter(path: str, readonly: bool, isolate: bool, slave: bool, pid_ns: bool = 
     remount = MS_REMOUNT | MS_BIND | MS_NOSUID | MS_NODEV | (MS_RDONLY if readonly else 0)
     _check(libc.mount(None, src, None, remount, None), f"remount {path}")
     if readonly and not os.statvfs(path).f_flag & os.ST_RDONLY:
-        raise SystemExit(f"cocoon sharejail: {path} is still writable after the remount")
+        raise JailError(f"{path} is still writable after the remount")
 
 
 def limit(keep: set[int]) -> None:
@@ -169,8 +177,8 @@ def program() -> bytes:
     """The filter: any ABI but x86_64's kills the process, x32's numbers and
     DENY are EPERM, clone(2) making a namespace is EPERM, clone3 is ENOSYS."""
     if platform.machine() != "x86_64":
-        raise SystemExit(
-            f"cocoon sharejail: the file server's seccomp filter is written for x86_64, "
+        raise HypervisorError(
+            f"the file server's seccomp filter is written for x86_64, "
             f"not {platform.machine()}: refusing to start it unfiltered"
         )
     code: list[Insn] = [
@@ -206,42 +214,36 @@ def install(prog: bytes) -> None:
     _check(libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0), "seccomp")
 
 
-def main(argv: list[str]) -> None:
-    args = argv[1:]
-    readonly = isolate = slave = pid_ns = filtered = False
-    keep: set[int] | None = None
-    while args and args[0].startswith("--") and args[0] != "--":
-        opt = args.pop(0)
-        if opt == "--ro":
-            readonly = True
-        elif opt == "--isolate":
-            isolate = True
-        elif opt == "--slave":
-            slave = True
-        elif opt == "--pid-ns":
-            pid_ns = True
-        elif opt == "--seccomp":
-            filtered = True
-        elif opt == "--caps" and args:
-            try:
-                keep = {CAPS[name] for name in args.pop(0).split(",") if name}
-            except KeyError as e:
-                raise SystemExit(f"cocoon sharejail: unknown capability {e}") from None
-        else:
-            raise SystemExit(f"cocoon sharejail: unknown option {opt}")
-    if len(args) < 3 or args[1] != "--" or not os.path.isabs(args[0]):
-        raise SystemExit(
-            "usage: sharejail.py [--ro] [--slave] [--isolate] [--pid-ns] [--seccomp] "
-            "[--caps NAME,...] DIR -- PROGRAM"
-        )
-    prog = program() if filtered else b""  # refused before anything is set up
-    enter(args[0], readonly, isolate, slave, pid_ns)
-    if keep is not None:
-        limit(keep)
-    if prog:
-        install(prog)
-    os.execv(args[2], args[2:])
+def child_setup(
+    path: str,
+    *,
+    readonly: bool = False,
+    isolate: bool = False,
+    slave: bool = False,
+    pid_ns: bool = False,
+    seccomp: bool = False,
+    caps: set[str] | None = None,
+) -> Callable[[], None]:
+    """The jail of a file server serving ``path``, for the child to enter
+    before its exec (what each option does: the module's docstring). What
+    can be refused is refused here, in the parent, before anything starts."""
+    if not os.path.isabs(path):
+        raise HypervisorError(f"a share's path must be absolute: {path}")
+    prog = program() if seccomp else b""
+    unknown = sorted((caps or set()) - CAPS.keys())
+    if unknown:
+        raise HypervisorError(f"unknown capability {unknown[0]}")
+    keep = None if caps is None else {CAPS[name] for name in caps}
 
+    def setup() -> None:  # pragma: no cover - runs in the forked child
+        try:
+            enter(path, readonly, isolate, slave, pid_ns)
+            if keep is not None:
+                limit(keep)
+            if prog:
+                install(prog)
+        except BaseException as e:  # noqa: BLE001 - the child must never run half-jailed
+            os.write(2, f"cocoon sharejail: {e}\n".encode(errors="replace"))
+            os._exit(125)
 
-if __name__ == "__main__":
-    main(sys.argv)
+    return setup
