@@ -10,6 +10,7 @@ Boot readiness is the agent's business (the sandbox waits for its hello).
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import os
 import subprocess
@@ -151,6 +152,12 @@ class Launched:
     #: VM's; done in a thread, beside the VM's start): the sandbox is not
     #: handed out before this is done.
     confined: concurrent.futures.Future[None] | None = None
+
+    async def until_confined(self) -> None:
+        """Once the VM's processes are in the sandbox's cgroups (raises what
+        the move raised)."""
+        if self.confined is not None:
+            await asyncio.wrap_future(self.confined)
 
 
 class Hypervisor(Protocol):

@@ -11,7 +11,6 @@ template per NIC count, and per whether there are host directories: see
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import os
@@ -148,8 +147,7 @@ async def build(
             launched.agent_socket, deadline=deadline, agent_timeout_s=cfg.hypervisor.agent_timeout_s
         )
         await channel.handshake(deadline)
-        if launched.confined is not None:
-            await asyncio.wrap_future(launched.confined)
+        await launched.until_confined()
         # Every clone then starts with the guest's side of a container start
         # done once (imports, crun and its libraries in the page cache).
         await warm_up(channel)

@@ -135,13 +135,6 @@ def pool_fit(cfg: Config, want: SandboxSpec) -> int | None:
     return net.pool_nics(want.network)
 
 
-async def confined(launched: Launched) -> None:
-    """Once the VM's processes are in the sandbox's cgroups (a jailed VM's
-    are moved in beside its start: ``Launched.confined``)."""
-    if launched.confined is not None:
-        await asyncio.wrap_future(launched.confined)
-
-
 async def _move_in(
     host_join: asyncio.Future[None] | None,
     under: str,
@@ -424,7 +417,7 @@ class Sandbox:
                 agent_timeout_s=self.cfg.hypervisor.agent_timeout_s,
             )
         await self._until_ready(self.channel.handshake(t0 + WALL_FACTOR * timeout_s), timeout_s)
-        await confined(self.launched)
+        await self.launched.until_confined()
         self.boot_s = time.monotonic() - t0
         self.channel.start_keepalive(self.cfg.hypervisor.keepalive_s)
         self.state.status = "running"
@@ -590,7 +583,7 @@ class Sandbox:
                     await hello
                 raise
             await self._until_ready(hello, timeout_s)
-            await confined(self.launched)
+            await self.launched.until_confined()
         except (CocoonError, OSError) as e:
             await self._abandon_vm()
             template.discard(self.cfg, key)
