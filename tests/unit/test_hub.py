@@ -5,6 +5,7 @@ removal takes both layers and nothing of what was bound."""
 from __future__ import annotations
 
 import errno
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -34,3 +35,29 @@ def test_a_covered_slot_shows_the_code_read_only_and_goes_with_the_hub(tmp_path:
         hub.remove(h)
     assert not h.exists() and mount_points_under(tmp_path) == []
     assert (code / "h.sh").exists() and list(empty.iterdir()) == []
+
+
+def test_a_hub_another_reaper_removes_meanwhile_is_removed_not_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pool stopping and `cocoon gc` may reap one sandbox at once: the
+    hub (or a slot) gone between our look and our rmdir is done, not a
+    failure that leaves the reap half-way."""
+    (tmp_path / "root").mkdir()
+    h = hub.hub_dir(tmp_path / "root", "sb1")
+    hub.create(h)
+    hub.attach(h, 0, tmp_path, readonly=True)
+    real_iterdir = Path.iterdir
+
+    def raced(self: Path) -> Iterator[Path]:
+        kids = list(real_iterdir(self))
+        if self == h:  # the other reaper empties and removes the hub first
+            for k in kids:
+                k.rmdir()
+            self.rmdir()
+        return iter(kids)
+
+    monkeypatch.setattr(Path, "iterdir", raced)
+    hub.remove(h)
+    monkeypatch.undo()
+    assert not h.exists() and mount_points_under(tmp_path) == []

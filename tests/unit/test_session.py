@@ -159,3 +159,27 @@ def test_deeply_nested_reply_fails_every_waiter_at_once(kind: Kind) -> None:
         assert "nested" in str(s.closed)
 
     run(body())
+
+
+def test_a_cancelled_requests_late_reply_is_dropped_and_the_session_lives() -> None:
+    """A caller cancelled mid-request (a pool stopping mid-warm-up) leaves a
+    reply on its way: that is no violation, and the next request is answered."""
+
+    async def body() -> None:
+        async def peer(sock: socket.socket) -> None:
+            for _ in range(2):
+                _, rid, _ = await _recv_frame(sock)
+                await asyncio.sleep(0.2)  # the first caller is cancelled meanwhile
+                await _send(sock, framing.encode(Kind.REPLY, rid, messages.encode(messages.Ok())))
+            await asyncio.sleep(5)
+
+        s, _ = await _host_with_peer(peer)
+        first = asyncio.create_task(s.request(messages.Ping(), (messages.Ok,), 5))
+        await asyncio.sleep(0.05)
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        assert isinstance(await s.request(messages.Ping(), (messages.Ok,), 5), messages.Ok)
+        assert s.closed is None
+
+    run(body())

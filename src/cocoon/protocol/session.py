@@ -186,10 +186,11 @@ class Session:
             async with asyncio.timeout(timeout_s):
                 reply = await fut
         except TimeoutError:
-            self._abandoned.append(rid)
             raise TimeoutError(f"no reply to {msg.TYPE} within {timeout_s:g} s") from None
         finally:
             self._pending.pop(rid, None)
+            if not fut.done() or fut.cancelled():  # given up on: a reply may still come
+                self._abandoned.append(rid)
         if not isinstance(reply, expect):
             self._fail(f"reply to {msg.TYPE} was {reply.TYPE}")
             raise self._closed or SessionClosed("protocol violation")

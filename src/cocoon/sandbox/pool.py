@@ -67,6 +67,15 @@ REFILL_AFTER_S = 1.0
 RETRY_S = 2.0
 
 
+def _still_stopping() -> None:
+    """A cleanup that failed while the filler was being cancelled (the
+    server stopping) raises its own error in place of the cancellation:
+    swallowing that would keep the filler, and the server, alive for ever."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 class PoolServer:
     """The long-lived owner of the pooled sandboxes (one per state root)."""
 
@@ -190,6 +199,7 @@ class PoolServer:
                         ),
                     )
             except CocoonError as e:
+                _still_stopping()
                 self.log(f"pool: could not start a {c.name} sandbox: {e}")
                 await asyncio.sleep(RETRY_S)
                 continue
@@ -205,8 +215,9 @@ class PoolServer:
                     tag, work = Layout.share_tag(0), sb.dir.path / "warm"
                     await hub_warm_up(sb.channel, Path(sb.state.hub), tag, work)
             except CocoonError as e:
+                await asyncio.shield(sb.destroy())
+                _still_stopping()
                 self.log(f"pool: discarding {sb.id} (its warm-up failed: {e})")
-                await sb.destroy()
                 await asyncio.sleep(RETRY_S)
                 continue
             except BaseException:  # stopped mid-warm-up: it is in no list yet

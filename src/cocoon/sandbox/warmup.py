@@ -129,17 +129,20 @@ async def hub_warm_up(channel: AgentChannel, hub_path: Path, share_tag: str, wor
         files = hub.attach(hub_path, 1, work / "files", readonly=True)
         mount = messages.Mount("9p", share_tag, hub.GUEST_DIR, "", [], False)
         await channel.call(mount, messages.Ok, timeout_s=STEP_TIMEOUT_S)
-        try:
-            await warm_up(channel, rootfs=root, spec=engine_like_spec(files))
-        finally:
-            unmount = messages.Unmount(hub.GUEST_DIR)
-            await channel.call(unmount, messages.Ok, timeout_s=STEP_TIMEOUT_S)
+        # Not in a `finally`: a warm-up that failed, or was cancelled, has its
+        # sandbox destroyed, and a request there would only turn a
+        # cancellation into a channel error.
+        await warm_up(channel, rootfs=root, spec=engine_like_spec(files))
+        unmount = messages.Unmount(hub.GUEST_DIR)
+        await channel.call(unmount, messages.Ok, timeout_s=STEP_TIMEOUT_S)
     finally:
-        hub.clear(hub_path)
-        if true.exists():
-            with contextlib.suppress(HostError):
-                mounts.detach(str(true))
-        shutil.rmtree(work, ignore_errors=True)
+        try:
+            hub.clear(hub_path)
+        finally:  # the hub's failure to clear leaves no bind of ours behind
+            if true.exists():
+                with contextlib.suppress(HostError):
+                    mounts.detach(str(true))
+            shutil.rmtree(work, ignore_errors=True)
 
 
 #: The files engines bind into a container (podman: from its userdata dir;

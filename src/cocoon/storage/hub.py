@@ -97,6 +97,8 @@ def remove(path: Path) -> None:
     _empty(path, keep=False)
     try:
         path.rmdir()
+    except FileNotFoundError:
+        pass  # another reaper of the same sandbox (its pool, `cocoon gc`) was first
     except OSError as e:
         raise HostError(f"hub {path} not removed: {e.strerror}: see what is in it") from e
 
@@ -114,7 +116,10 @@ def _empty(path: Path, *, keep: bool) -> None:
         raise HostError(f"{left[0]} is still mounted: left in place; unmount it, then `cocoon gc`")
     try:
         for child in path.iterdir():
-            child.rmdir()
+            with contextlib.suppress(FileNotFoundError):  # a concurrent reaper's
+                child.rmdir()
+    except FileNotFoundError:
+        return  # the hub itself went under a concurrent reaper
     except OSError as e:
         raise HostError(f"hub {path} not emptied: {e.strerror}: see what is in it") from e
 

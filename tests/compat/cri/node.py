@@ -287,7 +287,13 @@ def fork_server(e: Env, pool: int = 0) -> Iterator[subprocess.Popen[bytes]]:
         yield p
     finally:
         p.terminate()
-        _, err = p.communicate(timeout=30)
+        try:
+            _, err = p.communicate(timeout=30)
+        except subprocess.TimeoutExpired as e:
+            p.kill()  # what it leaves, the clean fixture ends
+            p.wait()
+            tail = (e.stderr or b"").decode(errors="replace")[-2000:]
+            raise AssertionError(f"the fork server did not stop in 30 s: {tail}") from None
         assert p.returncode == 0, err.decode(errors="replace")[-2000:]
 
 

@@ -570,11 +570,18 @@ class QemuBackend:
     async def stop(self, launched: Launched, grace_s: float) -> None:
         qemu = launched.processes.get("qemu")
         if qemu is not None and not self._exited(qemu):
+            asked = False
             with contextlib.suppress(Exception):
+                if not Path(launched.control_socket).exists():
+                    raise FileNotFoundError  # QEMU not yet listening: nothing to wait a second for
                 q = await Qmp.connect(launched.control_socket, timeout_s=1.0)
-                with contextlib.suppress(Exception):
+                try:
                     await q.execute("quit", timeout_s=1.0)
-                q.close()
+                    asked = True
+                finally:
+                    q.close()
+            if not asked:  # no monitor yet (a start stopped early): no grace to wait out
+                self._terminate(qemu)
             await self._wait_gone([qemu], grace_s)
         # virtiofsd exits once QEMU hangs up; give it a moment, then insist.
         await self._wait_gone(list(launched.processes.values()), 1.0)
@@ -585,6 +592,14 @@ class QemuBackend:
         deadline = time.monotonic() + timeout_s
         while any(not self._exited(p) for p in pids) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
+
+    def _terminate(self, pid: int) -> None:
+        """SIGTERM to a VMM we started (QEMU ends on it as on `quit`; a
+        jailed one's tini passes it on). Another process's is left to the
+        grace and ``_kill``: only a child's pid cannot have been reused."""
+        p = self._children.get(pid) or self._children.get(self._via.get(pid, -1))
+        if p is not None and p.poll() is None:
+            p.send_signal(signal.SIGTERM)
 
     def _kill(self, pid: int) -> None:
         p = self._children.pop(pid, None)

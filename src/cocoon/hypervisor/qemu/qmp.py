@@ -26,6 +26,7 @@ class Qmp:
 
     @classmethod
     async def connect(cls, path: Path, timeout_s: float = 5.0) -> Qmp:
+        q: Qmp | None = None
         try:
             async with asyncio.timeout(timeout_s):
                 reader, writer = await asyncio.open_unix_connection(str(path), limit=MAX_LINE)
@@ -35,8 +36,11 @@ class Qmp:
                     raise HypervisorError("QMP socket sent no greeting")
                 await q.execute("qmp_capabilities", timeout_s=timeout_s)
                 return q
-        except (OSError, TimeoutError) as e:
-            raise HypervisorError(f"cannot talk to QEMU's QMP socket {path}: {e}") from e
+        except BaseException as e:
+            _hang_up(q)
+            if isinstance(e, (OSError, TimeoutError)):
+                raise HypervisorError(f"cannot talk to QEMU's QMP socket {path}: {e}") from e
+            raise
 
     @classmethod
     async def pipelined(
@@ -50,6 +54,7 @@ class Qmp:
         before its main loop runs (a jailed VM's, made by the host), they
         wait there and run as soon as it does. Raises for the first that
         failed; the rest of the replies are read all the same."""
+        q: Qmp | None = None
         try:
             async with asyncio.timeout(timeout_s):
                 reader, writer = await asyncio.open_unix_connection(str(path), limit=MAX_LINE)
@@ -75,8 +80,11 @@ class Qmp:
                         err = obj["error"]
                         failed = f"QMP {cmd}: {err.get('desc', err)}"
                     replies.append(obj.get("return"))
-        except (OSError, TimeoutError) as e:
-            raise HypervisorError(f"cannot talk to QEMU's QMP socket {path}: {e}") from e
+        except BaseException as e:
+            _hang_up(q)
+            if isinstance(e, (OSError, TimeoutError)):
+                raise HypervisorError(f"cannot talk to QEMU's QMP socket {path}: {e}") from e
+            raise
         if failed:
             q.close()
             raise HypervisorError(failed)
@@ -133,3 +141,11 @@ def _line(cmd: str, args: dict[str, Any] | None) -> bytes:
     if args:
         msg["arguments"] = args
     return json.dumps(msg).encode() + b"\n"
+
+
+def _hang_up(q: Qmp | None) -> None:
+    """A connection given up on (failed, timed out, cancelled) is closed at
+    once: QEMU's monitor serves one client at a time, and a stop's `quit`
+    would otherwise wait behind it."""
+    if q is not None:
+        q.close()
