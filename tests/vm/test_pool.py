@@ -244,6 +244,59 @@ def test_a_killed_server_leaves_nothing_gc_cannot_clean(cfg: Config, busybox: No
     (cfg.root / "pool.sock").unlink(missing_ok=True)
 
 
+def _vm_processes(root: Path) -> list[int]:
+    """The VM processes (QEMU, tini, file servers) of sandboxes under ``root``."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            if str(root).encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.append(int(pid))
+    return found
+
+
+#: Points in a pooled sandbox's start, each seen from the host.
+STAGES: dict[str, Callable[[Path], bool]] = {
+    "its sandbox made": lambda r: any(r.glob("sandboxes/*/state.json")),
+    "QEMU started": lambda r: any(r.glob("sandboxes/*/qemu.argv")),
+    "its warm-up running": lambda r: any(r.glob("sandboxes/*/warm")),
+}
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_a_server_stopped_mid_start_stops_at_once_and_leaves_nothing(
+    cfg: Config, busybox: None, stage: str
+) -> None:
+    """SIGTERM while its first sandbox is still starting (QEMU not yet
+    answering, the restore's QMP connection open, the warm-up's requests in
+    flight): the server ends cleanly within seconds, and nothing is left of
+    the sandbox it was making: no VM process, no mount, no state dir."""
+    root = cfg.root
+    p = subprocess.Popen(
+        [sys.executable, "-m", "cocoon.cli", "--root", str(root), "pool", "serve", "--size", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not STAGES[stage](root):
+            assert p.poll() is None and time.monotonic() < deadline, f"never saw {stage}"
+            time.sleep(0.002)
+        p.send_signal(signal.SIGTERM)
+        t0 = time.monotonic()
+        _, err = p.communicate(timeout=30)
+        took = time.monotonic() - t0
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    text = err.decode(errors="replace")
+    assert p.returncode == 0 and "pool: stopped" in text, text[-2000:]
+    assert took < 10, f"stopping took {took:.1f} s"
+    assert "warm-up failed" not in text and "could not start" not in text, text[-2000:]
+    assert _vm_processes(root) == []
+    assert mount_points_under(root) == []
+    assert list((root / "sandboxes").iterdir()) == []
+
+
 def test_a_pod_takes_a_pooled_sandbox_into_its_host_cgroup(
     cfg: Config, rootfs: Path, server: subprocess.Popen[bytes], tmp_path: Path
 ) -> None:
