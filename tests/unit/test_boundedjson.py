@@ -95,3 +95,20 @@ def test_depth_matches_the_document_for_tricky_strings() -> None:
         doc = make(6)
         for text in (json.dumps(doc), json.dumps(doc, ensure_ascii=False, indent=1)):
             assert nesting_depth(text) == _depth(doc), text
+
+
+@pytest.mark.parametrize(
+    "text",
+    ['{"a":[1,2.5]}', ' {"a":1}', '{"a":1} ', '{"a":1}\n', "[]", '"s"', "1", "null"],
+)
+def test_compact_and_spaced_documents_parse_alike(text: str) -> None:
+    """The one-scan path (a compact document) and the decoder's (whitespace
+    around it) give what the stdlib gives, from str and from bytes."""
+    assert loads(text, max_bytes=100) == json.loads(text)
+    assert loads(text.encode(), max_bytes=100) == json.loads(text)
+
+
+@pytest.mark.parametrize("text", ['{"a":1}x', '{"a":1} {}', "", " ", '{"a":NaN}', "[1e999]", "{"])
+def test_what_follows_or_breaks_a_compact_document_is_refused(text: str) -> None:
+    with pytest.raises(JSONError):
+        loads(text, max_bytes=100)

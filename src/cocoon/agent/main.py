@@ -29,6 +29,9 @@ PORT_NAME = "cocoon.agent"
 VSOCK_PORT = 1024
 #: Request threads started with the agent (so a template's clones have them).
 WORKER_THREADS = 4
+#: The guest kernel's release, read once: the hello's reply is on a
+#: clone's restore path, where every call not made before is translated anew.
+KERNEL = os.uname().release
 #: Reconnect backoff while no host is on the port (reads then hit EOF at once).
 BACKOFF_MIN_S = 0.01
 BACKOFF_MAX_S = 0.5
@@ -69,9 +72,7 @@ class Agent:
                         "version", f"agent speaks protocol {messages.PROTOCOL_VERSION}"
                     )
                 system.set_clock(msg.time_ns)
-                return messages.HelloReply(
-                    messages.PROTOCOL_VERSION, __version__, os.uname().release
-                )
+                return messages.HelloReply(messages.PROTOCOL_VERSION, __version__, KERNEL)
             case messages.Identity():
                 return identity.apply(msg)
             case messages.Ping():

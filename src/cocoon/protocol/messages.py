@@ -263,6 +263,8 @@ class Message:
 
     TYPE: ClassVar[str]
     FIELDS: ClassVar[tuple[tuple[str, str], ...]] = ()
+    #: The field names and "type": what a body may hold (``_build``).
+    NAMES: ClassVar[frozenset[str]] = frozenset({"type"})
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         names = [n for n, _ in self.FIELDS]
@@ -316,6 +318,7 @@ def message(cls: type) -> type:
         if not str(tp).startswith("ClassVar")
     )
     cls.FIELDS = fields  # type: ignore[attr-defined]
+    cls.NAMES = frozenset(name for name, _ in fields) | {"type"}  # type: ignore[attr-defined]
     if cls.TYPE in REGISTRY:  # type: ignore[attr-defined]
         raise RuntimeError(f"duplicate message type {cls.TYPE}")  # type: ignore[attr-defined]
     REGISTRY[cls.TYPE] = cls  # type: ignore[attr-defined]
@@ -719,10 +722,33 @@ class ConfigureNetwork(Message):
 # Codec.
 
 
+#: Made once, not per message as ``json.dumps`` with arguments would (see
+#: ``boundedjson._DECODER``).
+_ENCODER = json.JSONEncoder(separators=(",", ":"))
+
+
+def _c_encoder() -> Any:
+    """The encoder's C core, made once (``JSONEncoder.encode`` makes one per
+    call): no cycle check (a message's plain form is fresh dicts and lists
+    of scalars), NaN written as ``json.dumps`` writes it."""
+    make = getattr(json.encoder, "c_make_encoder", None)  # untyped in typeshed
+    if make is None:
+        return None
+    # cycle markers (none), default, string encoder, indent, key and item
+    # separators, sort_keys, skipkeys, allow_nan
+    args = (None, _ENCODER.default, json.encoder.encode_basestring_ascii, None, ":", ",")
+    return make(*args, False, False, True)
+
+
+_C_ENCODER = _c_encoder()
+
+
 def encode(msg: Message) -> bytes:
     body = {"type": msg.TYPE}
     body.update(_to_plain(msg))
-    return json.dumps(body, separators=(",", ":")).encode()
+    if _C_ENCODER is None:
+        return _ENCODER.encode(body).encode()
+    return "".join(_C_ENCODER(body, 0)).encode()
 
 
 def _to_plain(msg: Message) -> dict[str, Any]:
@@ -758,16 +784,17 @@ def decode(payload: bytes, expect: tuple[type[Message], ...] | None = None) -> M
 def _build(cls: type[Message], body: Any) -> Message:
     if not isinstance(body, dict):
         raise ValueError(f"{cls.TYPE}: not an object")
-    names = {n for n, _ in cls.FIELDS}
-    extra = set(body) - names - {"type"}
-    if extra:
-        raise ValueError(f"{cls.TYPE}: unexpected field {sorted(extra)[0][:40]!r}")
-    kwargs = {}
+    if not cls.NAMES.issuperset(body):
+        extra = sorted(set(body) - cls.NAMES)
+        raise ValueError(f"{cls.TYPE}: unexpected field {extra[0][:40]!r}")
+    # Built field by field, not through ``__init__``'s checks of its
+    # arguments (each field is checked here): less code on the path of
+    # every message, whose first run in a template's clone TCG translates.
+    msg = object.__new__(cls)
     for name, tp in cls.FIELDS:
         if name not in body:
             raise ValueError(f"{cls.TYPE}: missing field {name}")
-        kwargs[name] = _coerce(tp, body[name], f"{cls.TYPE}.{name}")
-    msg = cls(**kwargs)
+        object.__setattr__(msg, name, _coerce(tp, body[name], f"{cls.TYPE}.{name}"))
     msg.relate()
     return msg
 

@@ -20,6 +20,10 @@ import itertools
 import json
 import re
 
+TYPE_CHECKING = False  # not `typing`: the guest's agent imports this module
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
 #: Deeper than anything cocoon reads from a registry, an archive or a bundle
 #: (an OCI config.json's seccomp rules are 6 deep, an image config 4), and far
 #: from the interpreter's recursion limit even for code that walks the result.
@@ -64,13 +68,21 @@ def _finite_float(text: str) -> float:
     return value
 
 
+#: Made once, not per document as ``json.loads`` with hooks would: under TCG
+#: every code path a new VM runs first is translated anew, and the agent's
+#: first decode in a template's clone is on its restore's path.
+_DECODER = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_finite_float)
+#: Its scanner (C where CPython has it): value and end from one position.
+_SCAN: Callable[[str, int], tuple[object, int]] = getattr(_DECODER, "scan_once")  # noqa: B009
+
+
 def loads(data: bytes | str, *, max_bytes: int, max_depth: int = DEFAULT_MAX_DEPTH) -> object:
     """Parse ``data`` after checking its size and nesting; JSONError for anything wrong."""
     if len(data) > max_bytes:
         raise JSONError(f"{len(data)} B, more than the {max_bytes} B allowed")
     if isinstance(data, bytes | bytearray):
         try:
-            text = bytes(data).decode(json.detect_encoding(data), "surrogatepass")
+            text = bytes(data).decode(_encoding(data), "surrogatepass")
         except (UnicodeDecodeError, LookupError):
             raise JSONError("not UTF-8 text") from None
     else:
@@ -81,11 +93,27 @@ def loads(data: bytes | str, *, max_bytes: int, max_depth: int = DEFAULT_MAX_DEP
         if depth > max_depth:
             raise JSONError(f"nested {depth} deep, more than the {max_depth} allowed")
     try:
-        return json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
+        # A compact document (ours, on the protocol) is one scan: the
+        # decoder's regex for surrounding whitespace is for the rest.
+        try:
+            value, end = _SCAN(text, 0)
+        except StopIteration:
+            end = -1
+        if end == len(text):
+            return value
+        return _DECODER.decode(text)
     except JSONError:
         raise
     except (ValueError, RecursionError) as e:
         raise JSONError(_reason(e)) from None
+
+
+def _encoding(data: bytes | bytearray) -> str:
+    """UTF-8 for a document that opens with a bracket (JSON's own rule for
+    telling UTF-16 and -32 apart looks for zero bytes there), else that rule."""
+    if data[:1] in (b"{", b"[") and data[1:2] != b"\x00":
+        return "utf-8"
+    return json.detect_encoding(data)
 
 
 def _reason(e: BaseException) -> str:
