@@ -166,19 +166,23 @@ def test_a_cancelled_requests_late_reply_is_dropped_and_the_session_lives() -> N
     reply on its way: that is no violation, and the next request is answered."""
 
     async def body() -> None:
+        got_first, cancelled = asyncio.Event(), asyncio.Event()
+
         async def peer(sock: socket.socket) -> None:
             for _ in range(2):
                 _, rid, _ = await _recv_frame(sock)
-                await asyncio.sleep(0.2)  # the first caller is cancelled meanwhile
+                got_first.set()
+                await cancelled.wait()  # the first caller is gone before its reply
                 await _send(sock, framing.encode(Kind.REPLY, rid, messages.encode(messages.Ok())))
             await asyncio.sleep(5)
 
         s, _ = await _host_with_peer(peer)
         first = asyncio.create_task(s.request(messages.Ping(), (messages.Ok,), 5))
-        await asyncio.sleep(0.05)
+        await got_first.wait()
         first.cancel()
         with pytest.raises(asyncio.CancelledError):
             await first
+        cancelled.set()
         assert isinstance(await s.request(messages.Ping(), (messages.Ok,), 5), messages.Ok)
         assert s.closed is None
 
