@@ -82,7 +82,7 @@ def loads(data: bytes | str, *, max_bytes: int, max_depth: int = DEFAULT_MAX_DEP
         raise JSONError(f"{len(data)} B, more than the {max_bytes} B allowed")
     if isinstance(data, bytes | bytearray):
         try:
-            text = bytes(data).decode(_encoding(data), "surrogatepass")
+            text = bytes(data).decode(json.detect_encoding(data), "surrogatepass")
         except (UnicodeDecodeError, LookupError):
             raise JSONError("not UTF-8 text") from None
     else:
@@ -106,14 +106,6 @@ def loads(data: bytes | str, *, max_bytes: int, max_depth: int = DEFAULT_MAX_DEP
         raise
     except (ValueError, RecursionError) as e:
         raise JSONError(_reason(e)) from None
-
-
-def _encoding(data: bytes | bytearray) -> str:
-    """UTF-8 for a document that opens with a bracket (JSON's own rule for
-    telling UTF-16 and -32 apart looks for zero bytes there), else that rule."""
-    if data[:1] in (b"{", b"[") and data[1:2] != b"\x00":
-        return "utf-8"
-    return json.detect_encoding(data)
 
 
 def _reason(e: BaseException) -> str:

@@ -570,17 +570,9 @@ class QemuBackend:
     async def stop(self, launched: Launched, grace_s: float) -> None:
         qemu = launched.processes.get("qemu")
         if qemu is not None and not self._exited(qemu):
-            asked = False
-            with contextlib.suppress(Exception):
-                if not Path(launched.control_socket).exists():
-                    raise FileNotFoundError  # QEMU not yet listening: nothing to wait a second for
-                q = await Qmp.connect(launched.control_socket, timeout_s=1.0)
-                try:
-                    await q.execute("quit", timeout_s=1.0)
-                    asked = True
-                finally:
-                    q.close()
-            if not asked:  # no monitor yet (a start stopped early): no grace to wait out
+            # No monitor yet, or none answering (a start stopped early): QEMU
+            # ends on SIGTERM as on `quit`, with no grace to wait out.
+            if not await self._quit(launched.control_socket):
                 self._terminate(qemu)
             await self._wait_gone([qemu], grace_s)
         # virtiofsd exits once QEMU hangs up; give it a moment, then insist.
@@ -593,11 +585,32 @@ class QemuBackend:
         while any(not self._exited(p) for p in pids) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
 
+    @staticmethod
+    async def _quit(control: Path) -> bool:
+        """Whether QEMU's monitor took a `quit`."""
+        if not control.exists():
+            return False
+        try:
+            q = await Qmp.connect(control, timeout_s=1.0)
+        except Exception:
+            return False
+        try:
+            await q.execute("quit", timeout_s=1.0)
+            return True
+        except Exception:
+            return False
+        finally:
+            q.close()
+
+    def _popen(self, pid: int) -> subprocess.Popen[bytes] | None:
+        """The child we started for ``pid`` (a jailed QEMU's is its tini)."""
+        return self._children.get(pid) or self._children.get(self._via.get(pid, -1))
+
     def _terminate(self, pid: int) -> None:
-        """SIGTERM to a VMM we started (QEMU ends on it as on `quit`; a
-        jailed one's tini passes it on). Another process's is left to the
-        grace and ``_kill``: only a child's pid cannot have been reused."""
-        p = self._children.get(pid) or self._children.get(self._via.get(pid, -1))
+        """SIGTERM to a VMM we started (a jailed one's tini passes it on).
+        Another process's is left to the grace and ``_kill``: only a
+        child's pid cannot have been reused."""
+        p = self._popen(pid)
         if p is not None and p.poll() is None:
             p.send_signal(signal.SIGTERM)
 
@@ -626,7 +639,7 @@ class QemuBackend:
         """How a child we started ended ("" if running or not ours): for the one
         line that tells a user their VM was killed rather than their code failing.
         A jailed QEMU's end is its tini's exit status (128 + N: signal N)."""
-        p = self._children.get(pid) or self._children.get(self._via.get(pid, -1))
+        p = self._popen(pid)
         if p is None or p.poll() is None:
             return ""
         code = p.returncode
