@@ -93,6 +93,7 @@ def test_agent_imports_stay_cheap() -> None:
 
 def test_requests_errors_and_concurrency(agent_pair: Callable[..., Agent]) -> None:
     release = threading.Event()
+    blocking = threading.Semaphore(0)  # one release per request that reached the handler
 
     def handler(_s: Session, msg: messages.Message) -> messages.Message:
         if isinstance(msg, messages.Stats):
@@ -101,6 +102,7 @@ def test_requests_errors_and_concurrency(agent_pair: Callable[..., Agent]) -> No
             if msg.container_id == "boom":
                 raise KeyError("x")
             if msg.container_id == "block":
+                blocking.release()
                 release.wait(20)
                 return messages.Ok()
         if isinstance(msg, messages.Ping):
@@ -134,7 +136,9 @@ def test_requests_errors_and_concurrency(agent_pair: Callable[..., Agent]) -> No
         blocked.append(
             asyncio.create_task(host.request(messages.Stats("block"), (messages.Ok,), 30))
         )
-        await asyncio.sleep(0.2)
+        # All four in the handler (not a sleep's guess): the next one is over the cap.
+        for _ in range(4):
+            assert await asyncio.to_thread(blocking.acquire, True, 10)
         with pytest.raises(HostRemoteError) as e:
             await host.request(messages.Ping(), (messages.Ok,), 5)
         assert e.value.code == "limit"
