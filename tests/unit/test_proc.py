@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 
 import pytest
 
 from cocoon.errors import HostError, NetworkError
-from cocoon.util.proc import run
+from cocoon.util.proc import run, run_ns
 
 
 def test_executable_runs_another_file_than_argv0() -> None:
@@ -33,3 +35,30 @@ def test_failure_names_the_last_line_of_stderr() -> None:
 def test_a_missing_program_is_the_callers_error() -> None:
     with pytest.raises(HostError, match="no-such-program-x not found"):
         run(["no-such-program-x"], timeout_s=10)
+
+
+def test_run_ns_counts_every_thread_exactly() -> None:
+    """A template build waits for the guest to be quiet by this count: the
+    CPU a second thread burns is in it, to well under a 10 ms tick."""
+    burn = (
+        "import threading, time\n"
+        "spun = threading.Event()\n"
+        "def spin():\n"
+        "    end = time.thread_time() + 0.05\n"
+        "    while time.thread_time() < end: pass\n"
+        "    spun.set(); time.sleep(30)\n"
+        "threading.Thread(target=spin, daemon=True).start(); spun.wait()\n"
+        "print('done', flush=True); time.sleep(30)\n"
+    )
+    p = subprocess.Popen([sys.executable, "-c", burn], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout is not None and p.stdout.readline() == "done\n"
+        first = run_ns(p.pid)
+        assert first is not None and first >= 50_000_000  # the second thread's 50 ms
+        time.sleep(0.1)
+        second = run_ns(p.pid)
+        assert second is not None and second - first < 5_000_000  # asleep: nearly nothing
+    finally:
+        p.kill()
+        p.wait()
+    assert run_ns(p.pid) is None

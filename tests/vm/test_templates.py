@@ -20,6 +20,7 @@ import pytest
 
 from cocoon.config import Config
 from cocoon.hypervisor.base import Share
+from cocoon.sandbox import template
 from cocoon.sandbox.sandbox import Sandbox
 from cocoon.sandbox.spec import SandboxSpec
 from cocoon.state import gc
@@ -189,6 +190,13 @@ def _input_changed(t: Path) -> None:
     (t / "meta.json").write_text(json.dumps(meta))
 
 
+def _made_otherwise(t: Path) -> None:
+    """As if an older cocoon had made it, one that saved without settling."""
+    meta = json.loads((t / "meta.json").read_bytes())
+    meta["making"] = template.MAKING - 1
+    (t / "meta.json").write_text(json.dumps(meta))
+
+
 @pytest.mark.parametrize(
     "spoil, said",
     [
@@ -215,13 +223,16 @@ def test_a_bad_template_costs_one_warning_and_a_cold_boot(
 
 
 def test_gc_removes_templates_nothing_can_use_again(own: Config) -> None:
-    """A template whose QEMU, kernel or image changed since can never be chosen
-    (its key is no one's now) and holds hundreds of MiB: gc removes it."""
+    """A template whose QEMU, kernel or image changed since, or that an older
+    cocoon made otherwise, can never be chosen (its key is no one's now) and
+    holds hundreds of MiB: gc removes it."""
     tdir = Path(own.sandbox.template_dir)
     good = ok(cocoon(own, "template", "build", env=env_of(own))).strip()
     stale = ok(cocoon(own, "template", "build", "--memory", "192", env=env_of(own))).strip()
+    older = ok(cocoon(own, "template", "build", "--memory", "160", env=env_of(own))).strip()
     _input_changed(tdir / stale)
-    assert ok(cocoon(own, "gc", env=env_of(own))).split() == [stale]
+    _made_otherwise(tdir / older)
+    assert sorted(ok(cocoon(own, "gc", env=env_of(own))).split()) == sorted([stale, older])
     assert sorted(p.name for p in tdir.iterdir() if not p.name.startswith(".")) == [good]
 
 

@@ -60,11 +60,17 @@ def templates_dir(cfg: Config) -> Path:
     return Path(cfg.sandbox.template_dir) if cfg.sandbox.template_dir else cfg.data / "templates"
 
 
+#: How a template is made, where that changes what it saves but no input
+#: does: templates made otherwise are stale (never chosen, and swept).
+#: 2: the guest settles before the save (``restore._settle``).
+MAKING = 2
+
+
 def make_key(machine: str, extra: dict[str, Any]) -> str:
     h = hashlib.sha256()
     h.update(machine.encode())
-    h.update(json.dumps({"protocol": PROTOCOL_VERSION, "cocoon": __version__, **extra},
-                        sort_keys=True).encode())  # fmt: skip
+    h.update(json.dumps({"protocol": PROTOCOL_VERSION, "cocoon": __version__,
+                         "making": MAKING, **extra}, sort_keys=True).encode())  # fmt: skip
     return h.hexdigest()[:16]
 
 
@@ -112,7 +118,7 @@ def check(t: Template) -> None:
     if state_size != m.get("state_bytes") or _digest(t.state) != m.get("state_sha256"):
         raise TemplateError(f"template {t.key}: device state does not match its digest")
     stamps = m.get("stamps")
-    if not isinstance(stamps, dict):
+    if not isinstance(stamps, dict) or m.get("making") != MAKING:
         raise TemplateError(f"template {t.key}: made by an older cocoon (stale)")
     for name, stamp in stamps.items():
         now = file_stamp(name)

@@ -114,6 +114,25 @@ def cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def run_ns(pid: int) -> int | None:
+    """CPU time the process's live threads have run, in ns, from the
+    scheduler's own accounting (``schedstat``: exact, where ``stat`` counts
+    10 ms ticks; a thread that ended takes its count with it); None if the
+    process is gone."""
+    total = 0
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            # FileNotFoundError: a thread that ended since the listing.
+            with (
+                contextlib.suppress(FileNotFoundError),
+                open(f"/proc/{pid}/task/{task}/schedstat", "rb") as f,
+            ):
+                total += int(f.read().split()[0])
+    except (OSError, IndexError, ValueError):
+        return None
+    return total
+
+
 def runnable() -> int:
     """Tasks running or ready to run on the host right now (/proc/loadavg)."""
     try:
