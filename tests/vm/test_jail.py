@@ -53,8 +53,13 @@ def status(pid: int) -> dict[str, str]:
     return {k: v.strip() for k, _, v in (ln.partition(":") for ln in lines)}
 
 
+#: In the environment of the tests' process, and so of every VMM's caller.
+SECRET = ("COCOON_TEST_REGISTRY_PASSWORD", "hunter2")
+
+
 @pytest.fixture
-def two(jcfg: Config, run: Runner) -> Iterator[list[Sandbox]]:
+def two(jcfg: Config, run: Runner, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Sandbox]]:
+    monkeypatch.setenv(*SECRET)
     sbs = [run(Sandbox.create(jcfg)), run(Sandbox.create(jcfg))]
     try:
         yield sbs
@@ -78,6 +83,9 @@ def test_a_jailed_qemu_has_its_own_uid_namespaces_and_root(
         for ns in ("mnt", "net", "ipc", "uts", "pid"):
             assert os.readlink(f"/proc/{pid}/ns/{ns}") != os.readlink(f"/proc/self/ns/{ns}"), ns
         assert st["NSpid"].split() == [str(pid), "1"]  # pid 1 of a namespace of its own
+        # Nothing of its caller's environment but PATH (a user's tokens stay out).
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        assert [v.split(b"=")[0] for v in env if v] == [b"PATH"], env
         root = set(os.listdir(f"/proc/{pid}/root"))
         assert root <= {"usr", "bin", "sbin", "lib", "lib64", "etc", "dev", "proc", "run", "var"}
         assert not os.path.exists(f"/proc/{pid}/root/root") and "home" not in root
@@ -320,9 +328,9 @@ def test_gc_after_kill_9_leaves_no_uid_allocated(
         assert not left, left  # (a zombie is not alive: it holds nothing)
         # Zombies excepted: the killed monitor's QEMU is reparented to pid 1,
         # which reaps it when it gets round to it; a zombie holds nothing.
-        left = [x for x in os.listdir("/proc") if x.isdigit() and _uid_of(x) == uid
-                and "State:\tZ" not in Path(f"/proc/{x}/status").read_text()]  # fmt: skip
-        assert not left, [Path(f"/proc/{x}/status").read_text()[:300] for x in left]
+        theirs = [x for x in os.listdir("/proc") if x.isdigit() and _uid_of(x) == uid
+                  and "State:\tZ" not in Path(f"/proc/{x}/status").read_text()]  # fmt: skip
+        assert not theirs, [Path(f"/proc/{x}/status").read_text()[:300] for x in theirs]
     finally:
         cocoon(jcfg, "rm", "-f", cid)
 

@@ -36,6 +36,8 @@ from cocoon.hypervisor.sealed import template_ram_fd
 from cocoon.util.proc import alive, start_time
 
 SOCKET_WAIT_S = 5.0
+#: A VMM's PATH when its caller has none.
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 #: fdset ids of the disks given to a running VM's slots (QMP add-fd).
 FDSET_BASE = 100
 _IGNORE_SHARED = {"capabilities": [{"capability": "x-ignore-shared", "state": True}]}
@@ -426,11 +428,18 @@ class QemuBackend:
         setup: Callable[[], None] | None = None,
     ) -> int:
         """Start ``argv`` in a session of its own, output to ``log``;
-        ``setup`` (a jail) runs in the child before the exec."""
+        ``setup`` (a jail) runs in the child before the exec.
+
+        With nothing of the caller's environment but ``PATH``: QEMU and the
+        file servers need none of it, and the jail treats them as the
+        guest's first foothold on the host, which must not find the user's
+        tokens and credentials (a registry password, a cloud key) there."""
+        env = {"PATH": os.environ.get("PATH", DEFAULT_PATH)}
         with open(log, "wb") as out:
             try:
                 p = subprocess.Popen(
                     argv,
+                    env=env,
                     stdin=subprocess.DEVNULL,
                     stdout=out,
                     stderr=subprocess.STDOUT,
