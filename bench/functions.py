@@ -20,6 +20,11 @@ by side in one run; then warm invocations (latency, and throughput with 1 and
   holds at /code as a slave of its shared mount (`rslave`), then `exec`. gVisor
   takes no mounts into a running sandbox: its mount row is n/a. Its copy row
   runs with `--file-access=shared` (else the sentry does not see new files).
+- **podman + crun**, as context (the seeds' rows were all through an engine,
+  docker): cold `podman run --rm` with the code as a volume; copy `podman
+  cp` into a running container, then `podman exec`; mount a bind into a
+  shared host dir the container holds as an `rslave` volume, then `podman
+  exec`. The promise is read against the bare crun rows.
 
 Medians of --runs (10) with min/max. Issue 16's targets: pre-warmed +
 dynamic mount within 2x of crun's same path; cocoon's cold path no worse
@@ -36,10 +41,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
 import threading
 import time
@@ -180,6 +187,85 @@ class Peer:
             self.stop(cid, b)
 
 
+class Podman:
+    """The same three paths with crun through podman, an engine as the
+    seeds' runc and Kata rows were (through docker): context for the
+    bundle rows, which the promise is read against."""
+
+    def __init__(self, work: Path) -> None:
+        self.work = work / "podman"
+        self.work.mkdir()
+        conf = self.work / "containers.conf"
+        conf.write_text("[containers]\ndefault_ulimits = []\n")
+        self.env = {**os.environ, "CONTAINERS_CONF": str(conf)}
+        self.pod = ["podman", "--root", str(self.work / "ps"), "--runroot",
+                    str(self.work / "pr"), "--runtime", "crun"]  # fmt: skip
+        root = rootfs(self.work / "image", with_code=False)
+        with tarfile.open(self.work / "bb.tar", "w") as tf:
+            tf.add(root, arcname=".")
+        self.out([*self.pod, "import", "-q", str(self.work / "bb.tar"), "localhost/fnbb"])
+        self.n = 0
+
+    def out(self, argv: list[str]) -> bytes:
+        return subprocess.run(argv, check=True, capture_output=True, timeout=120,
+                              env=self.env).stdout  # fmt: skip
+
+    def cold(self, code: Path) -> float:
+        t = time.monotonic()
+        out = self.out([*self.pod, "run", "--rm", "--network=none", "-v", f"{code}:/code:ro",
+                        "localhost/fnbb", "sh", "/code/h.sh"])  # fmt: skip
+        took = time.monotonic() - t
+        assert out == b"hello\n", out
+        return took
+
+    def started(self, hub: Path | None = None) -> str:
+        self.n += 1
+        name = f"fn{self.n}"
+        vol = ["-v", f"{hub}:/code:rslave"] if hub is not None else []
+        self.out([*self.pod, "run", "-d", "--network=none", "--name", name, *vol,
+                  "localhost/fnbb", "sleep", "3600"])  # fmt: skip
+        return name
+
+    def stop(self, name: str) -> None:
+        subprocess.run([*self.pod, "rm", "-f", "-t", "0", name], capture_output=True,
+                       env=self.env, timeout=120)  # fmt: skip
+
+    def copy(self, code: Path) -> float:
+        name = self.started()
+        try:
+            t = time.monotonic()
+            self.out([*self.pod, "cp", f"{code}/.", f"{name}:/code"])
+            out = self.out([*self.pod, "exec", name, "sh", "/code/h.sh"])
+            took = time.monotonic() - t
+            assert out == b"hello\n", out
+            return took
+        finally:
+            self.stop(name)
+
+    def mount(self, code: Path) -> float:
+        hub = self.work / f"hub{self.n + 1}"
+        hub.mkdir()
+        subprocess.run(["mount", "--bind", str(hub), str(hub)], check=True)
+        subprocess.run(["mount", "--make-shared", str(hub)], check=True)
+        name = self.started(hub)
+        try:
+            fn = hub / "fn"
+            fn.mkdir()
+            t = time.monotonic()
+            subprocess.run(["mount", "--bind", "-o", "ro", str(code), str(fn)], check=True)
+            out = self.out([*self.pod, "exec", name, "sh", "/code/fn/h.sh"])
+            took = time.monotonic() - t
+            assert out == b"hello\n", out
+            return took
+        finally:
+            self.stop(name)
+            subprocess.run(["umount", "-R", str(hub)], capture_output=True)
+
+    def reset(self) -> None:
+        subprocess.run([*self.pod, "rm", "-af", "-t", "0"], capture_output=True, env=self.env)
+        subprocess.run([*self.pod, "system", "reset", "-f"], capture_output=True, env=self.env)
+
+
 def caller(served: Served) -> Callable[[], None]:
     """One warm invocation of "warm", on a connection of its own (callers run
     in threads)."""
@@ -301,6 +387,14 @@ def main() -> None:
                     r.setdefault(f"{name} mount", []).append(peer.mount(code))
             xs = peer.warm(code, args.warm)
             r[f"{name} warm"] = xs
+        pm = Podman(work)
+        try:
+            for _ in range(args.runs):
+                r.setdefault("podman cold", []).append(pm.cold(code))
+                r.setdefault("podman copy", []).append(pm.copy(code))
+                r.setdefault("podman mount", []).append(pm.mount(code))
+        finally:
+            pm.reset()
     finally:
         pool.terminate()
         pool.wait(timeout=60)
@@ -321,6 +415,14 @@ def main() -> None:
         print(f"| {label} | {stats(ours)} | {stats(crun)} | {runsc} | {ratio:.2f}x |")
     print(f"| `cocoon run --rm --no-template busybox true` (the cold yardstick) | "
           f"{stats(r['cocoon run'])} | | | | | | | |")  # fmt: skip
+    print("\nthe same through an engine: podman with crun (s; context, not the promise's peer)")
+    print("| path | cocoon | podman + crun | min | max | cocoon / podman + crun |")
+    print("|---|---|---|---|---|---|")
+    for path, label in (("cold", "cold start"), ("copy", "pre-warmed + copy"),
+                        ("mount", "pre-warmed + dynamic mount")):  # fmt: skip
+        ours, theirs = r[f"cocoon {path}"], r[f"podman {path}"]
+        ratio = statistics.median(ours) / statistics.median(theirs)
+        print(f"| {label} | {statistics.median(ours):.3f} | {stats(theirs)} | {ratio:.2f}x |")
     print(f"\nwarm invocation latency ({args.warm} in a row, s)")
     print("| | p50 | p99 |\n|---|---|---|")
     for who in ("cocoon", "crun", "runsc"):
